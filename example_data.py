@@ -38,12 +38,12 @@ def conversation_to_messages(turns: list, counts: Counter) -> list[dict] | None:
     if any(not t for t in texts):
         counts["skipped: empty turn"] += 1
         return None
+    if len(texts) < 2:
+        counts["skipped: no assistant reply"] += 1
+        return None
     if len(texts) % 2:  # ends on a user turn: nothing answers it
         texts = texts[:-1]
         counts["trailing user turn cut"] += 1
-    if not texts:
-        counts["skipped: no assistant reply"] += 1
-        return None
     return [{"role": "user" if i % 2 == 0 else "assistant", "content": t} for i, t in enumerate(texts)]
 
 
