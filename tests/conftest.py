@@ -62,3 +62,17 @@ def tokenizer_dir(tmp_path_factory):
 def family(request) -> str:
     """Each fixture chat-template family, then the real SmolLM2 tokenizer."""
     return request.param
+
+
+# ---- the real default model (owner: lead; default_model.py) ----
+
+
+@pytest.fixture(scope="session")
+def smollm2_model_dir() -> Path:
+    """SmolLM2-135M-Instruct materialised as a Hugging Face folder (cached across sessions; ~1 min the first time)."""
+    import default_model
+
+    try:
+        return default_model.materialize()
+    except default_model.DefaultModelError as e:
+        pytest.skip(str(e))
