@@ -1,0 +1,189 @@
+"""Stage-2 data: a memory-mapped token cache built once from process_data.py's JSONL, and packed rows read from it.
+
+The cache is four flat arrays: every sample's `input_ids` and `labels` concatenated (int32, memory-mapped, so the
+ranks of a node share one copy through the page cache), `offsets` (sample i is tokens offsets[i]:offsets[i+1]) and
+`trained` (tokens each sample trains on after the shift). Per rank, memory grows with the number of samples
+(offsets, trained, lengths), never with the number of tokens.
+
+Label shift: position t of a sample predicts labels[t + 1] of the SAME sample. The last token of a sample predicts
+nothing, so no sample ever learns to predict the first token of the next sample in its pack.
+"""
+
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import orjson
+import torch
+
+IGNORE = -100
+CACHE_VERSION = 1
+
+
+class DataError(ValueError):
+    """Bad training data; the message names the file and line and says how to fix it."""
+
+
+@dataclass(frozen=True)
+class TokenCache:
+    input_ids: np.ndarray  # (total_tokens,) int32, memory-mapped
+    labels: np.ndarray  # (total_tokens,) int32, memory-mapped; IGNORE where not trained
+    offsets: np.ndarray  # (num_samples + 1,) int64
+    trained: np.ndarray  # (num_samples,) int64, trained tokens after the shift
+    lines: np.ndarray  # (num_samples,) int64, 1-based line of each sample in the data file, memory-mapped
+    max_token_id: int
+    skipped_lines: tuple[int, ...]  # lines dropped because nothing in them is trained after the shift
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return np.diff(self.offsets)
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+
+def cache_dir_for(data_path: Path, cache_root: Path) -> Path:
+    """The cache folder for this exact data file: a changed file (size or mtime) gets a fresh cache."""
+    stat = data_path.stat()
+    return cache_root / f"{data_path.name}-{stat.st_size}-{stat.st_mtime_ns}-v{CACHE_VERSION}"
+
+
+def parse_row(raw: bytes, where: str) -> tuple[np.ndarray, np.ndarray]:
+    """One JSONL row -> (input_ids, labels) as int32 arrays, or a DataError naming `where` (FILE:LINE)."""
+    try:
+        row = orjson.loads(raw)
+    except orjson.JSONDecodeError as e:
+        raise DataError(f"{where}: not valid JSON ({e}); each line must be one JSON object") from None
+    if not isinstance(row, dict):
+        raise DataError(f"{where}: expected a JSON object, got {type(row).__name__}")
+    fix = "re-run process_data.py to produce input_ids/labels/len rows"
+    for key in ("input_ids", "labels"):
+        if key not in row:
+            raise DataError(f"{where}: row has no {key!r} field; {fix}")
+    arrays = []
+    for key in ("input_ids", "labels"):
+        values = row[key]
+        array = np.asarray(values) if isinstance(values, list) and values else None
+        if array is None or array.ndim != 1 or array.dtype.kind != "i":
+            raise DataError(f"{where}: {key!r} must be a non-empty list of integers; {fix}")
+        arrays.append(array)
+    input_ids, labels = arrays
+    if len(input_ids) != len(labels):
+        raise DataError(f"{where}: {len(input_ids)} input_ids but {len(labels)} labels; they must be the same length; {fix}")
+    if "len" in row and row["len"] != len(input_ids):
+        raise DataError(f"{where}: 'len' is {row['len']} but there are {len(input_ids)} input_ids; {fix}")
+    if input_ids.min() < 0 or input_ids.max() >= 2**31:
+        raise DataError(f"{where}: input_ids must be in [0, 2^31); {fix}")
+    trained = labels != IGNORE
+    if not np.array_equal(labels[trained], input_ids[trained]):
+        t = int(np.flatnonzero(trained & (labels != input_ids))[0])
+        raise DataError(
+            f"{where}: labels[{t}] = {labels[t]} but input_ids[{t}] = {input_ids[t]}; labels must be {IGNORE} "
+            f"or equal to input_ids at the same (unshifted) position; {fix}"
+        )
+    return input_ids.astype(np.int32), labels.astype(np.int32)
+
+
+def build_token_cache(data_path: Path, cache_dir: Path) -> None:
+    """Stream the JSONL once into flat binary files in a temporary folder, then rename it into place.
+
+    A crash leaves only a `*.tmp-*` folder behind, never a cache that looks complete. If another node's writer got
+    there first (shared filesystem), its identical cache is kept.
+    """
+    tmp = cache_dir.with_name(f"{cache_dir.name}.tmp-{os.uname().nodename}-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    offsets, trained, lines, skipped = [0], [], [], []
+    max_token_id = -1
+    try:
+        with open(data_path, "rb") as f, open(tmp / "input_ids.bin", "wb") as ids_out, open(tmp / "labels.bin", "wb") as labels_out:
+            for line_no, raw in enumerate(f, start=1):
+                if not raw.strip():
+                    continue
+                input_ids, labels = parse_row(raw, f"{data_path}:{line_no}")
+                n_trained = int((labels[1:] != IGNORE).sum())  # after the shift, labels[0] is never predicted
+                if n_trained == 0:
+                    skipped.append(line_no)
+                    continue
+                input_ids.tofile(ids_out)
+                labels.tofile(labels_out)
+                offsets.append(offsets[-1] + len(input_ids))
+                trained.append(n_trained)
+                lines.append(line_no)
+                max_token_id = max(max_token_id, int(input_ids.max()))
+        if not trained:
+            raise DataError(f"{data_path}: no sample has any trained token; check the labels produced by process_data.py")
+        np.save(tmp / "offsets.npy", np.asarray(offsets, dtype=np.int64))
+        np.save(tmp / "trained.npy", np.asarray(trained, dtype=np.int64))
+        np.save(tmp / "lines.npy", np.asarray(lines, dtype=np.int64))
+        meta = {"source": str(data_path), "max_token_id": max_token_id, "skipped_lines": skipped}
+        (tmp / "meta.json").write_text(json.dumps(meta))
+        try:
+            tmp.rename(cache_dir)
+        except OSError:
+            if not (cache_dir / "meta.json").exists():
+                raise
+            shutil.rmtree(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def open_token_cache(cache_dir: Path) -> TokenCache:
+    meta = json.loads((cache_dir / "meta.json").read_text())
+    offsets = np.load(cache_dir / "offsets.npy")
+    total = int(offsets[-1])
+    return TokenCache(
+        input_ids=np.memmap(cache_dir / "input_ids.bin", dtype=np.int32, mode="r", shape=(total,)),
+        labels=np.memmap(cache_dir / "labels.bin", dtype=np.int32, mode="r", shape=(total,)),
+        offsets=offsets,
+        trained=np.load(cache_dir / "trained.npy"),
+        lines=np.load(cache_dir / "lines.npy", mmap_mode="r"),
+        max_token_id=meta["max_token_id"],
+        skipped_lines=tuple(meta["skipped_lines"]),
+    )
+
+
+@dataclass(frozen=True)
+class Pack:
+    """One rank's micro-batch: a single row of concatenated samples."""
+
+    input_ids: torch.Tensor  # (1, T) long
+    position_ids: torch.Tensor  # (1, T) long, restarts at 0 at every sample
+    positions: torch.Tensor  # (N,) long, the positions whose next token is trained
+    targets: torch.Tensor  # (N,) long, the token each of those positions must predict
+    num_tokens: int  # real tokens (0 for a dummy pack)
+
+    def to(self, device: torch.device) -> "Pack":
+        move = lambda t: t.to(device, non_blocking=True)  # noqa: E731
+        return Pack(move(self.input_ids), move(self.position_ids), move(self.positions), move(self.targets), self.num_tokens)
+
+
+def make_pack(cache: TokenCache, indices: np.ndarray) -> Pack:
+    """Concatenate the samples `indices` into one row; an empty `indices` gives a 1-token dummy pack with no target.
+
+    The dummy still runs a real forward/backward (see loss.py) so that every rank issues the same FSDP collectives.
+    """
+    if len(indices) == 0:
+        zero = torch.zeros((1, 1), dtype=torch.long)
+        empty = torch.zeros((0,), dtype=torch.long)
+        return Pack(zero, zero.clone(), empty, empty.clone(), 0)
+    ids, pos, targets = [], [], []
+    for i in indices:
+        start, end = int(cache.offsets[i]), int(cache.offsets[i + 1])
+        labels = cache.labels[start:end]
+        ids.append(cache.input_ids[start:end])
+        pos.append(np.arange(end - start))
+        targets.append(np.append(labels[1:], IGNORE))  # shift inside the sample: the last token predicts nothing
+    targets = np.concatenate(targets)
+    positions = np.flatnonzero(targets != IGNORE)
+    return Pack(
+        input_ids=torch.from_numpy(np.concatenate(ids).astype(np.int64))[None],
+        position_ids=torch.from_numpy(np.concatenate(pos))[None],
+        positions=torch.from_numpy(positions),
+        targets=torch.from_numpy(targets[positions].astype(np.int64)),
+        num_tokens=len(targets),
+    )

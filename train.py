@@ -1,0 +1,564 @@
+"""Stage 2: fine-tune a Hugging Face causal LM on process_data.py's output with FSDP2 on torchrun.
+
+    torchrun --nproc-per-node 8 train.py --data-path data.jsonl --model-name-or-path MODEL --output-dir out \
+        --batch-size 128 --max-tokens-per-gpu 16384 --max-epochs 3
+
+Reads top to bottom: config -> distributed setup -> data (token cache + planner) -> model (meta build, FSDP2,
+weights broadcast from rank 0) -> loop (micro-steps -> clip -> step -> log -> checkpoint) -> cleanup.
+"""
+
+import argparse
+import json
+import math
+import os
+import resource
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from data import DataError, TokenCache, build_token_cache, cache_dir_for, make_pack, open_token_cache
+from loss import CausalLMLoss
+from sampler import MultipackPlanner, SamplerError
+
+SHARDING_STRATEGIES = ("FULL_SHARD", "SHARD_GRAD_OP", "NO_SHARD", "HYBRID_SHARD")
+LR_SCHEDULERS = ("constant", "linear", "cosine")
+SAVE_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+BACKENDS = ("auto", "nccl", "gloo")
+
+
+class ConfigError(ValueError):
+    """Bad flags or paths, found before any weights load."""
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (e.g. a non-finite loss); raised identically on every rank."""
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Configuration
+
+
+@dataclass
+class TrainConfig:
+    data_path: str
+    model_name_or_path: str
+    output_dir: str
+    batch_size: int  # samples per optimizer step, all ranks together
+    max_tokens_per_gpu: int  # token budget of one rank's packed row
+    learning_rate: float = 1e-5
+    num_warmup_steps: int = 0
+    lr_scheduler: str = "constant"  # after warmup: constant, linear to 0 or cosine to 0 over the training steps
+    max_epochs: int | None = None  # stop conditions: the first one reached ends training; none = until stopped
+    max_steps: int | None = None
+    max_samples: int | None = None
+    min_samples_per_checkpoint: int | None = None  # also always saved at the end
+    weight_decay: float = 0.0  # applied to matrices only, not to norms and biases
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    adam_epsilon: float = 1e-8
+    max_grad_norm: float = 1.0  # 0 = no clipping (the norm is still logged)
+    fsdp_sharding_strategy: str = "SHARD_GRAD_OP"
+    activation_checkpointing: bool = True
+    use_liger_kernels: bool = False
+    save_dtype: str = "bfloat16"
+    seed: int = 42
+    distributed_backend: str = "auto"  # auto = nccl on CUDA, gloo on CPU
+
+
+def parse_args(argv: list[str] | None = None) -> TrainConfig:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--data-path", required=True, help="JSONL from process_data.py (input_ids, labels, len)")
+    p.add_argument("--model-name-or-path", required=True, help="Hugging Face model folder (or hub id in the local cache)")
+    p.add_argument("--output-dir", required=True)
+    p.add_argument("--batch-size", type=int, required=True, help="samples per optimizer step, all ranks together")
+    p.add_argument("--max-tokens-per-gpu", type=int, required=True, help="token budget of one rank's packed row")
+    p.add_argument("--learning-rate", type=float, default=TrainConfig.learning_rate)
+    p.add_argument("--num-warmup-steps", type=int, default=TrainConfig.num_warmup_steps)
+    p.add_argument("--lr-scheduler", default=TrainConfig.lr_scheduler, choices=LR_SCHEDULERS)
+    p.add_argument("--max-epochs", type=int)
+    p.add_argument("--max-steps", type=int)
+    p.add_argument("--max-samples", type=int)
+    p.add_argument("--min-samples-per-checkpoint", type=int)
+    p.add_argument("--weight-decay", type=float, default=TrainConfig.weight_decay)
+    p.add_argument("--adam-beta1", type=float, default=TrainConfig.adam_beta1)
+    p.add_argument("--adam-beta2", type=float, default=TrainConfig.adam_beta2)
+    p.add_argument("--adam-epsilon", type=float, default=TrainConfig.adam_epsilon)
+    p.add_argument("--max-grad-norm", type=float, default=TrainConfig.max_grad_norm, help="0 disables clipping")
+    # No `choices` here: validate() reports an unknown strategy together with every other problem.
+    p.add_argument("--fsdp-sharding-strategy", default=TrainConfig.fsdp_sharding_strategy, help=" | ".join(SHARDING_STRATEGIES))
+    p.add_argument("--activation-checkpointing", action=argparse.BooleanOptionalAction, default=TrainConfig.activation_checkpointing)
+    p.add_argument("--use-liger-kernels", action="store_true")
+    p.add_argument("--save-dtype", default=TrainConfig.save_dtype, choices=list(SAVE_DTYPES))
+    p.add_argument("--seed", type=int, default=TrainConfig.seed)
+    p.add_argument("--distributed-backend", default=TrainConfig.distributed_backend, choices=BACKENDS)
+    return TrainConfig(**vars(p.parse_args(argv)))
+
+
+def validate(config: TrainConfig, world_size: int, local_world_size: int, cuda: bool) -> None:
+    """Collect every problem with the flags and paths, and raise them together before anything expensive."""
+    problems = []
+    if not Path(config.data_path).is_file():
+        problems.append(f"--data-path {config.data_path}: no such file; pass the JSONL written by process_data.py")
+    problems += model_path_problems(config.model_name_or_path)
+    if config.batch_size < world_size:
+        problems.append(
+            f"--batch-size {config.batch_size} is smaller than the {world_size} ranks; every rank needs at least "
+            f"one sample per step, so use --batch-size >= {world_size}"
+        )
+    if config.max_tokens_per_gpu < 1:
+        problems.append(f"--max-tokens-per-gpu must be positive, got {config.max_tokens_per_gpu}")
+    if config.fsdp_sharding_strategy not in SHARDING_STRATEGIES:
+        problems.append(f"--fsdp-sharding-strategy {config.fsdp_sharding_strategy!r} is unknown; use one of {', '.join(SHARDING_STRATEGIES)}")
+    if config.fsdp_sharding_strategy == "HYBRID_SHARD" and world_size % local_world_size:
+        problems.append(f"HYBRID_SHARD needs the same number of ranks on every node ({world_size} ranks, {local_world_size} per node)")
+    if not config.learning_rate > 0:
+        problems.append(f"--learning-rate must be positive, got {config.learning_rate}")
+    if config.num_warmup_steps < 0:
+        problems.append(f"--num-warmup-steps must be >= 0, got {config.num_warmup_steps}")
+    for flag in ("max_epochs", "max_steps", "max_samples", "min_samples_per_checkpoint"):
+        value = getattr(config, flag)
+        if value is not None and value < 1:
+            problems.append(f"--{flag.replace('_', '-')} must be >= 1, got {value}")
+    stop = (config.max_epochs, config.max_steps, config.max_samples)
+    if config.lr_scheduler != "constant" and all(v is None for v in stop):
+        problems.append(f"--lr-scheduler {config.lr_scheduler} decays over the whole run; give --max-epochs, --max-steps or --max-samples")
+    if config.weight_decay < 0:
+        problems.append(f"--weight-decay must be >= 0, got {config.weight_decay}")
+    for flag in ("adam_beta1", "adam_beta2"):
+        if not 0 <= getattr(config, flag) < 1:
+            problems.append(f"--{flag.replace('_', '-')} must be in [0, 1), got {getattr(config, flag)}")
+    if not config.adam_epsilon > 0:
+        problems.append(f"--adam-epsilon must be positive, got {config.adam_epsilon}")
+    if config.max_grad_norm < 0:
+        problems.append(f"--max-grad-norm must be >= 0 (0 = no clipping), got {config.max_grad_norm}")
+    if config.distributed_backend == "nccl" and not cuda:
+        problems.append("--distributed-backend nccl needs CUDA GPUs and none is visible; use gloo (or auto) on CPU")
+    if config.use_liger_kernels and not cuda and os.environ.get("TRITON_INTERPRET") != "1":
+        problems.append("--use-liger-kernels needs a GPU (on CPU only under TRITON_INTERPRET=1, which is slow and meant for tests)")
+    if problems:
+        raise ConfigError("; ".join(problems))
+
+
+def model_path_problems(name: str) -> list[str]:
+    path = Path(name)
+    if path.is_dir():
+        return [] if (path / "config.json").is_file() else [f"--model-name-or-path {name}: folder has no config.json"]
+    from transformers import AutoConfig
+
+    try:  # a hub id already in the local Hugging Face cache (or reachable hub)
+        AutoConfig.from_pretrained(name)
+        return []
+    except (OSError, ValueError):
+        return [f"--model-name-or-path {name}: no such model folder (and not a hub id in the local cache); pass a saved Hugging Face model folder"]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Distributed setup: no-ops in a single process, so `python train.py` runs the same code as torchrun.
+
+
+@dataclass(frozen=True)
+class Dist:
+    rank: int
+    local_rank: int
+    world_size: int
+    local_world_size: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def world_from_env() -> tuple[int, int, int, int]:
+    env = lambda key, default: int(os.environ.get(key, default))  # noqa: E731
+    return env("RANK", 0), env("LOCAL_RANK", 0), env("WORLD_SIZE", 1), env("LOCAL_WORLD_SIZE", 1)
+
+
+def init_distributed(backend: str) -> Dist:
+    rank, local_rank, world_size, local_world_size = world_from_env()
+    device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if world_size > 1:
+        if backend == "auto":
+            backend = "nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(backend, device_id=device if device.type == "cuda" else None)
+    return Dist(rank, local_rank, world_size, local_world_size, device)
+
+
+def cleanup_distributed() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def print0(*args, **kwargs) -> None:
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(*args, **kwargs, flush=True)
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def raise_if_any_rank_failed(error: Exception | None) -> None:
+    """Collective: if any rank hit a data error, every rank raises it, so none is left waiting in a collective."""
+    if not dist.is_initialized():
+        if error is not None:
+            raise error
+        return
+    messages = [None] * dist.get_world_size()
+    dist.all_gather_object(messages, None if error is None else str(error))
+    failed = [m for m in messages if m is not None]
+    if failed:
+        raise DataError(failed[0])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Data
+
+
+def load_data(config: TrainConfig, d: Dist, vocab_size: int) -> TokenCache:
+    """Local rank 0 of each node builds the token cache once (others wait); every rank then memory-maps it."""
+    data_path = Path(config.data_path).resolve()
+    cache_dir = cache_dir_for(data_path, Path(config.output_dir) / "token_cache")
+    error = None
+    if d.local_rank == 0 and not (cache_dir / "meta.json").exists():
+        print0(f"building token cache {cache_dir}")
+        try:
+            build_token_cache(data_path, cache_dir)
+        except DataError as e:
+            error = e
+    raise_if_any_rank_failed(error)
+    cache = open_token_cache(cache_dir)
+    if cache.skipped_lines:
+        lines = ", ".join(map(str, cache.skipped_lines[:10])) + (", ..." if len(cache.skipped_lines) > 10 else "")
+        print0(f"dropped {len(cache.skipped_lines)} samples with no trained token after the shift (lines {lines})")
+    too_long = np.flatnonzero(cache.lengths > config.max_tokens_per_gpu)
+    if len(too_long):
+        i = int(too_long[0])
+        raise DataError(
+            f"{data_path}:{cache.lines[i]}: sample is {cache.lengths[i]} tokens, longer than --max-tokens-per-gpu "
+            f"{config.max_tokens_per_gpu} ({len(too_long)} samples are); raise --max-tokens-per-gpu or re-run "
+            f"process_data.py with a smaller maximum length"
+        )
+    if cache.max_token_id >= vocab_size:
+        raise DataError(
+            f"{data_path}: token id {cache.max_token_id} is outside the model's vocabulary ({vocab_size}); "
+            f"tokenize the data with this model's tokenizer"
+        )
+    return cache
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Model: build on the meta device, shard with FSDP2, then fill the shards from rank 0's copy of the weights.
+
+
+def shard_model(model: CausalLMLoss, strategy: str, d: Dist) -> None:
+    """FSDP2 on every decoder layer and on the root (embeddings, final norm, LM head), FSDP1 names mapped:
+
+    FULL_SHARD    1-D mesh, parameters resharded after forward (all-gathered again in backward)
+    SHARD_GRAD_OP 1-D mesh, parameters kept unsharded from forward to backward
+    NO_SHARD      2-D mesh (world, 1): replicated everywhere, gradients all-reduced (DDP-like)
+    HYBRID_SHARD  2-D mesh (nodes, ranks per node): sharded within a node, replicated across nodes
+    """
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    dims = {
+        "NO_SHARD": (d.world_size, 1),
+        "HYBRID_SHARD": (d.world_size // d.local_world_size, d.local_world_size),
+    }.get(strategy, (d.world_size,))
+    names = ("replicate", "shard")[-len(dims):]
+    mesh = init_device_mesh(d.device.type, dims, mesh_dim_names=names)
+    # CUDA: bf16 compute on fp32 master weights, gradients reduced in fp32. CPU: everything fp32.
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if d.device.type == "cuda" else MixedPrecisionPolicy()
+    reshard = strategy in ("FULL_SHARD", "HYBRID_SHARD")
+    for layer in model.lm.base_model.layers:
+        fully_shard(layer, mesh=mesh, reshard_after_forward=reshard, mp_policy=mp)
+    fully_shard(model, mesh=mesh, reshard_after_forward=reshard, mp_policy=mp)
+
+
+def attention_implementation(device: torch.device) -> str:
+    if device.type == "cuda":
+        try:
+            import flash_attn  # noqa: F401
+
+            return "flash_attention_2"
+        except ImportError:
+            pass
+    return "sdpa"
+
+
+def build_model(config: TrainConfig, d: Dist) -> CausalLMLoss:
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    attn = attention_implementation(d.device)
+    load = lambda: AutoModelForCausalLM.from_pretrained(config.model_name_or_path, dtype=torch.float32, attn_implementation=attn)  # noqa: E731
+    if d.world_size == 1:
+        lm = load().to(d.device)
+    else:
+        # Only rank 0 ever holds the full model, on CPU; the others allocate nothing until sharding.
+        hf_config = AutoConfig.from_pretrained(config.model_name_or_path)
+        with torch.device("meta"):
+            lm = AutoModelForCausalLM.from_config(hf_config, dtype=torch.float32, attn_implementation=attn)
+    if config.use_liger_kernels and d.device.type == "cuda":
+        apply_liger_model_kernels(lm)
+    if config.activation_checkpointing:
+        lm.activation_checkpointing_enable()
+    model = CausalLMLoss(lm, use_liger=config.use_liger_kernels)
+    if d.world_size > 1:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        shard_model(model, config.fsdp_sharding_strategy, d)
+        model.to_empty(device=d.device)
+        full = load() if d.is_main else None
+        set_model_state_dict(
+            lm, full.state_dict() if d.is_main else {}, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+        )
+        # Buffers (e.g. rotary inv_freq) are not in the state dict and were left uninitialised by to_empty.
+        reference = dict(full.named_buffers()) if d.is_main else {}
+        for name, buffer in lm.named_buffers():
+            if d.is_main:
+                buffer.copy_(reference[name])
+            dist.broadcast(buffer, src=0)
+        if d.is_main:
+            lm.generation_config = full.generation_config
+        del full
+    model.train()
+    return model
+
+
+def apply_liger_model_kernels(lm) -> None:
+    """Liger's RMSNorm/RoPE/SwiGLU kernels through its public per-architecture entry point, on this instance."""
+    import liger_kernel.transformers as liger
+
+    apply = getattr(liger, f"apply_liger_kernel_to_{lm.config.model_type}", None)
+    if apply is None:
+        print0(f"Liger has no kernels for model type {lm.config.model_type!r}; using only its fused linear cross-entropy")
+        return
+    apply(rope=True, rms_norm=True, swiglu=True, cross_entropy=False, fused_linear_cross_entropy=False, model=lm)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Schedule
+
+
+def lr_multiplier(step: int, warmup: int, total_steps: int | None, kind: str) -> float:
+    """Learning-rate factor for optimizer step `step` (0-based): linear warmup, then constant/linear/cosine to 0."""
+    if step < warmup:
+        return (step + 1) / warmup
+    if kind == "constant":
+        return 1.0
+    progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
+    return 1.0 - progress if kind == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def count_total_steps(config: TrainConfig, planner: MultipackPlanner, num_samples: int) -> int | None:
+    """The number of optimizer steps the stop conditions allow (the first one reached wins); None = until stopped."""
+    limits = []
+    if config.max_steps is not None:
+        limits.append(config.max_steps)
+    if config.max_epochs is not None:
+        limits.append(config.max_epochs * planner.steps_per_epoch)
+    if config.max_samples is not None:
+        # Every epoch covers every sample once, so whole epochs are counted without planning them.
+        epochs, remaining = divmod(config.max_samples, num_samples)
+        steps = epochs * planner.steps_per_epoch
+        while remaining > 0:
+            remaining -= planner.plan(steps).num_samples
+            steps += 1
+        limits.append(steps)
+    return min(limits) if limits else None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# One optimizer step's forward/backward
+
+
+def forward_backward(model: CausalLMLoss, cache: TokenCache, packs: list[np.ndarray], step_trained_tokens: int, world_size: int, device: torch.device) -> torch.Tensor:
+    """Accumulate the gradient of this step's loss over this rank's micro-steps; return the local CE sum.
+
+    The step's loss is  L = (1 / N) * sum over every rank, micro-step and trained token of CE,
+    with N = `step_trained_tokens`, the trained tokens of the WHOLE step (all micro-steps, all ranks), known on every
+    rank from the plan and the cache. Each rank backpropagates (world_size / N) * its local CE sum: FSDP averages
+    gradients over the world_size ranks (reduce-scatter / all-reduce divide by world_size), which turns the sum of
+    these into exactly dL/dθ, however the step is split into ranks and micro-steps.
+    """
+    scale = world_size / step_trained_tokens
+    local_sum = torch.zeros((), device=device)
+    for indices in packs:
+        pack = make_pack(cache, indices).to(device)
+        ce_sum = model(pack.input_ids, pack.position_ids, pack.positions, pack.targets)
+        (ce_sum * scale).backward()
+        local_sum += ce_sum.detach()
+    return local_sum
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Checkpoints
+
+
+def save_checkpoint(model: CausalLMLoss, tokenizer, config: TrainConfig, d: Dist, samples_seen: int) -> Path:
+    """Write <output-dir>/hf_format/samples_<N>/ atomically: saved into a temp folder, then renamed into place.
+
+    Collective: every rank takes part in gathering the full state dict; only rank 0 writes.
+    """
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    from transformers.utils import logging as hf_logging
+
+    final = Path(config.output_dir) / "hf_format" / f"samples_{samples_seen}"
+    if d.world_size > 1:
+        state = get_model_state_dict(model.lm, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    else:
+        state = {k: v.detach().cpu() for k, v in model.lm.state_dict().items()}
+    if d.is_main:
+        dtype = SAVE_DTYPES[config.save_dtype]
+        state = {k: v.to(dtype) for k, v in state.items()}
+        tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        hf_logging.disable_progress_bar()
+        model.lm.config.dtype = dtype  # what from_pretrained(dtype="auto") loads the checkpoint as
+        model.lm.save_pretrained(tmp, state_dict=state)
+        tokenizer.save_pretrained(tmp)
+        write_json(tmp / "training_config.json", asdict(config))
+        if final.exists():  # an older run's checkpoint of the same name: replace it
+            shutil.rmtree(final)
+        tmp.rename(final)
+    barrier()
+    return final
+
+
+def write_json(path: Path, obj) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    tmp.replace(path)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Training
+
+
+def peak_memory_gb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 1e9
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # Linux reports KiB
+
+
+def train(config: TrainConfig, d: Dist) -> None:
+    from transformers import AutoConfig, AutoTokenizer
+
+    out = Path(config.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    print0(json.dumps(asdict(config), indent=2))
+    if d.is_main:
+        write_json(out / "training_config.json", asdict(config))
+    torch.manual_seed(config.seed)
+
+    hf_config = AutoConfig.from_pretrained(config.model_name_or_path)
+    tokenizer = AutoTokenizer.from_pretrained(config.model_name_or_path)
+    cache = load_data(config, d, hf_config.vocab_size)
+    planner = MultipackPlanner(cache.lengths, config.batch_size, config.max_tokens_per_gpu, d.world_size, seed=config.seed)
+    total_steps = count_total_steps(config, planner, len(cache))
+    print0(f"{len(cache)} samples, {int(cache.offsets[-1])} tokens, {planner.steps_per_epoch} steps per epoch, "
+           f"{total_steps if total_steps is not None else 'unlimited'} steps")
+
+    model = build_model(config, d)
+    decay = [p for p in model.parameters() if p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.ndim < 2]
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=config.learning_rate, betas=(config.adam_beta1, config.adam_beta2), eps=config.adam_epsilon, foreach=True,
+    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: lr_multiplier(step, config.num_warmup_steps, total_steps, config.lr_scheduler)
+    )
+
+    metrics_path = out / "metrics.jsonl"
+    progress = tqdm(total=total_steps, disable=not d.is_main, dynamic_ncols=True, desc="train")
+    samples_seen = last_saved = 0
+    started = time.perf_counter()
+    for plan in planner.iter_steps(0):
+        if total_steps is not None and plan.step >= total_steps:
+            break
+        t0 = time.perf_counter()
+        all_indices = np.concatenate([idx for micro in plan.micro_batches for idx in micro])
+        step_tokens = int(cache.lengths[all_indices].sum())
+        step_trained = int(cache.trained[all_indices].sum())  # > 0: every cached sample trains at least one token
+        lr = scheduler.get_last_lr()[0]
+
+        local_sum = forward_backward(model, cache, plan.rank_packs(d.rank), step_trained, d.world_size, d.device)
+        if dist.is_initialized():
+            dist.all_reduce(local_sum)
+        loss = local_sum.item() / step_trained
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm or float("inf"))
+        grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
+        if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+            raise TrainingError(
+                f"step {plan.step}: loss {loss}, gradient norm {grad_norm}; stopped before the optimizer step "
+                f"(lower --learning-rate, raise --num-warmup-steps or check the data)"
+            )
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+
+        samples_seen += plan.num_samples
+        seconds = time.perf_counter() - t0
+        record = {
+            "step": plan.step + 1,
+            "epoch": plan.epoch,
+            "samples_seen": samples_seen,
+            "loss": loss,
+            "lr": lr,
+            "grad_norm": grad_norm,
+            "tokens": step_tokens,
+            "trained_tokens": step_trained,
+            "micro_steps": plan.num_micro_steps,
+            "packing_utilisation": step_tokens / (plan.num_micro_steps * d.world_size * config.max_tokens_per_gpu),
+            "tokens_per_s": step_tokens / seconds,
+            "peak_memory_gb": peak_memory_gb(d.device),
+            "step_time_s": seconds,
+            "elapsed_s": time.perf_counter() - started,
+        }
+        if d.is_main:
+            with open(metrics_path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+            progress.update(1)
+            progress.write(
+                f"step {record['step']} | epoch {plan.epoch} | samples {samples_seen} | loss {loss:.4f} | lr {lr:.2e} | "
+                f"grad norm {grad_norm:.3f} | {record['tokens_per_s']:.0f} tok/s | pack {record['packing_utilisation']:.0%}"
+            )
+        every = config.min_samples_per_checkpoint
+        if every is not None and samples_seen // every > last_saved // every:
+            print0(f"saved {save_checkpoint(model, tokenizer, config, d, samples_seen)}")
+            last_saved = samples_seen
+    progress.close()
+    if samples_seen != last_saved:
+        print0(f"saved {save_checkpoint(model, tokenizer, config, d, samples_seen)}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    config = parse_args(argv)
+    rank, _, world_size, local_world_size = world_from_env()
+    prefix = f"[rank {rank}] " if world_size > 1 else ""
+    try:
+        validate(config, world_size, local_world_size, torch.cuda.is_available())
+        d = init_distributed(config.distributed_backend)
+        train(config, d)
+    except (ConfigError, DataError, SamplerError, TrainingError) as e:
+        print(f"{prefix}train.py: error: {e}", file=sys.stderr, flush=True)
+        return 1
+    finally:
+        cleanup_distributed()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
