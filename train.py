@@ -8,6 +8,7 @@ weights broadcast from rank 0) -> loop (micro-steps -> clip -> step -> log -> ch
 """
 
 import argparse
+import copy
 import json
 import math
 import os
@@ -421,12 +422,15 @@ def save_checkpoint(model: CausalLMLoss, tokenizer, config: TrainConfig, d: Dist
         state = {k: v.detach().cpu() for k, v in model.lm.state_dict().items()}
     if d.is_main:
         dtype = SAVE_DTYPES[config.save_dtype]
-        state = {k: v.to(dtype) for k, v in state.items()}
+        tied = tied_duplicates(model.lm)  # e.g. lm_head.weight == embed_tokens.weight: stored once
+        state = {k: v.to(dtype) for k, v in state.items() if k not in tied}
         tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
         hf_logging.disable_progress_bar()
-        model.lm.config.dtype = dtype  # what from_pretrained(dtype="auto") loads the checkpoint as
         model.lm.save_pretrained(tmp, state_dict=state)
+        hf_config = copy.deepcopy(model.lm.config)
+        hf_config.dtype = dtype  # save_pretrained records the fp32 training dtype; the weights are in `dtype`
+        hf_config.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         write_json(tmp / "training_config.json", asdict(config))
         if final.exists():  # an older run's checkpoint of the same name: replace it
@@ -434,6 +438,16 @@ def save_checkpoint(model: CausalLMLoss, tokenizer, config: TrainConfig, d: Dist
         tmp.rename(final)
     barrier()
     return final
+
+
+def tied_duplicates(lm) -> set[str]:
+    """Names of parameters that are the same tensor as an earlier-named one (tied weights)."""
+    seen, duplicates = set(), set()
+    for name, param in lm.named_parameters(remove_duplicate=False):
+        if id(param) in seen:
+            duplicates.add(name)
+        seen.add(id(param))
+    return duplicates
 
 
 def write_json(path: Path, obj) -> None:

@@ -76,3 +76,22 @@ def smollm2_model_dir() -> Path:
         return default_model.materialize()
     except default_model.DefaultModelError as e:
         pytest.skip(str(e))
+
+
+# ---- tiny random models (owner: stage-2 helper; builder in tests/tiny_models.py) ----
+
+from tests.tiny_models import build_tiny_model  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, tokenizer_dir):
+    """Factory: tiny_model_dir("llama" | "qwen2") -> HF folder with a seeded tiny model and the chatml tokenizer."""
+    root = tmp_path_factory.mktemp("tiny_models")
+    built: dict[str, Path] = {}
+
+    def get(arch: str) -> Path:
+        if arch not in built:
+            built[arch] = build_tiny_model(arch, root, tokenizer_dir("chatml"))
+        return built[arch]
+
+    return get
