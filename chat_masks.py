@@ -1,0 +1,301 @@
+"""Which characters of a rendered conversation the model is trained on, for any chat template.
+
+Templates without `{% generation %}` tags (most official ones) do not say where an assistant turn starts or
+ends, so we find out by rendering each conversation twice: once as is (the text we tokenize), once with every
+message content (and assistant reasoning) replaced by a unique sentinel string of private-use characters:
+
+    real:      <|im_start|>user\\nHi<|im_end|>\\n<|im_start|>assistant\\nHello!<|im_end|>\\n
+    sentinel:  <|im_start|>user\\n\\ue0000\\ue001<|im_end|>\\n<|im_start|>assistant\\n\\ue0001\\ue001<|im_end|>\\n
+
+The sentinel render is literal pieces L0 S1 L1 S2 ... and the real render must be exactly L0 X1 L1 X2 ...,
+where each Xk is the original value or a whitespace-stripped variant of it (templates `|trim`). The literal
+pieces hold only template structure, never user text, so the assistant header and end-of-turn marker found in
+them are real structure even when a message contains `<|im_end|>`. Anything that does not fit fails closed:
+`MaskError` for that sample, never a guessed mask.
+
+Per assistant turn the trained characters run from its first model-produced piece (the reasoning block with
+its wrapper when reasoning is rendered, else the content, else the tool calls after the header) to the end of
+the end-of-turn marker that closes the turn. A think block the template injects empty is not trained.
+"""
+
+import re
+from bisect import bisect_left
+from dataclasses import dataclass
+
+OPEN, CLOSE = "\ue000", "\ue001"
+SENTINEL_RE = re.compile("\ue000([0-9]+)\ue001")
+MAX_ALIGNMENTS = 2  # we only need to know whether the alignment is unique
+
+
+class MaskError(ValueError):
+    """The trained spans of this sample cannot be derived consistently: skip the sample, report why."""
+
+
+def sentinel(k: int) -> str:
+    return f"{OPEN}{k}{CLOSE}"
+
+
+def render(tokenizer, messages: list[dict], extra: dict) -> str:
+    return tokenizer.apply_chat_template(messages, tokenize=False, **extra)
+
+
+# ---- what the template looks like: learned once per tokenizer from probe renders ----
+
+
+@dataclass(frozen=True)
+class TemplateShape:
+    header: str  # what add_generation_prompt appends: the assistant header ("" if the template has none)
+    injected: str  # what the template puts between header and content on its own (Qwen3's empty think block)
+    eot: str  # the end-of-turn marker closing every assistant turn, e.g. "<|im_end|>"
+    next_turn: str  # how the turn after an assistant turn opens, e.g. "<|im_start|>user"
+
+
+def _common_prefix(a: str, b: str) -> str:
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return a[:n]
+
+
+def _special_spans(text: str, specials: list[str]) -> list[tuple[int, int]]:
+    spans = []
+    for token in specials:
+        start = text.find(token)
+        while start != -1:
+            spans.append((start, start + len(token)))
+            start = text.find(token, start + 1)
+    return sorted(spans)
+
+
+def _after(text: str, k: int, until: int | None = None) -> str:
+    """The literal text after sentinel k, up to sentinel `until` (or the end)."""
+    start = text.index(sentinel(k)) + len(sentinel(k))
+    return text[start : text.index(sentinel(until)) if until is not None else len(text)]
+
+
+def learn_shape(tokenizer) -> TemplateShape:
+    """Probe the template with sentinel conversations. Raises MaskError when it has no usable end-of-turn marker."""
+    specials = sorted(set(tokenizer.all_special_tokens) | set(tokenizer.get_added_vocab()), key=len, reverse=True)
+    user = {"role": "user", "content": sentinel(0)}
+    # The assistant header: what the generation prompt adds. A common prefix can end inside a special token
+    # (Phi-3: "<|end|>\n<|endoftext|>" vs "<|end|>\n<|assistant|>\n"), so cut back to that token's start.
+    with_prompt = _after(tokenizer.apply_chat_template([user], tokenize=False, add_generation_prompt=True), 0)
+    without = _after(tokenizer.apply_chat_template([user], tokenize=False), 0)
+    cut = len(_common_prefix(with_prompt, without))
+    for start, end in _special_spans(with_prompt, specials):
+        if start < cut < end:
+            cut = start
+    header = with_prompt[cut:]
+
+    two_turns = [user, {"role": "assistant", "content": sentinel(1)}]
+    two_turns += [{"role": "user", "content": sentinel(2)}, {"role": "assistant", "content": sentinel(3)}]
+    text = render(tokenizer, two_turns, {})
+    between = _after(text, 2, 3)  # before the final turn, where Qwen3 injects its empty think block
+    injected = between[between.rindex(header) + len(header) :] if header and header in between else ""
+    # The end-of-turn marker: what closes both a middle and a final assistant turn, up to and including the
+    # last special token they share; the separator after it ("\n") is not part of the turn.
+    middle, final = _after(text, 1, 2), _after(text, 3)
+    shared = _common_prefix(middle, final)
+    ends = [end for _, end in _special_spans(shared, specials) if end <= len(shared)]
+    if not ends:
+        raise MaskError(
+            f"the chat template closes assistant turns with {final!r}, which has no special token to use as "
+            "end-of-turn marker"
+        )
+    eot = shared[: ends[-1]]
+    next_turn = middle[len(eot) :].strip()
+    return TemplateShape(header=header, injected=injected, eot=eot, next_turn=next_turn)
+
+
+# ---- one sample ----
+
+
+@dataclass(frozen=True)
+class Piece:
+    message: int  # index into messages
+    key: str  # "content" or "reasoning_content"
+    value: str  # the original string
+
+
+def with_sentinels(messages: list[dict]) -> tuple[list[dict], list[Piece]]:
+    """Copy of messages with every non-empty content (and assistant reasoning) replaced by sentinel(k)."""
+    pieces: list[Piece] = []
+    out = []
+    for i, message in enumerate(messages):
+        message = dict(message)
+        keys = ("content", "reasoning_content") if message["role"] == "assistant" else ("content",)
+        for key in keys:
+            value = message.get(key)
+            if isinstance(value, str) and value:
+                message[key] = sentinel(len(pieces))
+                pieces.append(Piece(i, key, value))
+        out.append(message)
+    return out, pieces
+
+
+def _variants(value: str) -> list[str]:
+    """How a template may render a value: as is, or stripped (`|trim`, Qwen3's strip('\\n'), ...)."""
+    out = []
+    for v in (value, value.strip(), value.strip("\n"), value.lstrip("\n"), value.rstrip("\n"), value.lstrip(), value.rstrip()):
+        if v not in out:
+            out.append(v)
+    return out
+
+
+def align(real: str, literals: list[str], values: list[str]) -> list[tuple[int, int]]:
+    """Where each rendered value lies in `real`, given real == literals[0] X1 literals[1] X2 ... exactly.
+
+    Raises MaskError when there is no such alignment or more than one (then the masks would be a guess).
+    """
+    found: list[list[tuple[int, int]]] = []
+
+    def search(k: int, pos: int, spans: list[tuple[int, int]]) -> None:
+        if len(found) >= MAX_ALIGNMENTS:
+            return
+        if k == len(values):
+            if pos == len(real):
+                found.append(list(spans))
+            return
+        for v in _variants(values[k]):
+            end = pos + len(v)
+            if real.startswith(v, pos) and real.startswith(literals[k + 1], end):
+                spans.append((pos, end))
+                search(k + 1, end + len(literals[k + 1]), spans)
+                spans.pop()
+
+    if real.startswith(literals[0]):
+        search(0, len(literals[0]), [])
+    if not found:
+        raise MaskError("the conversation renders differently once its contents are replaced (template branches on content)")
+    if len(found) > 1 and found[0] != found[1]:
+        raise MaskError("ambiguous alignment of contents with whitespace-only template text around them")
+    return found[0]
+
+
+def assistant_char_spans(
+    shape: TemplateShape, real: str, marked: str, messages: list[dict], pieces: list[Piece]
+) -> list[tuple[int, int]]:
+    """Trained character spans in `real`, one per assistant turn, from the sentinel render `marked`."""
+    parts = SENTINEL_RE.split(marked)  # literal, id, literal, id, ..., literal
+    literals, ids = parts[0::2], [int(k) for k in parts[1::2]]
+    if len(set(ids)) != len(ids):
+        raise MaskError("the chat template renders a message more than once")
+    if any(k >= len(pieces) for k in ids) or OPEN in "".join(literals) or CLOSE in "".join(literals):
+        raise MaskError("the chat template altered a content placeholder")
+    real_spans = align(real, literals, [pieces[k].value for k in ids])
+
+    # Positions in the sentinel render, and a map from them to the real render.
+    marked_at: dict[int, tuple[int, int]] = {}  # sentinel id -> (start, end) in `marked`
+    pos = len(literals[0])
+    for j, k in enumerate(ids):
+        marked_at[k] = (pos, pos + len(sentinel(k)))
+        pos += len(sentinel(k)) + len(literals[j + 1])
+    order = sorted(marked_at.values())
+    sentinel_starts = [start for start, _ in order]
+
+    def to_real(p: int) -> int:
+        """Map a position in `marked` (in a literal, or a sentinel boundary) to `real`."""
+        j = bisect_left(sentinel_starts, p + 1) - 1  # last sentinel starting at or before p
+        if j < 0:
+            return p
+        start, end = order[j]
+        real_start, real_end = real_spans[j]
+        if p == start:
+            return real_start
+        if p < end:
+            raise MaskError("a trained span boundary falls inside a content")
+        return real_end + (p - end)
+
+    def next_sentinel(p: int) -> int:
+        j = bisect_left(sentinel_starts, p)
+        return sentinel_starts[j] if j < len(sentinel_starts) else len(marked)
+
+    def check_one_turn(start: int, end: int) -> None:
+        region = marked[start:end]
+        if (shape.header and shape.header in region) or (shape.next_turn and shape.next_turn in region):
+            raise MaskError("an assistant turn's trained region crosses into another turn")
+
+    by_message: dict[tuple[int, str], int] = {(p.message, p.key): k for k, p in enumerate(pieces)}
+    spans: list[tuple[int, int]] = []
+    cursor = 0  # in `marked`: nothing before it belongs to a later turn
+    for i, message in enumerate(messages):
+        if i > 0 and messages[i - 1]["role"] != "system":  # a system prompt may be moved (Mistral, Gemma)
+            previous = by_message.get((i - 1, "content"))
+            if previous in marked_at:
+                cursor = max(cursor, marked_at[previous][1])
+        if message["role"] != "assistant":
+            continue
+        reasoning = marked_at.get(by_message.get((i, "reasoning_content"), -1))
+        content = marked_at.get(by_message.get((i, "content"), -1))
+        if reasoning:  # train the reasoning with its wrapper: start right after the assistant header
+            before = marked[cursor : reasoning[0]]
+            if not shape.header or shape.header not in before:
+                raise MaskError("cannot find the assistant header before the reasoning")
+            start = cursor + before.rindex(shape.header) + len(shape.header)
+            check_one_turn(start, reasoning[0])
+        elif content:
+            start = content[0]
+        else:  # no content rendered (e.g. tool calls only): start after the header that opens this turn
+            found = marked.find(shape.header, cursor, next_sentinel(cursor)) if shape.header else -1
+            if found < 0:
+                raise MaskError("cannot find the header of an assistant turn without content")
+            start = found + len(shape.header)
+            if shape.injected and marked.startswith(shape.injected, start):
+                start += len(shape.injected)
+        body_end = max(start, reasoning[1] if reasoning else 0, content[1] if content else 0)
+        eot = marked.find(shape.eot, body_end, next_sentinel(body_end))
+        if eot < 0:
+            raise MaskError(f"no end-of-turn marker {shape.eot!r} closes an assistant turn")
+        check_one_turn(body_end, eot)
+        end = eot + len(shape.eot)
+        spans.append((to_real(start), to_real(end)))
+        cursor = end
+    return spans
+
+
+def token_mask(offsets: list[tuple[int, int]], spans: list[tuple[int, int]]) -> list[bool]:
+    """True for every token whose characters overlap a trained span (offsets are sorted, non-overlapping)."""
+    mask = [False] * len(offsets)
+    for a, b in spans:
+        i = bisect_left(offsets, (a, -1))  # first token starting at or after a
+        if i > 0 and offsets[i - 1][1] > a:  # the token before straddles a
+            i -= 1
+        while i < len(offsets) and offsets[i][0] < b:
+            mask[i] = True
+            i += 1
+    return mask
+
+
+def has_generation_tags(template: str) -> bool:
+    return re.search(r"\{%-?\s*generation\s*-?%\}", template) is not None
+
+
+def _strings(value, skip_contents: bool):
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            if not (skip_contents and key in ("content", "reasoning_content")):
+                yield from _strings(item, False)
+    elif isinstance(value, list):
+        for item in value:
+            yield from _strings(item, skip_contents)
+
+
+def check_values(sample: dict, markers: list[str]) -> None:
+    """Raise MaskError for values the sentinel method cannot handle safely.
+
+    Sentinel characters anywhere would be confused with our placeholders. Values the template renders
+    literally (tool calls, tool definitions, names) are not replaced by sentinels, so they must not contain
+    template structure such as "<|im_end|>", or a turn boundary could be found inside them.
+    """
+    for text in _strings(sample, False):
+        if OPEN in text or CLOSE in text:
+            raise MaskError("contains the private-use characters U+E000/U+E001 reserved for mask placeholders")
+    for message in sample["messages"]:
+        for text in _strings(message, True):
+            if any(marker in text for marker in markers):
+                raise MaskError("a tool call, tool definition or name contains chat-template control text")
+    for text in _strings({k: v for k, v in sample.items() if k != "messages"}, False):
+        if any(marker in text for marker in markers):
+            raise MaskError("a tool definition or other per-sample value contains chat-template control text")

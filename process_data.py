@@ -1,0 +1,423 @@
+"""Stage 1: turn a messages JSONL file into training rows with exact assistant masks.
+
+    python process_data.py --input-file data.jsonl --output-file rows.jsonl \\
+        --model-name-or-path MODEL --max-sample-num-tokens 4096
+
+Input lines: {"messages": [{"role": "system|user|assistant|tool", "content": "..."}, ...], "tools": [...]?}.
+Extra per-message keys (tool_calls, reasoning_content, name, ...) and per-sample keys (tools, ...) are passed to
+the chat template. A sample whose only message has role "pretrain" is raw text: no template, every token trained,
+EOS appended.
+
+Output lines, in input order: {"input_ids", "labels" (-100 where not trained), "len", "num_loss_counted_tokens"}.
+`input_ids` equal `tokenizer.apply_chat_template(messages, tokenize=True)`; the trained tokens are each assistant
+turn's content (with its reasoning and tool calls as rendered) and the end-of-turn token(s) closing it
+(see chat_masks.py). The output file is written atomically: a failed run leaves none behind.
+
+What stops the run (exit 2, one line `process_data.py: error: FILE:LINE: reason — fix`): a file that is not
+what we expect (invalid UTF-8, malformed JSON, no `messages` list, wrong types, unknown roles, an empty file),
+a model path without a fast tokenizer or, for chat samples, without a chat template, and with
+--on-too-long error an over-long sample. What skips a sample (counted per reason, the first few printed with
+their line numbers): the chat template rejects the conversation, its masks cannot be derived consistently,
+it has no trained token, it is longer than --max-sample-num-tokens.
+"""
+
+import argparse
+import inspect
+import itertools
+import multiprocessing as mp
+import os
+import random
+import sys
+import tempfile
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import orjson
+
+import chat_masks
+from chat_masks import MaskError
+
+PROG = "process_data.py"
+ROLES = ("system", "user", "assistant", "tool")
+CHUNK_LINES = 256  # lines per task sent to a worker: big enough to batch-tokenize, small enough to stream
+REPORTED_DROPS = 5  # dropped samples printed with their line number and reason
+
+DROP_TOO_LONG = "longer than --max-sample-num-tokens"
+DROP_NO_TRAINED = "no trained token"
+DROP_TEMPLATE = "chat template rejected the conversation"
+DROP_MASK = "assistant masks could not be derived"
+
+
+@dataclass(frozen=True)
+class Config:
+    input_file: Path
+    output_file: Path
+    model_name_or_path: str
+    max_sample_num_tokens: int
+    num_workers: int = field(default_factory=lambda: os.cpu_count() or 1)
+    num_printed_samples: int = 3
+    mask_marker: str = "<|masked|>"
+    on_too_long: str = "drop"
+    seed: int = 42
+
+
+class RunError(Exception):
+    """Stops the run: printed as one line, exit code 2, no output file."""
+
+
+def parse_args(argv: list[str] | None = None) -> Config:
+    defaults = Config(Path(), Path(), "", 0)
+    p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
+    p.add_argument("--input-file", type=Path, required=True, help="messages JSONL")
+    p.add_argument("--output-file", type=Path, required=True, help="rows JSONL, written atomically")
+    p.add_argument("--model-name-or-path", required=True, help="folder (or hub name) with the tokenizer and chat template")
+    p.add_argument("--max-sample-num-tokens", type=int, required=True, help="longer samples are dropped (or an error)")
+    p.add_argument("--num-workers", type=int, default=defaults.num_workers, help="processes (default: all cores)")
+    p.add_argument("--num-printed-samples", type=int, default=defaults.num_printed_samples, help="random samples shown with their masks")
+    p.add_argument("--mask-marker", default=defaults.mask_marker, help="shown in place of masked (untrained) text")
+    p.add_argument("--on-too-long", choices=("drop", "error"), default=defaults.on_too_long, help="over-long samples: drop and count, or stop")
+    p.add_argument("--seed", type=int, default=defaults.seed, help="which samples are printed")
+    args = p.parse_args(argv)
+    problems = []
+    if args.max_sample_num_tokens < 1:
+        problems.append("--max-sample-num-tokens must be at least 1")
+    if args.num_workers < 1:
+        problems.append("--num-workers must be at least 1")
+    if args.num_printed_samples < 0:
+        problems.append("--num-printed-samples must be 0 or more")
+    if problems:
+        p.error("; ".join(problems))
+    return Config(**vars(args))
+
+
+# ---- reading and validating one line (worker side) ----
+
+
+def parse_line(raw: bytes, where: str) -> dict | None:
+    """The sample on this line, None for a blank line. Raises RunError for a file that is not messages JSONL."""
+    if not raw.strip():
+        return None
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise RunError(f"{where}: invalid UTF-8 at byte {e.start} — re-encode the file as UTF-8") from None
+    try:
+        sample = orjson.loads(raw)
+    except orjson.JSONDecodeError as e:
+        raise RunError(f"{where}: malformed JSON ({e}) — each line must be one JSON object") from None
+    fix = 'each line must be {"messages": [{"role": ..., "content": ...}, ...]}'
+    if not isinstance(sample, dict) or not isinstance(sample.get("messages"), list) or not sample["messages"]:
+        raise RunError(f"{where}: no non-empty `messages` list — {fix}")
+    messages = sample["messages"]
+    for n, message in enumerate(messages):
+        at = f"{where}: messages[{n}]"
+        if not isinstance(message, dict) or not isinstance(message.get("role"), str):
+            raise RunError(f"{at} is not an object with a string `role` — {fix}")
+        role, content = message["role"], message.get("content")
+        if role == "pretrain":
+            if len(messages) != 1:
+                raise RunError(f"{at} has role `pretrain`, which must be the only message — put raw text on its own line")
+            if not isinstance(content, str) or not content:
+                raise RunError(f"{at} `pretrain` needs a non-empty string `content`")
+        elif role not in ROLES:
+            raise RunError(f"{at} has unknown role {role!r} — use one of {', '.join(ROLES)} (or a lone `pretrain`)")
+        elif not isinstance(content, str) and not (role == "assistant" and content is None and message.get("tool_calls")):
+            raise RunError(f"{at} `content` must be a string (null only for an assistant turn with tool_calls)")
+        reasoning = message.get("reasoning_content")
+        if reasoning is not None and not isinstance(reasoning, str):
+            raise RunError(f"{at} `reasoning_content` must be a string")
+    if "tools" in sample and sample["tools"] is not None and not isinstance(sample["tools"], list):
+        raise RunError(f"{where}: `tools` must be a list of tool definitions")
+    return sample
+
+
+# ---- encoding (one per worker process) ----
+
+
+@dataclass
+class Chunk:
+    rows: list[tuple[int, bytes]] = field(default_factory=list)  # (line number, output line)
+    drops: list[tuple[int, str, str]] = field(default_factory=list)  # (line number, reason, detail)
+    blank: int = 0
+    tokens: int = 0
+    trained: int = 0
+    error: str | None = None  # a RunError message: the run stops
+
+
+class Encoder:
+    """Turns samples into rows for one tokenizer. Built once per worker process."""
+
+    def __init__(self, model: str, input_name: str, max_tokens: int, on_too_long: str):
+        from tokenizers import Tokenizer
+        from transformers import AutoTokenizer
+
+        self.input_name, self.max_tokens, self.on_too_long = input_name, max_tokens, on_too_long
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(model)
+        except Exception as e:  # transformers raises OSError, ValueError, ... for a folder without a tokenizer
+            raise RunError(f"{model}: cannot load a tokenizer ({str(e).splitlines()[0]}) — pass a folder with tokenizer files") from None
+        if not getattr(self.tokenizer, "is_fast", False):
+            raise RunError(f"{model}: the tokenizer is not a fast (Rust) tokenizer — masks need its character offsets")
+        # A copy without the post-processor: it only adds special tokens (we add none) and, for GPT-2 style
+        # tokenizers, trims whitespace from offsets, which would leave whitespace tokens outside every span.
+        self.backend = Tokenizer.from_str(self.tokenizer.backend_tokenizer.to_str())
+        self.backend.post_processor = None
+        self.eos_id = self.tokenizer.eos_token_id
+        # per-sample keys reach the template as variables, except names that would change apply_chat_template
+        self.reserved = set(inspect.signature(self.tokenizer.apply_chat_template).parameters) - {"tools", "documents"}
+        template = self.tokenizer.chat_template
+        self.template_problem = None if isinstance(template, str) else "the tokenizer has no chat template (or several)"
+        self.generation_tags = isinstance(template, str) and chat_masks.has_generation_tags(template)
+        self.shape = None
+        if self.template_problem is None and not self.generation_tags:
+            try:
+                self.shape = chat_masks.learn_shape(self.tokenizer)
+            except MaskError as e:
+                self.template_problem = str(e)
+            except Exception as e:  # the template raised on our probe conversation
+                self.template_problem = f"the chat template fails on a plain user/assistant conversation ({e})"
+        specials = set(self.tokenizer.all_special_tokens) | set(self.tokenizer.get_added_vocab())
+        shape_markers = {self.shape.header, self.shape.eot, self.shape.next_turn} if self.shape else set()
+        self.markers = sorted(m for m in specials | shape_markers if m)
+
+    def encode_chunk(self, lines: list[tuple[int, bytes]]) -> Chunk:
+        chunk = Chunk()
+        try:
+            self._encode(lines, chunk)
+        except RunError as e:
+            chunk.error = str(e)
+        return chunk
+
+    def _encode(self, lines: list[tuple[int, bytes]], chunk: Chunk) -> None:
+        texts, pending = [], []  # chat renders to batch-tokenize, and what to do with each
+        for lineno, raw in lines:
+            where = f"{self.input_name}:{lineno}"
+            sample = parse_line(raw, where)
+            if sample is None:
+                chunk.blank += 1
+                continue
+            messages = sample["messages"]
+            if messages[0]["role"] == "pretrain":
+                ids = self.tokenizer(messages[0]["content"])["input_ids"]
+                if self.eos_id is not None and (not ids or ids[-1] != self.eos_id):
+                    ids.append(self.eos_id)
+                # the first token is never a prediction target (nothing precedes it), so it counts as masked
+                self._finish(lineno, ids, [False] + [True] * (len(ids) - 1), chunk)
+                continue
+            if self.template_problem:
+                raise RunError(f"{where}: {self.template_problem} — use a chat model's tokenizer, or `pretrain` rows")
+            extra = {k: v for k, v in sample.items() if k != "messages" and k not in self.reserved}
+            try:
+                if self.generation_tags:
+                    ids, mask = self._encode_with_generation_tags(messages, extra)
+                    self._finish(lineno, ids, mask, chunk)
+                    continue
+                chat_masks.check_values(sample, self.markers)
+                real = chat_masks.render(self.tokenizer, messages, extra)
+                marked_messages, pieces = chat_masks.with_sentinels(messages)
+                marked = chat_masks.render(self.tokenizer, marked_messages, extra)
+                spans = chat_masks.assistant_char_spans(self.shape, real, marked, messages, pieces)
+            except MaskError as e:
+                chunk.drops.append((lineno, DROP_MASK, str(e)))
+                continue
+            except Exception as e:  # jinja2 TemplateError from raise_exception, or a TypeError inside the template
+                chunk.drops.append((lineno, DROP_TEMPLATE, f"{type(e).__name__}: {e}"))
+                continue
+            texts.append(real)
+            pending.append((lineno, spans))
+        # The Rust tokenizer's batch encode is much faster than one call per row.
+        for (lineno, spans), encoding in zip(pending, self.backend.encode_batch(texts, add_special_tokens=False)):
+            self._finish(lineno, encoding.ids, chat_masks.token_mask(encoding.offsets, spans), chunk)
+        chunk.rows.sort()  # pretrain rows were finished before the batch: restore the input order
+        chunk.drops.sort()
+
+    def _encode_with_generation_tags(self, messages: list[dict], extra: dict) -> tuple[list[int], list[bool]]:
+        out = self.tokenizer.apply_chat_template(
+            messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True, **extra
+        )
+        return list(out["input_ids"]), [bool(m) for m in out["assistant_masks"]]
+
+    def _finish(self, lineno: int, ids: list[int], mask: list[bool], chunk: Chunk) -> None:
+        if len(ids) > self.max_tokens:
+            if self.on_too_long == "error":
+                raise RunError(
+                    f"{self.input_name}:{lineno}: sample has {len(ids)} tokens > --max-sample-num-tokens "
+                    f"{self.max_tokens} — raise the limit, or pass --on-too-long drop"
+                )
+            chunk.drops.append((lineno, DROP_TOO_LONG, f"{len(ids)} > {self.max_tokens} tokens"))
+            return
+        labels = [i if m else -100 for i, m in zip(ids, mask)]
+        trained = len(ids) - labels.count(-100)
+        if trained == 0:
+            chunk.drops.append((lineno, DROP_NO_TRAINED, "no assistant turn (or only empty ones)"))
+            return
+        row = {"input_ids": ids, "labels": labels, "len": len(ids), "num_loss_counted_tokens": trained}
+        chunk.rows.append((lineno, orjson.dumps(row) + b"\n"))
+        chunk.tokens += len(ids)
+        chunk.trained += trained
+
+
+_ENCODER: Encoder | None = None  # the worker process's encoder, built by init_worker
+
+
+def init_worker(model: str, input_name: str, max_tokens: int, on_too_long: str) -> None:
+    global _ENCODER
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one thread per worker: the pool is the parallelism
+    _ENCODER = Encoder(model, input_name, max_tokens, on_too_long)
+
+
+def encode_in_worker(lines: list[tuple[int, bytes]]) -> Chunk:
+    return _ENCODER.encode_chunk(lines)
+
+
+# ---- the run (main process) ----
+
+
+def read_chunks(path: Path, progress) -> "itertools.Iterator[list[tuple[int, bytes]]]":
+    """Lines of the file, numbered from 1, lazily in chunks."""
+    with open(path, "rb") as f:
+        numbered = enumerate(f, start=1)
+        while chunk := list(itertools.islice(numbered, CHUNK_LINES)):
+            progress.update(sum(len(raw) for _, raw in chunk))
+            yield chunk
+
+
+@dataclass
+class Summary:
+    read: int = 0
+    blank: int = 0
+    written: int = 0
+    tokens: int = 0
+    trained: int = 0
+    drops: Counter = field(default_factory=Counter)
+    first_drops: list[tuple[int, str, str]] = field(default_factory=list)
+    shown: list[tuple[int, bytes]] = field(default_factory=list)  # reservoir of rows printed at the end
+
+
+def run(cfg: Config) -> Summary:
+    from tqdm import tqdm
+
+    if not cfg.input_file.is_file():
+        raise RunError(f"{cfg.input_file}: no such file — check --input-file")
+    if cfg.input_file.stat().st_size == 0:
+        raise RunError(f"{cfg.input_file}:1: the file is empty — pass a messages JSONL file with at least one line")
+    if not cfg.output_file.parent.is_dir():
+        raise RunError(f"{cfg.output_file.parent}: no such directory — create it or fix --output-file")
+    init_args = (cfg.model_name_or_path, str(cfg.input_file), cfg.max_sample_num_tokens, cfg.on_too_long)
+    encoder = Encoder(*init_args)  # fail on a bad model path before starting workers; also used single-process
+
+    summary = Summary()
+    rng = random.Random(cfg.seed)
+    progress = tqdm(total=cfg.input_file.stat().st_size, unit="B", unit_scale=True, disable=None, desc="encoding")
+    tmp = tempfile.NamedTemporaryFile(dir=cfg.output_file.parent, prefix=f".{cfg.output_file.name}.", suffix=".tmp", delete=False)
+    pool = None
+    try:
+        chunks = read_chunks(cfg.input_file, progress)
+        if cfg.num_workers == 1:
+            results = map(encoder.encode_chunk, chunks)
+        else:
+            # Bound the chunks in flight: Pool.imap's feeder thread would otherwise read the whole file ahead.
+            in_flight = threading.BoundedSemaphore(4 * cfg.num_workers)
+
+            def bounded():
+                for chunk in chunks:
+                    in_flight.acquire()
+                    yield chunk
+
+            pool = mp.get_context("spawn").Pool(cfg.num_workers, initializer=init_worker, initargs=init_args)
+            results = pool.imap(encode_in_worker, bounded())  # imap keeps the input order
+        for chunk in results:
+            if pool is not None:
+                in_flight.release()
+            if chunk.error:
+                raise RunError(chunk.error)
+            summary.read += chunk.blank + len(chunk.rows) + len(chunk.drops)
+            summary.blank += chunk.blank
+            summary.tokens += chunk.tokens
+            summary.trained += chunk.trained
+            for drop in chunk.drops:
+                summary.drops[drop[1]] += 1
+                if len(summary.first_drops) < REPORTED_DROPS:
+                    summary.first_drops.append(drop)
+            for lineno, line in chunk.rows:
+                tmp.write(line)
+                summary.written += 1
+                # reservoir sampling: every written row is equally likely to be shown
+                if len(summary.shown) < cfg.num_printed_samples:
+                    summary.shown.append((lineno, line))
+                elif (j := rng.randrange(summary.written)) < cfg.num_printed_samples:
+                    summary.shown[j] = (lineno, line)
+        if summary.written == 0:
+            first = summary.first_drops[0] if summary.first_drops else None
+            why = f"e.g. line {first[0]}: {first[1]}: {first[2]}" if first else "only blank lines"
+            raise RunError(f"{cfg.input_file}: no sample can be written ({why}) — fix the data or the model path")
+        tmp.close()
+        os.replace(tmp.name, cfg.output_file)
+    finally:
+        progress.close()
+        if pool is not None:
+            pool.terminate()
+        tmp.close()
+        if os.path.exists(tmp.name):
+            os.unlink(tmp.name)
+    summary.shown.sort()
+    return summary
+
+
+# ---- printing ----
+
+
+def masked_view(tokenizer, ids: list[int], labels: list[int], marker: str, colour: bool) -> str:
+    """The sample as text, each run of masked tokens replaced by the marker: what the model is trained on."""
+    green, dim, reset = ("\033[32m", "\033[2m", "\033[0m") if colour else ("", "", "")
+    out = []
+    for trained, run in itertools.groupby(zip(ids, labels), key=lambda pair: pair[1] != -100):
+        if trained:
+            out.append(green + tokenizer.decode([i for i, _ in run]) + reset)
+        else:
+            out.append(dim + marker + reset)
+    return "".join(out)
+
+
+def report(cfg: Config, summary: Summary, seconds: float, drop_lines: bool = True) -> None:
+    from transformers import AutoTokenizer
+
+    colour = sys.stdout.isatty()
+    if summary.shown:
+        tokenizer = AutoTokenizer.from_pretrained(cfg.model_name_or_path)
+        for lineno, line in summary.shown:
+            row = orjson.loads(line)
+            print(f"--- {cfg.input_file}:{lineno} ({row['len']} tokens, {row['num_loss_counted_tokens']} trained)")
+            print(masked_view(tokenizer, row["input_ids"], row["labels"], cfg.mask_marker, colour))
+        print("---")
+    if drop_lines:
+        for lineno, reason, detail in summary.first_drops:
+            print(f"dropped {cfg.input_file}:{lineno}: {reason}: {detail}")
+    dropped = sum(summary.drops.values())
+    print(f"read {summary.read} lines ({summary.blank} blank), wrote {summary.written} samples to {cfg.output_file}")
+    print(f"dropped {dropped} samples" + "".join(f"\n  {n:>8}  {reason}" for reason, n in summary.drops.most_common()))
+    share = summary.trained / summary.tokens if summary.tokens else 0.0
+    print(f"tokens {summary.tokens}, trained {summary.trained} ({share:.1%})")
+    rate = summary.read / seconds if seconds > 0 else 0.0
+    print(f"time {seconds:.1f} s, {rate:,.0f} samples/s, {summary.tokens / max(seconds, 1e-9):,.0f} tokens/s, {cfg.num_workers} workers")
+
+
+def main(argv: list[str] | None = None) -> None:
+    cfg = parse_args(argv)
+    start = time.perf_counter()
+    try:
+        summary = run(cfg)
+    except RunError as e:
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted, no output written", file=sys.stderr)
+        sys.exit(130)
+    report(cfg, summary, time.perf_counter() - start)
+
+
+if __name__ == "__main__":
+    main()

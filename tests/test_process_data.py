@@ -1,0 +1,413 @@
+"""process_data.py: ids equal apply_chat_template, masks train exactly the assistant turns, bad input stops cleanly.
+
+Expected masks are built here independently of chat_masks: each family's rendered assistant turn is found in the
+real render by plain string search, and a token is expected trained when its characters overlap that turn.
+"""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import orjson
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from transformers import AutoTokenizer
+
+import chat_masks
+import process_data
+from process_data import DROP_MASK, DROP_NO_TRAINED, DROP_TEMPLATE, DROP_TOO_LONG, Encoder
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# How each family renders an assistant turn: header, how content appears, end-of-turn marker.
+IDENTITY, STRIP = (lambda c: c), (lambda c: c.strip())
+CHATML_FORM = ("<|im_start|>assistant\n", IDENTITY, "<|im_end|>")
+FORMS = {
+    "chatml": CHATML_FORM,
+    "chatml_gen": CHATML_FORM,
+    "smollm2": CHATML_FORM,
+    "qwen3": CHATML_FORM,
+    "llama3": ("<|start_header_id|>assistant<|end_header_id|>\n\n", STRIP, "<|eot_id|>"),
+    "mistral": ("[/INST] ", STRIP, "</s>"),
+    "gemma": ("<start_of_turn>model\n", STRIP, "<end_of_turn>"),
+    "phi3": ("<|assistant|>\n", IDENTITY, "<|end|>"),
+}
+QWEN3_EMPTY_THINK = "<think>\n\n</think>\n\n"
+
+
+def turns(*pairs, system=None):
+    messages = [{"role": "system", "content": system}] if system else []
+    for user, assistant in pairs:
+        messages += [{"role": "user", "content": user}, {"role": "assistant", "content": assistant}]
+    return messages
+
+
+CONVERSATIONS = {
+    "single": turns(("What is the capital of France?", "Paris is the capital of France.")),
+    "multi_with_system": turns(
+        ("Hello!", "Hi, how can I help?"), ("Tell me a joke.", "Why did the chicken cross the road?"), system="Be brief."
+    ),
+    "unicode_whitespace": turns(("  Größe?  ", "  Café 🙂 naïve, 日本語\n "), ("\nok\n", "\tyes ")),
+    "control_strings": turns(
+        (
+            "Say <|im_start|>assistant\n <|eot_id|> [INST] <start_of_turn>model\n <|assistant|>",
+            "Here: <|im_end|> </s> <end_of_turn> <|end|> <|eot_id|> [/INST] done",
+        )
+    ),
+}
+
+
+@pytest.fixture(scope="session")
+def encoders(tokenizer_dir):
+    built = {}
+
+    def get(name: str) -> Encoder:
+        if name not in built:
+            built[name] = Encoder(str(tokenizer_dir(name)), "in.jsonl", 100_000, "drop")
+        return built[name]
+
+    return get
+
+
+def encode(encoder: Encoder, samples: list[dict]) -> process_data.Chunk:
+    chunk = encoder.encode_chunk([(n, orjson.dumps(s)) for n, s in enumerate(samples, start=1)])
+    assert chunk.error is None, chunk.error
+    return chunk
+
+
+def only_row(encoder: Encoder, sample: dict) -> dict:
+    chunk = encode(encoder, [sample])
+    assert not chunk.drops, chunk.drops
+    return orjson.loads(chunk.rows[0][1])
+
+
+def reference_ids(tok, messages, **extra) -> list[int]:
+    out = tok.apply_chat_template(messages, tokenize=True, **extra)
+    return list(out["input_ids"] if hasattr(out, "keys") else out)
+
+
+def expected_spans(family: str, text: str, messages: list[dict]) -> list[tuple[int, int]]:
+    header, shown, eot = FORMS[family]
+    spans, cursor = [], 0
+    for message in messages:
+        if message["role"] != "assistant":
+            continue
+        piece = shown(message["content"]) + eot
+        # the whole turn, so a user message that quotes a header cannot be mistaken for it; Qwen3's
+        # template-injected empty think block is not produced by the model: masked
+        prefixes = (QWEN3_EMPTY_THINK, "") if family == "qwen3" else ("",)
+        found = [(text.find(header + p + piece, cursor), p) for p in prefixes]
+        start, prefix = min((f, p) for f, p in found if f >= 0)
+        at = start + len(header) + len(prefix)
+        spans.append((at, at + len(piece)))
+        cursor = at + len(piece)
+    return spans
+
+
+def expected_labels(tok, text: str, spans: list[tuple[int, int]]) -> list[int]:
+    enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
+    return [
+        i if any(s < b and e > a for a, b in spans) else -100 for i, (s, e) in zip(enc["input_ids"], enc["offset_mapping"])
+    ]
+
+
+def trained_text(tok, row: dict) -> str:
+    return tok.decode([i for i, label in zip(row["input_ids"], row["labels"]) if label != -100])
+
+
+@pytest.mark.parametrize("name", list(CONVERSATIONS))
+def test_ids_and_masks_per_family(encoders, family, name):
+    encoder = encoders(family)
+    tok, messages = encoder.tokenizer, CONVERSATIONS[name]
+    row = only_row(encoder, {"messages": messages})
+    assert row["input_ids"] == reference_ids(tok, messages)
+    text = tok.apply_chat_template(messages, tokenize=False)
+    spans = expected_spans(family, text, messages)
+    assert row["labels"] == expected_labels(tok, text, spans)
+    assert row["len"] == len(row["input_ids"])
+    assert row["num_loss_counted_tokens"] == sum(label != -100 for label in row["labels"])
+    # what is trained reads as the assistant turns with their end-of-turn markers (a token may carry
+    # whitespace of the header with it: Mistral's space after [/INST], SmolLM2's "\n  " token)
+    want = "".join(text[a:b] for a, b in spans)
+    assert "".join(trained_text(tok, row).split()) == "".join(want.split())
+
+
+def test_every_assistant_turn_trains_its_end_of_turn_token(encoders, family):
+    encoder = encoders(family)
+    eot_id = encoder.tokenizer.convert_tokens_to_ids(FORMS[family][2])
+    row = only_row(encoder, {"messages": CONVERSATIONS["multi_with_system"]})
+    positions = [k for k, i in enumerate(row["input_ids"]) if i == eot_id]
+    trained = [k for k in positions if row["labels"][k] != -100]
+    assert len(trained) == 2  # both assistant turns' markers, never the user/system ones
+    for k in trained:  # the separator after the marker is not trained
+        assert k + 1 == len(row["labels"]) or row["labels"][k + 1] == -100
+
+
+def test_injected_default_system_prompt_is_masked(encoders):
+    tok_row = only_row(encoders("chatml"), {"messages": CONVERSATIONS["single"]})
+    tok = encoders("chatml").tokenizer
+    assert "SmolLM" in tok.decode(tok_row["input_ids"])
+    assert trained_text(tok, tok_row) == "Paris is the capital of France.<|im_end|>"
+
+
+WEATHER_CALL = {"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Berlin"}}}
+CALL_TEXT = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Berlin"}}\n</tool_call><|im_end|>'
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]
+TOOL_TURNS = [
+    {"role": "user", "content": "Weather in Berlin?"},
+    {"role": "assistant", "content": "", "reasoning_content": "I should call the tool.", "tool_calls": [WEATHER_CALL]},
+    {"role": "tool", "content": "12 C"},
+    {"role": "assistant", "content": "It is 12 C.", "reasoning_content": "The tool said 12."},
+]
+
+
+def trained_runs(tok, row) -> list[str]:
+    runs, current = [], []
+    for i, label in zip(row["input_ids"], row["labels"]):
+        if label != -100:
+            current.append(i)
+        elif current:
+            runs.append(tok.decode(current))
+            current = []
+    return runs + ([tok.decode(current)] if current else [])
+
+
+@pytest.mark.parametrize(
+    "messages, want",
+    [
+        (  # after the last user query: reasoning rendered and trained with its wrapper, tool calls trained
+            TOOL_TURNS,
+            [f"<think>\nI should call the tool.\n</think>\n\n{CALL_TEXT}", "<think>\nThe tool said 12.\n</think>\n\nIt is 12 C.<|im_end|>"],
+        ),
+        (  # a later query: earlier reasoning dropped by the template; the last turn's empty think block masked
+            [*TOOL_TURNS, {"role": "user", "content": "Thanks!"}, {"role": "assistant", "content": "You are welcome."}],
+            [CALL_TEXT, "It is 12 C.<|im_end|>", "You are welcome.<|im_end|>"],
+        ),
+        (  # a final turn with tool calls only and no reasoning: the injected empty think block is not trained
+            [TOOL_TURNS[0], {"role": "assistant", "content": None, "tool_calls": [WEATHER_CALL]}],
+            [CALL_TEXT],
+        ),
+    ],
+)
+def test_qwen3_reasoning_and_tool_calls(encoders, messages, want):
+    encoder = encoders("qwen3")
+    tok = encoder.tokenizer
+    row = only_row(encoder, {"messages": messages, "tools": TOOLS})
+    assert row["input_ids"] == reference_ids(tok, messages, tools=TOOLS)
+    assert trained_runs(tok, row) == want
+
+
+def test_generation_tag_template_uses_its_tags(encoders):
+    encoder = encoders("chatml_gen")
+    assert encoder.generation_tags and encoder.shape is None
+    assert [encoders(f).generation_tags for f in ("chatml", "llama3", "qwen3")] == [False, False, False]
+
+
+@pytest.mark.parametrize("name", ["chatml", "llama3", "smollm2"])
+def test_pretrain_row_trains_every_token_and_ends_with_eos(encoders, name):
+    encoder = encoders(name)
+    tok = encoder.tokenizer
+    text = "Raw text, no template: 🙂 <|im_end|> stays text?"
+    row = only_row(encoder, {"messages": [{"role": "pretrain", "content": text}]})
+    assert row["input_ids"] == tok(text)["input_ids"] + [tok.eos_token_id]  # BOS where the tokenizer adds one
+    assert row["labels"] == [-100] + row["input_ids"][1:]  # the first token is never a prediction target
+    assert row["num_loss_counted_tokens"] == row["len"] - 1
+
+
+def test_special_token_offsets_cover_exactly_their_text(encoders, family):
+    encoder = encoders(family)
+    text = encoder.tokenizer.apply_chat_template(CONVERSATIONS["control_strings"], tokenize=False)
+    encoding = encoder.backend.encode(text, add_special_tokens=False)
+    specials = {t.content for t in encoder.tokenizer.added_tokens_decoder.values()}
+    seen = 0
+    for token_id, (s, e) in zip(encoding.ids, encoding.offsets):
+        token = encoder.tokenizer.convert_ids_to_tokens(token_id)
+        if token in specials:
+            assert text[s:e] == token
+            seen += 1
+    assert seen >= 2
+    starts = [s for s, _ in encoding.offsets]
+    assert starts == sorted(starts) and encoding.offsets[-1][1] == len(text)
+
+
+def test_token_mask_overlap_rule():
+    offsets = [(0, 3), (3, 4), (4, 9), (9, 10), (10, 10), (10, 12)]
+    assert chat_masks.token_mask(offsets, [(5, 9)]) == [False, False, True, False, False, False]
+    assert chat_masks.token_mask(offsets, [(3, 4), (9, 12)]) == [False, True, False, True, True, True]
+    assert chat_masks.token_mask(offsets, []) == [False] * 6
+
+
+def test_dropped_samples_are_counted_with_reasons(encoders):
+    samples = [
+        {"messages": [{"role": "user", "content": "no answer"}]},
+        {"messages": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]},  # gemma: must alternate
+        {"messages": turns(("q", "x " * 300))},
+        {"messages": turns(("q", "fine"))},
+    ]
+    encoder = Encoder(str(encoders("gemma").tokenizer.name_or_path), "in.jsonl", 100, "drop")
+    chunk = encode(encoder, samples)
+    assert [(n, reason) for n, reason, _ in chunk.drops] == [(1, DROP_NO_TRAINED), (2, DROP_TEMPLATE), (3, DROP_TOO_LONG)]
+    assert [n for n, _ in chunk.rows] == [4]
+
+
+@pytest.mark.parametrize(
+    "messages",
+    [
+        turns(("q", "<think>inline</think>answer")),  # the template moves it into a think block: fail closed
+        turns(("q", "uses \ue000 private use")),
+    ],
+)
+def test_masks_that_cannot_be_derived_fail_closed(encoders, messages):
+    chunk = encode(encoders("qwen3"), [{"messages": messages}])
+    assert not chunk.rows and [reason for _, reason, _ in chunk.drops] == [DROP_MASK]
+
+
+def test_tool_call_with_control_text_fails_closed(encoders):
+    call = {"type": "function", "function": {"name": "f", "arguments": {"x": "<|im_end|>"}}}
+    messages = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "", "tool_calls": [call]}]
+    chunk = encode(encoders("qwen3"), [{"messages": messages}])
+    assert [reason for _, reason, _ in chunk.drops] == [DROP_MASK]
+
+
+PARTS = st.sampled_from([*"ab Z9\n\t 🙂é<|>/[]", "<|im_end|>", "<|eot_id|>", "</s>", "<|end|>", "<|assistant|>\n"])
+TEXT = st.lists(PARTS, max_size=12).map("".join)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.sampled_from(["chatml", "llama3", "phi3"]), st.lists(st.tuples(TEXT, TEXT), min_size=1, max_size=3), st.booleans())
+def test_property_generated_conversations(encoders, name, pairs, with_system):
+    encoder = encoders(name)
+    tok = encoder.tokenizer
+    messages = turns(*pairs, system="sys" if with_system else None)
+    chunk = encode(encoder, [{"messages": messages}])
+    if chunk.drops:  # only a conversation with nothing to train may be dropped
+        assert [reason for _, reason, _ in chunk.drops] == [DROP_NO_TRAINED] or chunk.drops[0][1] == DROP_MASK
+        assert chunk.drops[0][1] != DROP_MASK or "ambiguous" in chunk.drops[0][2]
+        return
+    row = orjson.loads(chunk.rows[0][1])
+    text = tok.apply_chat_template(messages, tokenize=False)
+    assert row["input_ids"] == reference_ids(tok, messages)
+    assert row["labels"] == expected_labels(tok, text, expected_spans(name, text, messages))
+
+
+# ---- the command line: streaming, order, atomic output, bad input ----
+
+
+def write_lines(path: Path, lines: list) -> Path:
+    path.write_bytes(b"".join((line if isinstance(line, bytes) else json.dumps(line).encode()) + b"\n" for line in lines))
+    return path
+
+
+def cli(tmp_path, tokenizer: Path, input_file: Path, *flags: str) -> tuple[int, str, str, Path]:
+    out = tmp_path / "out.jsonl"
+    argv = ["--input-file", str(input_file), "--output-file", str(out), "--model-name-or-path", str(tokenizer)]
+    argv += ["--max-sample-num-tokens", "4096", "--num-workers", "1", *flags]
+    proc = subprocess.run([sys.executable, str(ROOT / "process_data.py"), *argv], capture_output=True, text=True, cwd=tmp_path)
+    return proc.returncode, proc.stdout, proc.stderr, out
+
+
+def run_main(capsys, tmp_path, tokenizer, input_file, *flags) -> tuple[int, str, str, Path]:
+    """The same entry point in-process (no interpreter start-up): exit code, stdout, stderr, output path."""
+    out = tmp_path / "out.jsonl"
+    argv = ["--input-file", str(input_file), "--output-file", str(out), "--model-name-or-path", str(tokenizer)]
+    argv += ["--max-sample-num-tokens", "4096", "--num-workers", "1", *flags]
+    code = 0
+    try:
+        process_data.main(argv)
+    except SystemExit as e:
+        code = e.code
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err, out
+
+
+def test_cli_end_to_end_prints_summary_and_masked_samples(tmp_path, tokenizer_dir):
+    lines = [{"messages": CONVERSATIONS["single"]}, b"", {"messages": turns(("x", ""))}, {"messages": turns(("y", "z"))[:1]}]
+    data = write_lines(tmp_path / "in.jsonl", lines)
+    code, stdout, stderr, out = cli(tmp_path, tokenizer_dir("chatml"), data, "--mask-marker", "@@", "--num-printed-samples", "5")
+    assert code == 0, stderr
+    assert "@@Paris is the capital of France.<|im_end|>@@\n" in stdout
+    assert "@@<|im_end|>@@\n" in stdout  # an empty answer still trains its end-of-turn token
+    assert f"dropped {data}:4: {DROP_NO_TRAINED}" in stdout
+    assert "read 4 lines (1 blank), wrote 2 samples" in stdout and f"1  {DROP_NO_TRAINED}" in stdout
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(rows) == 2 and set(rows[0]) == {"input_ids", "labels", "len", "num_loss_counted_tokens"}
+
+
+def test_cli_bad_json_is_one_line_error_without_traceback(tmp_path, tokenizer_dir):
+    data = write_lines(tmp_path / "in.jsonl", [{"messages": CONVERSATIONS["single"]}, b'{"messages": ['])
+    code, _, stderr, out = cli(tmp_path, tokenizer_dir("chatml"), data)
+    assert code == 2
+    assert stderr.strip().count("\n") == 0 and "Traceback" not in stderr
+    assert stderr.startswith(f"process_data.py: error: {data}:2: malformed JSON")
+    assert not out.exists() and list(tmp_path.iterdir()) == [data]  # no output, no temp file
+
+
+BAD_LINES = {
+    "not_json": (b"{messages: 1}", "malformed JSON"),
+    "no_messages": ({"conversation": []}, "no non-empty `messages` list"),
+    "messages_not_list": ({"messages": "hi"}, "no non-empty `messages` list"),
+    "content_wrong_type": ({"messages": [{"role": "user", "content": 3}]}, "`content` must be a string"),
+    "unknown_role": ({"messages": [{"role": "bot", "content": "x"}]}, "unknown role 'bot'"),
+    "invalid_utf8": (b'{"messages": [{"role": "user", "content": "\xff"}]}', "invalid UTF-8"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_LINES))
+def test_bad_input_stops_the_run_naming_file_and_line(capsys, tmp_path, tokenizer_dir, case):
+    line, reason = BAD_LINES[case]
+    data = write_lines(tmp_path / "in.jsonl", [{"messages": CONVERSATIONS["single"]}, line])
+    (tmp_path / "out.jsonl").write_text("previous run\n")  # a failed run leaves an existing output alone
+    code, _, stderr, out = run_main(capsys, tmp_path, tokenizer_dir("chatml"), data)
+    assert code == 2
+    assert stderr.startswith(f"process_data.py: error: {data}:2: ") and reason in stderr
+    assert stderr.count("\n") == 1
+    assert out.read_text() == "previous run\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl", "out.jsonl"]
+
+
+def test_empty_file_and_bad_model_paths(capsys, tmp_path, tokenizer_dir):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_bytes(b"")
+    code, _, stderr, _ = run_main(capsys, tmp_path, tokenizer_dir("chatml"), empty)
+    assert code == 2 and f"{empty}:1: the file is empty" in stderr
+
+    data = write_lines(tmp_path / "in.jsonl", [{"messages": CONVERSATIONS["single"]}])
+    no_tokenizer = tmp_path / "no_tokenizer"
+    no_tokenizer.mkdir()
+    code, _, stderr, _ = run_main(capsys, tmp_path, no_tokenizer, data)
+    assert code == 2 and "cannot load a tokenizer" in stderr and stderr.count("\n") == 1
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir("chatml"))
+    tok.chat_template = None
+    no_template = tmp_path / "no_template"
+    tok.save_pretrained(no_template)
+    (no_template / "chat_template.jinja").unlink(missing_ok=True)
+    code, _, stderr, out = run_main(capsys, tmp_path, no_template, data)
+    assert code == 2 and f"{data}:1: the tokenizer has no chat template" in stderr and not out.exists()
+
+
+def test_too_long_error_mode(capsys, tmp_path, tokenizer_dir):
+    data = write_lines(tmp_path / "in.jsonl", [{"messages": turns(("q", "word " * 50))}])
+    code, _, stderr, out = run_main(capsys, tmp_path, tokenizer_dir("chatml"), data, "--max-sample-num-tokens", "20", "--on-too-long", "error")
+    assert code == 2 and f"{data}:1: sample has" in stderr and "--on-too-long drop" in stderr and not out.exists()
+
+
+def test_order_is_kept_with_several_workers_and_failure_midway_leaves_nothing(capsys, tmp_path, tokenizer_dir):
+    samples = [{"messages": turns((f"question {n}", "answer " * (1 + n % 7) + str(n)))} for n in range(600)]
+    samples[100] = {"messages": [{"role": "pretrain", "content": "raw text"}]}
+    data = write_lines(tmp_path / "in.jsonl", samples)
+    code, stdout, stderr, out = run_main(capsys, tmp_path, tokenizer_dir("chatml"), data, "--num-workers", "2")
+    assert code == 0, stderr
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir("chatml"))
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [tok.decode(r["input_ids"]) for r in rows] == [
+        tok.decode(reference_ids(tok, s["messages"])) if n != 100 else "raw text<|im_end|>" for n, s in enumerate(samples)
+    ]
+    out.unlink()
+    # a malformed line in the third chunk, after earlier chunks were written: no output, no temp file
+    data.write_bytes(data.read_bytes() + b"not json\n")
+    code, _, stderr, out = run_main(capsys, tmp_path, tokenizer_dir("chatml"), data, "--num-workers", "2")
+    assert code == 2 and f"{data}:601: malformed JSON" in stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl"]
