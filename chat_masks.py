@@ -270,32 +270,38 @@ def has_generation_tags(template: str) -> bool:
     return re.search(r"\{%-?\s*generation\s*-?%\}", template) is not None
 
 
-def _strings(value, skip_contents: bool):
+# U+E000 / U+E001 as UTF-8 bytes or as JSON escapes
+RAW_SENTINEL_RE = re.compile(rb"\xee\x80[\x80\x81]|\\u[eE]00[01]")
+
+
+def _literal_strings(value, top: bool):
+    """Strings the template renders as they are: everything but contents, reasoning and roles."""
     if isinstance(value, str):
         yield value
     elif isinstance(value, dict):
         for key, item in value.items():
-            if not (skip_contents and key in ("content", "reasoning_content")):
-                yield from _strings(item, False)
+            if not (top and key in ("content", "reasoning_content", "role")):
+                yield from _literal_strings(item, False)
     elif isinstance(value, list):
         for item in value:
-            yield from _strings(item, skip_contents)
+            yield from _literal_strings(item, False)
 
 
-def check_values(sample: dict, markers: list[str]) -> None:
+def markers_pattern(markers: list[str]) -> re.Pattern:
+    return re.compile("|".join(re.escape(m) for m in sorted(markers, key=len, reverse=True)))
+
+
+def check_values(raw: bytes, sample: dict, markers: re.Pattern) -> None:
     """Raise MaskError for values the sentinel method cannot handle safely.
 
-    Sentinel characters anywhere would be confused with our placeholders. Values the template renders
-    literally (tool calls, tool definitions, names) are not replaced by sentinels, so they must not contain
-    template structure such as "<|im_end|>", or a turn boundary could be found inside them.
+    Sentinel characters anywhere (`raw` is the sample's JSON line) would be confused with our placeholders.
+    Values the template renders literally (tool calls, tool definitions, names) are not replaced by sentinels,
+    so they must not contain template structure such as "<|im_end|>", or a turn boundary could be found in them.
     """
-    for text in _strings(sample, False):
-        if OPEN in text or CLOSE in text:
-            raise MaskError("contains the private-use characters U+E000/U+E001 reserved for mask placeholders")
-    for message in sample["messages"]:
-        for text in _strings(message, True):
-            if any(marker in text for marker in markers):
+    if RAW_SENTINEL_RE.search(raw):
+        raise MaskError("contains the private-use characters U+E000/U+E001 reserved for mask placeholders")
+    others = {k: v for k, v in sample.items() if k != "messages"}
+    for value in (*sample["messages"], others):
+        for text in _literal_strings(value, True):
+            if markers.search(text):
                 raise MaskError("a tool call, tool definition or name contains chat-template control text")
-    for text in _strings({k: v for k, v in sample.items() if k != "messages"}, False):
-        if any(marker in text for marker in markers):
-            raise MaskError("a tool definition or other per-sample value contains chat-template control text")

@@ -181,7 +181,7 @@ class Encoder:
                 self.template_problem = f"the chat template fails on a plain user/assistant conversation ({e})"
         specials = set(self.tokenizer.all_special_tokens) | set(self.tokenizer.get_added_vocab())
         shape_markers = {self.shape.header, self.shape.eot, self.shape.next_turn} if self.shape else set()
-        self.markers = sorted(m for m in specials | shape_markers if m)
+        self.markers = chat_masks.markers_pattern([m for m in specials | shape_markers if m])
 
     def encode_chunk(self, lines: list[tuple[int, bytes]]) -> Chunk:
         chunk = Chunk()
@@ -215,7 +215,7 @@ class Encoder:
                     ids, mask = self._encode_with_generation_tags(messages, extra)
                     self._finish(lineno, ids, mask, chunk)
                     continue
-                chat_masks.check_values(sample, self.markers)
+                chat_masks.check_values(raw, sample, self.markers)
                 real = chat_masks.render(self.tokenizer, messages, extra)
                 marked_messages, pieces = chat_masks.with_sentinels(messages)
                 marked = chat_masks.render(self.tokenizer, marked_messages, extra)
