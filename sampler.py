@@ -10,12 +10,14 @@ of at most `max_tokens_per_rank` tokens (the cost of a pack is the sum of its sa
 padding). Every rank gets the same number of micro-steps, since FSDP collectives hang otherwise; a
 rank with nothing to do gets an empty pack.
 
-Packing one step: try M = a lower bound on the number of micro-steps, then M+1, ... For each M, the
-step's samples go into M * world_size bins of capacity T: longest-processing-time first (each sample,
-longest first, into the least-loaded bin), then a local search that moves or swaps samples between
-the fullest / emptiest bin and the others. If that leaves a bin over T, best-fit decreasing (tighter,
-less balanced) is tried before giving up on this M. The bins are then sorted by load and dealt to
-micro-steps in groups of world_size, so each micro-step's packs have similar loads.
+Packing one step: try M = a lower bound on the number of micro-steps (Martello-Toth L2 bound on the
+bins of capacity T, divided by world_size), then M+1, ... For each M, the step's samples go into
+M * world_size bins of capacity T: longest-processing-time first (each sample, longest first, into
+the least-loaded bin: balanced); if a bin ends over T, best-fit decreasing (tighter, less balanced);
+if that fails too, LPT again followed by a local search that moves or swaps samples between the
+fullest / emptiest bin and the others. The first M that fits wins; the same local search then evens
+out the loads. The bins are sorted by load and dealt to micro-steps in groups of world_size, so each
+micro-step's packs have similar loads.
 
 The plan is a pure function of (lengths, batch_size, max_tokens_per_rank, world_size, seed, step):
 every rank computes it independently, and resuming at step k is `plan(k)`, with nothing replayed.
@@ -27,6 +29,10 @@ from dataclasses import dataclass
 import numpy as np
 from numba import njit
 
+# Caps on the local search (each round moves or swaps one sample). In bench/bench_sampler.py more
+# rounds changed neither micro-step counts nor imbalance, only time.
+REPAIR_ROUNDS = 256  # to make an over-budget LPT result fit
+BALANCE_ROUNDS = 64  # to even out loads between ranks
 FIX_TOO_LONG = "raise --max-tokens-per-gpu or re-run process_data.py with a lower --max-sample-num-tokens"
 
 
@@ -146,6 +152,7 @@ def _raise_floor(sizes, bin_of, loads, lo):
 
     Same acceptance rule as _lower_peak (both bins end strictly between their old loads).
     """
+    members = np.flatnonzero(bin_of == lo)
     best_floor, best_a, best_b = loads[lo], -1, -1  # best_b = -1: plain move of a into lo
     for a in range(sizes.shape[0]):
         src = bin_of[a]
@@ -155,8 +162,8 @@ def _raise_floor(sizes, bin_of, loads, lo):
             floor = min(loads[lo] + sizes[a], loads[src] - sizes[a])
             if floor > best_floor:
                 best_floor, best_a, best_b = floor, a, -1
-        for b in range(sizes.shape[0]):
-            if bin_of[b] != lo or sizes[b] >= sizes[a]:
+        for b in members:
+            if sizes[b] >= sizes[a]:
                 continue
             d = sizes[a] - sizes[b]
             if loads[lo] + d < loads[src]:
@@ -189,11 +196,11 @@ def _water_level(sizes, num_bins):
 
 
 @njit(cache=True)
-def _refine(sizes, bin_of, loads, cap):
+def _refine(sizes, bin_of, loads, cap, max_rounds):
     """Local search on the fullest and emptiest bins until every bin fits and all loads are within
     ~1.6% of the water level, or neither extreme bin can be improved."""
     level = _water_level(sizes, loads.shape[0])
-    for _ in range(sizes.shape[0] + loads.shape[0]):
+    for _ in range(max_rounds):
         hi = np.argmax(loads)
         lo = np.argmin(loads)
         peak_off = loads[hi] > cap or loads[hi] > level * (1 + 1 / 64)
@@ -206,6 +213,35 @@ def _refine(sizes, bin_of, loads, cap):
 
 
 @njit(cache=True)
+def _min_bins(sizes, cap):
+    """Martello-Toth L2 lower bound on the bins of capacity `cap` that `sizes` (longest first) need.
+
+    For a threshold k <= cap/2: samples over cap - k sit alone; samples over cap/2 cannot share a bin
+    with each other; samples in [k, cap/2] can only go into the room those leave, or into new bins.
+    """
+    ascending = sizes[::-1].copy()
+    prefix = np.zeros(ascending.shape[0] + 1, np.int64)
+    prefix[1:] = np.cumsum(ascending)
+    n, total = ascending.shape[0], prefix[-1]
+
+    def above(x):  # (count, sum) of sizes > x
+        i = np.searchsorted(ascending, x, side="right")
+        return n - i, total - prefix[i]
+
+    num_big, sum_big = above(cap // 2)
+    best = max(num_big, (total + cap - 1) // cap)
+    for j in range(n - num_big):  # every threshold k that is the size of a small sample
+        k = ascending[j]
+        num_alone, sum_alone = above(cap - k)
+        num_open, sum_open = num_big - num_alone, sum_big - sum_alone
+        num_ge_k, sum_ge_k = above(k - 1)
+        small = sum_ge_k - sum_big  # samples in [k, cap/2]
+        spill = small - (num_open * cap - sum_open)
+        best = max(best, num_big + max(0, (spill + cap - 1) // cap))
+    return best
+
+
+@njit(cache=True)
 def _pack_step(lengths, num_ranks, cap):
     """Split one step's samples into packs.
 
@@ -215,25 +251,22 @@ def _pack_step(lengths, num_ranks, cap):
     n = lengths.shape[0]
     order = np.argsort(-lengths, kind="mergesort")  # stable: ties keep shuffled order
     sizes = lengths[order]
-    # Lower bounds on micro-steps: the token total, and samples over cap/2, which cannot share a pack.
-    num_big = 0
-    for i in range(n):
-        if 2 * sizes[i] > cap:
-            num_big += 1
-    by_tokens = (sizes.sum() + num_ranks * cap - 1) // (num_ranks * cap)
-    by_big = (num_big + num_ranks - 1) // num_ranks
-    num_micro = max(1, by_tokens, by_big)
+    num_micro = (_min_bins(sizes, cap) + num_ranks - 1) // num_ranks
     while True:  # ends at the latest when every sample has its own bin
         num_bins = num_micro * num_ranks
         bin_of, loads = _lpt(sizes, num_bins)
-        _refine(sizes, bin_of, loads, cap)
         if loads.max() <= cap:
             break
         bin_of, loads, fits = _best_fit(sizes, num_bins, cap)
         if fits:
-            _refine(sizes, bin_of, loads, cap)
+            break
+        bin_of, loads = _lpt(sizes, num_bins)
+        _refine(sizes, bin_of, loads, cap, REPAIR_ROUNDS)
+        if loads.max() <= cap:
             break
         num_micro += 1
+    if num_ranks > 1:  # balance only matters between the ranks of a micro-step
+        _refine(sizes, bin_of, loads, cap, BALANCE_ROUNDS)
 
     # Heaviest bins first; consecutive groups of num_ranks bins form one micro-step. Empty bins sort
     # last, so a trailing micro-step with no samples at all is dropped.
