@@ -413,7 +413,6 @@ def save_checkpoint(model: CausalLMLoss, tokenizer, config: TrainConfig, d: Dist
     Collective: every rank takes part in gathering the full state dict; only rank 0 writes.
     """
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-    from transformers.utils import logging as hf_logging
 
     final = Path(config.output_dir) / "hf_format" / f"samples_{samples_seen}"
     if d.world_size > 1:
@@ -426,7 +425,6 @@ def save_checkpoint(model: CausalLMLoss, tokenizer, config: TrainConfig, d: Dist
         state = {k: v.to(dtype) for k, v in state.items() if k not in tied}
         tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
-        hf_logging.disable_progress_bar()
         model.lm.save_pretrained(tmp, state_dict=state)
         hf_config = copy.deepcopy(model.lm.config)
         hf_config.dtype = dtype  # save_pretrained records the fp32 training dtype; the weights are in `dtype`
@@ -468,7 +466,9 @@ def peak_memory_gb(device: torch.device) -> float:
 
 def train(config: TrainConfig, d: Dist) -> None:
     from transformers import AutoConfig, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()  # one progress bar: ours
     out = Path(config.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     print0(json.dumps(asdict(config), indent=2))
@@ -515,8 +515,9 @@ def train(config: TrainConfig, d: Dist) -> None:
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm or float("inf"))
         grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
         if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+            progress.close()
             raise TrainingError(
-                f"step {plan.step}: loss {loss}, gradient norm {grad_norm}; stopped before the optimizer step "
+                f"step {plan.step + 1}: loss {loss}, gradient norm {grad_norm}; stopped before the optimizer step "
                 f"(lower --learning-rate, raise --num-warmup-steps or check the data)"
             )
         optimizer.step()
@@ -526,7 +527,7 @@ def train(config: TrainConfig, d: Dist) -> None:
         samples_seen += plan.num_samples
         seconds = time.perf_counter() - t0
         record = {
-            "step": plan.step + 1,
+            "step": plan.step + 1,  # 1-based, as in the progress line and errors
             "epoch": plan.epoch,
             "samples_seen": samples_seen,
             "loss": loss,

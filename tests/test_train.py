@@ -7,6 +7,7 @@ production runs, and compares a 2-rank FSDP2 step with skewed micro-steps agains
 
 import json
 import os
+import re
 import subprocess
 import sys
 from dataclasses import replace
@@ -198,6 +199,19 @@ def test_bad_data_is_one_line_naming_file_and_line(tmp_path, capsys, tiny_model_
     data.write_text(json.dumps({"input_ids": [5, 6, 7], "labels": [-100, 6, 7]}) + "\n" + json.dumps(row) + "\n")
     code, err = run_main(base_args(tmp_path, tiny_model_dir("llama"), data), capsys)
     assert code == 1 and message in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "out" / "hf_format").exists()
+
+
+def test_non_finite_loss_stops_before_the_optimizer_step_naming_it(tmp_path, capsys, tiny_model_dir):
+    data = write_data(tmp_path / "data.jsonl", 4, vocab=700)
+    args = base_args(tmp_path, tiny_model_dir("llama"), data)
+    args[args.index("--max-steps") + 1] = "5"
+    code, err = run_main([*args, "--learning-rate", "1e30", "--max-grad-norm", "0"], capsys)  # step 0 blows the weights up
+    error = [line for line in err.splitlines() if "train.py: error:" in line]
+    assert code == 1 and len(error) == 1 and "nan" in error[0], err
+    assert re.search(r"train.py: error: step 2: loss \S+, gradient norm \S+; stopped before the optimizer step", error[0])
+    records = (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()
+    assert len(records) == 1  # only the step that finished is logged
     assert not (tmp_path / "out" / "hf_format").exists()
 
 
