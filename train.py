@@ -476,8 +476,11 @@ def train(config: TrainConfig, d: Dist) -> None:
         write_json(out / "training_config.json", asdict(config))
     torch.manual_seed(config.seed)
 
-    hf_config = AutoConfig.from_pretrained(config.model_name_or_path)
-    tokenizer = AutoTokenizer.from_pretrained(config.model_name_or_path)
+    try:
+        hf_config = AutoConfig.from_pretrained(config.model_name_or_path)
+        tokenizer = AutoTokenizer.from_pretrained(config.model_name_or_path)  # saved with every checkpoint
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"--model-name-or-path {config.model_name_or_path}: cannot load its config and tokenizer ({' '.join(str(e).split())})") from None
     cache = load_data(config, d, hf_config.vocab_size)
     planner = MultipackPlanner(cache.lengths, config.batch_size, config.max_tokens_per_gpu, d.world_size, seed=config.seed)
     total_steps = count_total_steps(config, planner, len(cache))

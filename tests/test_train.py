@@ -188,6 +188,17 @@ def test_every_flag_problem_is_reported_together(tmp_path, capsys, monkeypatch):
     assert not (tmp_path / "out").exists()  # nothing happened before validation
 
 
+def test_model_folder_without_tokenizer_is_a_clear_error(tmp_path, capsys, tiny_model_dir):
+    model_dir = tmp_path / "no-tokenizer"
+    model_dir.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        (model_dir / name).write_bytes((tiny_model_dir("llama") / name).read_bytes())
+    data = write_data(tmp_path / "data.jsonl", 4, vocab=700)
+    code, err = run_main(base_args(tmp_path, model_dir, data), capsys)
+    assert code == 1 and f"--model-name-or-path {model_dir}: cannot load its config and tokenizer" in err
+    assert len(err.strip().splitlines()) == 1, err
+
+
 @pytest.mark.parametrize("row, message", [
     ({"input_ids": [5, 6, 7]}, "data.jsonl:2: row has no 'labels' field"),
     ({"input_ids": [5, 6, 7], "labels": [5, 6]}, "data.jsonl:2: 3 input_ids but 2 labels"),
