@@ -163,6 +163,7 @@ def test_torchrun_overfits_logs_every_step_and_saves_loadable_checkpoints(tmp_pa
 def run_main(args: list[str], capsys) -> tuple[int, str]:
     import train
 
+    capsys.readouterr()  # drop what fixtures printed (e.g. building a tiny model)
     code = train.main(args)
     return code, capsys.readouterr().err
 
