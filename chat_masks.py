@@ -217,12 +217,8 @@ def assistant_char_spans(
 
     by_message: dict[tuple[int, str], int] = {(p.message, p.key): k for k, p in enumerate(pieces)}
     spans: list[tuple[int, int]] = []
-    cursor = 0  # in `marked`: nothing before it belongs to a later turn
+    cursor = 0  # in `marked`: the end of the previous assistant turn's span
     for i, message in enumerate(messages):
-        if i > 0 and messages[i - 1]["role"] != "system":  # a system prompt may be moved (Mistral, Gemma)
-            previous = by_message.get((i - 1, "content"))
-            if previous in marked_at:
-                cursor = max(cursor, marked_at[previous][1])
         if message["role"] != "assistant":
             continue
         reasoning = marked_at.get(by_message.get((i, "reasoning_content"), -1))
@@ -236,7 +232,10 @@ def assistant_char_spans(
         elif content:
             start = content[0]
         else:  # no content rendered (e.g. tool calls only): start after the header that opens this turn
-            found = marked.find(shape.header, cursor, next_sentinel(cursor)) if shape.header else -1
+            # the first header after the previous assistant turn, before any later message's content
+            later = [marked_at[k][0] for k, p in enumerate(pieces) if p.message > i and k in marked_at]
+            limit = min((start for start in later if start >= cursor), default=len(marked))
+            found = marked.find(shape.header, cursor, limit) if shape.header else -1
             if found < 0:
                 raise MaskError("cannot find the header of an assistant turn without content")
             start = found + len(shape.header)

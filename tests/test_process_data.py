@@ -28,7 +28,7 @@ FORMS = {
     "chatml": CHATML_FORM,
     "chatml_gen": CHATML_FORM,
     "smollm2": CHATML_FORM,
-    "qwen3": CHATML_FORM,
+    "qwen3": ("<|im_start|>assistant\n", lambda c: c.lstrip("\n"), "<|im_end|>"),  # as its final turn shows it
     "llama3": ("<|start_header_id|>assistant<|end_header_id|>\n\n", STRIP, "<|eot_id|>"),
     "mistral": ("[/INST] ", STRIP, "</s>"),
     "gemma": ("<start_of_turn>model\n", STRIP, "<end_of_turn>"),
@@ -94,12 +94,13 @@ def expected_spans(family: str, text: str, messages: list[dict]) -> list[tuple[i
     for message in messages:
         if message["role"] != "assistant":
             continue
-        piece = shown(message["content"]) + eot
+        content = message["content"]
         # the whole turn, so a user message that quotes a header cannot be mistaken for it; Qwen3's
         # template-injected empty think block is not produced by the model: masked
         prefixes = (QWEN3_EMPTY_THINK, "") if family == "qwen3" else ("",)
-        found = [(text.find(header + p + piece, cursor), p) for p in prefixes]
-        start, prefix = min((f, p) for f, p in found if f >= 0)
+        found = [(text.find(header + p + c + eot, cursor), p, c) for p in prefixes for c in (content, shown(content))]
+        start, prefix, shown_content = min(f for f in found if f[0] >= 0)
+        piece = shown_content + eot
         at = start + len(header) + len(prefix)
         spans.append((at, at + len(piece)))
         cursor = at + len(piece)
@@ -275,16 +276,19 @@ PARTS = st.sampled_from([*"ab Z9\n\t 🙂é<|>/[]", "<|im_end|>", "<|eot_id|>", 
 TEXT = st.lists(PARTS, max_size=12).map("".join)
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(st.sampled_from(["chatml", "llama3", "phi3"]), st.lists(st.tuples(TEXT, TEXT), min_size=1, max_size=3), st.booleans())
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.sampled_from(["chatml", "llama3", "mistral", "gemma", "phi3", "qwen3"]), st.lists(st.tuples(TEXT, TEXT), min_size=1, max_size=3), st.booleans())
 def test_property_generated_conversations(encoders, name, pairs, with_system):
     encoder = encoders(name)
     tok = encoder.tokenizer
     messages = turns(*pairs, system="sys" if with_system else None)
     chunk = encode(encoder, [{"messages": messages}])
-    if chunk.drops:  # only a conversation with nothing to train may be dropped
-        assert [reason for _, reason, _ in chunk.drops] == [DROP_NO_TRAINED] or chunk.drops[0][1] == DROP_MASK
-        assert chunk.drops[0][1] != DROP_MASK or "ambiguous" in chunk.drops[0][2]
+    if chunk.drops:
+        _, reason, detail = chunk.drops[0]
+        # Mistral's template has no generation prompt, so an assistant turn rendered empty cannot be located:
+        # it fails closed. Otherwise only a whitespace-ambiguous alignment may be refused.
+        empty_turn = any(not a.strip() for _, a in pairs)
+        assert reason == DROP_MASK and ("ambiguous" in detail or (name == "mistral" and empty_turn)), detail
         return
     row = orjson.loads(chunk.rows[0][1])
     text = tok.apply_chat_template(messages, tokenize=False)
