@@ -32,6 +32,7 @@ import tempfile
 import threading
 import time
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -276,7 +277,7 @@ def encode_in_worker(lines: list[tuple[int, bytes]]) -> Chunk:
 # ---- the run (main process) ----
 
 
-def read_chunks(path: Path, progress) -> "itertools.Iterator[list[tuple[int, bytes]]]":
+def read_chunks(path: Path, progress) -> Iterator[list[tuple[int, bytes]]]:
     """Lines of the file, numbered from 1, lazily in chunks."""
     with open(path, "rb") as f:
         numbered = enumerate(f, start=1)
