@@ -8,25 +8,59 @@ cross-entropies. Dividing by the step's trained-token count happens in train.py,
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 
-def _chunk_ce_sum(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor) -> torch.Tensor:
-    logits = F.linear(hidden, weight, bias).float()  # (rows, V): the only logits alive at any time
-    return F.cross_entropy(logits, targets, reduction="sum")
+class _LinearCrossEntropySum(torch.autograd.Function):
+    """sum CE(hidden @ weight.T + bias, targets), one chunk of rows at a time, gradients computed in the forward.
+
+    Only one (chunk_rows x V) block of logits is ever alive. Computing the gradients while that block exists (as
+    Liger's fused kernel does) avoids a second logits matmul in the backward: 3 matmuls of the LM head per row, as
+    for full logits, instead of 4 with activation checkpointing.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, chunk_rows: int, with_grad: bool):
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        grad_hidden = torch.empty_like(hidden) if with_grad else None
+        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if with_grad else None
+        grad_bias = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if with_grad and bias is not None else None
+        for start in range(0, hidden.shape[0], chunk_rows):
+            h, t = hidden[start : start + chunk_rows], targets[start : start + chunk_rows]
+            logits = F.linear(h, weight, bias).float()  # (c, V)
+            lse = torch.logsumexp(logits, dim=-1)  # (c,)
+            total += (lse - logits.gather(1, t[:, None]).squeeze(1)).sum()
+            if not with_grad:
+                continue
+            # d(sum of CE)/d(logits) = softmax(logits) - one_hot(target), built in place over the logits
+            dlogits = logits.sub_(lse[:, None]).exp_()
+            dlogits[torch.arange(len(t), device=t.device), t] -= 1.0
+            dlogits = dlogits.to(h.dtype)
+            grad_hidden[start : start + chunk_rows] = dlogits @ weight  # (c, H)
+            grad_weight += dlogits.T @ h  # (V, H), accumulated in fp32
+            if grad_bias is not None:
+                grad_bias += dlogits.sum(0)
+        ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
+        ctx.dtypes = (weight.dtype, None if bias is None else bias.dtype)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_total):
+        grad_hidden, grad_weight, grad_bias = ctx.saved_tensors
+        weight_dtype, bias_dtype = ctx.dtypes
+        return (
+            grad_hidden * grad_total.to(grad_hidden.dtype),
+            (grad_weight * grad_total).to(weight_dtype),
+            None if grad_bias is None else (grad_bias * grad_total).to(bias_dtype),
+            None,
+            None,
+            None,
+        )
 
 
 def chunked_ce_sum(hidden, weight, bias, targets, chunk_rows: int = 1024) -> torch.Tensor:
-    """Sum of CE(hidden @ weight.T + bias, targets), one chunk of rows at a time.
-
-    Each chunk is checkpointed: its logits are freed after the forward and recomputed, one chunk at a time, in the
-    backward, so peak memory holds one (chunk_rows x V) block instead of (rows x V).
-    """
-    total = hidden.new_zeros((), dtype=torch.float32)
-    for start in range(0, hidden.shape[0], chunk_rows):
-        end = start + chunk_rows
-        total = total + checkpoint(_chunk_ce_sum, hidden[start:end], weight, bias, targets[start:end], use_reentrant=False)
-    return total
+    """(N, H) hidden, (V, H) weight, (V,) bias or None, (N,) targets -> sum of cross-entropy, memory-safe."""
+    with_grad = torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in (hidden, weight, bias))
+    return _LinearCrossEntropySum.apply(hidden, weight, bias, targets, chunk_rows, with_grad)
 
 
 class CausalLMLoss(nn.Module):

@@ -72,6 +72,8 @@ def test_chunked_ce_equals_plain_ce_in_value_and_gradient():
     torch.testing.assert_close(chunked, plain, rtol=1e-6, atol=1e-5)
     for a, b in zip(got, expected):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+    with torch.no_grad():  # evaluation skips the gradient work and gives the same value
+        torch.testing.assert_close(chunked_ce_sum(hidden, weight, bias, targets, chunk_rows=64), plain, rtol=1e-6, atol=1e-5)
 
 
 def test_all_masked_pack_gives_zero_loss_and_zero_gradient_on_every_parameter(tiny_model_dir):
