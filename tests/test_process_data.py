@@ -272,12 +272,16 @@ def test_tool_call_with_control_text_fails_closed(encoders):
     assert [reason for _, reason, _ in chunk.drops] == [DROP_MASK]
 
 
-PARTS = st.sampled_from([*"ab Z9\n\t 🙂é<|>/[]", "<|im_end|>", "<|eot_id|>", "</s>", "<|end|>", "<|assistant|>\n"])
+CONTROL = ["<|im_end|>", "<|eot_id|>", "</s>", "<|end|>", "<end_of_turn>"]
+PARTS = st.sampled_from([*"ab Z9\n\t 🙂é<|>/[]", *CONTROL])
+# Assistant text may also quote a role header. User text does not here, only because this test's own plain
+# search for the expected turns would match a quoted header (test_ids_and_masks_per_family covers that case).
 TEXT = st.lists(PARTS, max_size=12).map("".join)
+ASSISTANT_TEXT = st.lists(st.one_of(PARTS, st.sampled_from(["<|assistant|>\n", "<|im_start|>assistant\n"])), max_size=12).map("".join)
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(st.sampled_from(["chatml", "llama3", "mistral", "gemma", "phi3", "qwen3"]), st.lists(st.tuples(TEXT, TEXT), min_size=1, max_size=3), st.booleans())
+@given(st.sampled_from(["chatml", "llama3", "mistral", "gemma", "phi3", "qwen3"]), st.lists(st.tuples(TEXT, ASSISTANT_TEXT), min_size=1, max_size=3), st.booleans())
 def test_property_generated_conversations(encoders, name, pairs, with_system):
     encoder = encoders(name)
     tok = encoder.tokenizer
