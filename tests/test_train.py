@@ -157,6 +157,33 @@ def test_torchrun_overfits_logs_every_step_and_saves_loadable_checkpoints(tmp_pa
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# Schedule and stop conditions (pure functions)
+
+
+def test_lr_warms_up_linearly_then_follows_the_schedule_to_zero():
+    from train import lr_multiplier
+
+    assert [lr_multiplier(s, 4, 14, "constant") for s in (0, 1, 3, 4, 13, 100)] == [0.25, 0.5, 1.0, 1.0, 1.0, 1.0]
+    assert [lr_multiplier(s, 4, 14, "linear") for s in (3, 4, 9, 14)] == [1.0, 1.0, 0.5, 0.0]
+    assert lr_multiplier(9, 4, 14, "cosine") == pytest.approx(0.5) and lr_multiplier(14, 4, 14, "cosine") == pytest.approx(0.0)
+    assert lr_multiplier(0, 0, 10, "linear") == 1.0  # no warmup: full rate on the first step
+
+
+def test_total_steps_is_the_first_stop_condition_reached():
+    from sampler import MultipackPlanner
+    from train import TrainConfig, count_total_steps
+
+    planner = MultipackPlanner(np.full(10, 5), batch_size=4, max_tokens_per_rank=64, world_size=2)  # 3 steps/epoch
+    config = lambda **stop: TrainConfig("d", "m", "o", batch_size=4, max_tokens_per_gpu=64, **stop)  # noqa: E731
+    assert count_total_steps(config(), planner, 10) is None  # until stopped
+    assert count_total_steps(config(max_epochs=2), planner, 10) == 6
+    assert count_total_steps(config(max_steps=5), planner, 10) == 5
+    assert count_total_steps(config(max_samples=10), planner, 10) == 3  # steps of 4, 4, 2 samples
+    assert count_total_steps(config(max_samples=13), planner, 10) == 4  # 4 + 4 + 2, then 4 more: 14 >= 13
+    assert count_total_steps(config(max_samples=13, max_epochs=1), planner, 10) == 3
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # Bad input: one clear line, non-zero exit, before any weights load
 
 
