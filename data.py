@@ -72,7 +72,7 @@ def parse_row(raw: bytes, where: str) -> tuple[np.ndarray, np.ndarray]:
         arrays.append(array)
     input_ids, labels = arrays
     if len(input_ids) != len(labels):
-        raise DataError(f"{where}: {len(input_ids)} input_ids but {len(labels)} labels; they must be the same length; {fix}")
+        raise DataError(f"{where}: {len(input_ids)} input_ids but {len(labels)} labels; they must match; {fix}")
     if "len" in row and row["len"] != len(input_ids):
         raise DataError(f"{where}: 'len' is {row['len']} but there are {len(input_ids)} input_ids; {fix}")
     if input_ids.min() < 0 or input_ids.max() >= 2**31:
@@ -99,7 +99,8 @@ def build_token_cache(data_path: Path, cache_dir: Path) -> None:
     offsets, trained, lines, skipped = [0], [], [], []
     max_token_id = -1
     try:
-        with open(data_path, "rb") as f, open(tmp / "input_ids.bin", "wb") as ids_out, open(tmp / "labels.bin", "wb") as labels_out:
+        ids_out, labels_out = open(tmp / "input_ids.bin", "wb"), open(tmp / "labels.bin", "wb")
+        with open(data_path, "rb") as f, ids_out, labels_out:
             for line_no, raw in enumerate(f, start=1):
                 if not raw.strip():
                     continue
@@ -115,7 +116,7 @@ def build_token_cache(data_path: Path, cache_dir: Path) -> None:
                 lines.append(line_no)
                 max_token_id = max(max_token_id, int(input_ids.max()))
         if not trained:
-            raise DataError(f"{data_path}: no sample has any trained token; check the labels produced by process_data.py")
+            raise DataError(f"{data_path}: no sample has any trained token; check the labels from process_data.py")
         np.save(tmp / "offsets.npy", np.asarray(offsets, dtype=np.int64))
         np.save(tmp / "trained.npy", np.asarray(trained, dtype=np.int64))
         np.save(tmp / "lines.npy", np.asarray(lines, dtype=np.int64))
@@ -158,8 +159,8 @@ class Pack:
     num_tokens: int  # real tokens (0 for a dummy pack)
 
     def to(self, device: torch.device) -> "Pack":
-        move = lambda t: t.to(device, non_blocking=True)  # noqa: E731
-        return Pack(move(self.input_ids), move(self.position_ids), move(self.positions), move(self.targets), self.num_tokens)
+        tensors = (self.input_ids, self.position_ids, self.positions, self.targets)
+        return Pack(*(t.to(device, non_blocking=True) for t in tensors), self.num_tokens)
 
 
 def make_pack(cache: TokenCache, indices: np.ndarray) -> Pack:

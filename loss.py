@@ -23,7 +23,9 @@ class _LinearCrossEntropySum(torch.autograd.Function):
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         grad_hidden = torch.empty_like(hidden) if with_grad else None
         grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if with_grad else None
-        grad_bias = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if with_grad and bias is not None else None
+        grad_bias = None
+        if with_grad and bias is not None:
+            grad_bias = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device)
         for start in range(0, hidden.shape[0], chunk_rows):
             h, t = hidden[start : start + chunk_rows], targets[start : start + chunk_rows]
             logits = F.linear(h, weight, bias).float()  # (c, V)

@@ -76,7 +76,7 @@ class TrainConfig:
 def parse_args(argv: list[str] | None = None) -> TrainConfig:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--data-path", required=True, help="JSONL from process_data.py (input_ids, labels, len)")
-    p.add_argument("--model-name-or-path", required=True, help="Hugging Face model folder (or hub id in the local cache)")
+    p.add_argument("--model-name-or-path", required=True, help="Hugging Face model folder (or hub id in the cache)")
     p.add_argument("--output-dir", required=True)
     p.add_argument("--batch-size", type=int, required=True, help="samples per optimizer step, all ranks together")
     p.add_argument("--max-tokens-per-gpu", type=int, required=True, help="token budget of one rank's packed row")
@@ -93,8 +93,14 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
     p.add_argument("--adam-epsilon", type=float, default=TrainConfig.adam_epsilon)
     p.add_argument("--max-grad-norm", type=float, default=TrainConfig.max_grad_norm, help="0 disables clipping")
     # No `choices` here: validate() reports an unknown strategy together with every other problem.
-    p.add_argument("--fsdp-sharding-strategy", default=TrainConfig.fsdp_sharding_strategy, help=" | ".join(SHARDING_STRATEGIES))
-    p.add_argument("--activation-checkpointing", action=argparse.BooleanOptionalAction, default=TrainConfig.activation_checkpointing)
+    p.add_argument(
+        "--fsdp-sharding-strategy", default=TrainConfig.fsdp_sharding_strategy, help=" | ".join(SHARDING_STRATEGIES)
+    )
+    p.add_argument(
+        "--activation-checkpointing",
+        action=argparse.BooleanOptionalAction,
+        default=TrainConfig.activation_checkpointing,
+    )
     p.add_argument("--use-liger-kernels", action="store_true")
     p.add_argument("--save-dtype", default=TrainConfig.save_dtype, choices=list(SAVE_DTYPES))
     p.add_argument("--seed", type=int, default=TrainConfig.seed)
@@ -116,9 +122,15 @@ def validate(config: TrainConfig, world_size: int, local_world_size: int, cuda: 
     if config.max_tokens_per_gpu < 1:
         problems.append(f"--max-tokens-per-gpu must be positive, got {config.max_tokens_per_gpu}")
     if config.fsdp_sharding_strategy not in SHARDING_STRATEGIES:
-        problems.append(f"--fsdp-sharding-strategy {config.fsdp_sharding_strategy!r} is unknown; use one of {', '.join(SHARDING_STRATEGIES)}")
+        problems.append(
+            f"--fsdp-sharding-strategy {config.fsdp_sharding_strategy!r} is unknown; "
+            f"use one of {', '.join(SHARDING_STRATEGIES)}"
+        )
     if config.fsdp_sharding_strategy == "HYBRID_SHARD" and world_size % local_world_size:
-        problems.append(f"HYBRID_SHARD needs the same number of ranks on every node ({world_size} ranks, {local_world_size} per node)")
+        problems.append(
+            f"HYBRID_SHARD needs the same number of ranks on every node "
+            f"({world_size} ranks, {local_world_size} per node)"
+        )
     if not config.learning_rate > 0:
         problems.append(f"--learning-rate must be positive, got {config.learning_rate}")
     if config.num_warmup_steps < 0:
@@ -129,7 +141,10 @@ def validate(config: TrainConfig, world_size: int, local_world_size: int, cuda: 
             problems.append(f"--{flag.replace('_', '-')} must be >= 1, got {value}")
     stop = (config.max_epochs, config.max_steps, config.max_samples)
     if config.lr_scheduler != "constant" and all(v is None for v in stop):
-        problems.append(f"--lr-scheduler {config.lr_scheduler} decays over the whole run; give --max-epochs, --max-steps or --max-samples")
+        problems.append(
+            f"--lr-scheduler {config.lr_scheduler} decays over the whole run; "
+            f"give --max-epochs, --max-steps or --max-samples"
+        )
     if config.weight_decay < 0:
         problems.append(f"--weight-decay must be >= 0, got {config.weight_decay}")
     for flag in ("adam_beta1", "adam_beta2"):
@@ -142,7 +157,9 @@ def validate(config: TrainConfig, world_size: int, local_world_size: int, cuda: 
     if config.distributed_backend == "nccl" and not cuda:
         problems.append("--distributed-backend nccl needs CUDA GPUs and none is visible; use gloo (or auto) on CPU")
     if config.use_liger_kernels and not cuda and os.environ.get("TRITON_INTERPRET") != "1":
-        problems.append("--use-liger-kernels needs a GPU (on CPU only under TRITON_INTERPRET=1, which is slow and meant for tests)")
+        problems.append(
+            "--use-liger-kernels needs a GPU (on CPU only under TRITON_INTERPRET=1, which is slow and meant for tests)"
+        )
     if problems:
         raise ConfigError("; ".join(problems))
 
@@ -157,7 +174,10 @@ def model_path_problems(name: str) -> list[str]:
         AutoConfig.from_pretrained(name)
         return []
     except (OSError, ValueError):
-        return [f"--model-name-or-path {name}: no such model folder (and not a hub id in the local cache); pass a saved Hugging Face model folder"]
+        return [
+            f"--model-name-or-path {name}: no such model folder (and not a hub id in the local cache); "
+            f"pass a saved Hugging Face model folder"
+        ]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -280,7 +300,9 @@ def shard_model(model: CausalLMLoss, strategy: str, d: Dist) -> None:
     names = ("replicate", "shard")[-len(dims):]
     mesh = init_device_mesh(d.device.type, dims, mesh_dim_names=names)
     # CUDA: bf16 compute on fp32 master weights, gradients reduced in fp32. CPU: everything fp32.
-    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if d.device.type == "cuda" else MixedPrecisionPolicy()
+    mp = MixedPrecisionPolicy()
+    if d.device.type == "cuda":
+        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
     reshard = strategy in ("FULL_SHARD", "HYBRID_SHARD")
     for layer in model.lm.base_model.layers:
         fully_shard(layer, mesh=mesh, reshard_after_forward=reshard, mp_policy=mp)
@@ -302,7 +324,12 @@ def build_model(config: TrainConfig, d: Dist) -> CausalLMLoss:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     attn = attention_implementation(d.device)
-    load = lambda: AutoModelForCausalLM.from_pretrained(config.model_name_or_path, dtype=torch.float32, attn_implementation=attn)  # noqa: E731
+
+    def load():
+        return AutoModelForCausalLM.from_pretrained(
+            config.model_name_or_path, dtype=torch.float32, attn_implementation=attn
+        )
+
     if d.world_size == 1:
         lm = load().to(d.device)
     else:
@@ -321,9 +348,8 @@ def build_model(config: TrainConfig, d: Dist) -> CausalLMLoss:
         shard_model(model, config.fsdp_sharding_strategy, d)
         model.to_empty(device=d.device)
         full = load() if d.is_main else None
-        set_model_state_dict(
-            lm, full.state_dict() if d.is_main else {}, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
-        )
+        options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+        set_model_state_dict(lm, full.state_dict() if d.is_main else {}, options=options)
         # Buffers (e.g. rotary inv_freq) are not in the state dict and were left uninitialised by to_empty.
         reference = dict(full.named_buffers()) if d.is_main else {}
         for name, buffer in lm.named_buffers():
@@ -343,7 +369,7 @@ def apply_liger_model_kernels(lm) -> None:
 
     apply = getattr(liger, f"apply_liger_kernel_to_{lm.config.model_type}", None)
     if apply is None:
-        print0(f"Liger has no kernels for model type {lm.config.model_type!r}; using only its fused linear cross-entropy")
+        print0(f"Liger has no kernels for model type {lm.config.model_type!r}; using only its fused cross-entropy")
         return
     apply(rope=True, rms_norm=True, swiglu=True, cross_entropy=False, fused_linear_cross_entropy=False, model=lm)
 
@@ -384,7 +410,14 @@ def count_total_steps(config: TrainConfig, planner: MultipackPlanner, num_sample
 # One optimizer step's forward/backward
 
 
-def forward_backward(model: CausalLMLoss, cache: TokenCache, packs: list[np.ndarray], step_trained_tokens: int, world_size: int, device: torch.device) -> torch.Tensor:
+def forward_backward(
+    model: CausalLMLoss,
+    cache: TokenCache,
+    packs: list[np.ndarray],
+    step_trained_tokens: int,
+    world_size: int,
+    device: torch.device,
+) -> torch.Tensor:
     """Accumulate the gradient of this step's loss over this rank's micro-steps; return the local CE sum.
 
     The step's loss is  L = (1 / N) * sum over every rank, micro-step and trained token of CE,
@@ -480,9 +513,14 @@ def train(config: TrainConfig, d: Dist) -> None:
         hf_config = AutoConfig.from_pretrained(config.model_name_or_path)
         tokenizer = AutoTokenizer.from_pretrained(config.model_name_or_path)  # saved with every checkpoint
     except (OSError, ValueError) as e:
-        raise ConfigError(f"--model-name-or-path {config.model_name_or_path}: cannot load its config and tokenizer ({' '.join(str(e).split())})") from None
+        reason = " ".join(str(e).split())
+        raise ConfigError(
+            f"--model-name-or-path {config.model_name_or_path}: cannot load its config and tokenizer ({reason})"
+        ) from None
     cache = load_data(config, d, hf_config.vocab_size)
-    planner = MultipackPlanner(cache.lengths, config.batch_size, config.max_tokens_per_gpu, d.world_size, seed=config.seed)
+    planner = MultipackPlanner(
+        cache.lengths, config.batch_size, config.max_tokens_per_gpu, d.world_size, seed=config.seed
+    )
     total_steps = count_total_steps(config, planner, len(cache))
     print0(f"{len(cache)} samples, {int(cache.offsets[-1])} tokens, {planner.steps_per_epoch} steps per epoch, "
            f"{total_steps if total_steps is not None else 'unlimited'} steps")
@@ -550,8 +588,9 @@ def train(config: TrainConfig, d: Dist) -> None:
                 f.write(json.dumps(record) + "\n")
             progress.update(1)
             progress.write(
-                f"step {record['step']} | epoch {plan.epoch} | samples {samples_seen} | loss {loss:.4f} | lr {lr:.2e} | "
-                f"grad norm {grad_norm:.3f} | {record['tokens_per_s']:.0f} tok/s | pack {record['packing_utilisation']:.0%}"
+                f"step {record['step']} | epoch {plan.epoch} | samples {samples_seen} | loss {loss:.4f} | "
+                f"lr {lr:.2e} | grad norm {grad_norm:.3f} | {record['tokens_per_s']:.0f} tok/s | "
+                f"pack {record['packing_utilisation']:.0%}"
             )
         every = config.min_samples_per_checkpoint
         if every is not None and samples_seen // every > last_saved // every:
