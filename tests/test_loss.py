@@ -47,7 +47,10 @@ def test_packed_forward_equals_per_sample_forward(tiny_model_dir, arch):
         torch.testing.assert_close(packed_logits, torch.cat(alone), atol=2e-5, rtol=0)
         # Per-token loss: the wrapper's summed CE on the pack equals HF's own shifted CE of each sample alone.
         per_token_alone = torch.cat(
-            [F.cross_entropy(lg[:-1], lab[1:], reduction="none")[lab[1:] != -100] for lg, (_, lab) in zip(alone, samples)]
+            [
+                F.cross_entropy(lg[:-1], lab[1:], reduction="none")[lab[1:] != -100]
+                for lg, (_, lab) in zip(alone, samples)
+            ]
         )
         per_token_packed = F.cross_entropy(packed_logits[positions], targets, reduction="none")
         torch.testing.assert_close(per_token_packed, per_token_alone, atol=2e-5, rtol=0)
@@ -73,7 +76,8 @@ def test_chunked_ce_equals_plain_ce_in_value_and_gradient():
     for a, b in zip(got, expected):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
     with torch.no_grad():  # evaluation skips the gradient work and gives the same value
-        torch.testing.assert_close(chunked_ce_sum(hidden, weight, bias, targets, chunk_rows=64), plain, rtol=1e-6, atol=1e-5)
+        value = chunked_ce_sum(hidden, weight, bias, targets, chunk_rows=64)
+    torch.testing.assert_close(value, plain, rtol=1e-6, atol=1e-5)
 
 
 def test_all_masked_pack_gives_zero_loss_and_zero_gradient_on_every_parameter(tiny_model_dir):
@@ -134,7 +138,8 @@ def test_liger_fused_ce_equals_chunked_and_plain_ce(tiny_model_dir):
     pytest.importorskip("liger_kernel")
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT))
     run = subprocess.run(
-        [sys.executable, "-c", LIGER_SCRIPT, str(tiny_model_dir("llama"))], env=env, capture_output=True, text=True, timeout=300
+        [sys.executable, "-c", LIGER_SCRIPT, str(tiny_model_dir("llama"))],
+        env=env, capture_output=True, text=True, timeout=300,
     )
     if run.returncode != 0:
         pytest.skip(f"Liger's fused CE cannot run under TRITON_INTERPRET here: {run.stderr.strip().splitlines()[-1]}")

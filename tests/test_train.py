@@ -17,7 +17,8 @@ import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]  # standalone: a free port
+# --standalone: a free rendezvous port, so runs beside other torchrun jobs do not collide
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
 
 
 def write_data(path: Path, num_samples: int, vocab: int, seed: int = 0) -> Path:
@@ -75,7 +76,11 @@ def grad_worker(model_dir: str, data_path: str, out_dir: str) -> None:
         grads = {n: p.grad.full_tensor() for n, p in model.lm.named_parameters()}
         if d.is_main:
             rel = {n: ((grads[n] - g).abs().max() / g.abs().max()).item() for n, g in ref_grads.items()}
-            report[strategy] = {"loss": local_sum.item() / step_trained, "max_rel": max(rel.values()), "names": sorted(grads) == sorted(ref_grads)}
+            report[strategy] = {
+                "loss": local_sum.item() / step_trained,
+                "max_rel": max(rel.values()),
+                "names": sorted(grads) == sorted(ref_grads),
+            }
     # Checkpoint of the last model after one optimizer step: reload it and compare with the trained model.
     torch.optim.SGD(model.parameters(), lr=0.5).step()
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
@@ -137,7 +142,8 @@ def test_torchrun_overfits_logs_every_step_and_saves_loadable_checkpoints(tmp_pa
     assert [r["samples_seen"] for r in records] == [4 * s for s in range(1, 31)]
     assert records[-1]["loss"] < records[0]["loss"] / 20  # overfits 4 samples (about 6.6 -> 0.07)
     assert records[0]["lr"] == pytest.approx(1e-2 / 3) and records[-1]["lr"] < 1e-4  # warmup, then cosine to ~0
-    expected_keys = {"epoch", "grad_norm", "tokens", "trained_tokens", "micro_steps", "packing_utilisation", "tokens_per_s", "peak_memory_gb", "step_time_s"}
+    expected_keys = {"epoch", "grad_norm", "tokens", "trained_tokens", "micro_steps", "packing_utilisation",
+                     "tokens_per_s", "peak_memory_gb", "step_time_s", "elapsed_s"}
     assert expected_keys <= set(records[0])
     assert all(0 < r["packing_utilisation"] <= 1 for r in records)
     # Every 50 samples (at 52, 100) and at the end (120); nothing half-written left beside them.
@@ -145,12 +151,14 @@ def test_torchrun_overfits_logs_every_step_and_saves_loadable_checkpoints(tmp_pa
     assert sorted(p.name for p in hf.iterdir()) == ["samples_100", "samples_120", "samples_52"]
     assert json.loads((out / "training_config.json").read_text())["max_steps"] == 30
     final = hf / "samples_120"
-    assert {"config.json", "model.safetensors", "generation_config.json", "tokenizer.json", "training_config.json"} <= {p.name for p in final.iterdir()}
+    files = {"config.json", "model.safetensors", "generation_config.json", "tokenizer.json", "training_config.json"}
+    assert files <= {p.name for p in final.iterdir()}
     tokenizer = AutoTokenizer.from_pretrained(final)
     assert tokenizer.chat_template
     model = AutoModelForCausalLM.from_pretrained(final)
     assert str(model.dtype) == "torch.bfloat16"
-    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], add_generation_prompt=True, return_dict=True, return_tensors="pt")
+    messages = [{"role": "user", "content": "hi"}]
+    prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=True, return_tensors="pt")
     generated = model.generate(**prompt, max_new_tokens=4, do_sample=False)
     assert generated.shape[1] == prompt["input_ids"].shape[1] + 4
     assert "step 30 |" in run.stdout
@@ -165,7 +173,8 @@ def test_lr_warms_up_linearly_then_follows_the_schedule_to_zero():
 
     assert [lr_multiplier(s, 4, 14, "constant") for s in (0, 1, 3, 4, 13, 100)] == [0.25, 0.5, 1.0, 1.0, 1.0, 1.0]
     assert [lr_multiplier(s, 4, 14, "linear") for s in (3, 4, 9, 14)] == [1.0, 1.0, 0.5, 0.0]
-    assert lr_multiplier(9, 4, 14, "cosine") == pytest.approx(0.5) and lr_multiplier(14, 4, 14, "cosine") == pytest.approx(0.0)
+    assert lr_multiplier(9, 4, 14, "cosine") == pytest.approx(0.5)
+    assert lr_multiplier(14, 4, 14, "cosine") == pytest.approx(0.0)
     assert lr_multiplier(0, 0, 10, "linear") == 1.0  # no warmup: full rate on the first step
 
 
@@ -230,7 +239,8 @@ def test_model_folder_without_tokenizer_is_a_clear_error(tmp_path, capsys, tiny_
 @pytest.mark.parametrize("row, message", [
     ({"input_ids": [5, 6, 7]}, "data.jsonl:2: row has no 'labels' field"),
     ({"input_ids": [5, 6, 7], "labels": [5, 6]}, "data.jsonl:2: 3 input_ids but 2 labels"),
-    ({"input_ids": list(range(3, 103)), "labels": list(range(3, 103))}, "data.jsonl:2: sample is 100 tokens, longer than --max-tokens-per-gpu 64"),
+    ({"input_ids": list(range(3, 103)), "labels": list(range(3, 103))},
+     "data.jsonl:2: sample is 100 tokens, longer than --max-tokens-per-gpu 64"),
     ({"input_ids": [5, 6, 5000], "labels": [5, 6, 5000]}, "token id 5000 is outside the model's vocabulary"),
 ])
 def test_bad_data_is_one_line_naming_file_and_line(tmp_path, capsys, tiny_model_dir, row, message):
@@ -245,10 +255,11 @@ def test_non_finite_loss_stops_before_the_optimizer_step_naming_it(tmp_path, cap
     data = write_data(tmp_path / "data.jsonl", 4, vocab=700)
     args = base_args(tmp_path, tiny_model_dir("llama"), data)
     args[args.index("--max-steps") + 1] = "5"
-    code, err = run_main([*args, "--learning-rate", "1e30", "--max-grad-norm", "0"], capsys)  # step 0 blows the weights up
+    # The first step's update blows the weights up; the second step's loss or gradient is not finite.
+    code, err = run_main([*args, "--learning-rate", "1e30", "--max-grad-norm", "0"], capsys)
     error = [line for line in err.splitlines() if "train.py: error:" in line]
     assert code == 1 and len(error) == 1 and "nan" in error[0], err
-    assert re.search(r"train.py: error: step 2: loss \S+, gradient norm \S+; stopped before the optimizer step", error[0])
+    assert re.search(r"error: step 2: loss \S+, gradient norm \S+; stopped before the optimizer step", error[0])
     records = (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()
     assert len(records) == 1  # only the step that finished is logged
     assert not (tmp_path / "out" / "hf_format").exists()
@@ -256,12 +267,13 @@ def test_non_finite_loss_stops_before_the_optimizer_step_naming_it(tmp_path, cap
 
 def test_bad_data_under_torchrun_stops_every_rank_cleanly(tmp_path, tiny_model_dir):
     data = tmp_path / "data.jsonl"
-    data.write_text(json.dumps({"input_ids": [5, 6, 7], "labels": [-100, 6, 7]}) + "\n" + json.dumps({"input_ids": [5]}) + "\n")
+    rows = [{"input_ids": [5, 6, 7], "labels": [-100, 6, 7]}, {"input_ids": [5]}]
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
     run = torchrun(["train.py", *base_args(tmp_path, tiny_model_dir("llama"), data)], timeout=120)
     assert run.returncode != 0
     for rank in (0, 1):
         assert f"[rank {rank}] train.py: error: {data}:2: row has no 'labels' field" in run.stderr
-    assert 'train.py", line' not in run.stderr  # no Python traceback from our processes (torchrun prints its own summary)
+    assert 'train.py", line' not in run.stderr  # no traceback from our processes (torchrun prints its own summary)
 
 
 if __name__ == "__main__":
