@@ -172,17 +172,28 @@ def align(real: str, literals: list[str], values: list[str]) -> list[tuple[int, 
     return found[0]
 
 
-def assistant_char_spans(
-    shape: TemplateShape, real: str, marked: str, messages: list[dict], pieces: list[Piece]
-) -> list[tuple[int, int]]:
-    """Trained character spans in `real`, one per assistant turn, from the sentinel render `marked`."""
+def _aligned(real: str, marked: str, pieces: list[Piece]) -> tuple[list[str], list[int], list[tuple[int, int]]]:
+    """The sentinel render's literal pieces, its sentinel ids in order, and where each value lies in `real`."""
     parts = SENTINEL_RE.split(marked)  # literal, id, literal, id, ..., literal
     literals, ids = parts[0::2], [int(k) for k in parts[1::2]]
     if len(set(ids)) != len(ids):
         raise MaskError("the chat template renders a message more than once")
     if any(k >= len(pieces) for k in ids) or OPEN in "".join(literals) or CLOSE in "".join(literals):
         raise MaskError("the chat template altered a content placeholder")
-    real_spans = align(real, literals, [pieces[k].value for k in ids])
+    return literals, ids, align(real, literals, [pieces[k].value for k in ids])
+
+
+def content_char_spans(real: str, marked: str, pieces: list[Piece]) -> dict[int, tuple[int, int]]:
+    """Where each rendered piece's value (as rendered, e.g. trimmed) lies in `real`: piece index -> span."""
+    _, ids, real_spans = _aligned(real, marked, pieces)
+    return dict(zip(ids, real_spans))
+
+
+def assistant_char_spans(
+    shape: TemplateShape, real: str, marked: str, messages: list[dict], pieces: list[Piece]
+) -> list[tuple[int, int]]:
+    """Trained character spans in `real`, one per assistant turn, from the sentinel render `marked`."""
+    literals, ids, real_spans = _aligned(real, marked, pieces)
 
     # Positions in the sentinel render, and a map from them to the real render.
     marked_at: dict[int, tuple[int, int]] = {}  # sentinel id -> (start, end) in `marked`

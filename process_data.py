@@ -1,12 +1,20 @@
-"""Stage 1: turn a messages JSONL file into training rows with exact assistant masks.
+"""Stage 1: turn conversations, prompt/target pairs or raw text into training rows with exact masks.
 
     python process_data.py --input-file data.jsonl --output-file rows.jsonl \\
         --model-name-or-path MODEL --max-sample-num-tokens 4096
 
-Input lines: {"messages": [{"role": "system|user|assistant|tool", "content": "..."}, ...], "tools": [...]?}.
+Input: JSONL, CSV or Parquet (by the file's suffix); the row format is detected per file (see formats.py).
+Messages rows: {"messages": [{"role": "system|user|assistant|tool", "content": "..."}, ...], "tools": [...]?}.
 Extra per-message keys (tool_calls, reasoning_content, name, ...) and per-sample keys (tools, ...) are passed to
 the chat template. A sample whose only message has role "pretrain" is raw text: no template, every token trained,
-EOS appended.
+EOS appended; so is a row of the `text` format.
+
+Pairs rows ({"source", "target"}, {"text", "target"}, {"prompt", "completion"}) are rendered, by --pair-rendering,
+either through the chat template as one user turn and one assistant turn (masks as for messages), or raw:
+source + separator (default the EOS token's text) + target + EOS, tokenized as one text exactly as the tokenizer
+does (with its BOS). Raw pairs train the tokens of target + EOS (and, with --train-source, of the source); a token
+that crosses from untrained into trained text (a BPE merge across the separator) drops the sample, counted, so a
+trained token never carries prompt text.
 
 Output lines, in input order: {"input_ids", "labels" (-100 where not trained), "len", "num_loss_counted_tokens"}.
 `input_ids` equal `tokenizer.apply_chat_template(messages, tokenize=True)`; the trained tokens are each assistant
@@ -14,11 +22,13 @@ turn's content (with its reasoning and tool calls as rendered) and the end-of-tu
 (see chat_masks.py). The output file is written atomically: a failed run leaves none behind.
 
 What stops the run (exit 2, one line `process_data.py: error: FILE:LINE: reason — fix`): a file that is not
-what we expect (invalid UTF-8, malformed JSON, no `messages` list, wrong types, unknown roles, an empty file),
+what we expect (invalid UTF-8, malformed JSON or CSV, no `messages` list, wrong types, unknown roles, a row of
+another format than the file's first row, an empty file),
 a model path without a fast tokenizer or, for chat samples, without a chat template, and with
 --on-too-long error an over-long sample. What skips a sample (counted per reason, the first few printed with
 their line numbers): the chat template rejects the conversation, its masks cannot be derived consistently,
-it has no trained token, it is longer than --max-sample-num-tokens.
+it has no trained token, it is longer than --max-sample-num-tokens, an empty pair target or text, a raw pair
+whose tokens cross the edge of its trained text.
 """
 
 import argparse
@@ -39,7 +49,9 @@ from pathlib import Path
 import orjson
 
 import chat_masks
+import formats
 from chat_masks import MaskError
+from formats import Columns, InputSpec, RunError
 
 PROG = "process_data.py"
 ROLES = ("system", "user", "assistant", "tool")
@@ -50,6 +62,9 @@ DROP_TOO_LONG = "longer than --max-sample-num-tokens"
 DROP_NO_TRAINED = "no trained token"
 DROP_TEMPLATE = "chat template rejected the conversation"
 DROP_MASK = "assistant masks could not be derived"
+DROP_EMPTY_TARGET = "empty target"
+DROP_EMPTY_TEXT = "empty text"
+DROP_CROSSING = "a token crosses the edge of the trained text"
 
 
 @dataclass(frozen=True)
@@ -63,16 +78,23 @@ class Config:
     mask_marker: str = "<|masked|>"
     on_too_long: str = "drop"
     seed: int = 42
+    input_format: str = "auto"
+    pair_rendering: str = "chat"
+    separator: str | None = None
+    train_source: bool = False
+    source_column: str | None = None
+    target_column: str | None = None
+    text_column: str = "text"
 
-
-class RunError(Exception):
-    """Stops the run: printed as one line, exit code 2, no output file."""
+    def columns(self) -> Columns:
+        pairs = ((self.source_column, self.target_column),) if self.source_column else formats.DEFAULT_PAIRS
+        return Columns(pairs=pairs, text=self.text_column)
 
 
 def parse_args(argv: list[str] | None = None) -> Config:
     defaults = Config(Path(), Path(), "", 0)
     p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
-    p.add_argument("--input-file", type=Path, required=True, help="messages JSONL")
+    p.add_argument("--input-file", type=Path, required=True, help="JSONL, .csv or .parquet (messages, pairs or text rows)")
     p.add_argument("--output-file", type=Path, required=True, help="rows JSONL, written atomically")
     p.add_argument("--model-name-or-path", required=True, help="folder (or hub name) with the tokenizer and chat template")
     p.add_argument("--max-sample-num-tokens", type=int, required=True, help="longer samples are dropped (or an error)")
@@ -81,6 +103,13 @@ def parse_args(argv: list[str] | None = None) -> Config:
     p.add_argument("--mask-marker", default=defaults.mask_marker, help="shown in place of masked (untrained) text")
     p.add_argument("--on-too-long", choices=("drop", "error"), default=defaults.on_too_long, help="over-long samples: drop and count, or stop")
     p.add_argument("--seed", type=int, default=defaults.seed, help="which samples are printed")
+    p.add_argument("--input-format", choices=("auto", *formats.KINDS), default=defaults.input_format, help="row format (default: detected from the first row)")
+    p.add_argument("--pair-rendering", choices=("chat", "raw"), default=defaults.pair_rendering, help="pairs: through the chat template, or source+separator+target+EOS")
+    p.add_argument("--separator", default=defaults.separator, help="raw pairs: text between source and target (default: the EOS token)")
+    p.add_argument("--train-source", action="store_true", help="pairs: train the source as well as the target")
+    p.add_argument("--source-column", default=defaults.source_column, help="pairs: the prompt column (with --target-column)")
+    p.add_argument("--target-column", default=defaults.target_column, help="pairs: the answer column (with --source-column)")
+    p.add_argument("--text-column", default=defaults.text_column, help="text rows: the text column")
     args = p.parse_args(argv)
     problems = []
     if args.max_sample_num_tokens < 1:
@@ -89,6 +118,10 @@ def parse_args(argv: list[str] | None = None) -> Config:
         problems.append("--num-workers must be at least 1")
     if args.num_printed_samples < 0:
         problems.append("--num-printed-samples must be 0 or more")
+    if (args.source_column is None) != (args.target_column is None):
+        problems.append("--source-column and --target-column go together")
+    if args.source_column is not None and args.source_column == args.target_column:
+        problems.append("--source-column and --target-column must differ")
     if problems:
         p.error("; ".join(problems))
     return Config(**vars(args))
@@ -97,18 +130,8 @@ def parse_args(argv: list[str] | None = None) -> Config:
 # ---- reading and validating one line (worker side) ----
 
 
-def parse_line(raw: bytes, where: str) -> dict | None:
-    """The sample on this line, None for a blank line. Raises RunError for a file that is not messages JSONL."""
-    if not raw.strip():
-        return None
-    try:
-        raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise RunError(f"{where}: invalid UTF-8 at byte {e.start} — re-encode the file as UTF-8") from None
-    try:
-        sample = orjson.loads(raw)
-    except orjson.JSONDecodeError as e:
-        raise RunError(f"{where}: malformed JSON ({e}) — each line must be one JSON object") from None
+def check_messages(sample: object, where: str) -> dict:
+    """The messages sample on this line. Raises RunError for a row that is not a valid messages sample."""
     fix = 'each line must be {"messages": [{"role": ..., "content": ...}, ...]}'
     if not isinstance(sample, dict) or not isinstance(sample.get("messages"), list) or not sample["messages"]:
         raise RunError(f"{where}: no non-empty `messages` list — {fix}")
@@ -138,6 +161,30 @@ def parse_line(raw: bytes, where: str) -> dict | None:
 # ---- encoding (one per worker process) ----
 
 
+def source_span(real: str, marked: str, pieces: list[chat_masks.Piece]) -> tuple[int, int]:
+    """Where a pair's source (the user turn's content, piece 0) lies in the chat render."""
+    spans = chat_masks.content_char_spans(real, marked, pieces)
+    if 0 not in spans:
+        raise MaskError("the chat template does not render the source")
+    return spans[0]
+
+
+def crossing_token(offsets: list[tuple[int, int]], spans: list[tuple[int, int]]) -> tuple[int, int, int] | None:
+    """(start, end, edge) of the first token that runs across an edge of the trained spans, None if none does."""
+    merged: list[list[int]] = []  # adjacent spans are one trained region: no edge between them
+    for a, b in sorted(spans):
+        if merged and a <= merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], b)
+        else:
+            merged.append([a, b])
+    for start, end in offsets:
+        for a, b in merged:
+            for edge in (a, b):
+                if start < edge < end:
+                    return start, end, edge
+    return None
+
+
 @dataclass
 class Chunk:
     rows: list[tuple[int, bytes]] = field(default_factory=list)  # (line number, output line)
@@ -151,11 +198,11 @@ class Chunk:
 class Encoder:
     """Turns samples into rows for one tokenizer. Built once per worker process."""
 
-    def __init__(self, model: str, input_name: str, max_tokens: int, on_too_long: str):
+    def __init__(self, model: str, input_name: str, max_tokens: int, on_too_long: str, spec: InputSpec = InputSpec()):
         from tokenizers import Tokenizer
         from transformers import AutoTokenizer
 
-        self.input_name, self.max_tokens, self.on_too_long = input_name, max_tokens, on_too_long
+        self.input_name, self.max_tokens, self.on_too_long, self.spec = input_name, max_tokens, on_too_long, spec
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(model)
         except Exception as e:  # transformers raises OSError, ValueError, ... for a folder without a tokenizer
@@ -183,6 +230,12 @@ class Encoder:
         specials = set(self.tokenizer.all_special_tokens) | set(self.tokenizer.get_added_vocab())
         shape_markers = {self.shape.header, self.shape.eot, self.shape.next_turn} if self.shape else set()
         self.markers = chat_masks.markers_pattern([m for m in specials | shape_markers if m])
+        if spec.fmt.kind == "pairs" and spec.rendering == "raw":
+            eos = self.tokenizer.eos_token
+            if eos is None or self.backend.encode(eos, add_special_tokens=False).ids != [self.eos_id]:
+                raise RunError(f"{model}: the tokenizer has no EOS token that encodes as one token — raw pairs end with it; use --pair-rendering chat")
+            self.eos_text = eos
+            self.separator = eos if spec.separator is None else spec.separator
 
     def encode_chunk(self, lines: list[tuple[int, bytes]]) -> Chunk:
         chunk = Chunk()
@@ -194,26 +247,50 @@ class Encoder:
 
     def _encode(self, lines: list[tuple[int, bytes]], chunk: Chunk) -> None:
         texts, pending = [], []  # chat renders to batch-tokenize, and what to do with each
+        raw_pairs = []  # (line number, raw pair text, its trained character spans)
+        fmt = self.spec.fmt
         for lineno, raw in lines:
             where = f"{self.input_name}:{lineno}"
-            sample = parse_line(raw, where)
-            if sample is None:
+            row = formats.load_row(raw, where)
+            if row is None:
                 chunk.blank += 1
                 continue
+            formats.check_format(row, where, self.spec)
+            if fmt.kind == "text":
+                text = formats.string_field(row, fmt.text, where, fmt)
+                if text:
+                    self._pretrain(lineno, text, chunk)
+                else:
+                    chunk.drops.append((lineno, DROP_EMPTY_TEXT, f"`{fmt.text}` is empty"))
+                continue
+            train_source = False
+            if fmt.kind == "pairs":
+                source = formats.string_field(row, fmt.source, where, fmt)
+                target = formats.string_field(row, fmt.target, where, fmt)
+                if not target:
+                    chunk.drops.append((lineno, DROP_EMPTY_TARGET, f"`{fmt.target}` is empty"))
+                    continue
+                if self.spec.rendering == "raw":
+                    raw_pairs.append((lineno, *self._raw_render(source, target)))
+                    continue
+                sample = {"messages": [{"role": "user", "content": source}, {"role": "assistant", "content": target}]}
+                train_source = self.spec.train_source and bool(source)
+            else:
+                sample = check_messages(row, where)
             messages = sample["messages"]
             if messages[0]["role"] == "pretrain":
-                ids = self.tokenizer(messages[0]["content"])["input_ids"]
-                if self.eos_id is not None and (not ids or ids[-1] != self.eos_id):
-                    ids.append(self.eos_id)
-                # the first token is never a prediction target (nothing precedes it), so it counts as masked
-                self._finish(lineno, ids, [False] + [True] * (len(ids) - 1), chunk)
+                self._pretrain(lineno, messages[0]["content"], chunk)
                 continue
             if self.template_problem:
-                raise RunError(f"{where}: {self.template_problem} — use a chat model's tokenizer, or `pretrain` rows")
+                fix = "--pair-rendering raw" if fmt.kind == "pairs" else "`pretrain` rows"
+                raise RunError(f"{where}: {self.template_problem} — use a chat model's tokenizer, or {fix}")
             extra = {k: v for k, v in sample.items() if k != "messages" and k not in self.reserved}
             try:
                 if self.generation_tags:
                     ids, mask = self._encode_with_generation_tags(messages, extra)
+                    if train_source:
+                        chat_masks.check_values(raw, sample, self.markers)
+                        mask = self._with_source(messages, extra, ids, mask)
                     self._finish(lineno, ids, mask, chunk)
                     continue
                 chat_masks.check_values(raw, sample, self.markers)
@@ -221,6 +298,8 @@ class Encoder:
                 marked_messages, pieces = chat_masks.with_sentinels(messages)
                 marked = chat_masks.render(self.tokenizer, marked_messages, extra)
                 spans = chat_masks.assistant_char_spans(self.shape, real, marked, messages, pieces)
+                if train_source:
+                    spans.append(source_span(real, marked, pieces))
             except MaskError as e:
                 chunk.drops.append((lineno, DROP_MASK, str(e)))
                 continue
@@ -232,14 +311,60 @@ class Encoder:
         # The Rust tokenizer's batch encode is much faster than one call per row.
         for (lineno, spans), encoding in zip(pending, self.backend.encode_batch(texts, add_special_tokens=False)):
             self._finish(lineno, encoding.ids, chat_masks.token_mask(encoding.offsets, spans), chunk)
+        raw_encodings = self.backend.encode_batch([text for _, text, _ in raw_pairs], add_special_tokens=False)
+        for (lineno, text, spans), encoding in zip(raw_pairs, raw_encodings):
+            self._finish_raw_pair(lineno, text, spans, encoding, chunk)
         chunk.rows.sort()  # pretrain rows were finished before the batch: restore the input order
         chunk.drops.sort()
+
+    def _pretrain(self, lineno: int, text: str, chunk: Chunk) -> None:
+        ids = self.tokenizer(text)["input_ids"]
+        if self.eos_id is not None and (not ids or ids[-1] != self.eos_id):
+            ids.append(self.eos_id)
+        # the first token is never a prediction target (nothing precedes it), so it counts as masked
+        self._finish(lineno, ids, [False] + [True] * (len(ids) - 1), chunk)
 
     def _encode_with_generation_tags(self, messages: list[dict], extra: dict) -> tuple[list[int], list[bool]]:
         out = self.tokenizer.apply_chat_template(
             messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True, **extra
         )
         return list(out["input_ids"]), [bool(m) for m in out["assistant_masks"]]
+
+    def _with_source(self, messages: list[dict], extra: dict, ids: list[int], mask: list[bool]) -> list[bool]:
+        """`mask` with the source's tokens trained too, for a template whose generation tags mark only the answer."""
+        real = chat_masks.render(self.tokenizer, messages, extra)
+        marked_messages, pieces = chat_masks.with_sentinels(messages)
+        span = source_span(real, chat_masks.render(self.tokenizer, marked_messages, extra), pieces)
+        encoding = self.backend.encode(real, add_special_tokens=False)
+        if encoding.ids != ids:
+            raise MaskError("the template's own tokenization differs from tokenizing its render")
+        return [m or s for m, s in zip(mask, chat_masks.token_mask(encoding.offsets, [span]))]
+
+    def _raw_render(self, source: str, target: str) -> tuple[str, list[tuple[int, int]]]:
+        """source + separator + target + EOS, and its trained character spans: target + EOS (and the source)."""
+        text = source + self.separator + target + self.eos_text
+        spans = [(len(source) + len(self.separator), len(text))]
+        if self.spec.train_source and source:
+            spans.insert(0, (0, len(source)))
+        return text, spans
+
+    def _finish_raw_pair(self, lineno: int, text: str, spans: list[tuple[int, int]], encoding, chunk: Chunk) -> None:
+        crossing = crossing_token(encoding.offsets, spans)
+        if crossing is not None:
+            start, end, edge = crossing
+            detail = (
+                f"token {text[start:end]!r} runs across {text[max(start, edge - 12):edge]!r}|{text[edge:min(end, edge + 12)]!r} — "
+                "end the separator with a special token (the default EOS) or move the whitespace into the target"
+            )
+            chunk.drops.append((lineno, DROP_CROSSING, detail))
+            return
+        body_mask = iter(chat_masks.token_mask(encoding.offsets, spans))
+        # The post-processor adds the tokenizer's special tokens (Llama-3's BOS) around the text, as tokenizer(text)
+        # does; sequence_ids tells its added tokens (None) from the text's (0).
+        full = self.tokenizer.backend_tokenizer.post_process(encoding)
+        mask = [next(body_mask) if sequence == 0 else False for sequence in full.sequence_ids]
+        mask[0] = False  # the first token is never a prediction target (nothing precedes it)
+        self._finish(lineno, full.ids, mask, chunk)
 
     def _finish(self, lineno: int, ids: list[int], mask: list[bool], chunk: Chunk) -> None:
         if len(ids) > self.max_tokens:
@@ -264,10 +389,10 @@ class Encoder:
 _ENCODER: Encoder | None = None  # the worker process's encoder, built by init_worker
 
 
-def init_worker(model: str, input_name: str, max_tokens: int, on_too_long: str) -> None:
+def init_worker(model: str, input_name: str, max_tokens: int, on_too_long: str, spec: InputSpec) -> None:
     global _ENCODER
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one thread per worker: the pool is the parallelism
-    _ENCODER = Encoder(model, input_name, max_tokens, on_too_long)
+    _ENCODER = Encoder(model, input_name, max_tokens, on_too_long, spec)
 
 
 def encode_in_worker(lines: list[tuple[int, bytes]]) -> Chunk:
@@ -277,17 +402,63 @@ def encode_in_worker(lines: list[tuple[int, bytes]]) -> Chunk:
 # ---- the run (main process) ----
 
 
-def read_chunks(path: Path, progress) -> Iterator[list[tuple[int, bytes]]]:
-    """Lines of the file, numbered from 1, lazily in chunks."""
-    with open(path, "rb") as f:
-        numbered = enumerate(f, start=1)
-        while chunk := list(itertools.islice(numbered, CHUNK_LINES)):
-            progress.update(sum(len(raw) for _, raw in chunk))
-            yield chunk
+def input_spec(cfg: Config, kind: str) -> InputSpec:
+    """The file's format, detected from its first row or forced by --input-format, with the pair options."""
+    columns = cfg.columns()
+    first = formats.first_keys(cfg.input_file, kind)
+    if first is None:  # only blank lines: nothing to detect, and nothing will be written
+        return InputSpec(columns=columns)
+    lineno, keys = first
+    if cfg.input_format != "auto":
+        fmt, origin = formats.forced(cfg.input_format, keys, columns), "--input-format"
+    else:
+        fmt, origin = formats.detect(keys, columns), f"line {lineno}"
+        if fmt is None:
+            raise RunError(
+                f"{cfg.input_file}:{lineno}: the first row has keys {keys}, which fit no format — give it "
+                f"{formats.expected_keys(columns)}, or name the columns with --source-column/--target-column or --text-column"
+            )
+    if kind == "csv" and fmt.kind == "messages":
+        raise RunError(f"{cfg.input_file}:{lineno}: a CSV cell cannot hold a messages list — convert the file to JSONL or Parquet")
+    return InputSpec(
+        fmt=fmt,
+        columns=columns,
+        forced=cfg.input_format != "auto",
+        origin=origin,
+        rendering=cfg.pair_rendering,
+        separator=cfg.separator,
+        train_source=cfg.train_source,
+    )
+
+
+def describe_input(kind: str, spec: InputSpec, encoder: Encoder) -> str:
+    """One line saying how rows are read, so a detected format is never a silent choice."""
+    where = "forced by --input-format" if spec.forced else f"detected from {spec.origin}" if spec.origin else "no rows"
+    out = f"{kind}, {spec.fmt.describe()} ({where})"
+    if spec.fmt.kind == "pairs":
+        trained = "source and target trained" if spec.train_source else "target trained"
+        if spec.rendering == "raw":
+            out += f", raw: source + {encoder.separator!r} + target + {encoder.eos_text!r}, {trained}"
+        else:
+            out += f", chat template: one user and one assistant turn, {trained}"
+    return out
+
+
+def read_chunks(path: Path, kind: str, spec: InputSpec, progress) -> Iterator[list[tuple[int, bytes]]]:
+    """The file's rows as (row number, JSON bytes), lazily in chunks."""
+    if kind == "csv":
+        rows = formats.csv_rows(path, progress)
+    elif kind == "parquet":
+        needed = {"pairs": [spec.fmt.source, spec.fmt.target], "text": [spec.fmt.text]}.get(spec.fmt.kind)
+        rows = formats.parquet_rows(path, progress, needed, CHUNK_LINES)
+    else:
+        rows = formats.jsonl_rows(path, progress)
+    return formats.chunked(rows, CHUNK_LINES)
 
 
 @dataclass
 class Summary:
+    format: str = ""  # the file's format and where it came from, as printed
     read: int = 0
     blank: int = 0
     written: int = 0
@@ -304,19 +475,21 @@ def run(cfg: Config) -> Summary:
     if not cfg.input_file.is_file():
         raise RunError(f"{cfg.input_file}: no such file — check --input-file")
     if cfg.input_file.stat().st_size == 0:
-        raise RunError(f"{cfg.input_file}:1: the file is empty — pass a messages JSONL file with at least one line")
+        raise RunError(f"{cfg.input_file}:1: the file is empty — pass a file with at least one row")
     if not cfg.output_file.parent.is_dir():
         raise RunError(f"{cfg.output_file.parent}: no such directory — create it or fix --output-file")
-    init_args = (cfg.model_name_or_path, str(cfg.input_file), cfg.max_sample_num_tokens, cfg.on_too_long)
+    kind = formats.input_type(cfg.input_file)
+    spec = input_spec(cfg, kind)
+    init_args = (cfg.model_name_or_path, str(cfg.input_file), cfg.max_sample_num_tokens, cfg.on_too_long, spec)
     encoder = Encoder(*init_args)  # fail on a bad model path before starting workers; also used single-process
 
-    summary = Summary()
+    summary = Summary(format=describe_input(kind, spec, encoder))
     rng = random.Random(cfg.seed)
     progress = tqdm(total=cfg.input_file.stat().st_size, unit="B", unit_scale=True, disable=None, desc="encoding")
     tmp = tempfile.NamedTemporaryFile(dir=cfg.output_file.parent, prefix=f".{cfg.output_file.name}.", suffix=".tmp", delete=False)
     pool = None
     try:
-        chunks = read_chunks(cfg.input_file, progress)
+        chunks = read_chunks(cfg.input_file, kind, spec, progress)
         if cfg.num_workers == 1:
             results = map(encoder.encode_chunk, chunks)
         else:
@@ -398,7 +571,9 @@ def report(cfg: Config, summary: Summary, seconds: float, drop_lines: bool = Tru
         for lineno, reason, detail in summary.first_drops:
             print(f"dropped {cfg.input_file}:{lineno}: {reason}: {detail}")
     dropped = sum(summary.drops.values())
-    print(f"read {summary.read} lines ({summary.blank} blank), wrote {summary.written} samples to {cfg.output_file}")
+    print(f"input: {summary.format}")
+    unit = "lines" if formats.input_type(cfg.input_file) == "jsonl" else "rows"
+    print(f"read {summary.read} {unit} ({summary.blank} blank), wrote {summary.written} samples to {cfg.output_file}")
     print(f"dropped {dropped} samples" + "".join(f"\n  {n:>8}  {reason}" for reason, n in summary.drops.most_common()))
     share = summary.trained / summary.tokens if summary.tokens else 0.0
     print(f"tokens {summary.tokens}, trained {summary.trained} ({share:.1%})")

@@ -1,0 +1,251 @@
+"""Stage 1 input: which format a file's rows have, and reading JSONL, CSV and Parquet files as JSON rows.
+
+Formats, detected from the keys (JSONL) or columns (CSV header, Parquet schema) of a file's first row, or forced
+with --input-format. When a row fits several, the first below wins (the detected format is printed):
+
+    messages   {"messages": [...], ...}                      conversations through the chat template
+    pairs      {"source", "target"}, {"text", "target"},     one prompt and its answer; the pair columns are tried
+               {"prompt", "completion"}                      in this order, or named by --source/--target-column
+    text       {"text"}                                      raw text, every token trained (--text-column)
+
+Every row of a file must have the file's format: a row that is detected as another one stops the run naming its
+line. Every reader yields chunks of (row number, the row as a JSON object in bytes), so CSV and Parquet rows pass
+through exactly the code JSONL lines do and give byte-identical output. Row numbers are 1-based file lines for
+JSONL and CSV (the line where a CSV record starts) and 1-based row indices for Parquet.
+"""
+
+import csv
+import itertools
+import sys
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import orjson
+
+KINDS = ("messages", "pairs", "text")
+DEFAULT_PAIRS = (("source", "target"), ("text", "target"), ("prompt", "completion"))
+
+
+class RunError(Exception):
+    """Stops the run: printed as one line, exit code 2, no output file."""
+
+
+@dataclass(frozen=True)
+class Format:
+    kind: str  # one of KINDS
+    source: str = ""  # pairs: the prompt column
+    target: str = ""  # pairs: the answer column
+    text: str = ""  # text: the text column
+
+    def describe(self) -> str:
+        if self.kind == "pairs":
+            return f"pairs ({self.source}/{self.target})"
+        return f"text ({self.text})" if self.kind == "text" else "messages"
+
+
+@dataclass(frozen=True)
+class Columns:
+    """Where to look for each format: the pair columns in order of preference, and the text column."""
+
+    pairs: tuple[tuple[str, str], ...] = DEFAULT_PAIRS
+    text: str = "text"
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """How the rows of one file become samples: the file's format and how pairs are rendered."""
+
+    fmt: Format = Format("messages")
+    columns: Columns = Columns()
+    forced: bool = False  # --input-format named the format: rows are not checked for other formats
+    origin: str = ""  # where the format was detected, for the mixed-format error
+    rendering: str = "chat"  # pairs: "chat" (one user and one assistant turn) or "raw"
+    separator: str | None = None  # raw pairs: between source and target; None: the tokenizer's EOS
+    train_source: bool = False  # pairs: train the source too
+
+
+def detect(keys: Iterable[str], columns: Columns) -> Format | None:
+    """The format a row with these keys has, or None when it fits none."""
+    keys = set(keys)
+    if "messages" in keys:
+        return Format("messages")
+    for source, target in columns.pairs:
+        if source in keys and target in keys:
+            return Format("pairs", source=source, target=target)
+    if columns.text in keys:
+        return Format("text", text=columns.text)
+    return None
+
+
+def forced(kind: str, keys: Iterable[str], columns: Columns) -> Format:
+    """The format named by --input-format; for pairs, the first candidate columns the first row has."""
+    if kind == "pairs":
+        keys = set(keys)
+        source, target = next(((s, t) for s, t in columns.pairs if s in keys and t in keys), columns.pairs[0])
+        return Format("pairs", source=source, target=target)
+    return Format("text", text=columns.text) if kind == "text" else Format("messages")
+
+
+def expected_keys(columns: Columns) -> str:
+    pairs = ", ".join(f"{s}/{t}" for s, t in columns.pairs)
+    return f"`messages`, a pair ({pairs}) or `{columns.text}`"
+
+
+# ---- one row (worker side) ----
+
+
+def load_row(raw: bytes, where: str) -> object | None:
+    """The JSON value on this line, None for a blank line."""
+    if not raw.strip():
+        return None
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise RunError(f"{where}: invalid UTF-8 at byte {e.start} — re-encode the file as UTF-8") from None
+    try:
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError as e:
+        raise RunError(f"{where}: malformed JSON ({e}) — each line must be one JSON object") from None
+
+
+def check_format(row: object, where: str, spec: "InputSpec") -> None:
+    """Stop on a row detected as another format than the file's.
+
+    A row that fits no format at all passes: the format's own checks then name what it lacks.
+    """
+    if spec.forced or not isinstance(row, dict):
+        return
+    found = detect(row, spec.columns)
+    if found is not None and found != spec.fmt:
+        raise RunError(
+            f"{where}: the row is {found.describe()} but the file is {spec.fmt.describe()} (from {spec.origin}) — "
+            "one format per file: split the file, or force one with --input-format"
+        )
+
+
+def string_field(row: object, key: str, where: str, fmt: Format) -> str:
+    if not isinstance(row, dict) or key not in row:
+        raise RunError(f"{where}: no `{key}` field — every row of this file must be {fmt.describe()}")
+    value = row[key]
+    if not isinstance(value, str):
+        got = "null" if value is None else type(value).__name__
+        raise RunError(f"{where}: `{key}` must be a string, got {got} — fix or remove the row")
+    return value
+
+
+# ---- reading files (main process): chunks of (row number, JSON bytes) ----
+
+
+def input_type(path: Path) -> str:
+    suffix = path.suffix.lower()
+    return {".csv": "csv", ".parquet": "parquet", ".pq": "parquet"}.get(suffix, "jsonl")
+
+
+def chunked(rows: Iterator[tuple[int, bytes]], size: int) -> Iterator[list[tuple[int, bytes]]]:
+    while chunk := list(itertools.islice(rows, size)):
+        yield chunk
+
+
+def jsonl_rows(path: Path, progress) -> Iterator[tuple[int, bytes]]:
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            progress.update(len(raw))
+            yield lineno, raw
+
+
+def first_keys(path: Path, kind: str) -> tuple[int, list[str]] | None:
+    """(row number, keys) of the first non-blank row, which the format is detected from; None if there is none."""
+    if kind == "parquet":
+        parquet = _parquet_file(path)
+        return (1, parquet.schema_arrow.names) if parquet.metadata.num_rows else None
+    if kind == "csv":
+        return next(((n, r) for n, r in _csv_records(path, _NoProgress()) if r), None)
+    for lineno, raw in jsonl_rows(path, _NoProgress()):
+        row = load_row(raw, f"{path}:{lineno}")
+        if row is not None:
+            return lineno, list(row) if isinstance(row, dict) else []
+    return None
+
+
+class _NoProgress:
+    def update(self, n: float) -> None:
+        pass
+
+
+def _decoded_lines(path: Path, progress, line_number: list[int]) -> Iterator[str]:
+    """The file's lines as text for the csv module; line_number[0] is the line last read."""
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            line_number[0] = lineno
+            progress.update(len(raw))
+            if lineno == 1 and raw.startswith(b"\xef\xbb\xbf"):  # the byte-order mark spreadsheet programs write
+                raw = raw[3:]
+            try:
+                yield raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise RunError(f"{path}:{lineno}: invalid UTF-8 at byte {e.start} of the line — re-encode the file as UTF-8") from None
+
+
+def _csv_records(path: Path, progress) -> Iterator[tuple[int, list[str]]]:
+    """CSV records, each with the line where it starts (a quoted field may span lines); [] for a blank line."""
+    csv.field_size_limit(sys.maxsize)  # the default 128 KiB per field would reject long documents
+    line_number = [0]
+    reader = csv.reader(_decoded_lines(path, progress, line_number), strict=True)
+    while True:
+        start = line_number[0] + 1
+        try:
+            record = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as e:
+            raise RunError(f"{path}:{start}: malformed CSV ({e}) — quote fields that hold commas, quotes or newlines") from None
+        yield start, record
+
+
+def csv_rows(path: Path, progress) -> Iterator[tuple[int, bytes]]:
+    """CSV records as JSON objects keyed by the header (every value a string: CSV has no other type)."""
+    header: list[str] | None = None
+    header_line = 0
+    for lineno, record in _csv_records(path, progress):
+        if header is None:
+            if record:
+                header, header_line = record, lineno
+                if len(set(header)) != len(header):
+                    raise RunError(f"{path}:{lineno}: the header names a column twice — give every column its own name")
+            continue
+        if not record:
+            yield lineno, b""  # a blank line, counted as blank
+            continue
+        if len(record) != len(header):
+            raise RunError(
+                f"{path}:{lineno}: {len(record)} fields but the header (line {header_line}) has {len(header)} — "
+                "quote fields that hold commas"
+            )
+        yield lineno, orjson.dumps(dict(zip(header, record)))
+
+
+def _parquet_file(path: Path):
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise RunError(f"{path}: reading Parquet needs pyarrow — pip install pyarrow") from None
+    try:
+        return pq.ParquetFile(path)
+    except Exception as e:  # pyarrow raises ArrowInvalid, OSError, ... for a file that is not Parquet
+        raise RunError(f"{path}: not a readable Parquet file ({str(e).splitlines()[0]})") from None
+
+
+def parquet_rows(path: Path, progress, columns: list[str] | None, batch_rows: int) -> Iterator[tuple[int, bytes]]:
+    """Parquet rows as JSON objects, read in batches of rows so memory stays flat, numbered from 1."""
+    parquet = _parquet_file(path)
+    bytes_per_row = path.stat().st_size / max(parquet.metadata.num_rows, 1)  # progress is shown in file bytes
+    number = 0
+    for batch in parquet.iter_batches(batch_size=batch_rows, columns=columns):
+        progress.update(batch.num_rows * bytes_per_row)
+        for row in batch.to_pylist():
+            number += 1
+            try:
+                yield number, orjson.dumps(row)
+            except orjson.JSONEncodeError as e:
+                raise RunError(f"{path}:{number}: a value has no JSON form ({e}) — convert that column to text or numbers") from None
