@@ -168,16 +168,16 @@ def model_path_problems(name: str) -> list[str]:
     path = Path(name)
     if path.is_dir():
         return [] if (path / "config.json").is_file() else [f"--model-name-or-path {name}: folder has no config.json"]
+    missing = [f"--model-name-or-path {name}: no such model folder; pass a saved Hugging Face model folder"]
+    if name.startswith(("/", ".", "~")) or name.count("/") != 1:
+        return missing  # a filesystem path, not an "org/name" hub id
     from transformers import AutoConfig
 
-    try:  # a hub id already in the local Hugging Face cache (or reachable hub)
+    try:  # a hub id in the local Hugging Face cache (or a reachable hub)
         AutoConfig.from_pretrained(name)
         return []
     except (OSError, ValueError):
-        return [
-            f"--model-name-or-path {name}: no such model folder (and not a hub id in the local cache); "
-            f"pass a saved Hugging Face model folder"
-        ]
+        return missing
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -257,6 +257,8 @@ def load_data(config: TrainConfig, d: Dist, vocab_size: int) -> TokenCache:
             build_token_cache(data_path, cache_dir)
         except DataError as e:
             error = e
+        except OSError as e:  # e.g. a full disk: still tell the other ranks, or they wait forever
+            error = DataError(f"cannot build the token cache in {cache_dir}: {e}")
     raise_if_any_rank_failed(error)
     cache = open_token_cache(cache_dir)
     if cache.skipped_lines:
@@ -304,7 +306,10 @@ def shard_model(model: CausalLMLoss, strategy: str, d: Dist) -> None:
     if d.device.type == "cuda":
         mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
     reshard = strategy in ("FULL_SHARD", "HYBRID_SHARD")
-    for layer in model.lm.base_model.layers:
+    layers = getattr(model.lm.base_model, "layers", None)
+    if not isinstance(layers, torch.nn.ModuleList):
+        raise ConfigError(f"model type {model.lm.config.model_type!r} has no decoder `layers` list to shard")
+    for layer in layers:
         fully_shard(layer, mesh=mesh, reshard_after_forward=reshard, mp_policy=mp)
     fully_shard(model, mesh=mesh, reshard_after_forward=reshard, mp_policy=mp)
 
@@ -426,14 +431,26 @@ def forward_backward(
     gradients over the world_size ranks (reduce-scatter / all-reduce divide by world_size), which turns the sum of
     these into exactly dL/dθ, however the step is split into ranks and micro-steps.
     """
+    from torch.distributed.fsdp import FSDPModule
+
     scale = world_size / step_trained_tokens
+    # One CUDA process has no FSDP mixed-precision policy: autocast gives the same bf16 compute on fp32 weights.
+    unsharded_cuda = device.type == "cuda" and not isinstance(model, FSDPModule)
+    bf16 = torch.autocast("cuda", dtype=torch.bfloat16, enabled=unsharded_cuda)
     local_sum = torch.zeros((), device=device)
     for indices in packs:
         pack = make_pack(cache, indices).to(device)
-        ce_sum = model(pack.input_ids, pack.position_ids, pack.positions, pack.targets)
+        with bf16:
+            ce_sum = model(pack.input_ids, pack.position_ids, pack.positions, pack.targets)
         (ce_sum * scale).backward()
         local_sum += ce_sum.detach()
     return local_sum
+
+
+def clip_gradients(model: torch.nn.Module, max_norm: float) -> float:
+    """Clip to `max_norm` (0 = no clipping) and return the global gradient norm, the same on every rank."""
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm or float("inf"))
+    return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # a DTensor under FSDP
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -537,6 +554,8 @@ def train(config: TrainConfig, d: Dist) -> None:
     )
 
     metrics_path = out / "metrics.jsonl"
+    if d.is_main:
+        metrics_path.unlink(missing_ok=True)  # a new run in an old output folder starts a new log
     progress = tqdm(total=total_steps, disable=not d.is_main, dynamic_ncols=True, desc="train")
     samples_seen = last_saved = 0
     started = time.perf_counter()
@@ -553,8 +572,7 @@ def train(config: TrainConfig, d: Dist) -> None:
         if dist.is_initialized():
             dist.all_reduce(local_sum)
         loss = local_sum.item() / step_trained
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm or float("inf"))
-        grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
+        grad_norm = clip_gradients(model, config.max_grad_norm)
         if not (math.isfinite(loss) and math.isfinite(grad_norm)):
             progress.close()
             raise TrainingError(

@@ -8,6 +8,7 @@ production runs, and compares a 2-rank FSDP2 step with skewed micro-steps agains
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 from dataclasses import replace
@@ -33,8 +34,18 @@ def write_data(path: Path, num_samples: int, vocab: int, seed: int = 0) -> Path:
 
 
 def torchrun(args: list[str], timeout: int = 240) -> subprocess.CompletedProcess:
+    """Run torchrun in its own process group, so a timeout kills its workers too (no orphans holding the CPU)."""
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
-    return subprocess.run([*TORCHRUN, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    cmd = [*TORCHRUN, *args]
+    with subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                          start_new_session=True) as proc:
+        try:
+            stdout, stderr = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+            raise
+    return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -67,6 +78,7 @@ def grad_worker(model_dir: str, data_path: str, out_dir: str) -> None:
         ref_sum = train.forward_backward(reference, cache, [np.arange(8)], step_trained, 1, d.device)
         ref_grads = {n: p.grad for n, p in reference.lm.named_parameters()}
         report["reference_loss"] = ref_sum.item() / step_trained
+        report["reference_norm"] = train.clip_gradients(reference, 0)
     for strategy in train.SHARDING_STRATEGIES:
         cfg = replace(config, fsdp_sharding_strategy=strategy, activation_checkpointing=strategy == "FULL_SHARD")
         model = train.build_model(cfg, d)
@@ -74,12 +86,14 @@ def grad_worker(model_dir: str, data_path: str, out_dir: str) -> None:
         local_sum = train.forward_backward(model, cache, packs, step_trained, d.world_size, d.device)
         dist.all_reduce(local_sum)
         grads = {n: p.grad.full_tensor() for n, p in model.lm.named_parameters()}
+        norm = train.clip_gradients(model, 0)
         if d.is_main:
             rel = {n: ((grads[n] - g).abs().max() / g.abs().max()).item() for n, g in ref_grads.items()}
             report[strategy] = {
                 "loss": local_sum.item() / step_trained,
                 "max_rel": max(rel.values()),
                 "names": sorted(grads) == sorted(ref_grads),
+                "norm": norm,
             }
     # Checkpoint of the last model after one optimizer step: reload it and compare with the trained model.
     torch.optim.SGD(model.parameters(), lr=0.5).step()
@@ -114,6 +128,7 @@ def test_two_ranks_with_skewed_micro_steps_give_the_single_process_gradient(tmp_
         assert r["names"], strategy
         assert r["loss"] == pytest.approx(report["reference_loss"], rel=1e-6), strategy
         assert r["max_rel"] < 1e-5, (strategy, r["max_rel"])
+        assert r["norm"] == pytest.approx(report["reference_norm"], rel=1e-5), strategy
     assert report["weights_changed"] > 1e-3  # the optimizer step happened, so the comparison below means something
     assert report["logits_max_diff"] < 1e-5 and report["loss_diff"] < 1e-4
     assert report["reloaded_dtype"] == "torch.float32"
