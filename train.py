@@ -224,13 +224,8 @@ def print0(*args, **kwargs) -> None:
         print(*args, **kwargs, flush=True)
 
 
-def barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
-
-
-def raise_if_any_rank_failed(error: Exception | None) -> None:
-    """Collective: if any rank hit a data error, every rank raises it, so none is left waiting in a collective."""
+def raise_if_any_rank_failed(error: Exception | None, error_type: type[Exception]) -> None:
+    """Collective (and barrier): if any rank failed, every rank raises `error_type`, so none waits forever."""
     if not dist.is_initialized():
         if error is not None:
             raise error
@@ -239,7 +234,7 @@ def raise_if_any_rank_failed(error: Exception | None) -> None:
     dist.all_gather_object(messages, None if error is None else str(error))
     failed = [m for m in messages if m is not None]
     if failed:
-        raise DataError(failed[0])
+        raise error_type(failed[0])
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -259,7 +254,7 @@ def load_data(config: TrainConfig, d: Dist, vocab_size: int) -> TokenCache:
             error = e
         except OSError as e:  # e.g. a full disk: still tell the other ranks, or they wait forever
             error = DataError(f"cannot build the token cache in {cache_dir}: {e}")
-    raise_if_any_rank_failed(error)
+    raise_if_any_rank_failed(error, DataError)
     cache = open_token_cache(cache_dir)
     if cache.skipped_lines:
         lines = ", ".join(map(str, cache.skipped_lines[:10])) + (", ..." if len(cache.skipped_lines) > 10 else "")
@@ -469,14 +464,26 @@ def save_checkpoint(model: CausalLMLoss, tokenizer, config: TrainConfig, d: Dist
         state = get_model_state_dict(model.lm, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     else:
         state = {k: v.detach().cpu() for k, v in model.lm.state_dict().items()}
+    error = None
     if d.is_main:
-        dtype = SAVE_DTYPES[config.save_dtype]
-        tied = tied_duplicates(model.lm)  # e.g. lm_head.weight == embed_tokens.weight: stored once
-        state = {k: v.to(dtype) for k, v in state.items() if k not in tied}
-        tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
-        shutil.rmtree(tmp, ignore_errors=True)
-        model.lm.save_pretrained(tmp, state_dict=state)
-        hf_config = copy.deepcopy(model.lm.config)
+        try:
+            write_hf_folder(model.lm, state, tokenizer, config, final)
+        except OSError as e:
+            error = TrainingError(f"could not write checkpoint {final}: {e}")
+    raise_if_any_rank_failed(error, TrainingError)  # nobody goes on before the checkpoint is complete
+    return final
+
+
+def write_hf_folder(lm, state: dict, tokenizer, config: TrainConfig, final: Path) -> None:
+    """Save into a temp folder, then rename it: a crash never leaves a `samples_<N>` folder that looks complete."""
+    dtype = SAVE_DTYPES[config.save_dtype]
+    tied = tied_duplicates(lm)  # e.g. lm_head.weight == embed_tokens.weight: stored once
+    state = {k: v.to(dtype) for k, v in state.items() if k not in tied}
+    tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        lm.save_pretrained(tmp, state_dict=state)
+        hf_config = copy.deepcopy(lm.config)
         hf_config.dtype = dtype  # save_pretrained records the fp32 training dtype; the weights are in `dtype`
         hf_config.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
@@ -484,8 +491,9 @@ def save_checkpoint(model: CausalLMLoss, tokenizer, config: TrainConfig, d: Dist
         if final.exists():  # an older run's checkpoint of the same name: replace it
             shutil.rmtree(final)
         tmp.rename(final)
-    barrier()
-    return final
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def tied_duplicates(lm) -> set[str]:

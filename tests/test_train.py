@@ -179,6 +179,28 @@ def test_torchrun_overfits_logs_every_step_and_saves_loadable_checkpoints(tmp_pa
     assert "step 30 |" in run.stdout
 
 
+def test_a_checkpoint_that_fails_mid_write_leaves_no_folder(tmp_path, tiny_model_dir):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import train
+    from loss import CausalLMLoss
+
+    class FullDisk:  # the tokenizer is written after the weights: fail there
+        def save_pretrained(self, path):
+            raise OSError(28, "No space left on device")
+
+    model_dir = tiny_model_dir("llama")
+    model = CausalLMLoss(AutoModelForCausalLM.from_pretrained(model_dir))
+    config = train.TrainConfig("d", str(model_dir), str(tmp_path), batch_size=1, max_tokens_per_gpu=8)
+    single = train.Dist(0, 0, 1, 1, torch.device("cpu"))
+    with pytest.raises(train.TrainingError, match="could not write checkpoint .*samples_8: .*No space left"):
+        train.save_checkpoint(model, FullDisk(), config, single, samples_seen=8)
+    assert list((tmp_path / "hf_format").iterdir()) == []
+    saved = train.save_checkpoint(model, AutoTokenizer.from_pretrained(model_dir), config, single, samples_seen=8)
+    assert [p.name for p in (tmp_path / "hf_format").iterdir()] == ["samples_8"] and saved.name == "samples_8"
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Schedule and stop conditions (pure functions)
 
