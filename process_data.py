@@ -41,6 +41,7 @@ import sys
 import tempfile
 import threading
 import time
+from bisect import bisect_left
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -177,11 +178,10 @@ def crossing_token(offsets: list[tuple[int, int]], spans: list[tuple[int, int]])
             merged[-1][1] = max(merged[-1][1], b)
         else:
             merged.append([a, b])
-    for start, end in offsets:
-        for a, b in merged:
-            for edge in (a, b):
-                if start < edge < end:
-                    return start, end, edge
+    for edge in (p for span in merged for p in span):
+        i = bisect_left(offsets, (edge, -1))  # the first token starting at or after the edge
+        if i > 0 and offsets[i - 1][1] > edge:  # the token before it runs past the edge
+            return *offsets[i - 1], edge
     return None
 
 

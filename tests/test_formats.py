@@ -246,7 +246,7 @@ PAIR_ROWS = [
 
 
 def write_csv(path, rows):
-    with open(path, "w", newline="", encoding="utf-8") as f:
+    with open(path, "w", newline="", encoding="utf-8-sig") as f:  # with the byte-order mark spreadsheets write
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
