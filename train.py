@@ -14,6 +14,7 @@ import math
 import os
 import resource
 import shutil
+import signal
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -24,6 +25,8 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+import checkpoint
+from checkpoint import CheckpointError, StopSignals
 from data import DataError, TokenCache, build_token_cache, cache_dir_for, make_pack, open_token_cache
 from loss import CausalLMLoss
 from sampler import MultipackPlanner, SamplerError
@@ -59,7 +62,13 @@ class TrainConfig:
     max_epochs: int | None = None  # stop conditions: the first one reached ends training; none = until stopped
     max_steps: int | None = None
     max_samples: int | None = None
-    min_samples_per_checkpoint: int | None = None  # also always saved at the end
+    min_samples_per_checkpoint: int | None = None  # Hugging Face export cadence; also always saved at the end
+    # Full-state checkpoints (exact resume): every N steps, with every export, at the end and on SIGTERM/INT/USR1.
+    checkpoint_every_steps: int | None = None
+    keep_last_n_checkpoints: int | None = None  # None = keep all full-state checkpoints; exports are always kept
+    resume_from: str | None = None  # default: the newest complete checkpoint in output_dir, if any
+    fresh: bool = False  # start over: delete output_dir's full-state checkpoints instead of resuming
+    allow_config_change: bool = False  # resume even if flags that change the run differ from the checkpoint's
     weight_decay: float = 0.0  # applied to matrices only, not to norms and biases
     adam_beta1: float = 0.9
     adam_beta2: float = 0.95
@@ -86,7 +95,19 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
     p.add_argument("--max-epochs", type=int)
     p.add_argument("--max-steps", type=int)
     p.add_argument("--max-samples", type=int)
-    p.add_argument("--min-samples-per-checkpoint", type=int)
+    p.add_argument("--min-samples-per-checkpoint", type=int, help="export a Hugging Face folder every N samples")
+    p.add_argument(
+        "--checkpoint-every-steps", type=int,
+        help="full-state checkpoint (exact resume) every N steps; also written with every export, at the end and "
+             "on SIGTERM/SIGINT/SIGUSR1",
+    )
+    p.add_argument("--keep-last-n-checkpoints", type=int, help="delete older full-state checkpoints (exports stay)")
+    p.add_argument("--resume-from", help="a checkpoints/step_<N> folder (default: the newest in --output-dir)")
+    p.add_argument("--fresh", action="store_true", help="start over: delete --output-dir's full-state checkpoints")
+    p.add_argument(
+        "--allow-config-change", action="store_true",
+        help="resume even if the data, model, batch size, seed, schedule or stop flags differ from the checkpoint's",
+    )
     p.add_argument("--weight-decay", type=float, default=TrainConfig.weight_decay)
     p.add_argument("--adam-beta1", type=float, default=TrainConfig.adam_beta1)
     p.add_argument("--adam-beta2", type=float, default=TrainConfig.adam_beta2)
@@ -135,7 +156,10 @@ def validate(config: TrainConfig, world_size: int, local_world_size: int, cuda: 
         problems.append(f"--learning-rate must be positive, got {config.learning_rate}")
     if config.num_warmup_steps < 0:
         problems.append(f"--num-warmup-steps must be >= 0, got {config.num_warmup_steps}")
-    for flag in ("max_epochs", "max_steps", "max_samples", "min_samples_per_checkpoint"):
+    for flag in (
+        "max_epochs", "max_steps", "max_samples", "min_samples_per_checkpoint", "checkpoint_every_steps",
+        "keep_last_n_checkpoints",
+    ):
         value = getattr(config, flag)
         if value is not None and value < 1:
             problems.append(f"--{flag.replace('_', '-')} must be >= 1, got {value}")
@@ -154,6 +178,13 @@ def validate(config: TrainConfig, world_size: int, local_world_size: int, cuda: 
         problems.append(f"--adam-epsilon must be positive, got {config.adam_epsilon}")
     if config.max_grad_norm < 0:
         problems.append(f"--max-grad-norm must be >= 0 (0 = no clipping), got {config.max_grad_norm}")
+    if config.fresh and config.resume_from is not None:
+        problems.append("--fresh starts over and --resume-from continues a run; pass one of them")
+    if config.resume_from is not None and not checkpoint.is_complete(Path(config.resume_from)):
+        problems.append(
+            f"--resume-from {config.resume_from}: not a complete checkpoint; pass a "
+            f"<output-dir>/checkpoints/step_<N> folder that holds a {checkpoint.COMPLETE} file"
+        )
     if config.distributed_backend == "nccl" and not cuda:
         problems.append("--distributed-backend nccl needs CUDA GPUs and none is visible; use gloo (or auto) on CPU")
     if config.use_liger_kernels and not cuda and os.environ.get("TRITON_INTERPRET") != "1":
@@ -513,6 +544,58 @@ def write_json(path: Path, obj) -> None:
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# Full-state checkpoints and resume (the format and its guarantees: checkpoint.py)
+
+
+def find_resume_point(config: TrainConfig) -> Path | None:
+    """The checkpoint this run continues from: --resume-from, else the newest complete one in --output-dir."""
+    if config.fresh:
+        return None
+    if config.resume_from is not None:
+        return Path(config.resume_from)
+    return checkpoint.latest_checkpoint(checkpoint.checkpoint_root(config.output_dir))
+
+
+def check_resumable(path: Path, config: TrainConfig, data_fingerprint: str) -> None:
+    """Refuse, before any weights load, a resume whose flags or data would make a different run."""
+    saved_config = checkpoint.read_json(path / "training_config.json")
+    saved_data = checkpoint.read_json(path / "trainer_state.json")["data"]
+    problems = checkpoint.config_problems(
+        saved_config, asdict(config), saved_data, data_fingerprint, config.allow_config_change
+    )
+    if problems:
+        raise ConfigError(f"cannot resume from {path}: {'; '.join(problems)}")
+
+
+def tidy_output_dir(config: TrainConfig, resume: Path | None, metrics_path: Path) -> None:
+    """Rank 0, once every rank has chosen where to resume: drop killed saves, old runs' state and later log lines."""
+    root = checkpoint.checkpoint_root(config.output_dir)
+    for path in checkpoint.remove_unfinished(root):
+        print0(f"removed {path}, a checkpoint whose save was interrupted")
+    if config.fresh and root.exists():
+        old = checkpoint.complete_checkpoints(root)
+        shutil.rmtree(root)
+        print0(f"--fresh: removed {len(old)} full-state checkpoints of the earlier run in {root}")
+    if resume is None:
+        metrics_path.unlink(missing_ok=True)  # a new run in an old output folder starts a new log
+        return
+    dropped = checkpoint.trim_metrics(metrics_path, checkpoint.checkpoint_step(resume))
+    if dropped:
+        print0(f"{metrics_path}: dropped {dropped} records of steps after the checkpoint (they run again)")
+
+
+def save_full_state(model, optimizer, scheduler, config: TrainConfig, d: Dist, step: int, trainer_state: dict) -> Path:
+    """Collective: write checkpoints/step_<step>, then prune to --keep-last-n-checkpoints."""
+    root = checkpoint.checkpoint_root(config.output_dir)
+    state = {**trainer_state, "scheduler": scheduler.state_dict()}
+    path = checkpoint.save(root, step, model, optimizer, state, asdict(config))
+    if d.is_main and config.keep_last_n_checkpoints is not None:
+        for old in checkpoint.prune(root, config.keep_last_n_checkpoints):
+            print0(f"removed {old} (--keep-last-n-checkpoints {config.keep_last_n_checkpoints})")
+    return path
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # Training
 
 
@@ -522,7 +605,7 @@ def peak_memory_gb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # Linux reports KiB
 
 
-def train(config: TrainConfig, d: Dist) -> None:
+def train(config: TrainConfig, d: Dist, stop: StopSignals) -> None:
     from transformers import AutoConfig, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
@@ -549,6 +632,14 @@ def train(config: TrainConfig, d: Dist) -> None:
     total_steps = count_total_steps(config, planner, len(cache))
     print0(f"{len(cache)} samples, {int(cache.offsets[-1])} tokens, {planner.steps_per_epoch} steps per epoch, "
            f"{total_steps if total_steps is not None else 'unlimited'} steps")
+    data_fingerprint = checkpoint.data_fingerprint(cache.lengths, cache.trained)
+    resume = find_resume_point(config)
+    if resume is not None:
+        check_resumable(resume, config, data_fingerprint)
+    metrics_path = out / "metrics.jsonl"
+    raise_if_any_rank_failed(None, ConfigError)  # barrier: every rank has chosen `resume` before rank 0 tidies
+    if d.is_main:
+        tidy_output_dir(config, resume, metrics_path)
 
     model = build_model(config, d)
     decay = [p for p in model.parameters() if p.ndim >= 2]
@@ -561,13 +652,19 @@ def train(config: TrainConfig, d: Dist) -> None:
         optimizer, lambda step: lr_multiplier(step, config.num_warmup_steps, total_steps, config.lr_scheduler)
     )
 
-    metrics_path = out / "metrics.jsonl"
-    if d.is_main:
-        metrics_path.unlink(missing_ok=True)  # a new run in an old output folder starts a new log
-    progress = tqdm(total=total_steps, disable=not d.is_main, dynamic_ncols=True, desc="train")
-    samples_seen = last_saved = 0
+    # Counters a full-state checkpoint restores; the sampler needs only the step (its plan is a function of it).
+    state = {"step": 0, "samples_seen": 0, "last_export_samples": 0, "data": data_fingerprint}
+    if resume is not None:
+        saved = checkpoint.load(resume, model, optimizer, scheduler)
+        state.update(step=saved["step"], samples_seen=saved["samples_seen"],
+                     last_export_samples=saved["last_export_samples"])
+        same_world = saved["world_size"] == d.world_size
+        note = "" if same_world else f"; saved on {saved['world_size']} ranks, RNG states not restored"
+        print0(f"resumed from {resume}: step {state['step']}, {state['samples_seen']} samples seen{note}")
+    samples_seen, last_saved, last_full = state["samples_seen"], state["last_export_samples"], state["step"]
+    progress = tqdm(total=total_steps, initial=state["step"], disable=not d.is_main, dynamic_ncols=True, desc="train")
     started = time.perf_counter()
-    for plan in planner.iter_steps(0):
+    for plan in planner.iter_steps(state["step"]):
         if total_steps is not None and plan.step >= total_steps:
             break
         t0 = time.perf_counter()
@@ -597,6 +694,7 @@ def train(config: TrainConfig, d: Dist) -> None:
             "step": plan.step + 1,  # 1-based, as in the progress line and errors
             "epoch": plan.epoch,
             "samples_seen": samples_seen,
+            "sample_lines": sorted(cache.lines[all_indices].tolist()),  # data-file lines trained in this step
             "loss": loss,
             "lr": lr,
             "grad_norm": grad_norm,
@@ -618,27 +716,45 @@ def train(config: TrainConfig, d: Dist) -> None:
                 f"lr {lr:.2e} | grad norm {grad_norm:.3f} | {record['tokens_per_s']:.0f} tok/s | "
                 f"pack {record['packing_utilisation']:.0%}"
             )
+        state.update(step=plan.step + 1, samples_seen=samples_seen)
+        signum = stop.agreed(d.device)  # collective: all ranks stop after the same step
         every = config.min_samples_per_checkpoint
-        if every is not None and samples_seen // every > last_saved // every:
+        export = every is not None and samples_seen // every > last_saved // every
+        if export:
             print0(f"saved {save_checkpoint(model, tokenizer, config, d, samples_seen)}")
-            last_saved = samples_seen
+            last_saved = state["last_export_samples"] = samples_seen
+        every_steps = config.checkpoint_every_steps
+        if export or signum or (every_steps is not None and state["step"] % every_steps == 0):
+            print0(f"saved {save_full_state(model, optimizer, scheduler, config, d, state['step'], state)}")
+            last_full = state["step"]
+        if signum:
+            progress.close()
+            print0(f"stopped by {signal.Signals(signum).name} after step {state['step']}; "
+                   f"run the same command again to resume")
+            return
     progress.close()
     if samples_seen != last_saved:
         print0(f"saved {save_checkpoint(model, tokenizer, config, d, samples_seen)}")
+        last_saved = state["last_export_samples"] = samples_seen
+    if state["step"] != last_full:
+        print0(f"saved {save_full_state(model, optimizer, scheduler, config, d, state['step'], state)}")
 
 
 def main(argv: list[str] | None = None) -> int:
     config = parse_args(argv)
     rank, _, world_size, local_world_size = world_from_env()
     prefix = f"[rank {rank}] " if world_size > 1 else ""
+    stop = StopSignals()
     try:
         validate(config, world_size, local_world_size, torch.cuda.is_available())
+        stop.install()
         d = init_distributed(config.distributed_backend)
-        train(config, d)
-    except (ConfigError, DataError, SamplerError, TrainingError) as e:
+        train(config, d, stop)
+    except (ConfigError, DataError, SamplerError, TrainingError, CheckpointError) as e:
         print(f"{prefix}train.py: error: {e}", file=sys.stderr, flush=True)
         return 1
     finally:
+        stop.restore()
         cleanup_distributed()
     return 0
 
