@@ -140,5 +140,106 @@ def test_sharded_validation_loss_and_generations_on_two_ranks_match_a_direct_com
     assert report["resharded"] and report["training"]
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# The split, early stopping and trackers (pure)
+
+
+def test_validation_split_is_exact_disjoint_fixed_and_stable_when_samples_are_appended():
+    from evaluate import EvalError, split_validation
+
+    train_idx, val_idx = split_validation(1000, 0.1)
+    assert len(val_idx) == 100 and len(train_idx) == 900
+    assert np.array_equal(np.sort(np.concatenate([train_idx, val_idx])), np.arange(1000))
+    again = split_validation(1000, 0.1)[1]
+    assert np.array_equal(val_idx, again)  # deterministic, and independent of any training seed
+    grown = split_validation(1010, 0.1)[1]  # ten samples appended: the held-out set barely moves
+    assert len(np.intersect1d(val_idx, grown)) >= 95
+    for fraction in (0.0, 0.0004, 0.9996, 1.0):
+        with pytest.raises(EvalError, match=f"--validation-split {fraction} of 1000 samples"):
+            split_validation(1000, fraction)
+
+
+def test_early_stopping_stops_after_patience_evaluations_without_a_real_improvement():
+    from evaluate import EarlyStopping
+
+    stopper = EarlyStopping(patience=2, min_delta=0.05)
+    history = []
+    for samples, loss in [(10, 2.0), (20, 1.5), (30, 1.48), (40, 1.3), (50, 1.29), (60, 1.26), (70, 1.0)]:
+        improved = stopper.update(loss, samples)
+        history.append((samples, improved, stopper.should_stop))
+        if stopper.should_stop:
+            break
+    # 1.48 and 1.29 and 1.26 are within min_delta of the best (1.5, then 1.3): no improvement.
+    assert history == [(10, True, False), (20, True, False), (30, False, False), (40, True, False),
+                       (50, False, False), (60, False, True)]
+    assert (stopper.best_loss, stopper.best_samples) == (1.3, 40)
+
+
+def test_trackers_log_the_numbers_of_each_record_and_a_missing_package_is_a_clear_error(monkeypatch):
+    import importlib.util
+
+    from evaluate import TensorBoardTracker, WandbTracker, tracker_problem
+
+    class Writer:  # the SummaryWriter calls the tracker makes
+        def __init__(self):
+            self.calls = []
+
+        def add_scalar(self, tag, value, step):
+            self.calls.append((tag, value, step))
+
+        def close(self):
+            self.calls.append("closed")
+
+    class Run:  # the wandb run calls the tracker makes
+        def __init__(self):
+            self.calls = []
+
+        def log(self, values, step):
+            self.calls.append((values, step))
+
+        def finish(self):
+            self.calls.append("finished")
+
+    record = {"step": 3, "loss": 1.5, "validation_loss": 1.7, "sample_lines": [1, 2], "stopped": True}
+    writer, run = Writer(), Run()
+    for tracker in (TensorBoardTracker(writer), WandbTracker(run)):
+        tracker.log(record, step=3)
+        tracker.close()
+    assert writer.calls == [("step", 3.0, 3), ("loss", 1.5, 3), ("validation_loss", 1.7, 3), "closed"]
+    assert run.calls == [({"step": 3.0, "loss": 1.5, "validation_loss": 1.7}, 3), "finished"]
+
+    assert tracker_problem(None) is None
+    assert "--tracker 'mlflow' is unknown; use one of wandb, tensorboard" in tracker_problem("mlflow")
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)  # neither package installed
+    for name in ("wandb", "tensorboard"):
+        assert tracker_problem(name) == (f"--tracker {name} needs the {name} package, which is not installed; "
+                                         f"pip install {name}")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# plot_run.py
+
+
+def test_plot_errors_are_one_line_naming_the_file_and_the_fix(tmp_path, capsys, monkeypatch):
+    import plot_run
+
+    def run(*args) -> tuple[int, str]:
+        code = plot_run.main([str(a) for a in args])
+        return code, capsys.readouterr().err
+
+    code, err = run(tmp_path)
+    assert code == 1 and err == f"plot_run.py: error: {tmp_path / 'metrics.jsonl'}: no such file; pass the " \
+                                "--output-dir of a train.py run\n"
+    (tmp_path / "metrics.jsonl").write_text('{"samples_seen": 4, "loss": 2.0, "lr": 0.1, "tokens_per_s": 9}\n{"ste\n')
+    code, err = run(tmp_path)
+    assert code == 1 and err.startswith(f"plot_run.py: error: {tmp_path / 'metrics.jsonl'}:2: not valid JSON")
+    assert len(err.splitlines()) == 1
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if it were not installed
+    code, err = run(tmp_path)
+    assert code == 1 and err == "plot_run.py: error: matplotlib is not installed; pip install matplotlib " \
+                                "(needed only for plots)\n"
+    assert not list(tmp_path.glob("*.png"))
+
+
 if __name__ == "__main__":
     eval_worker(*sys.argv[1:4])
