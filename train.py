@@ -581,7 +581,7 @@ def tidy_output_dir(config: TrainConfig, resume: Path | None, metrics_path: Path
         return
     dropped = checkpoint.trim_metrics(metrics_path, checkpoint.checkpoint_step(resume))
     if dropped:
-        print0(f"{metrics_path}: dropped {dropped} records of steps after the checkpoint (they run again)")
+        print0(f"{metrics_path}: removed {dropped} lines logged after the checkpoint (those steps run again)")
 
 
 def save_full_state(model, optimizer, scheduler, config: TrainConfig, d: Dist, step: int, trainer_state: dict) -> Path:
@@ -659,7 +659,7 @@ def train(config: TrainConfig, d: Dist, stop: StopSignals) -> None:
         state.update(step=saved["step"], samples_seen=saved["samples_seen"],
                      last_export_samples=saved["last_export_samples"])
         same_world = saved["world_size"] == d.world_size
-        note = "" if same_world else f"; saved on {saved['world_size']} ranks, RNG states not restored"
+        note = "" if same_world else f"; saved with world size {saved['world_size']}, RNG states not restored"
         print0(f"resumed from {resume}: step {state['step']}, {state['samples_seen']} samples seen{note}")
     samples_seen, last_saved, last_full = state["samples_seen"], state["last_export_samples"], state["step"]
     progress = tqdm(total=total_steps, initial=state["step"], disable=not d.is_main, dynamic_ncols=True, desc="train")
@@ -723,11 +723,12 @@ def train(config: TrainConfig, d: Dist, stop: StopSignals) -> None:
         if export:
             print0(f"saved {save_checkpoint(model, tokenizer, config, d, samples_seen)}")
             last_saved = state["last_export_samples"] = samples_seen
+        stop_now = signum and state["step"] != total_steps  # after the last step the run ends normally anyway
         every_steps = config.checkpoint_every_steps
-        if export or signum or (every_steps is not None and state["step"] % every_steps == 0):
+        if export or stop_now or (every_steps is not None and state["step"] % every_steps == 0):
             print0(f"saved {save_full_state(model, optimizer, scheduler, config, d, state['step'], state)}")
             last_full = state["step"]
-        if signum:
+        if stop_now:
             progress.close()
             print0(f"stopped by {signal.Signals(signum).name} after step {state['step']}; "
                    f"run the same command again to resume")

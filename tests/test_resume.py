@@ -1,0 +1,318 @@
+"""Exact resume and fault tolerance, driven through `train.py` as a user runs it (torchrun, 2 gloo processes, CPU).
+
+One uninterrupted reference run, and one run in the same configuration that is interrupted three ways and resumed
+each time by re-running the same command (only the number of processes changes):
+
+    1. 2 processes, killed (SIGKILL) in the middle of the save of step 4    -> step_2 is the newest complete one
+    2. 1 process resumes from step_2 (2 -> 1), SIGTERM: stops at a step boundary with a checkpoint, exit 0
+    3. 2 processes resume (1 -> 2), SIGUSR1 sent to rank 1 only: both ranks stop after the same step, exit 0
+    4. 1 process resumes and finishes
+
+The interrupted run must log the same steps, the same sample lines per step and the same losses as the reference,
+and end with the same weights. Incompatible flags, the keep-last-K option and a non-finite loss run in process.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import fields
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import checkpoint
+
+ROOT = Path(__file__).resolve().parent.parent
+STEPS = 6
+NUM_SAMPLES = 24  # 4 per step: one epoch
+
+
+def write_data(path: Path, num_samples: int, vocab: int) -> Path:
+    rng = np.random.default_rng(0)
+    with open(path, "w") as f:
+        for _ in range(num_samples):
+            n = int(rng.integers(10, 40))
+            prompt = int(rng.integers(2, n - 2))
+            ids = rng.integers(3, vocab, n).tolist()
+            f.write(json.dumps({"input_ids": ids, "labels": [-100] * prompt + ids[prompt:], "len": n}) + "\n")
+    return path
+
+
+def train_args(data: Path, model_dir: Path, out: Path) -> list[str]:
+    return [
+        "--data-path", str(data), "--model-name-or-path", str(model_dir), "--output-dir", str(out),
+        "--batch-size", "4", "--max-tokens-per-gpu", "64", "--max-steps", str(STEPS), "--learning-rate", "1e-3",
+        "--num-warmup-steps", "2", "--lr-scheduler", "cosine", "--min-samples-per-checkpoint", "8",
+        "--checkpoint-every-steps", "3", "--keep-last-n-checkpoints", "2", "--save-dtype", "float32",
+    ]
+
+
+class Job:
+    """train.py in its own process group (torchrun with `nproc` workers, or plain python when nproc is None)."""
+
+    def __init__(self, args: list[str], log: Path, nproc: int | None, env: dict | None = None):
+        command = [sys.executable, "train.py", *args]
+        if nproc is not None:
+            command[1:1] = ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc)]
+        self.log = log
+        with open(log, "w") as f:
+            self.proc = subprocess.Popen(
+                command, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, start_new_session=True,
+                env=dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", **(env or {})),
+            )
+
+    def text(self) -> str:
+        return self.log.read_text()
+
+    def wait_until(self, condition, timeout: float = 180) -> None:
+        deadline = time.monotonic() + timeout
+        while not condition():
+            assert self.proc.poll() is None, f"ended (rc {self.proc.returncode}) too early:\n{self.text()[-3000:]}"
+            assert time.monotonic() < deadline, f"timed out:\n{self.text()[-3000:]}"
+            time.sleep(0.05)
+
+    def finish(self, timeout: float = 180) -> int:
+        try:
+            return self.proc.wait(timeout)
+        finally:
+            self.kill()
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+
+    def worker_pid(self, rank: int) -> int:
+        """The pid of torchrun's worker with RANK=rank (read from /proc)."""
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+                environ = (stat.parent / "environ").read_bytes().split(b"\0")
+            except (OSError, IndexError):
+                continue  # a process that ended meanwhile
+            if ppid == self.proc.pid and f"RANK={rank}".encode() in environ:
+                return int(stat.parent.name)
+        raise AssertionError(f"no worker with RANK={rank}")
+
+
+def metrics(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def weights(folder: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(folder / "model.safetensors")
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory, tiny_model_dir):
+    root = tmp_path_factory.mktemp("resume")
+    data = write_data(root / "data.jsonl", NUM_SAMPLES, vocab=700)
+    return root, data, tiny_model_dir("llama")
+
+
+@pytest.fixture(scope="module")
+def reference(setup):
+    """The uninterrupted run: 2 processes, 6 steps."""
+    root, data, model_dir = setup
+    out = root / "reference"
+    job = Job(train_args(data, model_dir, out), root / "reference.log", nproc=2)
+    assert job.finish() == 0, job.text()[-3000:]
+    return out
+
+
+def test_reference_run_keeps_the_newest_checkpoints_and_every_export(reference):
+    # Full state every 3 steps and with every export (every 8 samples = 2 steps): steps 2, 3, 4, 6; keep 2.
+    assert sorted(p.name for p in (reference / "checkpoints").iterdir()) == ["step_4", "step_6"]
+    assert sorted(p.name for p in (reference / "hf_format").iterdir()) == ["samples_16", "samples_24", "samples_8"]
+    newest = reference / "checkpoints" / "step_6"
+    expected = {".metadata", "__0_0.distcp", "__1_0.distcp", "rng_rank0.pt", "rng_rank1.pt", "trainer_state.json",
+                "training_config.json", checkpoint.COMPLETE}
+    assert {p.name for p in newest.iterdir()} == expected
+    state = json.loads((newest / "trainer_state.json").read_text())
+    assert (state["step"], state["samples_seen"], state["world_size"]) == (6, 24, 2)
+    assert state["scheduler"]["last_epoch"] == 6
+    records = metrics(reference)
+    assert [r["step"] for r in records] == list(range(1, STEPS + 1))
+    lines = sorted(line for r in records for line in r["sample_lines"])
+    assert lines == list(range(1, NUM_SAMPLES + 1))  # one epoch: every sample once
+
+
+def test_killed_and_signalled_run_resumes_to_the_reference_exactly(setup, reference):
+    root, data, model_dir = setup
+    out = root / "interrupted"
+    args = train_args(data, model_dir, out)
+    saves = out / "checkpoints"
+
+    # 1. Killed in the middle of saving step 4: shards written, COMPLETE not yet.
+    job = Job(args, root / "run1.log", nproc=2, env={checkpoint.HANG_IN_SAVE: "4"})
+    try:
+        job.wait_until(lambda: {"rng_rank0.pt", "rng_rank1.pt"} <= {p.name for p in saves.glob(".step_4.tmp/*")})
+    finally:
+        job.kill()
+    assert sorted(p.name for p in saves.iterdir()) == [".step_4.tmp", "step_2", "step_3"]
+    assert checkpoint.latest_checkpoint(saves) == saves / "step_3"
+    assert [r["step"] for r in metrics(out)] == [1, 2, 3, 4]
+
+    # 2. The same command, one process: resumes from step_3 (saved by 2 ranks); SIGTERM stops it at a boundary.
+    job = Job(args, root / "run2.log", nproc=None)
+    try:
+        job.wait_until(lambda: "resumed from" in job.text())
+        job.proc.send_signal(signal.SIGTERM)
+        assert job.finish() == 0, job.text()[-3000:]
+    finally:
+        job.kill()
+    log = job.text()
+    assert f"removed {saves / '.step_4.tmp'}, a checkpoint whose save was interrupted" in log
+    assert f"resumed from {saves / 'step_3'}: step 3, 12 samples seen; saved with world size 2" in log
+    assert "metrics.jsonl: removed 1 lines logged after the checkpoint" in log
+    assert "stopped by SIGTERM after step" in log
+    stopped_at = metrics(out)[-1]["step"]
+    assert stopped_at < STEPS and checkpoint.latest_checkpoint(saves) == saves / f"step_{stopped_at}"
+
+    # 3. Two processes again; only rank 1 gets SIGUSR1, yet both ranks stop after the same step and exit 0.
+    job = Job(args, root / "run3.log", nproc=2)
+    try:
+        job.wait_until(lambda: "resumed from" in job.text())
+        os.kill(job.worker_pid(rank=1), signal.SIGUSR1)
+        assert job.finish() == 0, job.text()[-3000:]
+    finally:
+        job.kill()
+    log = job.text()
+    assert f"resumed from {saves / f'step_{stopped_at}'}: step {stopped_at}" in log
+    if metrics(out)[-1]["step"] < STEPS:  # the signal may arrive as the last step ends, which just finishes
+        assert "stopped by SIGUSR1 after step" in log
+
+    # 4. The same command to the end.
+    job = Job(args, root / "run4.log", nproc=None)
+    assert job.finish() == 0, job.text()[-3000:]
+
+    expected, got = metrics(reference), metrics(out)
+    assert [r["step"] for r in got] == list(range(1, STEPS + 1))  # none lost, none repeated
+    assert [r["sample_lines"] for r in got] == [r["sample_lines"] for r in expected]
+    assert [r["samples_seen"] for r in got] == [r["samples_seen"] for r in expected]
+    assert [r["lr"] for r in got] == pytest.approx([r["lr"] for r in expected], rel=1e-12)
+    # Across world sizes the reductions add in another order: equal to float32 rounding, not bit for bit.
+    assert [r["loss"] for r in got] == pytest.approx([r["loss"] for r in expected], rel=1e-6)
+    final, reference_final = weights(out / "hf_format" / "samples_24"), weights(reference / "hf_format" / "samples_24")
+    assert final.keys() == reference_final.keys()
+    for name, tensor in reference_final.items():
+        assert (final[name] - tensor).abs().max().item() < 1e-6, name
+    trained = weights(reference / "hf_format" / "samples_8")["model.norm.weight"]
+    assert (reference_final["model.norm.weight"] - trained).abs().max().item() > 1e-4  # the comparison means something
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Refusals and stops, in process (one rank)
+
+
+def run_main(args: list[str], capsys) -> tuple[int, str, str]:
+    import train
+
+    capsys.readouterr()
+    code = train.main(args)
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_changed_flags_are_refused_before_any_weights_load(setup, reference, capsys, tmp_path):
+    root, data, model_dir = setup
+    args = train_args(data, model_dir, tmp_path / "out")
+    newest = str(reference / "checkpoints" / "step_6")
+    changed = [*args, "--resume-from", newest, "--batch-size", "8", "--seed", "7"]
+    code, out, err = run_main(changed, capsys)
+    assert code == 1 and len(err.strip().splitlines()) == 1, err
+    assert f"cannot resume from {newest}: --batch-size 4 -> 8; --seed 42 -> 7: the resumed run would differ" in err
+    assert "--allow-config-change to resume anyway, or --fresh to start over" in err
+    assert "resumed" not in out
+
+    other_data = write_data(tmp_path / "other.jsonl", NUM_SAMPLES + 1, vocab=700)
+    code, _, err = run_main([*train_args(other_data, model_dir, tmp_path / "out"), "--resume-from", newest], capsys)
+    assert code == 1 and f"the data ({data}: 24 samples" in err and f"({other_data}: 25 samples" in err, err
+
+    code, _, err = run_main([*changed, "--learning-rate", "1e-2", "--allow-config-change"], capsys)
+    assert code == 1 and "--learning-rate 0.001 -> 0.01 cannot change on resume" in err, err
+    assert "--batch-size" not in err  # allowed now
+
+    # Allowed: one more step with a larger batch, from the reference's final state.
+    allowed = [*changed, "--allow-config-change", "--max-steps", "7", "--lr-scheduler", "constant"]
+    code, out, err = run_main(allowed, capsys)
+    assert code == 0, err
+    assert f"resumed from {newest}: step 6, 24 samples seen; saved with world size 2" in out
+    assert [r["step"] for r in metrics(tmp_path / "out")] == [7]
+
+
+def test_resume_flags_are_checked_with_the_other_flags(setup, capsys, tmp_path):
+    root, data, model_dir = setup
+    args = [*train_args(data, model_dir, tmp_path / "out"), "--resume-from", str(tmp_path), "--fresh"]
+    code, _, err = run_main(args, capsys)
+    assert code == 1 and len(err.strip().splitlines()) == 1, err
+    assert "--fresh starts over and --resume-from continues a run; pass one of them" in err
+    assert f"--resume-from {tmp_path}: not a complete checkpoint" in err
+
+
+def test_fresh_discards_the_old_state_and_a_non_finite_loss_keeps_the_last_good_checkpoint(setup, capsys, tmp_path):
+    root, data, model_dir = setup
+    out = tmp_path / "out"
+    args = [*train_args(data, model_dir, out), "--checkpoint-every-steps", "1", "--keep-last-n-checkpoints", "5"]
+    assert run_main([*args, "--max-steps", "2"], capsys)[0] == 0
+    # The first step's update blows the weights up; the second step's loss is not finite.
+    blowup = [*args, "--learning-rate", "1e30", "--max-grad-norm", "0", "--lr-scheduler", "constant", "--fresh"]
+    code, out_text, err = run_main(blowup, capsys)
+    assert code == 1 and "error: step 2: loss" in err and "stopped before the optimizer step" in err, err
+    assert "--fresh: removed 2 full-state checkpoints of the earlier run" in out_text
+    saves = out / "checkpoints"
+    assert [p.name for p in saves.iterdir()] == ["step_1"] and checkpoint.is_complete(saves / "step_1")
+    assert json.loads((saves / "step_1" / "trainer_state.json").read_text())["step"] == 1
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Pure parts of checkpoint.py
+
+
+def test_every_config_field_says_how_it_behaves_on_resume():
+    from train import TrainConfig
+
+    groups = (checkpoint.FIXED_ON_RESUME, checkpoint.CHANGE_THE_RUN, checkpoint.STOP_CONDITIONS,
+              checkpoint.FREE_ON_RESUME)
+    classified = [name for group in groups for name in group]
+    assert len(classified) == len(set(classified))  # each field in one group
+    assert sorted(classified) == sorted(f.name for f in fields(TrainConfig))
+
+
+def test_stop_conditions_may_grow_only_under_a_constant_schedule():
+    from train import TrainConfig
+
+    base = vars(TrainConfig("d", "m", "o", batch_size=4, max_tokens_per_gpu=64, max_steps=10))
+    longer = {**base, "max_steps": 20}
+    assert checkpoint.config_problems(base, longer, "x", "x", allow_change=False) == []
+    cosine, cosine_longer = {**base, "lr_scheduler": "cosine"}, {**longer, "lr_scheduler": "cosine"}
+    [problem] = checkpoint.config_problems(cosine, cosine_longer, "x", "x", allow_change=False)
+    assert problem.startswith("--max-steps 10 -> 20: the resumed run would differ")
+    assert checkpoint.config_problems(cosine, cosine_longer, "x", "x", allow_change=True) == []
+
+
+def test_only_complete_checkpoints_count_and_pruning_keeps_the_newest(tmp_path):
+    for step in (2, 10, 4):
+        (tmp_path / f"step_{step}").mkdir()
+        (tmp_path / f"step_{step}" / checkpoint.COMPLETE).write_text("{}")
+    (tmp_path / "step_12").mkdir()  # no COMPLETE: not a checkpoint
+    (tmp_path / ".step_14.tmp").mkdir()  # a killed save
+    (tmp_path / "notes").mkdir()
+    assert checkpoint.latest_checkpoint(tmp_path) == tmp_path / "step_10"  # by number, not by name
+    assert checkpoint.remove_unfinished(tmp_path) == [tmp_path / ".step_14.tmp"]
+    assert checkpoint.prune(tmp_path, keep=2) == [tmp_path / "step_2"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes", "step_10", "step_12", "step_4"]
+    assert checkpoint.latest_checkpoint(tmp_path / "missing") is None
+
+
+def test_trim_metrics_drops_later_steps_and_a_torn_last_line(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("".join(json.dumps({"step": s}) + "\n" for s in range(1, 6)) + '{"step": 6, "lo')
+    assert checkpoint.trim_metrics(path, 3) == 3
+    assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [1, 2, 3]
