@@ -52,8 +52,8 @@ STOP_CONDITIONS = ("max_epochs", "max_steps", "max_samples")
 # Where and how often to write, how to compute (same math): free to change.
 FREE_ON_RESUME = (
     "data_path", "output_dir", "min_samples_per_checkpoint", "checkpoint_every_steps", "keep_last_n_checkpoints",
-    "fsdp_sharding_strategy", "activation_checkpointing", "use_liger_kernels", "save_dtype", "distributed_backend",
-    "resume_from", "fresh", "allow_config_change",
+    "keep_last_n_exports", "fsdp_sharding_strategy", "activation_checkpointing", "use_liger_kernels", "save_dtype",
+    "distributed_backend", "resume_from", "fresh", "allow_config_change",
 )
 
 

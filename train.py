@@ -12,6 +12,7 @@ import copy
 import json
 import math
 import os
+import re
 import resource
 import shutil
 import signal
@@ -65,7 +66,8 @@ class TrainConfig:
     min_samples_per_checkpoint: int | None = None  # Hugging Face export cadence; also always saved at the end
     # Full-state checkpoints (exact resume): every N steps, with every export, at the end and on SIGTERM/INT/USR1.
     checkpoint_every_steps: int | None = None
-    keep_last_n_checkpoints: int | None = None  # None = keep all full-state checkpoints; exports are always kept
+    keep_last_n_checkpoints: int | None = None  # None = keep all full-state checkpoints
+    keep_last_n_exports: int | None = None  # None = keep every Hugging Face export
     resume_from: str | None = None  # default: the newest complete checkpoint in output_dir, if any
     fresh: bool = False  # start over: delete output_dir's full-state checkpoints instead of resuming
     allow_config_change: bool = False  # resume even if flags that change the run differ from the checkpoint's
@@ -102,6 +104,7 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
              "on SIGTERM/SIGINT/SIGUSR1",
     )
     p.add_argument("--keep-last-n-checkpoints", type=int, help="delete older full-state checkpoints (exports stay)")
+    p.add_argument("--keep-last-n-exports", type=int, help="delete older hf_format exports (default: keep all)")
     p.add_argument("--resume-from", help="a checkpoints/step_<N> folder (default: the newest in --output-dir)")
     p.add_argument("--fresh", action="store_true", help="start over: delete --output-dir's full-state checkpoints")
     p.add_argument(
@@ -158,7 +161,7 @@ def validate(config: TrainConfig, world_size: int, local_world_size: int, cuda: 
         problems.append(f"--num-warmup-steps must be >= 0, got {config.num_warmup_steps}")
     for flag in (
         "max_epochs", "max_steps", "max_samples", "min_samples_per_checkpoint", "checkpoint_every_steps",
-        "keep_last_n_checkpoints",
+        "keep_last_n_checkpoints", "keep_last_n_exports",
     ):
         value = getattr(config, flag)
         if value is not None and value < 1:
@@ -499,10 +502,22 @@ def save_checkpoint(model: CausalLMLoss, tokenizer, config: TrainConfig, d: Dist
     if d.is_main:
         try:
             write_hf_folder(model.lm, state, tokenizer, config, final)
+            if config.keep_last_n_exports is not None:
+                for old in prune_exports(final.parent, config.keep_last_n_exports):
+                    print0(f"removed {old} (--keep-last-n-exports {config.keep_last_n_exports})")
         except OSError as e:
             error = TrainingError(f"could not write checkpoint {final}: {e}")
     raise_if_any_rank_failed(error, TrainingError)  # nobody goes on before the checkpoint is complete
     return final
+
+
+def prune_exports(hf_dir: Path, keep: int) -> list[Path]:
+    """Delete all but the newest `keep` samples_<N> folders; return what was deleted."""
+    exports = [p for p in hf_dir.iterdir() if re.fullmatch(r"samples_\d+", p.name)]
+    old = sorted(exports, key=lambda p: int(p.name.removeprefix("samples_")))[:-keep]
+    for path in old:
+        shutil.rmtree(path)
+    return old
 
 
 def write_hf_folder(lm, state: dict, tokenizer, config: TrainConfig, final: Path) -> None:

@@ -256,16 +256,17 @@ def test_resume_flags_are_checked_with_the_other_flags(setup, capsys, tmp_path):
     assert f"--resume-from {tmp_path}: not a complete checkpoint" in err
 
 
-def test_fresh_discards_the_old_state_and_a_non_finite_loss_keeps_the_last_good_checkpoint(setup, capsys, tmp_path):
+def test_fresh_discards_old_state_and_a_non_finite_loss_keeps_the_last_good_checkpoint(setup, capsys, tmp_path):
     root, data, model_dir = setup
     out = tmp_path / "out"
     args = [*train_args(data, model_dir, out), "--checkpoint-every-steps", "1", "--keep-last-n-checkpoints", "5"]
-    assert run_main([*args, "--max-steps", "2"], capsys)[0] == 0
+    assert run_main([*args, "--max-steps", "4", "--keep-last-n-exports", "1"], capsys)[0] == 0
+    assert [p.name for p in (out / "hf_format").iterdir()] == ["samples_16"]  # samples_8 pruned
     # The first step's update blows the weights up; the second step's loss is not finite.
     blowup = [*args, "--learning-rate", "1e30", "--max-grad-norm", "0", "--lr-scheduler", "constant", "--fresh"]
     code, out_text, err = run_main(blowup, capsys)
     assert code == 1 and "error: step 2: loss" in err and "stopped before the optimizer step" in err, err
-    assert "--fresh: removed 2 full-state checkpoints of the earlier run" in out_text
+    assert "--fresh: removed 4 full-state checkpoints of the earlier run" in out_text
     saves = out / "checkpoints"
     assert [p.name for p in saves.iterdir()] == ["step_1"] and checkpoint.is_complete(saves / "step_1")
     assert json.loads((saves / "step_1" / "trainer_state.json").read_text())["step"] == 1
