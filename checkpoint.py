@@ -45,7 +45,7 @@ FIXED_ON_RESUME = ("learning_rate", "weight_decay", "adam_beta1", "adam_beta2", 
 # content (its fingerprint), not by path, so a moved file resumes.
 CHANGE_THE_RUN = (
     "model_name_or_path", "batch_size", "max_tokens_per_gpu", "seed", "num_warmup_steps", "lr_scheduler",
-    "max_grad_norm",
+    "max_grad_norm", "validation_split",
 )
 # Decide when the run ends; with a decaying schedule they also set the length of the decay.
 STOP_CONDITIONS = ("max_epochs", "max_steps", "max_samples")
@@ -54,6 +54,9 @@ FREE_ON_RESUME = (
     "data_path", "output_dir", "min_samples_per_checkpoint", "checkpoint_every_steps", "keep_last_n_checkpoints",
     "keep_last_n_exports", "fsdp_sharding_strategy", "activation_checkpointing", "use_liger_kernels", "save_dtype",
     "distributed_backend", "resume_from", "fresh", "allow_config_change",
+    # Evaluation never changes the training computation; early stopping state is restored from the checkpoint.
+    "validation_data_path", "eval_every_samples", "num_eval_generations", "eval_max_new_tokens",
+    "early_stopping_patience", "early_stopping_min_delta", "tracker",
 )
 
 

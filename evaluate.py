@@ -15,7 +15,7 @@ parameters back into shards.
 
 import importlib.util
 import math
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -245,6 +245,82 @@ class EarlyStopping:
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# train.py's bookkeeping: when to evaluate, when to stop, which exported checkpoint is best
+
+
+@dataclass
+class Validation:
+    evaluator: Evaluator
+    every_samples: int | None  # evaluate each time samples seen crosses a multiple of this; also at every export
+    stopper: EarlyStopping | None
+    last_samples: int | None = None  # samples seen at the latest evaluation
+    last_loss: float = math.nan
+    best_checkpoint: str | None = None  # the exported checkpoint with the lowest validation loss
+    best_checkpoint_loss: float = math.inf
+
+    def due(self, samples_before: int, samples_seen: int, export_follows: bool) -> bool:
+        every = self.every_samples
+        return export_follows or (every is not None and samples_seen // every > samples_before // every)
+
+    def run(self, model: torch.nn.Module, device: torch.device, samples_seen: int) -> Evaluation:
+        result = self.evaluator.run(model, device)
+        self.last_samples, self.last_loss = samples_seen, result.loss
+        if self.stopper is not None:
+            self.stopper.update(result.loss, samples_seen)
+        return result
+
+    def checkpoint_saved(self, path: Path, samples_seen: int) -> None:
+        if self.last_samples == samples_seen and self.last_loss < self.best_checkpoint_loss:
+            self.best_checkpoint, self.best_checkpoint_loss = str(path), self.last_loss
+
+    @property
+    def should_stop(self) -> bool:
+        return self.stopper is not None and self.stopper.should_stop
+
+    def summary(self) -> str:
+        text = f"latest validation loss {self.last_loss:.4f} at {self.last_samples} samples"
+        if self.stopper is not None:
+            text += f"; best {self.stopper.best_loss:.4f} at {self.stopper.best_samples} samples"
+        if self.best_checkpoint is not None:
+            text += f"; best checkpoint {self.best_checkpoint} (validation loss {self.best_checkpoint_loss:.4f})"
+            if not Path(self.best_checkpoint).exists():
+                text += ", since deleted by --keep-last-n-exports"
+        return text
+
+    def state_dict(self) -> dict:
+        """What a full-state checkpoint keeps, so a resumed run stops early and names the best as it would have."""
+        keys = ("last_samples", "last_loss", "best_checkpoint", "best_checkpoint_loss")
+        state = {k: getattr(self, k) for k in keys}
+        if self.stopper is not None:
+            state["stopper"] = asdict(self.stopper)
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        for key in ("last_samples", "last_loss", "best_checkpoint", "best_checkpoint_loss"):
+            setattr(self, key, state[key])
+        if self.stopper is not None and "stopper" in state:
+            saved = state["stopper"]
+            self.stopper.best_loss, self.stopper.best_samples = saved["best_loss"], saved["best_samples"]
+            self.stopper.evaluations_without_improvement = saved["evaluations_without_improvement"]
+
+
+def generation_records(tokenizer, cache: TokenCache, prompts: list[Prompt], replies: list[list[int]], step: int,
+                       samples_seen: int) -> list[dict]:
+    """One JSON record per prompt for generations.jsonl: the prompt, what the data answers and what the model says."""
+    return [
+        {
+            "step": step,
+            "samples_seen": samples_seen,
+            "data_line": int(cache.lines[p.index]),
+            "prompt": tokenizer.decode(p.prompt.tolist()),
+            "reference": tokenizer.decode(p.reference.tolist(), skip_special_tokens=True),
+            "reply": tokenizer.decode(reply, skip_special_tokens=True),
+        }
+        for p, reply in zip(prompts, replies)
+    ]
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # Trackers: Weights & Biases or TensorBoard through their public APIs, only when asked for
 
 
@@ -283,6 +359,7 @@ class TensorBoardTracker:
     def log(self, record: dict, step: int) -> None:
         for key, value in scalars(record).items():
             self.writer.add_scalar(key, value, step)
+        self.writer.flush()  # a crashed run keeps every step it logged
 
     def close(self) -> None:
         self.writer.close()

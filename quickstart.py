@@ -18,6 +18,7 @@ import orjson
 
 import default_model
 import example_data
+import plot_run
 
 ROOT = Path(__file__).resolve().parent
 
@@ -93,6 +94,7 @@ def main() -> None:
          "--num-warmup-steps", 2, "--max-steps", args.max_steps, "--min-samples-per-checkpoint", 10_000_000,
          "--seed", 42, "--no-activation-checkpointing"])  # 135M params: memory is no issue here
     print_loss_curve(run_dir / "metrics.jsonl")
+    plot_run.main([str(run_dir)])  # run/metrics.png; only a one-line note when matplotlib is not installed
 
     banner("5/5 generate with the fine-tuned checkpoint")
     checkpoint = last_checkpoint(run_dir)

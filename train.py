@@ -18,7 +18,7 @@ import shutil
 import signal
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +29,10 @@ from tqdm import tqdm
 import checkpoint
 from checkpoint import CheckpointError, StopSignals
 from data import DataError, TokenCache, build_token_cache, cache_dir_for, make_pack, open_token_cache
+from evaluate import (
+    TRACKERS, EarlyStopping, EvalError, Validation, build_evaluator, generation_records, open_tracker,
+    split_validation, tracker_problem,
+)
 from loss import CausalLMLoss
 from sampler import MultipackPlanner, SamplerError
 
@@ -82,6 +86,16 @@ class TrainConfig:
     save_dtype: str = "bfloat16"
     seed: int = 42
     distributed_backend: str = "auto"  # auto = nccl on CUDA, gloo on CPU
+    # Seeing the run: a held-out set (a second file, or a fraction of --data-path held out by sample), evaluated
+    # every N samples and at every export; greedy sample replies; early stopping; a tracker. None = not asked.
+    validation_data_path: str | None = None
+    validation_split: float | None = None
+    eval_every_samples: int | None = None
+    num_eval_generations: int = 3
+    eval_max_new_tokens: int = 32
+    early_stopping_patience: int | None = None  # evaluations in a row without improvement before stopping
+    early_stopping_min_delta: float = 0.0  # an improvement must lower the best validation loss by more than this
+    tracker: str | None = None  # wandb or tensorboard
 
 
 def parse_args(argv: list[str] | None = None) -> TrainConfig:
@@ -129,6 +143,16 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
     p.add_argument("--save-dtype", default=TrainConfig.save_dtype, choices=list(SAVE_DTYPES))
     p.add_argument("--seed", type=int, default=TrainConfig.seed)
     p.add_argument("--distributed-backend", default=TrainConfig.distributed_backend, choices=BACKENDS)
+    p.add_argument("--validation-data-path", help="a second JSONL from process_data.py, held out for validation")
+    p.add_argument("--validation-split", type=float, help="hold out this fraction of --data-path's samples instead")
+    p.add_argument("--eval-every-samples", type=int, help="evaluate every N trained samples (and at every export)")
+    p.add_argument("--num-eval-generations", type=int, default=TrainConfig.num_eval_generations,
+                   help="greedy replies to this many validation prompts at each evaluation (0 = none)")
+    p.add_argument("--eval-max-new-tokens", type=int, default=TrainConfig.eval_max_new_tokens)
+    p.add_argument("--early-stopping-patience", type=int,
+                   help="stop after this many evaluations in a row without improvement")
+    p.add_argument("--early-stopping-min-delta", type=float, default=TrainConfig.early_stopping_min_delta)
+    p.add_argument("--tracker", help=" | ".join(TRACKERS) + " (optional packages, used only when asked for)")
     return TrainConfig(**vars(p.parse_args(argv)))
 
 
@@ -194,8 +218,35 @@ def validate(config: TrainConfig, world_size: int, local_world_size: int, cuda: 
         problems.append(
             "--use-liger-kernels needs a GPU (on CPU only under TRITON_INTERPRET=1, which is slow and meant for tests)"
         )
+    problems += evaluation_problems(config)
     if problems:
         raise ConfigError("; ".join(problems))
+
+
+def evaluation_problems(config: TrainConfig) -> list[str]:
+    problems = []
+    path, split = config.validation_data_path, config.validation_split
+    if path is not None and split is not None:
+        problems.append("--validation-data-path and --validation-split each give a validation set; pass one of them")
+    if path is not None and not Path(path).is_file():
+        problems.append(f"--validation-data-path {path}: no such file; pass a JSONL written by process_data.py")
+    if split is not None and not 0 < split < 1:
+        problems.append(f"--validation-split is the fraction of samples held out, in (0, 1); got {split}")
+    needs_set = [f"--{k.replace('_', '-')}" for k in ("eval_every_samples", "early_stopping_patience")
+                 if getattr(config, k) is not None]
+    if needs_set and path is None and split is None:
+        problems.append(f"{' and '.join(needs_set)} need a validation set; pass --validation-data-path or "
+                        f"--validation-split")
+    for flag in ("eval_every_samples", "early_stopping_patience", "eval_max_new_tokens"):
+        value = getattr(config, flag)
+        if value is not None and value < 1:
+            problems.append(f"--{flag.replace('_', '-')} must be >= 1, got {value}")
+    if config.num_eval_generations < 0:
+        problems.append(f"--num-eval-generations must be >= 0, got {config.num_eval_generations}")
+    if not config.early_stopping_min_delta >= 0:
+        problems.append(f"--early-stopping-min-delta must be >= 0, got {config.early_stopping_min_delta}")
+    tracker = tracker_problem(config.tracker)
+    return problems + ([tracker] if tracker else [])
 
 
 def model_path_problems(name: str) -> list[str]:
@@ -275,9 +326,12 @@ def raise_if_any_rank_failed(error: Exception | None, error_type: type[Exception
 # Data
 
 
-def load_data(config: TrainConfig, d: Dist, vocab_size: int) -> TokenCache:
-    """Local rank 0 of each node builds the token cache once (others wait); every rank then memory-maps it."""
-    data_path = Path(config.data_path).resolve()
+def load_data(config: TrainConfig, d: Dist, vocab_size: int, path: str | None = None) -> TokenCache:
+    """Local rank 0 of each node builds the token cache once (others wait); every rank then memory-maps it.
+
+    `path`: the file to load, --data-path by default (the validation file passes its own).
+    """
+    data_path = Path(path or config.data_path).resolve()
     cache_dir = cache_dir_for(data_path, Path(config.output_dir) / "token_cache")
     error = None
     if d.local_rank == 0 and not (cache_dir / "meta.json").exists():
@@ -292,7 +346,8 @@ def load_data(config: TrainConfig, d: Dist, vocab_size: int) -> TokenCache:
     cache = open_token_cache(cache_dir)
     if cache.skipped_lines:
         lines = ", ".join(map(str, cache.skipped_lines[:10])) + (", ..." if len(cache.skipped_lines) > 10 else "")
-        print0(f"dropped {len(cache.skipped_lines)} samples with no trained token after the shift (lines {lines})")
+        print0(f"{data_path}: dropped {len(cache.skipped_lines)} samples with no trained token after the shift "
+               f"(lines {lines})")
     too_long = np.flatnonzero(cache.lengths > config.max_tokens_per_gpu)
     if len(too_long):
         i = int(too_long[0])
@@ -614,6 +669,41 @@ def save_full_state(model, optimizer, scheduler, config: TrainConfig, d: Dist, s
 # Training
 
 
+def build_validation(
+    config: TrainConfig, d: Dist, cache: TokenCache, held_out: np.ndarray | None, hf_config, tokenizer
+) -> Validation | None:
+    """The validation set (a second file, or the samples held out of --data-path), planned once; None if not asked."""
+    if config.validation_data_path is not None:
+        cache = load_data(config, d, hf_config.vocab_size, path=config.validation_data_path)
+        held_out = np.arange(len(cache))
+    if held_out is None:
+        return None
+    eos = hf_config.eos_token_id
+    eos_ids = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in eos_ids:
+        eos_ids.append(tokenizer.eos_token_id)
+    evaluator = build_evaluator(cache, held_out, config.max_tokens_per_gpu, d.world_size, d.rank,
+                                config.num_eval_generations, config.eval_max_new_tokens, eos_ids)
+    stopper = None
+    if config.early_stopping_patience is not None:
+        stopper = EarlyStopping(config.early_stopping_patience, config.early_stopping_min_delta)
+    print0(f"validation: {len(held_out)} samples, {int(cache.trained[held_out].sum())} trained tokens, "
+           f"{len(evaluator.packs)} micro-steps and {len(evaluator.prompts)} generations per evaluation")
+    return Validation(evaluator, config.eval_every_samples, stopper)
+
+
+def export_checkpoint(model, tokenizer, config: TrainConfig, d: Dist, samples_seen: int,
+                      validation: Validation | None, state: dict) -> None:
+    """save_checkpoint, and note whether it is the best so far by validation loss (it was evaluated just before)."""
+    path = save_checkpoint(model, tokenizer, config, d, samples_seen)
+    print0(f"saved {path}")
+    if validation is not None:
+        validation.checkpoint_saved(path, samples_seen)
+        state["validation"] = validation.state_dict()
+        if validation.best_checkpoint == str(path):
+            print0(f"best checkpoint so far: {path} (validation loss {validation.best_checkpoint_loss:.4f})")
+
+
 def peak_memory_gb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 1e9
@@ -641,20 +731,33 @@ def train(config: TrainConfig, d: Dist, stop: StopSignals) -> None:
             f"--model-name-or-path {config.model_name_or_path}: cannot load its config and tokenizer ({reason})"
         ) from None
     cache = load_data(config, d, hf_config.vocab_size)
-    planner = MultipackPlanner(
-        cache.lengths, config.batch_size, config.max_tokens_per_gpu, d.world_size, seed=config.seed
-    )
-    total_steps = count_total_steps(config, planner, len(cache))
-    print0(f"{len(cache)} samples, {int(cache.offsets[-1])} tokens, {planner.steps_per_epoch} steps per epoch, "
+    # With --validation-split the planner sees only the training samples, numbered 0..n-1; train_indices maps
+    # them back to the cache.
+    train_indices, held_out = None, None
+    if config.validation_split is not None:
+        train_indices, held_out = split_validation(len(cache), config.validation_split)
+    lengths, trained = cache.lengths, cache.trained
+    if train_indices is not None:
+        lengths, trained = lengths[train_indices], trained[train_indices]
+    planner = MultipackPlanner(lengths, config.batch_size, config.max_tokens_per_gpu, d.world_size, seed=config.seed)
+    total_steps = count_total_steps(config, planner, len(lengths))
+    print0(f"{len(lengths)} samples, {int(lengths.sum())} tokens, {planner.steps_per_epoch} steps per epoch, "
            f"{total_steps if total_steps is not None else 'unlimited'} steps")
-    data_fingerprint = checkpoint.data_fingerprint(cache.lengths, cache.trained)
+    validation = build_validation(config, d, cache, held_out, hf_config, tokenizer)
+    data_fingerprint = checkpoint.data_fingerprint(lengths, trained)
     resume = find_resume_point(config)
     if resume is not None:
         check_resumable(resume, config, data_fingerprint)
     metrics_path = out / "metrics.jsonl"
     raise_if_any_rank_failed(None, ConfigError)  # barrier: every rank has chosen `resume` before rank 0 tidies
+    generations_path = out / "generations.jsonl"
     if d.is_main:
         tidy_output_dir(config, resume, metrics_path)
+        if resume is None:
+            generations_path.unlink(missing_ok=True)
+        else:
+            checkpoint.trim_metrics(generations_path, checkpoint.checkpoint_step(resume))
+    tracker = open_tracker(config.tracker, out, asdict(config)) if d.is_main and config.tracker else None
 
     model = build_model(config, d)
     decay = [p for p in model.parameters() if p.ndim >= 2]
@@ -673,6 +776,8 @@ def train(config: TrainConfig, d: Dist, stop: StopSignals) -> None:
         saved = checkpoint.load(resume, model, optimizer, scheduler)
         state.update(step=saved["step"], samples_seen=saved["samples_seen"],
                      last_export_samples=saved["last_export_samples"])
+        if validation is not None and "validation" in saved:
+            validation.load_state_dict(saved["validation"])
         same_world = saved["world_size"] == d.world_size
         note = "" if same_world else f"; saved with world size {saved['world_size']}, RNG states not restored"
         print0(f"resumed from {resume}: step {state['step']}, {state['samples_seen']} samples seen{note}")
@@ -682,6 +787,8 @@ def train(config: TrainConfig, d: Dist, stop: StopSignals) -> None:
     for plan in planner.iter_steps(state["step"]):
         if total_steps is not None and plan.step >= total_steps:
             break
+        if train_indices is not None:
+            plan = replace(plan, micro_batches=[[train_indices[i] for i in micro] for micro in plan.micro_batches])
         t0 = time.perf_counter()
         all_indices = np.concatenate([idx for micro in plan.micro_batches for idx in micro])
         step_tokens = int(cache.lengths[all_indices].sum())
@@ -722,6 +829,15 @@ def train(config: TrainConfig, d: Dist, stop: StopSignals) -> None:
             "step_time_s": seconds,
             "elapsed_s": time.perf_counter() - started,
         }
+        every = config.min_samples_per_checkpoint
+        export = every is not None and samples_seen // every > last_saved // every
+        last_step = total_steps is not None and plan.step + 1 == total_steps  # exported after the loop
+        evaluation = None
+        samples_before = samples_seen - plan.num_samples
+        if validation is not None and validation.due(samples_before, samples_seen, export or last_step):
+            evaluation = validation.run(model, d.device, samples_seen)  # collective
+            record.update(validation_loss=evaluation.loss, validation_tokens=evaluation.tokens)
+            state["validation"] = validation.state_dict()
         if d.is_main:
             with open(metrics_path, "a") as f:
                 f.write(json.dumps(record) + "\n")
@@ -730,13 +846,22 @@ def train(config: TrainConfig, d: Dist, stop: StopSignals) -> None:
                 f"step {record['step']} | epoch {plan.epoch} | samples {samples_seen} | loss {loss:.4f} | "
                 f"lr {lr:.2e} | grad norm {grad_norm:.3f} | {record['tokens_per_s']:.0f} tok/s | "
                 f"pack {record['packing_utilisation']:.0%}"
+                + (f" | val loss {evaluation.loss:.4f}" if evaluation is not None else "")
             )
+            if evaluation is not None and evaluation.replies:
+                evaluator = validation.evaluator
+                generations = generation_records(tokenizer, evaluator.cache, evaluator.prompts, evaluation.replies,
+                                                 record["step"], samples_seen)
+                with open(generations_path, "a") as f:
+                    f.writelines(json.dumps(g) + "\n" for g in generations)
+                for g in generations:
+                    progress.write(f"  sample line {g['data_line']}: ...{g['prompt'][-80:]!r} -> {g['reply']!r}")
+            if tracker is not None:
+                tracker.log(record, record["step"])
         state.update(step=plan.step + 1, samples_seen=samples_seen)
         signum = stop.agreed(d.device)  # collective: all ranks stop after the same step
-        every = config.min_samples_per_checkpoint
-        export = every is not None and samples_seen // every > last_saved // every
         if export:
-            print0(f"saved {save_checkpoint(model, tokenizer, config, d, samples_seen)}")
+            export_checkpoint(model, tokenizer, config, d, samples_seen, validation, state)
             last_saved = state["last_export_samples"] = samples_seen
         stop_now = signum and state["step"] != total_steps  # after the last step the run ends normally anyway
         every_steps = config.checkpoint_every_steps
@@ -747,13 +872,25 @@ def train(config: TrainConfig, d: Dist, stop: StopSignals) -> None:
             progress.close()
             print0(f"stopped by {signal.Signals(signum).name} after step {state['step']}; "
                    f"run the same command again to resume")
+            if tracker is not None:
+                tracker.close()
             return
+        if validation is not None and validation.should_stop:
+            stopper = validation.stopper
+            print0(f"early stopping after step {state['step']}: the validation loss has not improved on its best "
+                   f"({stopper.best_loss:.4f} at {stopper.best_samples} samples) by more than {stopper.min_delta} "
+                   f"for {stopper.patience} evaluations")
+            break
     progress.close()
     if samples_seen != last_saved:
-        print0(f"saved {save_checkpoint(model, tokenizer, config, d, samples_seen)}")
+        export_checkpoint(model, tokenizer, config, d, samples_seen, validation, state)
         last_saved = state["last_export_samples"] = samples_seen
     if state["step"] != last_full:
         print0(f"saved {save_full_state(model, optimizer, scheduler, config, d, state['step'], state)}")
+    if validation is not None:
+        print0(f"validation: {validation.summary()}")
+    if tracker is not None:
+        tracker.close()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -766,7 +903,7 @@ def main(argv: list[str] | None = None) -> int:
         stop.install()
         d = init_distributed(config.distributed_backend)
         train(config, d, stop)
-    except (ConfigError, DataError, SamplerError, TrainingError, CheckpointError) as e:
+    except (ConfigError, DataError, SamplerError, TrainingError, CheckpointError, EvalError) as e:
         print(f"{prefix}train.py: error: {e}", file=sys.stderr, flush=True)
         return 1
     finally:

@@ -141,6 +141,174 @@ def test_sharded_validation_loss_and_generations_on_two_ranks_match_a_direct_com
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# train.py with evaluation: the same trajectory, the records, the generations, the picture
+
+
+def dropout_model(tiny_dir: Path, out: Path) -> Path:
+    """The tiny Llama with attention dropout: evaluation left in eval mode, or drawing from the training's random
+    stream, would change the training losses after it."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_dir)
+    model.config.attention_dropout = 0.2
+    model.save_pretrained(out)
+    AutoTokenizer.from_pretrained(tiny_dir).save_pretrained(out)
+    return out
+
+
+def train_in_process(args: list[str], capsys) -> tuple[list[dict], str]:
+    import train
+
+    capsys.readouterr()
+    code = train.main(args)
+    captured = capsys.readouterr()
+    assert code == 0, captured.err[-3000:]
+    out = Path(args[args.index("--output-dir") + 1])
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()], captured.out
+
+
+def test_evaluation_leaves_the_training_losses_unchanged_stops_early_and_is_logged_saved_and_plotted(
+    tmp_path, capsys, tiny_model_dir
+):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    import plot_run
+
+    model = dropout_model(tiny_model_dir("llama"), tmp_path / "model")
+    data = write_data(tmp_path / "train.jsonl", 16, vocab=700, seed=5)
+    validation = write_data(tmp_path / "validation.jsonl", 6, vocab=700, seed=6)
+    common = ["--data-path", str(data), "--model-name-or-path", str(model), "--batch-size", "4",
+              "--max-tokens-per-gpu", "64", "--max-steps", "6", "--learning-rate", "1e-3", "--save-dtype", "float32",
+              "--min-samples-per-checkpoint", "12", "--no-activation-checkpointing"]
+    plain, _ = train_in_process([*common, "--output-dir", str(tmp_path / "plain")], capsys)
+    out = tmp_path / "evaluated"
+    # min delta 100: only the first evaluation improves, so patience 2 stops at the third.
+    evaluated, stdout = train_in_process([
+        *common, "--output-dir", str(out), "--validation-data-path", str(validation), "--eval-every-samples", "8",
+        "--num-eval-generations", "2", "--eval-max-new-tokens", "4",
+        "--early-stopping-patience", "2", "--early-stopping-min-delta", "100",
+    ], capsys)
+
+    assert all("validation_loss" not in r for r in plain)  # nothing asked, nothing done
+    # Evaluated after 8 samples (every 8), 12 (an export) and 16 (every 8): the third stops the run.
+    assert [(r["step"], "validation_loss" in r) for r in evaluated] == [(1, False), (2, True), (3, True), (4, True)]
+    assert [r["loss"] for r in evaluated] == [r["loss"] for r in plain[:4]]  # bit for bit, dropout on
+    assert "early stopping after step 4" in stdout
+    assert sorted(p.name for p in (out / "hf_format").iterdir()) == ["samples_12", "samples_16"]
+
+    # The logged figure is the exact validation loss of the checkpoint exported at that point.
+    cache = open_cache(validation, tmp_path)
+    final = AutoModelForCausalLM.from_pretrained(out / "hf_format" / "samples_16", dtype=torch.float32)
+    direct = direct_validation_loss(final, cache, np.arange(len(cache)))
+    assert evaluated[-1]["validation_loss"] == pytest.approx(direct, rel=1e-5)
+    assert evaluated[-1]["validation_tokens"] == int(cache.trained.sum())
+    best = min(("samples_12", evaluated[2]["validation_loss"]), ("samples_16", evaluated[3]["validation_loss"]),
+               key=lambda c: c[1])[0]
+    summary = stdout.strip().splitlines()[-1]
+    assert summary.startswith("validation: ") and f"best checkpoint {out / 'hf_format' / best} " in summary
+    assert f"| val loss {evaluated[1]['validation_loss']:.4f}" in stdout  # on the step line
+
+    generations = [json.loads(line) for line in (out / "generations.jsonl").read_text().splitlines()]
+    assert [g["step"] for g in generations] == [2, 2, 3, 3, 4, 4]
+    assert all(g["prompt"] and g["reply"] and g["data_line"] in (1, 2) for g in generations)
+
+    assert plot_run.main([str(out)]) == 0
+    png = (out / "metrics.png").read_bytes()
+    assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 10_000
+
+
+def test_a_validation_split_is_never_trained_on_and_is_evaluated_at_the_end(tmp_path, capsys, tiny_model_dir):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    import evaluate
+
+    data = write_data(tmp_path / "data.jsonl", 20, vocab=700, seed=7)
+    out = tmp_path / "out"
+    records, stdout = train_in_process([
+        "--data-path", str(data), "--model-name-or-path", str(tiny_model_dir("qwen2")), "--output-dir", str(out),
+        "--batch-size", "5", "--max-tokens-per-gpu", "64", "--max-epochs", "2", "--learning-rate", "1e-3",
+        "--save-dtype", "float32", "--validation-split", "0.25", "--num-eval-generations", "0",
+    ], capsys)
+    cache = open_cache(data, tmp_path)
+    _, held_out = evaluate.split_validation(20, 0.25)
+    held_out_lines = set(cache.lines[held_out].tolist())
+    trained_lines = [line for r in records for line in r["sample_lines"]]
+    assert sorted(trained_lines) == sorted(2 * list(set(range(1, 21)) - held_out_lines))  # 2 epochs of the other 15
+    assert [r["step"] for r in records if "validation_loss" in r] == [6]  # no --eval-every-samples: at the end
+    final = AutoModelForCausalLM.from_pretrained(out / "hf_format" / "samples_30", dtype=torch.float32)
+    assert records[-1]["validation_loss"] == pytest.approx(direct_validation_loss(final, cache, held_out), rel=1e-5)
+    assert "15 samples" in stdout and "validation: 5 samples" in stdout
+    assert not (out / "generations.jsonl").exists()
+
+
+def test_torchrun_evaluates_exactly_generates_and_stops_early_on_two_ranks(tmp_path, tiny_model_dir):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import evaluate
+
+    data = write_data(tmp_path / "data.jsonl", 12, vocab=700, seed=8)
+    out = tmp_path / "out"
+    run = torchrun([
+        "train.py", "--data-path", str(data), "--model-name-or-path", str(tiny_model_dir("llama")),
+        "--output-dir", str(out), "--batch-size", "4", "--max-tokens-per-gpu", "64", "--max-steps", "5",
+        "--learning-rate", "1e-2", "--fsdp-sharding-strategy", "FULL_SHARD", "--save-dtype", "float32",
+        "--validation-split", "0.34", "--eval-every-samples", "4", "--num-eval-generations", "2",
+        "--eval-max-new-tokens", "4", "--early-stopping-patience", "1", "--early-stopping-min-delta", "100",
+    ])
+    assert run.returncode == 0, run.stderr[-3000:]
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "validation_loss" in r] == [1, 2]  # the second evaluation stops the run
+    assert "early stopping after step 2" in run.stdout
+
+    cache = open_cache(data, tmp_path)
+    _, held_out = evaluate.split_validation(len(cache), 0.34)
+    final_dir = out / "hf_format" / "samples_8"
+    final = AutoModelForCausalLM.from_pretrained(final_dir, dtype=torch.float32)
+    assert records[-1]["validation_loss"] == pytest.approx(direct_validation_loss(final, cache, held_out), rel=1e-5)
+    tokenizer = AutoTokenizer.from_pretrained(final_dir)
+    generations = [json.loads(line) for line in (out / "generations.jsonl").read_text().splitlines()]
+    for prompt, generation in zip(evaluate.generation_prompts(cache, held_out, 2), generations[2:]):
+        tokens = direct_greedy(final, prompt.prompt, 4)
+        if tokenizer.eos_token_id in tokens:
+            tokens = tokens[: tokens.index(tokenizer.eos_token_id) + 1]
+        assert generation["reply"] == tokenizer.decode(tokens, skip_special_tokens=True)
+    assert f"best checkpoint {out / 'hf_format'}" in run.stdout
+
+
+def test_every_evaluation_flag_problem_is_reported_together(tmp_path, capsys):
+    import train
+
+    data = write_data(tmp_path / "data.jsonl", 4, vocab=700)
+    capsys.readouterr()
+    code = train.main([
+        "--data-path", str(data), "--model-name-or-path", str(tmp_path), "--output-dir", str(tmp_path / "out"),
+        "--batch-size", "4", "--max-tokens-per-gpu", "64", "--validation-split", "1.5",
+        "--validation-data-path", str(tmp_path / "missing.jsonl"), "--eval-every-samples", "0",
+        "--num-eval-generations", "-1", "--early-stopping-min-delta", "-0.1", "--tracker", "mlflow",
+    ])
+    err = capsys.readouterr().err
+    assert code == 1 and len(err.strip().splitlines()) == 1
+    for message in (
+        "--validation-data-path and --validation-split each give a validation set; pass one of them",
+        "missing.jsonl: no such file", "--validation-split is the fraction of samples held out, in (0, 1); got 1.5",
+        "--eval-every-samples must be >= 1, got 0", "--num-eval-generations must be >= 0, got -1",
+        "--early-stopping-min-delta must be >= 0, got -0.1", "--tracker 'mlflow' is unknown",
+    ):
+        assert message in err
+    capsys.readouterr()
+    code = train.main(["--data-path", str(data), "--model-name-or-path", str(tmp_path), "--output-dir",
+                       str(tmp_path / "out"), "--batch-size", "4", "--max-tokens-per-gpu", "64",
+                       "--eval-every-samples", "8", "--early-stopping-patience", "2"])
+    err = capsys.readouterr().err
+    assert code == 1 and "--eval-every-samples and --early-stopping-patience need a validation set; pass " \
+                         "--validation-data-path or --validation-split" in err
+    assert not (tmp_path / "out").exists()
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # The split, early stopping and trackers (pure)
 
 
@@ -187,6 +355,9 @@ def test_trackers_log_the_numbers_of_each_record_and_a_missing_package_is_a_clea
         def add_scalar(self, tag, value, step):
             self.calls.append((tag, value, step))
 
+        def flush(self):
+            self.calls.append("flushed")
+
         def close(self):
             self.calls.append("closed")
 
@@ -205,7 +376,8 @@ def test_trackers_log_the_numbers_of_each_record_and_a_missing_package_is_a_clea
     for tracker in (TensorBoardTracker(writer), WandbTracker(run)):
         tracker.log(record, step=3)
         tracker.close()
-    assert writer.calls == [("step", 3.0, 3), ("loss", 1.5, 3), ("validation_loss", 1.7, 3), "closed"]
+    assert writer.calls == [("step", 3.0, 3), ("loss", 1.5, 3), ("validation_loss", 1.7, 3), "flushed",
+                            "closed"]
     assert run.calls == [({"step": 3.0, "loss": 1.5, "validation_loss": 1.7}, 3), "finished"]
 
     assert tracker_problem(None) is None
