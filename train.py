@@ -787,6 +787,12 @@ def train(config: TrainConfig, d: Dist, stop: StopSignals) -> None:
     for plan in planner.iter_steps(state["step"]):
         if total_steps is not None and plan.step >= total_steps:
             break
+        if validation is not None and validation.should_stop:  # here, not after the evaluation: a resumed run too
+            stopper = validation.stopper
+            print0(f"early stopping after step {plan.step}: the validation loss has not improved on its best "
+                   f"({stopper.best_loss:.4f} at {stopper.best_samples} samples) by more than {stopper.min_delta} "
+                   f"for {stopper.patience} evaluations")
+            break
         if train_indices is not None:
             plan = replace(plan, micro_batches=[[train_indices[i] for i in micro] for micro in plan.micro_batches])
         t0 = time.perf_counter()
@@ -875,12 +881,6 @@ def train(config: TrainConfig, d: Dist, stop: StopSignals) -> None:
             if tracker is not None:
                 tracker.close()
             return
-        if validation is not None and validation.should_stop:
-            stopper = validation.stopper
-            print0(f"early stopping after step {state['step']}: the validation loss has not improved on its best "
-                   f"({stopper.best_loss:.4f} at {stopper.best_samples} samples) by more than {stopper.min_delta} "
-                   f"for {stopper.patience} evaluations")
-            break
     progress.close()
     if samples_seen != last_saved:
         export_checkpoint(model, tokenizer, config, d, samples_seen, validation, state)

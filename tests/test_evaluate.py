@@ -278,6 +278,21 @@ def test_torchrun_evaluates_exactly_generates_and_stops_early_on_two_ranks(tmp_p
     assert f"best checkpoint {out / 'hf_format'}" in run.stdout
 
 
+def test_a_resumed_run_keeps_counting_towards_early_stopping(tmp_path, capsys, tiny_model_dir):
+    data = write_data(tmp_path / "data.jsonl", 16, vocab=700, seed=9)
+    args = ["--data-path", str(data), "--model-name-or-path", str(tiny_model_dir("llama")), "--output-dir",
+            str(tmp_path / "out"), "--batch-size", "4", "--max-tokens-per-gpu", "64", "--learning-rate", "1e-3",
+            "--validation-split", "0.25", "--eval-every-samples", "4", "--num-eval-generations", "0",
+            "--early-stopping-patience", "2", "--early-stopping-min-delta", "100"]
+    first, stdout = train_in_process([*args, "--max-steps", "2"], capsys)  # best, then 1 without improvement
+    assert len(first) == 2 and "early stopping" not in stdout
+    # Resumed from step 2: the evaluation after step 3 is the second without improvement. A fresh count would
+    # take step 3 as a new best and go on to step 5.
+    resumed, stdout = train_in_process([*args, "--max-steps", "5"], capsys)
+    assert "resumed from" in stdout and "early stopping after step 3" in stdout
+    assert [r["step"] for r in resumed] == [1, 2, 3]
+
+
 def test_every_evaluation_flag_problem_is_reported_together(tmp_path, capsys):
     import train
 
