@@ -92,7 +92,8 @@ def main() -> None:
          "train.py", "--data-path", tokenized, "--output-dir", run_dir, "--model-name-or-path", model_dir,
          "--batch-size", args.batch_size, "--max-tokens-per-gpu", 1024, "--learning-rate", 1e-4,
          "--num-warmup-steps", 2, "--max-steps", args.max_steps, "--min-samples-per-checkpoint", 10_000_000,
-         "--seed", 42, "--no-activation-checkpointing"])  # 135M params: memory is no issue here
+         "--seed", 42, "--no-activation-checkpointing",  # 135M params: memory is no issue here
+         "--validation-split", 0.02, "--eval-every-samples", 64, "--num-eval-generations", 1])
     print_loss_curve(run_dir / "metrics.jsonl")
     plot_run.main([str(run_dir)])  # run/metrics.png; only a one-line note when matplotlib is not installed
 
@@ -105,7 +106,7 @@ def main() -> None:
 
     banner(f"done in {time.time() - started:.0f} s")
     print(f"model:        {model_dir}\nraw data:     {raw}\ntokenized:    {tokenized}\n"
-          f"run:          {run_dir} (config, metrics.jsonl, hf_format/)\ncheckpoint:   {checkpoint}")
+          f"run:          {run_dir} (config, metrics.jsonl, metrics.png, generations.jsonl, hf_format/)\ncheckpoint:   {checkpoint}")
 
 
 if __name__ == "__main__":

@@ -29,7 +29,7 @@ from tqdm import tqdm
 import checkpoint
 from checkpoint import CheckpointError, StopSignals
 from data import DataError, TokenCache, build_token_cache, cache_dir_for, make_pack, open_token_cache
-from evaluate import (
+from validation import (
     TRACKERS, EarlyStopping, EvalError, Validation, build_evaluator, generation_records, open_tracker,
     split_validation, tracker_problem,
 )

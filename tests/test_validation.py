@@ -1,4 +1,4 @@
-"""evaluate.py: exact validation loss (1 and 2 processes), greedy generations, the split, early stopping, trackers.
+"""validation.py: exact validation loss (1 and 2 processes), greedy generations, the split, early stopping, trackers.
 
 The 2-process check runs this file as the torchrun script (see `eval_worker`): FSDP2-sharded evaluation through
 train.py's own model setup, compared on rank 0 with a direct computation on the unsharded Hugging Face model.
@@ -60,14 +60,14 @@ def test_validation_loss_and_generations_match_a_direct_computation_in_one_proce
     import torch
     from transformers import AutoModelForCausalLM
 
-    import evaluate
+    import validation
     from loss import CausalLMLoss
 
     cache = open_cache(write_data(tmp_path / "data.jsonl", 24, vocab=700, seed=3), tmp_path)
-    train_idx, val_idx = evaluate.split_validation(len(cache), 0.5)
+    train_idx, val_idx = validation.split_validation(len(cache), 0.5)
     lm = AutoModelForCausalLM.from_pretrained(tiny_model_dir("llama"), dtype=torch.float32)
     model = CausalLMLoss(lm).train()
-    evaluator = evaluate.build_evaluator(cache, val_idx, CAP, world_size=1, rank=0, num_generations=2,
+    evaluator = validation.build_evaluator(cache, val_idx, CAP, world_size=1, rank=0, num_generations=2,
                                          max_new_tokens=5, eos_token_ids=[])
     assert len(evaluator.packs) > 1  # several packs: the sum really is over packs
     torch.manual_seed(7)
@@ -94,16 +94,16 @@ def eval_worker(model_dir: str, data_path: str, out_dir: str) -> None:
     import torch
     from transformers import AutoModelForCausalLM
 
-    import evaluate
+    import validation
     import train
 
     d = train.init_distributed("auto")
     config = train.TrainConfig(data_path=data_path, model_name_or_path=model_dir, output_dir=out_dir, batch_size=2,
                                max_tokens_per_gpu=CAP, fsdp_sharding_strategy="FULL_SHARD")
     cache = train.load_data(config, d, vocab_size=10**6)
-    _, val_idx = evaluate.split_validation(len(cache), 0.5)
+    _, val_idx = validation.split_validation(len(cache), 0.5)
     model = train.build_model(config, d)
-    evaluator = evaluate.build_evaluator(cache, val_idx, CAP, d.world_size, d.rank, num_generations=2,
+    evaluator = validation.build_evaluator(cache, val_idx, CAP, d.world_size, d.rank, num_generations=2,
                                          max_new_tokens=5, eos_token_ids=[])
     result = evaluator.run(model, d.device)
     resharded = all(isinstance(p, torch.distributed.tensor.DTensor) for p in model.parameters())
@@ -222,7 +222,7 @@ def test_a_validation_split_is_never_trained_on_and_is_evaluated_at_the_end(tmp_
     import torch
     from transformers import AutoModelForCausalLM
 
-    import evaluate
+    import validation
 
     data = write_data(tmp_path / "data.jsonl", 20, vocab=700, seed=7)
     out = tmp_path / "out"
@@ -232,7 +232,7 @@ def test_a_validation_split_is_never_trained_on_and_is_evaluated_at_the_end(tmp_
         "--save-dtype", "float32", "--validation-split", "0.25", "--num-eval-generations", "0",
     ], capsys)
     cache = open_cache(data, tmp_path)
-    _, held_out = evaluate.split_validation(20, 0.25)
+    _, held_out = validation.split_validation(20, 0.25)
     held_out_lines = set(cache.lines[held_out].tolist())
     trained_lines = [line for r in records for line in r["sample_lines"]]
     assert sorted(trained_lines) == sorted(2 * list(set(range(1, 21)) - held_out_lines))  # 2 epochs of the other 15
@@ -247,7 +247,7 @@ def test_torchrun_evaluates_exactly_generates_and_stops_early_on_two_ranks(tmp_p
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    import evaluate
+    import validation
 
     data = write_data(tmp_path / "data.jsonl", 12, vocab=700, seed=8)
     out = tmp_path / "out"
@@ -264,13 +264,13 @@ def test_torchrun_evaluates_exactly_generates_and_stops_early_on_two_ranks(tmp_p
     assert "early stopping after step 2" in run.stdout
 
     cache = open_cache(data, tmp_path)
-    _, held_out = evaluate.split_validation(len(cache), 0.34)
+    _, held_out = validation.split_validation(len(cache), 0.34)
     final_dir = out / "hf_format" / "samples_8"
     final = AutoModelForCausalLM.from_pretrained(final_dir, dtype=torch.float32)
     assert records[-1]["validation_loss"] == pytest.approx(direct_validation_loss(final, cache, held_out), rel=1e-5)
     tokenizer = AutoTokenizer.from_pretrained(final_dir)
     generations = [json.loads(line) for line in (out / "generations.jsonl").read_text().splitlines()]
-    for prompt, generation in zip(evaluate.generation_prompts(cache, held_out, 2), generations[2:]):
+    for prompt, generation in zip(validation.generation_prompts(cache, held_out, 2), generations[2:]):
         tokens = direct_greedy(final, prompt.prompt, 4)
         if tokenizer.eos_token_id in tokens:
             tokens = tokens[: tokens.index(tokenizer.eos_token_id) + 1]
@@ -328,7 +328,7 @@ def test_every_evaluation_flag_problem_is_reported_together(tmp_path, capsys):
 
 
 def test_validation_split_is_exact_disjoint_fixed_and_stable_when_samples_are_appended():
-    from evaluate import EvalError, split_validation
+    from validation import EvalError, split_validation
 
     train_idx, val_idx = split_validation(1000, 0.1)
     assert len(val_idx) == 100 and len(train_idx) == 900
@@ -343,7 +343,7 @@ def test_validation_split_is_exact_disjoint_fixed_and_stable_when_samples_are_ap
 
 
 def test_early_stopping_stops_after_patience_evaluations_without_a_real_improvement():
-    from evaluate import EarlyStopping
+    from validation import EarlyStopping
 
     stopper = EarlyStopping(patience=2, min_delta=0.05)
     history = []
@@ -361,7 +361,7 @@ def test_early_stopping_stops_after_patience_evaluations_without_a_real_improvem
 def test_trackers_log_the_numbers_of_each_record_and_a_missing_package_is_a_clear_error(monkeypatch):
     import importlib.util
 
-    from evaluate import TensorBoardTracker, WandbTracker, tracker_problem
+    from validation import TensorBoardTracker, WandbTracker, tracker_problem
 
     class Writer:  # the SummaryWriter calls the tracker makes
         def __init__(self):
