@@ -9,6 +9,7 @@ Label shift: position t of a sample predicts labels[t + 1] of the SAME sample. T
 nothing, so no sample ever learns to predict the first token of the next sample in its pack.
 """
 
+import hashlib
 import json
 import os
 import shutil
@@ -20,7 +21,7 @@ import orjson
 import torch
 
 IGNORE = -100
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: meta.json holds the content hash
 
 
 class DataError(ValueError):
@@ -36,6 +37,7 @@ class TokenCache:
     lines: np.ndarray  # (num_samples,) int64, 1-based line of each sample in the data file, memory-mapped
     max_token_id: int
     skipped_lines: tuple[int, ...]  # lines dropped because nothing in them is trained after the shift
+    content_hash: str  # blake2b of input_ids and labels: the tokens themselves, for the resume check
 
     @property
     def lengths(self) -> np.ndarray:
@@ -66,10 +68,14 @@ def parse_row(raw: bytes, where: str) -> tuple[np.ndarray, np.ndarray]:
     arrays = []
     for key in ("input_ids", "labels"):
         values = row[key]
-        array = np.asarray(values) if isinstance(values, list) and values else None
-        if array is None or array.ndim != 1 or array.dtype.kind != "i":
-            raise DataError(f"{where}: {key!r} must be a non-empty list of integers; {fix}")
-        arrays.append(array)
+        # Exactly Python ints: no floats, no nested lists (np.asarray would raise on ragged ones), no bools (an int
+        # subclass that np.asarray would quietly turn into 0 and 1).
+        if not (isinstance(values, list) and values and set(map(type, values)) == {int}):
+            raise DataError(f"{where}: {key!r} must be a non-empty list of integers (flat, no booleans); {fix}")
+        try:
+            arrays.append(np.array(values, dtype=np.int64))
+        except OverflowError:
+            raise DataError(f"{where}: {key!r} holds an integer outside the 64-bit range; {fix}") from None
     input_ids, labels = arrays
     if len(input_ids) != len(labels):
         raise DataError(f"{where}: {len(input_ids)} input_ids but {len(labels)} labels; they must match; {fix}")
@@ -98,6 +104,7 @@ def build_token_cache(data_path: Path, cache_dir: Path) -> None:
     tmp.mkdir(parents=True)
     offsets, trained, lines, skipped = [0], [], [], []
     max_token_id = -1
+    ids_hash, labels_hash = hashlib.blake2b(digest_size=16), hashlib.blake2b(digest_size=16)
     try:
         ids_out, labels_out = open(tmp / "input_ids.bin", "wb"), open(tmp / "labels.bin", "wb")
         with open(data_path, "rb") as f, ids_out, labels_out:
@@ -111,6 +118,8 @@ def build_token_cache(data_path: Path, cache_dir: Path) -> None:
                     continue
                 input_ids.tofile(ids_out)
                 labels.tofile(labels_out)
+                ids_hash.update(input_ids.tobytes())
+                labels_hash.update(labels.tobytes())
                 offsets.append(offsets[-1] + len(input_ids))
                 trained.append(n_trained)
                 lines.append(line_no)
@@ -120,7 +129,10 @@ def build_token_cache(data_path: Path, cache_dir: Path) -> None:
         np.save(tmp / "offsets.npy", np.asarray(offsets, dtype=np.int64))
         np.save(tmp / "trained.npy", np.asarray(trained, dtype=np.int64))
         np.save(tmp / "lines.npy", np.asarray(lines, dtype=np.int64))
-        meta = {"source": str(data_path), "max_token_id": max_token_id, "skipped_lines": skipped}
+        # The sample boundaries are in offsets; these two hashes pin down the tokens and labels within them.
+        content_hash = hashlib.blake2b(ids_hash.digest() + labels_hash.digest(), digest_size=16).hexdigest()
+        meta = {"source": str(data_path), "max_token_id": max_token_id, "skipped_lines": skipped,
+                "content_hash": content_hash}
         (tmp / "meta.json").write_text(json.dumps(meta))
         try:
             tmp.rename(cache_dir)
@@ -145,6 +157,7 @@ def open_token_cache(cache_dir: Path) -> TokenCache:
         lines=np.load(cache_dir / "lines.npy", mmap_mode="r"),
         max_token_id=meta["max_token_id"],
         skipped_lines=tuple(meta["skipped_lines"]),
+        content_hash=meta["content_hash"],
     )
 
 

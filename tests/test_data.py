@@ -52,6 +52,12 @@ BAD_ROWS = [
     ('{"input_ids": [1, 2], "labels": [1, 2], "len": 3}', "'len' is 3"),
     ('{"input_ids": [1, 2], "labels": [-100, 5]}', "labels[1] = 5 but input_ids[1] = 2"),
     ('{"input_ids": [-1, 2], "labels": [-100, 2]}', "input_ids must be in"),
+    ('{"input_ids": [[5], [6, 7]], "labels": [[5], [6, 7]]}', "'input_ids' must be a non-empty list of integers"),
+    ('{"input_ids": [[5, 6], [7, 8]], "labels": [-100, 6]}', "'input_ids' must be a non-empty list of integers"),
+    ('{"input_ids": [5, 6], "labels": [[-100], [6]]}', "'labels' must be a non-empty list of integers"),
+    ('{"input_ids": [true, 1], "labels": [-100, 1]}', "'input_ids' must be a non-empty list of integers"),
+    ('{"input_ids": [5, "6"], "labels": [-100, 6]}', "'input_ids' must be a non-empty list of integers"),
+    ('{"input_ids": [5, 6], "labels": [-100, 18446744073709551615]}', "'labels' holds an integer outside"),
     ('[1, 2]', "expected a JSON object"),
     ('{"input_ids": [1, 2', "not valid JSON"),
 ]
@@ -66,6 +72,18 @@ def test_bad_row_names_file_and_line_and_leaves_no_cache(tmp_path, bad, message)
         build_token_cache(data, cache_dir)
     assert str(e.value).startswith(f"{data}:2: ") and message in str(e.value)
     assert list((tmp_path / "cache").iterdir()) == []  # no half-written cache, no temp folder
+
+
+def test_content_hash_follows_the_tokens_not_only_the_lengths(tmp_path):
+    same_shape = [dict(r, input_ids=[t + 1 if lab == IGNORE else t for t, lab in zip(r["input_ids"], r["labels"])])
+                  for r in ROWS]  # every prompt token changed; lengths, labels and trained counts kept
+    relabelled = [dict(ROWS[0], labels=[-100, 2, 3, 4]), *ROWS[1:]]  # one more trained token
+    hashes = []
+    for name, rows in (("a", ROWS), ("b", ROWS), ("c", same_shape), ("d", relabelled)):
+        (tmp_path / name).mkdir()
+        hashes.append(cache_of(tmp_path / name, rows).content_hash)
+    assert hashes[0] == hashes[1]  # a deterministic function of the rows
+    assert len(set(hashes[1:])) == 3
 
 
 def test_no_trainable_sample_at_all_is_an_error(tmp_path):
