@@ -60,6 +60,10 @@ FREE_ON_RESUME = (
 )
 
 
+# What trainer_state.json must hold for a run to resume from it.
+TRAINER_STATE = ("step", "samples_seen", "last_export_samples", "data", "scheduler", "world_size")
+
+
 class CheckpointError(RuntimeError):
     """A checkpoint cannot be written, found or used; raised identically on every rank."""
 
@@ -94,13 +98,24 @@ def latest_checkpoint(root: Path) -> Path | None:
 
 
 def remove_unfinished(root: Path) -> list[Path]:
-    """Delete the `.step_<N>.tmp` folders of saves that were killed; return them (rank 0 only, before training)."""
+    """Delete the `.step_<N>*.tmp` folders of saves that were killed; return them (rank 0 only, before training)."""
     if not root.is_dir():
         return []
     stale = [p for p in root.iterdir() if p.name.startswith(".step_") and p.name.endswith(".tmp")]
     for path in stale:
         shutil.rmtree(path)
     return stale
+
+
+def remove_later(root: Path, step: int) -> list[Path]:
+    """Delete the complete checkpoints after `step`: resuming from `step` abandons them (rank 0 only, before training).
+
+    Left in place, they would be taken for this run's newest checkpoints by pruning and by the next plain restart.
+    """
+    later = [p for p in complete_checkpoints(root) if checkpoint_step(p) > step]
+    for path in later:
+        shutil.rmtree(path)
+    return later
 
 
 def prune(root: Path, keep: int) -> list[Path]:
@@ -115,12 +130,33 @@ def prune(root: Path, keep: int) -> list[Path]:
 # Compatibility of a checkpoint with the flags of the run that resumes from it
 
 
-def data_fingerprint(lengths: np.ndarray, trained: np.ndarray) -> str:
-    """Identifies the training data by what the run sees of it: every sample's length and trained tokens."""
+def data_fingerprint(lengths: np.ndarray, trained: np.ndarray, content_hash: str) -> str:
+    """Identifies the training data by what the run sees of it: every sample's length and trained tokens, and the
+    token cache's hash of the tokens and labels themselves (so data re-tokenized to the same lengths differs)."""
     h = hashlib.sha256()
     h.update(np.ascontiguousarray(lengths, dtype=np.int64).tobytes())
     h.update(np.ascontiguousarray(trained, dtype=np.int64).tobytes())
+    h.update(content_hash.encode())
     return f"{len(lengths)} samples, {int(np.sum(lengths))} tokens, sha256 {h.hexdigest()[:16]}"
+
+
+def read_saved_run(path: Path) -> tuple[dict, dict]:
+    """(training_config.json, trainer_state.json) of a checkpoint, or a CheckpointError saying why it cannot resume."""
+    try:
+        config, state = read_json(path / "training_config.json"), read_json(path / "trainer_state.json")
+    except (OSError, ValueError) as e:
+        raise CheckpointError(
+            f"cannot resume from {path}: {' '.join(str(e).split())}; pass another checkpoint or --fresh"
+        ) from None
+    groups = (FIXED_ON_RESUME, CHANGE_THE_RUN, STOP_CONDITIONS, ("data_path",))
+    missing = [k for group in groups for k in group if k not in config]
+    missing += [f"trainer_state.json {k!r}" for k in TRAINER_STATE if k not in state]
+    if missing:
+        raise CheckpointError(
+            f"cannot resume from {path}: written by another version of minitrain (no {', '.join(missing)}); "
+            f"start over with --fresh"
+        )
+    return config, state
 
 
 def config_problems(saved: dict, current: dict, saved_data: str, current_data: str, allow_change: bool) -> list[str]:
@@ -191,10 +227,16 @@ def save(
             write_json(tmp / "trainer_state.json", {**trainer_state, "step": step, "world_size": world_size})
             write_json(tmp / "training_config.json", config)
             write_json(tmp / COMPLETE, {"step": step})  # last: the folder is complete from here on
-            if final.exists():  # the same step saved by an earlier run in this folder (e.g. before --fresh)
-                shutil.rmtree(final)
+            # The same step saved before (e.g. by a run resumed from another output folder): move it aside whole
+            # before deleting it, so a kill never leaves a `step_<N>` with COMPLETE and some shards gone. The
+            # `.tmp` name gets it removed at the next start if the kill comes first.
+            replaced = root / f".step_{step}.replaced.tmp"
+            if final.exists():
+                shutil.rmtree(replaced, ignore_errors=True)
+                final.rename(replaced)
             tmp.rename(final)
             fsync_dir(root)
+            shutil.rmtree(replaced, ignore_errors=True)
         except OSError as e:
             error = e
     raise_together(error, f"cannot complete checkpoint {final}")  # nobody goes on before the rename

@@ -73,7 +73,7 @@ class TrainConfig:
     keep_last_n_checkpoints: int | None = None  # None = keep all full-state checkpoints
     keep_last_n_exports: int | None = None  # None = keep every Hugging Face export
     resume_from: str | None = None  # default: the newest complete checkpoint in output_dir, if any
-    fresh: bool = False  # start over: delete output_dir's full-state checkpoints instead of resuming
+    fresh: bool = False  # start over: delete output_dir's full-state checkpoints (exports are moved aside)
     allow_config_change: bool = False  # resume even if flags that change the run differ from the checkpoint's
     weight_decay: float = 0.0  # applied to matrices only, not to norms and biases
     adam_beta1: float = 0.9
@@ -120,7 +120,7 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
     p.add_argument("--keep-last-n-checkpoints", type=int, help="delete older full-state checkpoints (exports stay)")
     p.add_argument("--keep-last-n-exports", type=int, help="delete older hf_format exports (default: keep all)")
     p.add_argument("--resume-from", help="a checkpoints/step_<N> folder (default: the newest in --output-dir)")
-    p.add_argument("--fresh", action="store_true", help="start over: delete --output-dir's full-state checkpoints")
+    p.add_argument("--fresh", action="store_true", help="start over: delete --output-dir's full-state checkpoints (its exports are moved aside, not deleted)")
     p.add_argument(
         "--allow-config-change", action="store_true",
         help="resume even if the data, model, batch size, seed, schedule or stop flags differ from the checkpoint's",
@@ -340,8 +340,9 @@ def load_data(config: TrainConfig, d: Dist, vocab_size: int, path: str | None = 
             build_token_cache(data_path, cache_dir)
         except DataError as e:
             error = e
-        except OSError as e:  # e.g. a full disk: still tell the other ranks, or they wait forever
-            error = DataError(f"cannot build the token cache in {cache_dir}: {e}")
+        except Exception as e:  # e.g. a full disk: still tell the other ranks, or they wait forever
+            reason = " ".join(f"{type(e).__name__}: {e}".split())  # one line, whatever the exception says
+            error = DataError(f"cannot build the token cache in {cache_dir} from {data_path}: {reason}")
     raise_if_any_rank_failed(error, DataError)
     cache = open_token_cache(cache_dir)
     if cache.skipped_lines:
@@ -558,7 +559,7 @@ def save_checkpoint(model: CausalLMLoss, tokenizer, config: TrainConfig, d: Dist
         try:
             write_hf_folder(model.lm, state, tokenizer, config, final)
             if config.keep_last_n_exports is not None:
-                for old in prune_exports(final.parent, config.keep_last_n_exports):
+                for old in prune_exports(final.parent, config.keep_last_n_exports, final):
                     print0(f"removed {old} (--keep-last-n-exports {config.keep_last_n_exports})")
         except OSError as e:
             error = TrainingError(f"could not write checkpoint {final}: {e}")
@@ -566,10 +567,24 @@ def save_checkpoint(model: CausalLMLoss, tokenizer, config: TrainConfig, d: Dist
     return final
 
 
-def prune_exports(hf_dir: Path, keep: int) -> list[Path]:
-    """Delete all but the newest `keep` samples_<N> folders; return what was deleted."""
-    exports = [p for p in hf_dir.iterdir() if re.fullmatch(r"samples_\d+", p.name)]
-    old = sorted(exports, key=lambda p: int(p.name.removeprefix("samples_")))[:-keep]
+def export_samples(path: Path) -> int | None:
+    """N for an `hf_format/samples_<N>` folder, else None."""
+    match = re.fullmatch(r"samples_(\d+)", path.name)
+    return int(match.group(1)) if match else None
+
+
+def exports_after(hf_dir: Path, samples: int) -> list[Path]:
+    """The samples_<N> folders with N > `samples`, oldest first."""
+    if not hf_dir.is_dir():
+        return []
+    found = [p for p in hf_dir.iterdir() if export_samples(p) is not None and export_samples(p) > samples]
+    return sorted(found, key=export_samples)
+
+
+def prune_exports(hf_dir: Path, keep: int, written: Path) -> list[Path]:
+    """Delete all but the newest `keep` samples_<N> folders up to `written`, the export just written (always kept)."""
+    exports = [p for p in exports_after(hf_dir, -1) if export_samples(p) <= export_samples(written)]
+    old = exports[:-keep]
     for path in old:
         shutil.rmtree(path)
     return old
@@ -626,19 +641,26 @@ def find_resume_point(config: TrainConfig) -> Path | None:
     return checkpoint.latest_checkpoint(checkpoint.checkpoint_root(config.output_dir))
 
 
-def check_resumable(path: Path, config: TrainConfig, data_fingerprint: str) -> None:
-    """Refuse, before any weights load, a resume whose flags or data would make a different run."""
-    saved_config = checkpoint.read_json(path / "training_config.json")
-    saved_data = checkpoint.read_json(path / "trainer_state.json")["data"]
+def check_resumable(path: Path, config: TrainConfig, data_fingerprint: str) -> int:
+    """Refuse, before any weights load, a resume whose flags or data would make a different run; return the
+    checkpoint's samples seen."""
+    saved_config, saved_state = checkpoint.read_saved_run(path)
     problems = checkpoint.config_problems(
-        saved_config, asdict(config), saved_data, data_fingerprint, config.allow_config_change
+        saved_config, asdict(config), saved_state["data"], data_fingerprint, config.allow_config_change
     )
     if problems:
         raise ConfigError(f"cannot resume from {path}: {'; '.join(problems)}")
+    return saved_state["samples_seen"]
 
 
-def tidy_output_dir(config: TrainConfig, resume: Path | None, metrics_path: Path) -> None:
-    """Rank 0, once every rank has chosen where to resume: drop killed saves, old runs' state and later log lines."""
+def tidy_output_dir(config: TrainConfig, resume: Path | None, resumed_samples: int, metrics_path: Path) -> None:
+    """Rank 0, once every rank has chosen where to resume: drop killed saves, another trajectory's checkpoints, set
+    its exports aside, and drop later log lines.
+
+    What this run does not continue is another trajectory: with no checkpoint to resume (a first start or --fresh),
+    everything already in the folder; resuming from step k, every checkpoint after k and every export after k's
+    samples. Left in place, pruning and the next restart would take them for this run's own.
+    """
     root = checkpoint.checkpoint_root(config.output_dir)
     for path in checkpoint.remove_unfinished(root):
         print0(f"removed {path}, a checkpoint whose save was interrupted")
@@ -646,12 +668,35 @@ def tidy_output_dir(config: TrainConfig, resume: Path | None, metrics_path: Path
         old = checkpoint.complete_checkpoints(root)
         shutil.rmtree(root)
         print0(f"--fresh: removed {len(old)} full-state checkpoints of the earlier run in {root}")
+    if resume is not None:
+        for path in checkpoint.remove_later(root, checkpoint.checkpoint_step(resume)):
+            print0(f"removed {path}: this run resumes from {resume}, so its later checkpoints are another run's")
+    out = Path(config.output_dir)
     if resume is None:
+        set_aside_exports(out, -1, "this run starts over")
         metrics_path.unlink(missing_ok=True)  # a new run in an old output folder starts a new log
         return
+    set_aside_exports(out, resumed_samples, f"this run resumes from {resume} at {resumed_samples} samples")
     dropped = checkpoint.trim_metrics(metrics_path, checkpoint.checkpoint_step(resume))
     if dropped:
         print0(f"{metrics_path}: removed {dropped} lines logged after the checkpoint (those steps run again)")
+
+
+def set_aside_exports(out: Path, samples: int, reason: str) -> None:
+    """Move the exports after `samples` (another run's) to a new <out>/hf_format.earlier_run_<K>: they are models
+    someone may want, so they are kept, but never mixed with (or pruned in favour of) this run's own."""
+    later = exports_after(out / "hf_format", samples)
+    if not later:
+        return
+    k = 1
+    while (out / f"hf_format.earlier_run_{k}").exists():
+        k += 1
+    aside = out / f"hf_format.earlier_run_{k}"
+    aside.mkdir()
+    for path in later:
+        path.rename(aside / path.name)
+    print0(f"moved {len(later)} exports of an earlier run ({', '.join(p.name for p in later)}) to {aside}: "
+           f"{reason}; delete them if not needed")
 
 
 def save_full_state(model, optimizer, scheduler, config: TrainConfig, d: Dist, step: int, trainer_state: dict) -> Path:
@@ -744,15 +789,16 @@ def train(config: TrainConfig, d: Dist, stop: StopSignals) -> None:
     print0(f"{len(lengths)} samples, {int(lengths.sum())} tokens, {planner.steps_per_epoch} steps per epoch, "
            f"{total_steps if total_steps is not None else 'unlimited'} steps")
     validation = build_validation(config, d, cache, held_out, hf_config, tokenizer)
-    data_fingerprint = checkpoint.data_fingerprint(lengths, trained)
+    data_fingerprint = checkpoint.data_fingerprint(lengths, trained, cache.content_hash)
     resume = find_resume_point(config)
+    resumed_samples = 0
     if resume is not None:
-        check_resumable(resume, config, data_fingerprint)
+        resumed_samples = check_resumable(resume, config, data_fingerprint)
     metrics_path = out / "metrics.jsonl"
     raise_if_any_rank_failed(None, ConfigError)  # barrier: every rank has chosen `resume` before rank 0 tidies
     generations_path = out / "generations.jsonl"
     if d.is_main:
-        tidy_output_dir(config, resume, metrics_path)
+        tidy_output_dir(config, resume, resumed_samples, metrics_path)
         if resume is None:
             generations_path.unlink(missing_ok=True)
         else:

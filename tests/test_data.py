@@ -115,3 +115,21 @@ def test_dummy_pack_is_one_token_with_no_target(tmp_path):
     pack = make_pack(cache_of(tmp_path, ROWS), np.array([], dtype=np.int64))
     assert pack.input_ids.shape == (1, 1) and pack.positions.numel() == 0 and pack.num_tokens == 0
     assert IGNORE not in pack.targets.tolist()
+
+
+def test_any_failure_while_building_the_cache_is_one_data_error_line(tmp_path, monkeypatch):
+    import torch
+
+    import train
+
+    def fails(data_path, cache_dir):
+        raise RuntimeError("an unforeseen failure\nover two lines")
+
+    # Every rank must get an error it reports, never a traceback that leaves the others in a collective.
+    monkeypatch.setattr(train, "build_token_cache", fails)
+    data = write_rows(tmp_path / "data.jsonl", ROWS)
+    config = train.TrainConfig(str(data), "m", str(tmp_path / "out"), batch_size=4, max_tokens_per_gpu=64)
+    with pytest.raises(DataError) as e:
+        train.load_data(config, train.Dist(0, 0, 1, 1, torch.device("cpu")), vocab_size=100)
+    assert str(e.value).startswith("cannot build the token cache in ") and f"from {data}: " in str(e.value)
+    assert str(e.value).endswith("RuntimeError: an unforeseen failure over two lines")

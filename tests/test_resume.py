@@ -272,8 +272,81 @@ def test_fresh_discards_old_state_and_a_non_finite_loss_keeps_the_last_good_chec
     assert json.loads((saves / "step_1" / "trainer_state.json").read_text())["step"] == 1
 
 
+def test_resuming_an_older_checkpoint_abandons_the_later_ones_and_a_fresh_start_sets_old_exports_aside(
+    setup, capsys, tmp_path
+):
+    root, data, model_dir = setup
+    out = tmp_path / "out"
+    saves, exports = out / "checkpoints", out / "hf_format"
+    args = [*train_args(data, model_dir, out), "--lr-scheduler", "constant", "--checkpoint-every-steps", "1",
+            "--keep-last-n-checkpoints", "10"]
+    assert run_main(args, capsys)[0] == 0  # 6 steps, a checkpoint at each, exports at 8, 16 and 24 samples
+    first = metrics(out)
+
+    # Back to step 2 (8 samples), pruning both kinds: the later steps are another trajectory now.
+    rewind = [*args, "--resume-from", str(saves / "step_2"), "--max-steps", "4", "--keep-last-n-checkpoints", "2",
+              "--keep-last-n-exports", "1"]
+    code, text, err = run_main(rewind, capsys)
+    assert code == 0, err
+    for step in (3, 4, 5, 6):
+        assert f"removed {saves / f'step_{step}'}: this run resumes from {saves / 'step_2'}" in text
+    aside = out / "hf_format.earlier_run_1"
+    assert f"moved 2 exports of an earlier run (samples_16, samples_24) to {aside}" in text
+    assert sorted(p.name for p in saves.iterdir()) == ["step_3", "step_4"]  # this run's own, not steps 5 and 6
+    assert sorted(p.name for p in exports.iterdir()) == ["samples_16"]  # written by this run, samples_8 pruned
+    assert sorted(p.name for p in aside.iterdir()) == ["samples_16", "samples_24"]
+
+    # A plain restart continues this run; together the runs are the first run's trajectory, step for step.
+    code, text, err = run_main(args, capsys)
+    assert code == 0 and f"resumed from {saves / 'step_4'}: step 4, 16 samples seen" in text, err
+    got = metrics(out)
+    assert [r["step"] for r in got] == list(range(1, STEPS + 1))
+    assert [r["sample_lines"] for r in got] == [r["sample_lines"] for r in first]
+    assert [r["loss"] for r in got] == pytest.approx([r["loss"] for r in first], rel=1e-6)
+    final, earlier = weights(exports / "samples_24"), weights(aside / "samples_24")
+    assert all((final[name] - tensor).abs().max().item() < 1e-6 for name, tensor in earlier.items())
+
+    # --fresh: one step, keeping one export; the earlier run's exports must not outrank the new samples_4.
+    code, text, err = run_main([*args, "--fresh", "--max-steps", "1", "--keep-last-n-exports", "1"], capsys)
+    assert code == 0, err
+    assert f"moved 2 exports of an earlier run (samples_16, samples_24) to {out / 'hf_format.earlier_run_2'}" in text
+    assert [p.name for p in exports.iterdir()] == ["samples_4"]
+    assert [p.name for p in saves.iterdir()] == ["step_1"]
+
+
+def test_a_checkpoint_without_its_state_files_is_refused_in_one_line(setup, reference, capsys, tmp_path):
+    root, data, model_dir = setup
+    broken = tmp_path / "step_6"
+    broken.mkdir()
+    for name in ("training_config.json", checkpoint.COMPLETE):
+        (broken / name).write_bytes((reference / "checkpoints" / "step_6" / name).read_bytes())
+    args = [*train_args(data, model_dir, tmp_path / "out"), "--resume-from", str(broken)]
+    code, _, err = run_main(args, capsys)
+    assert code == 1 and len(err.strip().splitlines()) == 1, err
+    assert f"cannot resume from {broken}: " in err and "trainer_state.json" in err and "--fresh" in err
+
+    state = json.loads((reference / "checkpoints" / "step_6" / "trainer_state.json").read_text())
+    del state["data"]  # as written before the data fingerprint existed
+    (broken / "trainer_state.json").write_text(json.dumps(state))
+    code, _, err = run_main(args, capsys)
+    assert code == 1 and len(err.strip().splitlines()) == 1, err
+    assert "written by another version of minitrain (no trainer_state.json 'data'); start over with --fresh" in err
+
+
+def test_data_with_the_same_lengths_but_other_tokens_is_refused_on_resume(setup, reference, capsys, tmp_path):
+    root, data, model_dir = setup
+    rows = [json.loads(line) for line in data.read_text().splitlines()]
+    for row in rows:
+        row["input_ids"][0] += 1  # a prompt token (never trained): lengths and trained counts stay the same
+    retokenized = tmp_path / "retokenized.jsonl"
+    retokenized.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    newest = str(reference / "checkpoints" / "step_6")
+    code, _, err = run_main([*train_args(retokenized, model_dir, tmp_path / "out"), "--resume-from", newest], capsys)
+    assert code == 1 and f"the data ({data}: 24 samples" in err and f"({retokenized}: 24 samples" in err, err
+
+
 # ---------------------------------------------------------------------------------------------------------------
-# Pure parts of checkpoint.py
+# Pure parts of checkpoint.py and the tidying of an output folder
 
 
 def test_every_config_field_says_how_it_behaves_on_resume():
@@ -317,3 +390,64 @@ def test_trim_metrics_drops_later_steps_and_a_torn_last_line(tmp_path):
     path.write_text("".join(json.dumps({"step": s}) + "\n" for s in range(1, 6)) + '{"step": 6, "lo')
     assert checkpoint.trim_metrics(path, 3) == 3
     assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [1, 2, 3]
+
+
+def test_pruning_exports_never_deletes_the_one_just_written(tmp_path):
+    import train
+
+    for samples in (8, 16, 24, 40):
+        (tmp_path / f"samples_{samples}").mkdir()
+    (tmp_path / "notes").mkdir()
+    # samples_40 is not this run's (it is later than what was just written): left alone, never preferred.
+    assert train.prune_exports(tmp_path, keep=1, written=tmp_path / "samples_16") == [tmp_path / "samples_8"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes", "samples_16", "samples_24", "samples_40"]
+
+
+def test_a_first_start_sets_aside_exports_already_in_the_folder(tmp_path, capsys):
+    from train import TrainConfig, tidy_output_dir
+
+    out = tmp_path / "out"
+    for name in ("samples_8", "samples_16", "notes"):
+        (out / "hf_format" / name).mkdir(parents=True)
+    (out / "metrics.jsonl").write_text('{"step": 1}\n')
+    config = TrainConfig("d", "m", str(out), batch_size=4, max_tokens_per_gpu=64)
+    tidy_output_dir(config, None, 0, out / "metrics.jsonl")  # no checkpoint to resume: a new run
+    aside = out / "hf_format.earlier_run_1"
+    assert f"moved 2 exports of an earlier run (samples_8, samples_16) to {aside}: this run starts over" in (
+        capsys.readouterr().out
+    )
+    assert sorted(p.name for p in aside.iterdir()) == ["samples_16", "samples_8"]
+    assert [p.name for p in (out / "hf_format").iterdir()] == ["notes"]  # not an export: not ours to move
+    assert not (out / "metrics.jsonl").exists()
+
+
+def test_resuming_removes_only_the_later_checkpoints(tmp_path):
+    for step in (1, 2, 3, 5):
+        (tmp_path / f"step_{step}").mkdir()
+        (tmp_path / f"step_{step}" / checkpoint.COMPLETE).write_text("{}")
+    assert checkpoint.remove_later(tmp_path, 2) == [tmp_path / "step_3", tmp_path / "step_5"]
+    assert checkpoint.latest_checkpoint(tmp_path) == tmp_path / "step_2"
+
+
+def test_saving_a_step_that_exists_replaces_it_whole(tmp_path):
+    import torch
+
+    model = torch.nn.Linear(3, 2)
+    optimizer = torch.optim.AdamW(model.parameters())
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    state = {"samples_seen": 4, "last_export_samples": 4, "data": "x", "scheduler": scheduler.state_dict()}
+    with torch.no_grad():
+        model.weight.fill_(1.0)
+    checkpoint.save(tmp_path, 3, model, optimizer, state, {"run": "earlier"})
+    with torch.no_grad():
+        model.weight.fill_(2.0)
+    path = checkpoint.save(tmp_path, 3, model, optimizer, state, {"run": "this"})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step_3"]  # nothing left aside
+    assert checkpoint.read_json(path / "training_config.json") == {"run": "this"}
+    with torch.no_grad():
+        model.weight.fill_(0.0)
+    checkpoint.load(path, model, optimizer, scheduler)
+    assert model.weight.eq(2.0).all()
+    # Killed between moving the old folder aside and deleting it: the next start removes the leftover.
+    (tmp_path / ".step_3.replaced.tmp").mkdir()
+    assert checkpoint.remove_unfinished(tmp_path) == [tmp_path / ".step_3.replaced.tmp"]
