@@ -15,7 +15,9 @@ them are real structure even when a message contains `<|im_end|>`. Anything that
 
 Per assistant turn the trained characters run from its first model-produced piece (the reasoning block with
 its wrapper when reasoning is rendered, else the content, else the tool calls after the header) to the end of
-the end-of-turn marker that closes the turn. A think block the template injects empty is not trained.
+the end-of-turn marker that closes the turn. A think block the template injects empty is not trained. A trained
+region that holds the opener of any role's turn (learned by probing) fails closed rather than train across turns.
+Templates with `{% generation %}` tags mark their trained characters themselves (see marking_template).
 """
 
 import re
@@ -25,6 +27,8 @@ from dataclasses import dataclass
 OPEN, CLOSE = "\ue000", "\ue001"
 SENTINEL_RE = re.compile("\ue000([0-9]+)\ue001")
 MAX_ALIGNMENTS = 2  # we only need to know whether the alignment is unique
+# where templates read an assistant turn's reasoning: Qwen3/DeepSeek-R1, gpt-oss, others
+REASONING_KEYS = ("reasoning_content", "thinking", "reasoning")
 
 
 class MaskError(ValueError):
@@ -35,8 +39,8 @@ def sentinel(k: int) -> str:
     return f"{OPEN}{k}{CLOSE}"
 
 
-def render(tokenizer, messages: list[dict], extra: dict) -> str:
-    return tokenizer.apply_chat_template(messages, tokenize=False, **extra)
+def render(tokenizer, messages: list[dict], extra: dict, template: str | None = None) -> str:
+    return tokenizer.apply_chat_template(messages, tokenize=False, chat_template=template, **extra)
 
 
 # ---- what the template looks like: learned once per tokenizer from probe renders ----
@@ -48,6 +52,7 @@ class TemplateShape:
     injected: str  # what the template puts between header and content on its own (Qwen3's empty think block)
     eot: str  # the end-of-turn marker closing every assistant turn, e.g. "<|im_end|>"
     next_turn: str  # how the turn after an assistant turn opens, e.g. "<|im_start|>user"
+    openers: tuple[str, ...] = ()  # how a user, system or tool turn after an assistant turn opens
 
 
 def _common_prefix(a: str, b: str) -> str:
@@ -93,7 +98,9 @@ def learn_shape(tokenizer) -> TemplateShape:
     between = _after(text, 2, 3)  # before the final turn, where Qwen3 injects its empty think block
     injected = between[between.rindex(header) + len(header) :] if header and header in between else ""
     # The end-of-turn marker: what closes both a middle and a final assistant turn, up to and including the
-    # last special token they share; the separator after it ("\n") is not part of the turn.
+    # first special token they share; the separator after it ("\n") is not part of the turn, and neither is
+    # what may follow it in both (a template appending a block after the last message opens it with the next
+    # turn's "<|im_start|>").
     middle, final = _after(text, 1, 2), _after(text, 3)
     shared = _common_prefix(middle, final)
     ends = [end for _, end in _special_spans(shared, specials) if end <= len(shared)]
@@ -102,9 +109,26 @@ def learn_shape(tokenizer) -> TemplateShape:
             f"the chat template closes assistant turns with {final!r}, which has no special token to use as "
             "end-of-turn marker"
         )
-    eot = shared[: ends[-1]]
+    eot = shared[: ends[0]]
     next_turn = middle[len(eot) :].strip()
-    return TemplateShape(header=header, injected=injected, eot=eot, next_turn=next_turn)
+    openers = tuple(o for role in ("user", "system", "tool") if (o := _opener(tokenizer, role, eot, specials)))
+    return TemplateShape(header=header, injected=injected, eot=eot, next_turn=next_turn, openers=openers)
+
+
+def _opener(tokenizer, role: str, eot: str, specials: list[str]) -> str:
+    """How a `role` turn right after an assistant turn opens, through its last special token (Llama-3's
+    "<|start_header_id|>ipython<|end_header_id|>"), or "" when the template refuses that order."""
+    probe = [{"role": "user", "content": sentinel(0)}, {"role": "assistant", "content": sentinel(1)}]
+    probe.append({"role": role, "content": sentinel(2)})
+    try:
+        between = _after(render(tokenizer, probe, {}), 1, 2)
+    except Exception:  # the template rejects the order (roles must alternate) or the role
+        return ""
+    if not between.startswith(eot):
+        return ""
+    opener = between[len(eot) :].lstrip()
+    ends = [end for _, end in _special_spans(opener, specials)]
+    return opener[: max(ends)] if ends else opener.strip()
 
 
 # ---- one sample ----
@@ -113,17 +137,18 @@ def learn_shape(tokenizer) -> TemplateShape:
 @dataclass(frozen=True)
 class Piece:
     message: int  # index into messages
-    key: str  # "content" or "reasoning_content"
+    key: str  # "content" or one of REASONING_KEYS
     value: str  # the original string
 
 
 def with_sentinels(messages: list[dict]) -> tuple[list[dict], list[Piece]]:
-    """Copy of messages with every non-empty content (and assistant reasoning) replaced by sentinel(k)."""
+    """Copy of messages with every non-empty content (and assistant reasoning, under any of REASONING_KEYS)
+    replaced by sentinel(k)."""
     pieces: list[Piece] = []
     out = []
     for i, message in enumerate(messages):
         message = dict(message)
-        keys = ("content", "reasoning_content") if message["role"] == "assistant" else ("content",)
+        keys = ("content", *REASONING_KEYS) if message["role"] == "assistant" else ("content",)
         for key in keys:
             value = message.get(key)
             if isinstance(value, str) and value:
@@ -223,7 +248,7 @@ def assistant_char_spans(
 
     def check_one_turn(start: int, end: int) -> None:
         region = marked[start:end]
-        if (shape.header and shape.header in region) or (shape.next_turn and shape.next_turn in region):
+        if any(marker and marker in region for marker in (shape.header, shape.next_turn, *shape.openers)):
             raise MaskError("an assistant turn's trained region crosses into another turn")
 
     by_message: dict[tuple[int, str], int] = {(p.message, p.key): k for k, p in enumerate(pieces)}
@@ -232,7 +257,8 @@ def assistant_char_spans(
     for i, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
-        reasoning = marked_at.get(by_message.get((i, "reasoning_content"), -1))
+        rendered = [marked_at[by_message[i, key]] for key in REASONING_KEYS if by_message.get((i, key)) in marked_at]
+        reasoning = (min(rendered)[0], max(rendered)[1]) if rendered else None
         content = marked_at.get(by_message.get((i, "content"), -1))
         if reasoning:  # train the reasoning with its wrapper: start right after the assistant header
             before = marked[cursor : reasoning[0]]
@@ -263,12 +289,22 @@ def assistant_char_spans(
     return spans
 
 
-def token_mask(offsets: list[tuple[int, int]], spans: list[tuple[int, int]]) -> list[bool]:
-    """True for every token whose characters overlap a trained span (offsets are sorted, non-overlapping)."""
+def token_mask(
+    offsets: list[tuple[int, int]],
+    spans: list[tuple[int, int]],
+    ids: list[int] = (),
+    added_ids: frozenset[int] = frozenset(),
+) -> list[bool]:
+    """True for every token whose characters overlap a trained span (offsets are sorted, non-overlapping).
+
+    Except an added token (id in `added_ids`) that straddles a span's start: that is template structure which
+    swallowed the content's leading whitespace (Phi-3's `<|assistant|>` has rstrip), e.g. the assistant header,
+    and training it would teach the model to produce the header.
+    """
     mask = [False] * len(offsets)
     for a, b in spans:
         i = bisect_left(offsets, (a, -1))  # first token starting at or after a
-        if i > 0 and offsets[i - 1][1] > a:  # the token before straddles a
+        if i > 0 and offsets[i - 1][1] > a and not (ids and ids[i - 1] in added_ids):  # the token before straddles a
             i -= 1
         while i < len(offsets) and offsets[i][0] < b:
             mask[i] = True
@@ -276,21 +312,81 @@ def token_mask(offsets: list[tuple[int, int]], spans: list[tuple[int, int]]) -> 
     return mask
 
 
+def covers_every_span(offsets: list[tuple[int, int]], spans: list[tuple[int, int]]) -> bool:
+    """Whether every non-empty span overlaps at least one token."""
+    for a, b in spans:
+        i = bisect_left(offsets, (a, -1))
+        if a < b and not ((i > 0 and offsets[i - 1][1] > a) or (i < len(offsets) and offsets[i][0] < b)):
+            return False
+    return True
+
+
+# ---- templates with {% generation %} tags: they say themselves which characters are trained ----
+
+GENERATION_TAG_RE = re.compile(r"\{%(-?)\s*(end)?generation\s*(-?)%\}")
+GEN_OPEN, GEN_CLOSE = "\ue002", "\ue003"
+
+
 def has_generation_tags(template: str) -> bool:
-    return re.search(r"\{%-?\s*generation\s*-?%\}", template) is not None
+    return GENERATION_TAG_RE.search(template) is not None
 
 
-# U+E000 / U+E001 as UTF-8 bytes or as JSON escapes
-RAW_SENTINEL_RE = re.compile(rb"\xee\x80[\x80\x81]|\\u[eE]00[01]")
+def marking_template(template: str) -> str:
+    """The template with each {% generation %} / {% endgeneration %} writing GEN_OPEN / GEN_CLOSE instead.
+
+    We find the trained characters from these marks rather than trusting transformers' assistant_masks, which
+    maps them to tokens through the post-processor's trimmed offsets and stops at the first turn whose start
+    it cannot map (a turn starting with a space under GPT-2's trim_offsets), leaving later turns untrained.
+    """
+
+    def mark(m: re.Match) -> str:
+        # block tags around the mark keep what the original tag did to whitespace: its -, and transformers'
+        # lstrip_blocks (before it) and trim_blocks (the newline after it)
+        return "{%" + m[1] + " if true %}{{ " + repr(GEN_CLOSE if m[2] else GEN_OPEN) + " }}{% endif " + m[3] + "%}"
+
+    return GENERATION_TAG_RE.sub(mark, template)
+
+
+def generation_spans(marked: str) -> tuple[str, list[tuple[int, int]]]:
+    """The render without its generation marks, and the character spans the marks enclosed."""
+    parts = re.split(f"([{GEN_OPEN}{GEN_CLOSE}])", marked)
+    text, spans, start = [], [], None
+    pos = 0
+    for part in parts:
+        if part == GEN_OPEN or part == GEN_CLOSE:
+            if (part == GEN_OPEN) != (start is None):
+                raise MaskError("the chat template's {% generation %} blocks are nested or unbalanced")
+            if part == GEN_OPEN:
+                start = pos
+            else:
+                spans.append((start, pos))
+                start = None
+        else:
+            text.append(part)
+            pos += len(part)
+    if start is not None:
+        raise MaskError("the chat template's {% generation %} blocks are nested or unbalanced")
+    return "".join(text), spans
+
+
+# U+E000..U+E003 as UTF-8 bytes or as JSON escapes
+RAW_SENTINEL_RE = re.compile(rb"\xee\x80[\x80-\x83]|\\u[eE]00[0-3]")
+
+
+def check_placeholders(raw: bytes) -> None:
+    if RAW_SENTINEL_RE.search(raw):
+        raise MaskError("contains the private-use characters U+E000..U+E003 reserved for mask placeholders")
 
 
 def _literal_strings(value, top: bool):
-    """Strings the template renders as they are: everything but contents, reasoning and roles."""
+    """Strings the template renders as they are: every key and value but contents, reasoning and roles."""
     if isinstance(value, str):
         yield value
     elif isinstance(value, dict):
         for key, item in value.items():
-            if not (top and key in ("content", "reasoning_content", "role")):
+            if isinstance(key, str):  # templates render keys too: tool-call argument names, schema properties
+                yield key
+            if not (top and key in ("content", *REASONING_KEYS, "role")):
                 yield from _literal_strings(item, False)
     elif isinstance(value, list):
         for item in value:
@@ -308,8 +404,7 @@ def check_values(raw: bytes, sample: dict, markers: re.Pattern) -> None:
     Values the template renders literally (tool calls, tool definitions, names) are not replaced by sentinels,
     so they must not contain template structure such as "<|im_end|>", or a turn boundary could be found in them.
     """
-    if RAW_SENTINEL_RE.search(raw):
-        raise MaskError("contains the private-use characters U+E000/U+E001 reserved for mask placeholders")
+    check_placeholders(raw)
     others = {k: v for k, v in sample.items() if k != "messages"}
     for value in (*sample["messages"], others):
         for text in _literal_strings(value, True):

@@ -5,7 +5,7 @@
 
 Input: JSONL, CSV or Parquet (by the file's suffix); the row format is detected per file (see formats.py).
 Messages rows: {"messages": [{"role": "system|user|assistant|tool", "content": "..."}, ...], "tools": [...]?}.
-Extra per-message keys (tool_calls, reasoning_content, name, ...) and per-sample keys (tools, ...) are passed to
+Extra per-message keys (tool_calls, reasoning_content / thinking / reasoning, name, ...) and per-sample keys (tools, ...) are passed to
 the chat template. A sample whose only message has role "pretrain" is raw text: no template, every token trained,
 EOS appended; so is a row of the `text` format.
 
@@ -151,9 +151,9 @@ def check_messages(sample: object, where: str) -> dict:
             raise RunError(f"{at} has unknown role {role!r} — use one of {', '.join(ROLES)} (or a lone `pretrain`)")
         elif not isinstance(content, str) and not (role == "assistant" and content is None and message.get("tool_calls")):
             raise RunError(f"{at} `content` must be a string (null only for an assistant turn with tool_calls)")
-        reasoning = message.get("reasoning_content")
-        if reasoning is not None and not isinstance(reasoning, str):
-            raise RunError(f"{at} `reasoning_content` must be a string")
+        for key in chat_masks.REASONING_KEYS:
+            if message.get(key) is not None and not isinstance(message[key], str):
+                raise RunError(f"{at} `{key}` must be a string (reasoning is trained as text)")
     if "tools" in sample and sample["tools"] is not None and not isinstance(sample["tools"], list):
         raise RunError(f"{where}: `tools` must be a list of tool definitions")
     return sample
@@ -185,6 +185,50 @@ def crossing_token(offsets: list[tuple[int, int]], spans: list[tuple[int, int]])
     return None
 
 
+def rust_copy(tokenizer_class, tokenizer):
+    """A copy of the tokenizer's Rust tokenizer that encodes exactly as tokenizer(text) does.
+
+    The copy keeps the truncation and padding saved in tokenizer.json, which transformers switches off on every
+    call: off here too, or rows would be cut short or padded. transformers' split_special_tokens (special-token
+    text encoded as plain text) is not saved in tokenizer.json: carried over here.
+    """
+    copy = tokenizer_class.from_str(tokenizer.backend_tokenizer.to_str())
+    copy.no_truncation()
+    copy.no_padding()
+    copy.encode_special_tokens = bool(getattr(tokenizer, "split_special_tokens", False))
+    return copy
+
+
+# Probes of tokenization at start-up: plain text and special-token text, two lengths (padding would show)
+PROBE_TEXTS = ("Probe: 2 + 2 = 4, <b>café</b> 🙂\n\n  indented\tand tabbed. <|im_end|> </s> <|eot_id|> " * 4, "x")
+PROBE_CHAT = [
+    {"role": "user", "content": "  What is 2 + 2? <|im_end|> </s> <|eot_id|>"},
+    {"role": "assistant", "content": " It is 4.\n\n🙂 " * 8},
+]
+
+
+def tokenization_mismatch(tokenizer, backend, full, chat: bool) -> str | None:
+    """How our copies tokenize differently from transformers on the probes, None when they agree exactly.
+
+    Checks what production computes: backend ids of a chat render against apply_chat_template(tokenize=True),
+    and full.post_process(backend encoding) against tokenizer(text) for raw text.
+    """
+    encodings = backend.encode_batch(list(PROBE_TEXTS), add_special_tokens=False)
+    for text, encoding in zip(PROBE_TEXTS, encodings):
+        if full.post_process(encoding).ids != tokenizer(text)["input_ids"]:
+            return f"our copy of the tokenizer encodes the text {text[:20]!r}... differently from transformers"
+    if chat:
+        try:
+            real = chat_masks.render(tokenizer, PROBE_CHAT, {})
+            want = list(tokenizer.apply_chat_template(PROBE_CHAT, tokenize=True, return_dict=True)["input_ids"])
+        except Exception:  # the template rejects the probe: nothing to compare, samples report their own errors
+            return None
+        got = [e.ids for e in backend.encode_batch([real, PROBE_TEXTS[1]], add_special_tokens=False)][0]
+        if got != want:
+            return "our copy of the tokenizer encodes a chat render differently from apply_chat_template(tokenize=True)"
+    return None
+
+
 @dataclass
 class Chunk:
     rows: list[tuple[int, bytes]] = field(default_factory=list)  # (line number, output line)
@@ -209,16 +253,29 @@ class Encoder:
             raise RunError(f"{model}: cannot load a tokenizer ({str(e).splitlines()[0]}) — pass a folder with tokenizer files") from None
         if not getattr(self.tokenizer, "is_fast", False):
             raise RunError(f"{model}: the tokenizer is not a fast (Rust) tokenizer — masks need its character offsets")
-        # A copy without the post-processor: it only adds special tokens (we add none) and, for GPT-2 style
+        # Our own copies of the Rust tokenizer. `full` adds the special tokens as tokenizer(text) does (raw pairs);
+        # `backend` has no post-processor: it only adds special tokens (we add none) and, for GPT-2 style
         # tokenizers, trims whitespace from offsets, which would leave whitespace tokens outside every span.
-        self.backend = Tokenizer.from_str(self.tokenizer.backend_tokenizer.to_str())
+        self.full = rust_copy(Tokenizer, self.tokenizer)
+        self.backend = rust_copy(Tokenizer, self.tokenizer)
         self.backend.post_processor = None
+        self.added_ids = frozenset(self.tokenizer.get_added_vocab().values())
         self.eos_id = self.tokenizer.eos_token_id
         # per-sample keys reach the template as variables, except names that would change apply_chat_template
         self.reserved = set(inspect.signature(self.tokenizer.apply_chat_template).parameters) - {"tools", "documents"}
         template = self.tokenizer.chat_template
         self.template_problem = None if isinstance(template, str) else "the tokenizer has no chat template (or several)"
         self.generation_tags = isinstance(template, str) and chat_masks.has_generation_tags(template)
+        self.marking_template = chat_masks.marking_template(template) if self.generation_tags else None
+        if self.generation_tags and self.template_problem is None:
+            try:
+                marked = chat_masks.render(self.tokenizer, PROBE_CHAT, {}, self.marking_template)
+                if chat_masks.generation_spans(marked)[0] != chat_masks.render(self.tokenizer, PROBE_CHAT, {}):
+                    self.template_problem = "marking the template's {% generation %} blocks changes its render"
+            except MaskError as e:
+                self.template_problem = str(e)
+            except Exception:  # the template rejects the probe: samples report their own errors
+                pass
         self.shape = None
         if self.template_problem is None and not self.generation_tags:
             try:
@@ -228,8 +285,11 @@ class Encoder:
             except Exception as e:  # the template raised on our probe conversation
                 self.template_problem = f"the chat template fails on a plain user/assistant conversation ({e})"
         specials = set(self.tokenizer.all_special_tokens) | set(self.tokenizer.get_added_vocab())
-        shape_markers = {self.shape.header, self.shape.eot, self.shape.next_turn} if self.shape else set()
+        shape_markers = {self.shape.header, self.shape.eot, self.shape.next_turn, *self.shape.openers} if self.shape else set()
         self.markers = chat_masks.markers_pattern([m for m in specials | shape_markers if m])
+        chat = self.template_problem is None
+        if problem := tokenization_mismatch(self.tokenizer, self.backend, self.full, chat):
+            raise RunError(f"{model}: {problem} — the tokenizer has a setting we do not reproduce; please report it")
         if spec.fmt.kind == "pairs" and spec.rendering == "raw":
             eos = self.tokenizer.eos_token
             if eos is None or self.backend.encode(eos, add_special_tokens=False).ids != [self.eos_id]:
@@ -286,18 +346,20 @@ class Encoder:
                 raise RunError(f"{where}: {self.template_problem} — use a chat model's tokenizer, or {fix}")
             extra = {k: v for k, v in sample.items() if k != "messages" and k not in self.reserved}
             try:
+                generated = []  # with {% generation %} tags: the tagged spans, each must hold a token
                 if self.generation_tags:
-                    ids, mask = self._encode_with_generation_tags(messages, extra)
-                    if train_source:
-                        chat_masks.check_values(raw, sample, self.markers)
-                        mask = self._with_source(messages, extra, ids, mask)
-                    self._finish(lineno, ids, mask, chunk)
-                    continue
-                chat_masks.check_values(raw, sample, self.markers)
-                real = chat_masks.render(self.tokenizer, messages, extra)
-                marked_messages, pieces = chat_masks.with_sentinels(messages)
-                marked = chat_masks.render(self.tokenizer, marked_messages, extra)
-                spans = chat_masks.assistant_char_spans(self.shape, real, marked, messages, pieces)
+                    chat_masks.check_placeholders(raw)
+                    rendered = chat_masks.render(self.tokenizer, messages, extra, self.marking_template)
+                    real, generated = chat_masks.generation_spans(rendered)
+                    spans = list(generated)
+                else:
+                    real = chat_masks.render(self.tokenizer, messages, extra)
+                if train_source or not self.generation_tags:
+                    chat_masks.check_values(raw, sample, self.markers)
+                    marked_messages, pieces = chat_masks.with_sentinels(messages)
+                    marked = chat_masks.render(self.tokenizer, marked_messages, extra)
+                if not self.generation_tags:
+                    spans = chat_masks.assistant_char_spans(self.shape, real, marked, messages, pieces)
                 if train_source:
                     spans.append(source_span(real, marked, pieces))
             except MaskError as e:
@@ -307,10 +369,14 @@ class Encoder:
                 chunk.drops.append((lineno, DROP_TEMPLATE, f"{type(e).__name__}: {e}"))
                 continue
             texts.append(real)
-            pending.append((lineno, spans))
+            pending.append((lineno, spans, generated))
         # The Rust tokenizer's batch encode is much faster than one call per row.
-        for (lineno, spans), encoding in zip(pending, self.backend.encode_batch(texts, add_special_tokens=False)):
-            self._finish(lineno, encoding.ids, chat_masks.token_mask(encoding.offsets, spans), chunk)
+        for (lineno, spans, generated), encoding in zip(pending, self.backend.encode_batch(texts, add_special_tokens=False)):
+            if not chat_masks.covers_every_span(encoding.offsets, generated):
+                chunk.drops.append((lineno, DROP_MASK, "a {% generation %} block covers no token"))
+                continue
+            mask = chat_masks.token_mask(encoding.offsets, spans, encoding.ids, self.added_ids)
+            self._finish(lineno, encoding.ids, mask, chunk)
         raw_encodings = self.backend.encode_batch([text for _, text, _ in raw_pairs], add_special_tokens=False)
         for (lineno, text, spans), encoding in zip(raw_pairs, raw_encodings):
             self._finish_raw_pair(lineno, text, spans, encoding, chunk)
@@ -323,22 +389,6 @@ class Encoder:
             ids.append(self.eos_id)
         # the first token is never a prediction target (nothing precedes it), so it counts as masked
         self._finish(lineno, ids, [False] + [True] * (len(ids) - 1), chunk)
-
-    def _encode_with_generation_tags(self, messages: list[dict], extra: dict) -> tuple[list[int], list[bool]]:
-        out = self.tokenizer.apply_chat_template(
-            messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True, **extra
-        )
-        return list(out["input_ids"]), [bool(m) for m in out["assistant_masks"]]
-
-    def _with_source(self, messages: list[dict], extra: dict, ids: list[int], mask: list[bool]) -> list[bool]:
-        """`mask` with the source's tokens trained too, for a template whose generation tags mark only the answer."""
-        real = chat_masks.render(self.tokenizer, messages, extra)
-        marked_messages, pieces = chat_masks.with_sentinels(messages)
-        span = source_span(real, chat_masks.render(self.tokenizer, marked_messages, extra), pieces)
-        encoding = self.backend.encode(real, add_special_tokens=False)
-        if encoding.ids != ids:
-            raise MaskError("the template's own tokenization differs from tokenizing its render")
-        return [m or s for m, s in zip(mask, chat_masks.token_mask(encoding.offsets, [span]))]
 
     def _raw_render(self, source: str, target: str) -> tuple[str, list[tuple[int, int]]]:
         """source + separator + target + EOS, and its trained character spans: target + EOS (and the source)."""
@@ -358,10 +408,10 @@ class Encoder:
             )
             chunk.drops.append((lineno, DROP_CROSSING, detail))
             return
-        body_mask = iter(chat_masks.token_mask(encoding.offsets, spans))
+        body_mask = iter(chat_masks.token_mask(encoding.offsets, spans, encoding.ids, self.added_ids))
         # The post-processor adds the tokenizer's special tokens (Llama-3's BOS) around the text, as tokenizer(text)
         # does; sequence_ids tells its added tokens (None) from the text's (0).
-        full = self.tokenizer.backend_tokenizer.post_process(encoding)
+        full = self.full.post_process(encoding)
         mask = [next(body_mask) if sequence == 0 else False for sequence in full.sequence_ids]
         mask[0] = False  # the first token is never a prediction target (nothing precedes it)
         self._finish(lineno, full.ids, mask, chunk)
