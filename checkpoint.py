@@ -14,6 +14,8 @@ The contract:
 - Resuming replays nothing: the sampler's plan is a pure function of the step, so restoring the step restores the
   data order. The model and optimizer shards are resharded by torch.distributed.checkpoint on load, so a run saved
   on 2 ranks resumes on 1 (or 8). RNG states are restored only on the same world size (they are per rank).
+- One trajectory per output folder: resuming from step k deletes the checkpoints after k (train.py also moves the
+  exports after k aside), so neither pruning nor the next restart mistakes another trajectory's state for this one's.
 - Test-only hook: MINITRAIN_TEST_HANG_IN_SAVE=<N> makes every rank stop forever inside the save of step N, after
   the shards are written and before `COMPLETE`, so a test can kill the job in the middle of a save.
 """

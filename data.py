@@ -3,7 +3,8 @@
 The cache is four flat arrays: every sample's `input_ids` and `labels` concatenated (int32, memory-mapped, so the
 ranks of a node share one copy through the page cache), `offsets` (sample i is tokens offsets[i]:offsets[i+1]) and
 `trained` (tokens each sample trains on after the shift). Per rank, memory grows with the number of samples
-(offsets, trained, lengths), never with the number of tokens.
+(offsets, trained, lengths), never with the number of tokens. meta.json holds a hash of the tokens and labels, which
+the data fingerprint of a checkpoint includes.
 
 Label shift: position t of a sample predicts labels[t + 1] of the SAME sample. The last token of a sample predicts
 nothing, so no sample ever learns to predict the first token of the next sample in its pack.

@@ -120,7 +120,10 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
     p.add_argument("--keep-last-n-checkpoints", type=int, help="delete older full-state checkpoints (exports stay)")
     p.add_argument("--keep-last-n-exports", type=int, help="delete older hf_format exports (default: keep all)")
     p.add_argument("--resume-from", help="a checkpoints/step_<N> folder (default: the newest in --output-dir)")
-    p.add_argument("--fresh", action="store_true", help="start over: delete --output-dir's full-state checkpoints (its exports are moved aside, not deleted)")
+    p.add_argument(
+        "--fresh", action="store_true",
+        help="start over: delete --output-dir's full-state checkpoints (its exports are moved aside, not deleted)",
+    )
     p.add_argument(
         "--allow-config-change", action="store_true",
         help="resume even if the data, model, batch size, seed, schedule or stop flags differ from the checkpoint's",
@@ -668,14 +671,13 @@ def tidy_output_dir(config: TrainConfig, resume: Path | None, resumed_samples: i
         old = checkpoint.complete_checkpoints(root)
         shutil.rmtree(root)
         print0(f"--fresh: removed {len(old)} full-state checkpoints of the earlier run in {root}")
-    if resume is not None:
-        for path in checkpoint.remove_later(root, checkpoint.checkpoint_step(resume)):
-            print0(f"removed {path}: this run resumes from {resume}, so its later checkpoints are another run's")
     out = Path(config.output_dir)
     if resume is None:
         set_aside_exports(out, -1, "this run starts over")
         metrics_path.unlink(missing_ok=True)  # a new run in an old output folder starts a new log
         return
+    for path in checkpoint.remove_later(root, checkpoint.checkpoint_step(resume)):
+        print0(f"removed {path}: this run resumes from {resume}, so its later checkpoints are another run's")
     set_aside_exports(out, resumed_samples, f"this run resumes from {resume} at {resumed_samples} samples")
     dropped = checkpoint.trim_metrics(metrics_path, checkpoint.checkpoint_step(resume))
     if dropped:
