@@ -437,16 +437,20 @@ class Encoder:
 
 
 _ENCODER: Encoder | None = None  # the worker process's encoder, built by init_worker
+_INIT_ERROR: str | None = None  # or why it could not be built (a raising initializer makes Pool respawn forever)
 
 
 def init_worker(model: str, input_name: str, max_tokens: int, on_too_long: str, spec: InputSpec) -> None:
-    global _ENCODER
+    global _ENCODER, _INIT_ERROR
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one thread per worker: the pool is the parallelism
-    _ENCODER = Encoder(model, input_name, max_tokens, on_too_long, spec)
+    try:
+        _ENCODER = Encoder(model, input_name, max_tokens, on_too_long, spec)
+    except RunError as e:
+        _INIT_ERROR = str(e)
 
 
 def encode_in_worker(lines: list[tuple[int, bytes]]) -> Chunk:
-    return _ENCODER.encode_chunk(lines)
+    return _ENCODER.encode_chunk(lines) if _ENCODER is not None else Chunk(error=_INIT_ERROR)
 
 
 # ---- the run (main process) ----
@@ -517,6 +521,7 @@ class Summary:
     drops: Counter = field(default_factory=Counter)
     first_drops: list[tuple[int, str, str]] = field(default_factory=list)
     shown: list[tuple[int, bytes]] = field(default_factory=list)  # reservoir of rows printed at the end
+    tokenizer: object = None  # the main process's, to decode the printed rows
 
 
 def run(cfg: Config) -> Summary:
@@ -531,16 +536,22 @@ def run(cfg: Config) -> Summary:
     kind = formats.input_type(cfg.input_file)
     spec = input_spec(cfg, kind)
     init_args = (cfg.model_name_or_path, str(cfg.input_file), cfg.max_sample_num_tokens, cfg.on_too_long, spec)
-    encoder = Encoder(*init_args)  # fail on a bad model path before starting workers; also used single-process
+    # Workers start first: their start-up (imports, tokenizer, template probes) overlaps the main process's own.
+    pool = mp.get_context("spawn").Pool(cfg.num_workers, init_worker, init_args) if cfg.num_workers > 1 else None
+    try:
+        encoder = Encoder(*init_args)  # a bad model path fails here, before any output; also used single-process
+    except RunError:
+        if pool is not None:
+            pool.terminate()
+        raise
 
-    summary = Summary(format=describe_input(kind, spec, encoder))
+    summary = Summary(format=describe_input(kind, spec, encoder), tokenizer=encoder.tokenizer)
     rng = random.Random(cfg.seed)
     progress = tqdm(total=cfg.input_file.stat().st_size, unit="B", unit_scale=True, disable=None, desc="encoding")
     tmp = tempfile.NamedTemporaryFile(dir=cfg.output_file.parent, prefix=f".{cfg.output_file.name}.", suffix=".tmp", delete=False)
-    pool = None
     try:
         chunks = read_chunks(cfg.input_file, kind, spec, progress)
-        if cfg.num_workers == 1:
+        if pool is None:
             results = map(encoder.encode_chunk, chunks)
         else:
             # Bound the chunks in flight: Pool.imap's feeder thread would otherwise read the whole file ahead.
@@ -551,7 +562,6 @@ def run(cfg: Config) -> Summary:
                     in_flight.acquire()
                     yield chunk
 
-            pool = mp.get_context("spawn").Pool(cfg.num_workers, initializer=init_worker, initargs=init_args)
             results = pool.imap(encode_in_worker, bounded())  # imap keeps the input order
         for chunk in results:
             if pool is not None:
@@ -607,11 +617,9 @@ def masked_view(tokenizer, ids: list[int], labels: list[int], marker: str, colou
 
 
 def report(cfg: Config, summary: Summary, seconds: float, drop_lines: bool = True) -> None:
-    from transformers import AutoTokenizer
-
     colour = sys.stdout.isatty()
     if summary.shown:
-        tokenizer = AutoTokenizer.from_pretrained(cfg.model_name_or_path)
+        tokenizer = summary.tokenizer
         for lineno, line in summary.shown:
             row = orjson.loads(line)
             print(f"--- {cfg.input_file}:{lineno} ({row['len']} tokens, {row['num_loss_counted_tokens']} trained)")

@@ -160,7 +160,9 @@ def test_property_raw_pairs(encoders, name, source, target, separator):
     row = orjson.loads(chunk.rows[0][1])
     assert row["input_ids"] == tok(prompt + answer)["input_ids"]
     start = row["labels"].index(next(label for label in row["labels"] if label != -100))
-    assert tok.decode(row["input_ids"][start:]) == answer and -100 not in row["labels"][start:]
+    # With nothing before the target (empty prompt, no BOS), its first token predicts nothing and stays masked.
+    untrainable = 0 if tok(prompt)["input_ids"] else 1
+    assert tok.decode(row["input_ids"][start - untrainable:]) == answer and -100 not in row["labels"][start:]
     assert all(label == -100 for label in row["labels"][:start])
 
 
