@@ -1,6 +1,6 @@
 """Stage-1 throughput and memory: process_data.py vs a bare pool of apply_chat_template(tokenize=True).
 
-    python bench/bench_process_data.py [--conversations 20000] [--workers 2] [--repeats 3]
+    python bench/bench_process_data.py [--conversations 50000] [--memory-base 10000] [--workers 2] [--repeats 3]
 
 Data: real chatterbot-corpus conversations (data/english/*.yml), several joined into each multi-turn sample,
 repeated to the requested count. Tokenizer: the real SmolLM2-135M-Instruct one (default_model.py). Both sides
@@ -128,7 +128,8 @@ def main() -> None:
         bare_baseline(sys.argv[2], sys.argv[3], sys.argv[4], int(sys.argv[5]))
         return
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--conversations", type=int, default=20_000)
+    p.add_argument("--conversations", type=int, default=50_000, help="throughput is measured on this many")
+    p.add_argument("--memory-base", type=int, default=10_000, help="memory is compared at this many and 10x")
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     p.add_argument("--repeats", type=int, default=3)
     args = p.parse_args()
@@ -137,9 +138,10 @@ def main() -> None:
 
     model = default_model.materialize(weights=False)
     tmp = Path(tempfile.mkdtemp(prefix="bench_process_data."))
-    data, data10 = tmp / "data.jsonl", tmp / "data10.jsonl"
+    data, data1, data10 = tmp / "data.jsonl", tmp / "data1.jsonl", tmp / "data10.jsonl"
     write_data(data, args.conversations)
-    write_data(data10, args.conversations * 10)
+    write_data(data1, args.memory_base)
+    write_data(data10, args.memory_base * 10)
     rows = [orjson.loads(line) for line in open(data, "rb")]
     n = len(rows)
 
@@ -151,6 +153,7 @@ def main() -> None:
     bare_ids = [orjson.loads(line)["input_ids"] for line in open(tmp / "bare.jsonl", "rb")]
     ours_ids = [orjson.loads(line)["input_ids"] for line in open(tmp / "ours.jsonl", "rb")]
     same_ids = bare_ids == ours_ids
+    one_x = measure(ours_cmd(data1, tmp / "ours1.jsonl", model, args.workers))
     ten_x = measure(ours_cmd(data10, tmp / "ours10.jsonl", model, args.workers))
 
     def median(name: str) -> tuple[float, int]:
@@ -167,8 +170,9 @@ def main() -> None:
         f"| bare pool, apply_chat_template(tokenize=True) per row | {n / bare_s:,.0f} | {tokens / bare_s:,.0f} | {bare_mem / 2**20:,.0f} | 1.00x |",
         f"| process_data.py (ids + masks) | {n / ours_s:,.0f} | {tokens / ours_s:,.0f} | {ours_mem / 2**20:,.0f} | {bare_s / ours_s:.2f}x |",
         "",
-        f"Memory as the input grows: {n:,} samples {ours_mem / 2**20:,.0f} MB, {10 * n:,} samples "
-        f"{ten_x[1] / 2**20:,.0f} MB ({ten_x[1] / ours_mem:.2f}x), {10 * n / ten_x[0]:,.0f} samples/s.",
+        f"Memory as the input grows (process_data.py): {args.memory_base:,} samples {one_x[1] / 2**20:,.0f} MB, "
+        f"{10 * args.memory_base:,} samples {ten_x[1] / 2**20:,.0f} MB ({ten_x[1] / one_x[1]:.2f}x); "
+        f"{10 * args.memory_base / ten_x[0]:,.0f} samples/s at {10 * args.memory_base:,}.",
     ]
     text = "\n".join(lines) + "\n"
     print(text)

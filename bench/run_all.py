@@ -1,6 +1,7 @@
 """Every CPU benchmark, one after the other, into one table: bench/RESULTS.md.
 
-    python bench/run_all.py        # ~15 min on 2 CPU cores
+    python bench/run_all.py               # ~20 min on 2 CPU cores
+    python bench/run_all.py sampler       # re-run one area, then rejoin every area's table
 
 Runs bench_process_data.py (stage 1 vs a bare apply_chat_template pool), bench_sampler.py (our planner vs
 first-fit and LPT) and bench_train.py (training throughput vs a padded baseline, loss memory vs full logits).
@@ -8,6 +9,7 @@ Each writes its own RESULTS_<area>.md; this script joins them under one header w
 Each figure is compared with its baseline measured in the same run, because these machines are shared and noisy.
 """
 
+import argparse
 import datetime
 import os
 import platform
@@ -33,9 +35,12 @@ def machine() -> str:
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("areas", nargs="*", choices=[[], *AREAS], default=list(AREAS), help="default: all")
+    args = parser.parse_args()
     started = time.time()
     timings = {}
-    for area in AREAS:
+    for area in args.areas:
         t0 = time.time()
         print(f"\n##### bench_{area}.py", flush=True)
         subprocess.run([sys.executable, str(BENCH / f"bench_{area}.py")], check=True, cwd=BENCH.parent)
