@@ -83,20 +83,33 @@ class Job:
 
     def kill(self) -> None:
         if self.proc.poll() is None:
+            workers = self.workers()  # torchrun's workers may sit in process groups of their own: kill them by pid
             os.killpg(self.proc.pid, signal.SIGKILL)
+            for pid in workers.values():
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
             self.proc.wait()
 
-    def worker_pid(self, rank: int) -> int:
-        """The pid of torchrun's worker with RANK=rank (read from /proc)."""
+    def workers(self) -> dict[int, int]:
+        """{rank: pid} of torchrun's workers (read from /proc)."""
+        found = {}
         for stat in Path("/proc").glob("[0-9]*/stat"):
             try:
                 ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
                 environ = (stat.parent / "environ").read_bytes().split(b"\0")
             except (OSError, IndexError):
                 continue  # a process that ended meanwhile
-            if ppid == self.proc.pid and f"RANK={rank}".encode() in environ:
-                return int(stat.parent.name)
-        raise AssertionError(f"no worker with RANK={rank}")
+            ranks = [e[len(b"RANK="):] for e in environ if e.startswith(b"RANK=")]
+            if ppid == self.proc.pid and ranks:
+                found[int(ranks[0])] = int(stat.parent.name)
+        return found
+
+    def worker_pid(self, rank: int) -> int:
+        pid = self.workers().get(rank)
+        assert pid is not None, f"no worker with RANK={rank}"
+        return pid
 
 
 def metrics(out: Path) -> list[dict]:
