@@ -21,25 +21,14 @@ import time
 from dataclasses import fields
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 import checkpoint
+from tests.test_train import kill_torchrun, torchrun_workers, write_data
 
 ROOT = Path(__file__).resolve().parent.parent
 STEPS = 6
 NUM_SAMPLES = 24  # 4 per step: one epoch
-
-
-def write_data(path: Path, num_samples: int, vocab: int) -> Path:
-    rng = np.random.default_rng(0)
-    with open(path, "w") as f:
-        for _ in range(num_samples):
-            n = int(rng.integers(10, 40))
-            prompt = int(rng.integers(2, n - 2))
-            ids = rng.integers(3, vocab, n).tolist()
-            f.write(json.dumps({"input_ids": ids, "labels": [-100] * prompt + ids[prompt:], "len": n}) + "\n")
-    return path
 
 
 def train_args(data: Path, model_dir: Path, out: Path) -> list[str]:
@@ -83,31 +72,11 @@ class Job:
 
     def kill(self) -> None:
         if self.proc.poll() is None:
-            workers = self.workers()  # torchrun's workers may sit in process groups of their own: kill them by pid
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            for pid in workers.values():
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
+            kill_torchrun(self.proc.pid)
             self.proc.wait()
 
-    def workers(self) -> dict[int, int]:
-        """{rank: pid} of torchrun's workers (read from /proc)."""
-        found = {}
-        for stat in Path("/proc").glob("[0-9]*/stat"):
-            try:
-                ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
-                environ = (stat.parent / "environ").read_bytes().split(b"\0")
-            except (OSError, IndexError):
-                continue  # a process that ended meanwhile
-            ranks = [e[len(b"RANK="):] for e in environ if e.startswith(b"RANK=")]
-            if ppid == self.proc.pid and ranks:
-                found[int(ranks[0])] = int(stat.parent.name)
-        return found
-
     def worker_pid(self, rank: int) -> int:
-        pid = self.workers().get(rank)
+        pid = torchrun_workers(self.proc.pid).get(rank)
         assert pid is not None, f"no worker with RANK={rank}"
         return pid
 

@@ -42,10 +42,36 @@ def torchrun(args: list[str], timeout: int = 240) -> subprocess.CompletedProcess
         try:
             stdout, stderr = proc.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
+            kill_torchrun(proc.pid)
             proc.communicate()
             raise
     return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
+
+
+def torchrun_workers(torchrun_pid: int) -> dict[int, int]:
+    """{rank: pid} of a torchrun's workers (read from /proc)."""
+    found = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+            environ = (stat.parent / "environ").read_bytes().split(b"\0")
+        except (OSError, IndexError):
+            continue  # a process that ended meanwhile
+        ranks = [e[len(b"RANK="):] for e in environ if e.startswith(b"RANK=")]
+        if ppid == torchrun_pid and ranks:
+            found[int(ranks[0])] = int(stat.parent.name)
+    return found
+
+
+def kill_torchrun(torchrun_pid: int) -> None:
+    """SIGKILL torchrun (started with start_new_session) and its workers, which sit in process groups of their own."""
+    workers = torchrun_workers(torchrun_pid)
+    os.killpg(torchrun_pid, signal.SIGKILL)
+    for pid in workers.values():
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
 
 
 # ---------------------------------------------------------------------------------------------------------------
