@@ -19,7 +19,7 @@ import formats
 import process_data
 from formats import Columns, Format, InputSpec
 from process_data import DROP_CROSSING, DROP_EMPTY_TARGET, DROP_EMPTY_TEXT, Encoder
-from tests.test_process_data import FORMS, reference_ids, run_main, trained_runs, trained_text, write_lines
+from tests.test_process_data import FORMS, encode, only_row, reference_ids, run_main, trained_runs, trained_text, write_lines
 
 PAIR = Format("pairs", source="source", target="target")
 
@@ -35,18 +35,6 @@ def encoders(tokenizer_dir):
         return built[key]
 
     return get
-
-
-def encode(encoder: Encoder, rows: list[dict]) -> process_data.Chunk:
-    chunk = encoder.encode_chunk([(n, orjson.dumps(r)) for n, r in enumerate(rows, start=1)])
-    assert chunk.error is None, chunk.error
-    return chunk
-
-
-def only_row(encoder: Encoder, row: dict) -> dict:
-    chunk = encode(encoder, [row])
-    assert not chunk.drops, chunk.drops
-    return orjson.loads(chunk.rows[0][1])
 
 
 # ---- raw rendering: source + separator + target + EOS ----
