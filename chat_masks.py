@@ -1,25 +1,44 @@
 """Which characters of a rendered conversation the model is trained on, for any chat template.
 
-Templates without `{% generation %}` tags (most official ones) do not say where an assistant turn starts or
-ends, so we find out by rendering each conversation twice: once as is (the text we tokenize), once with every
-message content (and assistant reasoning) replaced by a unique sentinel string of private-use characters:
+The rule. For assistant turn i, the prompt is the render of messages[:i] with add_generation_prompt=True (same
+tools, same per-sample chat_template_kwargs). What is trained is what the full render has after that prompt, up
+to and including the end-of-turn token(s) closing the turn: reasoning, content, tool calls, and any block the
+template writes there itself. Everything else is masked. So Qwen3's empty think block is trained with thinking on
+(its generation prompt is `<|im_start|>assistant\\n`: the model writes the block) and masked with
+`enable_thinking: false` (the prompt already holds it); DeepSeek-V3.1 with `thinking: true` trains the `</think>`
+after `<｜Assistant｜>`; Command-R7B trains `<|START_RESPONSE|>...<|END_RESPONSE|><|END_OF_TURN_TOKEN|>`; gpt-oss
+trains `<|end|>` on earlier turns and `<|return|>` on the last, as rendered. Where the template renders history
+differently from a prefix of it (Qwen3 drops earlier reasoning), the full render decides what exists and the
+rule decides what of it is trained: the turn starts after the longest part of the generation prompt's header
+that the full render has there, cut at a token boundary.
 
-    real:      <|im_start|>user\\nHi<|im_end|>\\n<|im_start|>assistant\\nHello!<|im_end|>\\n
-    sentinel:  <|im_start|>user\\n\\ue0000\\ue001<|im_end|>\\n<|im_start|>assistant\\n\\ue0001\\ue001<|im_end|>\\n
+Two methods compute the rule; each one's result is checked against the real render, and a sample is dropped
+(MaskError, counted with its reason) only when neither can:
 
-The sentinel render is literal pieces L0 S1 L1 S2 ... and the real render must be exactly L0 X1 L1 X2 ...,
-where each Xk is the original value or a whitespace-stripped variant of it (templates `|trim`). The literal
-pieces hold only template structure, never user text, so the assistant header and end-of-turn marker found in
-them are real structure even when a message contains `<|im_end|>`. Anything that does not fit fails closed:
-`MaskError` for that sample, never a guessed mask.
+1. Sentinel render (one extra render per sample, the fast path). Every content, reasoning, tool-call argument
+   string and tool result is replaced by a unique sentinel of private-use characters:
 
-Per assistant turn the trained characters run from its first model-produced piece (the reasoning block with
-its wrapper when reasoning is rendered, else the content, else the tool calls after the header) to the end of
-the end-of-turn marker that closes the turn. A think block the template injects empty is not trained. A trained
-region that holds the opener of any role's turn (learned by probing) fails closed rather than train across turns.
+       real:      <|im_start|>user\\nHi<|im_end|>\\n<|im_start|>assistant\\nHello!<|im_end|>\\n
+       sentinel:  <|im_start|>user\\n\\ue0000\\ue001<|im_end|>\\n<|im_start|>assistant\\n\\ue0001\\ue001<|im_end|>\\n
+
+   The sentinel render is literal pieces L0 S1 L1 S2 ... and the real render must be exactly L0 X1 L1 X2 ...,
+   each Xk the value as is, whitespace-stripped (`|trim`) or JSON-escaped (`|tojson`); else the method fails.
+   The literal pieces hold only template structure (names, keys and tool definitions are checked to hold no
+   control text), so the header, the end-of-turn tokens and the next turn's opener found in them are real
+   structure even when a message quotes `<|im_end|>`. A turn starts after its header (learned from the
+   generation prompt of a probe conversation with the sample's tools and kwargs), and ends at the last run of
+   special tokens before the token that opens the next turn (learned by probing each role).
+2. Prefix renders (two renders per assistant turn: the rule itself, for samples the sentinel render cannot
+   align, e.g. a template that branches on content or tojson-escapes a nested value). The prompt render must be
+   a prefix of the full render (up to the header, as above). The turn ends at the last special-token run before
+   the next turn's opener in the render of messages[:i+1] followed by a placeholder user turn (whose opener is
+   the last one before the placeholder: template structure, whatever the contents hold), and the full render
+   must have that text; the last turn ends at the last special-token run of the full render (less `end`).
+
 Templates with `{% generation %}` tags mark their trained characters themselves (see marking_template).
 """
 
+import json
 import re
 from bisect import bisect_left
 from dataclasses import dataclass
@@ -29,6 +48,18 @@ SENTINEL_RE = re.compile("\ue000([0-9]+)\ue001")
 MAX_ALIGNMENTS = 2  # we only need to know whether the alignment is unique
 # where templates read an assistant turn's reasoning: Qwen3/DeepSeek-R1, gpt-oss, others
 REASONING_KEYS = ("reasoning_content", "thinking", "reasoning")
+# a tool call for probing templates that need one (Mistral wants 9-character ids, Llama-3.1 one call per turn)
+PROBE_ID = "probe0001"
+PROBE_TOOLS = [
+    {
+        "type": "function",
+        "function": {
+            "name": "probe",
+            "description": "probe",
+            "parameters": {"type": "object", "properties": {"q": {"type": "string", "description": "q"}}, "required": ["q"]},
+        },
+    }
+]
 
 
 class MaskError(ValueError):
@@ -39,37 +70,87 @@ def sentinel(k: int) -> str:
     return f"{OPEN}{k}{CLOSE}"
 
 
-def render(tokenizer, messages: list[dict], extra: dict, template: str | None = None) -> str:
-    return tokenizer.apply_chat_template(messages, tokenize=False, chat_template=template, **extra)
+class Renderer:
+    """Renders conversations as tokenizer.apply_chat_template(tokenize=False) does, without its per-call overhead.
+
+    The same steps in the same order: drop None-valued message keys, the special tokens as template variables
+    (kwargs win), transformers' own render (reasoning aliases, plain data, its compiled-template cache). Checked
+    against apply_chat_template at start-up (process_data.tokenization_mismatch) and by the tests.
+    """
+
+    def __init__(self, tokenizer, template: str):
+        self.tokenizer, self.template = tokenizer, template
+        self.special = dict(tokenizer.special_tokens_map)
+        try:
+            from transformers.tokenization_utils_base import _normalize_chat_messages
+            from transformers.utils.chat_template_utils import render_jinja_template
+        except ImportError:  # another transformers: its public entry point, slower but the same text
+            self._fast = None
+        else:
+            self._fast = (_normalize_chat_messages, render_jinja_template)
+
+    def __call__(self, messages: list[dict], extra: dict, add_generation_prompt: bool = False) -> str:
+        if self._fast is None:
+            return self.tokenizer.apply_chat_template(
+                messages, tokenize=False, chat_template=self.template, add_generation_prompt=add_generation_prompt, **extra
+            )
+        normalize, render = self._fast
+        if not messages:
+            raise ValueError("Cannot apply chat template to an empty conversation. Provide at least one message.")
+        kwargs = {k: v for k, v in extra.items() if k not in ("tools", "documents")}
+        rendered, _ = render(
+            conversations=[normalize(messages)],
+            tools=extra.get("tools"),
+            documents=extra.get("documents"),
+            chat_template=self.template,
+            add_generation_prompt=add_generation_prompt,
+            **{**self.special, **kwargs},
+        )
+        return rendered[0]
 
 
-# ---- what the template looks like: learned once per tokenizer from probe renders ----
+# ---- special tokens in text ----
 
 
-@dataclass(frozen=True)
-class TemplateShape:
-    header: str  # what add_generation_prompt appends: the assistant header ("" if the template has none)
-    injected: str  # what the template puts between header and content on its own (Qwen3's empty think block)
-    eot: str  # the end-of-turn marker closing every assistant turn, e.g. "<|im_end|>"
-    next_turn: str  # how the turn after an assistant turn opens, e.g. "<|im_start|>user"
-    openers: tuple[str, ...] = ()  # how a user, system or tool turn after an assistant turn opens
+class Specials:
+    """Where the tokenizer's special and added tokens lie in a text (leftmost-longest, as the tokenizer splits)."""
+
+    def __init__(self, tokens):
+        self.tokens = sorted({t for t in tokens if t}, key=len, reverse=True)
+        self.re = re.compile("|".join(re.escape(t) for t in self.tokens)) if self.tokens else None
+
+    def spans(self, text: str, lo: int = 0, hi: int | None = None) -> list[tuple[int, int]]:
+        if self.re is None:
+            return []
+        return [m.span() for m in self.re.finditer(text, lo, len(text) if hi is None else hi)]
+
+    def runs(self, text: str, lo: int = 0, hi: int | None = None) -> list[tuple[int, int]]:
+        """Maximal runs of adjacent special tokens in text[lo:hi]."""
+        out: list[list[int]] = []
+        for a, b in self.spans(text, lo, hi):
+            if out and out[-1][1] == a:
+                out[-1][1] = b
+            else:
+                out.append([a, b])
+        return [(a, b) for a, b in out]
+
+    def token_at(self, text: str, pos: int) -> str | None:
+        m = self.re.match(text, pos) if self.re is not None else None
+        return m.group() if m else None
+
+    def cut_back(self, text: str, cut: int) -> int:
+        """`cut`, moved back to the start of a special token it falls inside."""
+        for a, b in self.spans(text):
+            if a < cut < b:
+                return a
+        return cut
 
 
-def _common_prefix(a: str, b: str) -> str:
-    n = 0
-    while n < min(len(a), len(b)) and a[n] == b[n]:
+def _common_prefix_len(a: str, b: str) -> int:
+    n, m = 0, min(len(a), len(b))
+    while n < m and a[n] == b[n]:
         n += 1
-    return a[:n]
-
-
-def _special_spans(text: str, specials: list[str]) -> list[tuple[int, int]]:
-    spans = []
-    for token in specials:
-        start = text.find(token)
-        while start != -1:
-            spans.append((start, start + len(token)))
-            start = text.find(token, start + 1)
-    return sorted(spans)
+    return n
 
 
 def _after(text: str, k: int, until: int | None = None) -> str:
@@ -78,90 +159,168 @@ def _after(text: str, k: int, until: int | None = None) -> str:
     return text[start : text.index(sentinel(until)) if until is not None else len(text)]
 
 
-def learn_shape(tokenizer) -> TemplateShape:
-    """Probe the template with sentinel conversations. Raises MaskError when it has no usable end-of-turn marker."""
-    specials = sorted(set(tokenizer.all_special_tokens) | set(tokenizer.get_added_vocab()), key=len, reverse=True)
-    user = {"role": "user", "content": sentinel(0)}
-    # The assistant header: what the generation prompt adds. A common prefix can end inside a special token
-    # (Phi-3: "<|end|>\n<|endoftext|>" vs "<|end|>\n<|assistant|>\n"), so cut back to that token's start.
-    with_prompt = _after(tokenizer.apply_chat_template([user], tokenize=False, add_generation_prompt=True), 0)
-    without = _after(tokenizer.apply_chat_template([user], tokenize=False), 0)
-    cut = len(_common_prefix(with_prompt, without))
-    for start, end in _special_spans(with_prompt, specials):
-        if start < cut < end:
-            cut = start
-    header = with_prompt[cut:]
-
-    two_turns = [user, {"role": "assistant", "content": sentinel(1)}]
-    two_turns += [{"role": "user", "content": sentinel(2)}, {"role": "assistant", "content": sentinel(3)}]
-    text = render(tokenizer, two_turns, {})
-    between = _after(text, 2, 3)  # before the final turn, where Qwen3 injects its empty think block
-    injected = between[between.rindex(header) + len(header) :] if header and header in between else ""
-    # The end-of-turn marker: what closes both a middle and a final assistant turn, up to and including the
-    # first special token they share; the separator after it ("\n") is not part of the turn, and neither is
-    # what may follow it in both (a template appending a block after the last message opens it with the next
-    # turn's "<|im_start|>").
-    middle, final = _after(text, 1, 2), _after(text, 3)
-    shared = _common_prefix(middle, final)
-    ends = [end for _, end in _special_spans(shared, specials) if end <= len(shared)]
-    if not ends:
-        raise MaskError(
-            f"the chat template closes assistant turns with {final!r}, which has no special token to use as "
-            "end-of-turn marker"
-        )
-    eot = shared[: ends[0]]
-    next_turn = middle[len(eot) :].strip()
-    openers = tuple(o for role in ("user", "system", "tool") if (o := _opener(tokenizer, role, eot, specials)))
-    return TemplateShape(header=header, injected=injected, eot=eot, next_turn=next_turn, openers=openers)
+# ---- what the template looks like: learned once per tokenizer (and per sample kwargs) from probe renders ----
 
 
-def _opener(tokenizer, role: str, eot: str, specials: list[str]) -> str:
-    """How a `role` turn right after an assistant turn opens, through its last special token (Llama-3's
-    "<|start_header_id|>ipython<|end_header_id|>"), or "" when the template refuses that order."""
-    probe = [{"role": "user", "content": sentinel(0)}, {"role": "assistant", "content": sentinel(1)}]
-    probe.append({"role": role, "content": sentinel(2)})
+@dataclass(frozen=True)
+class TemplateShape:
+    header: str  # what add_generation_prompt appends after a user turn, with default kwargs ("" if nothing)
+    end: str  # what the template appends after the last message's turn (Phi-3's EOS), "" mostly
+    openers: tuple[str, ...]  # special tokens that open a turn other than the assistant's (and the header's first)
+    closers: tuple[tuple[str, str], ...]  # (role, the special token closing that role's turn): headerless templates
+    base_extra: tuple[tuple[str, object], ...] = ()  # what the probes needed to render (tools, for Hermes)
+
+    def closer(self, role: str) -> str | None:
+        return dict(self.closers).get(role)
+
+
+def generation_header(render, specials: Specials, extra: dict) -> str:
+    """What the generation prompt appends after a user turn, with these tools and kwargs."""
+    user = [{"role": "user", "content": sentinel(0)}]
+    with_prompt = _after(render(user, extra, True), 0)
+    without = _after(render(user, extra, False), 0)
+    # A common prefix can end inside a special token (Phi-3: "<|end|>\n<|endoftext|>" vs "<|end|>\n<|assistant|>\n")
+    return with_prompt[specials.cut_back(with_prompt, _common_prefix_len(with_prompt, without)) :]
+
+
+def header_candidates(header: str, specials: Specials) -> list[str]:
+    """The header, then its cuts at each special or added token after its first (longest first): what the full
+    render may have of it on a turn rendered as history (Qwen3 without the empty think block)."""
+    cuts = [a for a, _ in specials.spans(header) if a > 0]
+    first = specials.spans(header)[:1]
+    floor = first[0][1] if first else 1  # never shorter than the header's first token
+    return [header] + [header[:a] for a in reversed(cuts) if a >= floor and header[:a] != header]
+
+
+def _tool_probe(q: str) -> dict:
+    call = {"id": PROBE_ID, "type": "function", "function": {"name": "probe", "arguments": {"q": q}}}
+    return {"role": "assistant", "content": "", "tool_calls": [call]}
+
+
+def learn_shape(tokenizer, render, specials: Specials) -> TemplateShape:
+    """Probe the template with sentinel conversations. Raises MaskError when it cannot render a plain exchange."""
+    base: dict = {}
     try:
-        between = _after(render(tokenizer, probe, {}), 1, 2)
-    except Exception:  # the template rejects the order (roles must alternate) or the role
-        return ""
-    if not between.startswith(eot):
-        return ""
-    opener = between[len(eot) :].lstrip()
-    ends = [end for _, end in _special_spans(opener, specials)]
-    return opener[: max(ends)] if ends else opener.strip()
+        header = generation_header(render, specials, base)
+    except Exception:  # Hermes-3's tool_use template iterates `tools` unconditionally
+        base = {"tools": PROBE_TOOLS}
+        try:
+            header = generation_header(render, specials, base)
+        except Exception as e:
+            raise MaskError(f"the chat template fails on a plain user/assistant conversation ({e})") from None
+    user = {"role": "user", "content": sentinel(0)}
+    final_user = _after(render([user], base), 0)
+    final = _after(render([user, {"role": "assistant", "content": sentinel(1)}], base), 1)
+    middle_user = _after(render([user, {"role": "assistant", "content": sentinel(1)}], base), 0, 1)
+    # what follows the last message's turn whatever it is: where a user turn's closing as last and as middle part
+    cut = specials.cut_back(final_user, _common_prefix_len(final_user, middle_user))
+    end = final_user[cut:] if final.endswith(final_user[cut:]) else ""
+    eots = {final[a:b] for a, b in specials.spans(final[: len(final) - len(end)])[:1]}
+    head = specials.spans(header)[:1]
+    head_token = header[head[0][0] : head[0][1]] if head else None
+    openers = {head_token} if head_token else set()
+    closers = []
+
+    def note_opener(between: str) -> None:
+        """The token opening the next turn in `between` (the text from an assistant turn's body to the next
+        message's): the header's first token if there, else the special token after the first end-of-turn."""
+        if head_token and head_token in between:
+            return
+        for a, b in specials.spans(between):
+            if between[a:b] in eots:
+                nxt = specials.spans(between, b)
+                if nxt:
+                    openers.add(between[nxt[0][0] : nxt[0][1]])
+                return
+
+    probes = [
+        [user, {"role": "assistant", "content": sentinel(1)}, {"role": "user", "content": sentinel(2)}],
+        [user, {"role": "assistant", "content": sentinel(1)}, {"role": "system", "content": sentinel(2)}],
+        [user, _tool_probe(sentinel(1)), {"role": "tool", "content": sentinel(2), "tool_call_id": PROBE_ID}],
+    ]
+    for extra in (base, {**base, "tools": PROBE_TOOLS}):
+        for probe in probes:
+            try:
+                text = render(probe, extra)
+                note_opener(_after(text, 1, 2))
+                if probe[2]["role"] != "system":  # how that role's turn closes before an assistant turn
+                    text = render([*probe, {"role": "assistant", "content": sentinel(3)}], extra)
+                    closing = _after(text, 2, 3)
+                    spans = specials.spans(closing)
+                    if spans and probe[2]["role"] not in dict(closers):
+                        closers.append((probe[2]["role"], closing[spans[0][0] : spans[0][1]]))
+            except Exception:  # the template rejects this order or role: samples with it report their own
+                continue
+    return TemplateShape(
+        header=header, end=end, openers=tuple(sorted(openers)), closers=tuple(closers), base_extra=tuple(base.items())
+    )
 
 
-# ---- one sample ----
+# ---- method 1: the sentinel render ----
 
 
 @dataclass(frozen=True)
 class Piece:
     message: int  # index into messages
-    key: str  # "content" or one of REASONING_KEYS
+    key: str  # "content", one of REASONING_KEYS, or "tool_calls" (an argument string)
     value: str  # the original string
 
 
+def _sentinel_values(value, message: int, pieces: list[Piece]):
+    """A copy of a tool call's arguments with every string value replaced by a sentinel."""
+    if isinstance(value, str):
+        pieces.append(Piece(message, "tool_calls", value))
+        return sentinel(len(pieces) - 1)
+    if isinstance(value, dict):
+        return {k: _sentinel_values(v, message, pieces) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_sentinel_values(v, message, pieces) for v in value]
+    return value
+
+
 def with_sentinels(messages: list[dict]) -> tuple[list[dict], list[Piece]]:
-    """Copy of messages with every non-empty content (and assistant reasoning, under any of REASONING_KEYS)
-    replaced by sentinel(k)."""
+    """Copy of messages with every non-empty content, assistant reasoning (one sentinel under each reasoning key
+    present: transformers aliases them) and tool-call argument string replaced by sentinel(k)."""
     pieces: list[Piece] = []
     out = []
     for i, message in enumerate(messages):
         message = dict(message)
-        keys = ("content", *REASONING_KEYS) if message["role"] == "assistant" else ("content",)
-        for key in keys:
-            value = message.get(key)
-            if isinstance(value, str) and value:
-                message[key] = sentinel(len(pieces))
-                pieces.append(Piece(i, key, value))
+        value = message.get("content")
+        if isinstance(value, str) and value:
+            message["content"] = sentinel(len(pieces))
+            pieces.append(Piece(i, "content", value))
+        if message["role"] == "assistant":
+            present = [k for k in REASONING_KEYS if isinstance(message.get(k), str) and message[k]]
+            if present:
+                pieces.append(Piece(i, present[0], message[present[0]]))
+                for key in present:
+                    message[key] = sentinel(len(pieces) - 1)
+            if isinstance(message.get("tool_calls"), list):
+                calls = []
+                for call in message["tool_calls"]:
+                    if isinstance(call, dict):
+                        call = dict(call)
+                        fn = call.get("function")
+                        target = call if not isinstance(fn, dict) else dict(fn)
+                        if "arguments" in target:
+                            target["arguments"] = _sentinel_values(target["arguments"], i, pieces)
+                        if isinstance(fn, dict):
+                            call["function"] = target
+                    calls.append(call)
+                message["tool_calls"] = calls
         out.append(message)
     return out, pieces
 
 
 def _variants(value: str) -> list[str]:
-    """How a template may render a value: as is, or stripped (`|trim`, Qwen3's strip('\\n'), ...)."""
+    """How a template may render a value: as is, stripped (`|trim`, Qwen3's strip('\\n'), ...), JSON-escaped
+    (`|tojson` of a string, inside the quotes the sentinel render shows as literal text)."""
     out = []
     for v in (value, value.strip(), value.strip("\n"), value.lstrip("\n"), value.rstrip("\n"), value.lstrip(), value.rstrip()):
+        if v not in out:
+            out.append(v)
+    for ascii_only in (False, True):
+        v = json.dumps(value, ensure_ascii=ascii_only)[1:-1]
         if v not in out:
             out.append(v)
     return out
@@ -214,13 +373,29 @@ def content_char_spans(real: str, marked: str, pieces: list[Piece]) -> dict[int,
     return dict(zip(ids, real_spans))
 
 
-def assistant_char_spans(
-    shape: TemplateShape, real: str, marked: str, messages: list[dict], pieces: list[Piece]
+def _turn_end(text: str, specials: Specials, shape: TemplateShape, header: str, lo: int, hi: int, next_is_assistant: bool) -> int:
+    """The end of an assistant turn whose body ends at `lo`, in text[lo:hi] (template structure only): the end of
+    the last run of special tokens before the token that opens the next turn."""
+    boundary = hi
+    for a, b in specials.spans(text, lo, hi):
+        if text[a:b] in shape.openers and not (header and text.startswith(header, a) and not next_is_assistant):
+            boundary = a
+            break
+    if next_is_assistant and header:  # two assistant messages in a row: the second one's header opens it
+        at = text.rfind(header, lo, hi)
+        boundary = min(boundary, at) if at >= 0 else boundary
+    runs = specials.runs(text, lo, boundary)
+    if not runs:
+        raise MaskError("no end-of-turn token closes an assistant turn")
+    return runs[-1][1]
+
+
+def sentinel_spans(
+    shape: TemplateShape, header: str, specials: Specials, real: str, marked: str, messages: list[dict], pieces: list[Piece]
 ) -> list[tuple[int, int]]:
     """Trained character spans in `real`, one per assistant turn, from the sentinel render `marked`."""
     literals, ids, real_spans = _aligned(real, marked, pieces)
 
-    # Positions in the sentinel render, and a map from them to the real render.
     marked_at: dict[int, tuple[int, int]] = {}  # sentinel id -> (start, end) in `marked`
     pos = len(literals[0])
     for j, k in enumerate(ids):
@@ -228,6 +403,11 @@ def assistant_char_spans(
         pos += len(sentinel(k)) + len(literals[j + 1])
     order = sorted(marked_at.values())
     sentinel_starts = [start for start, _ in order]
+    by_message: dict[int, list[tuple[int, int]]] = {}
+    for k, span in marked_at.items():
+        by_message.setdefault(pieces[k].message, []).append(span)
+    for spans_of in by_message.values():
+        spans_of.sort()
 
     def to_real(p: int) -> int:
         """Map a position in `marked` (in a literal, or a sentinel boundary) to `real`."""
@@ -242,51 +422,103 @@ def assistant_char_spans(
             raise MaskError("a trained span boundary falls inside a content")
         return real_end + (p - end)
 
-    def next_sentinel(p: int) -> int:
-        j = bisect_left(sentinel_starts, p)
-        return sentinel_starts[j] if j < len(sentinel_starts) else len(marked)
+    def first_piece_after(i: int) -> int:
+        starts = [s[0][0] for m, s in by_message.items() if m > i]
+        return min(starts, default=len(marked))
 
-    def check_one_turn(start: int, end: int) -> None:
-        region = marked[start:end]
-        if any(marker and marker in region for marker in (shape.header, shape.next_turn, *shape.openers)):
-            raise MaskError("an assistant turn's trained region crosses into another turn")
-
-    by_message: dict[tuple[int, str], int] = {(p.message, p.key): k for k, p in enumerate(pieces)}
+    candidates = header_candidates(header, specials) if header else []
+    tail = len(marked) - len(shape.end) if shape.end and marked.endswith(shape.end) else len(marked)
     spans: list[tuple[int, int]] = []
     cursor = 0  # in `marked`: the end of the previous assistant turn's span
     for i, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
-        rendered = [marked_at[by_message[i, key]] for key in REASONING_KEYS if by_message.get((i, key)) in marked_at]
-        reasoning = (min(rendered)[0], max(rendered)[1]) if rendered else None
-        content = marked_at.get(by_message.get((i, "content"), -1))
-        if reasoning:  # train the reasoning with its wrapper: start right after the assistant header
-            before = marked[cursor : reasoning[0]]
-            if not shape.header or shape.header not in before:
-                raise MaskError("cannot find the assistant header before the reasoning")
-            start = cursor + before.rindex(shape.header) + len(shape.header)
-            check_one_turn(start, reasoning[0])
-        elif content:
-            start = content[0]
-        else:  # no content rendered (e.g. tool calls only): start after the header that opens this turn
-            # the first header after the previous assistant turn, before any later message's content
-            later = [marked_at[k][0] for k, p in enumerate(pieces) if p.message > i and k in marked_at]
-            limit = min((start for start in later if start >= cursor), default=len(marked))
-            found = marked.find(shape.header, cursor, limit) if shape.header else -1
-            if found < 0:
-                raise MaskError("cannot find the header of an assistant turn without content")
-            start = found + len(shape.header)
-            if shape.injected and marked.startswith(shape.injected, start):
-                start += len(shape.injected)
-        body_end = max(start, reasoning[1] if reasoning else 0, content[1] if content else 0)
-        eot = marked.find(shape.eot, body_end, next_sentinel(body_end))
-        if eot < 0:
-            raise MaskError(f"no end-of-turn marker {shape.eot!r} closes an assistant turn")
-        check_one_turn(body_end, eot)
-        end = eot + len(shape.eot)
+        own = by_message.get(i, [])
+        later = first_piece_after(i)
+        first_own = own[0][0] if own else later
+        # after the pieces of earlier messages rendered before this turn (not Mistral's system prompt, moved on)
+        before = [b for m, s in by_message.items() if m < i for _, b in s if b <= first_own]
+        lo = max([cursor, *before])
+        if candidates:
+            found = [(marked.rfind(c, lo, first_own), len(c)) for c in candidates]
+            at, n = max(found)  # the latest occurrence, and of the candidates there the longest
+            if at < 0:
+                raise MaskError("cannot find the assistant header before an assistant turn")
+            start = at + n
+        else:  # no header (Mistral): the turn starts where the previous message's turn closes
+            closer = shape.closer(messages[i - 1]["role"]) if i > 0 else None
+            at = marked.rfind(closer, lo, first_own) if closer else -1
+            if at < 0:
+                raise MaskError("cannot find where an assistant turn starts (the template has no generation prompt)")
+            start = at + len(closer)
+        body_end = max(start, own[-1][1] if own else start)
+        next_is_assistant = i + 1 < len(messages) and messages[i + 1]["role"] == "assistant"
+        hi = later if later < len(marked) else tail
+        end = _turn_end(marked, specials, shape, header, body_end, max(hi, body_end), next_is_assistant)
+        for a, b in specials.spans(marked, start, end):  # never across a turn: no opener inside but a header's
+            if marked[a:b] in shape.openers and not (header and marked.startswith(candidates[-1], a)):
+                raise MaskError("an assistant turn's trained region crosses into another turn")
         spans.append((to_real(start), to_real(end)))
         cursor = end
     return spans
+
+
+# ---- method 2: prefix renders, the rule itself ----
+
+
+def prefix_spans(
+    render, shape: TemplateShape, header: str, specials: Specials, real: str, messages: list[dict], extra: dict
+) -> list[tuple[int, int]]:
+    """Trained character spans in `real` from the render of each assistant turn's prompt and of the conversation
+    up to and including the turn. Raises MaskError where the full render does not extend them."""
+    spans: list[tuple[int, int]] = []
+    tail = len(real) - len(shape.end) if shape.end and real.endswith(shape.end) else len(real)
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        if i == 0:
+            raise MaskError("an assistant turn opens the conversation: it has no prompt to render")
+        prompt = render(messages[:i], extra, True)
+        if real.startswith(prompt):
+            start = len(prompt)
+        else:  # the full render has less of the header here (history rendered without the think block)
+            base = prompt[: len(prompt) - len(header)] if header and prompt.endswith(header) else None
+            cands = [c for c in header_candidates(header, specials)[1:]] if header else []
+            hit = next((c for c in cands if base is not None and real.startswith(base + c)), None)
+            if hit is None:
+                raise MaskError("the full render does not start with the prompt of an assistant turn (history rendered differently)")
+            start = len(base) + len(hit)
+        if spans and start < spans[-1][1]:
+            raise MaskError("an assistant turn's prompt ends inside the previous turn")
+        if i == len(messages) - 1:  # the last turn: it runs to the end of the render, less what follows any last turn
+            end_at = tail
+            region = real
+        else:  # render the turn as history, followed by a user turn whose opener ends the template structure before
+            # its placeholder: the turn's closing is before that opener, and must be what the full render has
+            region = render([*messages[: i + 1], {"role": "user", "content": sentinel(0)}], extra, False)
+            at = region.find(sentinel(0), start)
+            openers = [a for a, b in specials.spans(region, start, at) if region[a:b] in shape.openers] if at >= 0 else []
+            if not openers:
+                raise MaskError("cannot find where an assistant turn's closing ends when rendered as history")
+            end_at = openers[-1]
+        runs = specials.runs(region, start, end_at)
+        if not runs:
+            raise MaskError("no end-of-turn token closes an assistant turn")
+        end = runs[-1][1]
+        if region is not real and not real.startswith(region[:end]):
+            raise MaskError("the full render differs from the render of the conversation up to an assistant turn")
+        spans.append((start, end))
+    return spans
+
+
+def check_spans(real: str, spans: list[tuple[int, int]], specials: Specials) -> None:
+    """What every method's result must satisfy: in order, inside the render, each ending with a special token."""
+    prev = 0
+    ends = {b for _, b in specials.spans(real)}
+    for a, b in spans:
+        if not (prev <= a < b <= len(real)) or b not in ends:
+            raise MaskError("derived trained spans are inconsistent with the render")
+        prev = b
 
 
 def token_mask(
@@ -378,35 +610,29 @@ def check_placeholders(raw: bytes) -> None:
         raise MaskError("contains the private-use characters U+E000..U+E003 reserved for mask placeholders")
 
 
-def _literal_strings(value, top: bool):
-    """Strings the template renders as they are: every key and value but contents, reasoning and roles."""
-    if isinstance(value, str):
-        yield value
-    elif isinstance(value, dict):
-        for key, item in value.items():
-            if isinstance(key, str):  # templates render keys too: tool-call argument names, schema properties
-                yield key
-            if not (top and key in ("content", *REASONING_KEYS, "role")):
-                yield from _literal_strings(item, False)
-    elif isinstance(value, list):
-        for item in value:
-            yield from _literal_strings(item, False)
-
-
 def markers_pattern(markers: list[str]) -> re.Pattern:
     return re.compile("|".join(re.escape(m) for m in sorted(markers, key=len, reverse=True)))
 
 
-def check_values(raw: bytes, sample: dict, markers: re.Pattern) -> None:
-    """Raise MaskError for values the sentinel method cannot handle safely.
+def _literal_strings(value):
+    """Every string in a sentinel-replaced sample that the template renders as it is (keys included)."""
+    if isinstance(value, str):
+        if OPEN not in value:
+            yield value
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            if isinstance(key, str):  # templates render keys too: tool-call argument names, schema properties
+                yield key
+            yield from _literal_strings(item)
+    elif isinstance(value, list):
+        for item in value:
+            yield from _literal_strings(item)
 
-    Sentinel characters anywhere (`raw` is the sample's JSON line) would be confused with our placeholders.
-    Values the template renders literally (tool calls, tool definitions, names) are not replaced by sentinels,
-    so they must not contain template structure such as "<|im_end|>", or a turn boundary could be found in them.
-    """
-    check_placeholders(raw)
-    others = {k: v for k, v in sample.items() if k != "messages"}
-    for value in (*sample["messages"], others):
-        for text in _literal_strings(value, True):
+
+def check_literals(marked_messages: list[dict], extra: dict, markers: re.Pattern) -> None:
+    """Raise MaskError when a value the sentinel render keeps literal (a tool name, an argument name, a tool
+    definition) contains template structure such as "<|im_end|>": a turn boundary could be found in it."""
+    for value in (marked_messages, extra):
+        for text in _literal_strings(value):
             if markers.search(text):
-                raise MaskError("a tool call, tool definition or name contains chat-template control text")
+                raise MaskError("a tool name, argument name or tool definition contains chat-template control text")

@@ -63,6 +63,8 @@ class InputSpec:
     rendering: str = "chat"  # pairs: "chat" (one user and one assistant turn) or "raw"
     separator: str | None = None  # raw pairs: between source and target; None: the tokenizer's EOS
     train_source: bool = False  # pairs: train the source too
+    chat_template: str | None = None  # --chat-template: the Jinja text that replaces the tokenizer's own
+    chat_template_name: str | None = None  # --chat-template-name: which of the tokenizer's templates
 
 
 def detect(keys: Iterable[str], columns: Columns) -> Format | None:

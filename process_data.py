@@ -207,10 +207,11 @@ PROBE_CHAT = [
 ]
 
 
-def tokenization_mismatch(tokenizer, backend, full, chat: bool) -> str | None:
-    """How our copies tokenize differently from transformers on the probes, None when they agree exactly.
+def tokenization_mismatch(tokenizer, backend, full, chat) -> str | None:
+    """How our copies render or tokenize differently from transformers on the probes, None when they agree exactly.
 
-    Checks what production computes: backend ids of a chat render against apply_chat_template(tokenize=True),
+    Checks what production computes: our render of a chat (`chat`: a chat_masks.Renderer, True for the
+    tokenizer's own template, falsy for none) and its backend ids against apply_chat_template(tokenize=False / True),
     and full.post_process(backend encoding) against tokenizer(text) for raw text.
     """
     encodings = backend.encode_batch(list(PROBE_TEXTS), add_special_tokens=False)
@@ -218,20 +219,47 @@ def tokenization_mismatch(tokenizer, backend, full, chat: bool) -> str | None:
         if full.post_process(encoding).ids != tokenizer(text)["input_ids"]:
             return f"our copy of the tokenizer encodes the text {text[:20]!r}... differently from transformers"
     if chat:
+        renderer = chat if isinstance(chat, chat_masks.Renderer) else chat_masks.Renderer(tokenizer, tokenizer.chat_template)
+        template = renderer.template
         try:
-            real = chat_masks.render(tokenizer, PROBE_CHAT, {})
-            want = list(tokenizer.apply_chat_template(PROBE_CHAT, tokenize=True, return_dict=True)["input_ids"])
+            want_text = tokenizer.apply_chat_template(PROBE_CHAT, tokenize=False, chat_template=template)
+            want = list(tokenizer.apply_chat_template(PROBE_CHAT, tokenize=True, return_dict=True, chat_template=template)["input_ids"])
         except Exception:  # the template rejects the probe: nothing to compare, samples report their own errors
             return None
+        real = renderer(PROBE_CHAT, {})
+        if real != want_text:
+            return "our render of a chat differs from apply_chat_template(tokenize=False)"
         got = [e.ids for e in backend.encode_batch([real, PROBE_TEXTS[1]], add_special_tokens=False)][0]
         if got != want:
             return "our copy of the tokenizer encodes a chat render differently from apply_chat_template(tokenize=True)"
     return None
 
 
+def choose_template(tokenizer, spec: InputSpec) -> tuple[str | None, str | None]:
+    """The chat template to use and, when there is none, why: --chat-template's text, else the tokenizer's own
+    (by --chat-template-name when it carries several)."""
+    if spec.chat_template is not None:
+        return spec.chat_template, None
+    own = tokenizer.chat_template
+    if isinstance(own, dict):
+        names = ", ".join(sorted(own))
+        name = spec.chat_template_name or ("default" if "default" in own else None)
+        if name is None:
+            return None, f"the tokenizer has several chat templates ({names}) and none is `default`; pass --chat-template-name"
+        if name not in own:
+            return None, f"the tokenizer has no chat template named {name!r} (it has {names}); pass one of them to --chat-template-name"
+        return own[name], None
+    if spec.chat_template_name is not None:
+        return None, f"--chat-template-name {spec.chat_template_name} but the tokenizer has a single chat template (or none); drop the flag"
+    if isinstance(own, str) and own:
+        return own, None
+    return None, "the tokenizer has no chat template"
+
+
 @dataclass
 class Chunk:
     rows: list[tuple[int, bytes]] = field(default_factory=list)  # (line number, output line)
+    methods: Counter = field(default_factory=Counter)  # chat samples per masking method
     drops: list[tuple[int, str, str]] = field(default_factory=list)  # (line number, reason, detail)
     blank: int = 0
     tokens: int = 0
@@ -263,14 +291,16 @@ class Encoder:
         self.eos_id = self.tokenizer.eos_token_id
         # per-sample keys reach the template as variables, except names that would change apply_chat_template
         self.reserved = set(inspect.signature(self.tokenizer.apply_chat_template).parameters) - {"tools", "documents"}
-        template = self.tokenizer.chat_template
-        self.template_problem = None if isinstance(template, str) else "the tokenizer has no chat template (or several)"
-        self.generation_tags = isinstance(template, str) and chat_masks.has_generation_tags(template)
-        self.marking_template = chat_masks.marking_template(template) if self.generation_tags else None
+        self.template, self.template_problem = choose_template(self.tokenizer, spec)
+        template = self.template
+        self.renderer = chat_masks.Renderer(self.tokenizer, template) if template else None
+        self.specials = chat_masks.Specials([*self.tokenizer.all_special_tokens, *self.tokenizer.get_added_vocab()])
+        self.generation_tags = bool(template) and chat_masks.has_generation_tags(template)
+        self.marking = chat_masks.Renderer(self.tokenizer, chat_masks.marking_template(template)) if self.generation_tags else None
         if self.generation_tags and self.template_problem is None:
             try:
-                marked = chat_masks.render(self.tokenizer, PROBE_CHAT, {}, self.marking_template)
-                if chat_masks.generation_spans(marked)[0] != chat_masks.render(self.tokenizer, PROBE_CHAT, {}):
+                marked = self.marking(PROBE_CHAT, {})
+                if chat_masks.generation_spans(marked)[0] != self.renderer(PROBE_CHAT, {}):
                     self.template_problem = "marking the template's {% generation %} blocks changes its render"
             except MaskError as e:
                 self.template_problem = str(e)
@@ -279,16 +309,15 @@ class Encoder:
         self.shape = None
         if self.template_problem is None and not self.generation_tags:
             try:
-                self.shape = chat_masks.learn_shape(self.tokenizer)
+                self.shape = chat_masks.learn_shape(self.tokenizer, self.renderer, self.specials)
             except MaskError as e:
                 self.template_problem = str(e)
-            except Exception as e:  # the template raised on our probe conversation
-                self.template_problem = f"the chat template fails on a plain user/assistant conversation ({e})"
-        specials = set(self.tokenizer.all_special_tokens) | set(self.tokenizer.get_added_vocab())
-        shape_markers = {self.shape.header, self.shape.eot, self.shape.next_turn, *self.shape.openers} if self.shape else set()
-        self.markers = chat_masks.markers_pattern([m for m in specials | shape_markers if m])
+        self.headers: dict[bytes, str] = {}  # the generation prompt's header per distinct tools and kwargs
+        shape_markers = {self.shape.header, *self.shape.openers} if self.shape else set()
+        self.markers = chat_masks.markers_pattern([m for m in set(self.specials.tokens) | shape_markers if m])
+        self.methods: Counter = Counter()  # which method derived each chat sample's masks
         chat = self.template_problem is None
-        if problem := tokenization_mismatch(self.tokenizer, self.backend, self.full, chat):
+        if problem := tokenization_mismatch(self.tokenizer, self.backend, self.full, self.renderer if chat else None):
             raise RunError(f"{model}: {problem} — the tokenizer has a setting we do not reproduce; please report it")
         if spec.fmt.kind == "pairs" and spec.rendering == "raw":
             eos = self.tokenizer.eos_token
@@ -297,8 +326,69 @@ class Encoder:
             self.eos_text = eos
             self.separator = eos if spec.separator is None else spec.separator
 
+    def template_vars(self, sample: dict, where: str) -> dict:
+        """What reaches the template besides the messages: the sample's other keys (`tools`, `documents`, ...)
+        and the keys of its `chat_template_kwargs` (e.g. {"enable_thinking": false})."""
+        extra = {k: v for k, v in sample.items() if k not in ("messages", "chat_template_kwargs") and k not in self.reserved}
+        kwargs = sample.get("chat_template_kwargs")
+        if kwargs is not None:
+            if not isinstance(kwargs, dict):
+                raise RunError(f'{where}: `chat_template_kwargs` must be an object; write e.g. {{"enable_thinking": false}}')
+            extra.update((k, v) for k, v in kwargs.items() if k not in self.reserved)
+        return extra
+
+    def header(self, extra: dict) -> str:
+        """The generation prompt's header with this sample's tools and kwargs (Qwen3 with enable_thinking false:
+        the empty think block is part of it), from a probe render, cached."""
+        key = orjson.dumps(extra, option=orjson.OPT_SORT_KEYS)
+        if key not in self.headers:
+            if len(self.headers) >= 1024:
+                self.headers.clear()
+            try:
+                header = chat_masks.generation_header(self.renderer, self.specials, extra)
+            except Exception:  # the probe misses something the template needs (tools): add what start-up needed
+                try:
+                    header = chat_masks.generation_header(self.renderer, self.specials, {**dict(self.shape.base_extra), **extra})
+                except Exception:
+                    header = None
+            self.headers[key] = header
+        if self.headers[key] is None:
+            raise MaskError("the chat template fails on a probe conversation with this sample's tools and kwargs")
+        return self.headers[key]
+
+    def assistant_spans(self, raw: bytes, messages: list[dict], real: str, extra: dict) -> list[tuple[int, int]]:
+        """Trained character spans of `real` by the rule (chat_masks): from the sentinel render, else from prefix
+        renders; each checked against the real render. MaskError with both reasons when neither can."""
+        header = self.header(extra)
+        reasons = []
+        try:
+            chat_masks.check_placeholders(raw)
+            marked_messages, pieces = chat_masks.with_sentinels(messages)
+            chat_masks.check_literals(marked_messages, extra, self.markers)
+            try:
+                marked = self.renderer(marked_messages, extra)
+            except Exception as e:  # the template rejects a placeholder (a length check, ...)
+                raise MaskError(f"the chat template rejects placeholders ({type(e).__name__})") from None
+            spans = chat_masks.sentinel_spans(self.shape, header, self.specials, real, marked, messages, pieces)
+            chat_masks.check_spans(real, spans, self.specials)
+            self.methods["sentinel render"] += 1
+            return spans
+        except MaskError as e:
+            reasons.append(f"sentinel render: {e}")
+        try:
+            spans = chat_masks.prefix_spans(self.renderer, self.shape, header, self.specials, real, messages, extra)
+            chat_masks.check_spans(real, spans, self.specials)
+            self.methods["prefix renders"] += 1
+            return spans
+        except MaskError as e:
+            reasons.append(f"prefix renders: {e}")
+        except Exception as e:  # the template rejects a prefix of the conversation (it must end on a user turn, ...)
+            reasons.append(f"prefix renders: the chat template rejects a prefix of the conversation ({type(e).__name__}: {e})")
+        raise MaskError("; ".join(reasons))
+
     def encode_chunk(self, lines: list[tuple[int, bytes]]) -> Chunk:
         chunk = Chunk()
+        self.methods = chunk.methods
         try:
             self._encode(lines, chunk)
         except RunError as e:
@@ -344,24 +434,20 @@ class Encoder:
             if self.template_problem:
                 fix = "--pair-rendering raw" if fmt.kind == "pairs" else "`pretrain` rows"
                 raise RunError(f"{where}: {self.template_problem} — use a chat model's tokenizer, or {fix}")
-            extra = {k: v for k, v in sample.items() if k != "messages" and k not in self.reserved}
+            extra = self.template_vars(sample, where)
             try:
                 generated = []  # with {% generation %} tags: the tagged spans, each must hold a token
                 if self.generation_tags:
                     chat_masks.check_placeholders(raw)
-                    rendered = chat_masks.render(self.tokenizer, messages, extra, self.marking_template)
-                    real, generated = chat_masks.generation_spans(rendered)
+                    real, generated = chat_masks.generation_spans(self.marking(messages, extra))
                     spans = list(generated)
                 else:
-                    real = chat_masks.render(self.tokenizer, messages, extra)
-                if train_source or not self.generation_tags:
-                    chat_masks.check_values(raw, sample, self.markers)
-                    marked_messages, pieces = chat_masks.with_sentinels(messages)
-                    marked = chat_masks.render(self.tokenizer, marked_messages, extra)
-                if not self.generation_tags:
-                    spans = chat_masks.assistant_char_spans(self.shape, real, marked, messages, pieces)
+                    real = self.renderer(messages, extra)
+                    spans = self.assistant_spans(raw, messages, real, extra)
                 if train_source:
-                    spans.append(source_span(real, marked, pieces))
+                    chat_masks.check_placeholders(raw)
+                    marked_messages, pieces = chat_masks.with_sentinels(messages)
+                    spans.append(source_span(real, self.renderer(marked_messages, extra), pieces))
             except MaskError as e:
                 chunk.drops.append((lineno, DROP_MASK, str(e)))
                 continue

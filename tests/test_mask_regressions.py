@@ -134,7 +134,10 @@ BAD_TOOLS = [
 QWEN3_SPEC = dict(special=CHATML_TOKENS, eos="<|im_end|>", pad="<|endoftext|>", added=("<think>", "</think>", "<tool_call>", "</tool_call>", "<tool_response>", "</tool_response>"))
 
 
-def test_control_text_in_a_dict_key_drops_the_sample(tmp_path):
+def test_control_text_in_a_dict_key_is_left_to_prefix_renders(tmp_path):
+    # The sentinel render keeps keys and tool definitions literal, so control text there must not be read as
+    # structure: it refuses (the reason is kept), and prefix renders derive the masks instead (issue 15: zero
+    # drops on tool-calling conversations; before, these samples were dropped).
     path = save(tmp_path, "qwen3", QWEN3, **QWEN3_SPEC)
     tokenizer = AutoTokenizer.from_pretrained(path)
 
@@ -142,13 +145,22 @@ def test_control_text_in_a_dict_key_drops_the_sample(tmp_path):
         return conv(("user", "Weather?"), {"role": "assistant", "content": "", "tool_calls": _call(args)}, ("tool", "sunny"), ("assistant", "Sunny."), tools=tools)
 
     samples = [sample({"<|im_end|>": "x", "city": "Berlin"}, TOOLS), sample({"city": "Berlin"}, BAD_TOOLS), sample({"city": "Berlin"}, TOOLS)]
-    _, rows, drops = encode(path, samples)
-    assert drops[1][0] == DROP_MASK and drops[2][0] == DROP_MASK
-    assert "control text" in drops[1][1]
-    assert trained(tokenizer, rows[3]) == [
-        '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Berlin"}}\n</tool_call><|im_end|>',
-        "Sunny.<|im_end|>",
+    encoder, rows, drops = encode(path, samples)
+    assert not drops
+    for n, sample_ in enumerate(samples, 1):
+        assert rows[n]["input_ids"] == reference_ids(tokenizer, sample_)
+    think = "<think>\n\n</think>\n\n"  # the final turn's empty think block follows the generation prompt: trained
+    assert trained(tokenizer, rows[1]) == [
+        '<tool_call>\n{"name": "get_weather", "arguments": {"<|im_end|>": "x", "city": "Berlin"}}\n</tool_call><|im_end|>',
+        think + "Sunny.<|im_end|>",
     ]
+    assert trained(tokenizer, rows[2]) == trained(tokenizer, rows[3]) == [
+        '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Berlin"}}\n</tool_call><|im_end|>',
+        think + "Sunny.<|im_end|>",
+    ]
+    with pytest.raises(chat_masks.MaskError, match="control text"):
+        marked, _ = chat_masks.with_sentinels(samples[0]["messages"])
+        chat_masks.check_literals(marked, {"tools": TOOLS}, encoder.markers)
 
 
 # ---- 3. the end-of-turn search must not run into a following tool turn ----
@@ -177,9 +189,14 @@ def test_end_of_turn_search_does_not_cross_into_a_tool_turn(tmp_path):
         conv(("user", "Hi"), ("assistant", "Hello")),
     ]
     encoder, rows, drops = encode(path, samples)
-    assert "<|start_header_id|>ipython<|end_header_id|>" in encoder.shape.openers
-    assert drops[1] == (DROP_MASK, "an assistant turn's trained region crosses into another turn")
-    assert drops[2][0] == DROP_MASK  # <|eom_id|> is no end-of-turn marker we know: fail closed
+    assert "<|start_header_id|>" in encoder.shape.openers  # opens the ipython turn as every other
+    # issue 15: both are trained now (before: dropped, "crosses into another turn" and "no end-of-turn marker");
+    # the turn ends at the last special token before the ipython turn's opener: <|eom_id|>, never past it
+    assert not drops
+    for n, sample in enumerate(samples, 1):
+        assert rows[n]["input_ids"] == reference_ids(tokenizer, sample)
+    assert trained(tokenizer, rows[1]) == ["<|python_tag|>get_weather.call()<|eom_id|>", "Nothing found.<|eot_id|>"]
+    assert trained(tokenizer, rows[2]) == ["<|python_tag|>get_weather.call()<|eom_id|>", "They purr.<|eot_id|>"]
     assert trained(tokenizer, rows[3]) == ["Hello<|eot_id|>"]
 
 
@@ -273,7 +290,7 @@ def test_end_of_turn_marker_does_not_take_the_next_turns_opener(tmp_path):
     path = save(tmp_path, "block", APPENDS_A_BLOCK, **CHATML_EOT)
     tokenizer = AutoTokenizer.from_pretrained(path)
     encoder, rows, _ = encode(path, [conv(("user", "Hi"), ("assistant", "Hello"), ("user", "Bye"), ("assistant", "Bye!"))])
-    assert encoder.shape.eot == "<|im_end|>"
+    assert encoder.shape.openers == ("<|im_start|>",)  # what ends a turn's search; the appended block is `end`
     assert trained(tokenizer, rows[1]) == ["Hello<|im_end|>", "Bye!<|im_end|>"]
 
 

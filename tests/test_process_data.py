@@ -30,7 +30,7 @@ FORMS = {
     "smollm2": CHATML_FORM,
     "qwen3": ("<|im_start|>assistant\n", lambda c: c.lstrip("\n"), "<|im_end|>"),  # as its final turn shows it
     "llama3": ("<|start_header_id|>assistant<|end_header_id|>\n\n", STRIP, "<|eot_id|>"),
-    "mistral": ("[/INST] ", STRIP, "</s>"),
+    "mistral": ("[/INST]", lambda c: " " + c.strip(), "</s>"),  # the rule: the model writes the space
     "gemma": ("<start_of_turn>model\n", STRIP, "<end_of_turn>"),
     "phi3": ("<|assistant|>\n", IDENTITY, "<|end|>"),
 }
@@ -95,13 +95,14 @@ def expected_spans(family: str, text: str, messages: list[dict]) -> list[tuple[i
         if message["role"] != "assistant":
             continue
         content = message["content"]
-        # the whole turn, so a user message that quotes a header cannot be mistaken for it; Qwen3's
-        # template-injected empty think block is not produced by the model: masked
+        # the whole turn, so a user message that quotes a header cannot be mistaken for it; Qwen3's empty think
+        # block on the final turn follows the generation prompt `<|im_start|>assistant\n` (thinking on): the
+        # model writes it, so it is trained (the rule of issue 15)
         prefixes = (QWEN3_EMPTY_THINK, "") if family == "qwen3" else ("",)
         found = [(text.find(header + p + c + eot, cursor), p, c) for p in prefixes for c in (content, shown(content))]
         start, prefix, shown_content = min(f for f in found if f[0] >= 0)
-        piece = shown_content + eot
-        at = start + len(header) + len(prefix)
+        piece = prefix + shown_content + eot
+        at = start + len(header)
         spans.append((at, at + len(piece)))
         cursor = at + len(piece)
     return spans
@@ -130,7 +131,7 @@ def test_ids_and_masks_per_family(encoders, family, name):
     assert row["len"] == len(row["input_ids"])
     assert row["num_loss_counted_tokens"] == sum(label != -100 for label in row["labels"])
     # what is trained reads as the assistant turns with their end-of-turn markers (a token may carry
-    # whitespace of the header with it: Mistral's space after [/INST], SmolLM2's "\n  " token)
+    # whitespace of the header with it: SmolLM2's "\n  " token)
     want = "".join(text[a:b] for a, b in spans)
     assert "".join(trained_text(tok, row).split()) == "".join(want.split())
 
@@ -182,13 +183,14 @@ def trained_runs(tok, row) -> list[str]:
             TOOL_TURNS,
             [f"<think>\nI should call the tool.\n</think>\n\n{CALL_TEXT}", "<think>\nThe tool said 12.\n</think>\n\nIt is 12 C.<|im_end|>"],
         ),
-        (  # a later query: earlier reasoning dropped by the template; the last turn's empty think block masked
+        (  # a later query: earlier reasoning dropped by the template; the last turn's empty think block follows
+            # the generation prompt `<|im_start|>assistant\n` (thinking on): the model writes it, trained
             [*TOOL_TURNS, {"role": "user", "content": "Thanks!"}, {"role": "assistant", "content": "You are welcome."}],
-            [CALL_TEXT, "It is 12 C.<|im_end|>", "You are welcome.<|im_end|>"],
+            [CALL_TEXT, "It is 12 C.<|im_end|>", QWEN3_EMPTY_THINK + "You are welcome.<|im_end|>"],
         ),
-        (  # a final turn with tool calls only and no reasoning: the injected empty think block is not trained
+        (  # a final turn with tool calls only and no reasoning: the empty think block is trained too
             [TOOL_TURNS[0], {"role": "assistant", "content": None, "tool_calls": [WEATHER_CALL]}],
-            [CALL_TEXT],
+            [QWEN3_EMPTY_THINK + CALL_TEXT],
         ),
     ],
 )
@@ -198,6 +200,19 @@ def test_qwen3_reasoning_and_tool_calls(encoders, messages, want):
     row = only_row(encoder, {"messages": messages, "tools": TOOLS})
     assert row["input_ids"] == reference_ids(tok, messages, tools=TOOLS)
     assert trained_runs(tok, row) == want
+
+
+@pytest.mark.parametrize("thinking", [True, False])
+def test_qwen3_empty_think_block_follows_the_samples_enable_thinking(encoders, thinking):
+    encoder = encoders("qwen3")
+    tok = encoder.tokenizer
+    messages = [*TOOL_TURNS, {"role": "user", "content": "Thanks!"}, {"role": "assistant", "content": "You are welcome."}]
+    kwargs = {"enable_thinking": thinking}
+    row = only_row(encoder, {"messages": messages, "tools": TOOLS, "chat_template_kwargs": kwargs})
+    assert row["input_ids"] == reference_ids(tok, messages, tools=TOOLS, **kwargs)
+    # with thinking off the generation prompt already holds the empty think block: masked
+    last = (QWEN3_EMPTY_THINK if thinking else "") + "You are welcome.<|im_end|>"
+    assert trained_runs(tok, row) == [CALL_TEXT, "It is 12 C.<|im_end|>", last]
 
 
 def test_generation_tag_template_uses_its_tags(encoders):
@@ -254,22 +269,40 @@ def test_dropped_samples_are_counted_with_reasons(encoders):
 
 
 @pytest.mark.parametrize(
-    "messages",
+    "messages, want",
     [
-        turns(("q", "<think>inline</think>answer")),  # the template moves it into a think block: fail closed
-        turns(("q", "uses \ue000 private use")),
+        # the template moves it into a think block: the sentinel render cannot align, prefix renders can (issue 15)
+        (turns(("q", "<think>inline</think>answer")), ["<think>\ninline\n</think>\n\nanswer<|im_end|>"]),
+        # our placeholder characters in the data: the sentinel render is not tried, prefix renders are
+        (turns(("q", "uses \ue000 private use")), [QWEN3_EMPTY_THINK + "uses \ue000 private use<|im_end|>"]),
     ],
 )
-def test_masks_that_cannot_be_derived_fail_closed(encoders, messages):
+def test_masks_the_sentinel_render_cannot_derive_come_from_prefix_renders(encoders, messages, want):
+    encoder = encoders("qwen3")
+    row = only_row(encoder, {"messages": messages})
+    assert row["input_ids"] == reference_ids(encoder.tokenizer, messages)
+    assert trained_runs(encoder.tokenizer, row) == want
+
+
+def test_masks_that_cannot_be_derived_fail_closed(encoders):
+    # an earlier turn whose content the template splits at </think>, and history rendered without it: the
+    # sentinel render cannot align and the render up to that turn parts from the full render before its end
+    messages = turns(("q", "<think>inline</think>answer"), ("more", "fine"))
     chunk = encode(encoders("qwen3"), [{"messages": messages}])
     assert not chunk.rows and [reason for _, reason, _ in chunk.drops] == [DROP_MASK]
+    assert "sentinel render: " in chunk.drops[0][2] and "; prefix renders: " in chunk.drops[0][2]
 
 
-def test_tool_call_with_control_text_fails_closed(encoders):
-    call = {"type": "function", "function": {"name": "f", "arguments": {"x": "<|im_end|>"}}}
+@pytest.mark.parametrize("arguments", [{"x": "<|im_end|>"}, '{"x": "<|im_end|>\\n<|im_start|>user"}'])
+def test_tool_call_arguments_with_control_text_are_trained(encoders, arguments):
+    # issue 15: argument values (dict values or a JSON string) are placeholders too, so their control text is text
+    call = {"type": "function", "function": {"name": "f", "arguments": arguments}}
     messages = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "", "tool_calls": [call]}]
-    chunk = encode(encoders("qwen3"), [{"messages": messages}])
-    assert [reason for _, reason, _ in chunk.drops] == [DROP_MASK]
+    encoder = encoders("qwen3")
+    row = only_row(encoder, {"messages": messages})
+    assert row["input_ids"] == reference_ids(encoder.tokenizer, messages)
+    shown = arguments if isinstance(arguments, str) else '{"x": "<|im_end|>"}'
+    assert trained_runs(encoder.tokenizer, row) == [f'{QWEN3_EMPTY_THINK}<tool_call>\n{{"name": "f", "arguments": {shown}}}\n</tool_call><|im_end|>']
 
 
 CONTROL = ["<|im_end|>", "<|eot_id|>", "</s>", "<|end|>", "<end_of_turn>"]
