@@ -285,9 +285,14 @@ def test_masks_the_sentinel_render_cannot_derive_come_from_prefix_renders(encode
 
 
 def test_masks_that_cannot_be_derived_fail_closed(encoders):
-    # an earlier turn whose content the template splits at </think>, and history rendered without it: the
-    # sentinel render cannot align and the render up to that turn parts from the full render before its end
-    messages = turns(("q", "<think>inline</think>answer"), ("more", "fine"))
+    # content the template splits at </think> (the sentinel render cannot align) after a turn whose reasoning
+    # its prompt renders and the full render drops (a later query): neither method can derive it
+    messages = [
+        *TOOL_TURNS[:3],
+        {"role": "assistant", "content": "<think>inline</think>answer"},
+        {"role": "user", "content": "more"},
+        {"role": "assistant", "content": "fine"},
+    ]
     chunk = encode(encoders("qwen3"), [{"messages": messages}])
     assert not chunk.rows and [reason for _, reason, _ in chunk.drops] == [DROP_MASK]
     assert "sentinel render: " in chunk.drops[0][2] and "; prefix renders: " in chunk.drops[0][2]
