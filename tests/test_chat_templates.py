@@ -133,3 +133,207 @@ def test_qwen3_reasoning_tools_and_think_blocks(tokenizer_dir):
     assert kept.endswith("<think>\nThe tool said 12.\n</think>\n\nIt is 12 C.<|im_end|>\n")
     ids = tok(text, add_special_tokens=False)["input_ids"]
     assert tok.decode(ids) == text
+
+
+# ---- tool calling and reasoning templates: the trained tokens are exactly what the rule says (issue 15) ----
+
+import orjson  # noqa: E402
+
+from process_data import Encoder  # noqa: E402
+from formats import InputSpec  # noqa: E402
+from tests.chat_templates import TOOL_FAMILIES  # noqa: E402
+
+WEATHER = [
+    {
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "description": "Get the weather",
+            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+        },
+    }
+]
+
+
+def call(args, name="get_weather", call_id="abc123def"):
+    return {"id": call_id, "type": "function", "function": {"name": name, "arguments": args}}
+
+
+def user(text):
+    return {"role": "user", "content": text}
+
+
+def answer(text, **extra):
+    return {"role": "assistant", "content": text, **extra}
+
+
+def tool(text, call_id="abc123def"):
+    return {"role": "tool", "content": text, "tool_call_id": call_id}
+
+
+def template_vars(sample):
+    extra = {k: v for k, v in sample.items() if k not in ("messages", "chat_template_kwargs")}
+    return {**extra, **sample.get("chat_template_kwargs", {})}
+
+
+def rule_spans(tok, sample, template, turns):
+    """The rule, computed here from transformers' renders: for assistant turn i the trained text starts right
+    after the render of messages[:i] with the generation prompt when the full render extends it (checked: it must
+    begin with the turn's expected text there), else (history rendered differently) at the turn's expected text
+    after the previous turn. Returns the full render and the spans."""
+    messages, extra = sample["messages"], template_vars(sample)
+    full = tok.apply_chat_template(messages, tokenize=False, chat_template=template, **extra)
+    spans, cursor = [], 0
+    indices = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+    assert len(indices) == len(turns)
+    for i, want in zip(indices, turns):
+        prompt = tok.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True, chat_template=template, **extra)
+        if full.startswith(prompt):
+            start = len(prompt)
+            assert full.startswith(want, start), (full[start:], want)
+        else:
+            start = full.index(want, cursor)
+        spans.append((start, start + len(want)))
+        cursor = start + len(want)
+    return full, spans
+
+
+def rule_labels(tok, text, spans):
+    enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
+    return [i if any(s < b and e > a for a, b in spans) else -100 for i, (s, e) in zip(enc["input_ids"], enc["offset_mapping"])]
+
+
+TOOL_CASES = {
+    "llama31": [
+        (  # a JSON tool call (the content is not rendered), a JSON tool result tojson'd into the ipython turn
+            {"messages": [user("Weather in Berlin?"), answer(None, tool_calls=[call({"city": "Berlin"})]),
+                          tool('{"temp": 12, "unit": "C"}'), answer("It is 12 C.")], "tools": WEATHER},
+            ['{"name": "get_weather", "parameters": {"city": "Berlin"}}<|eot_id|>', "It is 12 C.<|eot_id|>"],
+        ),
+        (  # builtin tools: <|python_tag|> ... <|eom_id|>, an argument with quotes and a newline
+            {"messages": [user("Search cats"), answer(None, tool_calls=[call({"query": 'cats "purr"\n'}, "brave_search")]),
+                          tool("Cats purr.\nLoudly."), answer("They purr.")],
+             "chat_template_kwargs": {"builtin_tools": ["brave_search", "wolfram_alpha"]}},
+            ['<|python_tag|>brave_search.call(query="cats "purr"\n")<|eom_id|>', "They purr.<|eot_id|>"],
+        ),
+        (  # template markers as text, in the answer and in the question
+            {"messages": [{"role": "system", "content": "Be brief."}, user("Say <|eot_id|><|start_header_id|>assistant"),
+                          answer("Here: <|eot_id|><|start_header_id|>user<|end_header_id|> done")]},
+            ["Here: <|eot_id|><|start_header_id|>user<|end_header_id|> done<|eot_id|>"],
+        ),
+    ],
+    "mistral_nemo": [
+        (  # a tool-call-only turn (no content), tools before the last user turn
+            {"messages": [user("Weather?"), answer(None, tool_calls=[call({"city": "Berlin"})]), tool('{"temp": 12}'),
+                          answer("It is 12 C.")], "tools": WEATHER},
+            ['[TOOL_CALLS][{"name": "get_weather", "arguments": {"city": "Berlin"}, "id": "abc123def"}]</s>', "It is 12 C.</s>"],
+        ),
+        (  # an empty answer, and a system prompt moved into the last user turn
+            {"messages": [{"role": "system", "content": "Be brief."}, user("Hi"), answer(""), user("Again"), answer("Ok")]},
+            ["</s>", "Ok</s>"],
+        ),
+        (  # tools, a system prompt and two exchanges: the prompt of the first turn is no prefix of the full render
+            {"messages": [{"role": "system", "content": "Be brief."}, user("Hi"), answer("Hello"), user("Weather?"),
+                          answer(None, tool_calls=[call('{"city": "Berlin"}')]), tool("12 C"), answer("12 C.")],
+             "tools": WEATHER},
+            ["Hello</s>", '[TOOL_CALLS][{"name": "get_weather", "arguments": "{\\"city\\": \\"Berlin\\"}", "id": "abc123def"}]</s>', "12 C.</s>"],
+        ),
+    ],
+    "harmony": [
+        (  # reasoning in a middle turn (dropped by the template) and on the last: <|end|> in the middle, <|return|> last
+            {"messages": [user("Hi"), answer("Hello.", thinking="Greet back."), user("2+2?"), answer("4.", thinking="Add.")]},
+            ["<|channel|>final<|message|>Hello.<|end|>",
+             "<|channel|>analysis<|message|>Add.<|end|><|start|>assistant<|channel|>final<|message|>4.<|return|>"],
+        ),
+        (  # a tool call with its analysis, a JSON tool result, the final answer
+            {"messages": [user("Weather?"), answer(None, thinking="Need the tool.", tool_calls=[call({"city": "Berlin"})]),
+                          tool('{"temp": 12}'), answer("12 C.")], "tools": WEATHER},
+            ["<|channel|>analysis<|message|>Need the tool.<|end|><|start|>assistant to=functions.get_weather<|channel|>commentary json<|message|>{\"city\": \"Berlin\"}<|call|>",
+             "<|channel|>final<|message|>12 C.<|return|>"],
+        ),
+    ],
+    "hermes3": [
+        (  # the tool_use template (it needs `tools`): <tool_call> after a header without its newline
+            {"messages": [user("Weather?"), answer(None, tool_calls=[call({"city": "Berlin"})]), tool("12 C"), answer("It is 12 C.")],
+             "tools": WEATHER},
+            ['<tool_call>\n{"name": "get_weather", "arguments": {"city": "Berlin"}}\n</tool_call><|im_end|>', "It is 12 C.<|im_end|>"],
+        ),
+    ],
+    "command_r7b": [
+        (
+            {"messages": [user("Hi"), answer("ok"), user("Weather?"), answer(None, tool_plan="I will check.", tool_calls=[call({"city": "Berlin"})]),
+                          tool("12 C"), answer("It is 12 C.")], "tools": WEATHER},
+            ["<|START_RESPONSE|>ok<|END_RESPONSE|><|END_OF_TURN_TOKEN|>",
+             '<|START_THINKING|>I will check.<|END_THINKING|><|START_ACTION|>[\n    {"tool_call_id": "0", "tool_name": "get_weather", "parameters": {"city": "Berlin"}}\n]<|END_ACTION|><|END_OF_TURN_TOKEN|>',
+             "<|START_RESPONSE|>It is 12 C.<|END_RESPONSE|><|END_OF_TURN_TOKEN|>"],
+        ),
+    ],
+    "deepseek_v31": [
+        (  # thinking on: the generation prompt ends in <think>, so the </think> the history shows is the model's
+            {"messages": [user("Hi"), answer("Hello."), user("2+2?"), answer("4.")], "chat_template_kwargs": {"thinking": True}},
+            ["</think>Hello.<｜end▁of▁sentence｜>", "</think>4.<｜end▁of▁sentence｜>"],
+        ),
+        (  # thinking off: </think> is in the generation prompt, masked
+            {"messages": [user("Hi"), answer("Hello."), user("2+2?"), answer("4.")], "chat_template_kwargs": {"thinking": False}},
+            ["Hello.<｜end▁of▁sentence｜>", "4.<｜end▁of▁sentence｜>"],
+        ),
+        (  # string arguments; after a tool output the answer has no header (and no generation prompt)
+            {"messages": [{"role": "system", "content": "Be brief."}, user("Weather?"), answer("", tool_calls=[call('{"city": "Berlin"}')]),
+                          tool("12 C"), answer("It is 12 C.")], "chat_template_kwargs": {"thinking": True}},
+            ['</think><｜tool▁calls▁begin｜><｜tool▁call▁begin｜>get_weather<｜tool▁sep｜>{"city": "Berlin"}<｜tool▁call▁end｜><｜tool▁calls▁end｜><｜end▁of▁sentence｜>',
+             "It is 12 C.<｜end▁of▁sentence｜>"],
+        ),
+    ],
+}  # fmt: skip
+TEMPLATE_NAMES = {"hermes3": "tool_use"}
+
+
+@pytest.fixture(scope="module")
+def tool_encoders(tokenizer_dir):
+    built = {}
+
+    def get(name):
+        if name not in built:
+            spec = InputSpec(chat_template_name=TEMPLATE_NAMES.get(name))
+            built[name] = Encoder(str(tokenizer_dir(name)), "in.jsonl", 100_000, "drop", spec)
+        return built[name]
+
+    return get
+
+
+@pytest.mark.parametrize("name, case", [(n, k) for n in TOOL_FAMILIES for k in range(len(TOOL_CASES[n]))])
+def test_tool_and_reasoning_templates_train_exactly_the_rule(tool_encoders, name, case):
+    sample, turns = TOOL_CASES[name][case]
+    encoder = tool_encoders(name)
+    tok = encoder.tokenizer
+    chunk = encoder.encode_chunk([(1, orjson.dumps(sample))])
+    assert chunk.error is None and not chunk.drops, chunk.drops
+    row = orjson.loads(chunk.rows[0][1])
+    template = encoder.template
+    reference = tok.apply_chat_template(sample["messages"], tokenize=True, return_dict=True, chat_template=template, **template_vars(sample))
+    assert row["input_ids"] == list(reference["input_ids"])
+    full, spans = rule_spans(tok, sample, template, turns)
+    assert row["labels"] == rule_labels(tok, full, spans)
+
+
+def test_every_tool_family_masks_from_the_sentinel_render_where_it_can(tool_encoders):
+    # the fast path: prefix renders only where the sentinel render cannot (Mistral's system prompt moved on
+    # still aligns; DeepSeek's answer after a tool output has no header, so it takes prefix renders)
+    methods = {}
+    for name in TOOL_FAMILIES:
+        encoder = tool_encoders(name)
+        chunk = encoder.encode_chunk([(n, orjson.dumps(s)) for n, (s, _) in enumerate(TOOL_CASES[name], 1)])
+        assert not chunk.drops
+        methods[name] = dict(chunk.methods)
+    assert methods["llama31"] == {"sentinel render": 3}
+    assert methods["harmony"] == {"sentinel render": 2}
+    assert methods["deepseek_v31"] == {"sentinel render": 2, "prefix renders": 1}
+
+
+def test_hermes_default_template_and_a_template_that_needs_tools(tool_encoders, tokenizer_dir):
+    default = Encoder(str(tokenizer_dir("hermes3")), "in.jsonl", 100_000, "drop")
+    assert "<|im_start|>" in default.template and "tools" not in default.template
+    encoder = tool_encoders("hermes3")
+    assert encoder.shape.base_extra  # start-up probes needed tools
+    chunk = encoder.encode_chunk([(1, orjson.dumps({"messages": [user("Hi"), answer("Hello")]}))])  # no tools
+    assert [reason for _, reason, _ in chunk.drops] == ["chat template rejected the conversation"]
