@@ -104,11 +104,11 @@ def load_row(raw: bytes, where: str) -> object | None:
     try:
         raw.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise RunError(f"{where}: invalid UTF-8 at byte {e.start} — re-encode the file as UTF-8") from None
+        raise RunError(f"{where}: invalid UTF-8 at byte {e.start}; re-encode the file as UTF-8") from None
     try:
         return orjson.loads(raw)
     except orjson.JSONDecodeError as e:
-        raise RunError(f"{where}: malformed JSON ({e}) — each line must be one JSON object") from None
+        raise RunError(f"{where}: malformed JSON ({e}); each line must be one JSON object") from None
 
 
 def check_format(row: object, where: str, spec: "InputSpec") -> None:
@@ -121,18 +121,18 @@ def check_format(row: object, where: str, spec: "InputSpec") -> None:
     found = detect(row, spec.columns)
     if found is not None and found != spec.fmt:
         raise RunError(
-            f"{where}: the row is {found.describe()} but the file is {spec.fmt.describe()} (from {spec.origin}) — "
+            f"{where}: the row is {found.describe()} but the file is {spec.fmt.describe()} (from {spec.origin}); "
             "one format per file: split the file, or force one with --input-format"
         )
 
 
 def string_field(row: object, key: str, where: str, fmt: Format) -> str:
     if not isinstance(row, dict) or key not in row:
-        raise RunError(f"{where}: no `{key}` field — every row of this file must be {fmt.describe()}")
+        raise RunError(f"{where}: no `{key}` field; every row of this file must be {fmt.describe()}")
     value = row[key]
     if not isinstance(value, str):
         got = "null" if value is None else type(value).__name__
-        raise RunError(f"{where}: `{key}` must be a string, got {got} — fix or remove the row")
+        raise RunError(f"{where}: `{key}` must be a string, got {got}; fix or remove the row")
     return value
 
 
@@ -186,7 +186,7 @@ def _decoded_lines(path: Path, progress, line_number: list[int]) -> Iterator[str
             try:
                 yield raw.decode("utf-8")
             except UnicodeDecodeError as e:
-                raise RunError(f"{path}:{lineno}: invalid UTF-8 at byte {e.start} of the line — re-encode the file as UTF-8") from None
+                raise RunError(f"{path}:{lineno}: invalid UTF-8 at byte {e.start} of the line; re-encode the file as UTF-8") from None
 
 
 def _csv_records(path: Path, progress) -> Iterator[tuple[int, list[str]]]:
@@ -201,7 +201,7 @@ def _csv_records(path: Path, progress) -> Iterator[tuple[int, list[str]]]:
         except StopIteration:
             return
         except csv.Error as e:
-            raise RunError(f"{path}:{start}: malformed CSV ({e}) — quote fields that hold commas, quotes or newlines") from None
+            raise RunError(f"{path}:{start}: malformed CSV ({e}); quote fields that hold commas, quotes or newlines") from None
         yield start, record
 
 
@@ -214,14 +214,14 @@ def csv_rows(path: Path, progress) -> Iterator[tuple[int, bytes]]:
             if record:
                 header, header_line = record, lineno
                 if len(set(header)) != len(header):
-                    raise RunError(f"{path}:{lineno}: the header names a column twice — give every column its own name")
+                    raise RunError(f"{path}:{lineno}: the header names a column twice; give every column its own name")
             continue
         if not record:
             yield lineno, b""  # a blank line, counted as blank
             continue
         if len(record) != len(header):
             raise RunError(
-                f"{path}:{lineno}: {len(record)} fields but the header (line {header_line}) has {len(header)} — "
+                f"{path}:{lineno}: {len(record)} fields but the header (line {header_line}) has {len(header)}; "
                 "quote fields that hold commas"
             )
         yield lineno, orjson.dumps(dict(zip(header, record)))
@@ -231,7 +231,7 @@ def _parquet_file(path: Path):
     try:
         import pyarrow.parquet as pq
     except ImportError:
-        raise RunError(f"{path}: reading Parquet needs pyarrow — pip install pyarrow") from None
+        raise RunError(f"{path}: reading Parquet needs pyarrow; pip install pyarrow") from None
     try:
         return pq.ParquetFile(path)
     except Exception as e:  # pyarrow raises ArrowInvalid, OSError, ... for a file that is not Parquet
@@ -250,4 +250,4 @@ def parquet_rows(path: Path, progress, columns: list[str] | None, batch_rows: in
             try:
                 yield number, orjson.dumps(row)
             except orjson.JSONEncodeError as e:
-                raise RunError(f"{path}:{number}: a value has no JSON form ({e}) — convert that column to text or numbers") from None
+                raise RunError(f"{path}:{number}: a value has no JSON form ({e}); convert that column to text or numbers") from None

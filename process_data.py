@@ -21,7 +21,7 @@ Output lines, in input order: {"input_ids", "labels" (-100 where not trained), "
 turn's content (with its reasoning and tool calls as rendered) and the end-of-turn token(s) closing it
 (see chat_masks.py). The output file is written atomically: a failed run leaves none behind.
 
-What stops the run (exit 2, one line `process_data.py: error: FILE:LINE: reason — fix`): a file that is not
+What stops the run (exit 2, one line `process_data.py: error: FILE:LINE: reason; fix`): a file that is not
 what we expect (invalid UTF-8, malformed JSON or CSV, no `messages` list, wrong types, unknown roles, a row of
 another format than the file's first row, an empty file),
 a model path without a fast tokenizer or, for chat samples, without a chat template, and with
@@ -76,7 +76,9 @@ class Config:
     max_sample_num_tokens: int
     num_workers: int = field(default_factory=lambda: os.cpu_count() or 1)
     num_printed_samples: int = 3
-    mask_marker: str = "<|masked|>"
+    mask_marker: str = "[[ ]]"
+    chat_template: Path | None = None
+    chat_template_name: str | None = None
     on_too_long: str = "drop"
     seed: int = 42
     input_format: str = "auto"
@@ -101,7 +103,9 @@ def parse_args(argv: list[str] | None = None) -> Config:
     p.add_argument("--max-sample-num-tokens", type=int, required=True, help="longer samples are dropped (or an error)")
     p.add_argument("--num-workers", type=int, default=defaults.num_workers, help="processes (default: all cores)")
     p.add_argument("--num-printed-samples", type=int, default=defaults.num_printed_samples, help="random samples shown with their masks")
-    p.add_argument("--mask-marker", default=defaults.mask_marker, help="shown in place of masked (untrained) text")
+    p.add_argument("--mask-marker", default=defaults.mask_marker, help="printed samples without colour: 'OPEN CLOSE' around trained text, or one marker for both sides")
+    p.add_argument("--chat-template", type=Path, default=None, help="a Jinja chat template file: for a base model without one, or to override the tokenizer's")
+    p.add_argument("--chat-template-name", default=None, help="which of the tokenizer's chat templates (e.g. tool_use) when it carries several")
     p.add_argument("--on-too-long", choices=("drop", "error"), default=defaults.on_too_long, help="over-long samples: drop and count, or stop")
     p.add_argument("--seed", type=int, default=defaults.seed, help="which samples are printed")
     p.add_argument("--input-format", choices=("auto", *formats.KINDS), default=defaults.input_format, help="row format (default: detected from the first row)")
@@ -123,6 +127,8 @@ def parse_args(argv: list[str] | None = None) -> Config:
         problems.append("--source-column and --target-column go together")
     if args.source_column is not None and args.source_column == args.target_column:
         problems.append("--source-column and --target-column must differ")
+    if args.chat_template is not None and args.chat_template_name is not None:
+        problems.append("--chat-template and --chat-template-name exclude each other")
     if problems:
         p.error("; ".join(problems))
     return Config(**vars(args))
@@ -135,20 +141,20 @@ def check_messages(sample: object, where: str) -> dict:
     """The messages sample on this line. Raises RunError for a row that is not a valid messages sample."""
     fix = 'each line must be {"messages": [{"role": ..., "content": ...}, ...]}'
     if not isinstance(sample, dict) or not isinstance(sample.get("messages"), list) or not sample["messages"]:
-        raise RunError(f"{where}: no non-empty `messages` list — {fix}")
+        raise RunError(f"{where}: no non-empty `messages` list; {fix}")
     messages = sample["messages"]
     for n, message in enumerate(messages):
         at = f"{where}: messages[{n}]"
         if not isinstance(message, dict) or not isinstance(message.get("role"), str):
-            raise RunError(f"{at} is not an object with a string `role` — {fix}")
+            raise RunError(f"{at} is not an object with a string `role`; {fix}")
         role, content = message["role"], message.get("content")
         if role == "pretrain":
             if len(messages) != 1:
-                raise RunError(f"{at} has role `pretrain`, which must be the only message — put raw text on its own line")
+                raise RunError(f"{at} has role `pretrain`, which must be the only message; put raw text on its own line")
             if not isinstance(content, str) or not content:
                 raise RunError(f"{at} `pretrain` needs a non-empty string `content`")
         elif role not in ROLES:
-            raise RunError(f"{at} has unknown role {role!r} — use one of {', '.join(ROLES)} (or a lone `pretrain`)")
+            raise RunError(f"{at} has unknown role {role!r}; use one of {', '.join(ROLES)} (or a lone `pretrain`)")
         elif not isinstance(content, str) and not (role == "assistant" and content is None and message.get("tool_calls")):
             raise RunError(f"{at} `content` must be a string (null only for an assistant turn with tool_calls)")
         for key in chat_masks.REASONING_KEYS:
@@ -278,9 +284,9 @@ class Encoder:
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(model)
         except Exception as e:  # transformers raises OSError, ValueError, ... for a folder without a tokenizer
-            raise RunError(f"{model}: cannot load a tokenizer ({str(e).splitlines()[0]}) — pass a folder with tokenizer files") from None
+            raise RunError(f"{model}: cannot load a tokenizer ({str(e).splitlines()[0]}); pass a folder with tokenizer files") from None
         if not getattr(self.tokenizer, "is_fast", False):
-            raise RunError(f"{model}: the tokenizer is not a fast (Rust) tokenizer — masks need its character offsets")
+            raise RunError(f"{model}: the tokenizer is not a fast (Rust) tokenizer; masks need its character offsets")
         # Our own copies of the Rust tokenizer. `full` adds the special tokens as tokenizer(text) does (raw pairs);
         # `backend` has no post-processor: it only adds special tokens (we add none) and, for GPT-2 style
         # tokenizers, trims whitespace from offsets, which would leave whitespace tokens outside every span.
@@ -318,11 +324,11 @@ class Encoder:
         self.methods: Counter = Counter()  # which method derived each chat sample's masks
         chat = self.template_problem is None
         if problem := tokenization_mismatch(self.tokenizer, self.backend, self.full, self.renderer if chat else None):
-            raise RunError(f"{model}: {problem} — the tokenizer has a setting we do not reproduce; please report it")
+            raise RunError(f"{model}: {problem}; the tokenizer has a setting we do not reproduce; please report it")
         if spec.fmt.kind == "pairs" and spec.rendering == "raw":
             eos = self.tokenizer.eos_token
             if eos is None or self.backend.encode(eos, add_special_tokens=False).ids != [self.eos_id]:
-                raise RunError(f"{model}: the tokenizer has no EOS token that encodes as one token — raw pairs end with it; use --pair-rendering chat")
+                raise RunError(f"{model}: the tokenizer has no EOS token that encodes as one token; raw pairs end with it; use --pair-rendering chat")
             self.eos_text = eos
             self.separator = eos if spec.separator is None else spec.separator
 
@@ -433,7 +439,7 @@ class Encoder:
                 continue
             if self.template_problem:
                 fix = "--pair-rendering raw" if fmt.kind == "pairs" else "`pretrain` rows"
-                raise RunError(f"{where}: {self.template_problem} — use a chat model's tokenizer, or {fix}")
+                raise RunError(f"{where}: {self.template_problem}; use a chat model's tokenizer, or {fix}")
             extra = self.template_vars(sample, where)
             try:
                 generated = []  # with {% generation %} tags: the tagged spans, each must hold a token
@@ -489,7 +495,7 @@ class Encoder:
         if crossing is not None:
             start, end, edge = crossing
             detail = (
-                f"token {text[start:end]!r} runs across {text[max(start, edge - 12):edge]!r}|{text[edge:min(end, edge + 12)]!r} — "
+                f"token {text[start:end]!r} runs across {text[max(start, edge - 12):edge]!r}|{text[edge:min(end, edge + 12)]!r}; "
                 "end the separator with a special token (the default EOS) or move the whitespace into the target"
             )
             chunk.drops.append((lineno, DROP_CROSSING, detail))
@@ -507,7 +513,7 @@ class Encoder:
             if self.on_too_long == "error":
                 raise RunError(
                     f"{self.input_name}:{lineno}: sample has {len(ids)} tokens > --max-sample-num-tokens "
-                    f"{self.max_tokens} — raise the limit, or pass --on-too-long drop"
+                    f"{self.max_tokens}; raise the limit, or pass --on-too-long drop"
                 )
             chunk.drops.append((lineno, DROP_TOO_LONG, f"{len(ids)} > {self.max_tokens} tokens"))
             return
@@ -543,11 +549,12 @@ def encode_in_worker(lines: list[tuple[int, bytes]]) -> Chunk:
 
 
 def input_spec(cfg: Config, kind: str) -> InputSpec:
-    """The file's format, detected from its first row or forced by --input-format, with the pair options."""
+    """The file's format, detected from its first row or forced by --input-format, with the pair and template options."""
     columns = cfg.columns()
+    template = read_template(cfg.chat_template) if cfg.chat_template is not None else None
     first = formats.first_keys(cfg.input_file, kind)
     if first is None:  # only blank lines: nothing to detect, and nothing will be written
-        return InputSpec(columns=columns)
+        return InputSpec(columns=columns, chat_template=template, chat_template_name=cfg.chat_template_name)
     lineno, keys = first
     if cfg.input_format != "auto":
         fmt, origin = formats.forced(cfg.input_format, keys, columns), "--input-format"
@@ -555,11 +562,11 @@ def input_spec(cfg: Config, kind: str) -> InputSpec:
         fmt, origin = formats.detect(keys, columns), f"line {lineno}"
         if fmt is None:
             raise RunError(
-                f"{cfg.input_file}:{lineno}: the first row has keys {keys}, which fit no format — give it "
+                f"{cfg.input_file}:{lineno}: the first row has keys {keys}, which fit no format; give it "
                 f"{formats.expected_keys(columns)}, or name the columns with --source-column/--target-column or --text-column"
             )
     if kind == "csv" and fmt.kind == "messages":
-        raise RunError(f"{cfg.input_file}:{lineno}: a CSV cell cannot hold a messages list — convert the file to JSONL or Parquet")
+        raise RunError(f"{cfg.input_file}:{lineno}: a CSV cell cannot hold a messages list; convert the file to JSONL or Parquet")
     return InputSpec(
         fmt=fmt,
         columns=columns,
@@ -568,6 +575,8 @@ def input_spec(cfg: Config, kind: str) -> InputSpec:
         rendering=cfg.pair_rendering,
         separator=cfg.separator,
         train_source=cfg.train_source,
+        chat_template=template,
+        chat_template_name=cfg.chat_template_name,
     )
 
 
@@ -608,17 +617,53 @@ class Summary:
     first_drops: list[tuple[int, str, str]] = field(default_factory=list)
     shown: list[tuple[int, bytes]] = field(default_factory=list)  # reservoir of rows printed at the end
     tokenizer: object = None  # the main process's, to decode the printed rows
+    methods: Counter = field(default_factory=Counter)  # chat samples per masking method
+    template_file: Path | None = None  # where the chat template used was saved
+
+
+def read_template(path: Path) -> str:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise RunError(f"{path}: cannot read the chat template ({type(e).__name__}: {e}); pass a UTF-8 Jinja file to --chat-template") from None
+    if not text.strip():
+        raise RunError(f"{path}:1: the chat template file is empty; pass a Jinja chat template")
+    return text
+
+
+def template_sidecar(output_file: Path) -> Path:
+    """Where the chat template used is saved beside the output, for train.py to put into every export."""
+    return output_file.with_name(output_file.name + ".chat_template.jinja")
+
+
+def check_paths(cfg: Config) -> None:
+    """Refuse, before reading anything, paths that would lose data or fail late."""
+    if not cfg.input_file.is_file():
+        raise RunError(f"{cfg.input_file}: no such file; check --input-file")
+    out = cfg.output_file
+    same = out.resolve() == cfg.input_file.resolve()
+    if not same and out.exists():
+        try:
+            same = os.path.samefile(out, cfg.input_file)
+        except OSError:
+            pass
+    if same:
+        raise RunError(f"{out}: --output-file is the input file, which would be overwritten; write the rows to another file")
+    if out.is_dir():
+        raise RunError(f"{out}: --output-file is a directory; name a file, e.g. {out / 'rows.jsonl'}")
+    if not out.parent.is_dir():
+        raise RunError(f"{out.parent}: no such directory; create it or fix --output-file")
+    sidecar = template_sidecar(out)
+    if sidecar.is_dir():
+        raise RunError(f"{sidecar}: a directory where the chat template is saved; remove it or choose another --output-file")
+    if cfg.input_file.stat().st_size == 0:
+        raise RunError(f"{cfg.input_file}:1: the file is empty; pass a file with at least one row")
 
 
 def run(cfg: Config) -> Summary:
     from tqdm import tqdm
 
-    if not cfg.input_file.is_file():
-        raise RunError(f"{cfg.input_file}: no such file — check --input-file")
-    if cfg.input_file.stat().st_size == 0:
-        raise RunError(f"{cfg.input_file}:1: the file is empty — pass a file with at least one row")
-    if not cfg.output_file.parent.is_dir():
-        raise RunError(f"{cfg.output_file.parent}: no such directory — create it or fix --output-file")
+    check_paths(cfg)
     kind = formats.input_type(cfg.input_file)
     spec = input_spec(cfg, kind)
     init_args = (cfg.model_name_or_path, str(cfg.input_file), cfg.max_sample_num_tokens, cfg.on_too_long, spec)
@@ -658,6 +703,7 @@ def run(cfg: Config) -> Summary:
             summary.blank += chunk.blank
             summary.tokens += chunk.tokens
             summary.trained += chunk.trained
+            summary.methods.update(chunk.methods)
             for drop in chunk.drops:
                 summary.drops[drop[1]] += 1
                 if len(summary.first_drops) < REPORTED_DROPS:
@@ -673,9 +719,19 @@ def run(cfg: Config) -> Summary:
         if summary.written == 0:
             first = summary.first_drops[0] if summary.first_drops else None
             why = f"e.g. line {first[0]}: {first[1]}: {first[2]}" if first else "only blank lines"
-            raise RunError(f"{cfg.input_file}: no sample can be written ({why}) — fix the data or the model path")
+            raise RunError(f"{cfg.input_file}: no sample can be written ({why}); fix the data or the model path")
         tmp.close()
+        # the template used goes beside the rows first, so rows never exist without the template they were made with
+        sidecar = template_sidecar(cfg.output_file)
+        if encoder.template:
+            with tempfile.NamedTemporaryFile("w", encoding="utf-8", dir=sidecar.parent, prefix=f".{sidecar.name}.", suffix=".tmp", delete=False) as f:
+                template_tmp = f.name
+                f.write(encoder.template)
+            os.replace(template_tmp, sidecar)
+        elif sidecar.exists():  # no template used: a stale one from an earlier run must not be taken for this one's
+            sidecar.unlink()
         os.replace(tmp.name, cfg.output_file)
+        summary.template_file = sidecar if encoder.template else None
     finally:
         progress.close()
         if pool is not None:
@@ -691,14 +747,18 @@ def run(cfg: Config) -> Summary:
 
 
 def masked_view(tokenizer, ids: list[int], labels: list[int], marker: str, colour: bool) -> str:
-    """The sample as text, each run of masked tokens replaced by the marker: what the model is trained on."""
+    """The whole sample as text with its trained runs marked: green on a terminal, else between the marker's
+    two halves ("[[ ]]": [[trained]]; a marker without a space goes on both sides). Masked text is shown too
+    (dim on a terminal), so a person can check by eye where each trained span starts and ends."""
+    opening, _, closing = marker.partition(" ")
+    closing = closing or opening
     green, dim, reset = ("\033[32m", "\033[2m", "\033[0m") if colour else ("", "", "")
+    if colour:
+        opening = closing = ""
     out = []
     for trained, run in itertools.groupby(zip(ids, labels), key=lambda pair: pair[1] != -100):
-        if trained:
-            out.append(green + tokenizer.decode([i for i, _ in run]) + reset)
-        else:
-            out.append(dim + marker + reset)
+        text = tokenizer.decode([i for i, _ in run])
+        out.append(green + opening + text + closing + reset if trained else dim + text + reset)
     return "".join(out)
 
 
@@ -719,6 +779,10 @@ def report(cfg: Config, summary: Summary, seconds: float, drop_lines: bool = Tru
     unit = "lines" if formats.input_type(cfg.input_file) == "jsonl" else "rows"
     print(f"read {summary.read} {unit} ({summary.blank} blank), wrote {summary.written} samples to {cfg.output_file}")
     print(f"dropped {dropped} samples" + "".join(f"\n  {n:>8}  {reason}" for reason, n in summary.drops.most_common()))
+    if summary.methods:
+        print("masks: " + ", ".join(f"{n} from the {m}" for m, n in summary.methods.most_common()))
+    if summary.template_file:
+        print(f"chat template used saved to {summary.template_file}")
     share = summary.trained / summary.tokens if summary.tokens else 0.0
     print(f"tokens {summary.tokens}, trained {summary.trained} ({share:.1%})")
     rate = summary.read / seconds if seconds > 0 else 0.0

@@ -271,7 +271,8 @@ def test_text_csv_and_parquet_equal_jsonl_and_print_masks(capsys, tmp_path, toke
         code, stdout, stderr, out = run_main(capsys, tmp_path, tokenizer_dir("chatml"), data, "--num-printed-samples", "5", "--mask-marker", "@@")
         assert code == 0, stderr
         first = tok("First document.")["input_ids"]
-        assert f"@@{tok.decode(first[1:])}<|im_end|>\n" in stdout  # the first token is masked, the rest trained
+        # the whole text is shown, the trained run between the markers: the first token is masked, the rest trained
+        assert f"\n{tok.decode(first[:1])}@@{tok.decode(first[1:])}<|im_end|>@@\n" in stdout
         assert f"1  {DROP_EMPTY_TEXT}" in stdout
         outputs[name] = out.read_bytes()
     assert outputs["t.csv"] == outputs["t.jsonl"] == outputs["t.parquet"]
@@ -281,7 +282,7 @@ def test_printed_raw_pair_shows_its_mask(capsys, tmp_path, tokenizer_dir):
     data = write_lines(tmp_path / "in.jsonl", [{"source": "Capital of France?", "target": "Paris."}])
     code, stdout, stderr, _ = run_main(capsys, tmp_path, tokenizer_dir("chatml"), data, "--pair-rendering", "raw", "--mask-marker", "@@")
     assert code == 0, stderr
-    assert "@@Paris.<|im_end|>\n" in stdout
+    assert "\nCapital of France?<|im_end|>@@Paris.<|im_end|>@@\n" in stdout  # the whole text, trained between markers
     assert "raw: source + '<|im_end|>' + target + '<|im_end|>', target trained" in stdout
 
 
@@ -349,7 +350,7 @@ def test_parquet_null_names_its_row_and_missing_pyarrow_is_one_line(capsys, tmp_
     assert f"{data}:2: `completion` must be a string, got null" in stderr
     monkeypatch.setitem(__import__("sys").modules, "pyarrow.parquet", None)  # as if pyarrow were not installed
     stderr = error_of(capsys, tmp_path, tokenizer_dir, data)
-    assert f"{data}: reading Parquet needs pyarrow — pip install pyarrow" in stderr
+    assert f"{data}: reading Parquet needs pyarrow; pip install pyarrow" in stderr
 
 
 def test_parquet_with_two_workers_keeps_order(capsys, tmp_path, tokenizer_dir):

@@ -5,6 +5,7 @@ real render by plain string search, and a token is expected trained when its cha
 """
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -374,6 +375,8 @@ def test_cli_end_to_end_prints_summary_and_masked_samples(tmp_path, tokenizer_di
     code, stdout, stderr, out = cli(tmp_path, tokenizer_dir("chatml"), data, "--mask-marker", "@@", "--num-printed-samples", "5")
     assert code == 0, stderr
     assert "@@Paris is the capital of France.<|im_end|>@@\n" in stdout
+    # the whole conversation is shown, masked text included (issue 15)
+    assert "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n@@Paris" in stdout
     assert "@@<|im_end|>@@\n" in stdout  # an empty answer still trains its end-of-turn token
     assert f"dropped {data}:4: {DROP_NO_TRAINED}" in stdout
     assert "read 4 lines (1 blank), wrote 2 samples" in stdout and f"1  {DROP_NO_TRAINED}" in stdout
@@ -452,8 +455,97 @@ def test_order_is_kept_with_several_workers_and_failure_midway_leaves_nothing(ca
         tok.decode(reference_ids(tok, s["messages"])) if n != 100 else "raw text<|im_end|>" for n, s in enumerate(samples)
     ]
     out.unlink()
+    process_data.template_sidecar(out).unlink()  # the chat template saved with the rows goes with them
     # a malformed line in the third chunk, after earlier chunks were written: no output, no temp file
     data.write_bytes(data.read_bytes() + b"not json\n")
     code, _, stderr, out = run_main(capsys, tmp_path, tokenizer_dir("chatml"), data, "--num-workers", "2")
     assert code == 2 and f"{data}:601: malformed JSON" in stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl"]
+
+
+# ---- issue 15: paths that would lose data, the chat template chosen and saved with the rows ----
+
+
+def test_output_equal_to_input_is_refused_before_reading(capsys, tmp_path, tokenizer_dir):
+    data = write_lines(tmp_path / "in.jsonl", [{"messages": CONVERSATIONS["single"]}])
+    before = data.read_bytes()
+    link = tmp_path / "link.jsonl"
+    os.link(data, link)  # the same file by inode under another name
+    for out in (data, tmp_path / "." / "in.jsonl", link):
+        argv = ["--input-file", str(data), "--output-file", str(out), "--model-name-or-path", str(tokenizer_dir("chatml"))]
+        with pytest.raises(SystemExit) as e:
+            process_data.main([*argv, "--max-sample-num-tokens", "4096", "--num-workers", "1"])
+        stderr = capsys.readouterr().err
+        assert e.value.code == 2 and stderr.count("\n") == 1
+        assert stderr == f"process_data.py: error: {out}: --output-file is the input file, which would be overwritten; write the rows to another file\n"
+        assert data.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl", "link.jsonl"]
+
+
+def test_output_that_is_a_directory_is_a_one_line_error(capsys, tmp_path, tokenizer_dir):
+    data = write_lines(tmp_path / "in.jsonl", [{"messages": CONVERSATIONS["single"]}])
+    (tmp_path / "out.jsonl").mkdir()
+    code, _, stderr, out = run_main(capsys, tmp_path, tokenizer_dir("chatml"), data)
+    assert code == 2 and stderr.count("\n") == 1 and "Traceback" not in stderr
+    assert stderr.startswith(f"process_data.py: error: {out}: --output-file is a directory; name a file")
+    assert out.is_dir() and not any(out.iterdir())
+
+
+def test_the_chat_template_used_is_saved_beside_the_rows(capsys, tmp_path, tokenizer_dir):
+    data = write_lines(tmp_path / "in.jsonl", [{"messages": CONVERSATIONS["single"]}])
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir("chatml"))
+    code, stdout, stderr, out = run_main(capsys, tmp_path, tokenizer_dir("chatml"), data)
+    assert code == 0, stderr
+    sidecar = tmp_path / "out.jsonl.chat_template.jinja"
+    assert process_data.template_sidecar(out) == sidecar
+    assert sidecar.read_text() == tok.chat_template and f"chat template used saved to {sidecar}" in stdout
+
+
+def test_chat_template_file_for_a_tokenizer_without_one(capsys, tmp_path, tokenizer_dir):
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir("chatml"))
+    template = tok.chat_template
+    tok.chat_template = None
+    base = tmp_path / "base"
+    tok.save_pretrained(base)
+    (base / "chat_template.jinja").unlink(missing_ok=True)
+    (tmp_path / "t.jinja").write_text(template)
+    messages = CONVERSATIONS["multi_with_system"]
+    data = write_lines(tmp_path / "in.jsonl", [{"messages": messages}])
+    code, _, stderr, out = run_main(capsys, tmp_path, base, data, "--chat-template", str(tmp_path / "t.jinja"))
+    assert code == 0, stderr
+    row = json.loads(out.read_text())
+    want = AutoTokenizer.from_pretrained(tokenizer_dir("chatml"))
+    assert row["input_ids"] == reference_ids(want, messages)
+    assert trained_runs(want, row) == ["Hi, how can I help?<|im_end|>", "Why did the chicken cross the road?<|im_end|>"]
+    assert process_data.template_sidecar(out).read_text() == template
+    # raw text needs no template: none is saved, and a stale one from an earlier run goes
+    text = write_lines(tmp_path / "text.jsonl", [{"text": "Just text."}])
+    code, _, stderr, out = run_main(capsys, tmp_path, base, text)
+    assert code == 0, stderr and not process_data.template_sidecar(out).exists()
+    code, _, stderr, _ = run_main(capsys, tmp_path, base, text, "--chat-template", str(tmp_path / "missing.jinja"))
+    assert code == 2 and stderr.startswith(f"process_data.py: error: {tmp_path / 'missing.jinja'}: cannot read the chat template")
+
+
+def test_chat_template_name_picks_one_of_several(capsys, tmp_path, tokenizer_dir):
+    tools = [{"type": "function", "function": {"name": "get_weather", "description": "Weather", "parameters": {"type": "object"}}}]
+    sample = {"messages": [{"role": "user", "content": "Weather?"}, {"role": "assistant", "content": "Sunny."}], "tools": tools}
+    data = write_lines(tmp_path / "in.jsonl", [sample])
+    hermes = tokenizer_dir("hermes3")
+    code, _, stderr, out = run_main(capsys, tmp_path, hermes, data, "--chat-template-name", "tool_use")
+    assert code == 0, stderr
+    tok = AutoTokenizer.from_pretrained(hermes)
+    assert process_data.template_sidecar(out).read_text() == tok.chat_template["tool_use"]
+    row = json.loads(out.read_text())
+    assert row["input_ids"] == reference_ids(tok, sample["messages"], tools=tools, chat_template="tool_use")
+    code, _, stderr, _ = run_main(capsys, tmp_path, hermes, data, "--chat-template-name", "nope")
+    assert code == 2 and "no chat template named 'nope' (it has default, tool_use); pass one of them to --chat-template-name" in stderr
+
+
+def test_printed_view_marks_trained_runs_in_colour_or_brackets(encoders):
+    tok = encoders("chatml").tokenizer
+    ids = tok("ab<|im_end|>cd", add_special_tokens=False)["input_ids"]
+    labels = [-100] * len(ids)
+    k = ids.index(tok.convert_tokens_to_ids("<|im_end|>"))
+    labels[k] = ids[k]
+    assert process_data.masked_view(tok, ids, labels, "[[ ]]", colour=False) == "ab[[<|im_end|>]]cd"
+    assert process_data.masked_view(tok, ids, labels, "[[ ]]", colour=True) == "\033[2mab\033[0m\033[32m<|im_end|>\033[0m\033[2mcd\033[0m"
