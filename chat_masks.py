@@ -73,40 +73,40 @@ def sentinel(k: int) -> str:
 class Renderer:
     """Renders conversations as tokenizer.apply_chat_template(tokenize=False) does, without its per-call overhead.
 
-    The same steps in the same order: drop None-valued message keys, the special tokens as template variables
-    (kwargs win), transformers' own render (reasoning aliases, plain data, its compiled-template cache). Checked
-    against apply_chat_template at start-up (process_data.tokenization_mismatch) and by the tests.
+    Our samples are parsed JSON, for which transformers' conversions of message objects, tools and kwargs to plain
+    data are the identity, so we do what is left of apply_chat_template, in its order: drop None-valued message
+    keys, alias the reasoning fields, the special tokens as template variables (kwargs win), and transformers'
+    own compiled template. Checked against apply_chat_template at start-up (process_data.tokenization_mismatch)
+    and by the tests; with another transformers whose internals differ, its public entry point is used.
     """
 
     def __init__(self, tokenizer, template: str):
         self.tokenizer, self.template = tokenizer, template
         self.special = dict(tokenizer.special_tokens_map)
         try:
-            from transformers.tokenization_utils_base import _normalize_chat_messages
-            from transformers.utils.chat_template_utils import render_jinja_template
-        except ImportError:  # another transformers: its public entry point, slower but the same text
-            self._fast = None
-        else:
-            self._fast = (_normalize_chat_messages, render_jinja_template)
+            from transformers.utils.chat_template_utils import _alias_reasoning_fields, _compile_jinja_template
+
+            self._compiled, self._alias = _compile_jinja_template(template), _alias_reasoning_fields
+        except (ImportError, AttributeError):
+            self._compiled = None
 
     def __call__(self, messages: list[dict], extra: dict, add_generation_prompt: bool = False) -> str:
-        if self._fast is None:
+        if self._compiled is None:
             return self.tokenizer.apply_chat_template(
                 messages, tokenize=False, chat_template=self.template, add_generation_prompt=add_generation_prompt, **extra
             )
-        normalize, render = self._fast
         if not messages:
             raise ValueError("Cannot apply chat template to an empty conversation. Provide at least one message.")
-        kwargs = {k: v for k, v in extra.items() if k not in ("tools", "documents")}
-        rendered, _ = render(
-            conversations=[normalize(messages)],
-            tools=extra.get("tools"),
-            documents=extra.get("documents"),
-            chat_template=self.template,
-            add_generation_prompt=add_generation_prompt,
-            **{**self.special, **kwargs},
+        tools, documents = extra.get("tools"), extra.get("documents")
+        if tools is not None and not all(isinstance(t, dict) for t in tools):
+            raise ValueError("Tools should either be a JSON schema, or a callable function with type hints")
+        if documents is not None and not all(isinstance(d, dict) for d in documents):
+            raise TypeError("Documents should be a list of dicts with 'title' and 'text' keys!")
+        chat = self._alias([{k: v for k, v in m.items() if v is not None} for m in messages])
+        kwargs = {**self.special, **{k: v for k, v in extra.items() if k not in ("tools", "documents")}}
+        return self._compiled.render(
+            messages=chat, tools=tools, documents=documents, add_generation_prompt=add_generation_prompt, **kwargs
         )
-        return rendered[0]
 
 
 # ---- special tokens in text ----
@@ -312,17 +312,22 @@ def with_sentinels(messages: list[dict]) -> tuple[list[dict], list[Piece]]:
     return out, pieces
 
 
+_NEEDS_JSON_ESCAPE = re.compile(r'["\\\x00-\x1f\x7f]')
+
+
 def _variants(value: str) -> list[str]:
     """How a template may render a value: as is, stripped (`|trim`, Qwen3's strip('\\n'), ...), JSON-escaped
     (`|tojson` of a string, inside the quotes the sentinel render shows as literal text)."""
-    out = []
-    for v in (value, value.strip(), value.strip("\n"), value.lstrip("\n"), value.rstrip("\n"), value.lstrip(), value.rstrip()):
-        if v not in out:
-            out.append(v)
-    for ascii_only in (False, True):
-        v = json.dumps(value, ensure_ascii=ascii_only)[1:-1]
-        if v not in out:
-            out.append(v)
+    out = [value]
+    if value[:1].isspace() or value[-1:].isspace():
+        for v in (value.strip(), value.strip("\n"), value.lstrip("\n"), value.rstrip("\n"), value.lstrip(), value.rstrip()):
+            if v not in out:
+                out.append(v)
+    if _NEEDS_JSON_ESCAPE.search(value) or not value.isascii():
+        for ascii_only in (False, True):
+            v = json.dumps(value, ensure_ascii=ascii_only)[1:-1]
+            if v not in out:
+                out.append(v)
     return out
 
 
@@ -331,6 +336,18 @@ def align(real: str, literals: list[str], values: list[str]) -> list[tuple[int, 
 
     Raises MaskError when there is no such alignment or more than one (then the masks would be a guess).
     """
+    # Fast path: every value rendered as it is. Another alignment would need a value rendered shorter (stripped)
+    # and another longer (JSON-escaped) by exactly as much, with the same text around: we take this one.
+    if len(real) == sum(map(len, literals)) + sum(map(len, values)):
+        spans, pos = [], len(literals[0])
+        if real.startswith(literals[0]):
+            for value, literal in zip(values, literals[1:]):
+                if not (real.startswith(value, pos) and real.startswith(literal, pos + len(value))):
+                    break
+                spans.append((pos, pos + len(value)))
+                pos += len(value) + len(literal)
+            else:
+                return spans
     found: list[list[tuple[int, int]]] = []
 
     def search(k: int, pos: int, spans: list[tuple[int, int]]) -> None:
@@ -390,55 +407,63 @@ def _turn_end(text: str, specials: Specials, shape: TemplateShape, header: str, 
     return runs[-1][1]
 
 
-def sentinel_spans(
-    shape: TemplateShape, header: str, specials: Specials, real: str, marked: str, messages: list[dict], pieces: list[Piece]
-) -> list[tuple[int, int]]:
-    """Trained character spans in `real`, one per assistant turn, from the sentinel render `marked`."""
-    literals, ids, real_spans = _aligned(real, marked, pieces)
+@dataclass(frozen=True)
+class SentinelPlan:
+    """What a sentinel render says. It depends only on the sample's skeleton (the sentinel-replaced messages and
+    the template variables), so samples with the same skeleton share it (process_data caches it)."""
+
+    literals: tuple[str, ...]  # the render's literal pieces around the sentinels
+    ids: tuple[int, ...]  # the sentinels in render order
+    starts: tuple[int, ...]  # where each starts in the sentinel render, in render order
+    ends: tuple[int, ...]
+    turns: tuple[tuple[int, int], ...]  # the trained spans, in sentinel-render positions
+
+
+def sentinel_plan(
+    shape: TemplateShape, header: str, specials: Specials, marked: str, messages: list[dict], pieces: list[Piece]
+) -> SentinelPlan:
+    """The trained spans of every assistant turn in the sentinel render `marked` (MaskError where they cannot be
+    found consistently)."""
+    parts = SENTINEL_RE.split(marked)  # literal, id, literal, id, ..., literal
+    literals, ids = parts[0::2], [int(k) for k in parts[1::2]]
+    if len(set(ids)) != len(ids):
+        raise MaskError("the chat template renders a message more than once")
+    if any(k >= len(pieces) for k in ids) or OPEN in "".join(literals) or CLOSE in "".join(literals):
+        raise MaskError("the chat template altered a content placeholder")
 
     marked_at: dict[int, tuple[int, int]] = {}  # sentinel id -> (start, end) in `marked`
     pos = len(literals[0])
     for j, k in enumerate(ids):
         marked_at[k] = (pos, pos + len(sentinel(k)))
         pos += len(sentinel(k)) + len(literals[j + 1])
-    order = sorted(marked_at.values())
-    sentinel_starts = [start for start, _ in order]
     by_message: dict[int, list[tuple[int, int]]] = {}
     for k, span in marked_at.items():
         by_message.setdefault(pieces[k].message, []).append(span)
     for spans_of in by_message.values():
         spans_of.sort()
-
-    def to_real(p: int) -> int:
-        """Map a position in `marked` (in a literal, or a sentinel boundary) to `real`."""
-        j = bisect_left(sentinel_starts, p + 1) - 1  # last sentinel starting at or before p
-        if j < 0:
-            return p
-        start, end = order[j]
-        real_start, real_end = real_spans[j]
-        if p == start:
-            return real_start
-        if p < end:
-            raise MaskError("a trained span boundary falls inside a content")
-        return real_end + (p - end)
-
-    def first_piece_after(i: int) -> int:
-        starts = [s[0][0] for m, s in by_message.items() if m > i]
-        return min(starts, default=len(marked))
+    owner = sorted((span[0], span[1], pieces[k].message) for k, span in marked_at.items())  # pieces in render order
+    ends = [b for _, b, _ in owner]
+    first_after = [len(marked)] * (len(messages) + 1)  # first piece of any message after i
+    for i in range(len(messages) - 1, -1, -1):
+        first_after[i] = min(first_after[i + 1], by_message[i + 1][0][0] if i + 1 in by_message else len(marked))
+    starts = [a for a, _, _ in owner]
 
     candidates = header_candidates(header, specials) if header else []
     tail = len(marked) - len(shape.end) if shape.end and marked.endswith(shape.end) else len(marked)
-    spans: list[tuple[int, int]] = []
-    cursor = 0  # in `marked`: the end of the previous assistant turn's span
+    turns: list[tuple[int, int]] = []
+    cursor = 0  # the end of the previous assistant turn's span
     for i, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
         own = by_message.get(i, [])
-        later = first_piece_after(i)
+        later = first_after[i]
         first_own = own[0][0] if own else later
-        # after the pieces of earlier messages rendered before this turn (not Mistral's system prompt, moved on)
-        before = [b for m, s in by_message.items() if m < i for _, b in s if b <= first_own]
-        lo = max([cursor, *before])
+        # after the last piece of an earlier message rendered before this turn (not Mistral's system prompt,
+        # moved on to a later user turn)
+        j = bisect_left(ends, first_own + 1) - 1
+        while j >= 0 and owner[j][2] >= i:
+            j -= 1
+        lo = max(cursor, ends[j] if j >= 0 else 0)
         if candidates:
             found = [(marked.rfind(c, lo, first_own), len(c)) for c in candidates]
             at, n = max(found)  # the latest occurrence, and of the candidates there the longest
@@ -458,9 +483,36 @@ def sentinel_spans(
         for a, b in specials.spans(marked, start, end):  # never across a turn: no opener inside but a header's
             if marked[a:b] in shape.openers and not (header and marked.startswith(candidates[-1], a)):
                 raise MaskError("an assistant turn's trained region crosses into another turn")
-        spans.append((to_real(start), to_real(end)))
+        for p in (start, end):
+            k = bisect_left(starts, p + 1) - 1
+            if k >= 0 and starts[k] < p < ends[k]:
+                raise MaskError("a trained span boundary falls inside a content")
+        turns.append((start, end))
         cursor = end
-    return spans
+    return SentinelPlan(tuple(literals), tuple(ids), tuple(starts), tuple(ends), tuple(turns))
+
+
+def apply_plan(plan: SentinelPlan, real: str, pieces: list[Piece]) -> list[tuple[int, int]]:
+    """Trained character spans in `real`: the plan's, once the real render aligns with its literal pieces."""
+    real_spans = align(real, list(plan.literals), [pieces[k].value for k in plan.ids])
+
+    def to_real(p: int) -> int:
+        """Map a position in the sentinel render (in a literal, or at a sentinel's start) to `real`."""
+        j = bisect_left(plan.starts, p + 1) - 1  # last sentinel starting at or before p
+        if j < 0:
+            return p
+        if p == plan.starts[j]:
+            return real_spans[j][0]
+        return real_spans[j][1] + (p - plan.ends[j])
+
+    return [(to_real(a), to_real(b)) for a, b in plan.turns]
+
+
+def sentinel_spans(
+    shape: TemplateShape, header: str, specials: Specials, real: str, marked: str, messages: list[dict], pieces: list[Piece]
+) -> list[tuple[int, int]]:
+    """Trained character spans in `real`, one per assistant turn, from the sentinel render `marked`."""
+    return apply_plan(sentinel_plan(shape, header, specials, marked, messages, pieces), real, pieces)
 
 
 # ---- method 2: prefix renders, the rule itself ----

@@ -319,6 +319,7 @@ class Encoder:
             except MaskError as e:
                 self.template_problem = str(e)
         self.headers: dict[bytes, str] = {}  # the generation prompt's header per distinct tools and kwargs
+        self.plans: dict[bytes, object] = {}  # sentinel plans (or their MaskError) per sample skeleton
         shape_markers = {self.shape.header, *self.shape.openers} if self.shape else set()
         self.markers = chat_masks.markers_pattern([m for m in set(self.specials.tokens) | shape_markers if m])
         self.methods: Counter = Counter()  # which method derived each chat sample's masks
@@ -362,6 +363,28 @@ class Encoder:
             raise MaskError("the chat template fails on a probe conversation with this sample's tools and kwargs")
         return self.headers[key]
 
+    def sentinel_plan(self, marked_messages: list[dict], pieces: list, extra: dict, header: str) -> chat_masks.SentinelPlan:
+        """The sentinel render's plan for this skeleton (the sentinel-replaced sample), cached: samples that differ
+        only in their contents share one sentinel render. A plan that failed fails again, with its reason."""
+        key = orjson.dumps([marked_messages, extra], option=orjson.OPT_SORT_KEYS)
+        plan = self.plans.get(key)
+        if plan is None:
+            try:
+                chat_masks.check_literals(marked_messages, extra, self.markers)
+                try:
+                    marked = self.renderer(marked_messages, extra)
+                except Exception as e:  # the template rejects a placeholder (a length check, ...)
+                    raise MaskError(f"the chat template rejects placeholders ({type(e).__name__})") from None
+                plan = chat_masks.sentinel_plan(self.shape, header, self.specials, marked, marked_messages, pieces)
+            except MaskError as e:
+                plan = e
+            if len(self.plans) >= 4096:
+                self.plans.clear()
+            self.plans[key] = plan
+        if isinstance(plan, MaskError):
+            raise plan
+        return plan
+
     def assistant_spans(self, raw: bytes, messages: list[dict], real: str, extra: dict) -> list[tuple[int, int]]:
         """Trained character spans of `real` by the rule (chat_masks): from the sentinel render, else from prefix
         renders; each checked against the real render. MaskError with both reasons when neither can."""
@@ -370,12 +393,8 @@ class Encoder:
         try:
             chat_masks.check_placeholders(raw)
             marked_messages, pieces = chat_masks.with_sentinels(messages)
-            chat_masks.check_literals(marked_messages, extra, self.markers)
-            try:
-                marked = self.renderer(marked_messages, extra)
-            except Exception as e:  # the template rejects a placeholder (a length check, ...)
-                raise MaskError(f"the chat template rejects placeholders ({type(e).__name__})") from None
-            spans = chat_masks.sentinel_spans(self.shape, header, self.specials, real, marked, messages, pieces)
+            plan = self.sentinel_plan(marked_messages, pieces, extra, header)
+            spans = chat_masks.apply_plan(plan, real, pieces)
             chat_masks.check_spans(real, spans, self.specials)
             self.methods["sentinel render"] += 1
             return spans
