@@ -1,12 +1,17 @@
 """Stage-1 throughput and memory: process_data.py vs a bare pool of apply_chat_template(tokenize=True).
 
-    python bench/bench_process_data.py [--conversations 50000] [--memory-base 10000] [--workers 2] [--repeats 3]
+    python bench/bench_process_data.py [--data chitchat chitchat-long chatterbot] [--conversations 20000]
+                                       [--long-conversations 3000] [--memory-base 5000] [--workers 2] [--repeats 3]
 
-Data: real chatterbot-corpus conversations (data/english/*.yml), several joined into each multi-turn sample,
-repeated to the requested count. Tokenizer: the real SmolLM2-135M-Instruct one (default_model.py). Both sides
-read the same JSONL, use the same number of processes and write the ids to a JSONL file; ours also derives the
-masks. Peak memory is the largest sum of RSS over the process tree, sampled every 50 ms. Prints a markdown
-table and writes it to bench/RESULTS_process_data.md.
+Data (each sample a multi-turn messages row, user/assistant alternating):
+- chitchat: the `chitchat-dataset` package's 7,168 real conversations (BYU PCC lab), windows of 2-8 turns drawn
+  at random: about the shape of the issue-15 measurement (5 turns, ~150 tokens per sample).
+- chitchat-long: whole chitchat conversations (~34 turns, ~850 tokens per sample).
+- chatterbot: chatterbot-corpus conversations, several joined into each sample (short turns).
+Tokenizer: the real SmolLM2-135M-Instruct one (default_model.py). Both sides read the same JSONL, use the same
+number of processes and write the ids to a JSONL file; ours also derives the masks. Peak memory is the largest
+sum of RSS over the process tree, sampled every 50 ms. Prints a markdown report and writes it to
+bench/RESULTS_process_data.md.
 """
 
 import argparse
@@ -42,12 +47,40 @@ def chatterbot_conversations() -> list[list[str]]:
     return out
 
 
-def write_data(path: Path, n: int, seed: int = 0) -> None:
+def chitchat_conversations() -> list[list[str]]:
+    try:
+        import chitchat_dataset
+    except ImportError:
+        sys.exit("bench_process_data.py: error: chitchat-dataset is not installed; pip install chitchat-dataset")
+    out = []
+    for conversation in chitchat_dataset.Dataset().values():
+        turns = ["\n".join(m["text"] for m in group) for group in conversation["messages"]]
+        turns = turns[: len(turns) // 2 * 2]
+        if turns:
+            out.append(turns)
+    return out
+
+
+def samples(kind: str, n: int, seed: int = 0):
     rng = random.Random(seed)
-    pool = chatterbot_conversations()
-    with open(path, "wb") as f:
+    if kind == "chatterbot":
+        pool = chatterbot_conversations()
         for _ in range(n):
-            turns = [t for _ in range(rng.randint(2, 8)) for t in rng.choice(pool)]
+            yield [t for _ in range(rng.randint(2, 8)) for t in rng.choice(pool)]
+        return
+    pool = chitchat_conversations()
+    for k in range(n):
+        turns = pool[k % len(pool)] if kind == "chitchat-long" else rng.choice(pool)
+        if kind == "chitchat":
+            size = min(len(turns), rng.choice([2, 4, 4, 6, 6, 8]))
+            start = rng.randrange(0, (len(turns) - size) // 2 + 1) * 2
+            turns = turns[start : start + size]
+        yield turns
+
+
+def write_data(path: Path, kind: str, n: int, seed: int = 0) -> None:
+    with open(path, "wb") as f:
+        for turns in samples(kind, n, seed):
             messages = [{"role": ("user", "assistant")[k % 2], "content": t} for k, t in enumerate(turns)]
             f.write(orjson.dumps({"messages": messages}) + b"\n")
 
@@ -123,13 +156,43 @@ def bare_cmd(data: Path, out: Path, model: Path, workers: int) -> list[str]:
     return [sys.executable, __file__, "--bare", str(data), str(out), str(model), str(workers)]
 
 
+def compare(kind: str, n: int, model: Path, workers: int, repeats: int, tmp: Path) -> tuple[str, dict]:
+    """Interleaved runs of both sides on n samples of `kind`: a markdown table row pair and the figures."""
+    data = tmp / f"{kind}.jsonl"
+    write_data(data, kind, n)
+    runs: dict[str, list[tuple[float, int]]] = {"bare": [], "ours": []}
+    for _ in range(repeats):  # interleaved, so both sides see the same machine load
+        runs["bare"].append(measure(bare_cmd(data, tmp / "bare.jsonl", model, workers)))
+        runs["ours"].append(measure(ours_cmd(data, tmp / "ours.jsonl", model, workers)))
+    tokens = sum(orjson.loads(line)["len"] for line in open(tmp / "ours.jsonl", "rb"))
+    bare_ids = [orjson.loads(line)["input_ids"] for line in open(tmp / "bare.jsonl", "rb")]
+    ours_ids = [orjson.loads(line)["input_ids"] for line in open(tmp / "ours.jsonl", "rb")]
+    turns = sum(len(orjson.loads(line)["messages"]) for line in open(data, "rb")) / n
+    bare_s, ours_s = (statistics.median(s for s, _ in runs[side]) for side in ("bare", "ours"))
+    bare_mem, ours_mem = (max(m for _, m in runs[side]) for side in ("bare", "ours"))
+    ratios = sorted(b / o for (b, _), (o, _) in zip(runs["bare"], runs["ours"]))
+    lines = [
+        f"### {kind}: {n:,} samples, {turns:.1f} turns and {tokens / n:.0f} tokens per sample ({tokens:,} tokens)\n",
+        f"Same input_ids on both sides: {bare_ids == ours_ids}. Per-round ratios (bare time / ours): "
+        + ", ".join(f"{r:.2f}x" for r in ratios) + ".\n",
+        "| | samples/s | tokens/s | peak RSS (MB) | vs bare |",
+        "|---|---:|---:|---:|---:|",
+        f"| bare pool, apply_chat_template(tokenize=True) per row | {n / bare_s:,.0f} | {tokens / bare_s:,.0f} | {bare_mem / 2**20:,.0f} | 1.00x |",
+        f"| process_data.py (ids + masks) | {n / ours_s:,.0f} | {tokens / ours_s:,.0f} | {ours_mem / 2**20:,.0f} | {bare_s / ours_s:.2f}x |",
+        "",
+    ]
+    return "\n".join(lines), {"ratio": bare_s / ours_s}
+
+
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--bare":
         bare_baseline(sys.argv[2], sys.argv[3], sys.argv[4], int(sys.argv[5]))
         return
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--conversations", type=int, default=50_000, help="throughput is measured on this many")
-    p.add_argument("--memory-base", type=int, default=10_000, help="memory is compared at this many and 10x")
+    p.add_argument("--data", nargs="+", default=["chitchat", "chitchat-long"], choices=["chitchat", "chitchat-long", "chatterbot"])
+    p.add_argument("--conversations", type=int, default=20_000, help="samples for chitchat and chatterbot")
+    p.add_argument("--long-conversations", type=int, default=3_000, help="samples for chitchat-long")
+    p.add_argument("--memory-base", type=int, default=5_000, help="memory is compared at this many and 10x (first --data)")
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     p.add_argument("--repeats", type=int, default=3)
     args = p.parse_args()
@@ -138,43 +201,28 @@ def main() -> None:
 
     model = default_model.materialize(weights=False)
     tmp = Path(tempfile.mkdtemp(prefix="bench_process_data."))
-    data, data1, data10 = tmp / "data.jsonl", tmp / "data1.jsonl", tmp / "data10.jsonl"
-    write_data(data, args.conversations)
-    write_data(data1, args.memory_base)
-    write_data(data10, args.memory_base * 10)
-    rows = [orjson.loads(line) for line in open(data, "rb")]
-    n = len(rows)
-
-    runs: dict[str, list[tuple[float, int]]] = {"bare": [], "ours": []}
-    for _ in range(args.repeats):  # interleaved, so both sides see the same machine load
-        runs["bare"].append(measure(bare_cmd(data, tmp / "bare.jsonl", model, args.workers)))
-        runs["ours"].append(measure(ours_cmd(data, tmp / "ours.jsonl", model, args.workers)))
-    tokens = sum(orjson.loads(line)["len"] for line in open(tmp / "ours.jsonl", "rb"))
-    bare_ids = [orjson.loads(line)["input_ids"] for line in open(tmp / "bare.jsonl", "rb")]
-    ours_ids = [orjson.loads(line)["input_ids"] for line in open(tmp / "ours.jsonl", "rb")]
-    same_ids = bare_ids == ours_ids
+    sections = []
+    for kind in args.data:
+        n = args.long_conversations if kind == "chitchat-long" else args.conversations
+        sections.append(compare(kind, n, model, args.workers, args.repeats, tmp)[0])
+    kind = args.data[0]
+    data1, data10 = tmp / "memory1.jsonl", tmp / "memory10.jsonl"
+    write_data(data1, kind, args.memory_base, seed=1)
+    write_data(data10, kind, args.memory_base * 10, seed=1)
     one_x = measure(ours_cmd(data1, tmp / "ours1.jsonl", model, args.workers))
     ten_x = measure(ours_cmd(data10, tmp / "ours10.jsonl", model, args.workers))
-
-    def median(name: str) -> tuple[float, int]:
-        return statistics.median(s for s, _ in runs[name]), max(m for _, m in runs[name])
-
-    (bare_s, bare_mem), (ours_s, ours_mem) = median("bare"), median("ours")
-    lines = [
-        f"# process_data.py benchmark\n",
-        f"{n:,} chatterbot-corpus conversations (multi-turn, {tokens:,} tokens, {tokens / n:.0f} per sample), "
-        f"SmolLM2-135M-Instruct tokenizer, {args.workers} processes, median of {args.repeats} interleaved runs "
-        f"(wall time including start-up). Same input_ids on both sides: {same_ids}.\n",
-        "| | samples/s | tokens/s | peak RSS (MB) | vs bare |",
-        "|---|---:|---:|---:|---:|",
-        f"| bare pool, apply_chat_template(tokenize=True) per row | {n / bare_s:,.0f} | {tokens / bare_s:,.0f} | {bare_mem / 2**20:,.0f} | 1.00x |",
-        f"| process_data.py (ids + masks) | {n / ours_s:,.0f} | {tokens / ours_s:,.0f} | {ours_mem / 2**20:,.0f} | {bare_s / ours_s:.2f}x |",
-        "",
-        f"Memory as the input grows (process_data.py): {args.memory_base:,} samples {one_x[1] / 2**20:,.0f} MB, "
+    head = [
+        "# process_data.py benchmark\n",
+        f"SmolLM2-135M-Instruct tokenizer, {args.workers} processes, median of {args.repeats} interleaved runs per side "
+        "(wall time including start-up), `python bench/bench_process_data.py "
+        + " ".join(sys.argv[1:]) + "`.\n",
+    ]
+    tail = [
+        f"Memory as the input grows (process_data.py, {kind}): {args.memory_base:,} samples {one_x[1] / 2**20:,.0f} MB, "
         f"{10 * args.memory_base:,} samples {ten_x[1] / 2**20:,.0f} MB ({ten_x[1] / one_x[1]:.2f}x); "
         f"{10 * args.memory_base / ten_x[0]:,.0f} samples/s at {10 * args.memory_base:,}.",
     ]
-    text = "\n".join(lines) + "\n"
+    text = "\n".join(head + sections + tail) + "\n"
     print(text)
     (ROOT / "bench" / "RESULTS_process_data.md").write_text(text)
     for path in tmp.iterdir():
