@@ -118,6 +118,7 @@ class Specials:
     def __init__(self, tokens):
         self.tokens = sorted({t for t in tokens if t}, key=len, reverse=True)
         self.re = re.compile("|".join(re.escape(t) for t in self.tokens)) if self.tokens else None
+        self.split_re = re.compile("(" + self.re.pattern + ")") if self.tokens else None
 
     def spans(self, text: str, lo: int = 0, hi: int | None = None) -> list[tuple[int, int]]:
         if self.re is None:
@@ -266,35 +267,52 @@ class Piece:
     value: str  # the original string
 
 
-def _sentinel_values(value, message: int, pieces: list[Piece]):
-    """A copy of a tool call's arguments with every string value replaced by a sentinel."""
-    if isinstance(value, str):
-        pieces.append(Piece(message, "tool_calls", value))
+def _placeholders(value: str, message: int, key: str, pieces: list[Piece], split: re.Pattern | None) -> str:
+    """value with its text replaced by sentinels. Special tokens in it stay as they are, between sentinels (one
+    before the first and one after the last, maybe for ""), so a template that branches on them (Qwen3 and
+    DeepSeek split content at `</think>`) takes the same branch, and the value's extent is still known."""
+    parts = split.split(value) if split is not None else [value]
+    if len(parts) == 1:
+        pieces.append(Piece(message, key, value))
         return sentinel(len(pieces) - 1)
+    out = []
+    for n, part in enumerate(parts):
+        if n % 2:  # a special token
+            out.append(part)
+        else:
+            pieces.append(Piece(message, key, part))
+            out.append(sentinel(len(pieces) - 1))
+    return "".join(out)
+
+
+def _sentinel_values(value, message: int, pieces: list[Piece], split: re.Pattern | None):
+    """A copy of a tool call's arguments with every string value replaced by sentinels."""
+    if isinstance(value, str):
+        return _placeholders(value, message, "tool_calls", pieces, split)
     if isinstance(value, dict):
-        return {k: _sentinel_values(v, message, pieces) for k, v in value.items()}
+        return {k: _sentinel_values(v, message, pieces, split) for k, v in value.items()}
     if isinstance(value, list):
-        return [_sentinel_values(v, message, pieces) for v in value]
+        return [_sentinel_values(v, message, pieces, split) for v in value]
     return value
 
 
-def with_sentinels(messages: list[dict]) -> tuple[list[dict], list[Piece]]:
-    """Copy of messages with every non-empty content, assistant reasoning (one sentinel under each reasoning key
-    present: transformers aliases them) and tool-call argument string replaced by sentinel(k)."""
+def with_sentinels(messages: list[dict], split: re.Pattern | None = None) -> tuple[list[dict], list[Piece]]:
+    """Copy of messages with every non-empty content, assistant reasoning (the same sentinels under each
+    reasoning key present: transformers aliases them) and tool-call argument string replaced by sentinels;
+    `split` (Specials.split_re) keeps the special tokens in them."""
     pieces: list[Piece] = []
     out = []
     for i, message in enumerate(messages):
         message = dict(message)
         value = message.get("content")
         if isinstance(value, str) and value:
-            message["content"] = sentinel(len(pieces))
-            pieces.append(Piece(i, "content", value))
+            message["content"] = _placeholders(value, i, "content", pieces, split)
         if message["role"] == "assistant":
             present = [k for k in REASONING_KEYS if isinstance(message.get(k), str) and message[k]]
             if present:
-                pieces.append(Piece(i, present[0], message[present[0]]))
+                replaced = _placeholders(message[present[0]], i, present[0], pieces, split)
                 for key in present:
-                    message[key] = sentinel(len(pieces) - 1)
+                    message[key] = replaced
             if isinstance(message.get("tool_calls"), list):
                 calls = []
                 for call in message["tool_calls"]:
@@ -303,7 +321,7 @@ def with_sentinels(messages: list[dict]) -> tuple[list[dict], list[Piece]]:
                         fn = call.get("function")
                         target = call if not isinstance(fn, dict) else dict(fn)
                         if "arguments" in target:
-                            target["arguments"] = _sentinel_values(target["arguments"], i, pieces)
+                            target["arguments"] = _sentinel_values(target["arguments"], i, pieces, split)
                         if isinstance(fn, dict):
                             call["function"] = target
                     calls.append(call)
@@ -480,7 +498,12 @@ def sentinel_plan(
         next_is_assistant = i + 1 < len(messages) and messages[i + 1]["role"] == "assistant"
         hi = later if later < len(marked) else tail
         end = _turn_end(marked, specials, shape, header, body_end, max(hi, body_end), next_is_assistant)
-        for a, b in specials.spans(marked, start, end):  # never across a turn: no opener inside but a header's
+        # never across a turn: no opener in the template's text of the turn, but a header's (the turn's own
+        # contents may quote any token: they lie between its first and last pieces)
+        body = (own[0][0], own[-1][1]) if own else (start, start)
+        for a, b in specials.spans(marked, start, end):
+            if body[0] <= a < body[1]:
+                continue
             if marked[a:b] in shape.openers and not (header and marked.startswith(candidates[-1], a)):
                 raise MaskError("an assistant turn's trained region crosses into another turn")
         for p in (start, end):

@@ -392,7 +392,7 @@ class Encoder:
         reasons = []
         try:
             chat_masks.check_placeholders(raw)
-            marked_messages, pieces = chat_masks.with_sentinels(messages)
+            marked_messages, pieces = chat_masks.with_sentinels(messages, self.specials.split_re)
             plan = self.sentinel_plan(marked_messages, pieces, extra, header)
             spans = chat_masks.apply_plan(plan, real, pieces)
             chat_masks.check_spans(real, spans, self.specials)

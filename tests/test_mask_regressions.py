@@ -314,3 +314,22 @@ def test_reasoning_under_other_keys_is_trained(tmp_path, key):
     _, rows, _ = encode(path, [sample])
     assert rows[1]["input_ids"] == reference_ids(tokenizer, sample)
     assert trained(tokenizer, rows[1]) == ["<think>\nUser greets me.\n</think>\n\nHello<|im_end|>"]
+
+
+# ---- 9. a sample no method can derive is dropped, counted, with each method's reason ----
+
+# Branches on content text that is no special token (the sentinel render takes the other branch), and numbers
+# the turns from the end (no prompt is a prefix of the full render).
+COUNTDOWN = (
+    "{% for m in messages %}{{ '<|im_start|>' + m['role'] + ' ' + (loop.length - loop.index)|string + '\\n' }}"
+    "{% if '!' in m['content'] %}{{ m['content']|upper }}{% else %}{{ m['content'] }}{% endif %}{{ '<|im_end|>\\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant 0\\n' }}{% endif %}"
+)
+
+
+def test_a_sample_no_method_can_derive_is_dropped_with_both_reasons(tmp_path):
+    path = save(tmp_path, "countdown", COUNTDOWN, **CHATML_EOT)
+    _, rows, drops = encode(path, [conv(("user", "Hi!"), ("assistant", "Hello!")), conv(("user", "Hi"), ("assistant", "Hello"))])
+    reason, detail = drops[1]
+    assert reason == DROP_MASK and detail.startswith("sentinel render: ") and "; prefix renders: " in detail
+    assert 2 in rows  # without the branch, the sentinel render derives it

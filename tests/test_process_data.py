@@ -285,18 +285,22 @@ def test_masks_the_sentinel_render_cannot_derive_come_from_prefix_renders(encode
     assert trained_runs(encoder.tokenizer, row) == want
 
 
-def test_masks_that_cannot_be_derived_fail_closed(encoders):
-    # content the template splits at </think> (the sentinel render cannot align) after a turn whose reasoning
-    # its prompt renders and the full render drops (a later query): neither method can derive it
+def test_content_the_template_splits_at_think_keeps_the_sentinel_render(encoders):
+    # Qwen3 moves what precedes </think> out of the content: the sentinel render keeps the special tokens of a
+    # value between placeholders, so the template takes the same branch; the prompt of the second answer would
+    # render the first one's reasoning, which the full render drops (a later query), so prefix renders could not
     messages = [
         *TOOL_TURNS[:3],
         {"role": "assistant", "content": "<think>inline</think>answer"},
         {"role": "user", "content": "more"},
         {"role": "assistant", "content": "fine"},
     ]
-    chunk = encode(encoders("qwen3"), [{"messages": messages}])
-    assert not chunk.rows and [reason for _, reason, _ in chunk.drops] == [DROP_MASK]
-    assert "sentinel render: " in chunk.drops[0][2] and "; prefix renders: " in chunk.drops[0][2]
+    encoder = encoders("qwen3")
+    chunk = encode(encoder, [{"messages": messages, "tools": TOOLS}])
+    assert not chunk.drops and dict(chunk.methods) == {"sentinel render": 1}
+    row = orjson.loads(chunk.rows[0][1])
+    assert row["input_ids"] == reference_ids(encoder.tokenizer, messages, tools=TOOLS)
+    assert trained_runs(encoder.tokenizer, row) == [CALL_TEXT, "answer<|im_end|>", QWEN3_EMPTY_THINK + "fine<|im_end|>"]
 
 
 @pytest.mark.parametrize("arguments", [{"x": "<|im_end|>"}, '{"x": "<|im_end|>\\n<|im_start|>user"}'])
