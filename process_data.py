@@ -5,8 +5,9 @@
 
 Input: JSONL, CSV or Parquet (by the file's suffix); the row format is detected per file (see formats.py).
 Messages rows: {"messages": [{"role": "system|user|assistant|tool", "content": "..."}, ...], "tools": [...]?}.
-Extra per-message keys (tool_calls, reasoning_content / thinking / reasoning, name, ...) and per-sample keys (tools, ...) are passed to
-the chat template. A sample whose only message has role "pretrain" is raw text: no template, every token trained,
+Extra per-message keys (tool_calls, reasoning_content / thinking / reasoning, name, ...), per-sample keys (tools,
+documents, ...) and the keys of a per-sample `chat_template_kwargs` object ({"enable_thinking": false}) are passed
+to the chat template: the tokenizer's, --chat-template FILE's, or --chat-template-name NAME's. A sample whose only message has role "pretrain" is raw text: no template, every token trained,
 EOS appended; so is a row of the `text` format.
 
 Pairs rows ({"source", "target"}, {"text", "target"}, {"prompt", "completion"}) are rendered, by --pair-rendering,
@@ -17,13 +18,14 @@ that crosses from untrained into trained text (a BPE merge across the separator)
 trained token never carries prompt text.
 
 Output lines, in input order: {"input_ids", "labels" (-100 where not trained), "len", "num_loss_counted_tokens"}.
-`input_ids` equal `tokenizer.apply_chat_template(messages, tokenize=True)`; the trained tokens are each assistant
-turn's content (with its reasoning and tool calls as rendered) and the end-of-turn token(s) closing it
-(see chat_masks.py). The output file is written atomically: a failed run leaves none behind.
+`input_ids` equal `tokenizer.apply_chat_template(messages, tokenize=True)`. Trained, for assistant turn i: what the
+full render has after the render of messages[:i] with the generation prompt, through the end-of-turn token(s)
+closing the turn (the rule and how it is computed: chat_masks.py). The output file is written atomically: a failed
+run leaves none behind; the chat template used is saved beside it as <output-file>.chat_template.jinja.
 
 What stops the run (exit 2, one line `process_data.py: error: FILE:LINE: reason; fix`): a file that is not
 what we expect (invalid UTF-8, malformed JSON or CSV, no `messages` list, wrong types, unknown roles, a row of
-another format than the file's first row, an empty file),
+another format than the file's first row, an empty file), --output-file equal to the input file or a directory,
 a model path without a fast tokenizer or, for chat samples, without a chat template, and with
 --on-too-long error an over-long sample. What skips a sample (counted per reason, the first few printed with
 their line numbers): the chat template rejects the conversation, its masks cannot be derived consistently,
@@ -745,7 +747,12 @@ def run(cfg: Config) -> Summary:
         if encoder.template:
             with tempfile.NamedTemporaryFile("w", encoding="utf-8", dir=sidecar.parent, prefix=f".{sidecar.name}.", suffix=".tmp", delete=False) as f:
                 template_tmp = f.name
-                f.write(encoder.template)
+                try:
+                    f.write(encoder.template)
+                except BaseException:
+                    f.close()
+                    os.unlink(template_tmp)
+                    raise
             os.replace(template_tmp, sidecar)
         elif sidecar.exists():  # no template used: a stale one from an earlier run must not be taken for this one's
             sidecar.unlink()
