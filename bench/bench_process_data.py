@@ -184,6 +184,36 @@ def compare(kind: str, n: int, model: Path, workers: int, repeats: int, tmp: Pat
     return "\n".join(lines), {"ratio": bare_s / ours_s}
 
 
+def cpu_compare(kind: str, n: int, model: Path, rounds: int = 3) -> str:
+    """CPU seconds (time.process_time, one process each, one thread) of the per-sample work on the same chunks,
+    alternating chunk by chunk: robust on a shared machine where wall time is noise. Ours: process_data's
+    Encoder.encode_chunk (render, masks, batch tokenization, output lines); bare: apply_chat_template(tokenize=True)
+    per row and the same output line without labels."""
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    import process_data
+
+    encoder = process_data.Encoder(str(model), "bench.jsonl", 10**9, "drop")
+    tok = encoder.tokenizer
+    lines = [(k, orjson.dumps({"messages": [{"role": ("user", "assistant")[j % 2], "content": t} for j, t in enumerate(turns)]}))
+             for k, turns in enumerate(samples(kind, n, seed=2), 1)]  # fmt: skip
+    chunks = [lines[k : k + process_data.CHUNK_LINES] for k in range(0, len(lines), process_data.CHUNK_LINES)]
+    bare = ours = 0.0
+    for _ in range(rounds):
+        for chunk in chunks:
+            t = time.process_time()
+            for _, raw in chunk:
+                ids = tok.apply_chat_template(orjson.loads(raw)["messages"], tokenize=True)
+                ids = list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+                orjson.dumps({"input_ids": ids, "len": len(ids)})
+            bare += time.process_time() - t
+            t = time.process_time()
+            out = encoder.encode_chunk(chunk)
+            ours += time.process_time() - t
+            assert not out.drops and out.error is None
+    return (f"| {kind} | {n:,} | {n * rounds / bare:,.0f} | {n * rounds / ours:,.0f} | **{bare / ours:.2f}x** | "
+            f"{', '.join(f'{m} {c}' for m, c in out.methods.items())} |")
+
+
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--bare":
         bare_baseline(sys.argv[2], sys.argv[3], sys.argv[4], int(sys.argv[5]))
@@ -195,6 +225,7 @@ def main() -> None:
     p.add_argument("--memory-base", type=int, default=5_000, help="memory is compared at this many and 10x (first --data)")
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--cpu-samples", type=int, default=3_000, help="samples per data kind in the CPU-time comparison")
     args = p.parse_args()
 
     import default_model
@@ -205,6 +236,11 @@ def main() -> None:
     for kind in args.data:
         n = args.long_conversations if kind == "chitchat-long" else args.conversations
         sections.append(compare(kind, n, model, args.workers, args.repeats, tmp)[0])
+    cpu = ["### CPU time per sample, alternating chunk by chunk (one process each)\n",
+           "| data | samples | bare samples/CPU-s | ours samples/CPU-s | vs bare | masks (last chunk) |", "|---|---:|---:|---:|---:|---|"]
+    for kind in args.data:
+        cpu.append(cpu_compare(kind, min(args.long_conversations if kind == "chitchat-long" else args.conversations, args.cpu_samples), model))
+    sections.append("\n".join(cpu) + "\n")
     kind = args.data[0]
     data1, data10 = tmp / "memory1.jsonl", tmp / "memory10.jsonl"
     write_data(data1, kind, args.memory_base, seed=1)
