@@ -566,6 +566,27 @@ def encode_in_worker(lines: list[tuple[int, bytes]]) -> Chunk:
     return _ENCODER.encode_chunk(lines) if _ENCODER is not None else Chunk(error=_INIT_ERROR)
 
 
+@dataclass(frozen=True)
+class EncoderInfo:
+    """What the main process needs of an encoder: with workers it loads no tokenizer of its own (start-up)."""
+
+    error: str | None = None  # why the encoder could not be built
+    template: str | None = None  # the chat template used, saved beside the rows
+    separator: str | None = None  # raw pairs
+    eos_text: str | None = None
+
+
+def encoder_info(encoder: Encoder | None = None) -> EncoderInfo:
+    encoder = encoder if encoder is not None else _ENCODER
+    if encoder is None:
+        return EncoderInfo(error=_INIT_ERROR)
+    return EncoderInfo(None, encoder.template, getattr(encoder, "separator", None), getattr(encoder, "eos_text", None))
+
+
+def view_in_worker(args: tuple[list[int], list[int], str, bool]) -> str:
+    return masked_view(_ENCODER.tokenizer, *args)
+
+
 # ---- the run (main process) ----
 
 
@@ -601,7 +622,7 @@ def input_spec(cfg: Config, kind: str) -> InputSpec:
     )
 
 
-def describe_input(kind: str, spec: InputSpec, encoder: Encoder) -> str:
+def describe_input(kind: str, spec: InputSpec, encoder) -> str:
     """One line saying how rows are read, so a detected format is never a silent choice."""
     where = "forced by --input-format" if spec.forced else f"detected from {spec.origin}" if spec.origin else "no rows"
     out = f"{kind}, {spec.fmt.describe()} ({where})"
@@ -637,7 +658,8 @@ class Summary:
     drops: Counter = field(default_factory=Counter)
     first_drops: list[tuple[int, str, str]] = field(default_factory=list)
     shown: list[tuple[int, bytes]] = field(default_factory=list)  # reservoir of rows printed at the end
-    tokenizer: object = None  # the main process's, to decode the printed rows
+    tokenizer: object = None  # the main process's (single process only)
+    views: list[tuple[str, str]] = field(default_factory=list)  # the printed samples: heading, whole text marked
     methods: Counter = field(default_factory=Counter)  # chat samples per masking method
     template_file: Path | None = None  # where the chat template used was saved
 
@@ -688,16 +710,20 @@ def run(cfg: Config) -> Summary:
     kind = formats.input_type(cfg.input_file)
     spec = input_spec(cfg, kind)
     init_args = (cfg.model_name_or_path, str(cfg.input_file), cfg.max_sample_num_tokens, cfg.on_too_long, spec)
-    # Workers start first: their start-up (imports, tokenizer, template probes) overlaps the main process's own.
-    pool = mp.get_context("spawn").Pool(cfg.num_workers, init_worker, init_args) if cfg.num_workers > 1 else None
-    try:
-        encoder = Encoder(*init_args)  # a bad model path fails here, before any output; also used single-process
-    except RunError:
-        if pool is not None:
+    # With workers, the main process loads no tokenizer (that would be one more start-up on the same cores): a
+    # worker says what it needs, and a bad model path fails there, before anything is read or written.
+    pool, encoder = None, None
+    if cfg.num_workers > 1:
+        pool = mp.get_context("spawn").Pool(cfg.num_workers, init_worker, init_args)
+        info = pool.apply(encoder_info)
+        if info.error:
             pool.terminate()
-        raise
+            raise RunError(info.error)
+    else:
+        encoder = Encoder(*init_args)
+        info = encoder_info(encoder)
 
-    summary = Summary(format=describe_input(kind, spec, encoder), tokenizer=encoder.tokenizer)
+    summary = Summary(format=describe_input(kind, spec, info), tokenizer=encoder.tokenizer if encoder else None)
     rng = random.Random(cfg.seed)
     progress = tqdm(total=cfg.input_file.stat().st_size, unit="B", unit_scale=True, disable=None, desc="encoding")
     tmp = tempfile.NamedTemporaryFile(dir=cfg.output_file.parent, prefix=f".{cfg.output_file.name}.", suffix=".tmp", delete=False)
@@ -744,11 +770,11 @@ def run(cfg: Config) -> Summary:
         tmp.close()
         # the template used goes beside the rows first, so rows never exist without the template they were made with
         sidecar = template_sidecar(cfg.output_file)
-        if encoder.template:
+        if info.template:
             with tempfile.NamedTemporaryFile("w", encoding="utf-8", dir=sidecar.parent, prefix=f".{sidecar.name}.", suffix=".tmp", delete=False) as f:
                 template_tmp = f.name
                 try:
-                    f.write(encoder.template)
+                    f.write(info.template)
                 except BaseException:
                     f.close()
                     os.unlink(template_tmp)
@@ -757,7 +783,16 @@ def run(cfg: Config) -> Summary:
         elif sidecar.exists():  # no template used: a stale one from an earlier run must not be taken for this one's
             sidecar.unlink()
         os.replace(tmp.name, cfg.output_file)
-        summary.template_file = sidecar if encoder.template else None
+        summary.template_file = sidecar if info.template else None
+        summary.shown.sort()
+        colour = sys.stdout.isatty()
+        shown = [orjson.loads(line) for _, line in summary.shown]
+        args = [(row["input_ids"], row["labels"], cfg.mask_marker, colour) for row in shown]
+        views = pool.map(view_in_worker, args) if pool is not None else [masked_view(encoder.tokenizer, *a) for a in args]
+        summary.views = [
+            (f"--- {cfg.input_file}:{lineno} ({row['len']} tokens, {row['num_loss_counted_tokens']} trained)", view)
+            for (lineno, _), row, view in zip(summary.shown, shown, views)
+        ]
     finally:
         progress.close()
         if pool is not None:
@@ -765,7 +800,6 @@ def run(cfg: Config) -> Summary:
         tmp.close()
         if os.path.exists(tmp.name):
             os.unlink(tmp.name)
-    summary.shown.sort()
     return summary
 
 
@@ -789,13 +823,10 @@ def masked_view(tokenizer, ids: list[int], labels: list[int], marker: str, colou
 
 
 def report(cfg: Config, summary: Summary, seconds: float, drop_lines: bool = True) -> None:
-    colour = sys.stdout.isatty()
-    if summary.shown:
-        tokenizer = summary.tokenizer
-        for lineno, line in summary.shown:
-            row = orjson.loads(line)
-            print(f"--- {cfg.input_file}:{lineno} ({row['len']} tokens, {row['num_loss_counted_tokens']} trained)")
-            print(masked_view(tokenizer, row["input_ids"], row["labels"], cfg.mask_marker, colour))
+    if summary.views:
+        for head, view in summary.views:
+            print(head)
+            print(view)
         print("---")
     if drop_lines:
         for lineno, reason, detail in summary.first_drops:
