@@ -3,14 +3,21 @@
     python plot_run.py OUTPUT_DIR [--output PNG]    # default: OUTPUT_DIR/metrics.png
 
 Reads OUTPUT_DIR/metrics.jsonl as train.py writes it (one record per optimizer step; `validation_loss` on the steps
-that were evaluated). matplotlib is an optional dependency, needed only here: pip install matplotlib.
+that were evaluated). Errors are one line, `plot_run.py: error: FILE[:LINE]: reason; fix`, exit 2.
 """
 
 import argparse
+import io
 import json
-import os
 import sys
 from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # no display needed
+import matplotlib.pyplot as plt  # noqa: E402
+
+from minitrain import atomic  # noqa: E402
 
 
 class PlotError(ValueError):
@@ -41,12 +48,7 @@ def read_metrics(path: Path) -> tuple[list[dict], bool]:
 
 
 def plot(records: list[dict], title: str, png: Path) -> None:
-    """Three panels sharing the samples-seen axis; the PNG is written to a temp file, then renamed into place."""
-    import matplotlib
-
-    matplotlib.use("Agg")  # no display needed
-    import matplotlib.pyplot as plt
-
+    """Three panels sharing the samples-seen axis; the PNG is written atomically."""
     samples = [r["samples_seen"] for r in records]
     evaluated = [r for r in records if r.get("validation_loss") is not None]
     fig, (ax_loss, ax_lr, ax_speed) = plt.subplots(3, 1, sharex=True, figsize=(8, 9), height_ratios=(2, 1, 1))
@@ -65,13 +67,12 @@ def plot(records: list[dict], title: str, png: Path) -> None:
     for ax in (ax_loss, ax_lr, ax_speed):
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    tmp = png.with_name(f".{png.name}.tmp-{os.getpid()}")
+    image = io.BytesIO()
     try:
-        fig.savefig(tmp, format="png", dpi=100)
-        tmp.replace(png)
+        fig.savefig(image, format="png", dpi=100)
     finally:
         plt.close(fig)
-        tmp.unlink(missing_ok=True)
+    atomic.write_bytes(png, image.getvalue())
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -81,19 +82,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     png = args.output or args.output_dir / "metrics.png"
     try:
-        import matplotlib  # noqa: F401
-    except ImportError:
-        print("plot_run.py: error: matplotlib is not installed; pip install matplotlib (needed only for plots)",
-              file=sys.stderr)
-        return 1
-    try:
         records, torn = read_metrics(args.output_dir / "metrics.jsonl")
         if torn:
             print(f"{args.output_dir / 'metrics.jsonl'}: skipped its torn last line (the run was killed mid-write)")
         plot(records, str(args.output_dir), png)
     except (PlotError, OSError) as e:
         print(f"plot_run.py: error: {e}", file=sys.stderr)
-        return 1
+        return 2
     print(f"wrote {png}")
     return 0
 

@@ -13,13 +13,15 @@ nothing, so no sample ever learns to predict the first token of the next sample 
 import hashlib
 import json
 import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import orjson
 import torch
+
+from minitrain import atomic
+from minitrain.distributed import World, print0, raise_if_any_rank_failed
 
 IGNORE = -100
 CACHE_VERSION = 2  # 2: meta.json holds the content hash
@@ -95,18 +97,13 @@ def parse_row(raw: bytes, where: str) -> tuple[np.ndarray, np.ndarray]:
 
 
 def build_token_cache(data_path: Path, cache_dir: Path) -> None:
-    """Stream the JSONL once into flat binary files in a temporary folder, then rename it into place.
-
-    A crash leaves only a `*.tmp-*` folder behind, never a cache that looks complete. If another node's writer got
-    there first (shared filesystem), its identical cache is kept.
-    """
-    tmp = cache_dir.with_name(f"{cache_dir.name}.tmp-{os.uname().nodename}-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    """Stream the JSONL once into flat binary files in a temporary folder, then rename it into place (atomic.py):
+    a crash leaves only a hidden `.*.tmp-*` folder behind, never a cache that looks complete."""
     offsets, trained, lines, skipped = [0], [], [], []
     max_token_id = -1
     ids_hash, labels_hash = hashlib.blake2b(digest_size=16), hashlib.blake2b(digest_size=16)
-    try:
+    # replace=False: if another node's writer got there first (shared filesystem), its identical cache is kept.
+    with atomic.atomic_folder(cache_dir, tag=f"{os.uname().nodename}-", replace=False) as tmp:
         ids_out, labels_out = open(tmp / "input_ids.bin", "wb"), open(tmp / "labels.bin", "wb")
         with open(data_path, "rb") as f, ids_out, labels_out:
             for line_no, raw in enumerate(f, start=1):
@@ -125,6 +122,8 @@ def build_token_cache(data_path: Path, cache_dir: Path) -> None:
                 trained.append(n_trained)
                 lines.append(line_no)
                 max_token_id = max(max_token_id, int(input_ids.max()))
+        if not trained and not skipped:
+            raise DataError(f"{data_path}: the file is empty (no rows); pass the JSONL written by process_data.py")
         if not trained:
             raise DataError(f"{data_path}: no sample has any trained token; check the labels from process_data.py")
         np.save(tmp / "offsets.npy", np.asarray(offsets, dtype=np.int64))
@@ -135,15 +134,6 @@ def build_token_cache(data_path: Path, cache_dir: Path) -> None:
         meta = {"source": str(data_path), "max_token_id": max_token_id, "skipped_lines": skipped,
                 "content_hash": content_hash}
         (tmp / "meta.json").write_text(json.dumps(meta))
-        try:
-            tmp.rename(cache_dir)
-        except OSError:
-            if not (cache_dir / "meta.json").exists():
-                raise
-            shutil.rmtree(tmp)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def open_token_cache(cache_dir: Path) -> TokenCache:
@@ -160,6 +150,45 @@ def open_token_cache(cache_dir: Path) -> TokenCache:
         skipped_lines=tuple(meta["skipped_lines"]),
         content_hash=meta["content_hash"],
     )
+
+
+def load_data(config, world: World, vocab_size: int, path: str | None = None) -> TokenCache:
+    """Local rank 0 of each node builds the token cache once (others wait); every rank then memory-maps it.
+
+    `path`: the file to load, --data-path by default (the validation file passes its own).
+    """
+    data_path = Path(path or config.data_path).resolve()
+    cache_dir = cache_dir_for(data_path, Path(config.output_dir) / "token_cache")
+    error = None
+    if world.local_rank == 0 and not (cache_dir / "meta.json").exists():
+        print0(f"building token cache {cache_dir}")
+        try:
+            build_token_cache(data_path, cache_dir)
+        except DataError as e:
+            error = e
+        except Exception as e:  # e.g. a full disk: still tell the other ranks, or they wait forever
+            reason = " ".join(f"{type(e).__name__}: {e}".split())  # one line, whatever the exception says
+            error = DataError(f"cannot build the token cache in {cache_dir} from {data_path}: {reason}")
+    raise_if_any_rank_failed(error, DataError)
+    cache = open_token_cache(cache_dir)
+    if cache.skipped_lines:
+        lines = ", ".join(map(str, cache.skipped_lines[:10])) + (", ..." if len(cache.skipped_lines) > 10 else "")
+        print0(f"{data_path}: dropped {len(cache.skipped_lines)} samples with no trained token after the shift "
+               f"(lines {lines})")
+    too_long = np.flatnonzero(cache.lengths > config.max_tokens_per_gpu)
+    if len(too_long):
+        i = int(too_long[0])
+        raise DataError(
+            f"{data_path}:{cache.lines[i]}: sample is {cache.lengths[i]} tokens, longer than --max-tokens-per-gpu "
+            f"{config.max_tokens_per_gpu} ({len(too_long)} samples are); raise --max-tokens-per-gpu or re-run "
+            f"process_data.py with a smaller maximum length"
+        )
+    if cache.max_token_id >= vocab_size:
+        raise DataError(
+            f"{data_path}: token id {cache.max_token_id} is outside the model's vocabulary ({vocab_size}); "
+            f"tokenize the data with this model's tokenizer"
+        )
+    return cache
 
 
 @dataclass(frozen=True)

@@ -1,8 +1,8 @@
-"""Memory-safe causal-LM loss: logits only at trained positions, never a full (tokens x vocab) tensor.
+"""Memory-safe cross-entropy through an LM head: logits only at trained positions, never a full (tokens x vocab)
+tensor, and one chunk of them at a time.
 
-`CausalLMLoss` wraps a Hugging Face causal LM and is what FSDP shards as its root. Its forward runs the decoder on a
-packed row, picks the hidden states of the positions whose next token is trained, and returns the SUM of their
-cross-entropies. Dividing by the step's trained-token count happens in train.py, where the whole step is known.
+model.PackedCausalLM calls it with the hidden states of the positions whose next token is trained; it returns the
+SUM of their cross-entropies. Dividing by the step's count happens in train.py, where the whole step is known.
 """
 
 import torch
@@ -65,10 +65,12 @@ def chunked_ce_sum(hidden, weight, bias, targets, chunk_rows: int = 1024) -> tor
     return _LinearCrossEntropySum.apply(hidden, weight, bias, targets, chunk_rows, with_grad)
 
 
-class CausalLMLoss(nn.Module):
-    def __init__(self, lm: nn.Module, use_liger: bool = False, chunk_rows: int = 1024):
+class HeadCrossEntropy(nn.Module):
+    """sum of CE(head(hidden), targets) through an LM head (nn.Linear): chunked (above), or Liger's fused linear
+    cross-entropy on GPUs. Holds no parameters of its own: the head's stay where the model keeps them."""
+
+    def __init__(self, use_liger: bool = False, chunk_rows: int = 1024):
         super().__init__()
-        self.lm = lm
         self.chunk_rows = chunk_rows
         self.liger_loss = None
         if use_liger:
@@ -76,20 +78,8 @@ class CausalLMLoss(nn.Module):
 
             self.liger_loss = LigerFusedLinearCrossEntropyLoss(reduction="sum")
 
-    def ce_sum(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """(N, H) hidden states, (N,) targets -> summed cross-entropy through the LM head."""
-        head = self.lm.get_output_embeddings()
+    def forward(self, head: nn.Linear, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """(N, H) hidden states, (N,) targets -> summed cross-entropy."""
         if self.liger_loss is not None:
             return self.liger_loss(head.weight, hidden, targets, head.bias)
         return chunked_ce_sum(hidden, head.weight, head.bias, targets, self.chunk_rows)
-
-    def forward(self, input_ids, position_ids, positions, targets) -> torch.Tensor:
-        # attention_mask=None + position_ids restarting at 0 + no KV cache: transformers builds a block-diagonal
-        # mask (or uses flash-attention varlen), so no token attends to another sample of the pack.
-        hidden = self.lm.base_model(input_ids=input_ids, position_ids=position_ids, use_cache=False).last_hidden_state
-        hidden = hidden[0]  # (T, H)
-        if positions.numel() == 0:
-            # Dummy pack or nothing trained: still run the head on one position, times zero, so every parameter gets
-            # a (zero) gradient and this rank issues the same FSDP collectives as the others.
-            return self.ce_sum(hidden[:1], input_ids[0, :1]) * 0.0
-        return self.ce_sum(hidden[positions], targets)  # (N, H) -> scalar

@@ -1,0 +1,56 @@
+"""The objective seam: what a unit of data is, what it costs the planner, how a micro-step's pack is built, what its
+loss is, and what the step's loss is divided by.
+
+The loop (train.py) does the same thing for every objective: it asks for the step's denominator (`step_units`,
+known on every rank from the plan and the cache), runs `loss_sum` on each of this rank's packs and backpropagates
+
+    loss_sum * world_size / step_units
+
+FSDP averages gradients over the ranks, so the sum of those is exactly the gradient of (step's loss sum) /
+step_units, however the step is split into ranks and micro-steps.
+
+An objective is a small object with these members:
+
+    name            the --objective value
+    unit            what the denominator counts (printed and logged)
+    costs(cache)    the planner's cost of each sample (tokens of its packed row)
+    step_units(cache, indices)   the step's denominator over its sample indices (all ranks, all micro-steps)
+    pack(cache, indices)         one micro-step's input (data.Pack)
+    loss_sum(model, pack)        the summed loss of the pack, a scalar tensor with gradient
+
+`SFT` is the token-mean cross-entropy over the trained tokens. Preference objectives (a chosen + rejected pair as
+the unit) plug in here.
+"""
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from minitrain.data import Pack, TokenCache, make_pack
+
+OBJECTIVES = ("sft",)
+
+
+@dataclass(frozen=True)
+class SFT:
+    """Supervised fine-tuning: sum of cross-entropy over the step's trained tokens / the step's trained tokens."""
+
+    name: str = "sft"
+    unit: str = "trained tokens"
+
+    def costs(self, cache: TokenCache) -> np.ndarray:
+        return cache.lengths
+
+    def step_units(self, cache: TokenCache, indices: np.ndarray) -> int:
+        return int(cache.trained[indices].sum())  # > 0: every cached sample trains at least one token
+
+    def pack(self, cache: TokenCache, indices: np.ndarray) -> Pack:
+        return make_pack(cache, indices)
+
+    def loss_sum(self, model: torch.nn.Module, pack: Pack) -> torch.Tensor:
+        return model(pack.input_ids, pack.position_ids, pack.positions, pack.targets)
+
+
+def build_objective(name: str) -> SFT:
+    return {"sft": SFT}[name]()
