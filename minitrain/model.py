@@ -8,44 +8,72 @@ trains, an export is the whole model); LoRA plugs in here (apply before sharding
 and the merged model). The objective (objectives.py) never learns which adapter is in use.
 
 `PackedCausalLM` is the module FSDP shards as its root: the Hugging Face causal LM run on one packed row, returning
-the summed cross-entropy of the positions whose next token is trained (loss.py computes it through the LM head).
+the summed cross-entropy of the positions whose next token is trained (loss.py computes it through the LM head),
+plus the router's auxiliary loss of mixture-of-experts models that ask for it. What differs between families (logit
+transforms, where the blocks are, the attention kernel, Liger's entry point) lives in families.py, and so does the
+start-up probe build_model runs: the trainer's loss must be the model's own, or the run is refused.
 """
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
+from minitrain import families
 from minitrain.distributed import World, print0
+from minitrain.families import ModelError, decoder_blocks  # noqa: F401 (ModelError: raised from here for train.py)
 from minitrain.loss import HeadCrossEntropy
 
 SHARDING_STRATEGIES = ("FULL_SHARD", "SHARD_GRAD_OP", "NO_SHARD", "HYBRID_SHARD")
 
 
-class ModelError(ValueError):
-    """A model this trainer cannot train exactly; the message names the family and what to do."""
-
-
 class PackedCausalLM(nn.Module):
-    """A causal LM over packed rows: forward(row) -> sum of CE over the trained positions (see loss.py)."""
+    """A causal LM over packed rows: forward(row) -> sum of CE over the trained positions (see loss.py), with the
+    model's own logit transform, + n_trained * coef * router aux loss for MoE models whose config asks for it."""
 
     def __init__(self, lm: nn.Module, adapter: "FullFineTuning | None" = None, use_liger: bool = False,
                  chunk_rows: int = 1024):
         super().__init__()
         self.lm = lm
-        self.head_loss = HeadCrossEntropy(use_liger, chunk_rows)
+        head = lm.get_output_embeddings()
+        if not isinstance(head, nn.Linear):
+            raise ModelError(f"model type {families.family(lm.config)!r} has no nn.Linear LM head "
+                             f"(get_output_embeddings() is {type(head).__name__}); minitrain cannot train it")
+        self.head_loss = HeadCrossEntropy(use_liger, chunk_rows, families.logit_transform(lm.config))
+        self.router_aux = families.router_aux_loss(lm)
+        self.router_aux_sum = None  # sum over the packs trained since the last pop of n_trained * aux loss
         self.adapter = adapter or FullFineTuning()
 
     def forward(self, input_ids, position_ids, positions, targets) -> torch.Tensor:
         # attention_mask=None + position_ids restarting at 0 + no KV cache: transformers builds a block-diagonal
         # mask (or uses flash-attention varlen), so no token attends to another sample of the pack.
-        hidden = self.lm.base_model(input_ids=input_ids, position_ids=position_ids, use_cache=False).last_hidden_state
-        hidden = hidden[0]  # (T, H)
+        extra = {"output_router_logits": True} if self.router_aux is not None else {}
+        out = self.lm.base_model(input_ids=input_ids, position_ids=position_ids, use_cache=False, **extra)
+        hidden = out.last_hidden_state[0]  # (T, H)
         head = self.lm.get_output_embeddings()
         if positions.numel() == 0:
             # Dummy pack or nothing trained: still run the head on one position, times zero, so every parameter gets
             # a (zero) gradient and this rank issues the same FSDP collectives as the others.
-            return self.head_loss(head, hidden[:1], input_ids[0, :1]) * 0.0
-        return self.head_loss(head, hidden[positions], targets)  # (N, H) -> scalar
+            loss = self.head_loss(head, hidden[:1], input_ids[0, :1]) * 0.0
+        else:
+            loss = self.head_loss(head, hidden[positions], targets)  # (N, H) -> scalar
+        if self.router_aux is not None:
+            # The model adds coef * aux to its token-mean CE for each forward; weighting each pack's aux by its
+            # trained tokens makes the step's loss (sum / step's trained tokens) exactly that for a one-pack step,
+            # and the token-weighted mean over packs otherwise.
+            weighted = self.router_aux(out.router_logits).float() * positions.numel()
+            loss = loss + self.router_aux.coef * weighted
+            if torch.is_grad_enabled():
+                total = weighted.detach() if self.router_aux_sum is None else self.router_aux_sum + weighted.detach()
+                self.router_aux_sum = total
+        return loss
+
+    def pop_router_aux_sum(self) -> torch.Tensor | None:
+        """Sum of n_trained * router aux loss over the packs trained since the last call (None: no aux loss)."""
+        if self.router_aux is None:
+            return None
+        total = self.router_aux_sum
+        self.router_aux_sum = None
+        return total if total is not None else torch.zeros((), device=self.lm.device)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -80,18 +108,6 @@ def export_state(model: PackedCausalLM, world: World) -> dict | None:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Where a family keeps its blocks
-
-
-def decoder_blocks(lm: nn.Module) -> nn.ModuleList:
-    """The transformer blocks FSDP shards one by one (and activation checkpointing wraps)."""
-    layers = getattr(lm.base_model, "layers", None)
-    if not isinstance(layers, nn.ModuleList):
-        raise ModelError(f"model type {lm.config.model_type!r} has no decoder `layers` list to shard")
-    return layers
-
-
-# ----------------------------------------------------------------------------------------------------------------
 # Sharding and building
 
 
@@ -122,24 +138,18 @@ def shard_model(model: PackedCausalLM, strategy: str, world: World) -> None:
     fully_shard(model, mesh=mesh, reshard_after_forward=reshard, mp_policy=mp)
 
 
-def attention_implementation(device: torch.device) -> str:
-    if device.type == "cuda":
-        try:
-            import flash_attn  # noqa: F401
-
-            return "flash_attention_2"
-        except ImportError:
-            pass
-    return "sdpa"
-
-
 def build_model(config, world: World, adapter: FullFineTuning | None = None) -> PackedCausalLM:
     """The training model for `config` (model_name_or_path, use_liger_kernels, activation_checkpointing,
     fsdp_sharding_strategy): FSDP2-sharded on every rank under torchrun, a plain module in one process."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import MODEL_FOR_CAUSAL_LM_MAPPING, AutoConfig, AutoModelForCausalLM
 
     adapter = adapter or FullFineTuning()
-    attn = attention_implementation(world.device)
+    hf_config = AutoConfig.from_pretrained(config.model_name_or_path)
+    model_class = MODEL_FOR_CAUSAL_LM_MAPPING.get(type(hf_config))
+    if model_class is None:
+        raise ModelError(f"model type {families.family(hf_config)!r} has no causal-LM class in transformers; "
+                         f"minitrain trains causal LMs only")
+    attn = families.attention_implementation(model_class, world.device)
 
     def load():
         return AutoModelForCausalLM.from_pretrained(
@@ -150,14 +160,19 @@ def build_model(config, world: World, adapter: FullFineTuning | None = None) -> 
         lm = load().to(world.device)
     else:
         # Only rank 0 ever holds the full model, on CPU; the others allocate nothing until sharding.
-        hf_config = AutoConfig.from_pretrained(config.model_name_or_path)
         with torch.device("meta"):
             lm = AutoModelForCausalLM.from_config(hf_config, dtype=torch.float32, attn_implementation=attn)
     if config.use_liger_kernels and world.device.type == "cuda":
         apply_liger_model_kernels(lm)
     lm = adapter.apply(lm)
+    blocks = decoder_blocks(lm)  # the same refusal in one process as under torchrun
     if config.activation_checkpointing:
-        lm.activation_checkpointing_enable()
+        if lm.supports_gradient_checkpointing:
+            lm.activation_checkpointing_enable()
+        unwrapped = [i for i, block in enumerate(blocks) if not getattr(block, "gradient_checkpointing", False)]
+        if unwrapped:
+            raise ModelError(f"model type {families.family(hf_config)!r}: blocks {unwrapped} are not activation-"
+                             f"checkpointed by transformers; pass --no-activation-checkpointing")
     model = PackedCausalLM(lm, adapter, config.use_liger_kernels)
     if world.world_size > 1:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
@@ -176,16 +191,16 @@ def build_model(config, world: World, adapter: FullFineTuning | None = None) -> 
         if world.is_main:
             lm.generation_config = full.generation_config
         del full
+    families.check_loss_is_the_models_own(model, world.device, attn)  # refuses a different loss, in one line
     model.train()
     return model
 
 
 def apply_liger_model_kernels(lm) -> None:
-    """Liger's RMSNorm/RoPE/SwiGLU kernels through its public per-architecture entry point, on this instance."""
-    import liger_kernel.transformers as liger
-
-    apply = getattr(liger, f"apply_liger_kernel_to_{lm.config.model_type}", None)
+    """Liger's RMSNorm/RoPE/SwiGLU-or-GeGLU kernels through its public per-architecture entry point, with the
+    arguments that entry point takes (families.liger_kernel_arguments), on this instance."""
+    apply = families.liger_entry_point(lm.config.model_type)
     if apply is None:
         print0(f"Liger has no kernels for model type {lm.config.model_type!r}; using only its fused cross-entropy")
         return
-    apply(rope=True, rms_norm=True, swiglu=True, cross_entropy=False, fused_linear_cross_entropy=False, model=lm)
+    apply(**families.liger_kernel_arguments(apply), model=lm)
