@@ -433,9 +433,12 @@ def loop(run: Run, stop: StopSignals) -> None:
 
         local_sum = forward_backward(run.model, run.objective, cache, plan.rank_packs(world.rank), step_units,
                                      world.world_size, world.device)
+        router_aux = run.model.pop_router_aux_sum()  # MoE asking for it: sum of trained tokens x aux loss; else None
         if dist.is_initialized():
             dist.all_reduce(local_sum)
-        loss = local_sum.item() / step_units
+            if router_aux is not None:
+                dist.all_reduce(router_aux)
+        loss = local_sum.item() / step_units  # includes router_aux_loss_coef x router_aux_loss where there is one
         grad_norm = clip_gradients(run.model, config.max_grad_norm)
         if not (math.isfinite(loss) and math.isfinite(grad_norm)):
             raise TrainingError(
@@ -467,6 +470,8 @@ def loop(run: Run, stop: StopSignals) -> None:
             "step_time_s": seconds,
             "elapsed_s": time.perf_counter() - started,
         }
+        if router_aux is not None:
+            record["router_aux_loss"] = router_aux.item() / step_units
         last_step = state.step == run.total_steps  # its export is written after the loop
         evaluation = None
         if validator is not None:  # the validator decides whether this step is its own

@@ -11,6 +11,8 @@ from torch import nn
 
 from minitrain.families import LogitTransform
 
+IDENTITY = LogitTransform()  # most families: CE of the head's logits as they are
+
 
 class _LinearCrossEntropySum(torch.autograd.Function):
     """sum CE(transform(hidden @ weight.T + bias), targets), one chunk of rows at a time, gradients computed in the
@@ -76,7 +78,7 @@ class _LinearCrossEntropySum(torch.autograd.Function):
 
 
 def chunked_ce_sum(hidden, weight, bias, targets, chunk_rows: int = 1024,
-                   transform: LogitTransform = LogitTransform()) -> torch.Tensor:
+                   transform: LogitTransform = IDENTITY) -> torch.Tensor:
     """(N, H) hidden, (V, H) weight, (V,) bias or None, (N,) targets -> sum of cross-entropy of the transformed
     logits, memory-safe."""
     with_grad = torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in (hidden, weight, bias))
@@ -94,7 +96,7 @@ class HeadCrossEntropy(nn.Module):
     """
 
     def __init__(self, use_liger: bool = False, chunk_rows: int = 1024,
-                 transform: LogitTransform = LogitTransform()):
+                 transform: LogitTransform = IDENTITY):
         super().__init__()
         self.chunk_rows = chunk_rows
         self.transform = transform

@@ -20,7 +20,7 @@ from torch import nn
 
 from minitrain import families
 from minitrain.distributed import World, print0
-from minitrain.families import ModelError, decoder_blocks  # noqa: F401 (ModelError: raised from here for train.py)
+from minitrain.families import ModelError, decoder_blocks  # train.py catches ModelError imported from here
 from minitrain.loss import HeadCrossEntropy
 
 SHARDING_STRATEGIES = ("FULL_SHARD", "SHARD_GRAD_OP", "NO_SHARD", "HYBRID_SHARD")
@@ -145,7 +145,7 @@ def build_model(config, world: World, adapter: FullFineTuning | None = None) -> 
 
     adapter = adapter or FullFineTuning()
     hf_config = AutoConfig.from_pretrained(config.model_name_or_path)
-    model_class = MODEL_FOR_CAUSAL_LM_MAPPING.get(type(hf_config))
+    model_class = MODEL_FOR_CAUSAL_LM_MAPPING.get(type(hf_config), None)
     if model_class is None:
         raise ModelError(f"model type {families.family(hf_config)!r} has no causal-LM class in transformers; "
                          f"minitrain trains causal LMs only")
