@@ -79,7 +79,7 @@ def logit_transform(config) -> LogitTransform:
     scale = 1.0
     if family(config) in LOGIT_SCALES:
         attribute, how = LOGIT_SCALES[family(config)]
-        value = float(getattr(text, attribute))
+        value = float(getattr(text, attribute, 1.0))  # absent: nothing to fold, and the probe has the last word
         scale = 1.0 / value if how == "divide" else value
     softcap = next((getattr(text, a) for a in SOFTCAP_ATTRIBUTES if getattr(text, a, None) is not None), None)
     return LogitTransform(scale, None if softcap is None else float(softcap))

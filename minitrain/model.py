@@ -191,7 +191,9 @@ def build_model(config, world: World, adapter: FullFineTuning | None = None) -> 
         if world.is_main:
             lm.generation_config = full.generation_config
         del full
-    families.check_loss_is_the_models_own(model, world.device, attn)  # refuses a different loss, in one line
+    probe = families.check_loss_is_the_models_own(model, world.device, attn)  # refuses a different loss, in one line
+    print0(f"start-up probe ({families.family(hf_config)}, {attn}): trainer loss {probe.trainer_loss:.6f}, the model's "
+           f"own {probe.own_loss:.6f}, packed vs per-sample {probe.packing_error:.1e}")
     model.train()
     return model
 
