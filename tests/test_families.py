@@ -145,6 +145,27 @@ def test_the_zoo_transforms_logits_enough_to_matter(zoo_dir):
         assert not 0.8 < ratio < 1.25, (arch, ratio)
 
 
+@pytest.mark.parametrize("scale, softcap", [(1.0, None), (0.125, None), (16.0, None), (1.0, 30.0), (4.0, 5.0)])
+def test_chunked_ce_with_a_logit_transform_equals_autograd_in_value_and_gradient(scale, softcap):
+    from minitrain.families import LogitTransform
+    from minitrain.loss import chunked_ce_sum
+
+    g = torch.Generator().manual_seed(1)
+    hidden = torch.randn(37, 16, generator=g, requires_grad=True)
+    # Model-sized logits after the transform (std ~12, where a softcap of 5 or 30 bends them), as in a trained model
+    weight = (torch.randn(50, 16, generator=g) * 3 / scale).requires_grad_()
+    bias = (torch.randn(50, generator=g) / scale).requires_grad_()
+    targets = torch.randint(0, 50, (37,), generator=g)
+    transform = LogitTransform(scale, softcap)
+    plain = F.cross_entropy(transform(hidden @ weight.T + bias), targets, reduction="sum")
+    expected = torch.autograd.grad(plain, (hidden, weight, bias))
+    chunked = chunked_ce_sum(hidden, weight, bias, targets, chunk_rows=8, transform=transform)
+    got = torch.autograd.grad(chunked, (hidden, weight, bias))
+    torch.testing.assert_close(chunked, plain, rtol=1e-6, atol=1e-4)
+    for a, b in zip(got, expected):
+        assert ((a - b).abs().max() / b.abs().max()).item() < 1e-5
+
+
 @pytest.mark.parametrize("arch", ACCEPTED)
 def test_packed_forward_equals_per_sample_forward(arch, zoo_dir):
     lm = own_model(zoo_dir(arch))
