@@ -19,7 +19,7 @@ import torch.distributed as dist
 from torch import nn
 
 from minitrain import families
-from minitrain.distributed import World, print0
+from minitrain.distributed import World, print0, raise_if_any_rank_failed
 from minitrain.families import ModelError, decoder_blocks  # train.py catches ModelError imported from here
 from minitrain.loss import HeadCrossEntropy
 
@@ -191,7 +191,15 @@ def build_model(config, world: World, adapter: FullFineTuning | None = None) -> 
         if world.is_main:
             lm.generation_config = full.generation_config
         del full
-    probe = families.check_loss_is_the_models_own(model, world.device, attn)  # refuses a different loss, in one line
+    error = None
+    try:  # refuses a loss that is not the model's own, or packed samples that are not isolated, in one line
+        probe = families.check_loss_is_the_models_own(model, world.device, attn)
+    except ModelError as e:
+        error = e
+    if world.world_size > 1:
+        raise_if_any_rank_failed(error, ModelError)  # every rank stops together, each with the same line
+    elif error is not None:
+        raise error
     print0(f"start-up probe ({families.family(hf_config)}, {attn}): trainer loss {probe.trainer_loss:.6f}, the model's "
            f"own {probe.own_loss:.6f}, packed vs per-sample {probe.packing_error:.1e}")
     model.train()

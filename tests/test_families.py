@@ -205,6 +205,14 @@ def test_a_family_that_does_not_isolate_packed_samples_is_refused_in_one_line(ar
     assert "Traceback" not in err and not (tmp_path / "out" / "metrics.jsonl").exists()
 
 
+def test_a_refused_family_stops_every_rank_under_torchrun_with_its_line(zoo_dir, zoo_data, tmp_path):
+    run = torchrun(["train.py", *main_args(zoo_dir("opt"), zoo_data, tmp_path / "out")], timeout=240)
+    assert run.returncode != 0
+    for rank in (0, 1):
+        assert f"[rank {rank}] train.py: error: model type 'opt' with attn_implementation" in run.stderr, run.stderr
+    assert 'train.py", line' not in run.stderr  # no traceback from our processes (torchrun prints its own summary)
+
+
 def scaled_llama_dir(tmp_path, tokenizer_dir) -> Path:
     """A family minitrain has never heard of, whose forward multiplies its logits by 3."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
