@@ -36,13 +36,15 @@ import torch.distributed as dist
 
 from minitrain import atomic, checkpoint
 from minitrain.checkpoint import Checkpointer, CheckpointError, RunState, StopSignals
+from minitrain.config_file import ConfigFileError, config_path_from_argv, read_config_file
 from minitrain.data import DataError, TokenCache, load_data
 from minitrain.distributed import (
     World, cleanup_distributed, compute_autocast, init_distributed, print0, raise_if_any_rank_failed,
     world_from_env,
 )
+from minitrain.mixture import Mixture, Source, concat_caches, parse_sources
 from minitrain.model import SHARDING_STRATEGIES, ModelError, build_model
-from minitrain.objectives import build_objective
+from minitrain.objectives import LOSS_REDUCTIONS, build_objective
 from minitrain.run_log import TRACKERS, RunLog, tracker_problem
 from minitrain.validation import ValidationError, Validator, build_validator, eos_token_ids, split_validation
 from sampler import MultipackPlanner, SamplerError
@@ -70,7 +72,8 @@ def flag(default=MISSING, help: str = "", **argparse_kwargs):
 
 @dataclass
 class TrainConfig:
-    data_path: str = flag(help="JSONL from process_data.py (input_ids, labels, len)")
+    data_path: list[str] = flag(help="JSONL from process_data.py (input_ids, labels, len); several for a mixture, "
+                                     "each as path, path:WEIGHT or path:Nx (epochs), see minitrain/mixture.py")
     model_name_or_path: str = flag(help="Hugging Face model folder (or hub id in the cache)")
     output_dir: str = flag()
     batch_size: int = flag(help="samples per optimizer step, all ranks together")
@@ -103,6 +106,8 @@ class TrainConfig:
     fsdp_sharding_strategy: str = flag("SHARD_GRAD_OP", " | ".join(SHARDING_STRATEGIES))
     activation_checkpointing: bool = flag(True)
     use_liger_kernels: bool = flag(False)
+    loss_reduction: str = flag("tokens", "tokens: mean over the step's trained tokens; sequences: mean over its "
+                                         "samples of each sample's token mean", choices=LOSS_REDUCTIONS)
     save_dtype: str = flag("bfloat16", choices=SAVE_DTYPES)
     seed: int = flag(42)
     distributed_backend: str = flag("auto", "auto = nccl on CUDA, gloo on CPU", choices=BACKENDS)
@@ -117,30 +122,57 @@ class TrainConfig:
     early_stopping_min_delta: float = flag(0.0, "an improvement must lower the best validation loss by more than this")
     tracker: str | None = flag(None, " | ".join(TRACKERS) + " (optional packages, used only when asked for)")
 
+    def __post_init__(self):
+        if isinstance(self.data_path, str):  # TrainConfig(data_path="one.jsonl", ...)
+            self.data_path = [self.data_path]
+
+
+def value_type(hint) -> type:
+    """int for `int | None`, list for `list[str]`, and so on."""
+    options = [t for t in typing.get_args(hint) if t is not type(None)]
+    if isinstance(hint, types.UnionType):
+        return options[0]
+    return typing.get_origin(hint) or hint
+
 
 def parse_args(argv: list[str] | None = None) -> TrainConfig:
+    """The flags, over the values of --config FILE (config_file.py), over the dataclass defaults."""
+    argv = sys.argv[1:] if argv is None else argv
+    hints = {name: value_type(hint) for name, hint in typing.get_type_hints(TrainConfig).items()}
+    path = config_path_from_argv(argv)
+    from_file = read_config_file(path, hints) if path else {}
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    hints = typing.get_type_hints(TrainConfig)
+    p.add_argument("--config", help="a YAML or TOML file of flags (keys are flag names); command-line flags win")
     for f in fields(TrainConfig):
         name, kind, kwargs = "--" + f.name.replace("_", "-"), hints[f.name], dict(f.metadata)
+        default = from_file.get(f.name, f.default)
         if kind is bool:
-            kwargs["action"] = argparse.BooleanOptionalAction if f.default else "store_true"
+            kwargs["action"] = argparse.BooleanOptionalAction  # --x and --no-x: a config file may set either
+        elif kind is list:
+            kwargs.update(type=str, nargs="+")
         else:
-            options = [t for t in typing.get_args(kind) if t is not type(None)]
-            kwargs["type"] = options[0] if isinstance(kind, types.UnionType) else kind
-        if f.default is MISSING:
+            kwargs["type"] = kind
+        if default is MISSING:
             kwargs["required"] = True
         else:
-            kwargs["default"] = f.default
+            kwargs["default"] = default
         p.add_argument(name, **kwargs)
-    return TrainConfig(**vars(p.parse_args(argv)))
+    args = vars(p.parse_args(argv))
+    del args["config"]  # its values are in the others
+    return TrainConfig(**args)
 
 
 def validate(config: TrainConfig, world_size: int, local_world_size: int, cuda: bool) -> None:
     """Collect every problem with the flags and paths, and raise them together before anything expensive."""
     problems = []
-    if not Path(config.data_path).is_file():
-        problems.append(f"--data-path {config.data_path}: no such file; pass the JSONL written by process_data.py")
+    try:
+        sources = parse_sources(config.data_path)
+    except DataError as e:
+        problems.append(str(e))
+        sources = []
+    for source in sources:
+        if not Path(source.path).is_file():
+            problems.append(f"--data-path {source.path}: no such file; pass the JSONL written by process_data.py")
     problems += model_path_problems(config.model_name_or_path)
     if config.batch_size < world_size:
         problems.append(
@@ -194,6 +226,9 @@ def validate(config: TrainConfig, world_size: int, local_world_size: int, cuda: 
         )
     if config.distributed_backend == "nccl" and not cuda:
         problems.append("--distributed-backend nccl needs CUDA GPUs and none is visible; use gloo (or auto) on CPU")
+    if config.use_liger_kernels and config.loss_reduction == "sequences":
+        problems.append("--loss-reduction sequences weighs each token by its sample and runs on the chunked loss; "
+                        "drop --use-liger-kernels or use --loss-reduction tokens")
     if config.use_liger_kernels and not cuda and os.environ.get("TRITON_INTERPRET") != "1":
         problems.append(
             "--use-liger-kernels needs a GPU (on CPU only under TRITON_INTERPRET=1, which is slow and meant for tests)"
@@ -259,7 +294,7 @@ def lr_multiplier(step: int, warmup: int, total_steps: int | None, kind: str) ->
     return 1.0 - progress if kind == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def count_total_steps(config: TrainConfig, planner: MultipackPlanner, num_samples: int) -> int | None:
+def count_total_steps(config: TrainConfig, planner: MultipackPlanner) -> int | None:
     """The number of optimizer steps the stop conditions allow (the first one reached wins); None = until stopped."""
     limits = []
     if config.max_steps is not None:
@@ -267,8 +302,8 @@ def count_total_steps(config: TrainConfig, planner: MultipackPlanner, num_sample
     if config.max_epochs is not None:
         limits.append(config.max_epochs * planner.steps_per_epoch)
     if config.max_samples is not None:
-        # Every epoch covers every sample once, so whole epochs are counted without planning them.
-        epochs, remaining = divmod(config.max_samples, num_samples)
+        # Every epoch has the same number of samples, so whole epochs are counted without planning them.
+        epochs, remaining = divmod(config.max_samples, planner.epoch_size)
         steps = epochs * planner.steps_per_epoch
         while remaining > 0:
             remaining -= planner.plan(steps).num_samples
@@ -296,7 +331,7 @@ def build_optimizer(config: TrainConfig, params: list[torch.nn.Parameter], total
 
 
 def forward_backward(model, objective, cache: TokenCache, packs: list[np.ndarray], step_units: int,
-                     world_size: int, device: torch.device) -> torch.Tensor:
+                     world_size: int, device: torch.device, source_ce: torch.Tensor | None = None) -> torch.Tensor:
     """Accumulate the gradient of this step's loss over this rank's micro-steps; return the local loss sum.
 
     The step's loss is  L = (1 / N) * sum over every rank, micro-step and unit of the objective's loss,
@@ -304,15 +339,21 @@ def forward_backward(model, objective, cache: TokenCache, packs: list[np.ndarray
     every rank from the plan and the cache. Each rank backpropagates (world_size / N) * its local sum: FSDP averages
     gradients over the world_size ranks (reduce-scatter / all-reduce divide by world_size), which turns the sum of
     these into exactly dL/dθ, however the step is split into ranks and micro-steps.
+
+    `source_ce` (a mixture's metrics, not the loss): each file's CE sum over this rank's trained tokens is added.
     """
     scale = world_size / step_units
     local_sum = torch.zeros((), device=device)
     for indices in packs:
         pack = objective.pack(cache, indices).to(device)
+        rows = None if source_ce is None else torch.zeros(len(pack.targets), device=device)
         with compute_autocast(model, device):
-            loss_sum = objective.loss_sum(model, pack)
+            loss_sum = objective.loss_sum(model, pack, cache, indices, rows)
         (loss_sum * scale).backward()
         local_sum += loss_sum.detach()
+        if rows is not None and len(indices):
+            of_target = cache.sources[np.asarray(indices, dtype=np.int64)][pack.sample_of_target]
+            source_ce.index_add_(0, torch.from_numpy(of_target).to(device), rows)
     return local_sum
 
 
@@ -350,6 +391,7 @@ class Run:
     validator: Validator | None
     checkpointer: Checkpointer
     log: RunLog
+    source_names: list[str] | None  # a mixture's files, as named in metrics.jsonl
 
 
 def setup(config: TrainConfig, world: World) -> Run:
@@ -371,8 +413,9 @@ def setup(config: TrainConfig, world: World) -> Run:
                           f"({' '.join(str(e).split())})") from None
 
     # Data: with --validation-split the planner sees only the training samples, numbered 0..n-1.
-    objective = build_objective("sft")
-    cache = load_data(config, world, hf_config.vocab_size)
+    objective = build_objective("sft", config.loss_reduction)
+    sources = parse_sources(config.data_path)
+    cache = concat_caches([load_data(config, world, hf_config.vocab_size, path=s.path) for s in sources])
     train_indices, held_out, validation_cache = None, None, None
     if config.validation_split is not None:
         train_indices, held_out = split_validation(len(cache), config.validation_split)
@@ -382,9 +425,14 @@ def setup(config: TrainConfig, world: World) -> Run:
     costs, trained = objective.costs(cache), cache.trained
     if train_indices is not None:
         costs, trained = costs[train_indices], trained[train_indices]
+    mixture = None
+    if len(sources) > 1 or sources[0] != Source(sources[0].path):  # a mixture: the planner's samples per file
+        of_sample = cache.sources if train_indices is None else cache.sources[train_indices]
+        mixture = Mixture(sources, [np.flatnonzero(of_sample == k) for k in range(len(sources))], config.seed)
+        print0(f"mixture: {mixture.describe()}")
     planner = MultipackPlanner(costs, config.batch_size, config.max_tokens_per_gpu, world.world_size,
-                               seed=config.seed)
-    total_steps = count_total_steps(config, planner, len(costs))
+                               seed=config.seed, mixture=mixture)
+    total_steps = count_total_steps(config, planner)
     print0(f"{len(costs)} samples, {int(costs.sum())} tokens, {planner.steps_per_epoch} steps per epoch, "
            f"{total_steps if total_steps is not None else 'unlimited'} steps")
     validator = build_validator(config, objective, world, validation_cache, held_out,
@@ -392,6 +440,8 @@ def setup(config: TrainConfig, world: World) -> Run:
 
     # Where this run continues from; rank 0 makes the output folder consistent with it once every rank has chosen.
     state = RunState(data=checkpoint.data_fingerprint(costs, trained, cache.content_hash))
+    if mixture is not None:
+        state.data += f", {mixture.fingerprint()}"
     resume = checkpoint.find_resume_point(config.output_dir, config.resume_from, config.fresh)
     resumed_samples = 0 if resume is None else checkpoint.check_resumable(resume, asdict(config), state.data)
     raise_if_any_rank_failed(None, ConfigError)  # barrier
@@ -404,6 +454,7 @@ def setup(config: TrainConfig, world: World) -> Run:
         saved = checkpoint.load(resume, model, optimizer, scheduler)
         state.step, state.samples_seen = saved["step"], saved["samples_seen"]
         state.last_export_samples = saved["last_export_samples"]
+        state.source_samples = saved.get("source_samples")
         if validator is not None and "validation" in saved:
             validator.load_state_dict(saved["validation"])
         note = "" if saved["world_size"] == world.world_size else (
@@ -411,8 +462,11 @@ def setup(config: TrainConfig, world: World) -> Run:
         print0(f"resumed from {resume}: step {state.step}, {state.samples_seen} samples seen{note}")
     checkpointer = Checkpointer(config, world, model, optimizer, scheduler, tokenizer, validator)
     log = RunLog(config, world, tokenizer, total_steps, state.step)
+    names = None if mixture is None else [Path(s.path).name for s in sources]
+    if names is not None and state.source_samples is None:
+        state.source_samples = [0] * len(names)
     return Run(config, world, objective, cache, planner, train_indices, total_steps, model, optimizer, scheduler,
-               state, validator, checkpointer, log)
+               state, validator, checkpointer, log, names)
 
 
 def loop(run: Run, stop: StopSignals) -> None:
@@ -431,10 +485,13 @@ def loop(run: Run, stop: StopSignals) -> None:
         step_units = run.objective.step_units(cache, all_indices)
         lr = run.scheduler.get_last_lr()[0]
 
+        source_ce = None if run.source_names is None else torch.zeros(len(run.source_names), device=world.device)
         local_sum = forward_backward(run.model, run.objective, cache, plan.rank_packs(world.rank), step_units,
-                                     world.world_size, world.device)
+                                     world.world_size, world.device, source_ce)
         if dist.is_initialized():
             dist.all_reduce(local_sum)
+            if source_ce is not None:
+                dist.all_reduce(source_ce)
         loss = local_sum.item() / step_units
         grad_norm = clip_gradients(run.model, config.max_grad_norm)
         if not (math.isfinite(loss) and math.isfinite(grad_norm)):
@@ -459,7 +516,7 @@ def loop(run: Run, stop: StopSignals) -> None:
             "lr": lr,
             "grad_norm": grad_norm,
             "tokens": step_tokens,
-            "trained_tokens": step_units,
+            "trained_tokens": int(cache.trained[all_indices].sum()),
             "micro_steps": plan.num_micro_steps,
             "packing_utilisation": step_tokens / (plan.num_micro_steps * world.world_size * config.max_tokens_per_gpu),
             "tokens_per_s": step_tokens / seconds,
@@ -467,6 +524,8 @@ def loop(run: Run, stop: StopSignals) -> None:
             "step_time_s": seconds,
             "elapsed_s": time.perf_counter() - started,
         }
+        if run.source_names is not None:
+            record.update(source_metrics(run, all_indices, source_ce.tolist()))
         last_step = state.step == run.total_steps  # its export is written after the loop
         evaluation = None
         if validator is not None:  # the validator decides whether this step is its own
@@ -486,10 +545,28 @@ def loop(run: Run, stop: StopSignals) -> None:
         print0(f"validation: {validator.summary()}")
 
 
+def source_metrics(run: Run, indices: np.ndarray, ce_sums: list[float]) -> dict:
+    """A mixture's per-file figures for this step: samples seen so far, and the token-mean loss of the step."""
+    of_sample = run.cache.sources[indices]
+    record = {}
+    for k, name in enumerate(run.source_names):
+        mine = of_sample == k
+        run.state.source_samples[k] += int(mine.sum())
+        record[f"samples_seen/{name}"] = run.state.source_samples[k]
+        tokens = int(run.cache.trained[indices[mine]].sum())
+        if tokens:
+            record[f"loss/{name}"] = ce_sums[k] / tokens
+    return record
+
+
 def main(argv: list[str] | None = None) -> int:
-    config = parse_args(argv)
     rank, _, world_size, local_world_size = world_from_env()
     prefix = f"[rank {rank}] " if world_size > 1 else ""
+    try:
+        config = parse_args(argv)
+    except ConfigFileError as e:
+        print(f"{prefix}train.py: error: {e}", file=sys.stderr, flush=True)
+        return 2
     stop = StopSignals()
     try:
         validate(config, world_size, local_world_size, torch.cuda.is_available())

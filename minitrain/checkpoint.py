@@ -59,7 +59,7 @@ FIXED_ON_RESUME = ("learning_rate", "weight_decay", "adam_beta1", "adam_beta2", 
 # content (its fingerprint), not by path, so a moved file resumes.
 CHANGE_THE_RUN = (
     "model_name_or_path", "batch_size", "max_tokens_per_gpu", "seed", "num_warmup_steps", "lr_scheduler",
-    "max_grad_norm", "validation_split",
+    "max_grad_norm", "validation_split", "loss_reduction",
 )
 # Decide when the run ends; with a decaying schedule they also set the length of the decay.
 STOP_CONDITIONS = ("max_epochs", "max_steps", "max_samples")
@@ -73,6 +73,10 @@ FREE_ON_RESUME = (
     "early_stopping_patience", "early_stopping_min_delta", "tracker",
 )
 
+
+# Flags added after checkpoints already existed, with the value that reproduces how those checkpoints were trained:
+# a checkpoint without the key resumes as if it had been saved with that value.
+ADDED_LATER = {"loss_reduction": "tokens"}
 
 # What trainer_state.json must hold for a run to resume from it.
 TRAINER_STATE = ("step", "samples_seen", "last_export_samples", "data", "scheduler", "world_size")
@@ -162,6 +166,7 @@ def read_saved_run(path: Path) -> tuple[dict, dict]:
         raise CheckpointError(
             f"cannot resume from {path}: {' '.join(str(e).split())}; pass another checkpoint or --fresh"
         ) from None
+    config = {**ADDED_LATER, **config}
     groups = (FIXED_ON_RESUME, CHANGE_THE_RUN, STOP_CONDITIONS, ("data_path",))
     missing = [k for group in groups for k in group if k not in config]
     missing += [f"trainer_state.json {k!r}" for k in TRAINER_STATE if k not in state]
@@ -475,12 +480,10 @@ class RunState:
     samples_seen: int = 0
     last_export_samples: int = 0
     validation: dict | None = field(default=None)  # the validator's state (early stopping, best export)
+    source_samples: list[int] | None = None  # a mixture's samples seen, per file
 
     def to_json(self) -> dict:
-        state = asdict(self)
-        if state["validation"] is None:
-            del state["validation"]
-        return state
+        return {k: v for k, v in asdict(self).items() if v is not None or k not in ("validation", "source_samples")}
 
 
 class Checkpointer:

@@ -41,6 +41,7 @@ class TokenCache:
     max_token_id: int
     skipped_lines: tuple[int, ...]  # lines dropped because nothing in them is trained after the shift
     content_hash: str  # blake2b of input_ids and labels: the tokens themselves, for the resume check
+    sources: np.ndarray | None = None  # (num_samples,) which --data-path file each sample is from (mixtures)
 
     @property
     def lengths(self) -> np.ndarray:
@@ -157,7 +158,7 @@ def load_data(config, world: World, vocab_size: int, path: str | None = None) ->
 
     `path`: the file to load, --data-path by default (the validation file passes its own).
     """
-    data_path = Path(path or config.data_path).resolve()
+    data_path = Path(path or config.data_path[0]).resolve()
     cache_dir = cache_dir_for(data_path, Path(config.output_dir) / "token_cache")
     error = None
     if world.local_rank == 0 and not (cache_dir / "meta.json").exists():
@@ -200,10 +201,11 @@ class Pack:
     positions: torch.Tensor  # (N,) long, the positions whose next token is trained
     targets: torch.Tensor  # (N,) long, the token each of those positions must predict
     num_tokens: int  # real tokens (0 for a dummy pack)
+    sample_of_target: np.ndarray  # (N,) int64, which of the pack's samples each target belongs to
 
     def to(self, device: torch.device) -> "Pack":
         tensors = (self.input_ids, self.position_ids, self.positions, self.targets)
-        return Pack(*(t.to(device, non_blocking=True) for t in tensors), self.num_tokens)
+        return Pack(*(t.to(device, non_blocking=True) for t in tensors), self.num_tokens, self.sample_of_target)
 
 
 def make_pack(cache: TokenCache, indices: np.ndarray) -> Pack:
@@ -214,7 +216,7 @@ def make_pack(cache: TokenCache, indices: np.ndarray) -> Pack:
     if len(indices) == 0:
         zero = torch.zeros((1, 1), dtype=torch.long)
         empty = torch.zeros((0,), dtype=torch.long)
-        return Pack(zero, zero.clone(), empty, empty.clone(), 0)
+        return Pack(zero, zero.clone(), empty, empty.clone(), 0, np.zeros(0, dtype=np.int64))
     ids, pos, targets = [], [], []
     for i in indices:
         start, end = int(cache.offsets[i]), int(cache.offsets[i + 1])
@@ -224,10 +226,12 @@ def make_pack(cache: TokenCache, indices: np.ndarray) -> Pack:
         targets.append(np.append(labels[1:], IGNORE))  # shift inside the sample: the last token predicts nothing
     targets = np.concatenate(targets)
     positions = np.flatnonzero(targets != IGNORE)
+    sample_of_position = np.repeat(np.arange(len(indices)), [len(p) for p in pos])
     return Pack(
         input_ids=torch.from_numpy(np.concatenate(ids).astype(np.int64))[None],
         position_ids=torch.from_numpy(np.concatenate(pos))[None],
         positions=torch.from_numpy(positions),
         targets=torch.from_numpy(targets[positions].astype(np.int64)),
         num_tokens=len(targets),
+        sample_of_target=sample_of_position[positions],
     )

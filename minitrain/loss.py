@@ -19,7 +19,7 @@ class _LinearCrossEntropySum(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, chunk_rows: int, with_grad: bool):
+    def forward(ctx, hidden, weight, bias, targets, row_weights, row_ce_out, chunk_rows: int, with_grad: bool):
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         grad_hidden = torch.empty_like(hidden) if with_grad else None
         grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if with_grad else None
@@ -30,12 +30,18 @@ class _LinearCrossEntropySum(torch.autograd.Function):
             h, t = hidden[start : start + chunk_rows], targets[start : start + chunk_rows]
             logits = F.linear(h, weight, bias).float()  # (c, V)
             lse = torch.logsumexp(logits, dim=-1)  # (c,)
-            total += (lse - logits.gather(1, t[:, None]).squeeze(1)).sum()
+            ce = lse - logits.gather(1, t[:, None]).squeeze(1)  # (c,)
+            w = None if row_weights is None else row_weights[start : start + chunk_rows]
+            total += (ce if w is None else ce * w).sum()
+            if row_ce_out is not None:
+                row_ce_out[start : start + chunk_rows] = ce
             if not with_grad:
                 continue
-            # d(sum of CE)/d(logits) = softmax(logits) - one_hot(target), built in place over the logits
+            # d(sum of w * CE)/d(logits) = w * (softmax(logits) - one_hot(target)), built in place over the logits
             dlogits = logits.sub_(lse[:, None]).exp_()
             dlogits[torch.arange(len(t), device=t.device), t] -= 1.0
+            if w is not None:
+                dlogits.mul_(w[:, None])
             dlogits = dlogits.to(h.dtype)
             grad_hidden[start : start + chunk_rows] = dlogits @ weight  # (c, H)
             grad_weight += dlogits.T @ h  # (V, H), accumulated in fp32
@@ -56,13 +62,18 @@ class _LinearCrossEntropySum(torch.autograd.Function):
             None,
             None,
             None,
+            None,
+            None,
         )
 
 
-def chunked_ce_sum(hidden, weight, bias, targets, chunk_rows: int = 1024) -> torch.Tensor:
-    """(N, H) hidden, (V, H) weight, (V,) bias or None, (N,) targets -> sum of cross-entropy, memory-safe."""
+def chunked_ce_sum(hidden, weight, bias, targets, chunk_rows: int = 1024, row_weights=None,
+                   row_ce_out=None) -> torch.Tensor:
+    """(N, H) hidden, (V, H) weight, (V,) bias or None, (N,) targets -> sum of cross-entropy, memory-safe.
+    `row_weights` (N,) float32: the sum of row_weights * CE instead (per-sequence means, see objectives.py).
+    `row_ce_out` (N,) float32: filled with each row's CE (no gradient; for per-file metrics)."""
     with_grad = torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in (hidden, weight, bias))
-    return _LinearCrossEntropySum.apply(hidden, weight, bias, targets, chunk_rows, with_grad)
+    return _LinearCrossEntropySum.apply(hidden, weight, bias, targets, row_weights, row_ce_out, chunk_rows, with_grad)
 
 
 class HeadCrossEntropy(nn.Module):
@@ -78,8 +89,13 @@ class HeadCrossEntropy(nn.Module):
 
             self.liger_loss = LigerFusedLinearCrossEntropyLoss(reduction="sum")
 
-    def forward(self, head: nn.Linear, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """(N, H) hidden states, (N,) targets -> summed cross-entropy."""
+    def forward(self, head: nn.Linear, hidden: torch.Tensor, targets: torch.Tensor, row_weights=None,
+                row_ce_out=None) -> torch.Tensor:
+        """(N, H) hidden states, (N,) targets -> summed cross-entropy (weighted by `row_weights` when given);
+        `row_ce_out` receives each row's CE (not with Liger, whose kernel gives only the sum: left NaN)."""
         if self.liger_loss is not None:
+            assert row_weights is None, "train.py refuses --loss-reduction sequences with --use-liger-kernels"
+            if row_ce_out is not None:
+                row_ce_out.fill_(float("nan"))
             return self.liger_loss(head.weight, hidden, targets, head.bias)
-        return chunked_ce_sum(hidden, head.weight, head.bias, targets, self.chunk_rows)
+        return chunked_ce_sum(hidden, head.weight, head.bias, targets, self.chunk_rows, row_weights, row_ce_out)

@@ -16,10 +16,12 @@ An objective is a small object with these members:
     costs(cache)    the planner's cost of each sample (tokens of its packed row)
     step_units(cache, indices)   the step's denominator over its sample indices (all ranks, all micro-steps)
     pack(cache, indices)         one micro-step's input (data.Pack)
-    loss_sum(model, pack)        the summed loss of the pack, a scalar tensor with gradient
+    loss_sum(model, pack, cache, indices, row_ce=None)   the summed loss of the pack, a scalar tensor with gradient
 
-`SFT` is the token-mean cross-entropy over the trained tokens. Preference objectives (a chosen + rejected pair as
-the unit) plug in here.
+`SFT` is the mean cross-entropy over the step's trained tokens (--loss-reduction tokens), or over its samples of
+each sample's token mean (--loss-reduction sequences, torchllms' `sequences`: the denominator is the step's samples,
+not its packs, so a pack's size never weighs in). Preference objectives (a chosen + rejected pair as the unit)
+plug in here.
 """
 
 from dataclasses import dataclass
@@ -30,27 +32,41 @@ import torch
 from minitrain.data import Pack, TokenCache, make_pack
 
 OBJECTIVES = ("sft",)
+LOSS_REDUCTIONS = ("tokens", "sequences")
 
 
 @dataclass(frozen=True)
 class SFT:
-    """Supervised fine-tuning: sum of cross-entropy over the step's trained tokens / the step's trained tokens."""
+    """Supervised fine-tuning. tokens: sum of CE over the step's trained tokens / its trained tokens. sequences:
+    sum over the step's samples of (the sample's CE sum / its trained tokens) / the step's samples."""
 
+    reduction: str = "tokens"
     name: str = "sft"
-    unit: str = "trained tokens"
+
+    @property
+    def unit(self) -> str:
+        return "trained tokens" if self.reduction == "tokens" else "samples"
 
     def costs(self, cache: TokenCache) -> np.ndarray:
         return cache.lengths
 
     def step_units(self, cache: TokenCache, indices: np.ndarray) -> int:
+        if self.reduction == "sequences":
+            return len(indices)
         return int(cache.trained[indices].sum())  # > 0: every cached sample trains at least one token
 
     def pack(self, cache: TokenCache, indices: np.ndarray) -> Pack:
         return make_pack(cache, indices)
 
-    def loss_sum(self, model: torch.nn.Module, pack: Pack) -> torch.Tensor:
-        return model(pack.input_ids, pack.position_ids, pack.positions, pack.targets)
+    def loss_sum(self, model: torch.nn.Module, pack: Pack, cache: TokenCache, indices: np.ndarray,
+                 row_ce: torch.Tensor | None = None) -> torch.Tensor:
+        """`row_ce` (N,), when given, receives each target's plain CE (for metrics)."""
+        weights = None
+        if self.reduction == "sequences":  # each target weighs 1 / (trained tokens of its sample)
+            per_sample = 1.0 / cache.trained[np.asarray(indices, dtype=np.int64)]
+            weights = torch.from_numpy(per_sample[pack.sample_of_target]).float().to(pack.targets.device)
+        return model(pack.input_ids, pack.position_ids, pack.positions, pack.targets, weights, row_ce)
 
 
-def build_objective(name: str) -> SFT:
-    return {"sft": SFT}[name]()
+def build_objective(name: str, loss_reduction: str = "tokens") -> SFT:
+    return {"sft": SFT}[name](loss_reduction)

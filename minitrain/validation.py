@@ -102,7 +102,7 @@ def validation_loss(model, objective, cache: TokenCache, packs: list[np.ndarray]
     for indices in packs:
         pack = objective.pack(cache, indices).to(device)
         with compute_autocast(model, device):
-            loss_sum = objective.loss_sum(model, pack)
+            loss_sum = objective.loss_sum(model, pack, cache, indices)
         totals[0] += loss_sum.double()
         totals[1] += objective.step_units(cache, indices)
     if dist.is_initialized():
