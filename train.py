@@ -460,7 +460,7 @@ def setup(config: TrainConfig, world: World) -> Run:
         note = "" if saved["world_size"] == world.world_size else (
             f"; saved with world size {saved['world_size']}, RNG states not restored")
         print0(f"resumed from {resume}: step {state.step}, {state.samples_seen} samples seen{note}")
-    checkpointer = Checkpointer(config, world, model, optimizer, scheduler, tokenizer, validator)
+    checkpointer = Checkpointer(config, world, model, optimizer, scheduler, tokenizer, validator, state)
     log = RunLog(config, world, tokenizer, total_steps, state.step)
     names = None if mixture is None else [Path(s.path).name for s in sources]
     if names is not None and state.source_samples is None:
@@ -537,9 +537,11 @@ def loop(run: Run, stop: StopSignals) -> None:
         run.log.step(record, evaluation, validator)
         signum = stop.agreed(world.device)  # collective: all ranks stop after the same step
         if run.checkpointer.after_step(state, signum, last_step):  # so does the checkpointer
+            run.log.progress.close()
             print0(f"stopped by {signal.Signals(signum).name} after step {state.step}; "
                    f"run the same command again to resume")
             return
+    run.log.progress.close()
     run.checkpointer.finish(state)
     if validator is not None:
         print0(f"validation: {validator.summary()}")
@@ -575,8 +577,10 @@ def main(argv: list[str] | None = None) -> int:
         run = setup(config, world)
         try:
             loop(run, stop)
-        finally:
-            run.log.close()
+        except BaseException:
+            run.log.close(failed=True)
+            raise
+        run.log.close()
     except (ConfigError, DataError, SamplerError, TrainingError, CheckpointError, ValidationError, ModelError) as e:
         print(f"{prefix}train.py: error: {e}", file=sys.stderr, flush=True)
         return 2

@@ -284,7 +284,13 @@ def load(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, s
     trainer_state = read_json(path / "trainer_state.json")
     scheduler.load_state_dict(trainer_state["scheduler"])
     if trainer_state["world_size"] == world_size:
-        set_rng_states(load_rng_states(path / f"rng_rank{rank}.pt"))
+        states, error = None, None
+        try:
+            states = load_rng_states(path / f"rng_rank{rank}.pt")
+        except CheckpointError as e:
+            error = e
+        raise_if_any_rank_failed(error, CheckpointError)  # every rank stops with the same line
+        set_rng_states(states)
     return trainer_state
 
 
@@ -319,24 +325,35 @@ def rng_states() -> dict:
     return states
 
 
+# What checkpoints of earlier versions pickled besides tensors: numpy's state tuple. Only these data types are
+# allowed, never arbitrary code.
+LEGACY_RNG_GLOBALS = (np._core.multiarray._reconstruct, np.ndarray, np.dtype, np.dtypes.UInt32DType)
+
+
 def load_rng_states(path: Path) -> dict:
     try:
-        return torch.load(path, weights_only=True)
-    except (OSError, RuntimeError, pickle.UnpicklingError) as e:
-        reason = " ".join(str(e).split())[:300]
+        with torch.serialization.safe_globals(list(LEGACY_RNG_GLOBALS)):
+            return torch.load(path, weights_only=True)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: missing; resume from another checkpoint or start over with --fresh") from None
+    except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as e:
+        reason = " ".join(re.sub(r"\x1b\[[0-9;]*m", "", str(e)).split())[:300]  # torch colours its message
         raise CheckpointError(
-            f"{path}: not a random-number-generator state file of minitrain ({reason}); it may have been tampered "
-            f"with, so it is not loaded; resume from another checkpoint or start over with --fresh"
+            f"{path}: not a random-number-generator state file of minitrain, so it is not loaded (it may have been "
+            f"tampered with: {reason}); resume from another checkpoint or start over with --fresh"
         ) from None
 
 
 def set_rng_states(states: dict) -> None:
     torch.set_rng_state(states["torch"])
-    numpy = states["numpy"]
-    keys = numpy["keys"].numpy().astype(np.uint32)
-    np.random.set_state(("MT19937", keys, numpy["pos"], numpy["has_gauss"], numpy["cached_gaussian"]))
-    python = states["python"]
-    random.setstate((python["version"], tuple(python["state"].tolist()), python["gauss_next"]))
+    numpy, python = states["numpy"], states["python"]
+    if isinstance(numpy, dict):
+        numpy = ("MT19937", numpy["keys"].numpy().astype(np.uint32), numpy["pos"], numpy["has_gauss"],
+                 numpy["cached_gaussian"])
+    np.random.set_state(numpy)  # a tuple as np.random.get_state() gives it: an earlier version's checkpoint
+    if isinstance(python, dict):
+        python = (python["version"], tuple(python["state"].tolist()), python["gauss_next"])
+    random.setstate(python)
     if "cuda" in states and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(states["cuda"])
 
@@ -489,11 +506,11 @@ class RunState:
 class Checkpointer:
     """Writes the run's exports and full-state checkpoints when they are due. Collective: every rank calls it."""
 
-    def __init__(self, config, world: World, model, optimizer, scheduler, tokenizer, validator=None):
+    def __init__(self, config, world: World, model, optimizer, scheduler, tokenizer, validator, state: RunState):
         self.config, self.world = config, world
         self.model, self.optimizer, self.scheduler, self.tokenizer = model, optimizer, scheduler, tokenizer
         self.validator = validator
-        self.last_full_state_step = None
+        self.last_full_state_step = state.step  # a resumed run's step is saved already: finish() does not redo it
 
     def export_due(self, state: RunState) -> bool:
         """Whether this step's samples crossed a multiple of --min-samples-per-checkpoint since the last export."""
@@ -537,12 +554,12 @@ class Checkpointer:
             state.validation = self.validator.state_dict()
         trainer_state = {**state.to_json(), "scheduler": self.scheduler.state_dict()}
         path = save(root, state.step, self.model, self.optimizer, trainer_state, asdict(self.config))
-        print0(f"saved {path}")
         self.last_full_state_step = state.step
         keep = self.config.keep_last_n_checkpoints
         if self.world.is_main and keep is not None:
             for old in prune(root, keep):
                 print0(f"removed {old} (--keep-last-n-checkpoints {keep})")
+        print0(f"saved {path}")
         return path
 
 

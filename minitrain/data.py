@@ -104,7 +104,8 @@ def build_token_cache(data_path: Path, cache_dir: Path) -> None:
     max_token_id = -1
     ids_hash, labels_hash = hashlib.blake2b(digest_size=16), hashlib.blake2b(digest_size=16)
     # replace=False: if another node's writer got there first (shared filesystem), its identical cache is kept.
-    with atomic.atomic_folder(cache_dir, tag=f"{os.uname().nodename}-", replace=False) as tmp:
+    complete = lambda folder: (folder / "meta.json").exists()  # noqa: E731
+    with atomic.atomic_folder(cache_dir, tag=f"{os.uname().nodename}-", replace=False, complete=complete) as tmp:
         ids_out, labels_out = open(tmp / "input_ids.bin", "wb"), open(tmp / "labels.bin", "wb")
         with open(data_path, "rb") as f, ids_out, labels_out:
             for line_no, raw in enumerate(f, start=1):

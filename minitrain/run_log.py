@@ -50,10 +50,10 @@ class RunLog:
         if self.tracker is not None:
             self.tracker.log(record, record["step"])
 
-    def close(self) -> None:
+    def close(self, failed: bool = False) -> None:
         self.progress.close()
         if self.tracker is not None:
-            self.tracker.close()
+            self.tracker.close(failed)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -83,8 +83,8 @@ class WandbTracker:
     def log(self, record: dict, step: int) -> None:
         self.run.log(scalars(record), step=step)
 
-    def close(self) -> None:
-        self.run.finish()
+    def close(self, failed: bool = False) -> None:
+        self.run.finish(exit_code=1 if failed else 0)
 
 
 class TensorBoardTracker:
@@ -96,7 +96,7 @@ class TensorBoardTracker:
             self.writer.add_scalar(key, value, step)
         self.writer.flush()  # a crashed run keeps every step it logged
 
-    def close(self) -> None:
+    def close(self, failed: bool = False) -> None:
         self.writer.close()
 
 

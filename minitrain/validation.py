@@ -300,21 +300,23 @@ class Validator:
 
     def state_dict(self) -> dict:
         """What a full-state checkpoint keeps, so a resumed run stops early and names the best as it would have."""
-        state = {k: getattr(self, k) for k in STATE_KEYS}
+        state = {key: getattr(self, name) for key, name in STATE_KEYS.items()}
         if self.stopper is not None:
             state["stopper"] = asdict(self.stopper)
         return state
 
     def load_state_dict(self, state: dict) -> None:
-        for key in STATE_KEYS:
-            setattr(self, key, state[key])
+        for key, name in STATE_KEYS.items():
+            setattr(self, name, state[key])
         if self.stopper is not None and "stopper" in state:
             saved = state["stopper"]
             self.stopper.best_loss, self.stopper.best_samples = saved["best_loss"], saved["best_samples"]
             self.stopper.evaluations_without_improvement = saved["evaluations_without_improvement"]
 
 
-STATE_KEYS = ("last_samples", "last_loss", "best_export", "best_export_loss")
+# trainer_state.json's keys (as earlier versions wrote them) -> attributes
+STATE_KEYS = {"last_samples": "last_samples", "last_loss": "last_loss", "best_checkpoint": "best_export",
+              "best_checkpoint_loss": "best_export_loss"}
 
 
 def build_validator(config, objective, world: World, cache: TokenCache | None, held_out: np.ndarray | None,

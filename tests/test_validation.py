@@ -388,8 +388,8 @@ def test_trackers_log_the_numbers_of_each_record_and_a_missing_package_is_a_clea
         def log(self, values, step):
             self.calls.append((values, step))
 
-        def finish(self):
-            self.calls.append("finished")
+        def finish(self, exit_code=0):
+            self.calls.append("finished" if exit_code == 0 else "failed")
 
     record = {"step": 3, "loss": 1.5, "validation_loss": 1.7, "sample_lines": [1, 2], "stopped": True}
     writer, run = Writer(), Run()
