@@ -125,6 +125,11 @@ class TrainConfig:
     def __post_init__(self):
         if isinstance(self.data_path, str):  # TrainConfig(data_path="one.jsonl", ...)
             self.data_path = [self.data_path]
+        # "~" is the shell's, so a config file's "~/models/x" means what it says on the command line
+        self.data_path = [os.path.expanduser(p) for p in self.data_path]
+        for name in ("model_name_or_path", "output_dir", "validation_data_path", "resume_from"):
+            if getattr(self, name) is not None:
+                setattr(self, name, os.path.expanduser(getattr(self, name)))
 
 
 def value_type(hint) -> type:
@@ -511,7 +516,7 @@ def loop(run: Run, stop: StopSignals) -> None:
             "step": state.step,  # 1-based, as in the progress line and errors
             "epoch": plan.epoch,
             "samples_seen": state.samples_seen,
-            "sample_lines": sorted(cache.lines[all_indices].tolist()),  # data-file lines trained in this step
+            "sample_lines": sample_lines(cache, all_indices),  # data-file lines trained in this step
             "loss": loss,
             "lr": lr,
             "grad_norm": grad_norm,
@@ -545,6 +550,14 @@ def loop(run: Run, stop: StopSignals) -> None:
     run.checkpointer.finish(state)
     if validator is not None:
         print0(f"validation: {validator.summary()}")
+
+
+def sample_lines(cache: TokenCache, indices: np.ndarray) -> list:
+    """The data-file lines of these samples, sorted; for a mixture, [file number, line] pairs."""
+    lines = cache.lines[indices].tolist()
+    if cache.sources is None:
+        return sorted(lines)
+    return sorted([int(s), line] for s, line in zip(cache.sources[indices], lines))
 
 
 def source_metrics(run: Run, indices: np.ndarray, ce_sums: list[float]) -> dict:

@@ -16,7 +16,7 @@ def test_yaml_keys_with_dashes_or_underscores_set_flags_and_the_command_line_win
                       "max-tokens-per-gpu: 512\nlearning-rate: 2\nactivation_checkpointing: false\n"
                       "use-liger-kernels: true\nmax_steps: 10\n")
     config = train.parse_args(["--config", str(recipe), "--batch-size", "16", "--activation-checkpointing"])
-    assert (config.data_path, config.model_name_or_path, config.output_dir) == ("data.jsonl", "model", "out")
+    assert (config.data_path, config.model_name_or_path, config.output_dir) == (["data.jsonl"], "model", "out")
     assert (config.batch_size, config.max_tokens_per_gpu, config.max_steps) == (16, 512, 10)  # CLI over file
     assert config.learning_rate == 2.0 and isinstance(config.learning_rate, float)  # an int where a float goes
     assert config.activation_checkpointing is True and config.use_liger_kernels is True
@@ -58,3 +58,11 @@ def test_a_missing_config_file_is_one_line(tmp_path, capsys):
     assert train.main(["--config", str(tmp_path / "nope.yaml"), *REQUIRED]) == 2
     err = capsys.readouterr().err
     assert "nope.yaml: cannot read it" in err and len(err.splitlines()) == 1
+
+
+@pytest.mark.parametrize("recipe", ["quickstart.yaml", "llama3-8b-8gpu.toml"])
+def test_the_example_recipes_are_valid_configs(recipe):
+    from pathlib import Path
+
+    config = train.parse_args(["--config", str(Path(__file__).parent.parent / "examples" / recipe)])
+    assert config.batch_size > 0 and config.max_tokens_per_gpu > 0 and not config.model_name_or_path.startswith("~")
