@@ -111,6 +111,9 @@ class TrainConfig:
     save_dtype: str = flag("bfloat16", choices=SAVE_DTYPES)
     seed: int = flag(42)
     distributed_backend: str = flag("auto", "auto = nccl on CUDA, gloo on CPU", choices=BACKENDS)
+    distributed_timeout_minutes: float = flag(
+        60.0, "timeout of the training process group's collectives (NCCL's default is 10); waits for one rank's long "
+              "work (token cache, model load, export) do not count against it")
     # Seeing the run: a held-out set (a second file, or a fraction of --data-path held out by sample), evaluated
     # every N samples and at every export; greedy sample replies; early stopping; a tracker. None = not asked.
     validation_data_path: str | None = flag(None, "a second JSONL from process_data.py, held out for validation")
@@ -220,6 +223,8 @@ def validate(config: TrainConfig, world_size: int, local_world_size: int, cuda: 
             problems.append(f"--{name.replace('_', '-')} must be in [0, 1), got {getattr(config, name)}")
     if not config.adam_epsilon > 0:
         problems.append(f"--adam-epsilon must be positive, got {config.adam_epsilon}")
+    if not config.distributed_timeout_minutes > 0:
+        problems.append(f"--distributed-timeout-minutes must be positive, got {config.distributed_timeout_minutes}")
     if config.max_grad_norm < 0:
         problems.append(f"--max-grad-norm must be >= 0 (0 = no clipping), got {config.max_grad_norm}")
     if config.fresh and config.resume_from is not None:
@@ -586,7 +591,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         validate(config, world_size, local_world_size, torch.cuda.is_available())
         stop.install()
-        world = init_distributed(config.distributed_backend)
+        world = init_distributed(config.distributed_backend, config.distributed_timeout_minutes)
         run = setup(config, world)
         try:
             loop(run, stop)

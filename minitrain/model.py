@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from minitrain.distributed import World, print0
+from minitrain.distributed import World, print0, raise_if_any_rank_failed
 from minitrain.loss import HeadCrossEntropy
 
 SHARDING_STRATEGIES = ("FULL_SHARD", "SHARD_GRAD_OP", "NO_SHARD", "HYBRID_SHARD")
@@ -164,7 +164,14 @@ def build_model(config, world: World, adapter: FullFineTuning | None = None) -> 
 
         shard_model(model, config.fsdp_sharding_strategy, world)
         model.to_empty(device=world.device)
-        full = load() if world.is_main else None
+        full, error = None, None
+        if world.is_main:
+            try:
+                full = load()
+            except (OSError, ValueError) as e:
+                error = ModelError(f"--model-name-or-path {config.model_name_or_path}: cannot load its weights "
+                                   f"({' '.join(str(e).split())[:300]})")
+        raise_if_any_rank_failed(error, ModelError)  # the others wait here, not in the broadcast's collective
         options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
         set_model_state_dict(lm, full.state_dict() if world.is_main else {}, options=options)
         # Buffers (e.g. rotary inv_freq) are not in the state dict and were left uninitialised by to_empty.
