@@ -34,7 +34,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from minitrain import atomic, checkpoint
+from minitrain import atomic, attention, checkpoint
 from minitrain.checkpoint import Checkpointer, CheckpointError, RunState, StopSignals
 from minitrain.config_file import ConfigFileError, config_path_from_argv, read_config_file
 from minitrain.data import DataError, TokenCache, load_data
@@ -106,6 +106,9 @@ class TrainConfig:
     fsdp_sharding_strategy: str = flag("SHARD_GRAD_OP", " | ".join(SHARDING_STRATEGIES))
     activation_checkpointing: bool = flag(True)
     use_liger_kernels: bool = flag(False)
+    attn_implementation: str = flag("auto", "attention kernel for packed rows: auto = flash-attn if installed, else "
+                                            "minitrain_varlen (PyTorch's varlen kernel) on CUDA, sdpa on CPU; or "
+                                            + " | ".join(attention.CHOICES[1:]))
     loss_reduction: str = flag("tokens", "tokens: mean over the step's trained tokens; sequences: mean over its "
                                          "samples of each sample's token mean", choices=LOSS_REDUCTIONS)
     save_dtype: str = flag("bfloat16", choices=SAVE_DTYPES)
@@ -243,6 +246,8 @@ def validate(config: TrainConfig, world_size: int, local_world_size: int, cuda: 
         problems.append(
             "--use-liger-kernels needs a GPU (on CPU only under TRITON_INTERPRET=1, which is slow and meant for tests)"
         )
+    attn = attention.problem(config.attn_implementation, cuda)
+    problems += [attn] if attn else []
     problems += validation_problems(config)
     if problems:
         raise ConfigError("; ".join(problems))
@@ -409,9 +414,14 @@ def setup(config: TrainConfig, world: World) -> Run:
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # one progress bar: ours
+    config.attn_implementation = attention.choose(config.attn_implementation, world.device)  # saved as chosen
+    if world.device.type == "cuda" and config.attn_implementation == "sdpa":
+        print0("warning: sdpa on CUDA isolates packed samples with a dense (T x T) mask per layer: slower and "
+               "larger than the default variable-length kernel (--attn-implementation auto)")
     out = Path(config.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     print0(json.dumps(asdict(config), indent=2))
+    print0(f"attention: {config.attn_implementation}")
     if world.is_main:
         atomic.write_json(out / "training_config.json", asdict(config))
     torch.manual_seed(config.seed)

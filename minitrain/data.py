@@ -203,10 +203,17 @@ class Pack:
     targets: torch.Tensor  # (N,) long, the token each of those positions must predict
     num_tokens: int  # real tokens (0 for a dummy pack)
     sample_of_target: np.ndarray  # (N,) int64, which of the pack's samples each target belongs to
+    cu_seq_lens: torch.Tensor  # (samples + 1,) int32, where each sample starts, for variable-length attention
+    max_length: int  # the longest sample
 
     def to(self, device: torch.device) -> "Pack":
+        """On the device; from pinned memory and without waiting, on CUDA."""
+        def move(t: torch.Tensor) -> torch.Tensor:
+            return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t.to(device)
+
         tensors = (self.input_ids, self.position_ids, self.positions, self.targets)
-        return Pack(*(t.to(device, non_blocking=True) for t in tensors), self.num_tokens, self.sample_of_target)
+        return Pack(*map(move, tensors), self.num_tokens, self.sample_of_target, move(self.cu_seq_lens),
+                    self.max_length)
 
 
 def make_pack(cache: TokenCache, indices: np.ndarray) -> Pack:
@@ -217,7 +224,8 @@ def make_pack(cache: TokenCache, indices: np.ndarray) -> Pack:
     if len(indices) == 0:
         zero = torch.zeros((1, 1), dtype=torch.long)
         empty = torch.zeros((0,), dtype=torch.long)
-        return Pack(zero, zero.clone(), empty, empty.clone(), 0, np.zeros(0, dtype=np.int64))
+        return Pack(zero, zero.clone(), empty, empty.clone(), 0, np.zeros(0, dtype=np.int64),
+                    torch.tensor([0, 1], dtype=torch.int32), 1)
     ids, pos, targets = [], [], []
     for i in indices:
         start, end = int(cache.offsets[i]), int(cache.offsets[i + 1])
@@ -227,7 +235,8 @@ def make_pack(cache: TokenCache, indices: np.ndarray) -> Pack:
         targets.append(np.append(labels[1:], IGNORE))  # shift inside the sample: the last token predicts nothing
     targets = np.concatenate(targets)
     positions = np.flatnonzero(targets != IGNORE)
-    sample_of_position = np.repeat(np.arange(len(indices)), [len(p) for p in pos])
+    sizes = [len(p) for p in pos]
+    sample_of_position = np.repeat(np.arange(len(indices)), sizes)
     return Pack(
         input_ids=torch.from_numpy(np.concatenate(ids).astype(np.int64))[None],
         position_ids=torch.from_numpy(np.concatenate(pos))[None],
@@ -235,4 +244,6 @@ def make_pack(cache: TokenCache, indices: np.ndarray) -> Pack:
         targets=torch.from_numpy(targets[positions].astype(np.int64)),
         num_tokens=len(targets),
         sample_of_target=sample_of_position[positions],
+        cu_seq_lens=torch.from_numpy(np.cumsum([0, *sizes]).astype(np.int32)),
+        max_length=max(sizes),
     )

@@ -15,6 +15,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from minitrain import attention
 from minitrain.distributed import World, print0, raise_if_any_rank_failed
 from minitrain.loss import HeadCrossEntropy
 
@@ -34,11 +35,19 @@ class PackedCausalLM(nn.Module):
         self.lm = lm
         self.head_loss = HeadCrossEntropy(use_liger, chunk_rows)
         self.adapter = adapter or FullFineTuning()
+        self.attention_takes_boundaries = lm.config._attn_implementation in attention.WITH_BOUNDARIES
 
-    def forward(self, input_ids, position_ids, positions, targets, row_weights=None, row_ce_out=None) -> torch.Tensor:
+    def forward(self, input_ids, position_ids, positions, targets, row_weights=None, row_ce_out=None,
+                cu_seq_lens=None, max_length=None) -> torch.Tensor:
         # attention_mask=None + position_ids restarting at 0 + no KV cache: transformers builds a block-diagonal
-        # mask (or uses flash-attention varlen), so no token attends to another sample of the pack.
-        hidden = self.lm.base_model(input_ids=input_ids, position_ids=position_ids, use_cache=False).last_hidden_state
+        # mask (SDPA, eager), so no token attends to another sample of the pack. Variable-length kernels get the
+        # samples' boundaries instead (attention.py), computed on the host once per pack.
+        boundaries = {}
+        if self.attention_takes_boundaries and cu_seq_lens is not None:
+            boundaries = dict(cu_seq_lens_q=cu_seq_lens, cu_seq_lens_k=cu_seq_lens, max_length_q=max_length,
+                              max_length_k=max_length)
+        hidden = self.lm.base_model(input_ids=input_ids, position_ids=position_ids, use_cache=False,
+                                    **boundaries).last_hidden_state
         hidden = hidden[0]  # (T, H)
         head = self.lm.get_output_embeddings()
         if positions.numel() == 0:
@@ -122,24 +131,13 @@ def shard_model(model: PackedCausalLM, strategy: str, world: World) -> None:
     fully_shard(model, mesh=mesh, reshard_after_forward=reshard, mp_policy=mp)
 
 
-def attention_implementation(device: torch.device) -> str:
-    if device.type == "cuda":
-        try:
-            import flash_attn  # noqa: F401
-
-            return "flash_attention_2"
-        except ImportError:
-            pass
-    return "sdpa"
-
-
 def build_model(config, world: World, adapter: FullFineTuning | None = None) -> PackedCausalLM:
     """The training model for `config` (model_name_or_path, use_liger_kernels, activation_checkpointing,
     fsdp_sharding_strategy): FSDP2-sharded on every rank under torchrun, a plain module in one process."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     adapter = adapter or FullFineTuning()
-    attn = attention_implementation(world.device)
+    attn = attention.choose(config.attn_implementation, world.device)
 
     def load():
         return AutoModelForCausalLM.from_pretrained(

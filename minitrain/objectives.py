@@ -65,7 +65,8 @@ class SFT:
         if self.reduction == "sequences":  # each target weighs 1 / (trained tokens of its sample)
             per_sample = 1.0 / cache.trained[np.asarray(indices, dtype=np.int64)]
             weights = torch.from_numpy(per_sample[pack.sample_of_target]).float().to(pack.targets.device)
-        return model(pack.input_ids, pack.position_ids, pack.positions, pack.targets, weights, row_ce)
+        return model(pack.input_ids, pack.position_ids, pack.positions, pack.targets, weights, row_ce,
+                     pack.cu_seq_lens, pack.max_length)
 
 
 def build_objective(name: str, loss_reduction: str = "tokens") -> SFT:
