@@ -105,6 +105,7 @@ class TrainConfig:
     # No `choices` for the strategy: validate() reports an unknown one together with every other problem.
     fsdp_sharding_strategy: str = flag("SHARD_GRAD_OP", " | ".join(SHARDING_STRATEGIES))
     activation_checkpointing: bool = flag(True)
+    compile: bool = flag(False, "torch.compile each decoder block (fused norms, activations, RoPE); same losses")
     use_liger_kernels: bool = flag(False)
     attn_implementation: str = flag("auto", "attention kernel for packed rows: auto = flash-attn if installed, else "
                                             "minitrain_varlen (PyTorch's varlen kernel) on CUDA, sdpa on CPU; or "
@@ -327,13 +328,16 @@ def count_total_steps(config: TrainConfig, planner: MultipackPlanner) -> int | N
     return min(limits) if limits else None
 
 
-def build_optimizer(config: TrainConfig, params: list[torch.nn.Parameter], total_steps: int | None):
-    """AdamW with weight decay on matrices only, and the warmup + decay schedule as a LambdaLR."""
+def build_optimizer(config: TrainConfig, params: list[torch.nn.Parameter], total_steps: int | None,
+                    fused: bool = False):
+    """AdamW with weight decay on matrices only (fused into one kernel on CUDA), and the warmup + decay schedule as
+    a LambdaLR."""
     decay = [p for p in params if p.ndim >= 2]
     no_decay = [p for p in params if p.ndim < 2]
     optimizer = torch.optim.AdamW(
         [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=config.learning_rate, betas=(config.adam_beta1, config.adam_beta2), eps=config.adam_epsilon, foreach=True,
+        lr=config.learning_rate, betas=(config.adam_beta1, config.adam_beta2), eps=config.adam_epsilon,
+        **({"fused": True} if fused else {"foreach": True}),
     )
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: lr_multiplier(step, config.num_warmup_steps, total_steps, config.lr_scheduler)
@@ -469,7 +473,8 @@ def setup(config: TrainConfig, world: World) -> Run:
         checkpoint.tidy_output_dir(config.output_dir, config.fresh, resume, resumed_samples)
 
     model = build_model(config, world)
-    optimizer, scheduler = build_optimizer(config, model.adapter.trainable_parameters(model), total_steps)
+    optimizer, scheduler = build_optimizer(config, model.adapter.trainable_parameters(model), total_steps,
+                                           fused=world.device.type == "cuda")
     if resume is not None:
         saved = checkpoint.load(resume, model, optimizer, scheduler)
         state.step, state.samples_seen = saved["step"], saved["samples_seen"]

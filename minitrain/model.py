@@ -156,6 +156,9 @@ def build_model(config, world: World, adapter: FullFineTuning | None = None) -> 
     lm = adapter.apply(lm)
     if config.activation_checkpointing:
         lm.activation_checkpointing_enable()
+    if config.compile:
+        for block in decoder_blocks(lm):
+            block.compile()  # each block's forward; sharding and checkpointing wrap it as before
     model = PackedCausalLM(lm, adapter, config.use_liger_kernels)
     if world.world_size > 1:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict

@@ -113,3 +113,20 @@ def test_the_kernel_is_chosen_by_device_and_flags_that_cannot_work_are_one_line(
     assert attention.problem("auto", cuda=False) is None and attention.problem("sdpa", cuda=False) is None
     assert "needs a CUDA GPU" in attention.problem(attention.VARLEN, cuda=False)
     assert "is unknown" in attention.problem("xformers", cuda=True)
+
+
+def test_compiled_blocks_train_with_the_eager_losses(tmp_path, capsys, tiny_model_dir):
+    import json
+
+    import train
+
+    data = write_data(tmp_path / "data.jsonl", 8, vocab=700, seed=5)
+    losses = {}
+    for name, extra in (("eager", []), ("compiled", ["--compile"])):
+        out = tmp_path / name
+        code = train.main(["--data-path", str(data), "--model-name-or-path", str(tiny_model_dir("llama")),
+                           "--output-dir", str(out), "--batch-size", "4", "--max-tokens-per-gpu", "128",
+                           "--max-steps", "3", "--learning-rate", "1e-3", "--save-dtype", "float32", *extra])
+        assert code == 0, capsys.readouterr().err
+        losses[name] = [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert losses["compiled"] == pytest.approx(losses["eager"], rel=1e-5)
