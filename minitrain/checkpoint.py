@@ -193,7 +193,9 @@ def config_problems(saved: dict, current: dict, saved_data: str, current_data: s
     if current["lr_scheduler"] != "constant" or saved["lr_scheduler"] != "constant":
         changed += [f"{flag(k)} {saved[k]} -> {current[k]}" for k in STOP_CONDITIONS if saved[k] != current[k]]
     if saved_data != current_data:
-        changed.append(f"the data ({saved['data_path']}: {saved_data}) -> ({current['data_path']}: {current_data})")
+        paths = lambda config: " ".join(config["data_path"]) if isinstance(config["data_path"], list) else (  # noqa: E731
+            config["data_path"])
+        changed.append(f"the data ({paths(saved)}: {saved_data}) -> ({paths(current)}: {current_data})")
     if changed and not allow_change:
         problems.append(
             f"{'; '.join(changed)}: the resumed run would differ from the one checkpointed; pass the original "
