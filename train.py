@@ -43,7 +43,7 @@ from minitrain.distributed import (
     world_from_env,
 )
 from minitrain.mixture import Mixture, Source, concat_caches, parse_sources
-from minitrain.model import SHARDING_STRATEGIES, ModelError, build_model
+from minitrain.model import SHARDING_STRATEGIES, ModelError, build_model, checkpointing_needed
 from minitrain.objectives import LOSS_REDUCTIONS, build_objective
 from minitrain.run_log import TRACKERS, RunLog, tracker_problem
 from minitrain.validation import ValidationError, Validator, build_validator, eos_token_ids, split_validation
@@ -104,7 +104,9 @@ class TrainConfig:
     max_grad_norm: float = flag(1.0, "0 disables clipping (the norm is still logged)")
     # No `choices` for the strategy: validate() reports an unknown one together with every other problem.
     fsdp_sharding_strategy: str = flag("SHARD_GRAD_OP", " | ".join(SHARDING_STRATEGIES))
-    activation_checkpointing: bool = flag(True)
+    activation_checkpointing: bool | None = flag(
+        None, "recompute each decoder block in the backward; default: on only when the activations of a packed row "
+              "would not fit in half the memory free per rank (printed at start)")
     compile: bool = flag(False, "torch.compile each decoder block (fused norms, activations, RoPE); same losses")
     use_liger_kernels: bool = flag(False)
     attn_implementation: str = flag("auto", "attention kernel for packed rows: auto = flash-attn if installed, else "
@@ -328,16 +330,15 @@ def count_total_steps(config: TrainConfig, planner: MultipackPlanner) -> int | N
     return min(limits) if limits else None
 
 
-def build_optimizer(config: TrainConfig, params: list[torch.nn.Parameter], total_steps: int | None,
-                    fused: bool = False):
-    """AdamW with weight decay on matrices only (fused into one kernel on CUDA), and the warmup + decay schedule as
-    a LambdaLR."""
+def build_optimizer(config: TrainConfig, params: list[torch.nn.Parameter], total_steps: int | None):
+    """AdamW with weight decay on matrices only, fused (one kernel over all parameters: 2-3x faster than foreach on
+    FSDP2's shards, which runs one op per parameter), and the warmup + decay schedule as a LambdaLR."""
     decay = [p for p in params if p.ndim >= 2]
     no_decay = [p for p in params if p.ndim < 2]
     optimizer = torch.optim.AdamW(
         [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
         lr=config.learning_rate, betas=(config.adam_beta1, config.adam_beta2), eps=config.adam_epsilon,
-        **({"fused": True} if fused else {"foreach": True}),
+        fused=True,
     )
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: lr_multiplier(step, config.num_warmup_steps, total_steps, config.lr_scheduler)
@@ -418,23 +419,29 @@ def setup(config: TrainConfig, world: World) -> Run:
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # one progress bar: ours
-    config.attn_implementation = attention.choose(config.attn_implementation, world.device)  # saved as chosen
-    if world.device.type == "cuda" and config.attn_implementation == "sdpa":
-        print0("warning: sdpa on CUDA isolates packed samples with a dense (T x T) mask per layer: slower and "
-               "larger than the default variable-length kernel (--attn-implementation auto)")
-    out = Path(config.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    print0(json.dumps(asdict(config), indent=2))
-    print0(f"attention: {config.attn_implementation}")
-    if world.is_main:
-        atomic.write_json(out / "training_config.json", asdict(config))
-    torch.manual_seed(config.seed)
     try:
         hf_config = AutoConfig.from_pretrained(config.model_name_or_path)
         tokenizer = AutoTokenizer.from_pretrained(config.model_name_or_path)  # saved with every export
     except (OSError, ValueError) as e:
         raise ConfigError(f"--model-name-or-path {config.model_name_or_path}: cannot load its config and tokenizer "
                           f"({' '.join(str(e).split())})") from None
+    # What "auto" resolves to is printed and saved as chosen.
+    config.attn_implementation = attention.choose(config.attn_implementation, world.device)
+    checkpointing_why = "asked for"
+    if config.activation_checkpointing is None:
+        config.activation_checkpointing, checkpointing_why = checkpointing_needed(
+            hf_config, config.max_tokens_per_gpu, world)
+    out = Path(config.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    print0(json.dumps(asdict(config), indent=2))
+    print0(f"attention: {config.attn_implementation}; activation checkpointing: "
+           f"{'on' if config.activation_checkpointing else 'off'} ({checkpointing_why})")
+    if world.device.type == "cuda" and config.attn_implementation == "sdpa":
+        print0("warning: sdpa on CUDA isolates packed samples with a dense (T x T) mask per layer: slower and "
+               "larger than the default variable-length kernel (--attn-implementation auto)")
+    if world.is_main:
+        atomic.write_json(out / "training_config.json", asdict(config))
+    torch.manual_seed(config.seed)
 
     # Data: with --validation-split the planner sees only the training samples, numbered 0..n-1.
     objective = build_objective("sft", config.loss_reduction)
@@ -473,8 +480,7 @@ def setup(config: TrainConfig, world: World) -> Run:
         checkpoint.tidy_output_dir(config.output_dir, config.fresh, resume, resumed_samples)
 
     model = build_model(config, world)
-    optimizer, scheduler = build_optimizer(config, model.adapter.trainable_parameters(model), total_steps,
-                                           fused=world.device.type == "cuda")
+    optimizer, scheduler = build_optimizer(config, model.adapter.trainable_parameters(model), total_steps)
     if resume is not None:
         saved = checkpoint.load(resume, model, optimizer, scheduler)
         state.step, state.samples_seen = saved["step"], saved["samples_seen"]

@@ -99,7 +99,7 @@ def run_one(name: str, compile_blocks: bool, args, world, work: Path) -> dict:
     model = build(shape, world, compile_blocks)
     params = train.TrainConfig(data_path="-", model_name_or_path="-", output_dir="-", batch_size=1,
                                max_tokens_per_gpu=args.tokens_per_gpu, learning_rate=1e-5)
-    optimizer, _ = train.build_optimizer(params, list(model.parameters()), None, fused=True)
+    optimizer, _ = train.build_optimizer(params, list(model.parameters()), None)
     data = work / f"{name}.jsonl"
     if world.rank == 0 and not data.exists():
         random_data(data, shape["vocab_size"], args.tokens_per_gpu * world.world_size * (args.steps + 3) * 2,

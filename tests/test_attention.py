@@ -130,3 +130,19 @@ def test_compiled_blocks_train_with_the_eager_losses(tmp_path, capsys, tiny_mode
         assert code == 0, capsys.readouterr().err
         losses[name] = [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert losses["compiled"] == pytest.approx(losses["eager"], rel=1e-5)
+
+
+def test_activation_checkpointing_is_on_only_when_a_rows_activations_would_not_fit(monkeypatch):
+    from types import SimpleNamespace
+
+    from minitrain import model as model_module
+    from minitrain.distributed import World
+
+    world = World(0, 0, 2, 2, torch.device("cpu"))
+    monkeypatch.setattr(model_module, "available_host_memory", lambda: 16 * 2**30)  # 8 GiB free per rank
+    small = SimpleNamespace(num_hidden_layers=30, hidden_size=576)  # SmolLM2-135M
+    big = SimpleNamespace(num_hidden_layers=32, hidden_size=4096)  # an 8B model
+    on, why = model_module.checkpointing_needed(small, 1024, world)
+    assert not on and why == "activations ~1.0 GiB per rank, 8.0 GiB free"
+    on, why = model_module.checkpointing_needed(big, 16384, world)
+    assert on and why.startswith("activations ~120.0 GiB per rank")

@@ -23,7 +23,7 @@ def test_yaml_keys_with_dashes_or_underscores_set_flags_and_the_command_line_win
     assert asdict(config) == asdict(train.parse_args([f"--config={recipe}", "--batch-size=16",
                                                       "--activation-checkpointing"]))
     untouched = train.parse_args(REQUIRED)
-    assert untouched.learning_rate == train.TrainConfig.learning_rate and untouched.activation_checkpointing
+    assert untouched.learning_rate == train.TrainConfig.learning_rate and untouched.activation_checkpointing is None
 
 
 def test_toml_config_equals_the_same_flags_on_the_command_line(tmp_path):
