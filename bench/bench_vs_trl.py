@@ -253,7 +253,9 @@ def report(runs: dict, a, tokens: int, base_loss: float, minutes: float) -> None
     """Medians over rounds -> this script's section of --output."""
     figures = ("tokens_per_s", "wall_s", "cpu_s", "peak_rss_gb", "heldout_loss")
     med = {k: {m: statistics.median(x.get(m, math.nan) for x in v) for m in figures} for k, v in runs.items()}
-    rounds = min(len(v) for v in runs.values())
+    counts = {k: len(v) for k, v in runs.items()}
+    rounds = (f"{counts['trl']} alternating rounds" if len(set(counts.values())) == 1 else
+              "alternating rounds (runs completed: " + ", ".join(f"{k} {n}" for k, n in counts.items()) + ")")
     t = med["trl"]
     labels = {"trl": "TRL 1.16 SFTTrainer (padding-free, DDP)", "ours": "minitrain, default flags",
               "ours_best": f"minitrain `{a.ours_extra_flags}`"}
@@ -269,7 +271,7 @@ def report(runs: dict, a, tokens: int, base_loss: float, minutes: float) -> None
         f"SmolLM2-135M-Instruct, fp32, `torchrun --nproc-per-node {a.nproc_per_node}` (gloo), OMP threads per process "
         f"{threads}; {a.train_samples} chatterbot-corpus conversations ({tokens} tokens), {a.steps} steps x "
         f"{a.batch_size} samples, lr {a.lr:g} constant, AdamW (0.9, 0.95), clip 1.0; same rows and masks on both sides "
-        f"(see the script's docstring for what is equal and what is not). Medians of {rounds} alternating rounds. "
+        f"(see the script's docstring for what is equal and what is not). Medians of {rounds}. "
         f"Held-out: token-mean CE of each final export on {a.heldout_samples} other conversations, computed by the "
         f"script (untrained model: {base_loss:.4f}).\n",
         "| run | loop tokens/s | vs TRL | wall s | TRL wall / wall | CPU s, all processes | TRL CPU / CPU | "
