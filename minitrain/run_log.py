@@ -107,8 +107,8 @@ class MlflowTracker:
     def log(self, record: dict, step: int) -> None:
         self.mlflow.log_metrics(scalars(record), step=step)
 
-    def close(self) -> None:
-        self.mlflow.end_run()
+    def close(self, failed: bool = False) -> None:
+        self.mlflow.end_run(status="FAILED" if failed else "FINISHED")
 
 
 def open_tracker(name: str, output_dir: Path, config: dict) -> WandbTracker | TensorBoardTracker | MlflowTracker:
