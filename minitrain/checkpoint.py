@@ -59,8 +59,10 @@ FIXED_ON_RESUME = ("learning_rate", "weight_decay", "adam_beta1", "adam_beta2", 
 # content (its fingerprint), not by path, so a moved file resumes.
 CHANGE_THE_RUN = (
     "model_name_or_path", "batch_size", "max_tokens_per_gpu", "seed", "num_warmup_steps", "lr_scheduler",
-    "max_grad_norm", "validation_split",
+    "max_grad_norm", "validation_split", "objective", "dpo_beta", "simpo_beta", "simpo_gamma", "preference_sft_weight",
 )
+# Flags added after checkpoints were first written: a checkpoint without one was written with this value.
+ADDED_FLAGS = {"objective": "sft", "dpo_beta": 0.1, "simpo_beta": 2.0, "simpo_gamma": 0.5, "preference_sft_weight": 0.0}
 # Decide when the run ends; with a decaying schedule they also set the length of the decay.
 STOP_CONDITIONS = ("max_epochs", "max_steps", "max_samples")
 # Where and how often to write, how to compute (same math): free to change.
@@ -158,6 +160,7 @@ def read_saved_run(path: Path) -> tuple[dict, dict]:
     """(training_config.json, trainer_state.json) of a checkpoint, or a CheckpointError saying why it cannot resume."""
     try:
         config, state = read_json(path / "training_config.json"), read_json(path / "trainer_state.json")
+        config = {**ADDED_FLAGS, **config}
     except (OSError, ValueError) as e:
         raise CheckpointError(
             f"cannot resume from {path}: {' '.join(str(e).split())}; pass another checkpoint or --fresh"

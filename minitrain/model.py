@@ -35,7 +35,10 @@ class PackedCausalLM(nn.Module):
         self.head_loss = HeadCrossEntropy(use_liger, chunk_rows)
         self.adapter = adapter or FullFineTuning()
 
-    def forward(self, input_ids, position_ids, positions, targets) -> torch.Tensor:
+    def forward(self, input_ids, position_ids, positions, targets, per_token: bool = False) -> torch.Tensor:
+        """The summed CE of the trained positions, or with `per_token` each one's CE, (N,) (for objectives that
+        weigh positions differently, e.g. DPO's per-sequence log-probs). Through forward either way, so FSDP's root
+        hooks run."""
         # attention_mask=None + position_ids restarting at 0 + no KV cache: transformers builds a block-diagonal
         # mask (or uses flash-attention varlen), so no token attends to another sample of the pack.
         hidden = self.lm.base_model(input_ids=input_ids, position_ids=position_ids, use_cache=False).last_hidden_state
@@ -45,6 +48,8 @@ class PackedCausalLM(nn.Module):
             # Dummy pack or nothing trained: still run the head on one position, times zero, so every parameter gets
             # a (zero) gradient and this rank issues the same FSDP collectives as the others.
             return self.head_loss(head, hidden[:1], input_ids[0, :1]) * 0.0
+        if per_token:
+            return self.head_loss.per_row(head, hidden[positions], targets)  # (N, H) -> (N,)
         return self.head_loss(head, hidden[positions], targets)  # (N, H) -> scalar
 
 
