@@ -36,9 +36,9 @@ DROP_IDENTICAL = "chosen is identical to rejected"
 DROP_NO_FINAL_REPLY = "a side's last message is not an assistant turn"
 
 
-def conversations(row: object, where: str) -> tuple[list, list] | str:
-    """(chosen messages, rejected messages) of a preference row, or why the pair is dropped. RunError for a row
-    that is not a preference row."""
+def conversations(row: object, where: str) -> tuple[list, list] | tuple[str, str]:
+    """(chosen messages, rejected messages) of a preference row, or (why the pair is dropped, a detail) as two
+    strings. RunError for a row that is not a preference row."""
     fix = 'each row must be {"chosen": [...], "rejected": [...]} or {"prompt": ..., "chosen": ..., "rejected": ...}'
     if not isinstance(row, dict):
         raise RunError(f"{where}: not a JSON object — {fix}")
@@ -63,13 +63,13 @@ def conversations(row: object, where: str) -> tuple[list, list] | str:
 
     for side, messages in zip(SIDES, sides):
         check_messages({"messages": messages}, f"{where}: {side}")  # a malformed conversation stops the run
-    for messages in sides:
-        if not messages or not isinstance(messages[-1], dict) or messages[-1].get("role") != "assistant":
-            return DROP_NO_FINAL_REPLY
+    for side, messages in zip(SIDES, sides):
+        if messages[-1]["role"] != "assistant":
+            return DROP_NO_FINAL_REPLY, f"{side} ends with a {messages[-1]['role']} message"
     if chosen[:-1] != rejected[:-1]:
-        return DROP_PROMPTS_DIFFER
+        return DROP_PROMPTS_DIFFER, "the messages before the final reply differ"
     if chosen == rejected:
-        return DROP_IDENTICAL
+        return DROP_IDENTICAL, "the same conversation on both sides"
     return chosen, rejected
 
 
@@ -117,8 +117,8 @@ class PreferenceEncoder:
                 continue
             formats.check_format(row, where, self.spec)
             found = conversations(row, where)
-            if isinstance(found, str):
-                chunk.drops.append((lineno, found, ""))
+            if isinstance(found[0], str):
+                chunk.drops.append((lineno, *found))
                 continue
             extra = {k: v for k, v in row.items() if k not in ("prompt", *SIDES)}  # e.g. tools
             for side, messages in zip(SIDES, found):

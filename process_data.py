@@ -16,6 +16,9 @@ does (with its BOS). Raw pairs train the tokens of target + EOS (and, with --tra
 that crosses from untrained into trained text (a BPE merge across the separator) drops the sample, counted, so a
 trained token never carries prompt text.
 
+Preference rows ({"chosen", "rejected"} or {"prompt", "chosen", "rejected"}, for DPO/SimPO) become pair rows:
+see preference.py.
+
 Output lines, in input order: {"input_ids", "labels" (-100 where not trained), "len", "num_loss_counted_tokens"}.
 `input_ids` equal `tokenizer.apply_chat_template(messages, tokenize=True)`; the trained tokens are each assistant
 turn's content (with its reasoning and tool calls as rendered) and the end-of-turn token(s) closing it

@@ -8,7 +8,7 @@ Reads top to bottom: the config (one dataclass; its fields are the flags) -> mai
 plan the step -> the objective's forward/backward over this rank's micro-steps -> clip -> optimizer step -> log ->
 the validator and the checkpointer, which decide for themselves whether this step is theirs.
 
-The loss of a step (minitrain/objectives.py says what a unit is; SFT: a trained token):
+The loss of a step (minitrain/objectives.py says what a unit is; SFT: a trained token; DPO, SimPO: a pair):
 
     L = (1 / N) * sum over every rank, micro-step and unit of the objective's loss,   N = the step's units
 
@@ -315,7 +315,7 @@ def forward_backward(model, objective, cache: TokenCache, packs: list[np.ndarray
     (1 + len(objective.metrics),): the loss sum, then the sum of each of the objective's metrics.
 
     The step's loss is  L = (1 / N) * sum over every rank, micro-step and unit of the objective's loss,
-    with N = `step_units`, the units (SFT: trained tokens) of the WHOLE step (all micro-steps, all ranks), known on
+    with N = `step_units`, the units (SFT: trained tokens; DPO/SimPO: pairs) of the WHOLE step (all micro-steps, all ranks), known on
     every rank from the plan and the cache. Each rank backpropagates (world_size / N) * its local sum: FSDP averages
     gradients over the world_size ranks (reduce-scatter / all-reduce divide by world_size), which turns the sum of
     these into exactly dL/dθ, however the step is split into ranks and micro-steps.
