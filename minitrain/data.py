@@ -185,7 +185,10 @@ def build_token_cache(data_path: Path, cache_dir: Path) -> None:
         if pairs:
             np.save(tmp / "chosen_lengths.npy", np.asarray(chosen_lengths, dtype=np.int64))
         # The sample boundaries are in offsets; these two hashes pin down the tokens and labels within them.
-        content_hash = hashlib.blake2b(ids_hash.digest() + labels_hash.digest(), digest_size=16).hexdigest()
+        content_hash = hashlib.blake2b(ids_hash.digest() + labels_hash.digest(), digest_size=16)
+        if pairs:  # where each pair's chosen side ends is part of the content too
+            content_hash.update(np.asarray(chosen_lengths, dtype=np.int64).tobytes())
+        content_hash = content_hash.hexdigest()
         meta = {"source": str(data_path), "max_token_id": max_token_id, "skipped_lines": skipped,
                 "content_hash": content_hash, "pairs": bool(pairs)}
         (tmp / "meta.json").write_text(json.dumps(meta))

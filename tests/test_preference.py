@@ -280,6 +280,25 @@ def test_simpo_runs_end_to_end_without_a_reference(tmp_path, capsys, tiny_model_
     assert not list((tmp_path / "out" / "token_cache").glob("*/reference_logps-*"))
 
 
+def test_the_reference_table_is_keyed_by_the_model_files_and_the_device(tmp_path, tiny_model_dir):
+    import os
+    import shutil
+
+    from minitrain.reference import model_key
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir("llama"), model)
+    key = model_key(str(model), "cpu")
+    assert model_key(str(model), "cpu") == key and model_key(str(model), "cuda") != key
+    weights = model / "model.safetensors"
+    os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 1))  # new weights, same name
+    assert model_key(str(model), "cpu") != key
+    key = model_key(str(model), "cpu")
+    config = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps({**config, "rope_theta": 1.0}))
+    assert model_key(str(model), "cpu") != key
+
+
 def test_objective_and_data_must_match(tmp_path, capsys, tiny_model_dir):
     from tests.test_train import base_args, write_data
 
