@@ -315,10 +315,10 @@ def forward_backward(model, objective, cache: TokenCache, packs: list[np.ndarray
     (1 + len(objective.metrics),): the loss sum, then the sum of each of the objective's metrics.
 
     The step's loss is  L = (1 / N) * sum over every rank, micro-step and unit of the objective's loss,
-    with N = `step_units`, the units (SFT: trained tokens; DPO/SimPO: pairs) of the WHOLE step (all micro-steps, all ranks), known on
-    every rank from the plan and the cache. Each rank backpropagates (world_size / N) * its local sum: FSDP averages
-    gradients over the world_size ranks (reduce-scatter / all-reduce divide by world_size), which turns the sum of
-    these into exactly dL/dθ, however the step is split into ranks and micro-steps.
+    with N = `step_units`, the units (SFT: trained tokens; DPO/SimPO: pairs) of the WHOLE step (all micro-steps,
+    all ranks), known on every rank from the plan and the cache. Each rank backpropagates (world_size / N) * its
+    local sum: FSDP averages gradients over the world_size ranks (reduce-scatter / all-reduce divide by world_size),
+    which turns the sum of these into exactly dL/dθ, however the step is split into ranks and micro-steps.
     """
     scale = world_size / step_units
     local_sums = torch.zeros(1 + len(objective.metrics), device=device)
@@ -403,7 +403,8 @@ def setup(config: TrainConfig, world: World) -> Run:
     planner = MultipackPlanner(costs, config.batch_size, config.max_tokens_per_gpu, world.world_size,
                                seed=config.seed)
     total_steps = count_total_steps(config, planner, len(costs))
-    print0(f"{len(costs)} {'pairs' if cache.pairs else 'samples'}, {int(costs.sum())} tokens, {planner.steps_per_epoch} steps per epoch, "
+    units = "pairs" if cache.pairs else "samples"
+    print0(f"{len(costs)} {units}, {int(costs.sum())} tokens, {planner.steps_per_epoch} steps per epoch, "
            f"{total_steps if total_steps is not None else 'unlimited'} steps")
     validator = build_validator(config, objective, world, validation_cache, held_out,
                                 eos_token_ids(hf_config, tokenizer))

@@ -332,7 +332,8 @@ def build_validator(config, objective, world: World, cache: TokenCache | None, h
     stopper = None
     if config.early_stopping_patience is not None:
         stopper = EarlyStopping(config.early_stopping_patience, config.early_stopping_min_delta)
-    print0(f"validation: {len(indices)} {'pairs' if cache.pairs else 'samples'}, {objective.step_units(cache, indices)} {objective.unit}, "
+    units = "pairs" if cache.pairs else "samples"
+    print0(f"validation: {len(indices)} {units}, {objective.step_units(cache, indices)} {objective.unit}, "
            f"{len(validation_set.packs)} micro-steps and {len(validation_set.prompts)} generations per evaluation")
     return Validator(validation_set, config.eval_every_samples, stopper)
 

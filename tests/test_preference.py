@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.test_train import TORCHRUN, run_main, torchrun  # noqa: F401  (TORCHRUN: the same launcher)
+from tests.test_train import run_main, torchrun
 
 VOCAB = 250  # token ids drawn below this (the tiny models' vocabulary is the chatml fixture tokenizer's, larger)
 SKEWED = {0: [[0, 1, 2], [3], [4]], 1: [[5, 6, 7], [], []]}  # rank 1 runs two dummy packs
@@ -158,7 +158,6 @@ def test_loss_and_gradients_equal_the_direct_per_pair_implementation(tmp_path, t
 
 def pair_grad_worker(model_dir: str, data_path: str, out_dir: str) -> None:
     """Under torchrun: the reference table and each objective's gradient on 2 FSDP2 ranks with skewed micro-steps."""
-    import torch
     import torch.distributed as dist
 
     import train
@@ -448,7 +447,8 @@ def test_bad_pairs_are_dropped_and_counted_with_their_line(capsys, tmp_path, tok
 
 @pytest.mark.parametrize("row, message", [
     ({"prompt": "Hi", "chosen": "Yes."}, "in.jsonl:2: no `rejected` field"),
-    ({"prompt": "Hi", "chosen": None, "rejected": "No."}, "in.jsonl:2: `chosen` must be a list of messages or a string"),
+    ({"prompt": "Hi", "chosen": None, "rejected": "No."},
+     "in.jsonl:2: `chosen` must be a list of messages or a string"),
     ({"chosen": "Yes.", "rejected": "No."}, "in.jsonl:2: a text `chosen`/`rejected` needs a `prompt`"),
     ({"prompt": "Hi", "chosen": [{"role": "wizard", "content": "x"}], "rejected": "No."},
      "in.jsonl:2: chosen: messages[1] has unknown role 'wizard'"),
