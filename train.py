@@ -80,9 +80,12 @@ class TrainConfig:
     # pairs (--input-format preference), a pair packed whole into one micro-step.
     objective: str = flag("sft", "sft | dpo | simpo", choices=OBJECTIVES)
     dpo_beta: float = flag(0.1, "DPO: beta of -log sigmoid(beta * (chosen - rejected log-ratio to the reference))")
-    simpo_beta: float = flag(2.0, "SimPO: beta (on length-normalised log-probs), as torchllms' --simpo_beta")
-    simpo_gamma: float = flag(0.5, "SimPO: the target margin gamma itself (not SimPO's gamma/beta ratio), as "
-                                   "torchllms' --simpo_gamma")
+    # SimPO: torchllms' defaults are --simpo_beta 1.0 --simpo_gamma 1.0 for -log sigmoid(beta * (m - gamma)); the
+    # same loss here is --simpo-beta beta --simpo-gamma beta*gamma. Ours are the paper's and TRL's form.
+    simpo_beta: float = flag(2.0, "SimPO: beta of -log sigmoid(beta * m - gamma), m = the chosen minus the rejected "
+                                  "length-normalised log-prob (torchllms' default: 1.0)")
+    simpo_gamma: float = flag(0.5, "SimPO: the target margin gamma, outside beta as in the SimPO paper and TRL "
+                                   "(torchllms puts it inside: its gamma x its beta is this)")
     preference_sft_weight: float = flag(0.0, "dpo/simpo: plus this times the chosen side's token-mean cross-entropy")
     learning_rate: float = flag(1e-5)
     num_warmup_steps: int = flag(0)
