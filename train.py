@@ -8,7 +8,7 @@ Reads top to bottom: the config (one dataclass; its fields are the flags) -> mai
 plan the step -> the objective's forward/backward over this rank's micro-steps -> clip -> optimizer step -> log ->
 the validator and the checkpointer, which decide for themselves whether this step is theirs.
 
-The loss of a step (minitrain/objectives.py says what a unit is; SFT: a trained token):
+The loss of a step (minitrain/objectives.py says what a unit is; SFT: a trained token; DPO, SimPO: a pair):
 
     L = (1 / N) * sum over every rank, micro-step and unit of the objective's loss,   N = the step's units
 
@@ -44,7 +44,8 @@ from minitrain.distributed import (
 )
 from minitrain.mixture import Mixture, Source, concat_caches, parse_sources
 from minitrain.model import SHARDING_STRATEGIES, ModelError, build_model, checkpointing_needed
-from minitrain.objectives import LOSS_REDUCTIONS, build_objective
+from minitrain.objectives import LOSS_REDUCTIONS, OBJECTIVES, build_objective
+from minitrain.reference import attach_reference
 from minitrain.run_log import TRACKERS, RunLog, tracker_problem
 from minitrain.validation import ValidationError, Validator, build_validator, eos_token_ids, split_validation
 from sampler import MultipackPlanner, SamplerError
@@ -76,8 +77,19 @@ class TrainConfig:
                                      "each as path, path:WEIGHT or path:Nx (epochs), see minitrain/mixture.py")
     model_name_or_path: str = flag(help="Hugging Face model folder (or hub id in the cache)")
     output_dir: str = flag()
-    batch_size: int = flag(help="samples per optimizer step, all ranks together")
+    batch_size: int = flag(help="samples (preference objectives: pairs) per optimizer step, all ranks together")
     max_tokens_per_gpu: int = flag(help="token budget of one rank's packed row")
+    # What is trained (minitrain/objectives.py): sft on process_data.py's samples; dpo or simpo on its preference
+    # pairs (--input-format preference), a pair packed whole into one micro-step.
+    objective: str = flag("sft", "sft | dpo | simpo", choices=OBJECTIVES)
+    dpo_beta: float = flag(0.1, "DPO: beta of -log sigmoid(beta * (chosen - rejected log-ratio to the reference))")
+    # SimPO: torchllms' defaults are --simpo_beta 1.0 --simpo_gamma 1.0 for -log sigmoid(beta * (m - gamma)); the
+    # same loss here is --simpo-beta beta --simpo-gamma beta*gamma. Ours are the paper's and TRL's form.
+    simpo_beta: float = flag(2.0, "SimPO: beta of -log sigmoid(beta * m - gamma), m = the chosen minus the rejected "
+                                  "length-normalised log-prob (torchllms' default: 1.0)")
+    simpo_gamma: float = flag(0.5, "SimPO: the target margin gamma, outside beta as in the SimPO paper and TRL "
+                                   "(torchllms puts it inside: its gamma x its beta is this)")
+    preference_sft_weight: float = flag(0.0, "dpo/simpo: plus this times the chosen side's token-mean cross-entropy")
     learning_rate: float = flag(1e-5)
     num_warmup_steps: int = flag(0)
     lr_scheduler: str = flag("constant", "after warmup: constant, linear to 0 or cosine to 0 over the training steps",
@@ -205,6 +217,11 @@ def validate(config: TrainConfig, world_size: int, local_world_size: int, cuda: 
             f"HYBRID_SHARD needs the same number of ranks on every node "
             f"({world_size} ranks, {local_world_size} per node)"
         )
+    for name in ("dpo_beta", "simpo_beta"):
+        if not getattr(config, name) > 0:
+            problems.append(f"--{name.replace('_', '-')} must be positive, got {getattr(config, name)}")
+    if config.preference_sft_weight < 0:
+        problems.append(f"--preference-sft-weight must be >= 0, got {config.preference_sft_weight}")
     if not config.learning_rate > 0:
         problems.append(f"--learning-rate must be positive, got {config.learning_rate}")
     if config.num_warmup_steps < 0:
@@ -352,29 +369,32 @@ def build_optimizer(config: TrainConfig, params: list[torch.nn.Parameter], total
 
 def forward_backward(model, objective, cache: TokenCache, packs: list[np.ndarray], step_units: int,
                      world_size: int, device: torch.device, source_ce: torch.Tensor | None = None) -> torch.Tensor:
-    """Accumulate the gradient of this step's loss over this rank's micro-steps; return the local loss sum.
+    """Accumulate the gradient of this step's loss over this rank's micro-steps; return the local sums,
+    (1 + len(objective.metrics),): the loss sum, then the sum of each of the objective's metrics.
 
     The step's loss is  L = (1 / N) * sum over every rank, micro-step and unit of the objective's loss,
-    with N = `step_units`, the units (SFT: trained tokens) of the WHOLE step (all micro-steps, all ranks), known on
-    every rank from the plan and the cache. Each rank backpropagates (world_size / N) * its local sum: FSDP averages
-    gradients over the world_size ranks (reduce-scatter / all-reduce divide by world_size), which turns the sum of
-    these into exactly dL/dθ, however the step is split into ranks and micro-steps.
+    with N = `step_units`, the units (SFT: trained tokens or samples; DPO/SimPO: pairs) of the WHOLE step (all
+    micro-steps, all ranks), known on every rank from the plan and the cache. Each rank backpropagates
+    (world_size / N) * its local sum: FSDP averages gradients over the world_size ranks (reduce-scatter / all-reduce
+    divide by world_size), which turns the sum of these into exactly dL/dθ, however the step is split into ranks and
+    micro-steps.
 
     `source_ce` (a mixture's metrics, not the loss): each file's CE sum over this rank's trained tokens is added.
     """
     scale = world_size / step_units
-    local_sum = torch.zeros((), device=device)
+    local_sums = torch.zeros(1 + len(objective.metrics), device=device)
     for indices in packs:
         pack = objective.pack(cache, indices).to(device)
         rows = None if source_ce is None else torch.zeros(len(pack.targets), device=device)
         with compute_autocast(model, device):
-            loss_sum = objective.loss_sum(model, pack, cache, indices, rows)
+            loss_sum, metric_sums = objective.loss_sum(model, pack, cache, indices, rows)
         (loss_sum * scale).backward()
-        local_sum += loss_sum.detach()
+        local_sums[0] += loss_sum.detach()
+        local_sums[1:] += metric_sums
         if rows is not None and len(indices):
             of_target = cache.sources[np.asarray(indices, dtype=np.int64)][pack.sample_of_target]
             source_ce.index_add_(0, torch.from_numpy(of_target).to(device), rows)
-    return local_sum
+    return local_sums
 
 
 def clip_gradients(model: torch.nn.Module, max_norm: float) -> float:
@@ -444,15 +464,21 @@ def setup(config: TrainConfig, world: World) -> Run:
     torch.manual_seed(config.seed)
 
     # Data: with --validation-split the planner sees only the training samples, numbered 0..n-1.
-    objective = build_objective("sft", config.loss_reduction)
+    objective = build_objective(config)
     sources = parse_sources(config.data_path)
-    cache = concat_caches([load_data(config, world, hf_config.vocab_size, path=s.path) for s in sources])
+    caches = [load_data(config, world, hf_config.vocab_size, path=s.path) for s in sources]
+    for source, source_cache in zip(sources, caches):
+        objective.check(source_cache, source.path)
+    if len(caches) > 1 and caches[0].pairs:
+        raise ConfigError("--data-path: mixtures of preference pairs are not supported yet; train on one file")
+    cache = concat_caches(caches)
     train_indices, held_out, validation_cache = None, None, None
     if config.validation_split is not None:
         train_indices, held_out = split_validation(len(cache), config.validation_split)
         validation_cache = cache
     elif config.validation_data_path is not None:
         validation_cache = load_data(config, world, hf_config.vocab_size, path=config.validation_data_path)
+        objective.check(validation_cache, config.validation_data_path)
     costs, trained = objective.costs(cache), cache.trained
     if train_indices is not None:
         costs, trained = costs[train_indices], trained[train_indices]
@@ -464,7 +490,8 @@ def setup(config: TrainConfig, world: World) -> Run:
     planner = MultipackPlanner(costs, config.batch_size, config.max_tokens_per_gpu, world.world_size,
                                seed=config.seed, mixture=mixture)
     total_steps = count_total_steps(config, planner)
-    print0(f"{len(costs)} samples, {int(costs.sum())} tokens, {planner.steps_per_epoch} steps per epoch, "
+    units = "pairs" if cache.pairs else "samples"
+    print0(f"{len(costs)} {units}, {int(costs.sum())} tokens, {planner.steps_per_epoch} steps per epoch, "
            f"{total_steps if total_steps is not None else 'unlimited'} steps")
     validator = build_validator(config, objective, world, validation_cache, held_out,
                                 eos_token_ids(hf_config, tokenizer))
@@ -480,6 +507,9 @@ def setup(config: TrainConfig, world: World) -> Run:
         checkpoint.tidy_output_dir(config.output_dir, config.fresh, resume, resumed_samples)
 
     model = build_model(config, world)
+    # DPO: the reference log-probs, by the initial model (before a checkpoint's weights load), or read from disk
+    for reference_cache in {id(c): c for c in (cache, validation_cache) if c is not None}.values():
+        attach_reference(objective, model, reference_cache, config, world)
     optimizer, scheduler = build_optimizer(config, model.adapter.trainable_parameters(model), total_steps)
     if resume is not None:
         saved = checkpoint.load(resume, model, optimizer, scheduler)
@@ -517,13 +547,13 @@ def loop(run: Run, stop: StopSignals) -> None:
         lr = run.scheduler.get_last_lr()[0]
 
         source_ce = None if run.source_names is None else torch.zeros(len(run.source_names), device=world.device)
-        local_sum = forward_backward(run.model, run.objective, cache, plan.rank_packs(world.rank), step_units,
-                                     world.world_size, world.device, source_ce)
+        sums = forward_backward(run.model, run.objective, cache, plan.rank_packs(world.rank), step_units,
+                                world.world_size, world.device, source_ce)
         if dist.is_initialized():
-            dist.all_reduce(local_sum)
+            dist.all_reduce(sums)
             if source_ce is not None:
                 dist.all_reduce(source_ce)
-        loss = local_sum.item() / step_units
+        loss, *metrics = (value / step_units for value in sums.tolist())
         grad_norm = clip_gradients(run.model, config.max_grad_norm)
         if not (math.isfinite(loss) and math.isfinite(grad_norm)):
             raise TrainingError(
@@ -548,6 +578,8 @@ def loop(run: Run, stop: StopSignals) -> None:
             "grad_norm": grad_norm,
             "tokens": step_tokens,
             "trained_tokens": int(cache.trained[all_indices].sum()),
+            **({"pairs": step_units} if cache.pairs else {}),
+            **dict(zip(run.objective.metrics, metrics)),  # the objective's, e.g. DPO's rewards/chosen
             "micro_steps": plan.num_micro_steps,
             "packing_utilisation": step_tokens / (plan.num_micro_steps * world.world_size * config.max_tokens_per_gpu),
             "tokens_per_s": step_tokens / seconds,
@@ -565,6 +597,7 @@ def loop(run: Run, stop: StopSignals) -> None:
                                               export_follows)
             if evaluation is not None:
                 record.update(validation_loss=evaluation.loss, validation_tokens=evaluation.tokens)
+                record.update({f"validation_{name}": value for name, value in evaluation.metrics.items()})
         run.log.step(record, evaluation, validator)
         signum = stop.agreed(world.device)  # collective: all ranks stop after the same step
         if run.checkpointer.after_step(state, signum, last_step):  # so does the checkpointer

@@ -59,7 +59,8 @@ FIXED_ON_RESUME = ("learning_rate", "weight_decay", "adam_beta1", "adam_beta2", 
 # content (its fingerprint), not by path, so a moved file resumes.
 CHANGE_THE_RUN = (
     "model_name_or_path", "batch_size", "max_tokens_per_gpu", "seed", "num_warmup_steps", "lr_scheduler",
-    "max_grad_norm", "validation_split", "loss_reduction",
+    "max_grad_norm", "validation_split", "loss_reduction", "objective", "dpo_beta", "simpo_beta", "simpo_gamma",
+    "preference_sft_weight",
 )
 # Decide when the run ends; with a decaying schedule they also set the length of the decay.
 STOP_CONDITIONS = ("max_epochs", "max_steps", "max_samples")
@@ -77,7 +78,8 @@ FREE_ON_RESUME = (
 
 # Flags added after checkpoints already existed, with the value that reproduces how those checkpoints were trained:
 # a checkpoint without the key resumes as if it had been saved with that value.
-ADDED_LATER = {"loss_reduction": "tokens"}
+ADDED_LATER = {"loss_reduction": "tokens", "objective": "sft", "dpo_beta": 0.1, "simpo_beta": 2.0, "simpo_gamma": 0.5,
+               "preference_sft_weight": 0.0}
 
 # What trainer_state.json must hold for a run to resume from it.
 TRAINER_STATE = ("step", "samples_seen", "last_export_samples", "data", "scheduler", "world_size")

@@ -76,6 +76,59 @@ def chunked_ce_sum(hidden, weight, bias, targets, chunk_rows: int = 1024, row_we
     return _LinearCrossEntropySum.apply(hidden, weight, bias, targets, row_weights, row_ce_out, chunk_rows, with_grad)
 
 
+class _LinearCrossEntropyPerRow(torch.autograd.Function):
+    """CE(hidden @ weight.T + bias, targets) of every row, (N,), one chunk of rows at a time.
+
+    For objectives that weigh each row's CE differently (DPO/SimPO sum them per sequence and pass the sums through a
+    non-linear loss): the incoming gradient is one number per row, known only in backward. So the forward keeps only
+    each row's logsumexp, and the backward recomputes each chunk's logits: 4 matmuls of the LM head per row instead
+    of 3, and still never more than one (chunk_rows x V) block of logits alive.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, chunk_rows: int):
+        ce = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
+        lse = torch.empty_like(ce)
+        for start in range(0, hidden.shape[0], chunk_rows):
+            h, t = hidden[start : start + chunk_rows], targets[start : start + chunk_rows]
+            logits = F.linear(h, weight, bias).float()  # (c, V)
+            lse[start : start + chunk_rows] = torch.logsumexp(logits, dim=-1)
+            ce[start : start + chunk_rows] = lse[start : start + chunk_rows] - logits.gather(1, t[:, None]).squeeze(1)
+        ctx.save_for_backward(hidden, weight, bias, targets, lse)
+        ctx.chunk_rows = chunk_rows
+        return ce
+
+    @staticmethod
+    def backward(ctx, grad_ce):
+        hidden, weight, bias, targets, lse = ctx.saved_tensors
+        grad_hidden = torch.empty_like(hidden)
+        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+        grad_bias = None if bias is None else torch.zeros(bias.shape, dtype=torch.float32, device=bias.device)
+        step = ctx.chunk_rows
+        for start in range(0, hidden.shape[0], step):
+            h, t = hidden[start : start + step], targets[start : start + step]
+            # d(CE_r)/d(logits_r) = softmax(logits_r) - one_hot(t_r), times the row's incoming gradient
+            dlogits = F.linear(h, weight, bias).float().sub_(lse[start : start + step, None]).exp_()
+            dlogits[torch.arange(len(t), device=t.device), t] -= 1.0
+            dlogits = (dlogits * grad_ce[start : start + step, None].float()).to(h.dtype)
+            grad_hidden[start : start + step] = dlogits @ weight  # (c, H)
+            grad_weight += dlogits.T @ h  # (V, H), accumulated in fp32
+            if grad_bias is not None:
+                grad_bias += dlogits.sum(0)
+        return (
+            grad_hidden,
+            grad_weight.to(weight.dtype),
+            None if grad_bias is None else grad_bias.to(bias.dtype),
+            None,
+            None,
+        )
+
+
+def chunked_ce_per_row(hidden, weight, bias, targets, chunk_rows: int = 1024) -> torch.Tensor:
+    """(N, H) hidden, (V, H) weight, (V,) bias or None, (N,) targets -> (N,) cross-entropy of each row."""
+    return _LinearCrossEntropyPerRow.apply(hidden, weight, bias, targets, chunk_rows)
+
+
 class HeadCrossEntropy(nn.Module):
     """sum of CE(head(hidden), targets) through an LM head (nn.Linear): chunked (above), or Liger's fused linear
     cross-entropy on GPUs. Holds no parameters of its own: the head's stay where the model keeps them."""
@@ -99,3 +152,8 @@ class HeadCrossEntropy(nn.Module):
                 row_ce_out.fill_(float("nan"))
             return self.liger_loss(head.weight, hidden, targets, head.bias)
         return chunked_ce_sum(hidden, head.weight, head.bias, targets, self.chunk_rows, row_weights, row_ce_out)
+
+    def per_row(self, head: nn.Linear, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """(N, H) hidden states, (N,) targets -> (N,) cross-entropy of each row (always the chunked kernel: Liger's
+        fused one computes its gradients in the forward, for a summed loss only)."""
+        return chunked_ce_per_row(hidden, head.weight, head.bias, targets, self.chunk_rows)

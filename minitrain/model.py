@@ -38,7 +38,10 @@ class PackedCausalLM(nn.Module):
         self.attention_takes_boundaries = lm.config._attn_implementation in attention.WITH_BOUNDARIES
 
     def forward(self, input_ids, position_ids, positions, targets, row_weights=None, row_ce_out=None,
-                cu_seq_lens=None, max_length=None) -> torch.Tensor:
+                cu_seq_lens=None, max_length=None, per_token: bool = False) -> torch.Tensor:
+        """The summed CE of the trained positions (each weighted by `row_weights` when given; `row_ce_out` receives
+        each one's CE for metrics), or with `per_token` each one's CE, (N,) (for objectives that weigh positions
+        nonlinearly, e.g. DPO's per-sequence log-probs). Through forward either way, so FSDP's root hooks run."""
         # attention_mask=None + position_ids restarting at 0 + no KV cache: transformers builds a block-diagonal
         # mask (SDPA, eager), so no token attends to another sample of the pack. Variable-length kernels get the
         # samples' boundaries instead (attention.py), computed on the host once per pack.
@@ -54,6 +57,8 @@ class PackedCausalLM(nn.Module):
             # Dummy pack or nothing trained: still run the head on one position, times zero, so every parameter gets
             # a (zero) gradient and this rank issues the same FSDP collectives as the others.
             return self.head_loss(head, hidden[:1], input_ids[0, :1]) * 0.0
+        if per_token:
+            return self.head_loss.per_row(head, hidden[positions], targets)  # (N, H) -> (N,)
         return self.head_loss(head, hidden[positions], targets, row_weights, row_ce_out)  # (N, H) -> scalar
 
 
