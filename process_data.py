@@ -16,6 +16,9 @@ does (with its BOS). Raw pairs train the tokens of target + EOS (and, with --tra
 that crosses from untrained into trained text (a BPE merge across the separator) drops the sample, counted, so a
 trained token never carries prompt text.
 
+Preference rows ({"chosen", "rejected"} or {"prompt", "chosen", "rejected"}, for DPO/SimPO) become pair rows:
+see preference.py.
+
 Output lines, in input order: {"input_ids", "labels" (-100 where not trained), "len", "num_loss_counted_tokens"}.
 `input_ids` equal `tokenizer.apply_chat_template(messages, tokenize=True)`; the trained tokens are each assistant
 turn's content (with its reasoning and tool calls as rendered) and the end-of-turn token(s) closing it
@@ -51,6 +54,7 @@ import orjson
 
 import chat_masks
 import formats
+import preference
 from chat_masks import MaskError
 from formats import Columns, InputSpec, RunError
 
@@ -436,6 +440,12 @@ class Encoder:
         chunk.trained += trained
 
 
+def make_encoder(model: str, input_name: str, max_tokens: int, on_too_long: str, spec: InputSpec):
+    """The file's encoder: preference rows have their own (preference.py), which runs an Encoder per side."""
+    kind = preference.PreferenceEncoder if spec.fmt.kind == "preference" else Encoder
+    return kind(model, input_name, max_tokens, on_too_long, spec)
+
+
 _ENCODER: Encoder | None = None  # the worker process's encoder, built by init_worker
 _INIT_ERROR: str | None = None  # or why it could not be built (a raising initializer makes Pool respawn forever)
 
@@ -444,7 +454,7 @@ def init_worker(model: str, input_name: str, max_tokens: int, on_too_long: str, 
     global _ENCODER, _INIT_ERROR
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one thread per worker: the pool is the parallelism
     try:
-        _ENCODER = Encoder(model, input_name, max_tokens, on_too_long, spec)
+        _ENCODER = make_encoder(model, input_name, max_tokens, on_too_long, spec)
     except RunError as e:
         _INIT_ERROR = str(e)
 
@@ -539,7 +549,7 @@ def run(cfg: Config) -> Summary:
     # Workers start first: their start-up (imports, tokenizer, template probes) overlaps the main process's own.
     pool = mp.get_context("spawn").Pool(cfg.num_workers, init_worker, init_args) if cfg.num_workers > 1 else None
     try:
-        encoder = Encoder(*init_args)  # a bad model path fails here, before any output; also used single-process
+        encoder = make_encoder(*init_args)  # a bad model path fails here, before any output; also used single-process
     except RunError:
         if pool is not None:
             pool.terminate()
@@ -623,7 +633,9 @@ def report(cfg: Config, summary: Summary, seconds: float, drop_lines: bool = Tru
         for lineno, line in summary.shown:
             row = orjson.loads(line)
             print(f"--- {cfg.input_file}:{lineno} ({row['len']} tokens, {row['num_loss_counted_tokens']} trained)")
-            print(masked_view(tokenizer, row["input_ids"], row["labels"], cfg.mask_marker, colour))
+            for side in ("chosen_", "rejected_") if "chosen_input_ids" in row else ("",):  # a preference pair
+                print(f"{side[:-1]}: " * bool(side)
+                      + masked_view(tokenizer, row[side + "input_ids"], row[side + "labels"], cfg.mask_marker, colour))
         print("---")
     if drop_lines:
         for lineno, reason, detail in summary.first_drops:

@@ -8,7 +8,7 @@ Reads top to bottom: the config (one dataclass; its fields are the flags) -> mai
 plan the step -> the objective's forward/backward over this rank's micro-steps -> clip -> optimizer step -> log ->
 the validator and the checkpointer, which decide for themselves whether this step is theirs.
 
-The loss of a step (minitrain/objectives.py says what a unit is; SFT: a trained token):
+The loss of a step (minitrain/objectives.py says what a unit is; SFT: a trained token; DPO, SimPO: a pair):
 
     L = (1 / N) * sum over every rank, micro-step and unit of the objective's loss,   N = the step's units
 
@@ -34,15 +34,18 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from minitrain import atomic, checkpoint
+from minitrain import atomic, attention, checkpoint, families
 from minitrain.checkpoint import Checkpointer, CheckpointError, RunState, StopSignals
+from minitrain.config_file import ConfigFileError, config_path_from_argv, read_config_file
 from minitrain.data import DataError, TokenCache, load_data
 from minitrain.distributed import (
     World, cleanup_distributed, compute_autocast, init_distributed, print0, raise_if_any_rank_failed,
     world_from_env,
 )
-from minitrain.model import SHARDING_STRATEGIES, ModelError, build_model
-from minitrain.objectives import build_objective
+from minitrain.mixture import Mixture, Source, concat_caches, parse_sources
+from minitrain.model import SHARDING_STRATEGIES, ModelError, build_model, checkpointing_needed
+from minitrain.objectives import LOSS_REDUCTIONS, OBJECTIVES, build_objective
+from minitrain.reference import attach_reference
 from minitrain.run_log import TRACKERS, RunLog, tracker_problem
 from minitrain.validation import ValidationError, Validator, build_validator, eos_token_ids, split_validation
 from sampler import MultipackPlanner, SamplerError
@@ -70,11 +73,23 @@ def flag(default=MISSING, help: str = "", **argparse_kwargs):
 
 @dataclass
 class TrainConfig:
-    data_path: str = flag(help="JSONL from process_data.py (input_ids, labels, len)")
+    data_path: list[str] = flag(help="JSONL from process_data.py (input_ids, labels, len); several for a mixture, "
+                                     "each as path, path:WEIGHT or path:Nx (epochs), see minitrain/mixture.py")
     model_name_or_path: str = flag(help="Hugging Face model folder (or hub id in the cache)")
     output_dir: str = flag()
-    batch_size: int = flag(help="samples per optimizer step, all ranks together")
+    batch_size: int = flag(help="samples (preference objectives: pairs) per optimizer step, all ranks together")
     max_tokens_per_gpu: int = flag(help="token budget of one rank's packed row")
+    # What is trained (minitrain/objectives.py): sft on process_data.py's samples; dpo or simpo on its preference
+    # pairs (--input-format preference), a pair packed whole into one micro-step.
+    objective: str = flag("sft", "sft | dpo | simpo", choices=OBJECTIVES)
+    dpo_beta: float = flag(0.1, "DPO: beta of -log sigmoid(beta * (chosen - rejected log-ratio to the reference))")
+    # SimPO: torchllms' defaults are --simpo_beta 1.0 --simpo_gamma 1.0 for -log sigmoid(beta * (m - gamma)); the
+    # same loss here is --simpo-beta beta --simpo-gamma beta*gamma. Ours are the paper's and TRL's form.
+    simpo_beta: float = flag(2.0, "SimPO: beta of -log sigmoid(beta * m - gamma), m = the chosen minus the rejected "
+                                  "length-normalised log-prob (torchllms' default: 1.0)")
+    simpo_gamma: float = flag(0.5, "SimPO: the target margin gamma, outside beta as in the SimPO paper and TRL "
+                                   "(torchllms puts it inside: its gamma x its beta is this)")
+    preference_sft_weight: float = flag(0.0, "dpo/simpo: plus this times the chosen side's token-mean cross-entropy")
     learning_rate: float = flag(1e-5)
     num_warmup_steps: int = flag(0)
     lr_scheduler: str = flag("constant", "after warmup: constant, linear to 0 or cosine to 0 over the training steps",
@@ -101,11 +116,22 @@ class TrainConfig:
     max_grad_norm: float = flag(1.0, "0 disables clipping (the norm is still logged)")
     # No `choices` for the strategy: validate() reports an unknown one together with every other problem.
     fsdp_sharding_strategy: str = flag("SHARD_GRAD_OP", " | ".join(SHARDING_STRATEGIES))
-    activation_checkpointing: bool = flag(True)
+    activation_checkpointing: bool | None = flag(
+        None, "recompute each decoder block in the backward; default: on only when the activations of a packed row "
+              "would not fit in half the memory free per rank (printed at start)")
+    compile: bool = flag(False, "torch.compile each decoder block (fused norms, activations, RoPE); same losses")
     use_liger_kernels: bool = flag(False)
+    attn_implementation: str = flag("auto", "attention kernel for packed rows: auto = flash-attn if installed, else "
+                                            "minitrain_varlen (PyTorch's varlen kernel) on CUDA, sdpa on CPU; or "
+                                            + " | ".join(attention.CHOICES[1:]))
+    loss_reduction: str = flag("tokens", "tokens: mean over the step's trained tokens; sequences: mean over its "
+                                         "samples of each sample's token mean", choices=LOSS_REDUCTIONS)
     save_dtype: str = flag("bfloat16", choices=SAVE_DTYPES)
     seed: int = flag(42)
     distributed_backend: str = flag("auto", "auto = nccl on CUDA, gloo on CPU", choices=BACKENDS)
+    distributed_timeout_minutes: float = flag(
+        60.0, "timeout of the training process group's collectives (NCCL's default is 10); waits for one rank's long "
+              "work (token cache, model load, export) do not count against it")
     # Seeing the run: a held-out set (a second file, or a fraction of --data-path held out by sample), evaluated
     # every N samples and at every export; greedy sample replies; early stopping; a tracker. None = not asked.
     validation_data_path: str | None = flag(None, "a second JSONL from process_data.py, held out for validation")
@@ -117,30 +143,62 @@ class TrainConfig:
     early_stopping_min_delta: float = flag(0.0, "an improvement must lower the best validation loss by more than this")
     tracker: str | None = flag(None, " | ".join(TRACKERS) + " (optional packages, used only when asked for)")
 
+    def __post_init__(self):
+        if isinstance(self.data_path, str):  # TrainConfig(data_path="one.jsonl", ...)
+            self.data_path = [self.data_path]
+        # "~" is the shell's, so a config file's "~/models/x" means what it says on the command line
+        self.data_path = [os.path.expanduser(p) for p in self.data_path]
+        for name in ("model_name_or_path", "output_dir", "validation_data_path", "resume_from"):
+            if getattr(self, name) is not None:
+                setattr(self, name, os.path.expanduser(getattr(self, name)))
+
+
+def value_type(hint) -> type:
+    """int for `int | None`, list for `list[str]`, and so on."""
+    options = [t for t in typing.get_args(hint) if t is not type(None)]
+    if isinstance(hint, types.UnionType):
+        return options[0]
+    return typing.get_origin(hint) or hint
+
 
 def parse_args(argv: list[str] | None = None) -> TrainConfig:
+    """The flags, over the values of --config FILE (config_file.py), over the dataclass defaults."""
+    argv = sys.argv[1:] if argv is None else argv
+    hints = {name: value_type(hint) for name, hint in typing.get_type_hints(TrainConfig).items()}
+    path = config_path_from_argv(argv)
+    from_file = read_config_file(path, hints) if path else {}
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    hints = typing.get_type_hints(TrainConfig)
+    p.add_argument("--config", help="a YAML or TOML file of flags (keys are flag names); command-line flags win")
     for f in fields(TrainConfig):
         name, kind, kwargs = "--" + f.name.replace("_", "-"), hints[f.name], dict(f.metadata)
+        default = from_file.get(f.name, f.default)
         if kind is bool:
-            kwargs["action"] = argparse.BooleanOptionalAction if f.default else "store_true"
+            kwargs["action"] = argparse.BooleanOptionalAction  # --x and --no-x: a config file may set either
+        elif kind is list:
+            kwargs.update(type=str, nargs="+")
         else:
-            options = [t for t in typing.get_args(kind) if t is not type(None)]
-            kwargs["type"] = options[0] if isinstance(kind, types.UnionType) else kind
-        if f.default is MISSING:
+            kwargs["type"] = kind
+        if default is MISSING:
             kwargs["required"] = True
         else:
-            kwargs["default"] = f.default
+            kwargs["default"] = default
         p.add_argument(name, **kwargs)
-    return TrainConfig(**vars(p.parse_args(argv)))
+    args = vars(p.parse_args(argv))
+    del args["config"]  # its values are in the others
+    return TrainConfig(**args)
 
 
 def validate(config: TrainConfig, world_size: int, local_world_size: int, cuda: bool) -> None:
     """Collect every problem with the flags and paths, and raise them together before anything expensive."""
     problems = []
-    if not Path(config.data_path).is_file():
-        problems.append(f"--data-path {config.data_path}: no such file; pass the JSONL written by process_data.py")
+    try:
+        sources = parse_sources(config.data_path)
+    except DataError as e:
+        problems.append(str(e))
+        sources = []
+    for source in sources:
+        if not Path(source.path).is_file():
+            problems.append(f"--data-path {source.path}: no such file; pass the JSONL written by process_data.py")
     problems += model_path_problems(config.model_name_or_path)
     if config.batch_size < world_size:
         problems.append(
@@ -159,6 +217,11 @@ def validate(config: TrainConfig, world_size: int, local_world_size: int, cuda: 
             f"HYBRID_SHARD needs the same number of ranks on every node "
             f"({world_size} ranks, {local_world_size} per node)"
         )
+    for name in ("dpo_beta", "simpo_beta"):
+        if not getattr(config, name) > 0:
+            problems.append(f"--{name.replace('_', '-')} must be positive, got {getattr(config, name)}")
+    if config.preference_sft_weight < 0:
+        problems.append(f"--preference-sft-weight must be >= 0, got {config.preference_sft_weight}")
     if not config.learning_rate > 0:
         problems.append(f"--learning-rate must be positive, got {config.learning_rate}")
     if config.num_warmup_steps < 0:
@@ -183,6 +246,8 @@ def validate(config: TrainConfig, world_size: int, local_world_size: int, cuda: 
             problems.append(f"--{name.replace('_', '-')} must be in [0, 1), got {getattr(config, name)}")
     if not config.adam_epsilon > 0:
         problems.append(f"--adam-epsilon must be positive, got {config.adam_epsilon}")
+    if not config.distributed_timeout_minutes > 0:
+        problems.append(f"--distributed-timeout-minutes must be positive, got {config.distributed_timeout_minutes}")
     if config.max_grad_norm < 0:
         problems.append(f"--max-grad-norm must be >= 0 (0 = no clipping), got {config.max_grad_norm}")
     if config.fresh and config.resume_from is not None:
@@ -194,10 +259,15 @@ def validate(config: TrainConfig, world_size: int, local_world_size: int, cuda: 
         )
     if config.distributed_backend == "nccl" and not cuda:
         problems.append("--distributed-backend nccl needs CUDA GPUs and none is visible; use gloo (or auto) on CPU")
+    if config.use_liger_kernels and config.loss_reduction == "sequences":
+        problems.append("--loss-reduction sequences weighs each token by its sample and runs on the chunked loss; "
+                        "drop --use-liger-kernels or use --loss-reduction tokens")
     if config.use_liger_kernels and not cuda and os.environ.get("TRITON_INTERPRET") != "1":
         problems.append(
             "--use-liger-kernels needs a GPU (on CPU only under TRITON_INTERPRET=1, which is slow and meant for tests)"
         )
+    attn = attention.problem(config.attn_implementation, cuda)
+    problems += [attn] if attn else []
     problems += validation_problems(config)
     if problems:
         raise ConfigError("; ".join(problems))
@@ -259,7 +329,7 @@ def lr_multiplier(step: int, warmup: int, total_steps: int | None, kind: str) ->
     return 1.0 - progress if kind == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def count_total_steps(config: TrainConfig, planner: MultipackPlanner, num_samples: int) -> int | None:
+def count_total_steps(config: TrainConfig, planner: MultipackPlanner) -> int | None:
     """The number of optimizer steps the stop conditions allow (the first one reached wins); None = until stopped."""
     limits = []
     if config.max_steps is not None:
@@ -267,8 +337,8 @@ def count_total_steps(config: TrainConfig, planner: MultipackPlanner, num_sample
     if config.max_epochs is not None:
         limits.append(config.max_epochs * planner.steps_per_epoch)
     if config.max_samples is not None:
-        # Every epoch covers every sample once, so whole epochs are counted without planning them.
-        epochs, remaining = divmod(config.max_samples, num_samples)
+        # Every epoch has the same number of samples, so whole epochs are counted without planning them.
+        epochs, remaining = divmod(config.max_samples, planner.epoch_size)
         steps = epochs * planner.steps_per_epoch
         while remaining > 0:
             remaining -= planner.plan(steps).num_samples
@@ -278,12 +348,14 @@ def count_total_steps(config: TrainConfig, planner: MultipackPlanner, num_sample
 
 
 def build_optimizer(config: TrainConfig, params: list[torch.nn.Parameter], total_steps: int | None):
-    """AdamW with weight decay on matrices only, and the warmup + decay schedule as a LambdaLR."""
+    """AdamW with weight decay on matrices only, fused (one kernel over all parameters: 2-3x faster than foreach on
+    FSDP2's shards, which runs one op per parameter), and the warmup + decay schedule as a LambdaLR."""
     decay = [p for p in params if p.ndim >= 2]
     no_decay = [p for p in params if p.ndim < 2]
     optimizer = torch.optim.AdamW(
         [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=config.learning_rate, betas=(config.adam_beta1, config.adam_beta2), eps=config.adam_epsilon, foreach=True,
+        lr=config.learning_rate, betas=(config.adam_beta1, config.adam_beta2), eps=config.adam_epsilon,
+        fused=True,
     )
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: lr_multiplier(step, config.num_warmup_steps, total_steps, config.lr_scheduler)
@@ -296,24 +368,33 @@ def build_optimizer(config: TrainConfig, params: list[torch.nn.Parameter], total
 
 
 def forward_backward(model, objective, cache: TokenCache, packs: list[np.ndarray], step_units: int,
-                     world_size: int, device: torch.device) -> torch.Tensor:
-    """Accumulate the gradient of this step's loss over this rank's micro-steps; return the local loss sum.
+                     world_size: int, device: torch.device, source_ce: torch.Tensor | None = None) -> torch.Tensor:
+    """Accumulate the gradient of this step's loss over this rank's micro-steps; return the local sums,
+    (1 + len(objective.metrics),): the loss sum, then the sum of each of the objective's metrics.
 
     The step's loss is  L = (1 / N) * sum over every rank, micro-step and unit of the objective's loss,
-    with N = `step_units`, the units (SFT: trained tokens) of the WHOLE step (all micro-steps, all ranks), known on
-    every rank from the plan and the cache. Each rank backpropagates (world_size / N) * its local sum: FSDP averages
-    gradients over the world_size ranks (reduce-scatter / all-reduce divide by world_size), which turns the sum of
-    these into exactly dL/dθ, however the step is split into ranks and micro-steps.
+    with N = `step_units`, the units (SFT: trained tokens or samples; DPO/SimPO: pairs) of the WHOLE step (all
+    micro-steps, all ranks), known on every rank from the plan and the cache. Each rank backpropagates
+    (world_size / N) * its local sum: FSDP averages gradients over the world_size ranks (reduce-scatter / all-reduce
+    divide by world_size), which turns the sum of these into exactly dL/dθ, however the step is split into ranks and
+    micro-steps.
+
+    `source_ce` (a mixture's metrics, not the loss): each file's CE sum over this rank's trained tokens is added.
     """
     scale = world_size / step_units
-    local_sum = torch.zeros((), device=device)
+    local_sums = torch.zeros(1 + len(objective.metrics), device=device)
     for indices in packs:
         pack = objective.pack(cache, indices).to(device)
+        rows = None if source_ce is None else torch.zeros(len(pack.targets), device=device)
         with compute_autocast(model, device):
-            loss_sum = objective.loss_sum(model, pack)
+            loss_sum, metric_sums = objective.loss_sum(model, pack, cache, indices, rows)
         (loss_sum * scale).backward()
-        local_sum += loss_sum.detach()
-    return local_sum
+        local_sums[0] += loss_sum.detach()
+        local_sums[1:] += metric_sums
+        if rows is not None and len(indices):
+            of_target = cache.sources[np.asarray(indices, dtype=np.int64)][pack.sample_of_target]
+            source_ce.index_add_(0, torch.from_numpy(of_target).to(device), rows)
+    return local_sums
 
 
 def clip_gradients(model: torch.nn.Module, max_norm: float) -> float:
@@ -350,6 +431,7 @@ class Run:
     validator: Validator | None
     checkpointer: Checkpointer
     log: RunLog
+    source_names: list[str] | None  # a mixture's files, as named in metrics.jsonl
 
 
 def setup(config: TrainConfig, world: World) -> Run:
@@ -357,41 +439,68 @@ def setup(config: TrainConfig, world: World) -> Run:
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # one progress bar: ours
-    out = Path(config.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    print0(json.dumps(asdict(config), indent=2))
-    if world.is_main:
-        atomic.write_json(out / "training_config.json", asdict(config))
-    torch.manual_seed(config.seed)
     try:
         hf_config = AutoConfig.from_pretrained(config.model_name_or_path)
         tokenizer = AutoTokenizer.from_pretrained(config.model_name_or_path)  # saved with every export
     except (OSError, ValueError) as e:
         raise ConfigError(f"--model-name-or-path {config.model_name_or_path}: cannot load its config and tokenizer "
                           f"({' '.join(str(e).split())})") from None
+    # What "auto" resolves to is printed and saved as chosen.
+    config.attn_implementation = families.attention_implementation(
+        families.causal_lm_class(hf_config), world.device, config.attn_implementation, hf_config)
+    checkpointing_why = "asked for"
+    if config.activation_checkpointing is None:
+        config.activation_checkpointing, checkpointing_why = checkpointing_needed(
+            hf_config, config.max_tokens_per_gpu, world)
+    out = Path(config.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    print0(json.dumps(asdict(config), indent=2))
+    print0(f"attention: {config.attn_implementation}; activation checkpointing: "
+           f"{'on' if config.activation_checkpointing else 'off'} ({checkpointing_why})")
+    if world.device.type == "cuda" and config.attn_implementation == "sdpa":
+        print0("warning: sdpa on CUDA isolates packed samples with a dense (T x T) mask per layer: slower and "
+               "larger than the default variable-length kernel (--attn-implementation auto)")
+    if world.is_main:
+        atomic.write_json(out / "training_config.json", asdict(config))
+    torch.manual_seed(config.seed)
 
     # Data: with --validation-split the planner sees only the training samples, numbered 0..n-1.
-    objective = build_objective("sft")
-    cache = load_data(config, world, hf_config.vocab_size)
+    objective = build_objective(config)
+    sources = parse_sources(config.data_path)
+    caches = [load_data(config, world, hf_config.vocab_size, path=s.path) for s in sources]
+    for source, source_cache in zip(sources, caches):
+        objective.check(source_cache, source.path)
+    if len(caches) > 1 and caches[0].pairs:
+        raise ConfigError("--data-path: mixtures of preference pairs are not supported yet; train on one file")
+    cache = concat_caches(caches)
     train_indices, held_out, validation_cache = None, None, None
     if config.validation_split is not None:
         train_indices, held_out = split_validation(len(cache), config.validation_split)
         validation_cache = cache
     elif config.validation_data_path is not None:
         validation_cache = load_data(config, world, hf_config.vocab_size, path=config.validation_data_path)
+        objective.check(validation_cache, config.validation_data_path)
     costs, trained = objective.costs(cache), cache.trained
     if train_indices is not None:
         costs, trained = costs[train_indices], trained[train_indices]
+    mixture = None
+    if len(sources) > 1 or sources[0] != Source(sources[0].path):  # a mixture: the planner's samples per file
+        of_sample = cache.sources if train_indices is None else cache.sources[train_indices]
+        mixture = Mixture(sources, [np.flatnonzero(of_sample == k) for k in range(len(sources))], config.seed)
+        print0(f"mixture: {mixture.describe()}")
     planner = MultipackPlanner(costs, config.batch_size, config.max_tokens_per_gpu, world.world_size,
-                               seed=config.seed)
-    total_steps = count_total_steps(config, planner, len(costs))
-    print0(f"{len(costs)} samples, {int(costs.sum())} tokens, {planner.steps_per_epoch} steps per epoch, "
+                               seed=config.seed, mixture=mixture)
+    total_steps = count_total_steps(config, planner)
+    units = "pairs" if cache.pairs else "samples"
+    print0(f"{len(costs)} {units}, {int(costs.sum())} tokens, {planner.steps_per_epoch} steps per epoch, "
            f"{total_steps if total_steps is not None else 'unlimited'} steps")
     validator = build_validator(config, objective, world, validation_cache, held_out,
                                 eos_token_ids(hf_config, tokenizer))
 
     # Where this run continues from; rank 0 makes the output folder consistent with it once every rank has chosen.
     state = RunState(data=checkpoint.data_fingerprint(costs, trained, cache.content_hash))
+    if mixture is not None:
+        state.data += f", {mixture.fingerprint()}"
     resume = checkpoint.find_resume_point(config.output_dir, config.resume_from, config.fresh)
     resumed_samples = 0 if resume is None else checkpoint.check_resumable(resume, asdict(config), state.data)
     raise_if_any_rank_failed(None, ConfigError)  # barrier
@@ -399,20 +508,27 @@ def setup(config: TrainConfig, world: World) -> Run:
         checkpoint.tidy_output_dir(config.output_dir, config.fresh, resume, resumed_samples)
 
     model = build_model(config, world)
+    # DPO: the reference log-probs, by the initial model (before a checkpoint's weights load), or read from disk
+    for reference_cache in {id(c): c for c in (cache, validation_cache) if c is not None}.values():
+        attach_reference(objective, model, reference_cache, config, world)
     optimizer, scheduler = build_optimizer(config, model.adapter.trainable_parameters(model), total_steps)
     if resume is not None:
         saved = checkpoint.load(resume, model, optimizer, scheduler)
         state.step, state.samples_seen = saved["step"], saved["samples_seen"]
         state.last_export_samples = saved["last_export_samples"]
+        state.source_samples = saved.get("source_samples")
         if validator is not None and "validation" in saved:
             validator.load_state_dict(saved["validation"])
         note = "" if saved["world_size"] == world.world_size else (
             f"; saved with world size {saved['world_size']}, RNG states not restored")
         print0(f"resumed from {resume}: step {state.step}, {state.samples_seen} samples seen{note}")
-    checkpointer = Checkpointer(config, world, model, optimizer, scheduler, tokenizer, validator)
+    checkpointer = Checkpointer(config, world, model, optimizer, scheduler, tokenizer, validator, state)
     log = RunLog(config, world, tokenizer, total_steps, state.step)
+    names = None if mixture is None else [Path(s.path).name for s in sources]
+    if names is not None and state.source_samples is None:
+        state.source_samples = [0] * len(names)
     return Run(config, world, objective, cache, planner, train_indices, total_steps, model, optimizer, scheduler,
-               state, validator, checkpointer, log)
+               state, validator, checkpointer, log, names)
 
 
 def loop(run: Run, stop: StopSignals) -> None:
@@ -431,14 +547,18 @@ def loop(run: Run, stop: StopSignals) -> None:
         step_units = run.objective.step_units(cache, all_indices)
         lr = run.scheduler.get_last_lr()[0]
 
-        local_sum = forward_backward(run.model, run.objective, cache, plan.rank_packs(world.rank), step_units,
-                                     world.world_size, world.device)
+        source_ce = None if run.source_names is None else torch.zeros(len(run.source_names), device=world.device)
+        sums = forward_backward(run.model, run.objective, cache, plan.rank_packs(world.rank), step_units,
+                                world.world_size, world.device, source_ce)
         router_aux = run.model.pop_router_aux_sum()  # MoE asking for it: sum of trained tokens x aux loss; else None
         if dist.is_initialized():
-            dist.all_reduce(local_sum)
+            dist.all_reduce(sums)
+            if source_ce is not None:
+                dist.all_reduce(source_ce)
             if router_aux is not None:
                 dist.all_reduce(router_aux)
-        loss = local_sum.item() / step_units  # includes router_aux_loss_coef x router_aux_loss where there is one
+        # the loss includes router_aux_loss_coef x router_aux_loss where there is one
+        loss, *metrics = (value / step_units for value in sums.tolist())
         grad_norm = clip_gradients(run.model, config.max_grad_norm)
         if not (math.isfinite(loss) and math.isfinite(grad_norm)):
             raise TrainingError(
@@ -457,12 +577,14 @@ def loop(run: Run, stop: StopSignals) -> None:
             "step": state.step,  # 1-based, as in the progress line and errors
             "epoch": plan.epoch,
             "samples_seen": state.samples_seen,
-            "sample_lines": sorted(cache.lines[all_indices].tolist()),  # data-file lines trained in this step
+            "sample_lines": sample_lines(cache, all_indices),  # data-file lines trained in this step
             "loss": loss,
             "lr": lr,
             "grad_norm": grad_norm,
             "tokens": step_tokens,
-            "trained_tokens": step_units,
+            "trained_tokens": int(cache.trained[all_indices].sum()),
+            **({"pairs": step_units} if cache.pairs else {}),
+            **dict(zip(run.objective.metrics, metrics)),  # the objective's, e.g. DPO's rewards/chosen
             "micro_steps": plan.num_micro_steps,
             "packing_utilisation": step_tokens / (plan.num_micro_steps * world.world_size * config.max_tokens_per_gpu),
             "tokens_per_s": step_tokens / seconds,
@@ -472,6 +594,8 @@ def loop(run: Run, stop: StopSignals) -> None:
         }
         if router_aux is not None:
             record["router_aux_loss"] = router_aux.item() / step_units
+        if run.source_names is not None:
+            record.update(source_metrics(run, all_indices, source_ce.tolist()))
         last_step = state.step == run.total_steps  # its export is written after the loop
         evaluation = None
         if validator is not None:  # the validator decides whether this step is its own
@@ -480,31 +604,62 @@ def loop(run: Run, stop: StopSignals) -> None:
                                               export_follows)
             if evaluation is not None:
                 record.update(validation_loss=evaluation.loss, validation_tokens=evaluation.tokens)
+                record.update({f"validation_{name}": value for name, value in evaluation.metrics.items()})
         run.log.step(record, evaluation, validator)
         signum = stop.agreed(world.device)  # collective: all ranks stop after the same step
         if run.checkpointer.after_step(state, signum, last_step):  # so does the checkpointer
+            run.log.progress.close()
             print0(f"stopped by {signal.Signals(signum).name} after step {state.step}; "
                    f"run the same command again to resume")
             return
+    run.log.progress.close()
     run.checkpointer.finish(state)
     if validator is not None:
         print0(f"validation: {validator.summary()}")
 
 
+def sample_lines(cache: TokenCache, indices: np.ndarray) -> list:
+    """The data-file lines of these samples, sorted; for a mixture, [file number, line] pairs."""
+    lines = cache.lines[indices].tolist()
+    if cache.sources is None:
+        return sorted(lines)
+    return sorted([int(s), line] for s, line in zip(cache.sources[indices], lines))
+
+
+def source_metrics(run: Run, indices: np.ndarray, ce_sums: list[float]) -> dict:
+    """A mixture's per-file figures for this step: samples seen so far, and the token-mean loss of the step."""
+    of_sample = run.cache.sources[indices]
+    record = {}
+    for k, name in enumerate(run.source_names):
+        mine = of_sample == k
+        run.state.source_samples[k] += int(mine.sum())
+        record[f"samples_seen/{name}"] = run.state.source_samples[k]
+        tokens = int(run.cache.trained[indices[mine]].sum())
+        if tokens:
+            record[f"loss/{name}"] = ce_sums[k] / tokens
+    return record
+
+
 def main(argv: list[str] | None = None) -> int:
-    config = parse_args(argv)
     rank, _, world_size, local_world_size = world_from_env()
     prefix = f"[rank {rank}] " if world_size > 1 else ""
+    try:
+        config = parse_args(argv)
+    except ConfigFileError as e:
+        print(f"{prefix}train.py: error: {e}", file=sys.stderr, flush=True)
+        return 2
     stop = StopSignals()
     try:
         validate(config, world_size, local_world_size, torch.cuda.is_available())
         stop.install()
-        world = init_distributed(config.distributed_backend)
+        world = init_distributed(config.distributed_backend, config.distributed_timeout_minutes)
         run = setup(config, world)
         try:
             loop(run, stop)
-        finally:
-            run.log.close()
+        except BaseException:
+            run.log.close(failed=True)
+            raise
+        run.log.close()
     except (ConfigError, DataError, SamplerError, TrainingError, CheckpointError, ValidationError, ModelError) as e:
         print(f"{prefix}train.py: error: {e}", file=sys.stderr, flush=True)
         return 2

@@ -59,7 +59,8 @@ FIXED_ON_RESUME = ("learning_rate", "weight_decay", "adam_beta1", "adam_beta2", 
 # content (its fingerprint), not by path, so a moved file resumes.
 CHANGE_THE_RUN = (
     "model_name_or_path", "batch_size", "max_tokens_per_gpu", "seed", "num_warmup_steps", "lr_scheduler",
-    "max_grad_norm", "validation_split",
+    "max_grad_norm", "validation_split", "loss_reduction", "objective", "dpo_beta", "simpo_beta", "simpo_gamma",
+    "preference_sft_weight",
 )
 # Decide when the run ends; with a decaying schedule they also set the length of the decay.
 STOP_CONDITIONS = ("max_epochs", "max_steps", "max_samples")
@@ -67,12 +68,18 @@ STOP_CONDITIONS = ("max_epochs", "max_steps", "max_samples")
 FREE_ON_RESUME = (
     "data_path", "output_dir", "min_samples_per_checkpoint", "checkpoint_every_steps", "keep_last_n_checkpoints",
     "keep_last_n_exports", "fsdp_sharding_strategy", "activation_checkpointing", "use_liger_kernels", "save_dtype",
-    "distributed_backend", "resume_from", "fresh", "allow_config_change",
+    "attn_implementation", "compile",
+    "distributed_backend", "distributed_timeout_minutes", "resume_from", "fresh", "allow_config_change",
     # Evaluation never changes the training computation; early stopping state is restored from the checkpoint.
     "validation_data_path", "eval_every_samples", "num_eval_generations", "eval_max_new_tokens",
     "early_stopping_patience", "early_stopping_min_delta", "tracker",
 )
 
+
+# Flags added after checkpoints already existed, with the value that reproduces how those checkpoints were trained:
+# a checkpoint without the key resumes as if it had been saved with that value.
+ADDED_LATER = {"loss_reduction": "tokens", "objective": "sft", "dpo_beta": 0.1, "simpo_beta": 2.0, "simpo_gamma": 0.5,
+               "preference_sft_weight": 0.0}
 
 # What trainer_state.json must hold for a run to resume from it.
 TRAINER_STATE = ("step", "samples_seen", "last_export_samples", "data", "scheduler", "world_size")
@@ -162,6 +169,7 @@ def read_saved_run(path: Path) -> tuple[dict, dict]:
         raise CheckpointError(
             f"cannot resume from {path}: {' '.join(str(e).split())}; pass another checkpoint or --fresh"
         ) from None
+    config = {**ADDED_LATER, **config}
     groups = (FIXED_ON_RESUME, CHANGE_THE_RUN, STOP_CONDITIONS, ("data_path",))
     missing = [k for group in groups for k in group if k not in config]
     missing += [f"trainer_state.json {k!r}" for k in TRAINER_STATE if k not in state]
@@ -187,7 +195,9 @@ def config_problems(saved: dict, current: dict, saved_data: str, current_data: s
     if current["lr_scheduler"] != "constant" or saved["lr_scheduler"] != "constant":
         changed += [f"{flag(k)} {saved[k]} -> {current[k]}" for k in STOP_CONDITIONS if saved[k] != current[k]]
     if saved_data != current_data:
-        changed.append(f"the data ({saved['data_path']}: {saved_data}) -> ({current['data_path']}: {current_data})")
+        paths = lambda config: " ".join(config["data_path"]) if isinstance(config["data_path"], list) else (  # noqa: E731
+            config["data_path"])
+        changed.append(f"the data ({paths(saved)}: {saved_data}) -> ({paths(current)}: {current_data})")
     if changed and not allow_change:
         problems.append(
             f"{'; '.join(changed)}: the resumed run would differ from the one checkpointed; pass the original "
@@ -279,7 +289,13 @@ def load(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, s
     trainer_state = read_json(path / "trainer_state.json")
     scheduler.load_state_dict(trainer_state["scheduler"])
     if trainer_state["world_size"] == world_size:
-        set_rng_states(load_rng_states(path / f"rng_rank{rank}.pt"))
+        states, error = None, None
+        try:
+            states = load_rng_states(path / f"rng_rank{rank}.pt")
+        except CheckpointError as e:
+            error = e
+        raise_if_any_rank_failed(error, CheckpointError)  # every rank stops with the same line
+        set_rng_states(states)
     return trainer_state
 
 
@@ -314,24 +330,35 @@ def rng_states() -> dict:
     return states
 
 
+# What checkpoints of earlier versions pickled besides tensors: numpy's state tuple. Only these data types are
+# allowed, never arbitrary code.
+LEGACY_RNG_GLOBALS = (np._core.multiarray._reconstruct, np.ndarray, np.dtype, np.dtypes.UInt32DType)
+
+
 def load_rng_states(path: Path) -> dict:
     try:
-        return torch.load(path, weights_only=True)
-    except (OSError, RuntimeError, pickle.UnpicklingError) as e:
-        reason = " ".join(str(e).split())[:300]
+        with torch.serialization.safe_globals(list(LEGACY_RNG_GLOBALS)):
+            return torch.load(path, weights_only=True)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: missing; resume from another checkpoint or start over with --fresh") from None
+    except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as e:
+        reason = " ".join(re.sub(r"\x1b\[[0-9;]*m", "", str(e)).split())[:300]  # torch colours its message
         raise CheckpointError(
-            f"{path}: not a random-number-generator state file of minitrain ({reason}); it may have been tampered "
-            f"with, so it is not loaded; resume from another checkpoint or start over with --fresh"
+            f"{path}: not a random-number-generator state file of minitrain, so it is not loaded (it may have been "
+            f"tampered with: {reason}); resume from another checkpoint or start over with --fresh"
         ) from None
 
 
 def set_rng_states(states: dict) -> None:
     torch.set_rng_state(states["torch"])
-    numpy = states["numpy"]
-    keys = numpy["keys"].numpy().astype(np.uint32)
-    np.random.set_state(("MT19937", keys, numpy["pos"], numpy["has_gauss"], numpy["cached_gaussian"]))
-    python = states["python"]
-    random.setstate((python["version"], tuple(python["state"].tolist()), python["gauss_next"]))
+    numpy, python = states["numpy"], states["python"]
+    if isinstance(numpy, dict):
+        numpy = ("MT19937", numpy["keys"].numpy().astype(np.uint32), numpy["pos"], numpy["has_gauss"],
+                 numpy["cached_gaussian"])
+    np.random.set_state(numpy)  # a tuple as np.random.get_state() gives it: an earlier version's checkpoint
+    if isinstance(python, dict):
+        python = (python["version"], tuple(python["state"].tolist()), python["gauss_next"])
+    random.setstate(python)
     if "cuda" in states and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(states["cuda"])
 
@@ -475,22 +502,20 @@ class RunState:
     samples_seen: int = 0
     last_export_samples: int = 0
     validation: dict | None = field(default=None)  # the validator's state (early stopping, best export)
+    source_samples: list[int] | None = None  # a mixture's samples seen, per file
 
     def to_json(self) -> dict:
-        state = asdict(self)
-        if state["validation"] is None:
-            del state["validation"]
-        return state
+        return {k: v for k, v in asdict(self).items() if v is not None or k not in ("validation", "source_samples")}
 
 
 class Checkpointer:
     """Writes the run's exports and full-state checkpoints when they are due. Collective: every rank calls it."""
 
-    def __init__(self, config, world: World, model, optimizer, scheduler, tokenizer, validator=None):
+    def __init__(self, config, world: World, model, optimizer, scheduler, tokenizer, validator, state: RunState):
         self.config, self.world = config, world
         self.model, self.optimizer, self.scheduler, self.tokenizer = model, optimizer, scheduler, tokenizer
         self.validator = validator
-        self.last_full_state_step = None
+        self.last_full_state_step = state.step  # a resumed run's step is saved already: finish() does not redo it
 
     def export_due(self, state: RunState) -> bool:
         """Whether this step's samples crossed a multiple of --min-samples-per-checkpoint since the last export."""
@@ -534,12 +559,12 @@ class Checkpointer:
             state.validation = self.validator.state_dict()
         trainer_state = {**state.to_json(), "scheduler": self.scheduler.state_dict()}
         path = save(root, state.step, self.model, self.optimizer, trainer_state, asdict(self.config))
-        print0(f"saved {path}")
         self.last_full_state_step = state.step
         keep = self.config.keep_last_n_checkpoints
         if self.world.is_main and keep is not None:
             for old in prune(root, keep):
                 print0(f"removed {old} (--keep-last-n-checkpoints {keep})")
+        print0(f"saved {path}")
         return path
 
 

@@ -10,6 +10,7 @@ single-process answer) outside torchrun, so `python train.py` runs the same code
 
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -36,9 +37,18 @@ def world_from_env() -> tuple[int, int, int, int]:
     return env("RANK", 0), env("LOCAL_RANK", 0), env("WORLD_SIZE", 1), env("LOCAL_WORLD_SIZE", 1)
 
 
-def init_distributed(backend: str) -> World:
+# Waiting for one rank's long work (building the token cache at ~4M tokens/s, a model load, an export to slow
+# storage) happens in raise_if_any_rank_failed, on a CPU (gloo) group of its own with this timeout, never in a
+# collective of the training group, whose timeout (--distributed-timeout-minutes; NCCL's default is 10 minutes)
+# would otherwise kill the first multi-GPU run on a large data set.
+PATIENT_TIMEOUT = timedelta(hours=24)
+_patient_group = None
+
+
+def init_distributed(backend: str, timeout_minutes: float = 60) -> World:
     """The device (this local rank's GPU, else the CPU) and, under torchrun, the process group (`auto`: nccl on CUDA,
-    gloo on CPU)."""
+    gloo on CPU) with `timeout_minutes` for its collectives, plus the patient group (see PATIENT_TIMEOUT)."""
+    global _patient_group
     rank, local_rank, world_size, local_world_size = world_from_env()
     device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
     if device.type == "cuda":
@@ -46,13 +56,17 @@ def init_distributed(backend: str) -> World:
     if world_size > 1:
         if backend == "auto":
             backend = "nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(backend, device_id=device if device.type == "cuda" else None)
+        dist.init_process_group(backend, device_id=device if device.type == "cuda" else None,
+                                timeout=timedelta(minutes=timeout_minutes))
+        _patient_group = dist.new_group(backend="gloo", timeout=PATIENT_TIMEOUT)
     return World(rank, local_rank, world_size, local_world_size, device)
 
 
 def cleanup_distributed() -> None:
+    global _patient_group
     if dist.is_initialized():
         dist.destroy_process_group()
+    _patient_group = None
 
 
 def print0(*args, **kwargs) -> None:
@@ -63,7 +77,9 @@ def print0(*args, **kwargs) -> None:
 
 def raise_if_any_rank_failed(error: BaseException | None, error_type: type[Exception], what: str = "") -> None:
     """Collective (and barrier): if any rank failed, every rank raises `error_type` with the first rank's message,
-    so none waits forever in the next collective. `what` prefixes the message ("cannot write X: ...")."""
+    so none waits forever in the next collective. `what` prefixes the message ("cannot write X: ...").
+
+    It runs on the patient group: the ranks that arrive first may wait here for hours on one rank's long work."""
     message = None if error is None else f"{what}: {error}" if what else str(error)
     if not dist.is_initialized():
         if isinstance(error, error_type) and not what:
@@ -72,7 +88,7 @@ def raise_if_any_rank_failed(error: BaseException | None, error_type: type[Excep
             raise error_type(message) from None
         return
     messages = [None] * dist.get_world_size()
-    dist.all_gather_object(messages, message)
+    dist.all_gather_object(messages, message, group=_patient_group)
     failed = [m for m in messages if m is not None]
     if failed:
         raise error_type(failed[0])

@@ -23,6 +23,8 @@ import math
 import sys
 from dataclasses import dataclass
 
+import importlib.util
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -148,23 +150,38 @@ def decoder_blocks(lm: nn.Module) -> nn.ModuleList:
 # Attention kernel and Liger kernels per family
 
 
-def attention_implementation(model_class: type, device: torch.device) -> str:
-    """The fastest kernel the family supports that isolates packed samples through position_ids restarting at 0
-    (with no attention mask and no KV cache): flash-attention varlen, SDPA or flex with a block-diagonal mask, eager
-    with the same mask. Gemma-2 (and BLOOM) have no SDPA: flex on GPUs, eager on CPU. The probe checks the result."""
+def attention_implementation(model_class: type, device: torch.device, asked: str = "auto", hf_config=None) -> str:
+    """--attn-implementation `asked`, or for "auto" the fastest kernel the family supports that isolates packed
+    samples: on CUDA flash-attention when installed, else minitrain's variable-length kernel (attention.py; for
+    families with transformers' flash-attention code path and no attention softcapping); SDPA or flex with a
+    block-diagonal mask from position_ids; eager with the same mask. Gemma-2 (and BLOOM) have no SDPA: flex on
+    GPUs, eager on CPU. The probe checks the result."""
+    from minitrain import attention
+
+    if asked != "auto":
+        return asked
     cuda = device.type == "cuda"
     if cuda and getattr(model_class, "_supports_flash_attn", False):
-        try:
-            import flash_attn  # noqa: F401
-
-            return "flash_attention_2"
-        except ImportError:
-            pass
+        for name, package in (("flash_attention_3", "flash_attn_interface"), ("flash_attention_2", "flash_attn")):
+            if importlib.util.find_spec(package) is not None:
+                return name
+        if getattr(hf_config, "attn_logit_softcapping", None) is None:
+            return attention.VARLEN
     if getattr(model_class, "_supports_sdpa", False):
         return "sdpa"
     if cuda and getattr(model_class, "_supports_flex_attn", False):
         return "flex_attention"
     return "eager"
+
+
+def causal_lm_class(hf_config) -> type:
+    from transformers import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    model_class = MODEL_FOR_CAUSAL_LM_MAPPING.get(type(hf_config), None)
+    if model_class is None:
+        raise ModelError(f"model type {family(hf_config)!r} has no causal-LM class in transformers; "
+                         f"minitrain trains causal LMs only")
+    return model_class
 
 
 # Everything Liger's model patches can replace, minus the losses (the trainer computes its own, see loss.py).

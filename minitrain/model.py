@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from minitrain import families
+from minitrain import attention, families
 from minitrain.distributed import World, print0, raise_if_any_rank_failed
 from minitrain.families import ModelError, decoder_blocks  # train.py catches ModelError imported from here
 from minitrain.loss import HeadCrossEntropy
@@ -42,11 +42,20 @@ class PackedCausalLM(nn.Module):
         self.router_aux = families.router_aux_loss(lm)
         self.router_aux_sum = None  # sum over the packs trained since the last pop of n_trained * aux loss
         self.adapter = adapter or FullFineTuning()
+        self.attention_takes_boundaries = lm.config._attn_implementation in attention.WITH_BOUNDARIES
 
-    def forward(self, input_ids, position_ids, positions, targets) -> torch.Tensor:
+    def forward(self, input_ids, position_ids, positions, targets, row_weights=None, row_ce_out=None,
+                cu_seq_lens=None, max_length=None, per_token: bool = False) -> torch.Tensor:
+        """The summed CE of the trained positions (each weighted by `row_weights` when given; `row_ce_out` receives
+        each one's CE for metrics), or with `per_token` each one's CE, (N,) (for objectives that weigh positions
+        nonlinearly, e.g. DPO's per-sequence log-probs). Through forward either way, so FSDP's root hooks run."""
         # attention_mask=None + position_ids restarting at 0 + no KV cache: transformers builds a block-diagonal
-        # mask (or uses flash-attention varlen), so no token attends to another sample of the pack.
+        # mask (SDPA, eager), so no token attends to another sample of the pack. Variable-length kernels get the
+        # samples' boundaries instead (attention.py), computed on the host once per pack.
         extra = {"output_router_logits": True} if self.router_aux is not None else {}
+        if self.attention_takes_boundaries and cu_seq_lens is not None:
+            extra.update(cu_seq_lens_q=cu_seq_lens, cu_seq_lens_k=cu_seq_lens, max_length_q=max_length,
+                         max_length_k=max_length)
         out = self.lm.base_model(input_ids=input_ids, position_ids=position_ids, use_cache=False, **extra)
         hidden = out.last_hidden_state[0]  # (T, H)
         head = self.lm.get_output_embeddings()
@@ -54,8 +63,13 @@ class PackedCausalLM(nn.Module):
             # Dummy pack or nothing trained: still run the head on one position, times zero, so every parameter gets
             # a (zero) gradient and this rank issues the same FSDP collectives as the others.
             loss = self.head_loss(head, hidden[:1], input_ids[0, :1]) * 0.0
+        elif per_token:
+            if self.router_aux is not None:
+                raise ModelError("preference objectives do not add a mixture-of-experts router's auxiliary loss "
+                                 "yet; set the config's output_router_logits to false or use --objective sft")
+            return self.head_loss.per_row(head, hidden[positions], targets)  # (N, H) -> (N,)
         else:
-            loss = self.head_loss(head, hidden[positions], targets)  # (N, H) -> scalar
+            loss = self.head_loss(head, hidden[positions], targets, row_weights, row_ce_out)  # (N, H) -> scalar
         if self.router_aux is not None:
             # The model adds coef * aux to its token-mean CE for each forward; weighting each pack's aux by its
             # trained tokens makes the step's loss (sum / step's trained tokens) exactly that for a one-pack step,
@@ -138,18 +152,42 @@ def shard_model(model: PackedCausalLM, strategy: str, world: World) -> None:
     fully_shard(model, mesh=mesh, reshard_after_forward=reshard, mp_policy=mp)
 
 
+# Activations kept for the backward per layer and token, per hidden unit, without checkpointing (fp32; measured on
+# SmolLM2-135M on CPU: about 60 bytes).
+ACTIVATION_BYTES = 60
+
+
+def checkpointing_needed(hf_config, tokens_per_rank: int, world: World) -> tuple[bool, str]:
+    """Whether a packed row's activations need recomputation: on when they would take more than half the memory
+    free to this rank (the GPU's, or the machine's shared by the ranks on it). Checkpointing costs ~25% more compute,
+    so it is off when memory allows."""
+    layers = getattr(hf_config, "num_hidden_layers", None) or getattr(hf_config, "n_layer", 0)
+    hidden = getattr(hf_config, "hidden_size", None) or getattr(hf_config, "n_embd", 0)
+    need = layers * tokens_per_rank * hidden * ACTIVATION_BYTES
+    if world.device.type == "cuda":
+        free = torch.cuda.mem_get_info(world.device)[0]
+    else:
+        free = available_host_memory() // world.local_world_size
+    verdict = need > free // 2
+    return verdict, f"activations ~{need / 2**30:.1f} GiB per rank, {free / 2**30:.1f} GiB free"
+
+
+def available_host_memory() -> int:
+    for line in open("/proc/meminfo"):
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
 def build_model(config, world: World, adapter: FullFineTuning | None = None) -> PackedCausalLM:
     """The training model for `config` (model_name_or_path, use_liger_kernels, activation_checkpointing,
     fsdp_sharding_strategy): FSDP2-sharded on every rank under torchrun, a plain module in one process."""
-    from transformers import MODEL_FOR_CAUSAL_LM_MAPPING, AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     adapter = adapter or FullFineTuning()
     hf_config = AutoConfig.from_pretrained(config.model_name_or_path)
-    model_class = MODEL_FOR_CAUSAL_LM_MAPPING.get(type(hf_config), None)
-    if model_class is None:
-        raise ModelError(f"model type {families.family(hf_config)!r} has no causal-LM class in transformers; "
-                         f"minitrain trains causal LMs only")
-    attn = families.attention_implementation(model_class, world.device)
+    model_class = families.causal_lm_class(hf_config)
+    attn = families.attention_implementation(model_class, world.device, config.attn_implementation, hf_config)
 
     def load():
         return AutoModelForCausalLM.from_pretrained(
@@ -173,13 +211,23 @@ def build_model(config, world: World, adapter: FullFineTuning | None = None) -> 
         if unwrapped:
             raise ModelError(f"model type {families.family(hf_config)!r}: blocks {unwrapped} are not activation-"
                              f"checkpointed by transformers; pass --no-activation-checkpointing")
+    if config.compile:
+        for block in blocks:
+            block.compile(dynamic=True)  # each block's forward (dynamic: packs change length every micro-step)
     model = PackedCausalLM(lm, adapter, config.use_liger_kernels)
     if world.world_size > 1:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
         shard_model(model, config.fsdp_sharding_strategy, world)
         model.to_empty(device=world.device)
-        full = load() if world.is_main else None
+        full, error = None, None
+        if world.is_main:
+            try:
+                full = load()
+            except (OSError, ValueError) as e:
+                error = ModelError(f"--model-name-or-path {config.model_name_or_path}: cannot load its weights "
+                                   f"({' '.join(str(e).split())[:300]})")
+        raise_if_any_rank_failed(error, ModelError)  # the others wait here, not in the broadcast's collective
         options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
         set_model_state_dict(lm, full.state_dict() if world.is_main else {}, options=options)
         # Buffers (e.g. rotary inv_freq) are not in the state dict and were left uninitialised by to_empty.

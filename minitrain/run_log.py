@@ -1,10 +1,11 @@
 """What a run prints and logs, on rank 0: metrics.jsonl (one record per step), the progress line, the validation
-replies (generations.jsonl) and, when asked for, a tracker (Weights & Biases or TensorBoard through their public
-APIs), which gets every number of each step's record.
+replies (generations.jsonl) and, when asked for, a tracker (Weights & Biases, TensorBoard or MLflow through their
+public APIs), which gets every number of each step's record.
 """
 
 import importlib.util
 import json
+import os
 from dataclasses import asdict
 from pathlib import Path
 
@@ -14,7 +15,7 @@ from minitrain.checkpoint import GENERATIONS, METRICS
 from minitrain.distributed import World
 from minitrain.validation import generation_records
 
-TRACKERS = ("wandb", "tensorboard")
+TRACKERS = ("wandb", "tensorboard", "mlflow")
 
 
 class RunLog:
@@ -49,10 +50,10 @@ class RunLog:
         if self.tracker is not None:
             self.tracker.log(record, record["step"])
 
-    def close(self) -> None:
+    def close(self, failed: bool = False) -> None:
         self.progress.close()
         if self.tracker is not None:
-            self.tracker.close()
+            self.tracker.close(failed)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -82,8 +83,8 @@ class WandbTracker:
     def log(self, record: dict, step: int) -> None:
         self.run.log(scalars(record), step=step)
 
-    def close(self) -> None:
-        self.run.finish()
+    def close(self, failed: bool = False) -> None:
+        self.run.finish(exit_code=1 if failed else 0)
 
 
 class TensorBoardTracker:
@@ -95,16 +96,39 @@ class TensorBoardTracker:
             self.writer.add_scalar(key, value, step)
         self.writer.flush()  # a crashed run keeps every step it logged
 
-    def close(self) -> None:
+    def close(self, failed: bool = False) -> None:
         self.writer.close()
 
 
-def open_tracker(name: str, output_dir: Path, config: dict) -> WandbTracker | TensorBoardTracker:
-    """Rank 0 only. W&B takes its project and entity from WANDB_PROJECT / WANDB_ENTITY as usual."""
+class MlflowTracker:
+    def __init__(self, mlflow):
+        self.mlflow = mlflow
+
+    def log(self, record: dict, step: int) -> None:
+        self.mlflow.log_metrics(scalars(record), step=step)
+
+    def close(self, failed: bool = False) -> None:
+        self.mlflow.end_run(status="FAILED" if failed else "FINISHED")
+
+
+def open_tracker(name: str, output_dir: Path, config: dict) -> WandbTracker | TensorBoardTracker | MlflowTracker:
+    """Rank 0 only. W&B takes its project and entity from WANDB_PROJECT / WANDB_ENTITY as usual; MLflow its server
+    from MLFLOW_TRACKING_URI and its experiment from MLFLOW_EXPERIMENT_NAME (default "minitrain"). Without a
+    tracking URI, MLflow writes a local file store into <output-dir>/mlruns (`mlflow ui --backend-store-uri` it)."""
     if name == "wandb":
         import wandb
 
         return WandbTracker(wandb.init(dir=str(output_dir), config=config))
+    if name == "mlflow":
+        if not os.environ.get("MLFLOW_TRACKING_URI"):
+            os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")  # MLflow 3 asks for this opt-in
+            os.environ["MLFLOW_TRACKING_URI"] = (output_dir / "mlruns").resolve().as_uri()
+        import mlflow
+
+        mlflow.set_experiment(os.environ.get("MLFLOW_EXPERIMENT_NAME", "minitrain"))
+        mlflow.start_run()
+        mlflow.log_params({k: str(v) for k, v in config.items()})
+        return MlflowTracker(mlflow)
     from torch.utils.tensorboard import SummaryWriter
 
     return TensorBoardTracker(SummaryWriter(log_dir=str(output_dir / "tensorboard")))

@@ -14,7 +14,7 @@ parameters back into shards.
 """
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -95,20 +95,22 @@ def generation_prompts(cache: TokenCache, indices: np.ndarray, count: int) -> li
 
 @torch.no_grad()
 def validation_loss(model, objective, cache: TokenCache, packs: list[np.ndarray], device: torch.device
-                    ) -> tuple[float, int]:
-    """(the objective's mean loss over the whole set, its units, e.g. trained tokens). Collective: every rank passes
-    its own packs, and all ranks have the same number of them (see plan_validation)."""
-    totals = torch.zeros(2, dtype=torch.float64, device=device)  # (loss sum, units) of this rank
+                    ) -> tuple[float, int, dict[str, float]]:
+    """(the objective's mean loss over the whole set, its units (e.g. trained tokens), the mean of each of its
+    metrics over the set). Collective: every rank passes its own packs, and all ranks have the same number of them
+    (see plan_validation)."""
+    totals = torch.zeros(2 + len(objective.metrics), dtype=torch.float64, device=device)  # (loss, units, metrics)
     for indices in packs:
         pack = objective.pack(cache, indices).to(device)
         with compute_autocast(model, device):
-            loss_sum = objective.loss_sum(model, pack)
+            loss_sum, metric_sums = objective.loss_sum(model, pack, cache, indices)
         totals[0] += loss_sum.double()
         totals[1] += objective.step_units(cache, indices)
+        totals[2:] += metric_sums.double()
     if dist.is_initialized():
         dist.all_reduce(totals)
-    ce_sum, tokens = totals.tolist()
-    return ce_sum / tokens, int(tokens)
+    loss_sum, units, *metric_sums = totals.tolist()
+    return loss_sum / units, int(units), {name: m / units for name, m in zip(objective.metrics, metric_sums)}
 
 
 @torch.no_grad()
@@ -159,6 +161,7 @@ class ValidationResult:
     loss: float
     tokens: int
     replies: list[list[int]]  # one per generation prompt
+    metrics: dict[str, float] = field(default_factory=dict)  # the objective's metrics (DPO: rewards/chosen, ...)
 
 
 @dataclass
@@ -178,13 +181,13 @@ class ValidationSet:
         devices = [device] if device.type == "cuda" else []
         try:
             with torch.random.fork_rng(devices=devices):
-                loss, tokens = validation_loss(model, self.objective, self.cache, self.packs, device)
+                loss, tokens, metrics = validation_loss(model, self.objective, self.cache, self.packs, device)
                 replies = []
                 if self.prompts:
                     replies = generate_replies(model, self.prompts, self.max_new_tokens, self.eos_token_ids, device)
         finally:
             model.train(was_training)
-        return ValidationResult(loss, tokens, replies)
+        return ValidationResult(loss, tokens, replies, metrics)
 
 
 def plan_validation_set(
@@ -300,21 +303,23 @@ class Validator:
 
     def state_dict(self) -> dict:
         """What a full-state checkpoint keeps, so a resumed run stops early and names the best as it would have."""
-        state = {k: getattr(self, k) for k in STATE_KEYS}
+        state = {key: getattr(self, name) for key, name in STATE_KEYS.items()}
         if self.stopper is not None:
             state["stopper"] = asdict(self.stopper)
         return state
 
     def load_state_dict(self, state: dict) -> None:
-        for key in STATE_KEYS:
-            setattr(self, key, state[key])
+        for key, name in STATE_KEYS.items():
+            setattr(self, name, state[key])
         if self.stopper is not None and "stopper" in state:
             saved = state["stopper"]
             self.stopper.best_loss, self.stopper.best_samples = saved["best_loss"], saved["best_samples"]
             self.stopper.evaluations_without_improvement = saved["evaluations_without_improvement"]
 
 
-STATE_KEYS = ("last_samples", "last_loss", "best_export", "best_export_loss")
+# trainer_state.json's keys (as earlier versions wrote them) -> attributes
+STATE_KEYS = {"last_samples": "last_samples", "last_loss": "last_loss", "best_checkpoint": "best_export",
+              "best_checkpoint_loss": "best_export_loss"}
 
 
 def build_validator(config, objective, world: World, cache: TokenCache | None, held_out: np.ndarray | None,
@@ -329,7 +334,8 @@ def build_validator(config, objective, world: World, cache: TokenCache | None, h
     stopper = None
     if config.early_stopping_patience is not None:
         stopper = EarlyStopping(config.early_stopping_patience, config.early_stopping_min_delta)
-    print0(f"validation: {len(indices)} samples, {objective.step_units(cache, indices)} {objective.unit}, "
+    units = "pairs" if cache.pairs else "samples"
+    print0(f"validation: {len(indices)} {units}, {objective.step_units(cache, indices)} {objective.unit}, "
            f"{len(validation_set.packs)} micro-steps and {len(validation_set.prompts)} generations per evaluation")
     return Validator(validation_set, config.eval_every_samples, stopper)
 

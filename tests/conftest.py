@@ -86,3 +86,7 @@ def tiny_model_dir(tmp_path_factory, tokenizer_dir):
         return built[arch]
 
     return get
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "cuda: needs a CUDA GPU (`pytest -m cuda`); skipped without one")

@@ -465,3 +465,40 @@ def test_rng_states_round_trip_as_plain_tensors_and_a_tampered_file_is_refused_u
     with pytest.raises(checkpoint.CheckpointError, match="rng_rank0.pt: not a random-number-generator state file"):
         checkpoint.load(path, model, optimizer, scheduler)
     assert not marker.exists()
+
+
+def test_rng_states_of_an_earlier_version_still_resume(tmp_path):
+    """Checkpoints written before RNG states were saved as tensors pickled numpy's state tuple: still loaded, with
+    weights_only=True and numpy's array types allowed, nothing else."""
+    import random
+
+    import numpy as np
+    import torch
+
+    model = torch.nn.Linear(3, 2)
+    optimizer = torch.optim.AdamW(model.parameters())
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    state = {"samples_seen": 4, "last_export_samples": 4, "data": "x", "scheduler": scheduler.state_dict()}
+    path = checkpoint.save(tmp_path, 1, model, optimizer, state, {"run": "this"})
+    torch.manual_seed(3), np.random.seed(4), random.seed(5)
+    torch.save({"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()},
+               path / "rng_rank0.pt")  # as the earlier version wrote it
+    expected = (torch.rand(3), np.random.standard_normal(3), random.random())
+    torch.manual_seed(0), np.random.seed(0), random.seed(0)
+    checkpoint.load(path, model, optimizer, scheduler)
+    restored = (torch.rand(3), np.random.standard_normal(3), random.random())
+    assert torch.equal(expected[0], restored[0]) and np.array_equal(expected[1], restored[1])
+    assert expected[2] == restored[2]
+
+
+def test_running_a_finished_run_again_rewrites_nothing(setup, tmp_path, capsys):
+    root, data, model_dir = setup
+    args = [*train_args(data, model_dir, tmp_path / "out"), "--max-steps", "2", "--checkpoint-every-steps", "1"]
+    code, out, err = run_main(args, capsys)
+    assert code == 0, err
+    saves = tmp_path / "out" / "checkpoints"
+    before = {p.name: (p / checkpoint.COMPLETE).stat().st_mtime_ns for p in saves.iterdir()}
+    code, out, err = run_main(args, capsys)
+    assert code == 0, err
+    assert "resumed from" in out and "saved" not in out  # nothing left to train, so nothing to save
+    assert {p.name: (p / checkpoint.COMPLETE).stat().st_mtime_ns for p in saves.iterdir()} == before

@@ -143,6 +143,26 @@ def grad_worker(model_dir: str, data_path: str, out_dir: str) -> None:
             reloaded_loss = PackedCausalLM(reloaded)(pack.input_ids, pack.position_ids, pack.positions, pack.targets)
         report["loss_diff"] = abs(reloaded_loss.item() - trained_loss.item())
         report["reloaded_dtype"] = str(reloaded.dtype)
+
+    # --loss-reduction sequences: the mean over the step's 8 samples of each sample's token mean, on 2 ranks with
+    # skewed micro-steps, against the model's own forward + plain cross-entropy one sample at a time.
+    sharded = build_model(replace(config, fsdp_sharding_strategy="FULL_SHARD"), d)
+    local_sum = train.forward_backward(sharded, SFT("sequences"), cache, packs, 8, d.world_size, d.device)
+    dist.all_reduce(local_sum)
+    grads = {n: p.grad.full_tensor() for n, p in sharded.lm.named_parameters()}
+    if d.is_main:
+        lm = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+        truth = 0.0
+        for i in range(8):
+            start, end = int(cache.offsets[i]), int(cache.offsets[i + 1])
+            ids = torch.from_numpy(cache.input_ids[start:end].astype(np.int64))[None]
+            labels = torch.from_numpy(cache.labels[start:end].astype(np.int64))
+            logits = lm(input_ids=ids, use_cache=False).logits[0, :-1]
+            truth = truth + torch.nn.functional.cross_entropy(logits, labels[1:], ignore_index=-100) / 8
+        truth.backward()
+        rel = {n: ((grads[n] - p.grad).abs().max() / p.grad.abs().max()).item() for n, p in lm.named_parameters()}
+        report["sequences"] = {"loss": local_sum.item() / 8, "truth": truth.item(), "max_rel": max(rel.values()),
+                               "names": sorted(rel) == sorted(grads)}
         Path(out_dir, "report.json").write_text(json.dumps(report))
     cleanup_distributed()
 
@@ -161,6 +181,9 @@ def test_two_ranks_with_skewed_micro_steps_give_the_single_process_gradient(tmp_
     assert report["weights_changed"] > 1e-3  # the optimizer step happened, so the comparison below means something
     assert report["logits_max_diff"] < 1e-5 and report["loss_diff"] < 1e-4
     assert report["reloaded_dtype"] == "torch.float32"
+    sequences = report["sequences"]
+    assert sequences["names"] and sequences["loss"] == pytest.approx(sequences["truth"], rel=1e-6)
+    assert sequences["max_rel"] < 1e-5, sequences["max_rel"]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -252,12 +275,12 @@ def test_total_steps_is_the_first_stop_condition_reached():
 
     planner = MultipackPlanner(np.full(10, 5), batch_size=4, max_tokens_per_rank=64, world_size=2)  # 3 steps/epoch
     config = lambda **stop: TrainConfig("d", "m", "o", batch_size=4, max_tokens_per_gpu=64, **stop)  # noqa: E731
-    assert count_total_steps(config(), planner, 10) is None  # until stopped
-    assert count_total_steps(config(max_epochs=2), planner, 10) == 6
-    assert count_total_steps(config(max_steps=5), planner, 10) == 5
-    assert count_total_steps(config(max_samples=10), planner, 10) == 3  # steps of 4, 4, 2 samples
-    assert count_total_steps(config(max_samples=13), planner, 10) == 4  # 4 + 4 + 2, then 4 more: 14 >= 13
-    assert count_total_steps(config(max_samples=13, max_epochs=1), planner, 10) == 3
+    assert count_total_steps(config(), planner) is None  # until stopped
+    assert count_total_steps(config(max_epochs=2), planner) == 6
+    assert count_total_steps(config(max_steps=5), planner) == 5
+    assert count_total_steps(config(max_samples=10), planner) == 3  # steps of 4, 4, 2 samples
+    assert count_total_steps(config(max_samples=13), planner) == 4  # 4 + 4 + 2, then 4 more: 14 >= 13
+    assert count_total_steps(config(max_samples=13, max_epochs=1), planner) == 3
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -307,7 +307,7 @@ def test_every_evaluation_flag_problem_is_reported_together(tmp_path, capsys):
         "--data-path", str(data), "--model-name-or-path", str(tmp_path), "--output-dir", str(tmp_path / "out"),
         "--batch-size", "4", "--max-tokens-per-gpu", "64", "--validation-split", "1.5",
         "--validation-data-path", str(tmp_path / "missing.jsonl"), "--eval-every-samples", "0",
-        "--num-eval-generations", "-1", "--early-stopping-min-delta", "-0.1", "--tracker", "mlflow",
+        "--num-eval-generations", "-1", "--early-stopping-min-delta", "-0.1", "--tracker", "comet",
     ])
     err = capsys.readouterr().err
     assert code == 2 and len(err.strip().splitlines()) == 1
@@ -315,7 +315,7 @@ def test_every_evaluation_flag_problem_is_reported_together(tmp_path, capsys):
         "--validation-data-path and --validation-split each give a validation set; pass one of them",
         "missing.jsonl: no such file", "--validation-split is the fraction of samples held out, in (0, 1); got 1.5",
         "--eval-every-samples must be >= 1, got 0", "--num-eval-generations must be >= 0, got -1",
-        "--early-stopping-min-delta must be >= 0, got -0.1", "--tracker 'mlflow' is unknown",
+        "--early-stopping-min-delta must be >= 0, got -0.1", "--tracker 'comet' is unknown",
     ):
         assert message in err
     capsys.readouterr()
@@ -388,8 +388,8 @@ def test_trackers_log_the_numbers_of_each_record_and_a_missing_package_is_a_clea
         def log(self, values, step):
             self.calls.append((values, step))
 
-        def finish(self):
-            self.calls.append("finished")
+        def finish(self, exit_code=0):
+            self.calls.append("finished" if exit_code == 0 else "failed")
 
     record = {"step": 3, "loss": 1.5, "validation_loss": 1.7, "sample_lines": [1, 2], "stopped": True}
     writer, run = Writer(), Run()
@@ -401,9 +401,9 @@ def test_trackers_log_the_numbers_of_each_record_and_a_missing_package_is_a_clea
     assert run.calls == [({"step": 3.0, "loss": 1.5, "validation_loss": 1.7}, 3), "finished"]
 
     assert tracker_problem(None) is None
-    assert "--tracker 'mlflow' is unknown; use one of wandb, tensorboard" in tracker_problem("mlflow")
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)  # neither package installed
-    for name in ("wandb", "tensorboard"):
+    assert "--tracker 'comet' is unknown; use one of wandb, tensorboard, mlflow" in tracker_problem("comet")
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)  # no package installed
+    for name in ("wandb", "tensorboard", "mlflow"):
         assert tracker_problem(name) == (f"--tracker {name} needs the {name} package, which is not installed; "
                                          f"pip install {name}")
 
@@ -431,3 +431,25 @@ def test_plot_errors_are_one_line_naming_the_file_and_the_fix(tmp_path, capsys):
 
 if __name__ == "__main__":
     eval_worker(*sys.argv[1:4])
+
+
+def test_mlflow_tracker_logs_every_step_to_a_local_file_store(tmp_path, capsys, monkeypatch, tiny_model_dir):
+    mlflow = pytest.importorskip("mlflow")
+    from mlflow.tracking import MlflowClient
+
+    store = (tmp_path / "mlruns").as_uri()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store)
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "minitrain-test")
+    data = write_data(tmp_path / "data.jsonl", 8, vocab=700, seed=2)
+    records, _ = train_in_process([
+        "--data-path", str(data), "--model-name-or-path", str(tiny_model_dir("llama")), "--output-dir",
+        str(tmp_path / "out"), "--batch-size", "4", "--max-tokens-per-gpu", "64", "--max-steps", "2",
+        "--tracker", "mlflow", "--save-dtype", "float32",
+    ], capsys)
+    client = MlflowClient(store)
+    [run] = client.search_runs([client.get_experiment_by_name("minitrain-test").experiment_id])
+    assert run.info.status == "FINISHED" and run.data.params["batch_size"] == "4"
+    losses = [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, "loss")]
+    assert losses == [(r["step"], pytest.approx(r["loss"])) for r in records]
+    assert mlflow.active_run() is None
