@@ -6,8 +6,8 @@
 For each model shape (Llama-3-8B, Qwen2.5-1.5B) and mode (eager, --compile): the model is built as train.py builds
 it (meta device, activation checkpointing, FSDP2 FULL_SHARD per block and root under torchrun, bf16 compute on fp32
 weights, the default attention kernel), then timed over optimizer steps of packed rows of --tokens-per-gpu tokens
-(samples of ~1k tokens, as chat data has) through train.forward_backward, clipping and the fused AdamW step. Reported per GPU:
-tokens/s, MFU by torchtitan's formula (6N + 12 L d T FLOP per token, N = non-embedding parameters, T = the
+(samples of ~1k tokens, as chat data has) through train.forward_backward, clipping and the fused AdamW step.
+Reported per GPU: tokens/s, MFU by torchtitan's formula (6N + 12 L d T FLOP per token, N = non-embedding parameters, T = the
 sequence length attention sees: the ~1k-token samples), peak memory. Writes bench/RESULTS_gpu.md.
 Published mark: torchtitan, Llama-3.1-8B, seq 8192, 8x H100, FSDP2 eager 5,762 tokens/s/GPU (~33% MFU), compiled
 6,667.
@@ -182,8 +182,8 @@ def main() -> None:
         lines = ["# GPU benchmark (bench/bench_gpu.py)\n",
                  f"{datetime.date.today()}, {results[0]['device']} x {world.world_size}, torch {torch.__version__}, "
                  f"attention {results[0]['attention']}, "
-                 f"{'FSDP2 FULL_SHARD' if world.world_size > 1 else 'one process'}, bf16 compute / fp32 weights, activation "
-                 f"checkpointing, {args.tokens_per_gpu} tokens per GPU per step in ~{args.sample_len}-token samples, "
+                 f"{'FSDP2 FULL_SHARD' if world.world_size > 1 else 'one process'}, bf16 compute / fp32 weights, "
+                 f"activation checkpointing, {args.tokens_per_gpu} tokens per GPU per step in ~{args.sample_len}-token samples, "
                  f"{args.steps} timed steps after 3 warm-up; MFU = tokens/s x (6N + 12 L d T) / dense bf16 peak.\n",
                  "| model | mode | tokens/s/GPU | MFU | peak memory (GiB) |", "|---|---|---|---|---|"]
         lines += [f"| {r['model']} | {r['mode']} | {r['tokens_per_s_per_gpu']:,.0f} | {r['mfu']:.1%} | "

@@ -139,11 +139,13 @@ def main() -> None:
         lines += [
             f"## Loss memory: vocabulary {args.loss_vocab}, {tokens} tokens, fp32, one forward+backward\n",
             "| path | peak RSS added | ratio to full logits |", "|---|---|---|",
-            f"| ours: chunked, 1024 rows of logits at a time | {mem['chunked']:.2f} GB | {mem['chunked'] / mem['full']:.3f}x |",
+            f"| ours: chunked, 1024 rows of logits at a time | {mem['chunked']:.2f} GB | "
+            f"{mem['chunked'] / mem['full']:.3f}x |",
             f"| full logits + cross_entropy | {mem['full']:.2f} GB | 1.00x |",
         ]
         if tokens != args.loss_tokens:
-            lines.append(f"\n{args.loss_tokens} tokens would need ~{2 * need:.0f} GB for full logits; measured at {tokens}.")
+            lines.append(f"\n{args.loss_tokens} tokens would need ~{2 * need:.0f} GB for full logits; "
+                         f"measured at {tokens}.")
     text = "\n".join(lines) + "\n"
     args.output.write_text(text)
     print(text)

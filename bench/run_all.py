@@ -27,7 +27,8 @@ def machine() -> str:
     cpu = platform.processor() or platform.machine()
     cpuinfo = Path("/proc/cpuinfo")
     if cpuinfo.exists():
-        names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines() if line.startswith("model name")]
+        names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
+                 if line.startswith("model name")]
         cpu = names[0] if names else cpu
     import torch
 
@@ -49,7 +50,8 @@ def main() -> None:
         "# minitrain benchmarks",
         "",
         f"{datetime.date.today().isoformat()}; {machine()}. Command: `python bench/run_all.py` "
-        f"({(time.time() - started) / 60:.1f} min: " + ", ".join(f"{a} {s / 60:.1f} min" for a, s in timings.items()) + ").",
+        f"({(time.time() - started) / 60:.1f} min: "
+        + ", ".join(f"{a} {s / 60:.1f} min" for a, s in timings.items()) + ").",
         "Every ratio compares with a baseline measured in the same run on the same machine.",
         "",
     ]
