@@ -58,7 +58,8 @@ class FullFineTuning:
     name = "full"
 
     def apply(self, lm: nn.Module) -> nn.Module:
-        """Before sharding (on the meta device for ranks > 0): change the module tree; nothing to change here."""
+        """Before sharding (on the meta device for ranks > 0), and on rank 0's full copy whose weights are broadcast
+        into the shards: change the module tree, the same way each time; nothing to change here."""
         return lm
 
     def trainable_parameters(self, model: nn.Module) -> list[nn.Parameter]:
@@ -73,6 +74,12 @@ class FullFineTuning:
             state = get_model_state_dict(model.lm, options=options)
             return state if world.is_main else None
         return {k: v.detach().cpu() for k, v in model.lm.state_dict().items()}
+
+    def write_export(self, lm: nn.Module, state: dict, tokenizer, dtype: torch.dtype, config: dict, final) -> None:
+        """Rank 0: the export folder `final` from export_state's `state` (atomic)."""
+        from minitrain.checkpoint import write_hf_folder
+
+        write_hf_folder(lm, state, tokenizer, dtype, config, final)
 
 
 def export_state(model: PackedCausalLM, world: World) -> dict | None:
@@ -164,7 +171,7 @@ def build_model(config, world: World, adapter: FullFineTuning | None = None) -> 
 
         shard_model(model, config.fsdp_sharding_strategy, world)
         model.to_empty(device=world.device)
-        full = load() if world.is_main else None
+        full = adapter.apply(load()) if world.is_main else None  # the module tree of the shards (LoRA layers)
         options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
         set_model_state_dict(lm, full.state_dict() if world.is_main else {}, options=options)
         # Buffers (e.g. rotary inv_freq) are not in the state dict and were left uninitialised by to_empty.
