@@ -34,7 +34,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from minitrain import atomic, checkpoint
+from minitrain import atomic, checkpoint, lora
 from minitrain.checkpoint import Checkpointer, CheckpointError, RunState, StopSignals
 from minitrain.data import DataError, TokenCache, load_data
 from minitrain.distributed import (
@@ -50,6 +50,7 @@ from sampler import MultipackPlanner, SamplerError
 LR_SCHEDULERS = ("constant", "linear", "cosine")
 SAVE_DTYPES = ("bfloat16", "float16", "float32")
 BACKENDS = ("auto", "nccl", "gloo")
+LORA_EXPORTS = lora.EXPORTS
 
 
 class ConfigError(ValueError):
@@ -116,6 +117,23 @@ class TrainConfig:
     early_stopping_patience: int | None = flag(None, "stop after this many evaluations in a row without improvement")
     early_stopping_min_delta: float = flag(0.0, "an improvement must lower the best validation loss by more than this")
     tracker: str | None = flag(None, " | ".join(TRACKERS) + " (optional packages, used only when asked for)")
+    # LoRA (minitrain/lora.py, with peft): adapters train, the base weights stay frozen.
+    lora: bool = flag(False, "train LoRA adapters instead of every weight; exports hold PEFT's adapter folder "
+                             "(samples_<N>/adapter) and/or the merged model (--lora-export)")
+    lora_r: int = flag(16, "the adapters' rank", aliases=["--lora-rank"])
+    lora_alpha: float = flag(32.0, "the adapters' output is scaled by alpha / r")
+    lora_dropout: float = flag(0.05, "dropout on the adapters' input")
+    lora_target_modules: list[str] | None = flag(
+        None, "module names to adapt (e.g. q_proj v_proj), or all-linear (default: every linear layer of the "
+              "decoder blocks)", nargs="+")
+    lora_modules_to_save: list[str] | None = flag(
+        None, "modules trained in full beside the adapters and saved with them (e.g. lm_head for new tokens)",
+        nargs="+")
+    lora_init: str = flag("default", "default (peft's: A Kaiming-uniform, B zero, so step 0 is the base model), "
+                                     "gaussian (A Gaussian, B zero) or random (B random too; step 0 differs)")
+    lora_export: str = flag("both", "what each export holds: PEFT's adapter folder, the merged model, or both",
+                            choices=LORA_EXPORTS)
+    qlora: bool = flag(False, "4-bit base weights (QLoRA, bitsandbytes); needs CUDA")
 
 
 def parse_args(argv: list[str] | None = None) -> TrainConfig:
@@ -123,8 +141,11 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
     hints = typing.get_type_hints(TrainConfig)
     for f in fields(TrainConfig):
         name, kind, kwargs = "--" + f.name.replace("_", "-"), hints[f.name], dict(f.metadata)
+        names = [name, *kwargs.pop("aliases", [])]
         if kind is bool:
             kwargs["action"] = argparse.BooleanOptionalAction if f.default else "store_true"
+        elif "nargs" in kwargs:  # a list of strings
+            kwargs["type"] = str
         else:
             options = [t for t in typing.get_args(kind) if t is not type(None)]
             kwargs["type"] = options[0] if isinstance(kind, types.UnionType) else kind
@@ -132,7 +153,7 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
             kwargs["required"] = True
         else:
             kwargs["default"] = f.default
-        p.add_argument(name, **kwargs)
+        p.add_argument(*names, **kwargs)
     return TrainConfig(**vars(p.parse_args(argv)))
 
 
@@ -141,7 +162,8 @@ def validate(config: TrainConfig, world_size: int, local_world_size: int, cuda: 
     problems = []
     if not Path(config.data_path).is_file():
         problems.append(f"--data-path {config.data_path}: no such file; pass the JSONL written by process_data.py")
-    problems += model_path_problems(config.model_name_or_path)
+    model_problems = model_path_problems(config.model_name_or_path)
+    problems += model_problems
     if config.batch_size < world_size:
         problems.append(
             f"--batch-size {config.batch_size} is smaller than the {world_size} ranks; every rank needs at least "
@@ -199,6 +221,7 @@ def validate(config: TrainConfig, world_size: int, local_world_size: int, cuda: 
             "--use-liger-kernels needs a GPU (on CPU only under TRITON_INTERPRET=1, which is slow and meant for tests)"
         )
     problems += validation_problems(config)
+    problems += lora.flag_problems(config, cuda, model_ok=not model_problems)
     if problems:
         raise ConfigError("; ".join(problems))
 
@@ -398,7 +421,10 @@ def setup(config: TrainConfig, world: World) -> Run:
     if world.is_main:
         checkpoint.tidy_output_dir(config.output_dir, config.fresh, resume, resumed_samples)
 
-    model = build_model(config, world)
+    model = build_model(config, world, lora.build_adapter(config))
+    trainable = sum(p.numel() for p in model.adapter.trainable_parameters(model))
+    total = sum(p.numel() for p in model.parameters())
+    print0(f"{model.adapter.name}: {trainable:,} of {total:,} parameters train ({100 * trainable / total:.2f}%)")
     optimizer, scheduler = build_optimizer(config, model.adapter.trainable_parameters(model), total_steps)
     if resume is not None:
         saved = checkpoint.load(resume, model, optimizer, scheduler)
