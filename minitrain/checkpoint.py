@@ -5,7 +5,7 @@
         metrics.jsonl, generations.jsonl    one record per step / per generated validation reply
         token_cache/                        the data's memory-mapped token cache (data.py)
         checkpoints/step_<N>/               full state after N optimizer steps, for an exact resume:
-            .metadata, __<rank>_0.distcp        model and optimizer state, sharded (torch.distributed.checkpoint)
+            .metadata, __<rank>_0.distcp        trained weights, optimizer state (torch.distributed.checkpoint, sharded)
             rng_rank<R>.pt                      each rank's random number generator states, as plain tensors
             trainer_state.json                  step, samples seen, LR scheduler state, world size, data fingerprint
             training_config.json                the run's flags

@@ -29,6 +29,7 @@ adapter folder would then need a modified base to serve).
 """
 
 import copy
+import warnings
 from pathlib import Path
 
 import torch
@@ -36,7 +37,7 @@ from torch import nn
 
 from minitrain import atomic
 from minitrain.distributed import World
-from minitrain.model import FullFineTuning, decoder_blocks
+from minitrain.model import FullFineTuning, ModelError, decoder_blocks
 
 ALL_LINEAR = "all-linear"
 EXPORTS = ("adapter", "merged", "both")
@@ -76,8 +77,10 @@ def inject(lm: nn.Module, peft_config, seed: int):
     PeftModel wrapper (callers that train keep only `lm`)."""
     from peft import get_peft_model
 
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
         torch.manual_seed(seed)
+        # peft 0.21 asks transformers 5 a deprecated question (is_gradient_checkpointing); nothing to act on
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
         return get_peft_model(lm, copy.deepcopy(peft_config))  # peft resolves all-linear into the config it gets
 
 
@@ -202,13 +205,26 @@ def module_problems(config) -> list[str]:
     names = [name for name, _ in lm.named_modules()]
     matches = lambda key: [n for n in names if n == key or n.endswith("." + key)]  # noqa: E731  (peft's rule)
     problems = []
-    linear = sorted({n.rsplit(".", 1)[-1] for block in decoder_blocks(lm)[:1] for n, m in block.named_modules()
-                     if isinstance(m, nn.Linear)})
+    try:
+        blocks = decoder_blocks(lm)
+    except ModelError as e:
+        return [str(e)]
+    linear = sorted({n.rsplit(".", 1)[-1] for n, m in blocks[0].named_modules() if isinstance(m, nn.Linear)})
     unknown = [t for t in listed(config.lora_target_modules) if t != ALL_LINEAR and not matches(t)]
     if unknown:
         problems.append(
             f"--lora-target-modules {' '.join(unknown)}: no module of {lm.config.model_type} is named so; "
             f"its decoder blocks' linear layers are {' '.join(linear)} (or pass {ALL_LINEAR})"
+        )
+    modules = dict(lm.named_modules())
+    adaptable = (nn.Linear, nn.Embedding, nn.Conv1d, nn.Conv2d)
+    not_layers = [t for t in listed(config.lora_target_modules) if t != ALL_LINEAR and matches(t)
+                  and not any(isinstance(modules[n], adaptable) for n in matches(t))]
+    if not_layers:
+        kinds = sorted({type(modules[n]).__name__ for t in not_layers for n in matches(t)})
+        problems.append(
+            f"--lora-target-modules {' '.join(not_layers)}: a {'/'.join(kinds)}, not a linear, embedding or "
+            f"convolution layer that LoRA adapts; name its layers instead, e.g. {' '.join(linear)}"
         )
     missing = [m for m in listed(config.lora_modules_to_save) if not matches(m)]
     if missing:

@@ -3,9 +3,9 @@
     meta device (ranks > 0) -> adapter.apply -> activation checkpointing -> fully_shard per block and root
     -> rank 0's weights broadcast into the shards
 
-The model adapter is the seam for *what trains and what an export holds*: `FullFineTuning` today (every weight
-trains, an export is the whole model); LoRA plugs in here (apply before sharding, adapters train, export adapters
-and the merged model). The objective (objectives.py) never learns which adapter is in use.
+The model adapter is the seam for *what trains and what an export holds*: `FullFineTuning` here (every weight
+trains, an export is the whole model); `LoRA` in lora.py (apply before sharding, adapters train, exports hold PEFT's
+adapter folder and the merged model). The objective (objectives.py) never learns which adapter is in use.
 
 `PackedCausalLM` is the module FSDP shards as its root: the Hugging Face causal LM run on one packed row, returning
 the summed cross-entropy of the positions whose next token is trained (loss.py computes it through the LM head).

@@ -184,6 +184,8 @@ def test_bad_lora_flags_are_one_line_before_any_weights_load(tmp_path, capsys, t
     assert "--lora-target-modules qkv: no module of qwen2 is named so; its decoder blocks' linear layers are " \
            "down_proj gate_proj k_proj o_proj q_proj up_proj v_proj (or pass all-linear)" in err
     assert "--lora-modules-to-save head: no module of qwen2 is named so" in err
+    code, err = run_main([*args, "--lora", "--lora-target-modules", "mlp"], capsys)
+    assert code == 2 and "--lora-target-modules mlp: a Qwen2MLP, not a linear, embedding or convolution layer" in err
     code, err = run_main([*args, "--lora-r", "8"], capsys)
     assert code == 2 and "--lora-r need --lora; add --lora or drop them" in err, err
     # The tiny llama ties lm_head to embed_tokens: a trained copy of one would untie them.
