@@ -265,14 +265,20 @@ def test_loss_falls_and_both_exports_give_the_live_logits(tmp_path, tiny_model_d
     assert not any("lora" in k for k in merged.state_dict())  # a plain model
 
 
-def test_adapter_only_export_and_bf16(tmp_path, tiny_model_dir):
+def test_adapter_only_and_merged_only_exports_in_bf16(tmp_path, tiny_model_dir):
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
     model_dir = tiny_model_dir("llama")
     data = write_data(tmp_path / "data.jsonl", 4, vocab=700)
-    run_in_process([*base_args(tmp_path, model_dir, data), "--max-steps", "1", *lora_flags("--lora-export", "adapter")])
+    args = [*base_args(tmp_path, model_dir, data), "--max-steps", "1"]
+    run_in_process([*args, *lora_flags("--lora-export", "merged"), "--output-dir", str(tmp_path / "merged")])
+    final = tmp_path / "merged" / "hf_format" / "samples_4"
+    assert not (final / "adapter").exists()
+    assert AutoModelForCausalLM.from_pretrained(final).dtype == torch.bfloat16
+
+    run_in_process([*args, *lora_flags("--lora-export", "adapter")])
     final = tmp_path / "out" / "hf_format" / "samples_4"
     assert not (final / "model.safetensors").exists() and (final / "tokenizer.json").exists()
     base = AutoModelForCausalLM.from_pretrained(model_dir)
