@@ -48,6 +48,7 @@ import torch.distributed as dist
 
 from minitrain import atomic
 from minitrain.distributed import World, print0, raise_if_any_rank_failed
+from minitrain.lora import LORA_DEFAULTS
 
 COMPLETE = "COMPLETE"
 STEP_DIR = re.compile(r"step_(\d+)")
@@ -75,6 +76,9 @@ FREE_ON_RESUME = (
     "early_stopping_patience", "early_stopping_min_delta", "tracker",
 )
 
+
+# Flags added since checkpoints were first written, with the value that does what the versions before them did.
+ADDED_LATER = {"lora": False, **LORA_DEFAULTS}
 
 # What trainer_state.json must hold for a run to resume from it.
 TRAINER_STATE = ("step", "samples_seen", "last_export_samples", "data", "scheduler", "world_size")
@@ -164,6 +168,7 @@ def read_saved_run(path: Path) -> tuple[dict, dict]:
         raise CheckpointError(
             f"cannot resume from {path}: {' '.join(str(e).split())}; pass another checkpoint or --fresh"
         ) from None
+    config = {**ADDED_LATER, **config}
     groups = (FIXED_ON_RESUME, CHANGE_THE_RUN, STOP_CONDITIONS, ("data_path",))
     missing = [k for group in groups for k in group if k not in config]
     missing += [f"trainer_state.json {k!r}" for k in TRAINER_STATE if k not in state]

@@ -314,6 +314,22 @@ def test_resume_with_dropout_gives_the_uninterrupted_losses(tmp_path, tiny_model
     assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)
 
 
+def test_a_checkpoint_from_before_lora_resumes_as_full_fine_tuning(tmp_path):
+    import train
+    from minitrain import checkpoint
+
+    config = train.TrainConfig("d", "m", str(tmp_path), batch_size=4, max_tokens_per_gpu=64)
+    old = {k: v for k, v in vars(config).items() if not k.startswith(("lora", "qlora"))}
+    saved = tmp_path / "step_2"
+    saved.mkdir()
+    (saved / "training_config.json").write_text(json.dumps(old))
+    state = {"step": 2, "samples_seen": 8, "last_export_samples": 8, "data": "x", "scheduler": {}, "world_size": 1}
+    (saved / "trainer_state.json").write_text(json.dumps(state))
+    assert checkpoint.check_resumable(saved, vars(config), "x") == 8
+    with pytest.raises(checkpoint.CheckpointError, match="--lora False -> True"):
+        checkpoint.check_resumable(saved, vars(replace(config, lora=True)), "x")
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Kill and resume on another world size, through train.py under torchrun
 
