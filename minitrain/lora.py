@@ -116,19 +116,22 @@ class LoRA:
 
     def write_export(self, lm, state: dict, tokenizer, dtype: torch.dtype, config: dict, final: Path) -> None:
         """Rank 0: samples_<N>/ with the adapter folder and/or the merged model (see the module docstring),
-        written atomically."""
+        written atomically. Any failure is an OSError, which save_export reports on every rank (none waits)."""
         from minitrain.checkpoint import write_hf_files
 
         kind = self.config.lora_export
         with atomic.atomic_folder(final) as tmp:
-            if kind in ("adapter", "both"):
-                self.write_adapter_folder(state, dtype, tmp / ADAPTER_DIR)
-            if kind in ("merged", "both"):
-                merged = self.merged_model(state)
-                write_hf_files(merged, merged.state_dict(), tokenizer, dtype, config, tmp)
-            else:
-                tokenizer.save_pretrained(tmp)
-                atomic.write_json(tmp / "training_config.json", config)
+            try:
+                if kind in ("adapter", "both"):
+                    self.write_adapter_folder(state, dtype, tmp / ADAPTER_DIR)
+                if kind in ("merged", "both"):
+                    merged = self.merged_model(state)
+                    write_hf_files(merged, merged.state_dict(), tokenizer, dtype, config, tmp)
+                else:
+                    tokenizer.save_pretrained(tmp)
+                    atomic.write_json(tmp / "training_config.json", config)
+            except (ValueError, RuntimeError, KeyError) as e:  # from peft or transformers
+                raise OSError(f"peft/transformers: {' '.join(str(e).split())[:300]}") from e
 
     def peft_twin(self, device: str):
         """A PeftModel with this run's LoRA layout on `device`: "meta" (no memory: a writer of adapter folders) or
