@@ -4,7 +4,7 @@
     python bench/bench_lora.py --steps 3       # quicker
 
 `torchrun --nproc-per-node 2 train.py` on the default SmolLM2-135M-Instruct (fp32, CPU, gloo, FSDP2 SHARD_GRAD_OP,
-no activation checkpointing), once with every weight training and once with `--lora` (defaults: r 16, alpha 32,
+activation checkpointing as train.py's default, or --no-activation-checkpointing), once with every weight training and once with `--lora` (defaults: r 16, alpha 32,
 dropout 0.05, every linear layer of the decoder blocks), on the same chatterbot samples. Each rank runs train.main
 inside this file (`--worker`) and records its own peak RSS at the end, so both ranks are measured (rank 0 also holds
 the full model while it is broadcast into the shards; rank 1 never does), per phase: building the model, the
@@ -98,8 +98,8 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--max-tokens-per-gpu", type=int, default=512)
     p.add_argument("--nproc-per-node", type=int, default=2)
-    p.add_argument("--activation-checkpointing", action="store_true", help="train.py's default (off here, as in "
-                   "bench_train.py)")
+    p.add_argument("--activation-checkpointing", action=argparse.BooleanOptionalAction, default=True,
+                   help="train.py's default; bench_train.py runs without")
     p.add_argument("--output", type=Path, default=ROOT / "bench" / "RESULTS_lora.md")
     args = p.parse_args()
 
