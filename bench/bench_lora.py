@@ -4,12 +4,12 @@
     python bench/bench_lora.py --steps 3       # quicker
 
 `torchrun --nproc-per-node 2 train.py` on the default SmolLM2-135M-Instruct (fp32, CPU, gloo, FSDP2 SHARD_GRAD_OP,
-activation checkpointing as train.py's default, or --no-activation-checkpointing), once with every weight training and once with `--lora` (defaults: r 16, alpha 32,
-dropout 0.05, every linear layer of the decoder blocks), on the same chatterbot samples. Each rank runs train.main
-inside this file (`--worker`) and records its own peak RSS at the end, so both ranks are measured (rank 0 also holds
-the full model while it is broadcast into the shards; rank 1 never does), per phase: building the model, the
-training steps, the final export and checkpoint (Linux VmHWM, reset between phases), and the largest of them. tokens/s:
-the median over the steps after the first (warm-up), from metrics.jsonl.
+activation checkpointing on as in train.py, or --no-activation-checkpointing), once with every weight training and
+once with `--lora` (its defaults: r 16, alpha 32, dropout 0.05, every linear layer of the decoder blocks), on the
+same chatterbot samples. Each rank runs train.py's setup() and loop() inside this file (`--worker`) and records its
+own peak RSS per phase: building the model (rank 0 also holds the full model while it is broadcast into the shards;
+rank 1 never does), the training steps, the final export and checkpoint (Linux VmHWM, reset between phases), and
+the largest of them. tokens/s: the median over the steps after the first (warm-up), from metrics.jsonl.
 """
 
 import argparse
@@ -144,9 +144,10 @@ def report(results: dict, args, command: str) -> str:
         f"{datetime.date.today()}, {platform.node()}, {os.cpu_count()} CPU cores, "
         f"{platform.processor() or platform.machine()}; command: `python bench/bench_lora.py {command}`\n",
         f"SmolLM2-135M-Instruct, fp32, {args.nproc_per_node} CPU processes (gloo, FSDP2 SHARD_GRAD_OP, activation "
-        f"checkpointing {'on' if args.activation_checkpointing else 'off'}), {args.steps} steps of {args.batch_size} chatterbot samples, --max-tokens-per-gpu "
-        f"{args.max_tokens_per_gpu}; LoRA with its defaults (r 16, alpha 32, dropout 0.05, all linear layers of the "
-        f"decoder blocks). Each run ends with an export (LoRA: adapter folder + merged model) and a full-state "
+        f"checkpointing {'on' if args.activation_checkpointing else 'off'}), {args.steps} steps of {args.batch_size} "
+        f"chatterbot samples, --max-tokens-per-gpu {args.max_tokens_per_gpu}; LoRA with its defaults (r 16, alpha "
+        f"32, dropout 0.05, all linear layers of the decoder blocks). Each run ends with an export (LoRA: adapter "
+        f"folder + merged model) and a full-state "
         f"checkpoint. Peak RSS per rank and phase (each phase's own peak; the whole process's is the largest).\n",
         f"- {full['parameters']}",
         f"- {lora['parameters']}\n",
