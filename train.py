@@ -34,7 +34,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from minitrain import atomic, attention, checkpoint, families
+from minitrain import atomic, attention, checkpoint, families, lora
 from minitrain.checkpoint import Checkpointer, CheckpointError, RunState, StopSignals
 from minitrain.config_file import ConfigFileError, config_path_from_argv, read_config_file
 from minitrain.data import DataError, TokenCache, load_data
@@ -53,6 +53,7 @@ from sampler import MultipackPlanner, SamplerError
 LR_SCHEDULERS = ("constant", "linear", "cosine")
 SAVE_DTYPES = ("bfloat16", "float16", "float32")
 BACKENDS = ("auto", "nccl", "gloo")
+LORA_EXPORTS = lora.EXPORTS
 
 
 class ConfigError(ValueError):
@@ -142,6 +143,23 @@ class TrainConfig:
     early_stopping_patience: int | None = flag(None, "stop after this many evaluations in a row without improvement")
     early_stopping_min_delta: float = flag(0.0, "an improvement must lower the best validation loss by more than this")
     tracker: str | None = flag(None, " | ".join(TRACKERS) + " (optional packages, used only when asked for)")
+    # LoRA (minitrain/lora.py, with peft): adapters train, the base weights stay frozen.
+    lora: bool = flag(False, "train LoRA adapters instead of every weight; exports hold PEFT's adapter folder "
+                             "(samples_<N>/adapter) and/or the merged model (--lora-export)")
+    lora_r: int = flag(16, "the adapters' rank", aliases=["--lora-rank"])
+    lora_alpha: float = flag(32.0, "the adapters' output is scaled by alpha / r")
+    lora_dropout: float = flag(0.05, "dropout on the adapters' input")
+    lora_target_modules: list[str] | None = flag(
+        None, "module names to adapt (e.g. q_proj v_proj), or all-linear (default: every linear layer of the "
+              "decoder blocks)", nargs="+")
+    lora_modules_to_save: list[str] | None = flag(
+        None, "modules trained in full beside the adapters and saved with them (e.g. lm_head for new tokens)",
+        nargs="+")
+    lora_init: str = flag("default", "default (peft's: A Kaiming-uniform, B zero, so step 0 is the base model), "
+                                     "gaussian (A Gaussian, B zero) or random (B random too; step 0 differs)")
+    lora_export: str = flag("both", "what each export holds: PEFT's adapter folder, the merged model, or both",
+                            choices=LORA_EXPORTS)
+    qlora: bool = flag(False, "4-bit base weights (QLoRA, bitsandbytes); needs CUDA")
 
     def __post_init__(self):
         if isinstance(self.data_path, str):  # TrainConfig(data_path="one.jsonl", ...)
@@ -154,11 +172,10 @@ class TrainConfig:
 
 
 def value_type(hint) -> type:
-    """int for `int | None`, list for `list[str]`, and so on."""
+    """int for `int | None`, list for `list[str]` and `list[str] | None`, and so on."""
     options = [t for t in typing.get_args(hint) if t is not type(None)]
-    if isinstance(hint, types.UnionType):
-        return options[0]
-    return typing.get_origin(hint) or hint
+    kind = options[0] if isinstance(hint, types.UnionType) else hint
+    return typing.get_origin(kind) or kind
 
 
 def parse_args(argv: list[str] | None = None) -> TrainConfig:
@@ -172,17 +189,18 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
     for f in fields(TrainConfig):
         name, kind, kwargs = "--" + f.name.replace("_", "-"), hints[f.name], dict(f.metadata)
         default = from_file.get(f.name, f.default)
+        names = [name, *kwargs.pop("aliases", [])]
         if kind is bool:
             kwargs["action"] = argparse.BooleanOptionalAction  # --x and --no-x: a config file may set either
-        elif kind is list:
-            kwargs.update(type=str, nargs="+")
+        elif kind is list:  # a list of strings
+            kwargs.update(type=str, nargs=kwargs.get("nargs", "+"))
         else:
             kwargs["type"] = kind
         if default is MISSING:
             kwargs["required"] = True
         else:
             kwargs["default"] = default
-        p.add_argument(name, **kwargs)
+        p.add_argument(*names, **kwargs)
     args = vars(p.parse_args(argv))
     del args["config"]  # its values are in the others
     return TrainConfig(**args)
@@ -199,7 +217,8 @@ def validate(config: TrainConfig, world_size: int, local_world_size: int, cuda: 
     for source in sources:
         if not Path(source.path).is_file():
             problems.append(f"--data-path {source.path}: no such file; pass the JSONL written by process_data.py")
-    problems += model_path_problems(config.model_name_or_path)
+    model_problems = model_path_problems(config.model_name_or_path)
+    problems += model_problems
     if config.batch_size < world_size:
         problems.append(
             f"--batch-size {config.batch_size} is smaller than the {world_size} ranks; every rank needs at least "
@@ -269,6 +288,7 @@ def validate(config: TrainConfig, world_size: int, local_world_size: int, cuda: 
     attn = attention.problem(config.attn_implementation, cuda)
     problems += [attn] if attn else []
     problems += validation_problems(config)
+    problems += lora.flag_problems(config, cuda, model_ok=not model_problems)
     if problems:
         raise ConfigError("; ".join(problems))
 
@@ -507,8 +527,12 @@ def setup(config: TrainConfig, world: World) -> Run:
     if world.is_main:
         checkpoint.tidy_output_dir(config.output_dir, config.fresh, resume, resumed_samples)
 
-    model = build_model(config, world)
-    # DPO: the reference log-probs, by the initial model (before a checkpoint's weights load), or read from disk
+    model = build_model(config, world, lora.build_adapter(config))
+    trainable = sum(p.numel() for p in model.adapter.trainable_parameters(model))
+    total = sum(p.numel() for p in model.parameters())
+    print0(f"{model.adapter.name}: {trainable:,} of {total:,} parameters train ({100 * trainable / total:.2f}%)")
+    # DPO: the reference log-probs, by the initial model (before a checkpoint's weights load; with LoRA, the base
+    # model: the adapters are off), or read from disk
     for reference_cache in {id(c): c for c in (cache, validation_cache) if c is not None}.values():
         attach_reference(objective, model, reference_cache, config, world)
     optimizer, scheduler = build_optimizer(config, model.adapter.trainable_parameters(model), total_steps)

@@ -4,7 +4,8 @@
     python bench/run_all.py sampler       # re-run one area, then rejoin every area's table
 
 Runs bench_process_data.py (stage 1 vs a bare apply_chat_template pool), bench_sampler.py (our planner vs
-first-fit and LPT) and bench_train.py (training throughput vs a padded baseline, loss memory vs full logits).
+first-fit and LPT), bench_train.py (training throughput vs a padded baseline, loss memory vs full logits) and
+bench_lora.py (LoRA vs full fine-tuning: peak memory per rank, tokens/s).
 Each writes its own RESULTS_<area>.md; this script joins them under one header with the machine and the date.
 Each figure is compared with its baseline measured in the same run, because these machines are shared and noisy.
 """
@@ -20,7 +21,7 @@ import time
 from pathlib import Path
 
 BENCH = Path(__file__).resolve().parent
-AREAS = ("process_data", "sampler", "train")
+AREAS = ("process_data", "sampler", "train", "lora")
 
 
 def machine() -> str:

@@ -5,12 +5,13 @@
         metrics.jsonl, generations.jsonl    one record per step / per generated validation reply
         token_cache/                        the data's memory-mapped token cache (data.py)
         checkpoints/step_<N>/               full state after N optimizer steps, for an exact resume:
-            .metadata, __<rank>_0.distcp        model and optimizer state, sharded (torch.distributed.checkpoint)
+            .metadata, __<rank>_0.distcp        trained weights, optimizer state (torch.distributed.checkpoint, sharded)
             rng_rank<R>.pt                      each rank's random number generator states, as plain tensors
             trainer_state.json                  step, samples seen, LR scheduler state, world size, data fingerprint
             training_config.json                the run's flags
             COMPLETE                            written last
         hf_format/samples_<N>/              Hugging Face exports after N samples (from_pretrained loads them)
+            adapter/                            with --lora: PEFT's adapter folder (lora.py; --lora-export)
         hf_format.earlier_run_<K>/          exports of an earlier trajectory, set aside (never deleted)
 
 The contract:
@@ -47,6 +48,7 @@ import torch.distributed as dist
 
 from minitrain import atomic
 from minitrain.distributed import World, print0, raise_if_any_rank_failed
+from minitrain.lora import LORA_DEFAULTS
 
 COMPLETE = "COMPLETE"
 STEP_DIR = re.compile(r"step_(\d+)")
@@ -61,6 +63,7 @@ CHANGE_THE_RUN = (
     "model_name_or_path", "batch_size", "max_tokens_per_gpu", "seed", "num_warmup_steps", "lr_scheduler",
     "max_grad_norm", "validation_split", "loss_reduction", "objective", "dpo_beta", "simpo_beta", "simpo_gamma",
     "preference_sft_weight",
+    "lora", "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules", "lora_modules_to_save", "lora_init", "qlora",
 )
 # Decide when the run ends; with a decaying schedule they also set the length of the decay.
 STOP_CONDITIONS = ("max_epochs", "max_steps", "max_samples")
@@ -68,7 +71,7 @@ STOP_CONDITIONS = ("max_epochs", "max_steps", "max_samples")
 FREE_ON_RESUME = (
     "data_path", "output_dir", "min_samples_per_checkpoint", "checkpoint_every_steps", "keep_last_n_checkpoints",
     "keep_last_n_exports", "fsdp_sharding_strategy", "activation_checkpointing", "use_liger_kernels", "save_dtype",
-    "attn_implementation", "compile",
+    "attn_implementation", "compile", "lora_export",
     "distributed_backend", "distributed_timeout_minutes", "resume_from", "fresh", "allow_config_change",
     # Evaluation never changes the training computation; early stopping state is restored from the checkpoint.
     "validation_data_path", "eval_every_samples", "num_eval_generations", "eval_max_new_tokens",
@@ -79,7 +82,7 @@ FREE_ON_RESUME = (
 # Flags added after checkpoints already existed, with the value that reproduces how those checkpoints were trained:
 # a checkpoint without the key resumes as if it had been saved with that value.
 ADDED_LATER = {"loss_reduction": "tokens", "objective": "sft", "dpo_beta": 0.1, "simpo_beta": 2.0, "simpo_gamma": 0.5,
-               "preference_sft_weight": 0.0}
+               "preference_sft_weight": 0.0, "lora": False, **LORA_DEFAULTS}
 
 # What trainer_state.json must hold for a run to resume from it.
 TRAINER_STATE = ("step", "samples_seen", "last_export_samples", "data", "scheduler", "world_size")
@@ -221,7 +224,7 @@ def save(
     """Write `root/step_<step>` atomically; `trainer_state` is JSON (the scheduler's state_dict included)."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.api import CheckpointException
-    from torch.distributed.checkpoint.state_dict import get_state_dict
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
 
     rank = dist.get_rank() if dist.is_initialized() else 0
     final, tmp = root / f"step_{step}", root / f".step_{step}.tmp"
@@ -233,7 +236,9 @@ def save(
         except OSError as e:
             error = e
     raise_if_any_rank_failed(error, CheckpointError, f"cannot create {tmp}")
-    model_state, optimizer_state = get_state_dict(model, optimizer)
+    # What trains: frozen parameters (LoRA's base weights) are the model folder's, the same at every step.
+    trained_only = StateDictOptions(ignore_frozen_params=True)
+    model_state, optimizer_state = get_state_dict(model, optimizer, options=trained_only)
     try:
         with single_process_is_intended():
             dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=tmp)
@@ -272,12 +277,13 @@ def complete(tmp: Path, final: Path, trainer_state: dict, config: dict) -> None:
 def load(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler) -> dict:
     """Restore model, optimizer, LR scheduler and (same world size only) RNG states; return the trainer state."""
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
     rank = dist.get_rank() if dist.is_initialized() else 0
     world_size = dist.get_world_size() if dist.is_initialized() else 1
     # get_state_dict gives tensors laid out for THIS world size; dcp.load fills them from however it was saved.
-    model_state, optimizer_state = get_state_dict(model, optimizer)
+    trained_only = StateDictOptions(ignore_frozen_params=True)  # as saved
+    model_state, optimizer_state = get_state_dict(model, optimizer, options=trained_only)
     state = {"model": model_state, "optimizer": optimizer_state}
     try:
         with single_process_is_intended():
@@ -285,7 +291,10 @@ def load(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, s
     except (OSError, RuntimeError, ValueError) as e:  # e.g. another model's shapes
         reason = " ".join(str(e).split())[:500]
         raise CheckpointError(f"cannot load {path} into this model and optimizer: {reason}") from None
-    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+    # Not strict: the frozen parameters (LoRA's base weights) are not in the checkpoint; dcp.load has already
+    # refused a checkpoint that lacks any trained one.
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"],
+                   options=StateDictOptions(ignore_frozen_params=True, strict=False))
     trainer_state = read_json(path / "trainer_state.json")
     scheduler.load_state_dict(trainer_state["scheduler"])
     if trainer_state["world_size"] == world_size:
@@ -403,15 +412,20 @@ def tied_duplicates(lm) -> set[str]:
 def write_hf_folder(lm, state: dict, tokenizer, dtype: torch.dtype, config: dict, final: Path) -> None:
     """The model's weights in `dtype` (tied weights stored once), its config, the tokenizer and the run's flags,
     written atomically: a crash never leaves a `samples_<N>` folder that looks complete."""
+    with atomic.atomic_folder(final) as tmp:
+        write_hf_files(lm, state, tokenizer, dtype, config, tmp)
+
+
+def write_hf_files(lm, state: dict, tokenizer, dtype: torch.dtype, config: dict, folder: Path) -> None:
+    """What write_hf_folder writes, into an existing (temporary) folder."""
     tied = tied_duplicates(lm)  # e.g. lm_head.weight == embed_tokens.weight
     state = {k: v.to(dtype) for k, v in state.items() if k not in tied}
-    with atomic.atomic_folder(final) as tmp:
-        lm.save_pretrained(tmp, state_dict=state)
-        hf_config = copy.deepcopy(lm.config)
-        hf_config.dtype = dtype  # save_pretrained records the fp32 training dtype; the weights are in `dtype`
-        hf_config.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        atomic.write_json(tmp / "training_config.json", config)
+    lm.save_pretrained(folder, state_dict=state)
+    hf_config = copy.deepcopy(lm.config)
+    hf_config.dtype = dtype  # save_pretrained records the fp32 training dtype; the weights are in `dtype`
+    hf_config.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    atomic.write_json(folder / "training_config.json", config)
 
 
 def set_aside_exports(out: Path, samples: int, reason: str) -> None:
@@ -579,7 +593,7 @@ def save_export(model, tokenizer, config, world: World, samples_seen: int) -> Pa
     if world.is_main:
         try:
             dtype = getattr(torch, config.save_dtype)
-            write_hf_folder(model.lm, state, tokenizer, dtype, asdict(config), final)
+            model.adapter.write_export(model.lm, state, tokenizer, dtype, asdict(config), final)
             if config.keep_last_n_exports is not None:
                 for old in prune_exports(final.parent, config.keep_last_n_exports, final):
                     print0(f"removed {old} (--keep-last-n-exports {config.keep_last_n_exports})")

@@ -3,9 +3,9 @@
     meta device (ranks > 0) -> adapter.apply -> activation checkpointing -> fully_shard per block and root
     -> rank 0's weights broadcast into the shards
 
-The model adapter is the seam for *what trains and what an export holds*: `FullFineTuning` today (every weight
-trains, an export is the whole model); LoRA plugs in here (apply before sharding, adapters train, export adapters
-and the merged model). The objective (objectives.py) never learns which adapter is in use.
+The model adapter is the seam for *what trains and what an export holds*: `FullFineTuning` here (every weight
+trains, an export is the whole model); `LoRA` in lora.py (apply before sharding, adapters train, exports hold PEFT's
+adapter folder and the merged model). The objective (objectives.py) never learns which adapter is in use.
 
 `PackedCausalLM` is the module FSDP shards as its root: the Hugging Face causal LM run on one packed row, returning
 the summed cross-entropy of the positions whose next token is trained (loss.py computes it through the LM head),
@@ -100,7 +100,8 @@ class FullFineTuning:
     name = "full"
 
     def apply(self, lm: nn.Module) -> nn.Module:
-        """Before sharding (on the meta device for ranks > 0): change the module tree; nothing to change here."""
+        """Before sharding (on the meta device for ranks > 0), and on rank 0's full copy whose weights are broadcast
+        into the shards: change the module tree, the same way each time; nothing to change here."""
         return lm
 
     def trainable_parameters(self, model: nn.Module) -> list[nn.Parameter]:
@@ -115,6 +116,12 @@ class FullFineTuning:
             state = get_model_state_dict(model.lm, options=options)
             return state if world.is_main else None
         return {k: v.detach().cpu() for k, v in model.lm.state_dict().items()}
+
+    def write_export(self, lm: nn.Module, state: dict, tokenizer, dtype: torch.dtype, config: dict, final) -> None:
+        """Rank 0: the export folder `final` from export_state's `state` (atomic)."""
+        from minitrain.checkpoint import write_hf_folder
+
+        write_hf_folder(lm, state, tokenizer, dtype, config, final)
 
 
 def export_state(model: PackedCausalLM, world: World) -> dict | None:
@@ -223,7 +230,7 @@ def build_model(config, world: World, adapter: FullFineTuning | None = None) -> 
         full, error = None, None
         if world.is_main:
             try:
-                full = load()
+                full = adapter.apply(load())  # the module tree of the shards (LoRA layers)
             except (OSError, ValueError) as e:
                 error = ModelError(f"--model-name-or-path {config.model_name_or_path}: cannot load its weights "
                                    f"({' '.join(str(e).split())[:300]})")

@@ -464,3 +464,20 @@ def test_bad_preference_rows_stop_the_run_naming_file_and_line(capsys, tmp_path,
 
 if __name__ == "__main__":
     pair_grad_worker(*sys.argv[1:4])
+
+
+def test_dpo_with_lora_takes_the_base_model_as_its_reference(tmp_path, capsys, tiny_model_dir):
+    """With LoRA the reference is the base model, adapters off: with adapters that start away from zero
+    (--lora-init random) the reference table must still be the base model's own log-probs."""
+    model_dir = tiny_model_dir("llama")
+    data = write_pairs(tmp_path / "pairs.jsonl", 10, seed=3, learnable=True)
+    args = [*dpo_args(tmp_path, model_dir, data, 3), "--lora", "--lora-init", "random", "--lora-r", "4",
+            "--learning-rate", "1e-2"]
+    code, _ = run_main(args, capsys)
+    assert code == 0
+    out = tmp_path / "out"
+    [table_file] = list((out / "token_cache").glob("*/reference_logps-*.npy"))
+    assert np.allclose(np.load(table_file), direct_table(model_dir, read_pairs(data)), rtol=1e-5, atol=1e-5)
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert abs(records[0]["loss"] - math.log(2)) > 1e-3  # the random adapters move the policy off the reference
+    assert (out / "hf_format" / "samples_12" / "adapter" / "adapter_config.json").is_file()
