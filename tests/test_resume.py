@@ -440,25 +440,50 @@ class _RunsCodeWhenUnpickled:
         return (Path.touch, (self.marker,))
 
 
-def test_rng_states_round_trip_as_plain_tensors_and_a_tampered_file_is_refused_unrun(tmp_path):
-    import random
-
-    import numpy as np
+def tiny_training_state():
     import torch
 
     model = torch.nn.Linear(3, 2)
     optimizer = torch.optim.AdamW(model.parameters())
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
     state = {"samples_seen": 4, "last_export_samples": 4, "data": "x", "scheduler": scheduler.state_dict()}
+    return model, optimizer, scheduler, state
+
+
+def draws():
+    """One draw of each random stream a run uses."""
+    import random
+
+    import numpy as np
+    import torch
+
+    return torch.rand(3), np.random.standard_normal(3), random.random()
+
+
+def assert_resumed_streams(path, model, optimizer, scheduler, expected):
+    import random
+
+    import numpy as np
+    import torch
+
+    torch.manual_seed(0), np.random.seed(0), random.seed(0)
+    checkpoint.load(path, model, optimizer, scheduler)
+    restored = draws()
+    assert torch.equal(expected[0], restored[0]) and np.array_equal(expected[1], restored[1])
+    assert expected[2] == restored[2]
+
+
+def test_rng_states_round_trip_as_plain_tensors_and_a_tampered_file_is_refused_unrun(tmp_path):
+    import random
+
+    import numpy as np
+    import torch
+
+    model, optimizer, scheduler, state = tiny_training_state()
     torch.manual_seed(3), np.random.seed(4), random.seed(5)
     np.random.standard_normal()  # leaves a cached Gaussian in numpy's state
     path = checkpoint.save(tmp_path, 1, model, optimizer, state, {"run": "this"})
-    expected = (torch.rand(3), np.random.standard_normal(3), random.random())
-    torch.manual_seed(0), np.random.seed(0), random.seed(0)
-    checkpoint.load(path, model, optimizer, scheduler)
-    restored = (torch.rand(3), np.random.standard_normal(3), random.random())
-    assert torch.equal(expected[0], restored[0]) and np.array_equal(expected[1], restored[1])
-    assert expected[2] == restored[2]
+    assert_resumed_streams(path, model, optimizer, scheduler, draws())
 
     marker = tmp_path / "code_ran"
     torch.save({"torch": _RunsCodeWhenUnpickled(marker)}, path / "rng_rank0.pt")
@@ -475,20 +500,12 @@ def test_rng_states_of_an_earlier_version_still_resume(tmp_path):
     import numpy as np
     import torch
 
-    model = torch.nn.Linear(3, 2)
-    optimizer = torch.optim.AdamW(model.parameters())
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
-    state = {"samples_seen": 4, "last_export_samples": 4, "data": "x", "scheduler": scheduler.state_dict()}
+    model, optimizer, scheduler, state = tiny_training_state()
     path = checkpoint.save(tmp_path, 1, model, optimizer, state, {"run": "this"})
     torch.manual_seed(3), np.random.seed(4), random.seed(5)
     torch.save({"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()},
                path / "rng_rank0.pt")  # as the earlier version wrote it
-    expected = (torch.rand(3), np.random.standard_normal(3), random.random())
-    torch.manual_seed(0), np.random.seed(0), random.seed(0)
-    checkpoint.load(path, model, optimizer, scheduler)
-    restored = (torch.rand(3), np.random.standard_normal(3), random.random())
-    assert torch.equal(expected[0], restored[0]) and np.array_equal(expected[1], restored[1])
-    assert expected[2] == restored[2]
+    assert_resumed_streams(path, model, optimizer, scheduler, draws())
 
 
 def test_running_a_finished_run_again_rewrites_nothing(setup, tmp_path, capsys):
