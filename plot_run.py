@@ -1,16 +1,25 @@
-"""One picture of a run: training and validation loss, learning rate and tokens/s against samples seen.
+"""One picture of a run: training and validation loss, learning rate and tokens/s against samples seen, and for
+preference objectives (DPO, SimPO) the rewards and the reward accuracy.
 
     python plot_run.py OUTPUT_DIR [--output PNG]    # default: OUTPUT_DIR/metrics.png
 
 Reads OUTPUT_DIR/metrics.jsonl as train.py writes it (one record per optimizer step; `validation_loss` on the steps
-that were evaluated). matplotlib is an optional dependency, needed only here: pip install matplotlib.
+that were evaluated; `rewards/*` on every step of a preference run, `validation_rewards/*` on its evaluated steps).
+Errors are one line, `plot_run.py: error: FILE[:LINE]: reason; fix`, exit 2.
 """
 
 import argparse
+import io
 import json
-import os
 import sys
 from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # no display needed
+import matplotlib.pyplot as plt  # noqa: E402
+
+from minitrain import atomic  # noqa: E402
 
 
 class PlotError(ValueError):
@@ -41,20 +50,21 @@ def read_metrics(path: Path) -> tuple[list[dict], bool]:
 
 
 def plot(records: list[dict], title: str, png: Path) -> None:
-    """Three panels sharing the samples-seen axis; the PNG is written to a temp file, then renamed into place."""
-    import matplotlib
-
-    matplotlib.use("Agg")  # no display needed
-    import matplotlib.pyplot as plt
-
+    """Three panels sharing the samples-seen axis (four with preference rewards); the PNG is written atomically."""
     samples = [r["samples_seen"] for r in records]
     evaluated = [r for r in records if r.get("validation_loss") is not None]
-    fig, (ax_loss, ax_lr, ax_speed) = plt.subplots(3, 1, sharex=True, figsize=(8, 9), height_ratios=(2, 1, 1))
+    preference = "rewards/margins" in records[0]
+    if preference:
+        fig, (ax_loss, ax_rewards, ax_lr, ax_speed) = plt.subplots(4, 1, sharex=True, figsize=(8, 11),
+                                                                   height_ratios=(2, 2, 1, 1))
+        plot_rewards(ax_rewards, samples, records, evaluated)
+    else:
+        fig, (ax_loss, ax_lr, ax_speed) = plt.subplots(3, 1, sharex=True, figsize=(8, 9), height_ratios=(2, 1, 1))
     ax_loss.plot(samples, [r["loss"] for r in records], label="training loss", linewidth=1)
     if evaluated:
         ax_loss.plot([r["samples_seen"] for r in evaluated], [r["validation_loss"] for r in evaluated],
                      "o-", label="validation loss", linewidth=1.5, markersize=4)
-    ax_loss.set_ylabel("loss (token mean)")
+    ax_loss.set_ylabel("loss (pair mean)" if preference else "loss (token mean)")
     ax_loss.legend()
     ax_loss.set_title(title)
     ax_lr.plot(samples, [r["lr"] for r in records], color="tab:green")
@@ -62,16 +72,35 @@ def plot(records: list[dict], title: str, png: Path) -> None:
     ax_speed.plot(samples, [r["tokens_per_s"] for r in records], color="tab:purple")
     ax_speed.set_ylabel("tokens / s")
     ax_speed.set_xlabel("samples seen")
-    for ax in (ax_loss, ax_lr, ax_speed):
+    for ax in fig.axes:
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    tmp = png.with_name(f".{png.name}.tmp-{os.getpid()}")
+    image = io.BytesIO()
     try:
-        fig.savefig(tmp, format="png", dpi=100)
-        tmp.replace(png)
+        fig.savefig(image, format="png", dpi=100)
     finally:
         plt.close(fig)
-        tmp.unlink(missing_ok=True)
+    atomic.write_bytes(png, image.getvalue())
+
+
+def plot_rewards(ax, samples: list[int], records: list[dict], evaluated: list[dict]) -> None:
+    """TRL's preference curves: rewards of the chosen and rejected sides and their margin; reward accuracy on a
+    second axis (0..1)."""
+    for key, colour in (("rewards/chosen", "tab:green"), ("rewards/rejected", "tab:red"),
+                        ("rewards/margins", "tab:blue")):
+        ax.plot(samples, [r[key] for r in records], color=colour, label=key, linewidth=1)
+        if evaluated and f"validation_{key}" in evaluated[0]:
+            ax.plot([r["samples_seen"] for r in evaluated], [r[f"validation_{key}"] for r in evaluated], "o--",
+                    color=colour, label=f"validation {key}", markersize=4, linewidth=1)
+    ax.set_ylabel("reward")
+    accuracy = ax.twinx()
+    accuracy.plot(samples, [r["rewards/accuracies"] for r in records], color="tab:gray", label="rewards/accuracies",
+                  linewidth=1)
+    accuracy.set_ylim(-0.05, 1.05)
+    accuracy.set_ylabel("reward accuracy")
+    lines, labels = ax.get_legend_handles_labels()
+    more, more_labels = accuracy.get_legend_handles_labels()
+    ax.legend(lines + more, labels + more_labels, fontsize="small")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -81,19 +110,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     png = args.output or args.output_dir / "metrics.png"
     try:
-        import matplotlib  # noqa: F401
-    except ImportError:
-        print("plot_run.py: error: matplotlib is not installed; pip install matplotlib (needed only for plots)",
-              file=sys.stderr)
-        return 1
-    try:
         records, torn = read_metrics(args.output_dir / "metrics.jsonl")
         if torn:
             print(f"{args.output_dir / 'metrics.jsonl'}: skipped its torn last line (the run was killed mid-write)")
         plot(records, str(args.output_dir), png)
     except (PlotError, OSError) as e:
         print(f"plot_run.py: error: {e}", file=sys.stderr)
-        return 1
+        return 2
     print(f"wrote {png}")
     return 0
 

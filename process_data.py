@@ -17,6 +17,9 @@ does (with its BOS). Raw pairs train the tokens of target + EOS (and, with --tra
 that crosses from untrained into trained text (a BPE merge across the separator) drops the sample, counted, so a
 trained token never carries prompt text.
 
+Preference rows ({"chosen", "rejected"} or {"prompt", "chosen", "rejected"}, for DPO/SimPO) become pair rows:
+see preference.py.
+
 Output lines, in input order: {"input_ids", "labels" (-100 where not trained), "len", "num_loss_counted_tokens"}.
 `input_ids` equal `tokenizer.apply_chat_template(messages, tokenize=True)`. Trained, for assistant turn i: what the
 full render has after the render of messages[:i] with the generation prompt, through the end-of-turn token(s)
@@ -53,6 +56,7 @@ import orjson
 
 import chat_masks
 import formats
+import preference
 from chat_masks import MaskError
 from formats import Columns, InputSpec, RunError
 
@@ -549,6 +553,12 @@ class Encoder:
         chunk.trained += trained
 
 
+def make_encoder(model: str, input_name: str, max_tokens: int, on_too_long: str, spec: InputSpec):
+    """The file's encoder: preference rows have their own (preference.py), which runs an Encoder per side."""
+    kind = preference.PreferenceEncoder if spec.fmt.kind == "preference" else Encoder
+    return kind(model, input_name, max_tokens, on_too_long, spec)
+
+
 _ENCODER: Encoder | None = None  # the worker process's encoder, built by init_worker
 _INIT_ERROR: str | None = None  # or why it could not be built (a raising initializer makes Pool respawn forever)
 
@@ -557,7 +567,7 @@ def init_worker(model: str, input_name: str, max_tokens: int, on_too_long: str, 
     global _ENCODER, _INIT_ERROR
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one thread per worker: the pool is the parallelism
     try:
-        _ENCODER = Encoder(model, input_name, max_tokens, on_too_long, spec)
+        _ENCODER = make_encoder(model, input_name, max_tokens, on_too_long, spec)
     except RunError as e:
         _INIT_ERROR = str(e)
 
@@ -720,7 +730,7 @@ def run(cfg: Config) -> Summary:
             pool.terminate()
             raise RunError(info.error)
     else:
-        encoder = Encoder(*init_args)
+        encoder = make_encoder(*init_args)
         info = encoder_info(encoder)
 
     summary = Summary(format=describe_input(kind, spec, info), tokenizer=encoder.tokenizer if encoder else None)
@@ -787,11 +797,15 @@ def run(cfg: Config) -> Summary:
         summary.shown.sort()
         colour = sys.stdout.isatty()
         shown = [orjson.loads(line) for _, line in summary.shown]
-        args = [(row["input_ids"], row["labels"], cfg.mask_marker, colour) for row in shown]
-        views = pool.map(view_in_worker, args) if pool is not None else [masked_view(encoder.tokenizer, *a) for a in args]
+        sides = [("chosen_", "rejected_") if "chosen_input_ids" in row else ("",) for row in shown]  # pairs: both
+        args = [(row[side + "input_ids"], row[side + "labels"], cfg.mask_marker, colour)
+                for row, row_sides in zip(shown, sides) for side in row_sides]
+        views = iter(pool.map(view_in_worker, args) if pool is not None
+                     else [masked_view(encoder.tokenizer, *a) for a in args])
         summary.views = [
-            (f"--- {cfg.input_file}:{lineno} ({row['len']} tokens, {row['num_loss_counted_tokens']} trained)", view)
-            for (lineno, _), row, view in zip(summary.shown, shown, views)
+            (f"--- {cfg.input_file}:{lineno} ({row['len']} tokens, {row['num_loss_counted_tokens']} trained)",
+             "\n".join(f"{side[:-1]}: " * bool(side) + next(views) for side in row_sides))
+            for (lineno, _), row, row_sides in zip(summary.shown, shown, sides)
         ]
     finally:
         progress.close()

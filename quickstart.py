@@ -78,15 +78,11 @@ def main() -> None:
     print(f"{raw}: " + ", ".join(f"{k}: {v}" for k, v in sorted(counts.items())))
 
     tokenized = out / "tokenized.jsonl"
-    if not (ROOT / "process_data.py").is_file():
-        sys.exit("process_data.py is not there yet: stopping after stage 0")
     banner("3/5 stage 1: process_data.py")
     run([sys.executable, "process_data.py", "--input-file", raw, "--output-file", tokenized,
          "--model-name-or-path", model_dir, "--max-sample-num-tokens", 512, "--num-printed-samples", 2])
 
     run_dir = out / "run"
-    if not (ROOT / "train.py").is_file():
-        sys.exit("train.py is not there yet: stopping after stage 1")
     banner(f"4/5 stage 2: torchrun --nproc-per-node {args.nproc_per_node} train.py")
     run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", args.nproc_per_node,
          "train.py", "--data-path", tokenized, "--output-dir", run_dir, "--model-name-or-path", model_dir,
@@ -95,7 +91,7 @@ def main() -> None:
          "--seed", 42, "--no-activation-checkpointing",  # 135M params: memory is no issue here
          "--validation-split", 0.02, "--eval-every-samples", 64, "--num-eval-generations", 1])
     print_loss_curve(run_dir / "metrics.jsonl")
-    plot_run.main([str(run_dir)])  # run/metrics.png; only a one-line note when matplotlib is not installed
+    plot_run.main([str(run_dir)])  # run/metrics.png
 
     banner("5/5 generate with the fine-tuned checkpoint")
     checkpoint = last_checkpoint(run_dir)
@@ -106,7 +102,8 @@ def main() -> None:
 
     banner(f"done in {time.time() - started:.0f} s")
     print(f"model:        {model_dir}\nraw data:     {raw}\ntokenized:    {tokenized}\n"
-          f"run:          {run_dir} (config, metrics.jsonl, metrics.png, generations.jsonl, hf_format/)\ncheckpoint:   {checkpoint}")
+          f"run:          {run_dir} (config, metrics.jsonl, metrics.png, generations.jsonl, hf_format/)\n"
+          f"checkpoint:   {checkpoint}")
 
 
 if __name__ == "__main__":

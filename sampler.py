@@ -347,7 +347,9 @@ def _validate(lengths: np.ndarray, batch_size, max_tokens_per_rank, world_size, 
 class MultipackPlanner:
     """Deterministic, resumable plan of packs per (optimizer step, micro-step, rank); see the module doc."""
 
-    def __init__(self, lengths, batch_size: int, max_tokens_per_rank: int, world_size: int, seed: int = 0):
+    def __init__(self, lengths, batch_size: int, max_tokens_per_rank: int, world_size: int, seed: int = 0,
+                 mixture=None):
+        """`mixture` (minitrain/mixture.py): draws each epoch's samples instead of one shuffle of all of them."""
         lengths = np.asarray(lengths)
         _validate(lengths, batch_size, max_tokens_per_rank, world_size, seed)
         self.lengths = lengths.astype(np.int64)
@@ -355,14 +357,19 @@ class MultipackPlanner:
         self.max_tokens_per_rank = int(max_tokens_per_rank)
         self.world_size = int(world_size)
         self.seed = int(seed)
-        self.steps_per_epoch = -(-len(self.lengths) // self.batch_size)
+        self.mixture = mixture
+        self.epoch_size = len(self.lengths) if mixture is None else mixture.epoch_size
+        self.steps_per_epoch = -(-self.epoch_size // self.batch_size)
         self._perm_epoch = -1  # the epoch whose shuffle is cached in _perm
         self._perm = np.empty(0, np.int64)
 
     def epoch_permutation(self, epoch: int) -> np.ndarray:
         """The epoch's shuffle of all sample indices (cached: consecutive steps reuse it)."""
         if epoch != self._perm_epoch:
-            self._perm = np.random.default_rng([self.seed, epoch]).permutation(len(self.lengths))
+            if self.mixture is None:
+                self._perm = np.random.default_rng([self.seed, epoch]).permutation(len(self.lengths))
+            else:
+                self._perm = self.mixture.epoch_samples(epoch)
             self._perm_epoch = epoch
         return self._perm
 

@@ -67,7 +67,7 @@ def throughput(work: Path, steps: int, batch_size: int, max_tokens: int, nproc: 
 LOSS_PROBE = """
 import resource, sys, torch, torch.nn.functional as F
 sys.path.insert(0, {root!r})
-from loss import chunked_ce_sum
+from minitrain.loss import chunked_ce_sum
 torch.manual_seed(0)
 tokens, hidden, vocab, path = {tokens}, {hidden}, {vocab}, {path!r}
 h = torch.randn(tokens, hidden, requires_grad=True)
@@ -111,7 +111,7 @@ def main() -> None:
     p.add_argument("--output", type=Path, default=ROOT / "bench" / "RESULTS_train.md")
     args = p.parse_args()
 
-    lines = [f"# Training benchmarks\n", f"{datetime.date.today()}, {platform.node()}, {os.cpu_count()} CPU cores, "
+    lines = ["# Training benchmarks\n", f"{datetime.date.today()}, {platform.node()}, {os.cpu_count()} CPU cores, "
              f"{platform.processor() or platform.machine()}; command: `python bench/bench_train.py "
              f"{' '.join(sys.argv[1:])}`\n"]
     with tempfile.TemporaryDirectory() as work:
@@ -139,11 +139,13 @@ def main() -> None:
         lines += [
             f"## Loss memory: vocabulary {args.loss_vocab}, {tokens} tokens, fp32, one forward+backward\n",
             "| path | peak RSS added | ratio to full logits |", "|---|---|---|",
-            f"| ours: chunked, 1024 rows of logits at a time | {mem['chunked']:.2f} GB | {mem['chunked'] / mem['full']:.3f}x |",
+            f"| ours: chunked, 1024 rows of logits at a time | {mem['chunked']:.2f} GB | "
+            f"{mem['chunked'] / mem['full']:.3f}x |",
             f"| full logits + cross_entropy | {mem['full']:.2f} GB | 1.00x |",
         ]
         if tokens != args.loss_tokens:
-            lines.append(f"\n{args.loss_tokens} tokens would need ~{2 * need:.0f} GB for full logits; measured at {tokens}.")
+            lines.append(f"\n{args.loss_tokens} tokens would need ~{2 * need:.0f} GB for full logits; "
+                         f"measured at {tokens}.")
     text = "\n".join(lines) + "\n"
     args.output.write_text(text)
     print(text)

@@ -19,7 +19,8 @@ import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import train  # noqa: E402
-from data import IGNORE  # noqa: E402
+from minitrain.data import IGNORE, load_data  # noqa: E402
+from minitrain.distributed import cleanup_distributed, init_distributed  # noqa: E402
 from sampler import MultipackPlanner  # noqa: E402
 
 
@@ -39,21 +40,24 @@ def padded_batch(cache, indices: np.ndarray, pad_id: int) -> dict[str, torch.Ten
 
 def main() -> None:
     config = train.parse_args()
-    d = train.init_distributed("gloo")
+    d = init_distributed("gloo")
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
     from transformers import AutoConfig, AutoModelForCausalLM
 
     hf_config = AutoConfig.from_pretrained(config.model_name_or_path)
-    cache = train.load_data(config, d, hf_config.vocab_size)
-    planner = MultipackPlanner(cache.lengths, config.batch_size, config.max_tokens_per_gpu, d.world_size, seed=config.seed)
+    cache = load_data(config, d, hf_config.vocab_size)
+    planner = MultipackPlanner(cache.lengths, config.batch_size, config.max_tokens_per_gpu, d.world_size,
+                               seed=config.seed)
     torch.manual_seed(config.seed)
-    model = AutoModelForCausalLM.from_pretrained(config.model_name_or_path, dtype=torch.float32, attn_implementation="sdpa")
+    model = AutoModelForCausalLM.from_pretrained(config.model_name_or_path, dtype=torch.float32,
+                                                 attn_implementation="sdpa")
     mesh = init_device_mesh("cpu", (d.world_size,))
     for layer in model.model.layers:
         fully_shard(layer, mesh=mesh, reshard_after_forward=False)
     fully_shard(model, mesh=mesh, reshard_after_forward=False)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, betas=(config.adam_beta1, config.adam_beta2))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate,
+                                  betas=(config.adam_beta1, config.adam_beta2))
     pad_id = hf_config.eos_token_id if isinstance(hf_config.eos_token_id, int) else 0
 
     out = Path(config.output_dir)
@@ -89,8 +93,9 @@ def main() -> None:
                       "step_time_s": seconds}
             with open(out / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(record) + "\n")
-            print(f"baseline step {record['step']} | loss {record['loss']:.4f} | {record['tokens_per_s']:.0f} tok/s", flush=True)
-    train.cleanup_distributed()
+            print(f"baseline step {record['step']} | loss {record['loss']:.4f} | {record['tokens_per_s']:.0f} tok/s",
+                  flush=True)
+    cleanup_distributed()
 
 
 if __name__ == "__main__":

@@ -4,7 +4,8 @@
     python bench/run_all.py sampler       # re-run one area, then rejoin every area's table
 
 Runs bench_process_data.py (stage 1 vs a bare apply_chat_template pool), bench_sampler.py (our planner vs
-first-fit and LPT) and bench_train.py (training throughput vs a padded baseline, loss memory vs full logits).
+first-fit and LPT), bench_train.py (training throughput vs a padded baseline, loss memory vs full logits) and
+bench_lora.py (LoRA vs full fine-tuning: peak memory per rank, tokens/s).
 Each writes its own RESULTS_<area>.md; this script joins them under one header with the machine and the date.
 Each figure is compared with its baseline measured in the same run, because these machines are shared and noisy.
 """
@@ -20,14 +21,15 @@ import time
 from pathlib import Path
 
 BENCH = Path(__file__).resolve().parent
-AREAS = ("process_data", "sampler", "train")
+AREAS = ("process_data", "sampler", "train", "lora")
 
 
 def machine() -> str:
     cpu = platform.processor() or platform.machine()
     cpuinfo = Path("/proc/cpuinfo")
     if cpuinfo.exists():
-        names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines() if line.startswith("model name")]
+        names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
+                 if line.startswith("model name")]
         cpu = names[0] if names else cpu
     import torch
 
@@ -49,7 +51,8 @@ def main() -> None:
         "# minitrain benchmarks",
         "",
         f"{datetime.date.today().isoformat()}; {machine()}. Command: `python bench/run_all.py` "
-        f"({(time.time() - started) / 60:.1f} min: " + ", ".join(f"{a} {s / 60:.1f} min" for a, s in timings.items()) + ").",
+        f"({(time.time() - started) / 60:.1f} min: "
+        + ", ".join(f"{a} {s / 60:.1f} min" for a, s in timings.items()) + ").",
         "Every ratio compares with a baseline measured in the same run on the same machine.",
         "",
     ]

@@ -17,7 +17,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing in the tests may reach a
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
-# ---- chat-template tokenizers (owner: stage-1 helper; builders in tests/chat_templates.py) ----
+# ---- chat-template tokenizers (builders in tests/chat_templates.py) ----
 
 from tests.chat_templates import FAMILIES, build_tokenizer  # noqa: E402
 
@@ -55,7 +55,7 @@ def family(request) -> str:
     return request.param
 
 
-# ---- the real default model (owner: lead; default_model.py) ----
+# ---- the real default model (default_model.py) ----
 
 
 @pytest.fixture(scope="session")
@@ -69,7 +69,7 @@ def smollm2_model_dir() -> Path:
         pytest.skip(str(e))
 
 
-# ---- tiny random models (owner: stage-2 helper; builder in tests/tiny_models.py) ----
+# ---- tiny random models (builder in tests/tiny_models.py) ----
 
 from tests.tiny_models import build_tiny_model  # noqa: E402
 
@@ -86,3 +86,7 @@ def tiny_model_dir(tmp_path_factory, tokenizer_dir):
         return built[arch]
 
     return get
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "cuda: needs a CUDA GPU (`pytest -m cuda`); skipped without one")

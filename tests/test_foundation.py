@@ -16,7 +16,8 @@ def test_default_model_loads_from_plain_folder_and_answers(smollm2_model_dir):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     files = {p.name for p in smollm2_model_dir.iterdir()}
-    assert {"model.safetensors", "config.json", "generation_config.json", "tokenizer.json", "chat_template.jinja"} <= files
+    expected = {"model.safetensors", "config.json", "generation_config.json", "tokenizer.json", "chat_template.jinja"}
+    assert expected <= files
     model = AutoModelForCausalLM.from_pretrained(smollm2_model_dir, dtype=torch.float32)
     assert getattr(model.config, "quantization_config", None) is None  # a plain model: save_pretrained works
     assert model.config.tie_word_embeddings and model.num_parameters() == pytest.approx(134.5e6, rel=0.01)

@@ -11,7 +11,8 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM
 
-from loss import CausalLMLoss, chunked_ce_sum
+from minitrain.loss import chunked_ce_sum
+from minitrain.model import PackedCausalLM
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -54,7 +55,7 @@ def test_packed_forward_equals_per_sample_forward(tiny_model_dir, arch):
         )
         per_token_packed = F.cross_entropy(packed_logits[positions], targets, reduction="none")
         torch.testing.assert_close(per_token_packed, per_token_alone, atol=2e-5, rtol=0)
-        wrapped = CausalLMLoss(lm, chunk_rows=4)(ids, pos, positions, targets)
+        wrapped = PackedCausalLM(lm, chunk_rows=4)(ids, pos, positions, targets)
         torch.testing.assert_close(wrapped, per_token_alone.sum(), atol=1e-4, rtol=1e-6)
     # A KV cache makes transformers ignore the packing: the test above must see the difference (it would fail).
     with torch.no_grad():
@@ -82,7 +83,7 @@ def test_chunked_ce_equals_plain_ce_in_value_and_gradient():
 
 def test_all_masked_pack_gives_zero_loss_and_zero_gradient_on_every_parameter(tiny_model_dir):
     lm = AutoModelForCausalLM.from_pretrained(tiny_model_dir("llama"), dtype=torch.float32)
-    model = CausalLMLoss(lm)
+    model = PackedCausalLM(lm)
     ids = torch.tensor([[5, 6, 7]])
     empty = torch.zeros(0, dtype=torch.long)
     loss = model(ids, torch.arange(3)[None], empty, empty)
@@ -97,7 +98,7 @@ LIGER_SCRIPT = r"""
 import json, sys
 import torch, torch.nn.functional as F
 from transformers import AutoModelForCausalLM
-from loss import CausalLMLoss
+from minitrain.model import PackedCausalLM
 lm = AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=torch.float32)
 g = torch.Generator().manual_seed(2)
 ids = torch.randint(3, lm.config.vocab_size, (1, 24), generator=g)
@@ -106,7 +107,7 @@ positions = torch.tensor([2, 3, 4, 5, 8, 13, 14, 20, 21, 22])
 targets = ids[0, positions + 1]
 out = {}
 for name, liger in (("chunked", False), ("liger", True)):
-    model = CausalLMLoss(lm, use_liger=liger, chunk_rows=4)
+    model = PackedCausalLM(lm, use_liger=liger, chunk_rows=4)
     lm.zero_grad(set_to_none=True)
     loss = model(ids, pos, positions, targets)
     loss.backward()

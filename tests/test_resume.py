@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-import checkpoint
+from minitrain import checkpoint
 from tests.test_train import kill_torchrun, torchrun_workers, write_data
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -43,8 +43,9 @@ def train_args(data: Path, model_dir: Path, out: Path) -> list[str]:
 class Job:
     """train.py in its own process group (torchrun with `nproc` workers, or plain python when nproc is None)."""
 
-    def __init__(self, args: list[str], log: Path, nproc: int | None, env: dict | None = None):
-        command = [sys.executable, "train.py", *args]
+    def __init__(self, args: list[str], log: Path, nproc: int | None, env: dict | None = None,
+                 script: str = "train.py"):
+        command = [sys.executable, script, *args]
         if nproc is not None:
             command[1:1] = ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc)]
         self.log = log
@@ -132,7 +133,8 @@ def test_killed_and_signalled_run_resumes_to_the_reference_exactly(setup, refere
     saves = out / "checkpoints"
 
     # 1. Killed in the middle of saving step 4: shards written, COMPLETE not yet.
-    job = Job(args, root / "run1.log", nproc=2, env={checkpoint.HANG_IN_SAVE: "4"})
+    job = Job(args, root / "run1.log", nproc=2, env={"HANG_IN_SAVE_STEP": "4"},
+              script="tests/train_hanging_in_save.py")
     try:
         job.wait_until(lambda: {"rng_rank0.pt", "rng_rank1.pt"} <= {p.name for p in saves.glob(".step_4.tmp/*")})
     finally:
@@ -208,17 +210,17 @@ def test_changed_flags_are_refused_before_any_weights_load(setup, reference, cap
     newest = str(reference / "checkpoints" / "step_6")
     changed = [*args, "--resume-from", newest, "--batch-size", "8", "--seed", "7"]
     code, out, err = run_main(changed, capsys)
-    assert code == 1 and len(err.strip().splitlines()) == 1, err
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
     assert f"cannot resume from {newest}: --batch-size 4 -> 8; --seed 42 -> 7: the resumed run would differ" in err
     assert "--allow-config-change to resume anyway, or --fresh to start over" in err
     assert "resumed" not in out
 
     other_data = write_data(tmp_path / "other.jsonl", NUM_SAMPLES + 1, vocab=700)
     code, _, err = run_main([*train_args(other_data, model_dir, tmp_path / "out"), "--resume-from", newest], capsys)
-    assert code == 1 and f"the data ({data}: 24 samples" in err and f"({other_data}: 25 samples" in err, err
+    assert code == 2 and f"the data ({data}: 24 samples" in err and f"({other_data}: 25 samples" in err, err
 
     code, _, err = run_main([*changed, "--learning-rate", "1e-2", "--allow-config-change"], capsys)
-    assert code == 1 and "--learning-rate 0.001 -> 0.01 cannot change on resume" in err, err
+    assert code == 2 and "--learning-rate 0.001 -> 0.01 cannot change on resume" in err, err
     assert "--batch-size" not in err  # allowed now
 
     # Allowed: one more step with a larger batch, from the reference's final state.
@@ -233,7 +235,7 @@ def test_resume_flags_are_checked_with_the_other_flags(setup, capsys, tmp_path):
     root, data, model_dir = setup
     args = [*train_args(data, model_dir, tmp_path / "out"), "--resume-from", str(tmp_path), "--fresh"]
     code, _, err = run_main(args, capsys)
-    assert code == 1 and len(err.strip().splitlines()) == 1, err
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
     assert "--fresh starts over and --resume-from continues a run; pass one of them" in err
     assert f"--resume-from {tmp_path}: not a complete checkpoint" in err
 
@@ -247,7 +249,7 @@ def test_fresh_discards_old_state_and_a_non_finite_loss_keeps_the_last_good_chec
     # The first step's update blows the weights up; the second step's loss is not finite.
     blowup = [*args, "--learning-rate", "1e30", "--max-grad-norm", "0", "--lr-scheduler", "constant", "--fresh"]
     code, out_text, err = run_main(blowup, capsys)
-    assert code == 1 and "error: step 2: loss" in err and "stopped before the optimizer step" in err, err
+    assert code == 2 and "error: step 2: loss" in err and "stopped before the optimizer step" in err, err
     assert "--fresh: removed 4 full-state checkpoints of the earlier run" in out_text
     saves = out / "checkpoints"
     assert [p.name for p in saves.iterdir()] == ["step_1"] and checkpoint.is_complete(saves / "step_1")
@@ -304,14 +306,14 @@ def test_a_checkpoint_without_its_state_files_is_refused_in_one_line(setup, refe
         (broken / name).write_bytes((reference / "checkpoints" / "step_6" / name).read_bytes())
     args = [*train_args(data, model_dir, tmp_path / "out"), "--resume-from", str(broken)]
     code, _, err = run_main(args, capsys)
-    assert code == 1 and len(err.strip().splitlines()) == 1, err
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
     assert f"cannot resume from {broken}: " in err and "trainer_state.json" in err and "--fresh" in err
 
     state = json.loads((reference / "checkpoints" / "step_6" / "trainer_state.json").read_text())
     del state["data"]  # as written before the data fingerprint existed
     (broken / "trainer_state.json").write_text(json.dumps(state))
     code, _, err = run_main(args, capsys)
-    assert code == 1 and len(err.strip().splitlines()) == 1, err
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
     assert "written by another version of minitrain (no trainer_state.json 'data'); start over with --fresh" in err
 
 
@@ -324,7 +326,7 @@ def test_data_with_the_same_lengths_but_other_tokens_is_refused_on_resume(setup,
     retokenized.write_text("".join(json.dumps(row) + "\n" for row in rows))
     newest = str(reference / "checkpoints" / "step_6")
     code, _, err = run_main([*train_args(retokenized, model_dir, tmp_path / "out"), "--resume-from", newest], capsys)
-    assert code == 1 and f"the data ({data}: 24 samples" in err and f"({retokenized}: 24 samples" in err, err
+    assert code == 2 and f"the data ({data}: 24 samples" in err and f"({retokenized}: 24 samples" in err, err
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -375,25 +377,20 @@ def test_trim_metrics_drops_later_steps_and_a_torn_last_line(tmp_path):
 
 
 def test_pruning_exports_never_deletes_the_one_just_written(tmp_path):
-    import train
-
     for samples in (8, 16, 24, 40):
         (tmp_path / f"samples_{samples}").mkdir()
     (tmp_path / "notes").mkdir()
     # samples_40 is not this run's (it is later than what was just written): left alone, never preferred.
-    assert train.prune_exports(tmp_path, keep=1, written=tmp_path / "samples_16") == [tmp_path / "samples_8"]
+    assert checkpoint.prune_exports(tmp_path, keep=1, written=tmp_path / "samples_16") == [tmp_path / "samples_8"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["notes", "samples_16", "samples_24", "samples_40"]
 
 
 def test_a_first_start_sets_aside_exports_already_in_the_folder(tmp_path, capsys):
-    from train import TrainConfig, tidy_output_dir
-
     out = tmp_path / "out"
     for name in ("samples_8", "samples_16", "notes"):
         (out / "hf_format" / name).mkdir(parents=True)
     (out / "metrics.jsonl").write_text('{"step": 1}\n')
-    config = TrainConfig("d", "m", str(out), batch_size=4, max_tokens_per_gpu=64)
-    tidy_output_dir(config, None, 0, out / "metrics.jsonl")  # no checkpoint to resume: a new run
+    checkpoint.tidy_output_dir(str(out), False, None, 0)  # no checkpoint to resume: a new run
     aside = out / "hf_format.earlier_run_1"
     assert f"moved 2 exports of an earlier run (samples_8, samples_16) to {aside}: this run starts over" in (
         capsys.readouterr().out
@@ -433,3 +430,92 @@ def test_saving_a_step_that_exists_replaces_it_whole(tmp_path):
     # Killed between moving the old folder aside and deleting it: the next start removes the leftover.
     (tmp_path / ".step_3.replaced.tmp").mkdir()
     assert checkpoint.remove_unfinished(tmp_path) == [tmp_path / ".step_3.replaced.tmp"]
+
+
+class _RunsCodeWhenUnpickled:
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def tiny_training_state():
+    import torch
+
+    model = torch.nn.Linear(3, 2)
+    optimizer = torch.optim.AdamW(model.parameters())
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    state = {"samples_seen": 4, "last_export_samples": 4, "data": "x", "scheduler": scheduler.state_dict()}
+    return model, optimizer, scheduler, state
+
+
+def draws():
+    """One draw of each random stream a run uses."""
+    import random
+
+    import numpy as np
+    import torch
+
+    return torch.rand(3), np.random.standard_normal(3), random.random()
+
+
+def assert_resumed_streams(path, model, optimizer, scheduler, expected):
+    import random
+
+    import numpy as np
+    import torch
+
+    torch.manual_seed(0), np.random.seed(0), random.seed(0)
+    checkpoint.load(path, model, optimizer, scheduler)
+    restored = draws()
+    assert torch.equal(expected[0], restored[0]) and np.array_equal(expected[1], restored[1])
+    assert expected[2] == restored[2]
+
+
+def test_rng_states_round_trip_as_plain_tensors_and_a_tampered_file_is_refused_unrun(tmp_path):
+    import random
+
+    import numpy as np
+    import torch
+
+    model, optimizer, scheduler, state = tiny_training_state()
+    torch.manual_seed(3), np.random.seed(4), random.seed(5)
+    np.random.standard_normal()  # leaves a cached Gaussian in numpy's state
+    path = checkpoint.save(tmp_path, 1, model, optimizer, state, {"run": "this"})
+    assert_resumed_streams(path, model, optimizer, scheduler, draws())
+
+    marker = tmp_path / "code_ran"
+    torch.save({"torch": _RunsCodeWhenUnpickled(marker)}, path / "rng_rank0.pt")
+    with pytest.raises(checkpoint.CheckpointError, match="rng_rank0.pt: not a random-number-generator state file"):
+        checkpoint.load(path, model, optimizer, scheduler)
+    assert not marker.exists()
+
+
+def test_rng_states_of_an_earlier_version_still_resume(tmp_path):
+    """Checkpoints written before RNG states were saved as tensors pickled numpy's state tuple: still loaded, with
+    weights_only=True and numpy's array types allowed, nothing else."""
+    import random
+
+    import numpy as np
+    import torch
+
+    model, optimizer, scheduler, state = tiny_training_state()
+    path = checkpoint.save(tmp_path, 1, model, optimizer, state, {"run": "this"})
+    torch.manual_seed(3), np.random.seed(4), random.seed(5)
+    torch.save({"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()},
+               path / "rng_rank0.pt")  # as the earlier version wrote it
+    assert_resumed_streams(path, model, optimizer, scheduler, draws())
+
+
+def test_running_a_finished_run_again_rewrites_nothing(setup, tmp_path, capsys):
+    root, data, model_dir = setup
+    args = [*train_args(data, model_dir, tmp_path / "out"), "--max-steps", "2", "--checkpoint-every-steps", "1"]
+    code, out, err = run_main(args, capsys)
+    assert code == 0, err
+    saves = tmp_path / "out" / "checkpoints"
+    before = {p.name: (p / checkpoint.COMPLETE).stat().st_mtime_ns for p in saves.iterdir()}
+    code, out, err = run_main(args, capsys)
+    assert code == 0, err
+    assert "resumed from" in out and "saved" not in out  # nothing left to train, so nothing to save
+    assert {p.name: (p / checkpoint.COMPLETE).stat().st_mtime_ns for p in saves.iterdir()} == before

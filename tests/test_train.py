@@ -87,29 +87,32 @@ def grad_worker(model_dir: str, data_path: str, out_dir: str) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     import train
-    from data import make_pack
-    from loss import CausalLMLoss
+    from minitrain.data import load_data, make_pack
+    from minitrain.distributed import World, cleanup_distributed, init_distributed
+    from minitrain.model import SHARDING_STRATEGIES, PackedCausalLM, build_model
+    from minitrain.checkpoint import save_export
+    from minitrain.objectives import SFT
 
-    d = train.init_distributed("auto")
+    d = init_distributed("auto")
     config = train.TrainConfig(
         data_path=data_path, model_name_or_path=model_dir, output_dir=out_dir, batch_size=8, max_tokens_per_gpu=256,
         save_dtype="float32", activation_checkpointing=False,
     )
-    cache = train.load_data(config, d, vocab_size=10**6)
+    cache = load_data(config, d, vocab_size=10**6)
     step_trained = int(cache.trained[:8].sum())
     report = {}
     if d.is_main:  # reference: one process, one micro-step holding the whole step
-        single = train.Dist(0, 0, 1, 1, d.device)
-        reference = train.build_model(config, single)
-        ref_sum = train.forward_backward(reference, cache, [np.arange(8)], step_trained, 1, d.device)
+        single = World(0, 0, 1, 1, d.device)
+        reference = build_model(config, single)
+        ref_sum = train.forward_backward(reference, SFT(), cache, [np.arange(8)], step_trained, 1, d.device)
         ref_grads = {n: p.grad for n, p in reference.lm.named_parameters()}
         report["reference_loss"] = ref_sum.item() / step_trained
         report["reference_norm"] = train.clip_gradients(reference, 0)
-    for strategy in train.SHARDING_STRATEGIES:
+    for strategy in SHARDING_STRATEGIES:
         cfg = replace(config, fsdp_sharding_strategy=strategy, activation_checkpointing=strategy == "FULL_SHARD")
-        model = train.build_model(cfg, d)
+        model = build_model(cfg, d)
         packs = [np.asarray(p, dtype=np.int64) for p in SKEWED[d.rank]]
-        local_sum = train.forward_backward(model, cache, packs, step_trained, d.world_size, d.device)
+        local_sum = train.forward_backward(model, SFT(), cache, packs, step_trained, d.world_size, d.device)
         dist.all_reduce(local_sum)
         grads = {n: p.grad.full_tensor() for n, p in model.lm.named_parameters()}
         norm = train.clip_gradients(model, 0)
@@ -124,7 +127,7 @@ def grad_worker(model_dir: str, data_path: str, out_dir: str) -> None:
     # Checkpoint of the last model after one optimizer step: reload it and compare with the trained model.
     torch.optim.SGD(model.parameters(), lr=0.5).step()
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    saved = train.save_checkpoint(model, tokenizer, cfg, d, samples_seen=8)
+    saved = save_export(model, tokenizer, cfg, d, samples_seen=8)
     full = get_model_state_dict(model.lm, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     pack = make_pack(cache, np.arange(3))
     with torch.no_grad():
@@ -137,11 +140,31 @@ def grad_worker(model_dir: str, data_path: str, out_dir: str) -> None:
             kwargs = dict(input_ids=pack.input_ids, position_ids=pack.position_ids, use_cache=False)
             report["logits_max_diff"] = (reloaded(**kwargs).logits - trained(**kwargs).logits).abs().max().item()
             report["weights_changed"] = (trained.model.norm.weight - reference.lm.model.norm.weight).abs().max().item()
-            reloaded_loss = CausalLMLoss(reloaded)(pack.input_ids, pack.position_ids, pack.positions, pack.targets)
+            reloaded_loss = PackedCausalLM(reloaded)(pack.input_ids, pack.position_ids, pack.positions, pack.targets)
         report["loss_diff"] = abs(reloaded_loss.item() - trained_loss.item())
         report["reloaded_dtype"] = str(reloaded.dtype)
+
+    # --loss-reduction sequences: the mean over the step's 8 samples of each sample's token mean, on 2 ranks with
+    # skewed micro-steps, against the model's own forward + plain cross-entropy one sample at a time.
+    sharded = build_model(replace(config, fsdp_sharding_strategy="FULL_SHARD"), d)
+    local_sum = train.forward_backward(sharded, SFT("sequences"), cache, packs, 8, d.world_size, d.device)
+    dist.all_reduce(local_sum)
+    grads = {n: p.grad.full_tensor() for n, p in sharded.lm.named_parameters()}
+    if d.is_main:
+        lm = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+        truth = 0.0
+        for i in range(8):
+            start, end = int(cache.offsets[i]), int(cache.offsets[i + 1])
+            ids = torch.from_numpy(cache.input_ids[start:end].astype(np.int64))[None]
+            labels = torch.from_numpy(cache.labels[start:end].astype(np.int64))
+            logits = lm(input_ids=ids, use_cache=False).logits[0, :-1]
+            truth = truth + torch.nn.functional.cross_entropy(logits, labels[1:], ignore_index=-100) / 8
+        truth.backward()
+        rel = {n: ((grads[n] - p.grad).abs().max() / p.grad.abs().max()).item() for n, p in lm.named_parameters()}
+        report["sequences"] = {"loss": local_sum.item() / 8, "truth": truth.item(), "max_rel": max(rel.values()),
+                               "names": sorted(rel) == sorted(grads)}
         Path(out_dir, "report.json").write_text(json.dumps(report))
-    train.cleanup_distributed()
+    cleanup_distributed()
 
 
 def test_two_ranks_with_skewed_micro_steps_give_the_single_process_gradient(tmp_path, tiny_model_dir):
@@ -158,6 +181,9 @@ def test_two_ranks_with_skewed_micro_steps_give_the_single_process_gradient(tmp_
     assert report["weights_changed"] > 1e-3  # the optimizer step happened, so the comparison below means something
     assert report["logits_max_diff"] < 1e-5 and report["loss_diff"] < 1e-4
     assert report["reloaded_dtype"] == "torch.float32"
+    sequences = report["sequences"]
+    assert sequences["names"] and sequences["loss"] == pytest.approx(sequences["truth"], rel=1e-6)
+    assert sequences["max_rel"] < 1e-5, sequences["max_rel"]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -210,20 +236,22 @@ def test_a_checkpoint_that_fails_mid_write_leaves_no_folder(tmp_path, tiny_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     import train
-    from loss import CausalLMLoss
+    from minitrain.checkpoint import CheckpointError, save_export
+    from minitrain.distributed import World
+    from minitrain.model import PackedCausalLM
 
     class FullDisk:  # the tokenizer is written after the weights: fail there
         def save_pretrained(self, path):
             raise OSError(28, "No space left on device")
 
     model_dir = tiny_model_dir("llama")
-    model = CausalLMLoss(AutoModelForCausalLM.from_pretrained(model_dir))
+    model = PackedCausalLM(AutoModelForCausalLM.from_pretrained(model_dir))
     config = train.TrainConfig("d", str(model_dir), str(tmp_path), batch_size=1, max_tokens_per_gpu=8)
-    single = train.Dist(0, 0, 1, 1, torch.device("cpu"))
-    with pytest.raises(train.TrainingError, match="could not write checkpoint .*samples_8: .*No space left"):
-        train.save_checkpoint(model, FullDisk(), config, single, samples_seen=8)
+    single = World(0, 0, 1, 1, torch.device("cpu"))
+    with pytest.raises(CheckpointError, match="could not write checkpoint .*samples_8: .*No space left"):
+        save_export(model, FullDisk(), config, single, samples_seen=8)
     assert list((tmp_path / "hf_format").iterdir()) == []
-    saved = train.save_checkpoint(model, AutoTokenizer.from_pretrained(model_dir), config, single, samples_seen=8)
+    saved = save_export(model, AutoTokenizer.from_pretrained(model_dir), config, single, samples_seen=8)
     assert [p.name for p in (tmp_path / "hf_format").iterdir()] == ["samples_8"] and saved.name == "samples_8"
 
 
@@ -247,12 +275,12 @@ def test_total_steps_is_the_first_stop_condition_reached():
 
     planner = MultipackPlanner(np.full(10, 5), batch_size=4, max_tokens_per_rank=64, world_size=2)  # 3 steps/epoch
     config = lambda **stop: TrainConfig("d", "m", "o", batch_size=4, max_tokens_per_gpu=64, **stop)  # noqa: E731
-    assert count_total_steps(config(), planner, 10) is None  # until stopped
-    assert count_total_steps(config(max_epochs=2), planner, 10) == 6
-    assert count_total_steps(config(max_steps=5), planner, 10) == 5
-    assert count_total_steps(config(max_samples=10), planner, 10) == 3  # steps of 4, 4, 2 samples
-    assert count_total_steps(config(max_samples=13), planner, 10) == 4  # 4 + 4 + 2, then 4 more: 14 >= 13
-    assert count_total_steps(config(max_samples=13, max_epochs=1), planner, 10) == 3
+    assert count_total_steps(config(), planner) is None  # until stopped
+    assert count_total_steps(config(max_epochs=2), planner) == 6
+    assert count_total_steps(config(max_steps=5), planner) == 5
+    assert count_total_steps(config(max_samples=10), planner) == 3  # steps of 4, 4, 2 samples
+    assert count_total_steps(config(max_samples=13), planner) == 4  # 4 + 4 + 2, then 4 more: 14 >= 13
+    assert count_total_steps(config(max_samples=13, max_epochs=1), planner) == 3
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -279,7 +307,7 @@ def test_every_flag_problem_is_reported_together(tmp_path, capsys, monkeypatch):
         "--output-dir", str(tmp_path / "out"), "--batch-size", "2", "--max-tokens-per-gpu", "64",
         "--fsdp-sharding-strategy", "ZERO3", "--distributed-backend", "nccl", "--lr-scheduler", "cosine",
     ], capsys)
-    assert code == 1 and len(err.strip().splitlines()) == 1
+    assert code == 2 and len(err.strip().splitlines()) == 1
     for message in (
         "missing.jsonl: no such file", "no-model: no such model folder", "--batch-size 2 is smaller than the 4 ranks",
         "'ZERO3' is unknown", "nccl needs CUDA", "--lr-scheduler cosine decays over the whole run",
@@ -295,7 +323,7 @@ def test_model_folder_without_tokenizer_is_a_clear_error(tmp_path, capsys, tiny_
         (model_dir / name).write_bytes((tiny_model_dir("llama") / name).read_bytes())
     data = write_data(tmp_path / "data.jsonl", 4, vocab=700)
     code, err = run_main(base_args(tmp_path, model_dir, data), capsys)
-    assert code == 1 and f"--model-name-or-path {model_dir}: cannot load its config and tokenizer" in err
+    assert code == 2 and f"--model-name-or-path {model_dir}: cannot load its config and tokenizer" in err
     assert len(err.strip().splitlines()) == 1, err
 
 
@@ -310,7 +338,7 @@ def test_bad_data_is_one_line_naming_file_and_line(tmp_path, capsys, tiny_model_
     data = tmp_path / "data.jsonl"
     data.write_text(json.dumps({"input_ids": [5, 6, 7], "labels": [-100, 6, 7]}) + "\n" + json.dumps(row) + "\n")
     code, err = run_main(base_args(tmp_path, tiny_model_dir("llama"), data), capsys)
-    assert code == 1 and message in err and len(err.strip().splitlines()) == 1, err
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "out" / "hf_format").exists()
 
 
@@ -321,7 +349,7 @@ def test_non_finite_loss_stops_before_the_optimizer_step_naming_it(tmp_path, cap
     # The first step's update blows the weights up; the second step's loss or gradient is not finite.
     code, err = run_main([*args, "--learning-rate", "1e30", "--max-grad-norm", "0"], capsys)
     error = [line for line in err.splitlines() if "train.py: error:" in line]
-    assert code == 1 and len(error) == 1 and "nan" in error[0], err
+    assert code == 2 and len(error) == 1 and "nan" in error[0], err
     assert re.search(r"error: step 2: loss \S+, gradient norm \S+; stopped before the optimizer step", error[0])
     records = (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()
     assert len(records) == 1  # only the step that finished is logged

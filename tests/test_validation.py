@@ -46,7 +46,7 @@ def direct_greedy(lm, prompt: np.ndarray, max_new_tokens: int) -> list[int]:
 
 
 def open_cache(data_path: Path, root: Path):
-    from data import build_token_cache, open_token_cache
+    from minitrain.data import build_token_cache, open_token_cache
 
     build_token_cache(data_path, root / "cache")
     return open_token_cache(root / "cache")
@@ -60,19 +60,20 @@ def test_validation_loss_and_generations_match_a_direct_computation_in_one_proce
     import torch
     from transformers import AutoModelForCausalLM
 
-    import validation
-    from loss import CausalLMLoss
+    from minitrain import validation
+    from minitrain.model import PackedCausalLM
+    from minitrain.objectives import SFT
 
     cache = open_cache(write_data(tmp_path / "data.jsonl", 24, vocab=700, seed=3), tmp_path)
     train_idx, val_idx = validation.split_validation(len(cache), 0.5)
     lm = AutoModelForCausalLM.from_pretrained(tiny_model_dir("llama"), dtype=torch.float32)
-    model = CausalLMLoss(lm).train()
-    evaluator = validation.build_evaluator(cache, val_idx, CAP, world_size=1, rank=0, num_generations=2,
-                                         max_new_tokens=5, eos_token_ids=[])
+    model = PackedCausalLM(lm).train()
+    evaluator = validation.plan_validation_set(SFT(), cache, val_idx, CAP, world_size=1, rank=0,
+                                               num_generations=2, max_new_tokens=5, eos_token_ids=[])
     assert len(evaluator.packs) > 1  # several packs: the sum really is over packs
     torch.manual_seed(7)
     rng_before = torch.get_rng_state()
-    result = evaluator.run(model, torch.device("cpu"))
+    result = evaluator.evaluate(model, torch.device("cpu"))
     assert torch.equal(torch.get_rng_state(), rng_before) and model.training  # training state untouched
 
     assert result.tokens == int(cache.trained[val_idx].sum())
@@ -94,22 +95,26 @@ def eval_worker(model_dir: str, data_path: str, out_dir: str) -> None:
     import torch
     from transformers import AutoModelForCausalLM
 
-    import validation
     import train
+    from minitrain import validation
+    from minitrain.data import load_data
+    from minitrain.distributed import cleanup_distributed, init_distributed
+    from minitrain.model import build_model
+    from minitrain.objectives import SFT
 
-    d = train.init_distributed("auto")
+    d = init_distributed("auto")
     config = train.TrainConfig(data_path=data_path, model_name_or_path=model_dir, output_dir=out_dir, batch_size=2,
                                max_tokens_per_gpu=CAP, fsdp_sharding_strategy="FULL_SHARD")
-    cache = train.load_data(config, d, vocab_size=10**6)
+    cache = load_data(config, d, vocab_size=10**6)
     _, val_idx = validation.split_validation(len(cache), 0.5)
-    model = train.build_model(config, d)
-    evaluator = validation.build_evaluator(cache, val_idx, CAP, d.world_size, d.rank, num_generations=2,
-                                         max_new_tokens=5, eos_token_ids=[])
-    result = evaluator.run(model, d.device)
+    model = build_model(config, d)
+    evaluator = validation.plan_validation_set(SFT(), cache, val_idx, CAP, d.world_size, d.rank, num_generations=2,
+                                               max_new_tokens=5, eos_token_ids=[])
+    result = evaluator.evaluate(model, d.device)
     resharded = all(isinstance(p, torch.distributed.tensor.DTensor) for p in model.parameters())
     # A training forward/backward afterwards: every rank still issues the same collectives.
     packs = [np.arange(2 * d.rank, 2 * d.rank + 2)]
-    after = train.forward_backward(model, cache, packs, int(cache.trained[:4].sum()), d.world_size, d.device)
+    after = train.forward_backward(model, SFT(), cache, packs, int(cache.trained[:4].sum()), d.world_size, d.device)
     torch.distributed.all_reduce(after)
     if d.is_main:
         lm = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
@@ -125,7 +130,7 @@ def eval_worker(model_dir: str, data_path: str, out_dir: str) -> None:
             "training": model.training,
         }
         Path(out_dir, "report.json").write_text(json.dumps(report))
-    train.cleanup_distributed()
+    cleanup_distributed()
 
 
 def test_sharded_validation_loss_and_generations_on_two_ranks_match_a_direct_computation(tmp_path, tiny_model_dir):
@@ -222,7 +227,7 @@ def test_a_validation_split_is_never_trained_on_and_is_evaluated_at_the_end(tmp_
     import torch
     from transformers import AutoModelForCausalLM
 
-    import validation
+    from minitrain import validation
 
     data = write_data(tmp_path / "data.jsonl", 20, vocab=700, seed=7)
     out = tmp_path / "out"
@@ -247,7 +252,7 @@ def test_torchrun_evaluates_exactly_generates_and_stops_early_on_two_ranks(tmp_p
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    import validation
+    from minitrain import validation
 
     data = write_data(tmp_path / "data.jsonl", 12, vocab=700, seed=8)
     out = tmp_path / "out"
@@ -302,15 +307,15 @@ def test_every_evaluation_flag_problem_is_reported_together(tmp_path, capsys):
         "--data-path", str(data), "--model-name-or-path", str(tmp_path), "--output-dir", str(tmp_path / "out"),
         "--batch-size", "4", "--max-tokens-per-gpu", "64", "--validation-split", "1.5",
         "--validation-data-path", str(tmp_path / "missing.jsonl"), "--eval-every-samples", "0",
-        "--num-eval-generations", "-1", "--early-stopping-min-delta", "-0.1", "--tracker", "mlflow",
+        "--num-eval-generations", "-1", "--early-stopping-min-delta", "-0.1", "--tracker", "comet",
     ])
     err = capsys.readouterr().err
-    assert code == 1 and len(err.strip().splitlines()) == 1
+    assert code == 2 and len(err.strip().splitlines()) == 1
     for message in (
         "--validation-data-path and --validation-split each give a validation set; pass one of them",
         "missing.jsonl: no such file", "--validation-split is the fraction of samples held out, in (0, 1); got 1.5",
         "--eval-every-samples must be >= 1, got 0", "--num-eval-generations must be >= 0, got -1",
-        "--early-stopping-min-delta must be >= 0, got -0.1", "--tracker 'mlflow' is unknown",
+        "--early-stopping-min-delta must be >= 0, got -0.1", "--tracker 'comet' is unknown",
     ):
         assert message in err
     capsys.readouterr()
@@ -318,7 +323,7 @@ def test_every_evaluation_flag_problem_is_reported_together(tmp_path, capsys):
                        str(tmp_path / "out"), "--batch-size", "4", "--max-tokens-per-gpu", "64",
                        "--eval-every-samples", "8", "--early-stopping-patience", "2"])
     err = capsys.readouterr().err
-    assert code == 1 and "--eval-every-samples and --early-stopping-patience need a validation set; pass " \
+    assert code == 2 and "--eval-every-samples and --early-stopping-patience need a validation set; pass " \
                          "--validation-data-path or --validation-split" in err
     assert not (tmp_path / "out").exists()
 
@@ -328,7 +333,7 @@ def test_every_evaluation_flag_problem_is_reported_together(tmp_path, capsys):
 
 
 def test_validation_split_is_exact_disjoint_fixed_and_stable_when_samples_are_appended():
-    from validation import EvalError, split_validation
+    from minitrain.validation import ValidationError, split_validation
 
     train_idx, val_idx = split_validation(1000, 0.1)
     assert len(val_idx) == 100 and len(train_idx) == 900
@@ -338,12 +343,12 @@ def test_validation_split_is_exact_disjoint_fixed_and_stable_when_samples_are_ap
     grown = split_validation(1010, 0.1)[1]  # ten samples appended: the held-out set barely moves
     assert len(np.intersect1d(val_idx, grown)) >= 95
     for fraction in (0.0, 0.0004, 0.9996, 1.0):
-        with pytest.raises(EvalError, match=f"--validation-split {fraction} of 1000 samples"):
+        with pytest.raises(ValidationError, match=f"--validation-split {fraction} of 1000 samples"):
             split_validation(1000, fraction)
 
 
 def test_early_stopping_stops_after_patience_evaluations_without_a_real_improvement():
-    from validation import EarlyStopping
+    from minitrain.validation import EarlyStopping
 
     stopper = EarlyStopping(patience=2, min_delta=0.05)
     history = []
@@ -361,7 +366,7 @@ def test_early_stopping_stops_after_patience_evaluations_without_a_real_improvem
 def test_trackers_log_the_numbers_of_each_record_and_a_missing_package_is_a_clear_error(monkeypatch):
     import importlib.util
 
-    from validation import TensorBoardTracker, WandbTracker, tracker_problem
+    from minitrain.run_log import TensorBoardTracker, WandbTracker, tracker_problem
 
     class Writer:  # the SummaryWriter calls the tracker makes
         def __init__(self):
@@ -383,8 +388,8 @@ def test_trackers_log_the_numbers_of_each_record_and_a_missing_package_is_a_clea
         def log(self, values, step):
             self.calls.append((values, step))
 
-        def finish(self):
-            self.calls.append("finished")
+        def finish(self, exit_code=0):
+            self.calls.append("finished" if exit_code == 0 else "failed")
 
     record = {"step": 3, "loss": 1.5, "validation_loss": 1.7, "sample_lines": [1, 2], "stopped": True}
     writer, run = Writer(), Run()
@@ -396,9 +401,9 @@ def test_trackers_log_the_numbers_of_each_record_and_a_missing_package_is_a_clea
     assert run.calls == [({"step": 3.0, "loss": 1.5, "validation_loss": 1.7}, 3), "finished"]
 
     assert tracker_problem(None) is None
-    assert "--tracker 'mlflow' is unknown; use one of wandb, tensorboard" in tracker_problem("mlflow")
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)  # neither package installed
-    for name in ("wandb", "tensorboard"):
+    assert "--tracker 'comet' is unknown; use one of wandb, tensorboard, mlflow" in tracker_problem("comet")
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)  # no package installed
+    for name in ("wandb", "tensorboard", "mlflow"):
         assert tracker_problem(name) == (f"--tracker {name} needs the {name} package, which is not installed; "
                                          f"pip install {name}")
 
@@ -407,7 +412,7 @@ def test_trackers_log_the_numbers_of_each_record_and_a_missing_package_is_a_clea
 # plot_run.py
 
 
-def test_plot_errors_are_one_line_naming_the_file_and_the_fix(tmp_path, capsys, monkeypatch):
+def test_plot_errors_are_one_line_naming_the_file_and_the_fix(tmp_path, capsys):
     import plot_run
 
     def run(*args) -> tuple[int, str]:
@@ -415,18 +420,36 @@ def test_plot_errors_are_one_line_naming_the_file_and_the_fix(tmp_path, capsys, 
         return code, capsys.readouterr().err
 
     code, err = run(tmp_path)
-    assert code == 1 and err == f"plot_run.py: error: {tmp_path / 'metrics.jsonl'}: no such file; pass the " \
+    assert code == 2 and err == f"plot_run.py: error: {tmp_path / 'metrics.jsonl'}: no such file; pass the " \
                                 "--output-dir of a train.py run\n"
     (tmp_path / "metrics.jsonl").write_text('{"samples_seen": 4, "loss": 2.0, "lr": 0.1, "tokens_per_s": 9}\n{"ste\n')
     code, err = run(tmp_path)
-    assert code == 1 and err.startswith(f"plot_run.py: error: {tmp_path / 'metrics.jsonl'}:2: not valid JSON")
+    assert code == 2 and err.startswith(f"plot_run.py: error: {tmp_path / 'metrics.jsonl'}:2: not valid JSON")
     assert len(err.splitlines()) == 1
-    monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if it were not installed
-    code, err = run(tmp_path)
-    assert code == 1 and err == "plot_run.py: error: matplotlib is not installed; pip install matplotlib " \
-                                "(needed only for plots)\n"
     assert not list(tmp_path.glob("*.png"))
 
 
 if __name__ == "__main__":
     eval_worker(*sys.argv[1:4])
+
+
+def test_mlflow_tracker_logs_every_step_to_a_local_file_store(tmp_path, capsys, monkeypatch, tiny_model_dir):
+    mlflow = pytest.importorskip("mlflow")
+    from mlflow.tracking import MlflowClient
+
+    store = (tmp_path / "mlruns").as_uri()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store)
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "minitrain-test")
+    data = write_data(tmp_path / "data.jsonl", 8, vocab=700, seed=2)
+    records, _ = train_in_process([
+        "--data-path", str(data), "--model-name-or-path", str(tiny_model_dir("llama")), "--output-dir",
+        str(tmp_path / "out"), "--batch-size", "4", "--max-tokens-per-gpu", "64", "--max-steps", "2",
+        "--tracker", "mlflow", "--save-dtype", "float32",
+    ], capsys)
+    client = MlflowClient(store)
+    [run] = client.search_runs([client.get_experiment_by_name("minitrain-test").experiment_id])
+    assert run.info.status == "FINISHED" and run.data.params["batch_size"] == "4"
+    losses = [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, "loss")]
+    assert losses == [(r["step"], pytest.approx(r["loss"])) for r in records]
+    assert mlflow.active_run() is None

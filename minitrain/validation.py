@@ -1,4 +1,4 @@
-"""Seeing a run: exact validation loss, greedy sample generations, early stopping and optional trackers.
+"""Seeing a run: exact validation loss, greedy sample generations, early stopping, the best export.
 
 Validation loss is the token-mean cross-entropy over the WHOLE validation set, all ranks together:
 
@@ -13,26 +13,24 @@ Evaluation must not change the training trajectory: it runs in eval mode (no dro
 parameters back into shards.
 """
 
-import importlib.util
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
-from data import IGNORE, TokenCache, make_pack
+from minitrain.data import IGNORE, TokenCache
+from minitrain.distributed import World, compute_autocast, print0
 from sampler import pack_step
 
 # The validation split must not move when --seed changes, so runs with different seeds are compared on the same
 # held-out samples: it has its own fixed seed.
 SPLIT_SEED = 0x5EED_0F_5A1D
-TRACKERS = ("wandb", "tensorboard")
-TRACKER_PACKAGES = {"wandb": "wandb", "tensorboard": "tensorboard"}  # what `pip install` needs for each
 
 
-class EvalError(ValueError):
+class ValidationError(ValueError):
     """A validation set that cannot work; the message says what is wrong and how to fix it."""
 
 
@@ -49,7 +47,7 @@ def split_validation(num_samples: int, fraction: float) -> tuple[np.ndarray, np.
     """
     count = round(fraction * num_samples)
     if not 0 < count < num_samples:
-        raise EvalError(
+        raise ValidationError(
             f"--validation-split {fraction} of {num_samples} samples leaves {count} for validation and "
             f"{num_samples - count} for training; both need at least one sample, so choose a fraction between "
             f"{1 / num_samples:.3g} and {1 - 1 / num_samples:.3g}"
@@ -95,29 +93,24 @@ def generation_prompts(cache: TokenCache, indices: np.ndarray, count: int) -> li
 # Evaluation
 
 
-def compute_autocast(model: torch.nn.Module, device: torch.device):
-    """The compute dtype training uses: FSDP's own bf16 policy on CUDA, autocast for one unsharded CUDA process."""
-    from torch.distributed.fsdp import FSDPModule
-
-    unsharded_cuda = device.type == "cuda" and not isinstance(model, FSDPModule)
-    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=unsharded_cuda)
-
-
 @torch.no_grad()
-def validation_loss(model, cache: TokenCache, packs: list[np.ndarray], device: torch.device) -> tuple[float, int]:
-    """(token-mean CE over the whole set, its trained tokens). Collective: every rank passes its own packs, and all
-    ranks have the same number of them (see plan_validation)."""
-    totals = torch.zeros(2, dtype=torch.float64, device=device)  # (CE sum, trained tokens) of this rank
+def validation_loss(model, objective, cache: TokenCache, packs: list[np.ndarray], device: torch.device
+                    ) -> tuple[float, int, dict[str, float]]:
+    """(the objective's mean loss over the whole set, its units (e.g. trained tokens), the mean of each of its
+    metrics over the set). Collective: every rank passes its own packs, and all ranks have the same number of them
+    (see plan_validation)."""
+    totals = torch.zeros(2 + len(objective.metrics), dtype=torch.float64, device=device)  # (loss, units, metrics)
     for indices in packs:
-        pack = make_pack(cache, indices).to(device)
+        pack = objective.pack(cache, indices).to(device)
         with compute_autocast(model, device):
-            ce_sum = model(pack.input_ids, pack.position_ids, pack.positions, pack.targets)
-        totals[0] += ce_sum.double()
-        totals[1] += pack.targets.numel()
+            loss_sum, metric_sums = objective.loss_sum(model, pack, cache, indices)
+        totals[0] += loss_sum.double()
+        totals[1] += objective.step_units(cache, indices)
+        totals[2:] += metric_sums.double()
     if dist.is_initialized():
         dist.all_reduce(totals)
-    ce_sum, tokens = totals.tolist()
-    return ce_sum / tokens, int(tokens)
+    loss_sum, units, *metric_sums = totals.tolist()
+    return loss_sum / units, int(units), {name: m / units for name, m in zip(objective.metrics, metric_sums)}
 
 
 @torch.no_grad()
@@ -164,38 +157,41 @@ def generate_replies(
 
 
 @dataclass(frozen=True)
-class Evaluation:
+class ValidationResult:
     loss: float
     tokens: int
     replies: list[list[int]]  # one per generation prompt
+    metrics: dict[str, float] = field(default_factory=dict)  # the objective's metrics (DPO: rewards/chosen, ...)
 
 
 @dataclass
-class Evaluator:
-    """One rank's view of the validation set, planned once; `run` evaluates the model on it (collective)."""
+class ValidationSet:
+    """One rank's view of the validation set, planned once; `evaluate` runs the model on it (collective)."""
 
+    objective: object
     cache: TokenCache
     packs: list[np.ndarray]  # this rank's pack for each micro-step of the validation "step"
     prompts: list[Prompt]
     max_new_tokens: int
     eos_token_ids: list[int]
 
-    def run(self, model: torch.nn.Module, device: torch.device) -> Evaluation:
+    def evaluate(self, model: torch.nn.Module, device: torch.device) -> ValidationResult:
         was_training = model.training
         model.eval()  # no dropout
         devices = [device] if device.type == "cuda" else []
         try:
             with torch.random.fork_rng(devices=devices):
-                loss, tokens = validation_loss(model, self.cache, self.packs, device)
+                loss, tokens, metrics = validation_loss(model, self.objective, self.cache, self.packs, device)
                 replies = []
                 if self.prompts:
                     replies = generate_replies(model, self.prompts, self.max_new_tokens, self.eos_token_ids, device)
         finally:
             model.train(was_training)
-        return Evaluation(loss, tokens, replies)
+        return ValidationResult(loss, tokens, replies, metrics)
 
 
-def build_evaluator(
+def plan_validation_set(
+    objective,
     cache: TokenCache,
     indices: np.ndarray,
     max_tokens: int,
@@ -204,9 +200,10 @@ def build_evaluator(
     num_generations: int,
     max_new_tokens: int,
     eos_token_ids: list[int],
-) -> Evaluator:
-    micro_steps = plan_validation(cache.lengths, indices, world_size, max_tokens)
-    return Evaluator(
+) -> ValidationSet:
+    micro_steps = plan_validation(objective.costs(cache), indices, world_size, max_tokens)
+    return ValidationSet(
+        objective=objective,
         cache=cache,
         packs=[packs[rank] for packs in micro_steps],
         prompts=generation_prompts(cache, indices, num_generations),
@@ -245,63 +242,111 @@ class EarlyStopping:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# train.py's bookkeeping: when to evaluate, when to stop, which exported checkpoint is best
+# The validator: owns its cadence (every N samples and before every export), early stopping and the best export
 
 
 @dataclass
-class Validation:
-    evaluator: Evaluator
+class Validator:
+    validation_set: ValidationSet
     every_samples: int | None  # evaluate each time samples seen crosses a multiple of this; also at every export
     stopper: EarlyStopping | None
     last_samples: int | None = None  # samples seen at the latest evaluation
     last_loss: float = math.nan
-    best_checkpoint: str | None = None  # the exported checkpoint with the lowest validation loss
-    best_checkpoint_loss: float = math.inf
+    best_export: str | None = None  # the exported model with the lowest validation loss
+    best_export_loss: float = math.inf
 
     def due(self, samples_before: int, samples_seen: int, export_follows: bool) -> bool:
         every = self.every_samples
         return export_follows or (every is not None and samples_seen // every > samples_before // every)
 
-    def run(self, model: torch.nn.Module, device: torch.device, samples_seen: int) -> Evaluation:
-        result = self.evaluator.run(model, device)
+    def after_step(self, model: torch.nn.Module, device: torch.device, samples_before: int, samples_seen: int,
+                   export_follows: bool) -> ValidationResult | None:
+        """Collective: evaluate if this step is due (None if not). Every export is preceded by an evaluation, so the
+        best export is known."""
+        if not self.due(samples_before, samples_seen, export_follows):
+            return None
+        return self.run(model, device, samples_seen)
+
+    def run(self, model: torch.nn.Module, device: torch.device, samples_seen: int) -> ValidationResult:
+        result = self.validation_set.evaluate(model, device)
         self.last_samples, self.last_loss = samples_seen, result.loss
         if self.stopper is not None:
             self.stopper.update(result.loss, samples_seen)
         return result
 
-    def checkpoint_saved(self, path: Path, samples_seen: int) -> None:
-        if self.last_samples == samples_seen and self.last_loss < self.best_checkpoint_loss:
-            self.best_checkpoint, self.best_checkpoint_loss = str(path), self.last_loss
+    def export_saved(self, path: Path, samples_seen: int) -> bool:
+        """Record an export just written; True when it is the best so far (it was evaluated just before)."""
+        if self.last_samples == samples_seen and self.last_loss < self.best_export_loss:
+            self.best_export, self.best_export_loss = str(path), self.last_loss
+            return True
+        return False
 
     @property
     def should_stop(self) -> bool:
         return self.stopper is not None and self.stopper.should_stop
 
+    def stop_message(self, step: int) -> str:
+        stopper = self.stopper
+        return (f"early stopping after step {step}: the validation loss has not improved on its best "
+                f"({stopper.best_loss:.4f} at {stopper.best_samples} samples) by more than {stopper.min_delta} "
+                f"for {stopper.patience} evaluations")
+
     def summary(self) -> str:
         text = f"latest validation loss {self.last_loss:.4f} at {self.last_samples} samples"
         if self.stopper is not None:
             text += f"; best {self.stopper.best_loss:.4f} at {self.stopper.best_samples} samples"
-        if self.best_checkpoint is not None:
-            text += f"; best checkpoint {self.best_checkpoint} (validation loss {self.best_checkpoint_loss:.4f})"
-            if not Path(self.best_checkpoint).exists():
+        if self.best_export is not None:
+            text += f"; best checkpoint {self.best_export} (validation loss {self.best_export_loss:.4f})"
+            if not Path(self.best_export).exists():
                 text += ", since deleted by --keep-last-n-exports"
         return text
 
     def state_dict(self) -> dict:
         """What a full-state checkpoint keeps, so a resumed run stops early and names the best as it would have."""
-        keys = ("last_samples", "last_loss", "best_checkpoint", "best_checkpoint_loss")
-        state = {k: getattr(self, k) for k in keys}
+        state = {key: getattr(self, name) for key, name in STATE_KEYS.items()}
         if self.stopper is not None:
             state["stopper"] = asdict(self.stopper)
         return state
 
     def load_state_dict(self, state: dict) -> None:
-        for key in ("last_samples", "last_loss", "best_checkpoint", "best_checkpoint_loss"):
-            setattr(self, key, state[key])
+        for key, name in STATE_KEYS.items():
+            setattr(self, name, state[key])
         if self.stopper is not None and "stopper" in state:
             saved = state["stopper"]
             self.stopper.best_loss, self.stopper.best_samples = saved["best_loss"], saved["best_samples"]
             self.stopper.evaluations_without_improvement = saved["evaluations_without_improvement"]
+
+
+# trainer_state.json's keys (as earlier versions wrote them) -> attributes
+STATE_KEYS = {"last_samples": "last_samples", "last_loss": "last_loss", "best_checkpoint": "best_export",
+              "best_checkpoint_loss": "best_export_loss"}
+
+
+def build_validator(config, objective, world: World, cache: TokenCache | None, held_out: np.ndarray | None,
+                    eos_ids: list[int]) -> Validator | None:
+    """The validation set (a second file's cache, or the samples held out of --data-path), planned once; None if
+    neither was asked for."""
+    if cache is None:
+        return None
+    indices = np.arange(len(cache)) if held_out is None else held_out
+    validation_set = plan_validation_set(objective, cache, indices, config.max_tokens_per_gpu, world.world_size,
+                                         world.rank, config.num_eval_generations, config.eval_max_new_tokens, eos_ids)
+    stopper = None
+    if config.early_stopping_patience is not None:
+        stopper = EarlyStopping(config.early_stopping_patience, config.early_stopping_min_delta)
+    units = "pairs" if cache.pairs else "samples"
+    print0(f"validation: {len(indices)} {units}, {objective.step_units(cache, indices)} {objective.unit}, "
+           f"{len(validation_set.packs)} micro-steps and {len(validation_set.prompts)} generations per evaluation")
+    return Validator(validation_set, config.eval_every_samples, stopper)
+
+
+def eos_token_ids(hf_config, tokenizer) -> list[int]:
+    """Where a generated reply ends: the model config's end tokens and the tokenizer's."""
+    eos = hf_config.eos_token_id
+    ids = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
+        ids.append(tokenizer.eos_token_id)
+    return ids
 
 
 def generation_records(tokenizer, cache: TokenCache, prompts: list[Prompt], replies: list[list[int]], step: int,
@@ -318,60 +363,3 @@ def generation_records(tokenizer, cache: TokenCache, prompts: list[Prompt], repl
         }
         for p, reply in zip(prompts, replies)
     ]
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Trackers: Weights & Biases or TensorBoard through their public APIs, only when asked for
-
-
-def tracker_problem(name: str | None) -> str | None:
-    """Why --tracker `name` cannot work here (not installed), or None; checked before anything expensive."""
-    if name is None:
-        return None
-    if name not in TRACKERS:
-        return f"--tracker {name!r} is unknown; use one of {', '.join(TRACKERS)}"
-    package = TRACKER_PACKAGES[name]
-    if importlib.util.find_spec(package) is None:
-        return f"--tracker {name} needs the {package} package, which is not installed; pip install {package}"
-    return None
-
-
-def scalars(record: dict) -> dict[str, float]:
-    """The numbers of a metrics record (booleans and text are not plotted by trackers)."""
-    return {k: float(v) for k, v in record.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-
-
-class WandbTracker:
-    def __init__(self, run):
-        self.run = run
-
-    def log(self, record: dict, step: int) -> None:
-        self.run.log(scalars(record), step=step)
-
-    def close(self) -> None:
-        self.run.finish()
-
-
-class TensorBoardTracker:
-    def __init__(self, writer):
-        self.writer = writer
-
-    def log(self, record: dict, step: int) -> None:
-        for key, value in scalars(record).items():
-            self.writer.add_scalar(key, value, step)
-        self.writer.flush()  # a crashed run keeps every step it logged
-
-    def close(self) -> None:
-        self.writer.close()
-
-
-def open_tracker(name: str, output_dir: Path, config: dict) -> WandbTracker | TensorBoardTracker:
-    """Rank 0 only. W&B takes its project and entity from WANDB_PROJECT / WANDB_ENTITY as usual."""
-    if name == "wandb":
-        import wandb
-
-        return WandbTracker(wandb.init(dir=str(output_dir), config=config))
-    from torch.utils.tensorboard import SummaryWriter
-
-    return TensorBoardTracker(SummaryWriter(log_dir=str(output_dir / "tensorboard")))
-

@@ -1,0 +1,311 @@
+"""Stage-2 data: a memory-mapped token cache built once from process_data.py's JSONL, and packed rows read from it.
+
+The cache is four flat arrays: every sample's `input_ids` and `labels` concatenated (int32, memory-mapped, so the
+ranks of a node share one copy through the page cache), `offsets` (sample i is tokens offsets[i]:offsets[i+1]) and
+`trained` (tokens each sample trains on after the shift). Per rank, memory grows with the number of samples
+(offsets, trained, lengths), never with the number of tokens. meta.json holds a hash of the tokens and labels, which
+the data fingerprint of a checkpoint includes.
+
+Label shift: position t of a sample predicts labels[t + 1] of the SAME sample. The last token of a sample predicts
+nothing, so no sample ever learns to predict the first token of the next sample in its pack.
+
+Preference data (process_data.py --input-format preference: chosen_input_ids/chosen_labels/rejected_input_ids/
+rejected_labels rows) gives a cache of PAIRS: sample i is the pair's chosen sequence followed by its rejected one,
+`chosen_lengths[i]` tokens of chosen, so a pair's length is the planner's cost of both sequences and a pair can never
+be split across micro-steps or ranks. The shift stays inside each sequence (objectives.make_pair_pack).
+"""
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import orjson
+import torch
+
+from minitrain import atomic
+from minitrain.distributed import World, print0, raise_if_any_rank_failed
+
+IGNORE = -100
+CACHE_VERSION = 2  # 2: meta.json holds the content hash
+
+
+class DataError(ValueError):
+    """Bad training data; the message names the file and line and says how to fix it."""
+
+
+@dataclass(frozen=True)
+class TokenCache:
+    input_ids: np.ndarray  # (total_tokens,) int32, memory-mapped
+    labels: np.ndarray  # (total_tokens,) int32, memory-mapped; IGNORE where not trained
+    offsets: np.ndarray  # (num_samples + 1,) int64
+    trained: np.ndarray  # (num_samples,) int64, trained tokens after the shift
+    lines: np.ndarray  # (num_samples,) int64, 1-based line of each sample in the data file, memory-mapped
+    max_token_id: int
+    skipped_lines: tuple[int, ...]  # lines dropped because nothing in them is trained after the shift
+    content_hash: str  # blake2b of input_ids and labels: the tokens themselves, for the resume check
+    sources: np.ndarray | None = None  # (num_samples,) which --data-path file each sample is from (mixtures)
+    chosen_lengths: np.ndarray | None = None  # (num_pairs,) int64 for a cache of preference pairs, else None
+    directory: Path | None = None  # where the cache lives (files keyed to it, e.g. reference log-probs, go here)
+
+    @property
+    def pairs(self) -> bool:
+        return self.chosen_lengths is not None
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return np.diff(self.offsets)
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+
+def cache_dir_for(data_path: Path, cache_root: Path) -> Path:
+    """The cache folder for this exact data file: a changed file (size or mtime) gets a fresh cache."""
+    stat = data_path.stat()
+    return cache_root / f"{data_path.name}-{stat.st_size}-{stat.st_mtime_ns}-v{CACHE_VERSION}"
+
+
+PAIR_KEYS = ("chosen_input_ids", "chosen_labels", "rejected_input_ids", "rejected_labels")
+
+
+def load_json_row(raw: bytes, where: str) -> dict:
+    try:
+        row = orjson.loads(raw)
+    except orjson.JSONDecodeError as e:
+        raise DataError(f"{where}: not valid JSON ({e}); each line must be one JSON object") from None
+    if not isinstance(row, dict):
+        raise DataError(f"{where}: expected a JSON object, got {type(row).__name__}")
+    return row
+
+
+def parse_row(raw: bytes, where: str) -> tuple[np.ndarray, np.ndarray]:
+    """One JSONL row -> (input_ids, labels) as int32 arrays, or a DataError naming `where` (FILE:LINE)."""
+    return parse_sequence(load_json_row(raw, where), where)
+
+
+def parse_pair_row(row: dict, where: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """One preference row -> (chosen input_ids, chosen labels, rejected input_ids, rejected labels)."""
+    fix = "re-run process_data.py --input-format preference"
+    for key in PAIR_KEYS:
+        if key not in row:
+            raise DataError(f"{where}: preference row has no {key!r} field; {fix}")
+    sides = [parse_sequence(row, where, prefix) for prefix in ("chosen_", "rejected_")]
+    return (*sides[0], *sides[1])
+
+
+def parse_sequence(row: dict, where: str, prefix: str = "") -> tuple[np.ndarray, np.ndarray]:
+    """row[prefix + input_ids], row[prefix + labels] checked (and row[prefix + len] if present), as int32 arrays."""
+    fix = "re-run process_data.py to produce input_ids/labels/len rows"
+    for key in ("input_ids", "labels"):
+        if prefix + key not in row:
+            raise DataError(f"{where}: row has no {prefix + key!r} field; {fix}")
+    arrays = []
+    for key in (prefix + "input_ids", prefix + "labels"):
+        values = row[key]
+        # Exactly Python ints: no floats, no nested lists (np.asarray would raise on ragged ones), no bools (an int
+        # subclass that np.asarray would quietly turn into 0 and 1).
+        if not (isinstance(values, list) and values and set(map(type, values)) == {int}):
+            raise DataError(f"{where}: {key!r} must be a non-empty list of integers (flat, no booleans); {fix}")
+        try:
+            arrays.append(np.array(values, dtype=np.int64))
+        except OverflowError:
+            raise DataError(f"{where}: {key!r} holds an integer outside the 64-bit range; {fix}") from None
+    input_ids, labels = arrays
+    if len(input_ids) != len(labels):
+        raise DataError(f"{where}: {len(input_ids)} {prefix}input_ids but {len(labels)} {prefix}labels; they must "
+                        f"match; {fix}")
+    if prefix + "len" in row and row[prefix + "len"] != len(input_ids):
+        raise DataError(f"{where}: {prefix + 'len'!r} is {row[prefix + 'len']} but there are {len(input_ids)} "
+                        f"{prefix}input_ids; {fix}")
+    if input_ids.min() < 0 or input_ids.max() >= 2**31:
+        raise DataError(f"{where}: {prefix}input_ids must be in [0, 2^31); {fix}")
+    trained = labels != IGNORE
+    if not np.array_equal(labels[trained], input_ids[trained]):
+        t = int(np.flatnonzero(trained & (labels != input_ids))[0])
+        raise DataError(
+            f"{where}: {prefix}labels[{t}] = {labels[t]} but {prefix}input_ids[{t}] = {input_ids[t]}; labels must be "
+            f"{IGNORE} or equal to input_ids at the same (unshifted) position; {fix}"
+        )
+    return input_ids.astype(np.int32), labels.astype(np.int32)
+
+
+def build_token_cache(data_path: Path, cache_dir: Path) -> None:
+    """Stream the JSONL once into flat binary files in a temporary folder, then rename it into place (atomic.py):
+    a crash leaves only a hidden `.*.tmp-*` folder behind, never a cache that looks complete."""
+    offsets, trained, lines, skipped, chosen_lengths = [0], [], [], [], []
+    pairs = None  # the first row decides: a file of preference pairs or of samples
+    max_token_id = -1
+    ids_hash, labels_hash = hashlib.blake2b(digest_size=16), hashlib.blake2b(digest_size=16)
+    # replace=False: if another node's writer got there first (shared filesystem), its identical cache is kept.
+    complete = lambda folder: (folder / "meta.json").exists()  # noqa: E731
+    with atomic.atomic_folder(cache_dir, tag=f"{os.uname().nodename}-", replace=False, complete=complete) as tmp:
+        ids_out, labels_out = open(tmp / "input_ids.bin", "wb"), open(tmp / "labels.bin", "wb")
+        with open(data_path, "rb") as f, ids_out, labels_out:
+            for line_no, raw in enumerate(f, start=1):
+                if not raw.strip():
+                    continue
+                where = f"{data_path}:{line_no}"
+                row = load_json_row(raw, where)
+                if pairs is None:
+                    pairs = "chosen_input_ids" in row
+                if pairs:
+                    chosen_ids, chosen_labels, rejected_ids, rejected_labels = parse_pair_row(row, where)
+                    input_ids = np.concatenate([chosen_ids, rejected_ids])
+                    labels = np.concatenate([chosen_labels, rejected_labels])
+                    # each side's own shift; a pair trains only if both sides do
+                    sides = [int((lab[1:] != IGNORE).sum()) for lab in (chosen_labels, rejected_labels)]
+                    n_trained = sum(sides) if min(sides) > 0 else 0
+                else:
+                    if "chosen_input_ids" in row:
+                        raise DataError(f"{where}: a preference row in a file of samples (line 1 is not one); "
+                                        f"one kind of row per file")
+                    input_ids, labels = parse_sequence(row, where)
+                    n_trained = int((labels[1:] != IGNORE).sum())  # after the shift, labels[0] is never predicted
+                if n_trained == 0:
+                    skipped.append(line_no)
+                    continue
+                if pairs:
+                    chosen_lengths.append(len(chosen_ids))
+                input_ids.tofile(ids_out)
+                labels.tofile(labels_out)
+                ids_hash.update(input_ids.tobytes())
+                labels_hash.update(labels.tobytes())
+                offsets.append(offsets[-1] + len(input_ids))
+                trained.append(n_trained)
+                lines.append(line_no)
+                max_token_id = max(max_token_id, int(input_ids.max()))
+        if not trained and not skipped:
+            raise DataError(f"{data_path}: the file is empty (no rows); pass the JSONL written by process_data.py")
+        if not trained:
+            raise DataError(f"{data_path}: no sample has any trained token; check the labels from process_data.py")
+        np.save(tmp / "offsets.npy", np.asarray(offsets, dtype=np.int64))
+        np.save(tmp / "trained.npy", np.asarray(trained, dtype=np.int64))
+        np.save(tmp / "lines.npy", np.asarray(lines, dtype=np.int64))
+        if pairs:
+            np.save(tmp / "chosen_lengths.npy", np.asarray(chosen_lengths, dtype=np.int64))
+        # The sample boundaries are in offsets; these two hashes pin down the tokens and labels within them.
+        content_hash = hashlib.blake2b(ids_hash.digest() + labels_hash.digest(), digest_size=16)
+        if pairs:  # where each pair's chosen side ends is part of the content too
+            content_hash.update(np.asarray(chosen_lengths, dtype=np.int64).tobytes())
+        content_hash = content_hash.hexdigest()
+        meta = {"source": str(data_path), "max_token_id": max_token_id, "skipped_lines": skipped,
+                "content_hash": content_hash, "pairs": bool(pairs)}
+        (tmp / "meta.json").write_text(json.dumps(meta))
+
+
+def open_token_cache(cache_dir: Path) -> TokenCache:
+    meta = json.loads((cache_dir / "meta.json").read_text())
+    offsets = np.load(cache_dir / "offsets.npy")
+    total = int(offsets[-1])
+    return TokenCache(
+        input_ids=np.memmap(cache_dir / "input_ids.bin", dtype=np.int32, mode="r", shape=(total,)),
+        labels=np.memmap(cache_dir / "labels.bin", dtype=np.int32, mode="r", shape=(total,)),
+        offsets=offsets,
+        trained=np.load(cache_dir / "trained.npy"),
+        lines=np.load(cache_dir / "lines.npy", mmap_mode="r"),
+        max_token_id=meta["max_token_id"],
+        skipped_lines=tuple(meta["skipped_lines"]),
+        content_hash=meta["content_hash"],
+        chosen_lengths=np.load(cache_dir / "chosen_lengths.npy") if meta.get("pairs") else None,
+        directory=cache_dir,
+    )
+
+
+def load_data(config, world: World, vocab_size: int, path: str | None = None) -> TokenCache:
+    """Local rank 0 of each node builds the token cache once (others wait); every rank then memory-maps it.
+
+    `path`: the file to load, --data-path by default (the validation file passes its own).
+    """
+    data_path = Path(path or config.data_path[0]).resolve()
+    cache_dir = cache_dir_for(data_path, Path(config.output_dir) / "token_cache")
+    error = None
+    if world.local_rank == 0 and not (cache_dir / "meta.json").exists():
+        print0(f"building token cache {cache_dir}")
+        try:
+            build_token_cache(data_path, cache_dir)
+        except DataError as e:
+            error = e
+        except Exception as e:  # e.g. a full disk: still tell the other ranks, or they wait forever
+            reason = " ".join(f"{type(e).__name__}: {e}".split())  # one line, whatever the exception says
+            error = DataError(f"cannot build the token cache in {cache_dir} from {data_path}: {reason}")
+    raise_if_any_rank_failed(error, DataError)
+    cache = open_token_cache(cache_dir)
+    if cache.skipped_lines:
+        lines = ", ".join(map(str, cache.skipped_lines[:10])) + (", ..." if len(cache.skipped_lines) > 10 else "")
+        what = "pairs with a side that has" if cache.pairs else "samples with"
+        print0(f"{data_path}: dropped {len(cache.skipped_lines)} {what} no trained token after the shift "
+               f"(lines {lines})")
+    too_long = np.flatnonzero(cache.lengths > config.max_tokens_per_gpu)
+    if len(too_long):
+        i = int(too_long[0])
+        raise DataError(
+            f"{data_path}:{cache.lines[i]}: {'pair (chosen + rejected)' if cache.pairs else 'sample'} is "
+            f"{cache.lengths[i]} tokens, longer than --max-tokens-per-gpu "
+            f"{config.max_tokens_per_gpu} ({len(too_long)} samples are); raise --max-tokens-per-gpu or re-run "
+            f"process_data.py with a smaller maximum length"
+        )
+    if cache.max_token_id >= vocab_size:
+        raise DataError(
+            f"{data_path}: token id {cache.max_token_id} is outside the model's vocabulary ({vocab_size}); "
+            f"tokenize the data with this model's tokenizer"
+        )
+    return cache
+
+
+@dataclass(frozen=True)
+class Pack:
+    """One rank's micro-batch: a single row of concatenated samples."""
+
+    input_ids: torch.Tensor  # (1, T) long
+    position_ids: torch.Tensor  # (1, T) long, restarts at 0 at every sample
+    positions: torch.Tensor  # (N,) long, the positions whose next token is trained
+    targets: torch.Tensor  # (N,) long, the token each of those positions must predict
+    num_tokens: int  # real tokens (0 for a dummy pack)
+    sample_of_target: np.ndarray  # (N,) int64, which of the pack's samples each target belongs to
+    cu_seq_lens: torch.Tensor  # (samples + 1,) int32, where each sample starts, for variable-length attention
+    max_length: int  # the longest sample
+
+    def to(self, device: torch.device) -> "Pack":
+        """On the device; from pinned memory and without waiting, on CUDA."""
+        def move(t: torch.Tensor) -> torch.Tensor:
+            return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t.to(device)
+
+        tensors = (self.input_ids, self.position_ids, self.positions, self.targets)
+        return Pack(*map(move, tensors), self.num_tokens, self.sample_of_target, move(self.cu_seq_lens),
+                    self.max_length)
+
+
+def make_pack(cache: TokenCache, indices: np.ndarray) -> Pack:
+    """Concatenate the samples `indices` into one row; an empty `indices` gives a 1-token dummy pack with no target.
+
+    The dummy still runs a real forward/backward (see loss.py) so that every rank issues the same FSDP collectives.
+    """
+    if len(indices) == 0:
+        zero = torch.zeros((1, 1), dtype=torch.long)
+        empty = torch.zeros((0,), dtype=torch.long)
+        return Pack(zero, zero.clone(), empty, empty.clone(), 0, np.zeros(0, dtype=np.int64),
+                    torch.tensor([0, 1], dtype=torch.int32), 1)
+    ids, pos, targets = [], [], []
+    for i in indices:
+        start, end = int(cache.offsets[i]), int(cache.offsets[i + 1])
+        labels = cache.labels[start:end]
+        ids.append(cache.input_ids[start:end])
+        pos.append(np.arange(end - start))
+        targets.append(np.append(labels[1:], IGNORE))  # shift inside the sample: the last token predicts nothing
+    targets = np.concatenate(targets)
+    positions = np.flatnonzero(targets != IGNORE)
+    sizes = [len(p) for p in pos]
+    sample_of_position = np.repeat(np.arange(len(indices)), sizes)
+    return Pack(
+        input_ids=torch.from_numpy(np.concatenate(ids).astype(np.int64))[None],
+        position_ids=torch.from_numpy(np.concatenate(pos))[None],
+        positions=torch.from_numpy(positions),
+        targets=torch.from_numpy(targets[positions].astype(np.int64)),
+        num_tokens=len(targets),
+        sample_of_target=sample_of_position[positions],
+        cu_seq_lens=torch.from_numpy(np.cumsum([0, *sizes]).astype(np.int32)),
+        max_length=max(sizes),
+    )

@@ -1,0 +1,104 @@
+"""The process group and everything that depends on it, in one place; every function is a no-op (or the obvious
+single-process answer) outside torchrun, so `python train.py` runs the same code as `torchrun train.py`.
+
+    world = init_distributed("auto")     # gpt-fast's maybe_init_dist / nanochat's compute_init
+    print0("only rank 0 prints this")
+    raise_if_any_rank_failed(error, DataError)   # the one "did any rank fail" agreement
+    with compute_autocast(model, world.device): ...
+    cleanup_distributed()
+"""
+
+import os
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class World:
+    """Where this process sits: its rank among all ranks and on its node, and its device."""
+
+    rank: int
+    local_rank: int
+    world_size: int
+    local_world_size: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def world_from_env() -> tuple[int, int, int, int]:
+    """(rank, local rank, world size, local world size) as torchrun sets them; (0, 0, 1, 1) outside torchrun."""
+    env = lambda key, default: int(os.environ.get(key, default))  # noqa: E731
+    return env("RANK", 0), env("LOCAL_RANK", 0), env("WORLD_SIZE", 1), env("LOCAL_WORLD_SIZE", 1)
+
+
+# Waiting for one rank's long work (building the token cache at ~4M tokens/s, a model load, an export to slow
+# storage) happens in raise_if_any_rank_failed, on a CPU (gloo) group of its own with this timeout, never in a
+# collective of the training group, whose timeout (--distributed-timeout-minutes; NCCL's default is 10 minutes)
+# would otherwise kill the first multi-GPU run on a large data set.
+PATIENT_TIMEOUT = timedelta(hours=24)
+_patient_group = None
+
+
+def init_distributed(backend: str, timeout_minutes: float = 60) -> World:
+    """The device (this local rank's GPU, else the CPU) and, under torchrun, the process group (`auto`: nccl on CUDA,
+    gloo on CPU) with `timeout_minutes` for its collectives, plus the patient group (see PATIENT_TIMEOUT)."""
+    global _patient_group
+    rank, local_rank, world_size, local_world_size = world_from_env()
+    device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if world_size > 1:
+        if backend == "auto":
+            backend = "nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(backend, device_id=device if device.type == "cuda" else None,
+                                timeout=timedelta(minutes=timeout_minutes))
+        _patient_group = dist.new_group(backend="gloo", timeout=PATIENT_TIMEOUT)
+    return World(rank, local_rank, world_size, local_world_size, device)
+
+
+def cleanup_distributed() -> None:
+    global _patient_group
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    _patient_group = None
+
+
+def print0(*args, **kwargs) -> None:
+    """print on rank 0 only (flushed: torchrun interleaves the ranks' output)."""
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(*args, **kwargs, flush=True)
+
+
+def raise_if_any_rank_failed(error: BaseException | None, error_type: type[Exception], what: str = "") -> None:
+    """Collective (and barrier): if any rank failed, every rank raises `error_type` with the first rank's message,
+    so none waits forever in the next collective. `what` prefixes the message ("cannot write X: ...").
+
+    It runs on the patient group: the ranks that arrive first may wait here for hours on one rank's long work."""
+    message = None if error is None else f"{what}: {error}" if what else str(error)
+    if not dist.is_initialized():
+        if isinstance(error, error_type) and not what:
+            raise error
+        if message is not None:
+            raise error_type(message) from None
+        return
+    messages = [None] * dist.get_world_size()
+    dist.all_gather_object(messages, message, group=_patient_group)
+    failed = [m for m in messages if m is not None]
+    if failed:
+        raise error_type(failed[0])
+
+
+def compute_autocast(model: torch.nn.Module, device: torch.device):
+    """The one rule for the compute dtype. Under FSDP on CUDA its MixedPrecisionPolicy casts to bf16 (see
+    model.shard_model); one unsharded CUDA process gets the same bf16 compute on fp32 weights from autocast. CPU
+    computes in fp32."""
+    from torch.distributed.fsdp import FSDPModule
+
+    unsharded_cuda = device.type == "cuda" and not isinstance(model, FSDPModule)
+    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=unsharded_cuda)

@@ -1,0 +1,274 @@
+"""LoRA, the second model adapter (model.py's seam): low-rank adapters train, the base weights stay frozen.
+
+    --lora [--lora-r 16 --lora-alpha 32 --lora-dropout 0.05 --lora-target-modules all-linear
+            --lora-modules-to-save lm_head --lora-init default --lora-export both]
+
+Built with `peft` (its public API: LoraConfig, get_peft_model, PeftModel, get/set_peft_model_state_dict), which
+covers everything here under FSDP2, so there is no LoRA layer of our own:
+
+- apply: `get_peft_model` injects the LoRA layers into the Hugging Face model in place, before sharding (on the meta
+  device on ranks > 0), so FSDP2 shards each block's base weights and adapters together. The PeftModel wrapper is
+  dropped: PackedCausalLM runs the injected model's decoder directly, as for full fine-tuning. The adapters'
+  initial values depend only on --seed (a forked RNG), so 1 process and rank 0 of N (whose copy is broadcast into
+  the shards) start from the same adapters.
+- trainable parameters: the adapters (and --lora-modules-to-save's copies); everything else has requires_grad off,
+  so it gets no gradient and no optimizer state, and the full-state checkpoint holds only what trains.
+- export_state (collective): the full tensor of every trainable parameter, gathered from its shards on every
+  world size, on rank 0. No base weight travels: they are the frozen weights of --model-name-or-path.
+- write_export (rank 0): hf_format/samples_<N>/ holds, per --lora-export,
+      adapter/   PEFT's adapter folder (adapter_config.json + adapter_model.safetensors), written by
+                 PeftModel.save_pretrained on a meta-device twin of the model: `PeftModel.from_pretrained(base,
+                 folder)` loads it, and so do the servers that read PEFT's format
+      the merged model (config.json, model.safetensors): the base reloaded from --model-name-or-path, the
+                 adapters set into it with set_peft_model_state_dict and folded in with merge_and_unload in fp32,
+                 then cast to --save-dtype; `AutoModelForCausalLM.from_pretrained(samples_<N>)` loads it
+      plus the tokenizer and the run's flags, as for full fine-tuning.
+
+Only --lora-init values that leave the base weights untouched are offered (PiSSA, OLoRA, ... rewrite them, and the
+adapter folder would then need a modified base to serve).
+"""
+
+import copy
+from contextlib import contextmanager
+import warnings
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from minitrain import atomic
+from minitrain.distributed import World
+from minitrain.model import FullFineTuning, ModelError, decoder_blocks
+
+ALL_LINEAR = "all-linear"
+EXPORTS = ("adapter", "merged", "both")
+# --lora-init -> peft's init_lora_weights. `default` and `gaussian` start B at zero, so step 0 is the base model
+# exactly; `random` starts B random too (step 0 differs; for tests of gradients through both factors).
+INITS = {"default": True, "gaussian": "gaussian", "random": False}
+ADAPTER_DIR = "adapter"
+LORA_DEFAULTS = {"lora_r": 16, "lora_alpha": 32.0, "lora_dropout": 0.05, "lora_target_modules": None,
+                 "lora_modules_to_save": None, "lora_init": "default", "lora_export": "both", "qlora": False}
+
+
+def build_adapter(config):
+    """The model adapter the flags ask for: LoRA with --lora, else full fine-tuning."""
+    return LoRA(config) if config.lora else FullFineTuning()
+
+
+def listed(names: list[str] | None) -> list[str]:
+    """Module names from the command line: space- and/or comma-separated."""
+    return [n for item in names or [] for n in item.split(",") if n]
+
+
+def lora_config(config):
+    from peft import LoraConfig
+
+    targets = listed(config.lora_target_modules) or [ALL_LINEAR]
+    return LoraConfig(
+        r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
+        target_modules=ALL_LINEAR if targets == [ALL_LINEAR] else targets,
+        modules_to_save=listed(config.lora_modules_to_save) or None,
+        init_lora_weights=INITS[config.lora_init], task_type="CAUSAL_LM",
+        base_model_name_or_path=str(config.model_name_or_path),
+    )
+
+
+def inject(lm: nn.Module, peft_config, seed: int):
+    """get_peft_model on `lm` (changed in place); the adapters' random init depends on `seed` only. Returns the
+    PeftModel wrapper (callers that train keep only `lm`)."""
+    from peft import get_peft_model
+
+    with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
+        torch.manual_seed(seed)
+        # peft 0.21 asks transformers 5 a deprecated question (is_gradient_checkpointing); nothing to act on
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        return get_peft_model(lm, copy.deepcopy(peft_config))  # peft resolves all-linear into the config it gets
+
+
+class LoRA:
+    """Adapters train (peft's LoRA layers), the base stays frozen; an export is PEFT's adapter folder and/or the
+    merged model."""
+
+    name = "lora"
+
+    def __init__(self, config):
+        self.config = config
+        self.peft_config = lora_config(config)
+
+    def apply(self, lm: nn.Module) -> nn.Module:
+        inject(lm, self.peft_config, self.config.seed)
+        return lm
+
+    def trainable_parameters(self, model: nn.Module) -> list[nn.Parameter]:
+        return [p for p in model.parameters() if p.requires_grad]
+
+    @contextmanager
+    def reference_mode(self, model: nn.Module):
+        """The base model: every adapter (and every modules-to-save copy) switched off through peft's layer API,
+        for DPO's reference log-probs (reference.py)."""
+        from peft.tuners.tuners_utils import BaseTunerLayer
+        from peft.utils.other import AuxiliaryTrainingWrapper  # modules_to_save copies
+
+        layers = [m for m in model.modules() if isinstance(m, (BaseTunerLayer, AuxiliaryTrainingWrapper))]
+        for layer in layers:
+            layer.enable_adapters(False)
+        try:
+            yield
+        finally:
+            for layer in layers:
+                layer.enable_adapters(True)
+
+    def export_state(self, model, world: World) -> dict | None:
+        """Collective: {name in the Hugging Face model: full tensor} of every trainable parameter, on rank 0 (CPU);
+        None elsewhere. Each DTensor's shards are gathered (full_tensor) in the same order on every rank."""
+        from torch.distributed.tensor import DTensor
+
+        state = {}
+        for name, param in model.lm.named_parameters():
+            if param.requires_grad:
+                full = param.full_tensor() if isinstance(param, DTensor) else param
+                if world.is_main:
+                    state[name] = full.detach().cpu().clone()
+        return state if world.is_main else None
+
+    def write_export(self, lm, state: dict, tokenizer, dtype: torch.dtype, config: dict, final: Path) -> None:
+        """Rank 0: samples_<N>/ with the adapter folder and/or the merged model (see the module docstring),
+        written atomically. Any failure is an OSError, which save_export reports on every rank (none waits)."""
+        from minitrain.checkpoint import write_hf_files
+
+        kind = self.config.lora_export
+        with atomic.atomic_folder(final) as tmp:
+            try:
+                if kind in ("adapter", "both"):
+                    self.write_adapter_folder(state, dtype, tmp / ADAPTER_DIR)
+                if kind in ("merged", "both"):
+                    merged = self.merged_model(state)
+                    write_hf_files(merged, merged.state_dict(), tokenizer, dtype, config, tmp)
+                else:
+                    tokenizer.save_pretrained(tmp)
+                    atomic.write_json(tmp / "training_config.json", config)
+            except (ValueError, RuntimeError, KeyError) as e:  # from peft or transformers
+                raise OSError(f"peft/transformers: {' '.join(str(e).split())[:300]}") from e
+
+    def peft_twin(self, device: str):
+        """A PeftModel with this run's LoRA layout on `device`: "meta" (no memory: a writer of adapter folders) or
+        "cpu" (the base weights loaded from --model-name-or-path, fp32)."""
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        path = self.config.model_name_or_path
+        if device == "meta":
+            with torch.device("meta"):
+                base = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path), dtype=torch.float32)
+        else:
+            base = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        return inject(base, self.peft_config, self.config.seed)
+
+    def write_adapter_folder(self, state: dict, dtype: torch.dtype, folder: Path) -> None:
+        # PeftModel's own names are "base_model.model." + the Hugging Face model's; save_pretrained maps them to
+        # PEFT's file format (adapter name dropped) and writes adapter_config.json.
+        peft_state = {f"base_model.model.{k}": v.to(dtype) for k, v in state.items()}
+        self.peft_twin("meta").save_pretrained(folder, state_dict=peft_state, save_embedding_layers=False)
+
+    def merged_model(self, state: dict) -> nn.Module:
+        """The base from --model-name-or-path with the adapters (fp32) folded in: a plain Hugging Face model."""
+        from peft import get_peft_model_state_dict, set_peft_model_state_dict
+
+        twin = self.peft_twin("cpu")
+        peft_state = get_peft_model_state_dict(
+            twin, state_dict={f"base_model.model.{k}": v for k, v in state.items()}, save_embedding_layers=False
+        )
+        loaded = set_peft_model_state_dict(twin, peft_state)
+        if loaded.unexpected_keys:
+            raise RuntimeError(f"adapter weights without a place in the model: {loaded.unexpected_keys[:3]}")
+        return twin.merge_and_unload()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Flags: every problem found before any weights load (train.validate collects them with the others)
+
+
+def flag_problems(config, cuda: bool, model_ok: bool) -> list[str]:
+    """The --lora* flags' problems. With `model_ok` (the model folder has a config), target modules and modules to
+    save are checked against the model's module tree, built on the meta device (no weights read)."""
+    if not config.lora:
+        given = [f"--{k.replace('_', '-')}" for k, v in LORA_DEFAULTS.items() if getattr(config, k) != v]
+        return [f"{', '.join(given)} need --lora; add --lora or drop them"] if given else []
+    problems = []
+    if config.lora_r < 1:
+        problems.append(f"--lora-r must be >= 1 (the adapters' rank), got {config.lora_r}")
+    if not config.lora_alpha > 0:
+        problems.append(f"--lora-alpha must be positive (the adapters scale by alpha / r), got {config.lora_alpha}")
+    if not 0 <= config.lora_dropout < 1:
+        problems.append(f"--lora-dropout must be in [0, 1), got {config.lora_dropout}")
+    if config.lora_init not in INITS:
+        problems.append(f"--lora-init {config.lora_init!r} is unknown; use one of {', '.join(INITS)}")
+    if config.lora_export not in EXPORTS:
+        problems.append(f"--lora-export {config.lora_export!r} is unknown; use one of {', '.join(EXPORTS)}")
+    if config.qlora and not cuda:
+        problems.append("--qlora needs a CUDA GPU (bitsandbytes' 4-bit kernels) and none is visible; drop --qlora "
+                        "to train LoRA on full-precision base weights")
+    elif config.qlora:
+        problems.append("--qlora is not implemented yet: 4-bit base weights cannot be broadcast from rank 0 into "
+                        "FSDP2 shards by this trainer; drop --qlora")
+    if model_ok and not problems:
+        problems += module_problems(config)
+    return problems
+
+
+def module_problems(config) -> list[str]:
+    """Unknown --lora-target-modules / --lora-modules-to-save names, and whatever else peft refuses, on a meta-device
+    copy of the model (the same module tree training builds)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    with torch.device("meta"):
+        lm = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(config.model_name_or_path))
+    names = [name for name, _ in lm.named_modules()]
+    matches = lambda key: [n for n in names if n == key or n.endswith("." + key)]  # noqa: E731  (peft's rule)
+    problems = []
+    try:
+        blocks = decoder_blocks(lm)
+    except ModelError as e:
+        return [str(e)]
+    linear = sorted({n.rsplit(".", 1)[-1] for n, m in blocks[0].named_modules() if isinstance(m, nn.Linear)})
+    unknown = [t for t in listed(config.lora_target_modules) if t != ALL_LINEAR and not matches(t)]
+    if unknown:
+        problems.append(
+            f"--lora-target-modules {' '.join(unknown)}: no module of {lm.config.model_type} is named so; "
+            f"its decoder blocks' linear layers are {' '.join(linear)} (or pass {ALL_LINEAR})"
+        )
+    modules = dict(lm.named_modules())
+    adaptable = (nn.Linear, nn.Embedding, nn.Conv1d, nn.Conv2d)
+    not_layers = [t for t in listed(config.lora_target_modules) if t != ALL_LINEAR and matches(t)
+                  and not any(isinstance(modules[n], adaptable) for n in matches(t))]
+    if not_layers:
+        kinds = sorted({type(modules[n]).__name__ for t in not_layers for n in matches(t)})
+        problems.append(
+            f"--lora-target-modules {' '.join(not_layers)}: a {'/'.join(kinds)}, not a linear, embedding or "
+            f"convolution layer that LoRA adapts; name its layers instead, e.g. {' '.join(linear)}"
+        )
+    missing = [m for m in listed(config.lora_modules_to_save) if not matches(m)]
+    if missing:
+        top = " ".join(n for n, _ in lm.named_children()) + " " + " ".join(n for n, _ in lm.base_model.named_children())
+        problems.append(f"--lora-modules-to-save {' '.join(missing)}: no module of {lm.config.model_type} is named "
+                        f"so; e.g. {top}")
+    tied = tied_modules(lm)
+    tied_saved = [m for m in listed(config.lora_modules_to_save) if any(n in tied for n in matches(m))]
+    if tied_saved:
+        problems.append(f"--lora-modules-to-save {' '.join(tied_saved)}: its weight is tied to another module's "
+                        f"(tie_word_embeddings), and a trained copy would untie them in the export; drop it")
+    if not problems:
+        try:
+            inject(lm, lora_config(config), config.seed)
+        except (ValueError, TypeError, NotImplementedError) as e:
+            problems.append(f"peft cannot apply LoRA with these --lora flags: {' '.join(str(e).split())[:300]}")
+    return problems
+
+
+def tied_modules(lm: nn.Module) -> set[str]:
+    """Modules whose weight is the same tensor as another module's."""
+    owners: dict[int, list[str]] = {}
+    for name, module in lm.named_modules():
+        weight = getattr(module, "weight", None)
+        if isinstance(weight, nn.Parameter):
+            owners.setdefault(id(weight), []).append(name)
+    return {n for group in owners.values() if len(group) > 1 for n in group}

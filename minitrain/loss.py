@@ -1,0 +1,205 @@
+"""Memory-safe cross-entropy through an LM head: logits only at trained positions, never a full (tokens x vocab)
+tensor, and one chunk of them at a time.
+
+model.PackedCausalLM calls it with the hidden states of the positions whose next token is trained and the model's
+own logit transform (families.py: Granite's scaling, Gemma-2's softcap, ...); it returns the SUM of their
+cross-entropies (or, for DPO/SimPO, each one's). Dividing by the step's count happens in train.py, where the whole
+step is known.
+"""
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from minitrain.families import LogitTransform
+
+IDENTITY = LogitTransform()  # most families: CE of the head's logits as they are
+
+
+class _LinearCrossEntropySum(torch.autograd.Function):
+    """sum CE(transform(hidden @ weight.T + bias), targets), one chunk of rows at a time, gradients computed in the
+    forward. `transform` is the model's own logit transform: times `scale`, then `softcap * tanh(. / softcap)`.
+
+    Only one (chunk_rows x V) block of logits is ever alive. Computing the gradients while that block exists (as
+    Liger's fused kernel does) avoids a second logits matmul in the backward: 3 matmuls of the LM head per row, as
+    for full logits, instead of 4 with activation checkpointing.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, row_weights, row_ce_out, chunk_rows: int, with_grad: bool,
+                scale: float, softcap: float | None):
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        grad_hidden = torch.empty_like(hidden) if with_grad else None
+        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if with_grad else None
+        grad_bias = None
+        if with_grad and bias is not None:
+            grad_bias = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device)
+        for start in range(0, hidden.shape[0], chunk_rows):
+            h, t = hidden[start : start + chunk_rows], targets[start : start + chunk_rows]
+            logits = F.linear(h, weight, bias).float()  # (c, V)
+            # The model's own transform, in its order (families.LogitTransform): scale, then cap.
+            if scale != 1.0:
+                logits = logits * scale
+            if softcap is not None:
+                capped = torch.tanh(logits / softcap)  # (c, V), kept for the derivative 1 - tanh^2
+                logits = capped * softcap
+            lse = torch.logsumexp(logits, dim=-1)  # (c,)
+            ce = lse - logits.gather(1, t[:, None]).squeeze(1)  # (c,)
+            w = None if row_weights is None else row_weights[start : start + chunk_rows]
+            total += (ce if w is None else ce * w).sum()
+            if row_ce_out is not None:
+                row_ce_out[start : start + chunk_rows] = ce
+            if not with_grad:
+                continue
+            # d(sum of w * CE)/d(logits) = w * (softmax(logits) - one_hot(target)), built in place over the logits
+            dlogits = logits.sub_(lse[:, None]).exp_()
+            dlogits[torch.arange(len(t), device=t.device), t] -= 1.0
+            if w is not None:
+                dlogits.mul_(w[:, None])
+            if softcap is not None:  # d(cap * tanh(x / cap))/dx = 1 - tanh(x / cap)^2
+                dlogits *= capped.square_().neg_().add_(1.0)
+            if scale != 1.0:
+                dlogits *= scale
+            dlogits = dlogits.to(h.dtype)
+            grad_hidden[start : start + chunk_rows] = dlogits @ weight  # (c, H)
+            grad_weight += dlogits.T @ h  # (V, H), accumulated in fp32
+            if grad_bias is not None:
+                grad_bias += dlogits.sum(0)
+        ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
+        ctx.dtypes = (weight.dtype, None if bias is None else bias.dtype)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_total):
+        grad_hidden, grad_weight, grad_bias = ctx.saved_tensors
+        weight_dtype, bias_dtype = ctx.dtypes
+        return (
+            grad_hidden * grad_total.to(grad_hidden.dtype),
+            (grad_weight * grad_total).to(weight_dtype),
+            None if grad_bias is None else (grad_bias * grad_total).to(bias_dtype),
+            None, None, None, None, None, None, None,
+        )
+
+
+def chunked_ce_sum(hidden, weight, bias, targets, chunk_rows: int = 1024, row_weights=None, row_ce_out=None,
+                   transform: LogitTransform = IDENTITY) -> torch.Tensor:
+    """(N, H) hidden, (V, H) weight, (V,) bias or None, (N,) targets -> sum of cross-entropy of the transformed
+    logits, memory-safe. `row_weights` (N,) float32: the sum of row_weights * CE instead (per-sequence means, see
+    objectives.py). `row_ce_out` (N,) float32: filled with each row's CE (no gradient; for per-file metrics)."""
+    with_grad = torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in (hidden, weight, bias))
+    return _LinearCrossEntropySum.apply(hidden, weight, bias, targets, row_weights, row_ce_out, chunk_rows, with_grad,
+                                        transform.scale, transform.softcap)
+
+
+class _LinearCrossEntropyPerRow(torch.autograd.Function):
+    """CE(hidden @ weight.T + bias, targets) of every row, (N,), one chunk of rows at a time.
+
+    For objectives that weigh each row's CE differently (DPO/SimPO sum them per sequence and pass the sums through a
+    non-linear loss): the incoming gradient is one number per row, known only in backward. So the forward keeps only
+    each row's logsumexp, and the backward recomputes each chunk's logits: 4 matmuls of the LM head per row instead
+    of 3, and still never more than one (chunk_rows x V) block of logits alive.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, chunk_rows: int, scale: float, softcap: float | None):
+        ce = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
+        lse = torch.empty_like(ce)
+        for start in range(0, hidden.shape[0], chunk_rows):
+            h, t = hidden[start : start + chunk_rows], targets[start : start + chunk_rows]
+            logits = _transformed(F.linear(h, weight, bias).float(), scale, softcap)[0]  # (c, V)
+            lse[start : start + chunk_rows] = torch.logsumexp(logits, dim=-1)
+            ce[start : start + chunk_rows] = lse[start : start + chunk_rows] - logits.gather(1, t[:, None]).squeeze(1)
+        ctx.save_for_backward(hidden, weight, bias, targets, lse)
+        ctx.chunk_rows, ctx.scale, ctx.softcap = chunk_rows, scale, softcap
+        return ce
+
+    @staticmethod
+    def backward(ctx, grad_ce):
+        hidden, weight, bias, targets, lse = ctx.saved_tensors
+        grad_hidden = torch.empty_like(hidden)
+        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+        grad_bias = None if bias is None else torch.zeros(bias.shape, dtype=torch.float32, device=bias.device)
+        step = ctx.chunk_rows
+        for start in range(0, hidden.shape[0], step):
+            h, t = hidden[start : start + step], targets[start : start + step]
+            # d(CE_r)/d(logits_r) = softmax(logits_r) - one_hot(t_r), times the row's incoming gradient, through the
+            # model's own logit transform
+            logits, capped = _transformed(F.linear(h, weight, bias).float(), ctx.scale, ctx.softcap)
+            dlogits = logits.sub_(lse[start : start + step, None]).exp_()
+            dlogits[torch.arange(len(t), device=t.device), t] -= 1.0
+            dlogits *= grad_ce[start : start + step, None].float()
+            if capped is not None:
+                dlogits *= capped.square_().neg_().add_(1.0)
+            if ctx.scale != 1.0:
+                dlogits *= ctx.scale
+            dlogits = dlogits.to(h.dtype)
+            grad_hidden[start : start + step] = dlogits @ weight  # (c, H)
+            grad_weight += dlogits.T @ h  # (V, H), accumulated in fp32
+            if grad_bias is not None:
+                grad_bias += dlogits.sum(0)
+        return (
+            grad_hidden,
+            grad_weight.to(weight.dtype),
+            None if grad_bias is None else grad_bias.to(bias.dtype),
+            None, None, None, None,
+        )
+
+
+def _transformed(logits: torch.Tensor, scale: float, softcap: float | None):
+    """(the model's own transform of the logits, tanh(x / cap) for the softcap's derivative or None)."""
+    if scale != 1.0:
+        logits = logits * scale
+    if softcap is None:
+        return logits, None
+    capped = torch.tanh(logits / softcap)
+    return capped * softcap, capped
+
+
+def chunked_ce_per_row(hidden, weight, bias, targets, chunk_rows: int = 1024,
+                       transform: LogitTransform = IDENTITY) -> torch.Tensor:
+    """(N, H) hidden, (V, H) weight, (V,) bias or None, (N,) targets -> (N,) cross-entropy of each row."""
+    return _LinearCrossEntropyPerRow.apply(hidden, weight, bias, targets, chunk_rows, transform.scale,
+                                           transform.softcap)
+
+
+class HeadCrossEntropy(nn.Module):
+    """sum of CE(transform(head(hidden)), targets) through an LM head (nn.Linear): chunked (above), or Liger's fused
+    linear cross-entropy on GPUs. Holds no parameters of its own: the head's stay where the model keeps them.
+
+    Liger takes the softcap itself; the scale is folded into its inputs, exactly:
+    scale * (h @ W.T + b) = (scale * h) @ W.T + scale * b. It accumulates the head's gradient in fp32
+    (`accum_dtype`), as the chunked path does, so bf16 runs on one GPU and on eight agree.
+    """
+
+    def __init__(self, use_liger: bool = False, chunk_rows: int = 1024,
+                 transform: LogitTransform = IDENTITY):
+        super().__init__()
+        self.chunk_rows = chunk_rows
+        self.transform = transform
+        self.liger_loss = None
+        if use_liger:
+            from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+
+            self.liger_loss = LigerFusedLinearCrossEntropyLoss(
+                reduction="sum", softcap=transform.softcap, accum_dtype=torch.float32
+            )
+
+    def forward(self, head: nn.Linear, hidden: torch.Tensor, targets: torch.Tensor, row_weights=None,
+                row_ce_out=None) -> torch.Tensor:
+        """(N, H) hidden states, (N,) targets -> summed cross-entropy (weighted by `row_weights` when given);
+        `row_ce_out` receives each row's CE (not with Liger, whose kernel gives only the sum: left NaN)."""
+        if self.liger_loss is not None:
+            assert row_weights is None, "train.py refuses --loss-reduction sequences with --use-liger-kernels"
+            if row_ce_out is not None:
+                row_ce_out.fill_(float("nan"))
+            scale, bias = self.transform.scale, head.bias
+            if scale != 1.0:
+                hidden, bias = hidden * scale, None if bias is None else bias * scale
+            return self.liger_loss(head.weight, hidden, targets, bias)
+        return chunked_ce_sum(hidden, head.weight, head.bias, targets, self.chunk_rows, row_weights, row_ce_out,
+                              self.transform)
+
+    def per_row(self, head: nn.Linear, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """(N, H) hidden states, (N,) targets -> (N,) cross-entropy of each row (always the chunked kernel: Liger's
+        fused one computes its gradients in the forward, for a summed loss only)."""
+        return chunked_ce_per_row(hidden, head.weight, head.bias, targets, self.chunk_rows, self.transform)

@@ -1,0 +1,271 @@
+"""Building the model the same way for every family and every adapter:
+
+    meta device (ranks > 0) -> adapter.apply -> activation checkpointing -> fully_shard per block and root
+    -> rank 0's weights broadcast into the shards
+
+The model adapter is the seam for *what trains and what an export holds*: `FullFineTuning` here (every weight
+trains, an export is the whole model); `LoRA` in lora.py (apply before sharding, adapters train, exports hold PEFT's
+adapter folder and the merged model). The objective (objectives.py) never learns which adapter is in use.
+
+`PackedCausalLM` is the module FSDP shards as its root: the Hugging Face causal LM run on one packed row, returning
+the summed cross-entropy of the positions whose next token is trained (loss.py computes it through the LM head),
+plus the router's auxiliary loss of mixture-of-experts models that ask for it. What differs between families (logit
+transforms, where the blocks are, the attention kernel, Liger's entry point) lives in families.py, and so does the
+start-up probe build_model runs: the trainer's loss must be the model's own, or the run is refused.
+"""
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from minitrain import attention, families
+from minitrain.distributed import World, print0, raise_if_any_rank_failed
+from minitrain.families import ModelError, decoder_blocks  # train.py catches ModelError imported from here
+from minitrain.loss import HeadCrossEntropy
+
+SHARDING_STRATEGIES = ("FULL_SHARD", "SHARD_GRAD_OP", "NO_SHARD", "HYBRID_SHARD")
+
+
+class PackedCausalLM(nn.Module):
+    """A causal LM over packed rows: forward(row) -> sum of CE over the trained positions (see loss.py), with the
+    model's own logit transform, + n_trained * coef * router aux loss for MoE models whose config asks for it."""
+
+    def __init__(self, lm: nn.Module, adapter: "FullFineTuning | None" = None, use_liger: bool = False,
+                 chunk_rows: int = 1024):
+        super().__init__()
+        self.lm = lm
+        head = lm.get_output_embeddings()
+        if not isinstance(head, nn.Linear):
+            raise ModelError(f"model type {families.family(lm.config)!r} has no nn.Linear LM head "
+                             f"(get_output_embeddings() is {type(head).__name__}); minitrain cannot train it")
+        self.head_loss = HeadCrossEntropy(use_liger, chunk_rows, families.logit_transform(lm.config))
+        self.router_aux = families.router_aux_loss(lm)
+        self.router_aux_sum = None  # sum over the packs trained since the last pop of n_trained * aux loss
+        self.adapter = adapter or FullFineTuning()
+        self.attention_takes_boundaries = lm.config._attn_implementation in attention.WITH_BOUNDARIES
+
+    def forward(self, input_ids, position_ids, positions, targets, row_weights=None, row_ce_out=None,
+                cu_seq_lens=None, max_length=None, per_token: bool = False) -> torch.Tensor:
+        """The summed CE of the trained positions (each weighted by `row_weights` when given; `row_ce_out` receives
+        each one's CE for metrics), or with `per_token` each one's CE, (N,) (for objectives that weigh positions
+        nonlinearly, e.g. DPO's per-sequence log-probs). Through forward either way, so FSDP's root hooks run."""
+        # attention_mask=None + position_ids restarting at 0 + no KV cache: transformers builds a block-diagonal
+        # mask (SDPA, eager), so no token attends to another sample of the pack. Variable-length kernels get the
+        # samples' boundaries instead (attention.py), computed on the host once per pack.
+        extra = {"output_router_logits": True} if self.router_aux is not None else {}
+        if self.attention_takes_boundaries and cu_seq_lens is not None:
+            extra.update(cu_seq_lens_q=cu_seq_lens, cu_seq_lens_k=cu_seq_lens, max_length_q=max_length,
+                         max_length_k=max_length)
+        out = self.lm.base_model(input_ids=input_ids, position_ids=position_ids, use_cache=False, **extra)
+        hidden = out.last_hidden_state[0]  # (T, H)
+        head = self.lm.get_output_embeddings()
+        if positions.numel() == 0:
+            # Dummy pack or nothing trained: still run the head on one position, times zero, so every parameter gets
+            # a (zero) gradient and this rank issues the same FSDP collectives as the others.
+            loss = self.head_loss(head, hidden[:1], input_ids[0, :1]) * 0.0
+        elif per_token:
+            if self.router_aux is not None:
+                raise ModelError("preference objectives do not add a mixture-of-experts router's auxiliary loss "
+                                 "yet; set the config's output_router_logits to false or use --objective sft")
+            return self.head_loss.per_row(head, hidden[positions], targets)  # (N, H) -> (N,)
+        else:
+            loss = self.head_loss(head, hidden[positions], targets, row_weights, row_ce_out)  # (N, H) -> scalar
+        if self.router_aux is not None:
+            # The model adds coef * aux to its token-mean CE for each forward; weighting each pack's aux by its
+            # trained tokens makes the step's loss (sum / step's trained tokens) exactly that for a one-pack step,
+            # and the token-weighted mean over packs otherwise.
+            weighted = self.router_aux(out.router_logits).float() * positions.numel()
+            loss = loss + self.router_aux.coef * weighted
+            if torch.is_grad_enabled():
+                total = weighted.detach() if self.router_aux_sum is None else self.router_aux_sum + weighted.detach()
+                self.router_aux_sum = total
+        return loss
+
+    def pop_router_aux_sum(self) -> torch.Tensor | None:
+        """Sum of n_trained * router aux loss over the packs trained since the last call (None: no aux loss)."""
+        if self.router_aux is None:
+            return None
+        total = self.router_aux_sum
+        self.router_aux_sum = None
+        return total if total is not None else torch.zeros((), device=self.lm.device)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The model adapter seam
+
+
+class FullFineTuning:
+    """Every parameter trains; an export is the whole model."""
+
+    name = "full"
+
+    def apply(self, lm: nn.Module) -> nn.Module:
+        """Before sharding (on the meta device for ranks > 0), and on rank 0's full copy whose weights are broadcast
+        into the shards: change the module tree, the same way each time; nothing to change here."""
+        return lm
+
+    def trainable_parameters(self, model: nn.Module) -> list[nn.Parameter]:
+        return [p for p in model.parameters() if p.requires_grad]
+
+    def export_state(self, model: PackedCausalLM, world: World) -> dict | None:
+        """Collective: the full state dict of the Hugging Face model on rank 0 (CPU tensors), None elsewhere."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        if world.world_size > 1:
+            options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+            state = get_model_state_dict(model.lm, options=options)
+            return state if world.is_main else None
+        return {k: v.detach().cpu() for k, v in model.lm.state_dict().items()}
+
+    def write_export(self, lm: nn.Module, state: dict, tokenizer, dtype: torch.dtype, config: dict, final) -> None:
+        """Rank 0: the export folder `final` from export_state's `state` (atomic)."""
+        from minitrain.checkpoint import write_hf_folder
+
+        write_hf_folder(lm, state, tokenizer, dtype, config, final)
+
+
+def export_state(model: PackedCausalLM, world: World) -> dict | None:
+    return model.adapter.export_state(model, world)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Sharding and building
+
+
+def shard_model(model: PackedCausalLM, strategy: str, world: World) -> None:
+    """FSDP2 on every decoder block and on the root (embeddings, final norm, LM head), FSDP1 names mapped:
+
+    FULL_SHARD    1-D mesh, parameters resharded after forward (all-gathered again in backward)
+    SHARD_GRAD_OP 1-D mesh, parameters kept unsharded from forward to backward
+    NO_SHARD      2-D mesh (world, 1): replicated everywhere, gradients all-reduced (DDP-like)
+    HYBRID_SHARD  2-D mesh (nodes, ranks per node): sharded within a node, replicated across nodes
+    """
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    dims = {
+        "NO_SHARD": (world.world_size, 1),
+        "HYBRID_SHARD": (world.world_size // world.local_world_size, world.local_world_size),
+    }.get(strategy, (world.world_size,))
+    names = ("replicate", "shard")[-len(dims):]
+    mesh = init_device_mesh(world.device.type, dims, mesh_dim_names=names)
+    # CUDA: bf16 compute on fp32 master weights, gradients reduced in fp32. CPU: everything fp32.
+    mp = MixedPrecisionPolicy()
+    if world.device.type == "cuda":
+        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    reshard = strategy in ("FULL_SHARD", "HYBRID_SHARD")
+    for block in decoder_blocks(model.lm):
+        fully_shard(block, mesh=mesh, reshard_after_forward=reshard, mp_policy=mp)
+    fully_shard(model, mesh=mesh, reshard_after_forward=reshard, mp_policy=mp)
+
+
+# Activations kept for the backward per layer and token, per hidden unit, without checkpointing (fp32; measured on
+# SmolLM2-135M on CPU: about 60 bytes).
+ACTIVATION_BYTES = 60
+
+
+def checkpointing_needed(hf_config, tokens_per_rank: int, world: World) -> tuple[bool, str]:
+    """Whether a packed row's activations need recomputation: on when they would take more than half the memory
+    free to this rank (the GPU's, or the machine's shared by the ranks on it). Checkpointing costs ~25% more compute,
+    so it is off when memory allows."""
+    layers = getattr(hf_config, "num_hidden_layers", None) or getattr(hf_config, "n_layer", 0)
+    hidden = getattr(hf_config, "hidden_size", None) or getattr(hf_config, "n_embd", 0)
+    need = layers * tokens_per_rank * hidden * ACTIVATION_BYTES
+    if world.device.type == "cuda":
+        free = torch.cuda.mem_get_info(world.device)[0]
+    else:
+        free = available_host_memory() // world.local_world_size
+    verdict = need > free // 2
+    return verdict, f"activations ~{need / 2**30:.1f} GiB per rank, {free / 2**30:.1f} GiB free"
+
+
+def available_host_memory() -> int:
+    for line in open("/proc/meminfo"):
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def build_model(config, world: World, adapter: FullFineTuning | None = None) -> PackedCausalLM:
+    """The training model for `config` (model_name_or_path, use_liger_kernels, activation_checkpointing,
+    fsdp_sharding_strategy): FSDP2-sharded on every rank under torchrun, a plain module in one process."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    adapter = adapter or FullFineTuning()
+    hf_config = AutoConfig.from_pretrained(config.model_name_or_path)
+    model_class = families.causal_lm_class(hf_config)
+    attn = families.attention_implementation(model_class, world.device, config.attn_implementation, hf_config)
+
+    def load():
+        return AutoModelForCausalLM.from_pretrained(
+            config.model_name_or_path, dtype=torch.float32, attn_implementation=attn
+        )
+
+    if world.world_size == 1:
+        lm = load().to(world.device)
+    else:
+        # Only rank 0 ever holds the full model, on CPU; the others allocate nothing until sharding.
+        with torch.device("meta"):
+            lm = AutoModelForCausalLM.from_config(hf_config, dtype=torch.float32, attn_implementation=attn)
+    if config.use_liger_kernels and world.device.type == "cuda":
+        apply_liger_model_kernels(lm)
+    lm = adapter.apply(lm)
+    blocks = decoder_blocks(lm)  # the same refusal in one process as under torchrun
+    if config.activation_checkpointing:
+        if lm.supports_gradient_checkpointing:
+            lm.activation_checkpointing_enable()
+        unwrapped = [i for i, block in enumerate(blocks) if not getattr(block, "gradient_checkpointing", False)]
+        if unwrapped:
+            raise ModelError(f"model type {families.family(hf_config)!r}: blocks {unwrapped} are not activation-"
+                             f"checkpointed by transformers; pass --no-activation-checkpointing")
+    if config.compile:
+        for block in blocks:
+            block.compile(dynamic=True)  # each block's forward (dynamic: packs change length every micro-step)
+    model = PackedCausalLM(lm, adapter, config.use_liger_kernels)
+    if world.world_size > 1:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        shard_model(model, config.fsdp_sharding_strategy, world)
+        model.to_empty(device=world.device)
+        full, error = None, None
+        if world.is_main:
+            try:
+                full = adapter.apply(load())  # the module tree of the shards (LoRA layers)
+            except (OSError, ValueError) as e:
+                error = ModelError(f"--model-name-or-path {config.model_name_or_path}: cannot load its weights "
+                                   f"({' '.join(str(e).split())[:300]})")
+        raise_if_any_rank_failed(error, ModelError)  # the others wait here, not in the broadcast's collective
+        options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+        set_model_state_dict(lm, full.state_dict() if world.is_main else {}, options=options)
+        # Buffers (e.g. rotary inv_freq) are not in the state dict and were left uninitialised by to_empty.
+        reference = dict(full.named_buffers()) if world.is_main else {}
+        for name, buffer in lm.named_buffers():
+            if world.is_main:
+                buffer.copy_(reference[name])
+            dist.broadcast(buffer, src=0)
+        if world.is_main:
+            lm.generation_config = full.generation_config
+        del full
+    error = None
+    try:  # refuses a loss that is not the model's own, or packed samples that are not isolated, in one line
+        probe = families.check_loss_is_the_models_own(model, world.device, attn)
+    except ModelError as e:
+        error = e
+    if world.world_size > 1:
+        raise_if_any_rank_failed(error, ModelError)  # every rank stops together, each with the same line
+    elif error is not None:
+        raise error
+    print0(f"start-up probe ({families.family(hf_config)}, {attn}): trainer loss {probe.trainer_loss:.6f}, the model's "
+           f"own {probe.own_loss:.6f}, packed vs per-sample {probe.packing_error:.1e}")
+    model.train()
+    return model
+
+
+def apply_liger_model_kernels(lm) -> None:
+    """Liger's RMSNorm/RoPE/SwiGLU-or-GeGLU kernels through its public per-architecture entry point, with the
+    arguments that entry point takes (families.liger_kernel_arguments), on this instance."""
+    apply = families.liger_entry_point(lm.config.model_type)
+    if apply is None:
+        print0(f"Liger has no kernels for model type {lm.config.model_type!r}; using only its fused cross-entropy")
+        return
+    apply(**families.liger_kernel_arguments(apply), model=lm)

@@ -1,0 +1,246 @@
+"""The objective seam: what a unit of data is, what it costs the planner, how a micro-step's pack is built, what its
+loss is, and what the step's loss is divided by.
+
+The loop (train.py) does the same thing for every objective: it asks for the step's denominator (`step_units`,
+known on every rank from the plan and the cache), runs `loss_sum` on each of this rank's packs and backpropagates
+
+    loss_sum * world_size / step_units
+
+FSDP averages gradients over the ranks, so the sum of those is exactly the gradient of (step's loss sum) /
+step_units, however the step is split into ranks and micro-steps.
+
+An objective is a small object with these members:
+
+    name            the --objective value
+    unit            what the denominator counts (printed and logged)
+    costs(cache)    the planner's cost of each sample (tokens of its packed row)
+    step_units(cache, indices)   the step's denominator over its sample indices (all ranks, all micro-steps)
+    pack(cache, indices)         one micro-step's input (data.Pack, or PairPack for pairs)
+    metrics         names of the metrics it reports (TRL's names), each a mean over the step's units
+    loss_sum(model, pack, cache, indices, row_ce=None)
+                    (the summed loss of the pack, a scalar tensor with gradient; the sums of its metrics over the
+                    pack's units, a detached (len(metrics),) tensor). `row_ce` (N,), when given, receives each
+                    trained position's plain CE (a mixture's per-file losses)
+
+The loop all-reduces the metric sums with the loss sum and divides both by step_units, so a metric is the exact
+mean over the step's units too (SFT has none: its records hold only the loss).
+
+`SFT` is the mean cross-entropy over the step's trained tokens (--loss-reduction tokens), or over its samples of
+each sample's token mean (--loss-reduction sequences, torchllms' `sequences`: the denominator is the step's samples,
+not its packs, so a pack's size never weighs in). `DPO` and `SimPO` are preference objectives: the unit is a pair
+(chosen + rejected, one sample of a pair cache, see data.py), the step's loss the mean over its pairs:
+
+    DPO    -log σ(β [(log π(c) - log π_ref(c)) - (log π(r) - log π_ref(r))]),  log π summed over a side's trained
+           tokens; π_ref's log-probs are precomputed once by the initial model (reference.py) and read here
+    SimPO  -log σ(β (log π(c) / |c| - log π(r) / |r|) - γ),  no reference, |x| = the side's trained tokens
+
+plus, with --preference-sft-weight w, w x the chosen side's token-mean cross-entropy (per pair).
+"""
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from minitrain.data import IGNORE, DataError, Pack, TokenCache, make_pack
+
+OBJECTIVES = ("sft", "dpo", "simpo")
+LOSS_REDUCTIONS = ("tokens", "sequences")
+PREFERENCE_METRICS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
+                      "logps/rejected")
+
+
+@dataclass(frozen=True)
+class SFT:
+    """Supervised fine-tuning. tokens: sum of CE over the step's trained tokens / its trained tokens. sequences:
+    sum over the step's samples of (the sample's CE sum / its trained tokens) / the step's samples."""
+
+    reduction: str = "tokens"
+    name: str = "sft"
+    metrics: tuple[str, ...] = ()
+
+    @property
+    def unit(self) -> str:
+        return "trained tokens" if self.reduction == "tokens" else "samples"
+
+    def check(self, cache: TokenCache, path: str) -> None:
+        if cache.pairs:
+            raise DataError(f"{path}: holds preference pairs, which --objective sft cannot train; pass "
+                            f"--objective dpo or simpo, or a file of samples from process_data.py")
+
+    def costs(self, cache: TokenCache) -> np.ndarray:
+        return cache.lengths
+
+    def step_units(self, cache: TokenCache, indices: np.ndarray) -> int:
+        if self.reduction == "sequences":
+            return len(indices)
+        return int(cache.trained[indices].sum())  # > 0: every cached sample trains at least one token
+
+    def pack(self, cache: TokenCache, indices: np.ndarray) -> Pack:
+        return make_pack(cache, indices)
+
+    def loss_sum(self, model: torch.nn.Module, pack: Pack, cache: TokenCache, indices: np.ndarray,
+                 row_ce: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        weights = None
+        if self.reduction == "sequences":  # each target weighs 1 / (trained tokens of its sample)
+            per_sample = 1.0 / cache.trained[np.asarray(indices, dtype=np.int64)]
+            weights = torch.from_numpy(per_sample[pack.sample_of_target]).float().to(pack.targets.device)
+        loss = model(pack.input_ids, pack.position_ids, pack.positions, pack.targets, weights, row_ce,
+                     pack.cu_seq_lens, pack.max_length)
+        return loss, torch.zeros(0, device=loss.device)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Preference pairs
+
+
+@dataclass(frozen=True)
+class PairPack:
+    """One micro-step's pairs packed padding-free in one row: chosen_0, rejected_0, chosen_1, ... each sequence's
+    positions restarting at 0, the label shift inside each sequence."""
+
+    pack: Pack  # the row and its trained positions
+    segments: torch.Tensor  # (N,) long: the sequence (2 * pair + 0 chosen / 1 rejected) of each trained position
+    trained: torch.Tensor  # (2P,) float: trained tokens of each sequence
+    reference: torch.Tensor | None  # (2P,) float64: the reference model's log-probs of each sequence (DPO)
+    pairs: np.ndarray  # (P,) the cache's pair indices
+
+    @property
+    def num_pairs(self) -> int:
+        return len(self.pairs)
+
+    def to(self, device: torch.device) -> "PairPack":
+        reference = None if self.reference is None else self.reference.to(device)
+        return PairPack(self.pack.to(device), self.segments.to(device), self.trained.to(device), reference,
+                        self.pairs)
+
+
+def make_pair_pack(cache: TokenCache, indices: np.ndarray, reference: np.ndarray | None = None) -> PairPack:
+    """The pairs `indices` of a pair cache in one row (an empty `indices`: make_pack's dummy pack, no pairs)."""
+    indices = np.asarray(indices, dtype=np.int64)
+    if len(indices) == 0:
+        return PairPack(make_pack(cache, indices), torch.zeros(0, dtype=torch.long), torch.zeros(0), None, indices)
+    ids, pos, targets, segments = [], [], [], []
+    for k, i in enumerate(indices):
+        start, end = int(cache.offsets[i]), int(cache.offsets[i + 1])
+        split = start + int(cache.chosen_lengths[i])
+        for side, (a, b) in enumerate(((start, split), (split, end))):
+            labels = cache.labels[a:b]
+            ids.append(cache.input_ids[a:b])
+            pos.append(np.arange(b - a))
+            targets.append(np.append(labels[1:], IGNORE))  # shift inside the sequence
+            segments.append(np.full(b - a, 2 * k + side))
+    targets, segments = np.concatenate(targets), np.concatenate(segments)
+    positions = np.flatnonzero(targets != IGNORE)
+    sizes = [len(p) for p in pos]
+    pack = Pack(
+        input_ids=torch.from_numpy(np.concatenate(ids).astype(np.int64))[None],
+        position_ids=torch.from_numpy(np.concatenate(pos))[None],
+        positions=torch.from_numpy(positions),
+        targets=torch.from_numpy(targets[positions].astype(np.int64)),
+        num_tokens=len(targets),
+        sample_of_target=segments[positions] // 2,  # the pair
+        cu_seq_lens=torch.from_numpy(np.cumsum([0, *sizes]).astype(np.int32)),  # each side its own sequence
+        max_length=max(sizes),
+    )
+    seg = torch.from_numpy(segments[positions])
+    trained = torch.bincount(seg, minlength=2 * len(indices)).float()
+    ref = None if reference is None else torch.from_numpy(np.ascontiguousarray(reference[indices]).reshape(-1))
+    return PairPack(pack, seg, trained, ref, indices)
+
+
+def sequence_logps(model: torch.nn.Module, pair_pack: PairPack) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log-prob of each sequence summed over its trained tokens, (2P,) with gradient; a zero-valued scalar that
+    carries the model's graph, to add to the loss so a pack without pairs still runs every parameter's backward)."""
+    p = pair_pack.pack
+    boundaries = dict(cu_seq_lens=p.cu_seq_lens, max_length=p.max_length)
+    if pair_pack.num_pairs == 0:  # a dummy pack: the same forward/backward collectives, zero gradient
+        return torch.zeros(0, device=p.input_ids.device), model(p.input_ids, p.position_ids, p.positions, p.targets,
+                                                                 **boundaries)
+    ce = model(p.input_ids, p.position_ids, p.positions, p.targets, per_token=True, **boundaries)  # (N,)
+    logps = torch.zeros(2 * pair_pack.num_pairs, dtype=ce.dtype, device=ce.device).index_add(0, pair_pack.segments, -ce)
+    return logps, torch.zeros((), device=ce.device)
+
+
+@dataclass
+class Preference:
+    """What DPO and SimPO share: pairs as units, their packs, their metrics; subclasses say the loss of a pair."""
+
+    beta: float
+    sft_weight: float = 0.0
+    unit: str = "pairs"
+    metrics: tuple[str, ...] = PREFERENCE_METRICS
+    # DPO: the reference log-probs (num_pairs, 2) of each pair cache, by its content hash (reference.py fills it)
+    reference: dict = field(default_factory=dict)
+
+    def check(self, cache: TokenCache, path: str) -> None:
+        if not cache.pairs:
+            raise DataError(f"{path}: holds samples, not preference pairs; --objective {self.name} needs "
+                            f"process_data.py --input-format preference output (chosen_*/rejected_* rows)")
+
+    def costs(self, cache: TokenCache) -> np.ndarray:
+        return cache.lengths  # both sequences of the pair
+
+    def step_units(self, cache: TokenCache, indices: np.ndarray) -> int:
+        return len(indices)
+
+    def pack(self, cache: TokenCache, indices: np.ndarray) -> PairPack:
+        return make_pair_pack(cache, indices, self.reference.get(cache.content_hash))
+
+    def loss_sum(self, model: torch.nn.Module, pack: PairPack, cache: TokenCache = None, indices=None,
+                 row_ce: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        logps, graph = sequence_logps(model, pack)
+        if pack.num_pairs == 0:
+            return graph, torch.zeros(len(self.metrics), device=graph.device)
+        chosen, rejected = logps[0::2], logps[1::2]  # (P,)
+        losses, chosen_rewards, rejected_rewards, shown = self.pair_losses(chosen, rejected, pack)
+        if self.sft_weight:
+            losses = losses - self.sft_weight * chosen / pack.trained[0::2]  # chosen's token-mean CE
+        metrics = torch.stack([
+            chosen_rewards.sum(), rejected_rewards.sum(), (chosen_rewards > rejected_rewards).float().sum(),
+            (chosen_rewards - rejected_rewards).sum(), shown[0].sum(), shown[1].sum(),
+        ]).detach().float()
+        return losses.sum() + graph, metrics
+
+
+@dataclass
+class DPO(Preference):
+    beta: float = 0.1
+    name: str = "dpo"
+    needs_reference: bool = True
+
+    def pair_losses(self, chosen, rejected, pack: PairPack):
+        if pack.reference is None:
+            raise RuntimeError("DPO needs the reference log-probs of this cache; reference.attach() computes them")
+        ref = pack.reference.to(chosen.dtype)
+        chosen_rewards = self.beta * (chosen - ref[0::2])
+        rejected_rewards = self.beta * (rejected - ref[1::2])
+        losses = -F.logsigmoid(chosen_rewards - rejected_rewards)
+        return losses, chosen_rewards.detach(), rejected_rewards.detach(), (chosen.detach(), rejected.detach())
+
+
+@dataclass
+class SimPO(Preference):
+    beta: float = 2.0
+    gamma: float = 0.5
+    name: str = "simpo"
+    needs_reference: bool = False
+
+    def pair_losses(self, chosen, rejected, pack: PairPack):
+        # Length-normalised log-probs; TRL's CPO trainer (loss_type="simpo") reports these as logps/* and
+        # beta x these as rewards/*.
+        chosen_avg, rejected_avg = chosen / pack.trained[0::2], rejected / pack.trained[1::2]
+        losses = -F.logsigmoid(self.beta * (chosen_avg - rejected_avg) - self.gamma)
+        chosen_rewards, rejected_rewards = (self.beta * chosen_avg).detach(), (self.beta * rejected_avg).detach()
+        return losses, chosen_rewards, rejected_rewards, (chosen_avg.detach(), rejected_avg.detach())
+
+
+def build_objective(config) -> SFT | DPO | SimPO:
+    """The objective of `config` (its objective, dpo_beta, simpo_beta, simpo_gamma, preference_sft_weight)."""
+    name = getattr(config, "objective", "sft")
+    if name == "dpo":
+        return DPO(beta=config.dpo_beta, sft_weight=config.preference_sft_weight)
+    if name == "simpo":
+        return SimPO(beta=config.simpo_beta, gamma=config.simpo_gamma, sft_weight=config.preference_sft_weight)
+    return SFT(getattr(config, "loss_reduction", "tokens"))

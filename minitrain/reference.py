@@ -1,0 +1,124 @@
+"""DPO's reference log-probs: computed once, before the first step, by the initial model; never a second model.
+
+For every pair of a pair cache, log π_ref(chosen) and log π_ref(rejected) (each summed over the side's trained
+tokens) are computed by the model as it is before the first optimizer step — `model_name_or_path` as loaded, or,
+for an adapter that trains on top of frozen base weights (LoRA), the base with its adapters off. All ranks share
+the work (the pairs are packed as one validation step, sampler.pack_step) and one all_reduce gives every rank the
+whole table, (num_pairs, 2) float64.
+
+The table is written next to the token cache it belongs to, keyed by the data (the cache's content hash, in its
+folder) and the model (its config and weight files, by name, size and modification time) and the compute device
+(bf16 on CUDA, fp32 on CPU give different numbers):
+
+    <output-dir>/token_cache/<data cache>/reference_logps-<key>.npy
+
+A later run or a resumed one finds it and reads it instead of recomputing. Resuming needs no special case: the
+table is attached in setup() after the model is built and BEFORE a checkpoint's weights are loaded into it, so
+even a recomputation uses the initial weights.
+"""
+
+import hashlib
+import io
+import json
+from contextlib import contextmanager, nullcontext
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from minitrain import atomic
+from minitrain.data import TokenCache
+from minitrain.distributed import World, compute_autocast, print0
+from minitrain.objectives import make_pair_pack, sequence_logps
+from minitrain.validation import plan_validation
+
+VERSION = 1
+MODEL_FILES = (".json", ".safetensors", ".bin", ".pt", ".pth", ".gguf", ".model")
+
+
+def model_key(model_name_or_path: str, device_type: str) -> str:
+    """Identifies the reference model: a folder by its config (content) and weight files (name, size, mtime)."""
+    h = hashlib.blake2b(digest_size=8)
+    h.update(json.dumps({"version": VERSION, "device": device_type}).encode())
+    path = Path(model_name_or_path)
+    if not path.is_dir():  # a hub id in the local cache
+        h.update(model_name_or_path.encode())
+        return h.hexdigest()
+    for f in sorted(path.iterdir()):
+        if f.is_file() and f.suffix in MODEL_FILES:
+            stat = f.stat()
+            h.update(f"{f.name} {stat.st_size} {stat.st_mtime_ns}\n".encode())
+            if f.name == "config.json":
+                h.update(f.read_bytes())
+    return h.hexdigest()
+
+
+def reference_file(cache: TokenCache, key: str) -> Path:
+    return cache.directory / f"reference_logps-{key}.npy"
+
+
+@contextmanager
+def reference_mode(model: torch.nn.Module):
+    """The model as the reference policy: eval mode (no dropout), random streams untouched, and the adapter's own
+    `reference_mode(model)` context when it has one.
+
+    THE LoRA HOOK: an adapter whose base weights stay frozen (LoRA) defines `reference_mode(model)`, a context
+    manager that switches its adapters off (peft: `with lm.disable_adapter():`), so the reference is the base
+    model. FullFineTuning has none: before the first step the model IS the reference.
+    """
+    hook = getattr(model.adapter, "reference_mode", None)
+    was_training = model.training
+    model.eval()
+    devices = [torch.cuda.current_device()] if torch.cuda.is_available() and torch.cuda.is_initialized() else []
+    try:
+        with torch.random.fork_rng(devices=devices), (hook(model) if hook is not None else nullcontext()):
+            yield
+    finally:
+        model.train(was_training)
+
+
+@torch.no_grad()
+def compute_reference_logps(model: torch.nn.Module, cache: TokenCache, world: World, max_tokens: int) -> np.ndarray:
+    """(num_pairs, 2) float64: the model's log-probs of each pair's chosen and rejected sides. Collective."""
+    micro_steps = plan_validation(cache.lengths, np.arange(len(cache)), world.world_size, max_tokens)
+    table = torch.zeros((len(cache), 2), dtype=torch.float64, device=world.device)
+    with reference_mode(model):
+        for micro in micro_steps:
+            indices = np.asarray(micro[world.rank], dtype=np.int64)
+            pack = make_pair_pack(cache, indices).to(world.device)
+            with compute_autocast(model, world.device):
+                logps, _ = sequence_logps(model, pack)  # (2P,)
+            if len(indices):
+                table[torch.from_numpy(indices).to(world.device)] = logps.double().view(-1, 2)
+    if dist.is_initialized():
+        dist.all_reduce(table)  # each pair was computed by exactly one rank; the others hold zeros there
+    return table.cpu().numpy()
+
+
+def attach_reference(objective, model: torch.nn.Module, cache: TokenCache, config, world: World) -> None:
+    """Give `objective` the reference log-probs of `cache`: read from its file, or computed now and written there.
+    Collective; a no-op for objectives without a reference (SimPO, SFT)."""
+    if not getattr(objective, "needs_reference", False) or cache.content_hash in objective.reference:
+        return
+    path = reference_file(cache, model_key(config.model_name_or_path, world.device.type))
+    table = None
+    if path.is_file():
+        table = np.load(path)
+        if table.shape != (len(cache), 2):
+            table = None
+    # Every rank must take the same branch (computing is collective): all use the file only if all can read it.
+    usable = torch.tensor([table is not None], dtype=torch.int32, device=world.device)
+    if dist.is_initialized():
+        dist.all_reduce(usable, op=dist.ReduceOp.MIN)
+    if usable.item():
+        print0(f"reference log-probs: reused {path}")
+    else:
+        print0(f"reference log-probs: computing {len(cache)} pairs with the initial model")
+        table = compute_reference_logps(model, cache, world, config.max_tokens_per_gpu)
+        if world.local_rank == 0:  # one writer per node, as for the token cache
+            buffer = io.BytesIO()
+            np.save(buffer, table)
+            atomic.write_bytes(path, buffer.getvalue())
+        print0(f"reference log-probs: wrote {path}")
+    objective.reference[cache.content_hash] = table

@@ -1,0 +1,82 @@
+"""CUDA checks (`pytest -m cuda`; skipped without a GPU): the real kernels against the exact CPU-tested paths."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from tests.test_attention import cache, own_loss  # noqa: F401 (cache is a fixture)
+from tests.test_train import ROOT, torchrun, write_data
+
+pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+CUDA = torch.device("cuda")
+
+
+def test_varlen_kernel_in_bf16_equals_each_sample_alone(cache, tiny_model_dir):  # noqa: F811
+    from transformers import AutoModelForCausalLM
+
+    from minitrain import attention
+    from minitrain.data import make_pack
+    from minitrain.model import PackedCausalLM
+
+    model_dir = tiny_model_dir("qwen2")  # GQA
+    lm = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16, attn_implementation=attention.VARLEN)
+    model = PackedCausalLM(lm.to(CUDA))
+    assert model.attention_takes_boundaries
+    pack = make_pack(cache, np.arange(6)).to(CUDA)
+    with torch.no_grad():
+        loss = model(pack.input_ids, pack.position_ids, pack.positions, pack.targets, cu_seq_lens=pack.cu_seq_lens,
+                     max_length=pack.max_length)
+        truth = own_loss(AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32), cache, np.arange(6))
+    assert loss.item() == pytest.approx(truth.item(), rel=2e-2)  # bf16 against fp32, each sample alone
+
+
+def test_liger_kernels_equal_the_chunked_loss(cache, tiny_model_dir):  # noqa: F811
+    from transformers import AutoModelForCausalLM
+
+    from minitrain.data import make_pack
+    from minitrain.model import PackedCausalLM, apply_liger_model_kernels
+
+    model_dir = tiny_model_dir("llama")
+    pack = make_pack(cache, np.arange(6)).to(CUDA)
+    losses, grads = {}, {}
+    for liger in (False, True):
+        lm = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(CUDA)
+        if liger:
+            apply_liger_model_kernels(lm)
+        loss = PackedCausalLM(lm, use_liger=liger)(pack.input_ids, pack.position_ids, pack.positions, pack.targets)
+        loss.backward()
+        losses[liger], grads[liger] = loss.item(), {n: p.grad for n, p in lm.named_parameters()}
+    assert losses[True] == pytest.approx(losses[False], rel=1e-4)
+    for name, g in grads[False].items():
+        assert torch.allclose(grads[True][name], g, rtol=1e-3, atol=1e-5), name
+
+
+def test_bf16_training_is_within_bf16_tolerance_of_fp32(tmp_path, tiny_model_dir):
+    """bf16 compute on fp32 weights (FSDP2's policy on 2+ GPUs, autocast on one) against fp32 on the CPU."""
+    data = write_data(tmp_path / "data.jsonl", 8, vocab=700, seed=3)
+    args = ["--data-path", str(data), "--model-name-or-path", str(tiny_model_dir("llama")), "--batch-size", "4",
+            "--max-tokens-per-gpu", "128", "--max-steps", "3", "--learning-rate", "1e-3"]
+    losses = {}
+    for name in ("cuda", "cpu"):
+        out = tmp_path / name
+        if name == "cuda" and torch.cuda.device_count() >= 2:
+            run = torchrun(["train.py", *args, "--output-dir", str(out), "--fsdp-sharding-strategy", "FULL_SHARD"])
+        else:
+            env = dict(os.environ, PYTHONPATH=str(ROOT), **({"CUDA_VISIBLE_DEVICES": ""} if name == "cpu" else {}))
+            run = subprocess.run([sys.executable, "train.py", *args, "--output-dir", str(out)], cwd=ROOT, env=env,
+                                 capture_output=True, text=True, timeout=600)
+        assert run.returncode == 0, run.stderr[-3000:]
+        losses[name] = [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert losses["cuda"] == pytest.approx(losses["cpu"], rel=3e-2)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_two_gpus_give_the_single_gpu_gradient(tmp_path, tiny_model_dir):
+    from tests.test_train import test_two_ranks_with_skewed_micro_steps_give_the_single_process_gradient as check
+
+    check(tmp_path, tiny_model_dir)  # the CPU test's worker, on two GPUs with NCCL

@@ -1,0 +1,379 @@
+"""LoRA (minitrain/lora.py) on CPU: exact at step 0, exact gradients across world sizes, exports that load in peft
+and transformers with the live model's logits, exact resume, and bad flags refused before any weights load.
+
+The 2-process checks run under `torchrun --nproc-per-node 2` (gloo): the gradient check runs this file as the
+torchrun script (`lora_worker`, like test_train's grad_worker) through train.py's own functions; the kill/resume
+check runs train.py itself.
+"""
+
+import json
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.test_resume import Job, metrics
+from tests.test_resume import run_main as run_main_with_output
+from tests.test_train import base_args, run_main, torchrun, write_data
+
+ROOT = Path(__file__).resolve().parent.parent
+SKEWED = {0: [[0, 1, 2], [3], [4]], 1: [[5, 6, 7], [], []]}  # rank 1 runs two dummy packs
+LOGITS_TOLERANCE = 1e-5  # fp32 exports against the live fp32 model (measured: ~1e-6 and below)
+
+
+def lora_flags(*extra: str) -> list[str]:
+    return ["--lora", "--lora-r", "4", "--lora-alpha", "8", *extra]
+
+
+def logits(lm, pack):
+    import torch
+
+    with torch.no_grad():
+        return lm(input_ids=pack.input_ids, position_ids=pack.position_ids, use_cache=False).logits
+
+
+def exported_models(folder: Path, base_dir: Path):
+    """(PeftModel of the base + samples_<N>/adapter, the merged samples_<N>), as people load them."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    adapter = PeftModel.from_pretrained(base, folder / "adapter")
+    return adapter, AutoModelForCausalLM.from_pretrained(folder)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 2 processes, through train.py's functions: adapter gradients equal one process's, every strategy; exports
+
+
+def lora_worker(model_dir: str, data_path: str, out_dir: str) -> None:
+    import torch
+    import torch.distributed as dist
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    from transformers import AutoTokenizer
+
+    import train
+    from minitrain.checkpoint import save_export
+    from minitrain.data import load_data, make_pack
+    from minitrain.distributed import World, cleanup_distributed, init_distributed
+    from minitrain.lora import build_adapter
+    from minitrain.model import SHARDING_STRATEGIES, PackedCausalLM, build_model
+    from minitrain.objectives import SFT
+
+    world = init_distributed("auto")
+    # lora-init random: B starts non-zero, so A's gradient is not zero and both factors are compared.
+    config = train.TrainConfig(
+        data_path=data_path, model_name_or_path=model_dir, output_dir=out_dir, batch_size=8, max_tokens_per_gpu=256,
+        save_dtype="float32", activation_checkpointing=False, lora=True, lora_r=4, lora_alpha=8.0, lora_dropout=0.0,
+        lora_init="random",
+    )
+    cache = load_data(config, world, vocab_size=10**6)
+    step_trained = int(cache.trained[:8].sum())
+    report = {}
+    if world.is_main:  # reference: one process, one micro-step holding the whole step
+        single = World(0, 0, 1, 1, world.device)
+        reference = build_model(config, single, build_adapter(config))
+        ref_sum = train.forward_backward(reference, SFT(), cache, [np.arange(8)], step_trained, 1, world.device)
+        ref_grads = {n: p.grad for n, p in reference.lm.named_parameters() if p.requires_grad}
+        report["reference_loss"] = ref_sum.item() / step_trained
+        report["reference_norm"] = train.clip_gradients(reference, 0)
+        report["reference_shapes"] = {n: list(g.shape) for n, g in ref_grads.items()}
+    for strategy in SHARDING_STRATEGIES:
+        cfg = replace(config, fsdp_sharding_strategy=strategy, activation_checkpointing=strategy == "FULL_SHARD")
+        model = build_model(cfg, world, build_adapter(cfg))
+        packs = [np.asarray(p, dtype=np.int64) for p in SKEWED[world.rank]]
+        local_sum = train.forward_backward(model, SFT(), cache, packs, step_trained, world.world_size, world.device)
+        dist.all_reduce(local_sum)
+        params = dict(model.lm.named_parameters())
+        grads = {n: p.grad.full_tensor() for n, p in params.items() if p.requires_grad}
+        frozen_with_grad = [n for n, p in params.items() if not p.requires_grad and p.grad is not None]
+        norm = train.clip_gradients(model, 0)
+        if world.is_main:
+            rel = {n: ((grads[n] - g).abs().max() / g.abs().max()).item() for n, g in ref_grads.items()}
+            report[strategy] = {
+                "loss": local_sum.item() / step_trained,
+                "max_rel": max(rel.values()),
+                "min_grad": min(g.abs().max().item() for g in ref_grads.values()),
+                "names": sorted(grads) == sorted(ref_grads),
+                "frozen_with_grad": frozen_with_grad,
+                "norm": norm,
+            }
+    # Exports of the last (FSDP2) model after one optimizer step on its adapters.
+    optimizer = torch.optim.SGD(model.adapter.trainable_parameters(model), lr=0.5)
+    optimizer.step()
+    saved = save_export(model, AutoTokenizer.from_pretrained(model_dir), cfg, world, samples_seen=8)
+    live = get_model_state_dict(model.lm, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    pack = make_pack(cache, np.arange(3))
+    with torch.no_grad():
+        live_loss = model(pack.input_ids, pack.position_ids, pack.positions, pack.targets).item()  # through FSDP
+    if world.is_main:
+        from safetensors.torch import load_file
+
+        unsharded = build_model(cfg, World(0, 0, 1, 1, world.device), build_adapter(cfg))
+        unsharded.lm.load_state_dict(live)  # the live weights
+        adapter, merged = exported_models(saved, Path(model_dir))
+        expected = logits(unsharded.lm, pack)
+        report["adapter_logits_diff"] = (logits(adapter, pack) - expected).abs().max().item()
+        report["merged_logits_diff"] = (logits(merged, pack) - expected).abs().max().item()
+        report["merged_loss_diff"] = abs(
+            PackedCausalLM(merged)(pack.input_ids, pack.position_ids, pack.positions, pack.targets).item() - live_loss)
+        base = build_model(replace(cfg, lora=False), World(0, 0, 1, 1, world.device))
+        report["changed_by_adapters"] = (logits(merged, pack) - logits(base.lm, pack)).abs().max().item()
+        file = load_file(saved / "adapter" / "adapter_model.safetensors")
+        report["file_shapes"] = {k: list(v.shape) for k, v in file.items()}
+        Path(out_dir, "report.json").write_text(json.dumps(report))
+    cleanup_distributed()
+
+
+def test_two_ranks_give_the_single_process_adapter_gradients_and_whole_exports(tmp_path, tiny_model_dir):
+    data = write_data(tmp_path / "data.jsonl", 8, vocab=700)
+    run = torchrun([__file__, str(tiny_model_dir("llama")), str(data), str(tmp_path / "out")])
+    assert run.returncode == 0, run.stderr[-3000:]
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    for strategy in ("FULL_SHARD", "SHARD_GRAD_OP", "NO_SHARD", "HYBRID_SHARD"):
+        r = report[strategy]
+        assert r["names"] and not r["frozen_with_grad"], strategy  # only adapters have gradients
+        assert r["min_grad"] > 0  # every adapter matrix has a gradient to compare (lora-init random)
+        assert r["loss"] == pytest.approx(report["reference_loss"], rel=1e-6), strategy
+        assert r["max_rel"] < 1e-5, (strategy, r["max_rel"])
+        assert r["norm"] == pytest.approx(report["reference_norm"], rel=1e-5), strategy
+    # The adapter file of a 2-rank run holds every adapter whole: the 1-process shapes, one file key each.
+    shapes = report["reference_shapes"]
+    assert len(report["file_shapes"]) == len(shapes) == 2 * 7 * 2  # A and B, 7 linear layers, 2 blocks
+    assert sorted(report["file_shapes"].values()) == sorted(shapes.values())
+    assert report["changed_by_adapters"] > 1e-3  # the comparisons below mean something
+    assert report["adapter_logits_diff"] < LOGITS_TOLERANCE and report["merged_logits_diff"] < LOGITS_TOLERANCE
+    assert report["merged_loss_diff"] < 1e-4
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# One process, in process
+
+
+def test_lora_flags_parse_with_torchllms_spellings_and_lists():
+    import train
+
+    args = ["--data-path", "d", "--model-name-or-path", "m", "--output-dir", "o", "--batch-size", "1",
+            "--max-tokens-per-gpu", "8"]
+    config = train.parse_args([*args, "--lora", "--lora-rank", "8", "--lora-target-modules", "q_proj", "v_proj,o_proj",
+                               "--lora-modules-to-save", "lm_head", "--lora-export", "adapter"])
+    assert (config.lora, config.lora_r, config.lora_export) == (True, 8, "adapter")
+    from minitrain.lora import listed
+
+    assert listed(config.lora_target_modules) == ["q_proj", "v_proj", "o_proj"]
+    assert config.lora_modules_to_save == ["lm_head"]
+    defaults = train.parse_args(args)
+    assert (defaults.lora, defaults.lora_r, defaults.lora_alpha, defaults.lora_dropout) == (False, 16, 32.0, 0.05)
+    assert defaults.lora_target_modules is None and defaults.lora_export == "both"
+
+
+def test_bad_lora_flags_are_one_line_before_any_weights_load(tmp_path, capsys, tiny_model_dir):
+    data = write_data(tmp_path / "data.jsonl", 4, vocab=700)
+    args = base_args(tmp_path, tiny_model_dir("qwen2"), data)
+    code, err = run_main([*args, "--lora", "--lora-r", "0", "--lora-dropout", "1.5", "--qlora"], capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    for message in ("--lora-r must be >= 1", "--lora-dropout must be in [0, 1), got 1.5",
+                    "--qlora needs a CUDA GPU"):
+        assert message in err
+    code, err = run_main([*args, "--lora", "--lora-target-modules", "q_proj", "qkv", "--lora-modules-to-save",
+                          "lm_head", "head"], capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert "--lora-target-modules qkv: no module of qwen2 is named so; its decoder blocks' linear layers are " \
+           "down_proj gate_proj k_proj o_proj q_proj up_proj v_proj (or pass all-linear)" in err
+    assert "--lora-modules-to-save head: no module of qwen2 is named so" in err
+    code, err = run_main([*args, "--lora", "--lora-target-modules", "mlp"], capsys)
+    assert code == 2 and "--lora-target-modules mlp: a Qwen2MLP, not a linear, embedding or convolution layer" in err
+    code, err = run_main([*args, "--lora-r", "8"], capsys)
+    assert code == 2 and "--lora-r need --lora; add --lora or drop them" in err, err
+    # The tiny llama ties lm_head to embed_tokens: a trained copy of one would untie them.
+    code, err = run_main([*base_args(tmp_path, tiny_model_dir("llama"), data), "--lora", "--lora-modules-to-save",
+                          "lm_head"], capsys)
+    assert code == 2 and "--lora-modules-to-save lm_head: its weight is tied" in err, err
+    assert not (tmp_path / "out").exists()  # nothing happened before validation
+
+
+def test_step_zero_is_the_base_model_and_only_adapters_train(tiny_model_dir, tmp_path):
+    import torch
+
+    import train
+    from minitrain.data import load_data, make_pack
+    from minitrain.distributed import World
+    from minitrain.lora import build_adapter
+    from minitrain.model import build_model
+
+    data = write_data(tmp_path / "data.jsonl", 4, vocab=700)
+    single = World(0, 0, 1, 1, torch.device("cpu"))
+    config = train.TrainConfig(str(data), str(tiny_model_dir("llama")), str(tmp_path), batch_size=4,
+                               max_tokens_per_gpu=256, lora=True)  # every LoRA default
+    pack = make_pack(load_data(config, single, vocab_size=10**6), np.arange(4))
+    model = build_model(config, single, build_adapter(config))
+    base = build_model(replace(config, lora=False), single)
+    model.eval()  # dropout off, to compare logits; step 0 is exact with it on too, since B = 0
+    assert torch.equal(logits(model.lm, pack), logits(base.lm, pack))
+    trainable = {n for n, p in model.lm.named_parameters() if p.requires_grad}
+    assert trainable and all(".lora_A." in n or ".lora_B." in n for n in trainable)
+    assert len(trainable) == 2 * 7 * 2  # A and B of q k v o gate up down in both blocks
+    assert all(p.ndim == 2 and 16 in p.shape for n, p in model.lm.named_parameters() if n in trainable)  # r 16
+
+
+def run_in_process(args: list[str]):
+    """train.py's setup() and loop() in this process, returning the Run: its live model stays inspectable."""
+    import train
+    from minitrain.checkpoint import StopSignals
+    from minitrain.distributed import init_distributed
+
+    config = train.parse_args(args)
+    train.validate(config, 1, 1, cuda=False)
+    run = train.setup(config, init_distributed("auto"))
+    train.loop(run, StopSignals())
+    run.log.close()
+    return run
+
+
+def test_loss_falls_and_both_exports_give_the_live_logits(tmp_path, tiny_model_dir, capsys):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from minitrain.data import make_pack
+
+    model_dir = tiny_model_dir("qwen2")  # untied LM head: trained in full beside the adapters
+    data = write_data(tmp_path / "data.jsonl", 4, vocab=700, seed=1)
+    args = [*base_args(tmp_path, model_dir, data), "--max-steps", "12", "--learning-rate", "2e-2",
+            "--save-dtype", "float32", "--no-activation-checkpointing",
+            *lora_flags("--lora-modules-to-save", "lm_head", "--lora-dropout", "0")]
+    run = run_in_process(args)
+    assert "lora: " in capsys.readouterr().out  # the trainable / total parameters line
+    records = metrics(tmp_path / "out")
+    assert records[-1]["loss"] < records[0]["loss"] * 0.7, [r["loss"] for r in records]
+    final = tmp_path / "out" / "hf_format" / "samples_48"
+    adapter_files = {"adapter_config.json", "adapter_model.safetensors"}
+    assert adapter_files <= {p.name for p in (final / "adapter").iterdir()}
+    adapter_config = json.loads((final / "adapter" / "adapter_config.json").read_text())
+    assert (adapter_config["r"], adapter_config["lora_alpha"], adapter_config["peft_type"]) == (4, 8.0, "LORA")
+    assert adapter_config["base_model_name_or_path"] == str(model_dir)
+    pack = make_pack(run.cache, np.arange(4))
+    run.model.eval()
+    expected = logits(run.model.lm, pack)
+    adapter, merged = exported_models(final, model_dir)
+    assert (logits(adapter, pack) - expected).abs().max().item() < LOGITS_TOLERANCE
+    assert (logits(merged, pack) - expected).abs().max().item() < LOGITS_TOLERANCE
+    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    assert (logits(base, pack) - expected).abs().max().item() > 1e-2  # the adapters changed the model
+    assert not any("lora" in k for k in merged.state_dict())  # a plain model
+
+
+def test_adapter_only_and_merged_only_exports_in_bf16(tmp_path, tiny_model_dir):
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model_dir = tiny_model_dir("llama")
+    data = write_data(tmp_path / "data.jsonl", 4, vocab=700)
+    args = [*base_args(tmp_path, model_dir, data), "--max-steps", "1"]
+    run_in_process([*args, *lora_flags("--lora-export", "merged"), "--output-dir", str(tmp_path / "merged")])
+    final = tmp_path / "merged" / "hf_format" / "samples_4"
+    assert not (final / "adapter").exists()
+    assert AutoModelForCausalLM.from_pretrained(final).dtype == torch.bfloat16
+
+    run_in_process([*args, *lora_flags("--lora-export", "adapter")])
+    final = tmp_path / "out" / "hf_format" / "samples_4"
+    assert not (final / "model.safetensors").exists() and (final / "tokenizer.json").exists()
+    base = AutoModelForCausalLM.from_pretrained(model_dir)
+    adapter = PeftModel.from_pretrained(base, final / "adapter")
+    weights = [p for n, p in adapter.named_parameters() if "lora_B" in n]
+    assert weights and all(p.dtype == torch.float32 for p in weights)  # peft loads into the base's dtype
+    from safetensors.torch import load_file
+
+    assert {t.dtype for t in load_file(final / "adapter" / "adapter_model.safetensors").values()} == {torch.bfloat16}
+
+
+def test_resume_with_dropout_gives_the_uninterrupted_losses(tmp_path, tiny_model_dir, capsys):
+    """Same world size: the RNG states are restored, so even the adapters' dropout masks repeat."""
+    model_dir = tiny_model_dir("llama")
+    data = write_data(tmp_path / "data.jsonl", 16, vocab=700)
+
+    def args(out: str, steps: int) -> list[str]:
+        return ["--data-path", str(data), "--model-name-or-path", str(model_dir), "--output-dir", str(tmp_path / out),
+                "--batch-size", "4", "--max-tokens-per-gpu", "64", "--max-steps", str(steps), "--learning-rate",
+                "1e-2", "--save-dtype", "float32", *lora_flags("--lora-dropout", "0.3", "--lora-export", "adapter")]
+
+    assert run_main(args("reference", 4), capsys)[0] == 0
+    assert run_main(args("resumed", 2), capsys)[0] == 0
+    code, err = run_main(args("resumed", 4), capsys)
+    assert code == 0, err
+    expected, got = metrics(tmp_path / "reference"), metrics(tmp_path / "resumed")
+    assert [r["loss"] for r in got] == [r["loss"] for r in expected]  # bit for bit
+    assert [r["sample_lines"] for r in got] == [r["sample_lines"] for r in expected]
+    from safetensors.torch import load_file
+
+    final = "hf_format/samples_16/adapter/adapter_model.safetensors"
+    a, b = load_file(tmp_path / "reference" / final), load_file(tmp_path / "resumed" / final)
+    assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)
+
+
+def test_a_checkpoint_from_before_lora_resumes_as_full_fine_tuning(tmp_path):
+    import train
+    from minitrain import checkpoint
+
+    config = train.TrainConfig("d", "m", str(tmp_path), batch_size=4, max_tokens_per_gpu=64)
+    old = {k: v for k, v in vars(config).items() if not k.startswith(("lora", "qlora"))}
+    saved = tmp_path / "step_2"
+    saved.mkdir()
+    (saved / "training_config.json").write_text(json.dumps(old))
+    state = {"step": 2, "samples_seen": 8, "last_export_samples": 8, "data": "x", "scheduler": {}, "world_size": 1}
+    (saved / "trainer_state.json").write_text(json.dumps(state))
+    assert checkpoint.check_resumable(saved, vars(config), "x") == 8
+    with pytest.raises(checkpoint.CheckpointError, match="--lora False -> True"):
+        checkpoint.check_resumable(saved, vars(replace(config, lora=True)), "x")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Kill and resume on another world size, through train.py under torchrun
+
+
+def test_killed_two_rank_run_resumes_on_one_process_to_the_same_losses(tmp_path, tiny_model_dir, capsys):
+    from safetensors.torch import load_file
+    from torch.distributed.checkpoint import FileSystemReader
+
+    from minitrain import checkpoint
+
+    model_dir = tiny_model_dir("llama")
+    data = write_data(tmp_path / "data.jsonl", 16, vocab=700)
+
+    def args(out: Path) -> list[str]:  # dropout 0: across world sizes the RNG states are not restored
+        return ["--data-path", str(data), "--model-name-or-path", str(model_dir), "--output-dir", str(out),
+                "--batch-size", "4", "--max-tokens-per-gpu", "64", "--max-steps", "4", "--learning-rate", "1e-2",
+                "--checkpoint-every-steps", "2", "--save-dtype", "float32", "--fsdp-sharding-strategy", "FULL_SHARD",
+                *lora_flags("--lora-dropout", "0", "--lora-export", "adapter")]
+
+    assert run_main(args(tmp_path / "reference"), capsys)[0] == 0  # uninterrupted, one process
+    out = tmp_path / "interrupted"
+    saves = out / "checkpoints"
+    job = Job(args(out), tmp_path / "run1.log", nproc=2, env={"HANG_IN_SAVE_STEP": "4"},
+              script="tests/train_hanging_in_save.py")
+    try:
+        job.wait_until(lambda: {"rng_rank0.pt", "rng_rank1.pt"} <= {p.name for p in saves.glob(".step_4.tmp/*")})
+    finally:
+        job.kill()
+    assert checkpoint.latest_checkpoint(saves) == saves / "step_2"
+    # The full state holds what trains: adapters and their optimizer state, no frozen base weight.
+    saved = FileSystemReader(saves / "step_2").read_metadata().state_dict_metadata
+    assert any("lora_A" in k for k in saved) and not any("base_layer" in k or "embed_tokens" in k for k in saved)
+    code, printed, err = run_main_with_output(args(out), capsys)  # the same command, one process
+    assert code == 0, err
+    assert f"resumed from {saves / 'step_2'}: step 2, 8 samples seen; saved with world size 2" in printed
+    expected, got = metrics(tmp_path / "reference"), metrics(out)
+    assert [r["step"] for r in got] == [1, 2, 3, 4]
+    assert [r["loss"] for r in got] == pytest.approx([r["loss"] for r in expected], rel=1e-6)
+    final = "hf_format/samples_16/adapter/adapter_model.safetensors"
+    a, b = load_file(tmp_path / "reference" / final), load_file(out / final)
+    assert a.keys() == b.keys()
+    for name in a:  # float32 rounding of reductions in another order, through 4 Adam steps of lr 1e-2
+        assert (a[name] - b[name]).abs().max().item() < 1e-5, name
+
+
+if __name__ == "__main__":
+    lora_worker(*sys.argv[1:4])

@@ -1,0 +1,107 @@
+"""Data mixtures (--data-path a.jsonl:0.7 b.jsonl:0.3 or a.jsonl b.jsonl:2x): what each epoch draws, exactly."""
+
+import json
+
+import numpy as np
+import pytest
+
+from minitrain.data import DataError
+from minitrain.mixture import Mixture, Source, parse_sources
+from sampler import MultipackPlanner
+from tests.test_train import write_data
+
+
+def test_specs_parse_into_weights_or_epochs_and_bad_mixtures_are_one_line():
+    assert parse_sources(["a.jsonl"]) == [Source("a.jsonl")]
+    assert parse_sources(["a.jsonl:0.7", "dir:x/b.jsonl:3"]) == [Source("a.jsonl", 0.7), Source("dir:x/b.jsonl", 3.0)]
+    assert parse_sources(["a.jsonl", "b.jsonl:2x", "c:0.5x"]) == [
+        Source("a.jsonl"), Source("b.jsonl", epochs=2.0), Source("c", epochs=0.5)]
+    with pytest.raises(DataError, match="b.jsonl have no weight while others do; give every file a weight"):
+        parse_sources(["a.jsonl:0.7", "b.jsonl"])
+    with pytest.raises(DataError, match="must be positive"):
+        parse_sources(["a.jsonl:0", "b.jsonl:1"])
+    with pytest.raises(DataError, match="names a file twice"):
+        parse_sources(["a.jsonl:1x", "a.jsonl:2x"])
+
+
+def members(*sizes):
+    starts = np.cumsum([0, *sizes])
+    return [np.arange(a, b) for a, b in zip(starts, starts[1:])]
+
+
+def test_each_epoch_draws_the_asked_counts_without_replacement_and_differs_per_epoch():
+    m = Mixture([Source("a", 0.75), Source("b", 0.25)], members(30, 10), seed=1)
+    assert m.counts.tolist() == [30, 10] and m.epoch_size == 40  # 75% / 25% of the 40 samples of both
+    m = Mixture([Source("a", 0.5), Source("b", 0.5)], members(30, 10), seed=1)
+    assert m.counts.tolist() == [20, 20]
+    first, second = m.epoch_samples(0), m.epoch_samples(1)
+    a, b = first[first < 30], first[first >= 30]
+    assert len(a) == 20 and len(set(a.tolist())) == 20  # a subsample of a, no repeats
+    assert sorted(np.bincount(b - 30, minlength=10).tolist()) == [2] * 10  # b twice over, every sample twice
+    assert not np.array_equal(first, second) and np.array_equal(first, m.epoch_samples(0))  # a pure function
+    m = Mixture([Source("a", epochs=1.0), Source("b", epochs=0.5)], members(30, 10), seed=1)
+    assert m.counts.tolist() == [30, 5] and sorted(m.epoch_samples(3)[:0].tolist()) == []
+    assert sorted(m.epoch_samples(3)[m.epoch_samples(3) < 30].tolist()) == list(range(30))  # all of a once
+
+
+def test_the_mixture_is_the_same_for_any_world_size():
+    m = Mixture([Source("a", 0.6), Source("b", 0.4)], members(12, 7), seed=3)
+    lengths = np.random.default_rng(0).integers(5, 30, 19)
+    plans = [MultipackPlanner(lengths, 5, 64, world, seed=3, mixture=m) for world in (1, 2, 3)]
+    assert plans[0].steps_per_epoch == 4  # 19 samples a epoch, 5 per step
+    for step in range(9):
+        samples = [sorted(np.concatenate([i for micro in p.plan(step).micro_batches for i in micro]).tolist())
+                   for p in plans]
+        assert samples[0] == samples[1] == samples[2]
+
+
+def test_a_mixture_run_logs_each_files_samples_and_its_exact_loss(tmp_path, capsys, tiny_model_dir):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    import train
+    from minitrain.data import IGNORE
+
+    a = write_data(tmp_path / "a.jsonl", 12, vocab=700, seed=1)
+    b = write_data(tmp_path / "b.jsonl", 4, vocab=700, seed=2)
+    model_dir = tiny_model_dir("llama")
+    out = tmp_path / "out"
+    capsys.readouterr()
+    code = train.main(["--data-path", f"{a}:0.5", f"{b}:0.5", "--model-name-or-path", str(model_dir),
+                       "--output-dir", str(out), "--batch-size", "4", "--max-tokens-per-gpu", "256",
+                       "--max-steps", "4", "--learning-rate", "1e-3", "--save-dtype", "float32"])
+    assert code == 0, capsys.readouterr().err
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert records[-1]["samples_seen/a.jsonl"] + records[-1]["samples_seen/b.jsonl"] == 16
+    assert records[-1]["samples_seen/b.jsonl"] == 8  # half of a 16-sample epoch from b's 4 samples: twice each
+    # Step 1's per-file loss against the model's own forward + plain cross-entropy, one sample at a time.
+    lm = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    rows = {0: a.read_text().splitlines(), 1: b.read_text().splitlines()}
+    sums, counts = {0: 0.0, 1: 0}, {0: 0, 1: 0}
+    for source, line in records[0]["sample_lines"]:
+        row = json.loads(rows[source][line - 1])
+        ids, labels = torch.tensor([row["input_ids"]]), torch.tensor(row["labels"][1:])
+        with torch.no_grad():
+            logits = lm(input_ids=ids, use_cache=False).logits[0, :-1]
+        sums[source] += torch.nn.functional.cross_entropy(logits, labels, ignore_index=IGNORE, reduction="sum").item()
+        counts[source] += int((labels != IGNORE).sum())
+    for source, name in ((0, "a.jsonl"), (1, "b.jsonl")):
+        if counts[source]:
+            assert records[0][f"loss/{name}"] == pytest.approx(sums[source] / counts[source], rel=1e-5)
+    total = (sums[0] + sums[1]) / (counts[0] + counts[1])
+    assert records[0]["loss"] == pytest.approx(total, rel=1e-5)
+
+
+def test_resuming_with_other_weights_is_refused_since_the_fingerprint_covers_the_mixture(tmp_path, capsys,
+                                                                                          tiny_model_dir):
+    import train
+
+    a = write_data(tmp_path / "a.jsonl", 8, vocab=700, seed=1)
+    b = write_data(tmp_path / "b.jsonl", 4, vocab=700, seed=2)
+    args = ["--model-name-or-path", str(tiny_model_dir("llama")), "--output-dir", str(tmp_path / "out"),
+            "--batch-size", "4", "--max-tokens-per-gpu", "256", "--max-steps", "2", "--save-dtype", "float32"]
+    assert train.main(["--data-path", f"{a}:0.5", f"{b}:0.5", *args]) == 0
+    capsys.readouterr()
+    assert train.main(["--data-path", f"{a}:0.75", f"{b}:0.25", *args, "--max-steps", "3"]) == 2
+    err = capsys.readouterr().err
+    assert "cannot resume from" in err and "mixture 6/8, 6/4" in err and "mixture 9/8, 3/4" in err, err

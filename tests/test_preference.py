@@ -1,0 +1,483 @@
+"""Preference training (DPO, SimPO): exact loss over pairs, packed padding-free, on 1 and 2 processes; stage 1's
+preference rows.
+
+The loss and gradients of train.py's own functions are compared with a direct per-pair implementation written
+here: a plain Hugging Face forward of each sequence alone, full logits, log-softmax, the formula of the paper.
+The 2-process check runs this file as the torchrun script (see `pair_grad_worker`), like test_train.py's.
+"""
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.test_train import run_main, torchrun
+
+VOCAB = 250  # token ids drawn below this (the tiny models' vocabulary is the chatml fixture tokenizer's, larger)
+SKEWED = {0: [[0, 1, 2], [3], [4]], 1: [[5, 6, 7], [], []]}  # rank 1 runs two dummy packs
+
+
+def write_pairs(path: Path, num_pairs: int, seed: int = 0, learnable: bool = False) -> Path:
+    """Preference rows as process_data.py writes them: a shared prompt, masked on both sides.
+
+    learnable: the chosen reply is always the same few tokens, the rejected one random, so a tiny model can learn
+    to prefer it in a few steps.
+    """
+    rng = np.random.default_rng(seed)
+    with open(path, "w") as f:
+        for _ in range(num_pairs):
+            prompt = rng.integers(3, VOCAB, int(rng.integers(3, 10))).tolist()
+            chosen = [7, 8, 9, 10] if learnable else rng.integers(3, VOCAB, int(rng.integers(2, 8))).tolist()
+            rejected = rng.integers(3, VOCAB, int(rng.integers(2, 8))).tolist()
+            row = {
+                "chosen_input_ids": prompt + chosen, "chosen_labels": [-100] * len(prompt) + chosen,
+                "rejected_input_ids": prompt + rejected, "rejected_labels": [-100] * len(prompt) + rejected,
+                "chosen_len": len(prompt + chosen), "rejected_len": len(prompt + rejected),
+                "len": 2 * len(prompt) + len(chosen) + len(rejected),
+            }
+            f.write(json.dumps(row) + "\n")
+    return path
+
+
+def read_pairs(path: Path) -> list[dict]:
+    return [json.loads(line) for line in Path(path).read_text().splitlines()]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The direct implementation
+
+
+def direct_logp(lm, ids: list[int], labels: list[int]):
+    """(sum of log p(label) over the trained tokens, their count): one sequence alone, full logits."""
+    import torch
+
+    logits = lm(input_ids=torch.tensor([ids]), use_cache=False).logits[0, :-1].double()  # (T-1, V)
+    targets = torch.tensor(labels[1:])
+    trained = targets != -100
+    logp = torch.log_softmax(logits[trained], dim=-1).gather(1, targets[trained][:, None]).sum()
+    return logp, int(trained.sum())
+
+
+def direct_loss(lm, pairs: list[dict], name: str, beta: float, gamma: float = 0.0, sft_weight: float = 0.0,
+                reference: np.ndarray | None = None):
+    """The mean over the pairs of the paper's loss (DPO: Rafailov et al. eq. 7; SimPO: Meng et al. eq. 6)."""
+    import torch
+    import torch.nn.functional as F
+
+    losses = []
+    for k, row in enumerate(pairs):
+        lc, nc = direct_logp(lm, row["chosen_input_ids"], row["chosen_labels"])
+        lr, nr = direct_logp(lm, row["rejected_input_ids"], row["rejected_labels"])
+        if name == "dpo":
+            z = beta * ((lc - float(reference[k, 0])) - (lr - float(reference[k, 1])))
+        else:
+            z = beta * (lc / nc - lr / nr) - gamma
+        losses.append(-F.logsigmoid(z) - sft_weight * lc / nc)
+    return torch.stack(losses).mean()
+
+
+def direct_grads(model_dir: Path, pairs: list[dict], **loss_kwargs) -> tuple[float, dict]:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    lm = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    loss = direct_loss(lm, pairs, **loss_kwargs)
+    loss.backward()
+    return loss.item(), {n: p.grad.clone() for n, p in lm.named_parameters()}
+
+
+def direct_table(model_dir: Path, pairs: list[dict]) -> np.ndarray:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    lm = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    with torch.no_grad():
+        return np.array([[direct_logp(lm, r[f"{side}_input_ids"], r[f"{side}_labels"])[0].item()
+                          for side in ("chosen", "rejected")] for r in pairs])
+
+
+def max_rel(grads: dict, reference: dict) -> float:
+    return max(((grads[n] - g).abs().max() / g.abs().max()).item() for n, g in reference.items())
+
+
+def objectives(offsets: np.ndarray):
+    """(name, objective, direct_loss kwargs, reference table offset): DPO with a reference away from the policy
+    (so the sigmoid is not at 0) and an SFT term, SimPO."""
+    from minitrain.objectives import DPO, SimPO
+
+    return [
+        ("dpo", DPO(beta=0.5, sft_weight=0.3), dict(name="dpo", beta=0.5, sft_weight=0.3), offsets),
+        ("simpo", SimPO(beta=2.0, gamma=0.5), dict(name="simpo", beta=2.0, gamma=0.5), None),
+    ]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# One process: train.py's forward_backward == the direct implementation, packed == one pair per micro-step
+
+
+def test_loss_and_gradients_equal_the_direct_per_pair_implementation(tmp_path, tiny_model_dir):
+    import torch
+
+    import train
+    from minitrain.data import load_data
+    from minitrain.distributed import World
+    from minitrain.model import build_model
+    from minitrain.reference import attach_reference
+
+    model_dir = tiny_model_dir("qwen2")  # an untied LM head; llama (tied) runs under torchrun below
+    data = write_pairs(tmp_path / "pairs.jsonl", 6)
+    pairs = read_pairs(data)
+    config = train.TrainConfig(data_path=str(data), model_name_or_path=str(model_dir), output_dir=str(tmp_path / "o"),
+                               batch_size=6, max_tokens_per_gpu=128, activation_checkpointing=False)
+    single = World(0, 0, 1, 1, torch.device("cpu"))
+    cache = load_data(config, single, vocab_size=10**6)
+    assert cache.pairs and len(cache) == 6
+    assert cache.lengths.tolist() == [r["len"] for r in pairs]
+    offsets = np.random.default_rng(1).normal(0, 3, (6, 2))
+    for name, objective, kwargs, offset in objectives(offsets):
+        model = build_model(config, single)
+        if objective.needs_reference:  # the initial model's log-probs, then moved away from the policy
+            attach_reference(objective, model, cache, config, single)
+            table = objective.reference[cache.content_hash]
+            np.testing.assert_allclose(table, direct_table(model_dir, pairs), rtol=1e-6)
+            objective.reference[cache.content_hash] = table + offset
+            kwargs["reference"] = table + offset
+        want_loss, want = direct_grads(model_dir, pairs, **kwargs)
+        for packs in ([np.arange(6)], [np.array([k]) for k in range(6)], [np.array([4, 0]), np.array([], int),
+                                                                         np.array([5, 1, 2, 3])]):
+            model.zero_grad(set_to_none=True)
+            sums = train.forward_backward(model, objective, cache, packs, 6, 1, single.device)
+            grads = {n: p.grad for n, p in model.lm.named_parameters()}
+            assert sums[0].item() / 6 == pytest.approx(want_loss, rel=1e-6), (name, packs)
+            assert sorted(grads) == sorted(want)
+            assert max_rel(grads, want) < 1e-5, (name, packs, max_rel(grads, want))
+
+
+def pair_grad_worker(model_dir: str, data_path: str, out_dir: str) -> None:
+    """Under torchrun: the reference table and each objective's gradient on 2 FSDP2 ranks with skewed micro-steps."""
+    import torch.distributed as dist
+
+    import train
+    from minitrain.data import load_data
+    from minitrain.distributed import cleanup_distributed, init_distributed
+    from minitrain.model import build_model
+    from minitrain.reference import attach_reference
+
+    world = init_distributed("auto")
+    config = train.TrainConfig(data_path=data_path, model_name_or_path=model_dir, output_dir=out_dir, batch_size=8,
+                               max_tokens_per_gpu=128, fsdp_sharding_strategy="FULL_SHARD")  # + checkpointing
+    cache = load_data(config, world, vocab_size=10**6)
+    pairs = read_pairs(Path(data_path))
+    offsets = np.random.default_rng(1).normal(0, 3, (8, 2))
+    report = {}
+    for name, objective, kwargs, offset in objectives(offsets):
+        model = build_model(config, world)
+        if objective.needs_reference:
+            attach_reference(objective, model, cache, config, world)  # both ranks compute half of the pairs
+            table = objective.reference[cache.content_hash]
+            if world.is_main:
+                report["table_max_rel"] = float(np.max(np.abs(table / direct_table(Path(model_dir), pairs) - 1)))
+            objective.reference[cache.content_hash] = table + offset
+            kwargs["reference"] = table + offset
+        packs = [np.asarray(p, dtype=np.int64) for p in SKEWED[world.rank]]
+        sums = train.forward_backward(model, objective, cache, packs, 8, world.world_size, world.device)
+        dist.all_reduce(sums)
+        grads = {n: p.grad.full_tensor() for n, p in model.lm.named_parameters()}
+        if world.is_main:
+            want_loss, want = direct_grads(Path(model_dir), pairs, **kwargs)
+            report[name] = {"loss": sums[0].item() / 8, "want_loss": want_loss, "max_rel": max_rel(grads, want),
+                            "names": sorted(grads) == sorted(want), "metrics": (sums[1:] / 8).tolist()}
+    if world.is_main:
+        Path(out_dir, "report.json").write_text(json.dumps(report))
+    cleanup_distributed()
+
+
+def test_two_ranks_with_skewed_micro_steps_give_the_direct_gradient(tmp_path, tiny_model_dir):
+    data = write_pairs(tmp_path / "pairs.jsonl", 8, seed=2)
+    run = torchrun([__file__, str(tiny_model_dir("llama")), str(data), str(tmp_path / "out")])
+    assert run.returncode == 0, run.stderr[-3000:]
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["table_max_rel"] < 1e-6
+    for name in ("dpo", "simpo"):
+        r = report[name]
+        assert r["names"], name
+        assert r["loss"] == pytest.approx(r["want_loss"], rel=1e-6), name
+        assert r["max_rel"] < 1e-5, (name, r["max_rel"])
+        assert len(r["metrics"]) == 6
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# train.py as a user runs it
+
+
+def dpo_args(tmp_path, model_dir, data, steps: int) -> list[str]:
+    return [
+        "--data-path", str(data), "--model-name-or-path", str(model_dir), "--output-dir", str(tmp_path / "out"),
+        "--objective", "dpo", "--dpo-beta", "0.5", "--batch-size", "4", "--max-tokens-per-gpu", "64",
+        "--max-steps", str(steps), "--learning-rate", "5e-3", "--validation-split", "0.2",
+        "--eval-every-samples", "16", "--num-eval-generations", "1", "--eval-max-new-tokens", "2",
+        "--save-dtype", "float32", "--no-activation-checkpointing",
+    ]
+
+
+def test_dpo_starts_at_log_2_learns_the_pairs_and_reuses_its_reference_on_resume(tmp_path, capsys, tiny_model_dir):
+    model_dir = tiny_model_dir("llama")
+    data = write_pairs(tmp_path / "pairs.jsonl", 10, seed=3, learnable=True)  # 8 train, 2 validation
+    code, _ = run_main(dpo_args(tmp_path, model_dir, data, 10), capsys)
+    out = tmp_path / "out"
+    assert code == 0
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    first, last = records[0], records[-1]
+    # Policy == reference before the first update: every reward is 0, every pair's loss log 2. Up to float32
+    # rounding: the reference packs the pairs as one validation step, the first step packs them otherwise, and a
+    # sequence's log-prob moves in its last bits with the length of the row around it (~1e-7 relative here).
+    assert first["loss"] == pytest.approx(math.log(2), rel=1e-6)
+    for key in ("rewards/chosen", "rewards/rejected", "rewards/margins"):
+        assert abs(first[key]) < 1e-5, key
+    assert first["pairs"] == 4 and first["logps/chosen"] < 0 and first["logps/rejected"] < 0
+    # The chosen replies are learnable: the policy comes to prefer them.
+    assert last["rewards/accuracies"] == 1.0 > first["rewards/accuracies"]
+    assert last["rewards/margins"] > 1.0 and last["loss"] < 0.5
+    assert last["validation_rewards/accuracies"] == 1.0 and last["validation_loss"] < 0.5
+    assert "validation_rewards/chosen" in last and last["validation_tokens"] == 2  # units: pairs
+    tables = list((out / "token_cache").glob("*/reference_logps-*.npy"))
+    assert len(tables) == 1
+    written = tables[0].stat().st_mtime_ns
+
+    # Resume for two more steps: the table is read, not recomputed.
+    import train
+
+    capsys.readouterr()
+    code = train.main(dpo_args(tmp_path, model_dir, data, 12))
+    stdout = capsys.readouterr().out
+    assert code == 0
+    assert "resumed from" in stdout and f"reference log-probs: reused {tables[0]}" in stdout
+    assert "computing" not in stdout
+    assert tables[0].stat().st_mtime_ns == written
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == list(range(1, 13))
+
+    import plot_run
+
+    assert plot_run.main([str(out)]) == 0 and (out / "metrics.png").stat().st_size > 0
+
+
+def test_simpo_runs_end_to_end_without_a_reference(tmp_path, capsys, tiny_model_dir):
+    data = write_pairs(tmp_path / "pairs.jsonl", 4, seed=4, learnable=True)
+    args = [
+        "--data-path", str(data), "--model-name-or-path", str(tiny_model_dir("llama")),
+        "--output-dir", str(tmp_path / "out"), "--objective", "simpo", "--batch-size", "4",
+        "--max-tokens-per-gpu", "64", "--max-steps", "3", "--save-dtype", "float32",
+    ]
+    code, _ = run_main(args, capsys)
+    assert code == 0
+    records = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    assert len(records) == 3 and "rewards/accuracies" in records[0]
+    assert not list((tmp_path / "out" / "token_cache").glob("*/reference_logps-*"))
+
+
+def test_the_reference_table_is_keyed_by_the_model_files_and_the_device(tmp_path, tiny_model_dir):
+    import os
+    import shutil
+
+    from minitrain.reference import model_key
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir("llama"), model)
+    key = model_key(str(model), "cpu")
+    assert model_key(str(model), "cpu") == key and model_key(str(model), "cuda") != key
+    weights = model / "model.safetensors"
+    os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 1))  # new weights, same name
+    assert model_key(str(model), "cpu") != key
+    key = model_key(str(model), "cpu")
+    config = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps({**config, "rope_theta": 1.0}))
+    assert model_key(str(model), "cpu") != key
+
+
+def test_objective_and_data_must_match(tmp_path, capsys, tiny_model_dir):
+    from tests.test_train import base_args, write_data
+
+    model_dir = tiny_model_dir("llama")
+    pairs = write_pairs(tmp_path / "pairs.jsonl", 4)
+    code, err = run_main(base_args(tmp_path, model_dir, pairs), capsys)
+    assert code == 2 and "holds preference pairs, which --objective sft cannot train" in err, err
+    samples = write_data(tmp_path / "samples.jsonl", 4, vocab=VOCAB)
+    code, err = run_main([*base_args(tmp_path, model_dir, samples), "--objective", "dpo"], capsys)
+    assert code == 2 and "holds samples, not preference pairs; --objective dpo needs" in err, err
+    code, err = run_main([*base_args(tmp_path, model_dir, pairs), "--objective", "simpo", "--simpo-beta", "0"],
+                         capsys)
+    assert code == 2 and "--simpo-beta must be positive" in err, err
+
+
+@pytest.mark.parametrize("row, message", [
+    ({"chosen_input_ids": [5, 6], "chosen_labels": [-100, 6], "rejected_input_ids": [5, 7]},
+     "pairs.jsonl:2: preference row has no 'rejected_labels' field"),
+    ({"chosen_input_ids": [5, 6], "chosen_labels": [-100, 6], "rejected_input_ids": [5, 7],
+      "rejected_labels": [-100, 8]}, "pairs.jsonl:2: rejected_labels[1] = 8 but rejected_input_ids[1] = 7"),
+    ({"input_ids": [5, 6], "labels": [-100, 6]}, "pairs.jsonl:2: preference row has no 'chosen_input_ids' field"),
+])
+def test_bad_pair_rows_name_file_and_line(tmp_path, capsys, tiny_model_dir, row, message):
+    data = tmp_path / "pairs.jsonl"
+    good = read_pairs(write_pairs(data, 1))[0]
+    data.write_text(json.dumps(good) + "\n" + json.dumps(row) + "\n")
+    from tests.test_train import base_args
+
+    code, err = run_main([*base_args(tmp_path, tiny_model_dir("llama"), data), "--objective", "dpo"], capsys)
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_a_pair_with_a_side_that_trains_nothing_is_dropped_and_counted(tmp_path):
+    from minitrain.data import build_token_cache, cache_dir_for, open_token_cache
+
+    data = tmp_path / "pairs.jsonl"
+    rows = read_pairs(write_pairs(data, 3))
+    rows[1]["rejected_labels"] = [-100] * len(rows[1]["rejected_labels"])
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cache_dir = cache_dir_for(data, tmp_path / "cache")
+    build_token_cache(data, cache_dir)
+    cache = open_token_cache(cache_dir)
+    assert len(cache) == 2 and cache.skipped_lines == (2,) and cache.lines.tolist() == [1, 3]
+    assert cache.chosen_lengths.tolist() == [rows[0]["chosen_len"], rows[2]["chosen_len"]]
+    assert cache.trained.tolist() == [sum(x != -100 for x in r["chosen_labels"][1:] + r["rejected_labels"][1:])
+                                      for r in (rows[0], rows[2])]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Stage 1: process_data.py on preference rows
+
+USER, EARLIER, FINAL = {"role": "user", "content": "Hi there"}, {"role": "assistant", "content": "Hello!"}, \
+    {"role": "user", "content": "What is 2 + 2?"}
+PROMPT = [{"role": "system", "content": "Be brief."}, USER, EARLIER, FINAL]  # an earlier assistant turn: masked
+GOOD, BAD = {"role": "assistant", "content": "It is 4."}, {"role": "assistant", "content": "Five, probably."}
+ROW_FORMS = {
+    "torchllms": {"chosen": PROMPT + [GOOD], "rejected": PROMPT + [BAD]},
+    "trl_messages": {"prompt": PROMPT, "chosen": [GOOD], "rejected": [BAD]},
+    "trl_text": {"prompt": FINAL["content"], "chosen": GOOD["content"], "rejected": BAD["content"]},
+}
+
+
+def preference_cli(capsys, tmp_path, tokenizer, input_file, *flags):
+    from tests.test_process_data import run_main as process_main
+
+    return process_main(capsys, tmp_path, tokenizer, input_file, *flags)
+
+
+@pytest.mark.parametrize("family", ["chatml", "llama3"])
+@pytest.mark.parametrize("form", sorted(ROW_FORMS))
+def test_each_row_form_gives_both_sides_with_only_the_final_reply_trained(capsys, tmp_path, tokenizer_dir, family,
+                                                                        form):
+    from transformers import AutoTokenizer
+
+    from tests.test_process_data import write_lines
+
+    tok_dir = tokenizer_dir(family)
+    tok = AutoTokenizer.from_pretrained(tok_dir)
+    data = write_lines(tmp_path / "in.jsonl", [ROW_FORMS[form]])
+    code, stdout, err, out = preference_cli(capsys, tmp_path, tok_dir, data)
+    assert code == 0, err
+    assert "preference (detected from line 1)" in stdout and "chosen: " in stdout and "rejected: " in stdout
+    (row,) = [json.loads(line) for line in out.read_text().splitlines()]
+    prompt = [FINAL] if form == "trl_text" else PROMPT
+    eot = {"chatml": "<|im_end|>", "llama3": "<|eot_id|>"}[family]
+    for side, reply in (("chosen", GOOD), ("rejected", BAD)):
+        ids, labels = row[f"{side}_input_ids"], row[f"{side}_labels"]
+        want = tok.apply_chat_template(prompt + [reply], tokenize=True, return_dict=True)["input_ids"]
+        assert ids == list(want) and row[f"{side}_len"] == len(ids)
+        trained = [i for i, label in zip(ids, labels) if label != -100]
+        assert [label for label in labels if label != -100] == trained
+        assert tok.decode(trained).strip() == reply["content"] + eot  # only the final reply, with its end of turn
+        first = next(k for k, label in enumerate(labels) if label != -100)
+        assert all(label != -100 for label in labels[first: first + len(trained)])  # one run
+    first = [next(k for k, label in enumerate(row[f"{s}_labels"]) if label != -100) for s in ("chosen", "rejected")]
+    assert row["chosen_input_ids"][: first[0]] == row["rejected_input_ids"][: first[1]]  # the shared prompt
+    assert row["len"] == row["chosen_len"] + row["rejected_len"]
+
+
+def test_csv_and_parquet_rows_give_the_jsonl_output_and_stage_2_reads_it(capsys, tmp_path, tokenizer_dir):
+    from minitrain.data import build_token_cache, cache_dir_for, open_token_cache
+    from tests.test_formats import write_csv, write_parquet
+    from tests.test_process_data import write_lines
+
+    rows = [ROW_FORMS["trl_text"], {"prompt": "Name a colour.", "chosen": "Blue.", "rejected": "Seven."}]
+    outputs = []
+    for name, writer in (("in.jsonl", write_lines), ("in.csv", write_csv), ("in.parquet", write_parquet)):
+        path = tmp_path / name
+        writer(path, rows)
+        code, _, err, out = preference_cli(capsys, tmp_path, tokenizer_dir("chatml"), path)
+        assert code == 0, err
+        outputs.append(out.read_bytes())
+    assert outputs[0] == outputs[1] == outputs[2]
+    cache_dir = cache_dir_for(out, tmp_path / "cache")
+    build_token_cache(out, cache_dir)
+    cache = open_token_cache(cache_dir)
+    written = [json.loads(line) for line in outputs[0].decode().splitlines()]
+    assert cache.pairs and cache.lengths.tolist() == [r["len"] for r in written]
+    assert cache.chosen_lengths.tolist() == [r["chosen_len"] for r in written]
+
+
+def test_bad_pairs_are_dropped_and_counted_with_their_line(capsys, tmp_path, tokenizer_dir):
+    from tests.test_process_data import write_lines
+
+    other_prompt = [{"role": "user", "content": "Something else"}]
+    lines = [
+        ROW_FORMS["torchllms"],
+        {"chosen": PROMPT + [GOOD], "rejected": other_prompt + [BAD]},  # 2: prompts differ
+        {"prompt": "Hi", "chosen": "Same.", "rejected": "Same."},  # 3: chosen identical to rejected
+        {"chosen": PROMPT + [GOOD], "rejected": PROMPT},  # 4: a side with no reply: nothing to train
+        {"prompt": "Hi " * 48, "chosen": "a", "rejected": "b"},  # 5: each side fits, both together do not
+    ]
+    data = write_lines(tmp_path / "in.jsonl", lines)
+    code, stdout, err, out = preference_cli(capsys, tmp_path, tokenizer_dir("chatml"), data,
+                                            "--max-sample-num-tokens", "300")
+    assert code == 0, err
+    assert len(out.read_text().splitlines()) == 1
+    for line, reason in ((2, "the chosen and rejected prompts differ"), (3, "chosen is identical to rejected"),
+                         (4, "a side's last message is not an assistant turn"),
+                         (5, "longer than --max-sample-num-tokens")):
+        assert f"dropped {data}:{line}: {reason}" in stdout, stdout
+    assert "dropped 4 samples" in stdout
+    code, _, err, _ = preference_cli(capsys, tmp_path, tokenizer_dir("chatml"), data, "--max-sample-num-tokens", "300",
+                                     "--on-too-long", "error")
+    assert code == 2 and f"{data}:5: the pair has" in err and "(chosen + rejected) > --max-sample-num-tokens 300" in err
+
+
+@pytest.mark.parametrize("row, message", [
+    ({"prompt": "Hi", "chosen": "Yes."}, "in.jsonl:2: no `rejected` field"),
+    ({"prompt": "Hi", "chosen": None, "rejected": "No."},
+     "in.jsonl:2: `chosen` must be a list of messages or a string"),
+    ({"chosen": "Yes.", "rejected": "No."}, "in.jsonl:2: a text `chosen`/`rejected` needs a `prompt`"),
+    ({"prompt": "Hi", "chosen": [{"role": "wizard", "content": "x"}], "rejected": "No."},
+     "in.jsonl:2: chosen: messages[1] has unknown role 'wizard'"),
+])
+def test_bad_preference_rows_stop_the_run_naming_file_and_line(capsys, tmp_path, tokenizer_dir, row, message):
+    from tests.test_process_data import write_lines
+
+    data = write_lines(tmp_path / "in.jsonl", [ROW_FORMS["trl_text"], row])
+    code, _, err, out = preference_cli(capsys, tmp_path, tokenizer_dir("chatml"), data, "--input-format", "preference")
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+    assert not out.exists()
+
+
+if __name__ == "__main__":
+    pair_grad_worker(*sys.argv[1:4])
+
+
+def test_dpo_with_lora_takes_the_base_model_as_its_reference(tmp_path, capsys, tiny_model_dir):
+    """With LoRA the reference is the base model, adapters off: with adapters that start away from zero
+    (--lora-init random) the reference table must still be the base model's own log-probs."""
+    model_dir = tiny_model_dir("llama")
+    data = write_pairs(tmp_path / "pairs.jsonl", 10, seed=3, learnable=True)
+    args = [*dpo_args(tmp_path, model_dir, data, 3), "--lora", "--lora-init", "random", "--lora-r", "4",
+            "--learning-rate", "1e-2"]
+    code, _ = run_main(args, capsys)
+    assert code == 0
+    out = tmp_path / "out"
+    [table_file] = list((out / "token_cache").glob("*/reference_logps-*.npy"))
+    assert np.allclose(np.load(table_file), direct_table(model_dir, read_pairs(data)), rtol=1e-5, atol=1e-5)
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert abs(records[0]["loss"] - math.log(2)) > 1e-3  # the random adapters move the policy off the reference
+    assert (out / "hf_format" / "samples_12" / "adapter" / "adapter_config.json").is_file()
