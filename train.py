@@ -487,6 +487,9 @@ def setup(config: TrainConfig, world: World) -> Run:
     # Data: with --validation-split the planner sees only the training samples, numbered 0..n-1.
     objective = build_objective(config)
     sources = parse_sources(config.data_path)
+    template = chat_template_of(sources)
+    if template is not None:  # the template the data was rendered with goes into every export's tokenizer
+        tokenizer.chat_template = template
     caches = [load_data(config, world, hf_config.vocab_size, path=s.path) for s in sources]
     for source, source_cache in zip(sources, caches):
         objective.check(source_cache, source.path)
@@ -640,6 +643,20 @@ def loop(run: Run, stop: StopSignals) -> None:
     run.checkpointer.finish(state)
     if validator is not None:
         print0(f"validation: {validator.summary()}")
+
+
+def chat_template_of(sources) -> str | None:
+    """The chat template process_data.py saved beside the data (<file>.chat_template.jinja), so that the fine-tuned
+    model renders conversations as it was trained on them; the files of a mixture must agree."""
+    templates = {}
+    for source in sources:
+        sidecar = Path(source.path + ".chat_template.jinja")
+        if sidecar.is_file():
+            templates[source.path] = sidecar.read_text()
+    if len(set(templates.values())) > 1:
+        raise ConfigError(f"--data-path: {', '.join(templates)} were rendered with different chat templates; an "
+                          f"export can carry one: re-run process_data.py with the same --chat-template")
+    return next(iter(templates.values()), None)
 
 
 def sample_lines(cache: TokenCache, indices: np.ndarray) -> list:

@@ -369,3 +369,20 @@ def test_bad_data_under_torchrun_stops_every_rank_cleanly(tmp_path, tiny_model_d
 
 if __name__ == "__main__":
     grad_worker(*sys.argv[1:4])
+
+
+def test_the_chat_template_saved_beside_the_data_goes_into_every_export(tmp_path, capsys, tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    import train
+
+    data = write_data(tmp_path / "data.jsonl", 4, vocab=700)
+    template = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}"
+    (tmp_path / "data.jsonl.chat_template.jinja").write_text(template)  # as process_data.py writes it
+    out = tmp_path / "out"
+    assert train.main(["--data-path", str(data), "--model-name-or-path", str(tiny_model_dir("llama")),
+                       "--output-dir", str(out), "--batch-size", "4", "--max-tokens-per-gpu", "256",
+                       "--max-steps", "1", "--save-dtype", "float32"]) == 0, capsys.readouterr().err
+    exported = AutoTokenizer.from_pretrained(out / "hf_format" / "samples_4")
+    assert exported.chat_template == template
+    assert AutoTokenizer.from_pretrained(tiny_model_dir("llama")).chat_template != template  # not the model's own
