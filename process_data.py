@@ -46,6 +46,7 @@ import sys
 import tempfile
 import threading
 import time
+import typing
 from bisect import bisect_left
 from collections import Counter
 from collections.abc import Iterator
@@ -56,14 +57,19 @@ import orjson
 
 import chat_masks
 import formats
+import mask_report
 import preference
 from chat_masks import MaskError
 from formats import Columns, InputSpec, RunError
+from minitrain import atomic
+from minitrain.config_file import ConfigFileError, config_path_from_argv, read_config_file
 
 PROG = "process_data.py"
 ROLES = ("system", "user", "assistant", "tool")
 CHUNK_LINES = 256  # lines per task sent to a worker: big enough to batch-tokenize, small enough to stream
 REPORTED_DROPS = 5  # dropped samples printed with their line number and reason
+REPORT_SAMPLES = 20  # conversations shown in --report
+REPORT_LINES = 20  # line numbers listed per drop reason in --report
 
 DROP_TOO_LONG = "longer than --max-sample-num-tokens"
 DROP_NO_TRAINED = "no trained token"
@@ -94,6 +100,12 @@ class Config:
     source_column: str | None = None
     target_column: str | None = None
     text_column: str = "text"
+    report: Path | None = None  # the HTML mask report (mask_report.py)
+
+    @property
+    def kept_samples(self) -> int:
+        """Samples kept for printing and for the report."""
+        return max(self.num_printed_samples, REPORT_SAMPLES if self.report is not None else 0)
 
     def columns(self) -> Columns:
         pairs = ((self.source_column, self.target_column),) if self.source_column else formats.DEFAULT_PAIRS
@@ -101,8 +113,21 @@ class Config:
 
 
 def parse_args(argv: list[str] | None = None) -> Config:
+    """The flags, over the values of --config FILE (YAML or TOML, keys are the flag names; minitrain/config_file.py),
+    over the defaults."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    path = config_path_from_argv(argv)
+    if path is not None:
+        try:
+            argv = config_as_flags(read_config_file(path, config_types())) + argv  # later flags win
+        except ConfigFileError as e:
+            print(f"{PROG}: error: {e}", file=sys.stderr)
+            sys.exit(2)
     defaults = Config(Path(), Path(), "", 0)
     p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
+    p.add_argument("--config", help="a YAML or TOML file of these flags (keys are flag names); command-line flags win")
+    p.add_argument("--report", type=Path, help="write an HTML mask report here: conversations with trained tokens "
+                                               "highlighted, drop reasons, the length histogram")
     p.add_argument("--input-file", type=Path, required=True, help="JSONL, .csv or .parquet (messages, pairs or text rows)")
     p.add_argument("--output-file", type=Path, required=True, help="rows JSONL, written atomically")
     p.add_argument("--model-name-or-path", required=True, help="folder (or hub name) with the tokenizer and chat template")
@@ -137,7 +162,31 @@ def parse_args(argv: list[str] | None = None) -> Config:
         problems.append("--chat-template and --chat-template-name exclude each other")
     if problems:
         p.error("; ".join(problems))
-    return Config(**vars(args))
+    values = vars(args)
+    del values["config"]  # its values are in the others
+    return Config(**values)
+
+
+def config_types() -> dict[str, type]:
+    """Each flag's value type, as a config file gives it (paths as strings)."""
+    hints = typing.get_type_hints(Config)
+    types = {}
+    for name, hint in hints.items():
+        options = [t for t in typing.get_args(hint) if t is not type(None)] or [hint]
+        types[name] = str if options[0] is Path else options[0]
+    return types
+
+
+def config_as_flags(values: dict) -> list[str]:
+    """A config file's values as the command-line flags they stand for."""
+    flags = []
+    for name, value in values.items():
+        flag = "--" + name.replace("_", "-")
+        if isinstance(value, bool):
+            flags += [flag] if value else []
+        elif value is not None:
+            flags += [flag, str(value)]
+    return flags
 
 
 # ---- reading and validating one line (worker side) ----
@@ -597,6 +646,10 @@ def view_in_worker(args: tuple[list[int], list[int], str, bool]) -> str:
     return masked_view(_ENCODER.tokenizer, *args)
 
 
+def report_spans_in_worker(args: tuple[list[int], list[int]]) -> str:
+    return mask_report.token_spans(_ENCODER.tokenizer, *args)
+
+
 # ---- the run (main process) ----
 
 
@@ -672,6 +725,9 @@ class Summary:
     views: list[tuple[str, str]] = field(default_factory=list)  # the printed samples: heading, whole text marked
     methods: Counter = field(default_factory=Counter)  # chat samples per masking method
     template_file: Path | None = None  # where the chat template used was saved
+    drop_lines: dict[str, list[int]] = field(default_factory=dict)  # the first lines dropped for each reason
+    lengths: list[int] = field(default_factory=list)  # every written sample's length (with --report only)
+    report_file: Path | None = None
 
 
 def read_template(path: Path) -> str:
@@ -765,13 +821,18 @@ def run(cfg: Config) -> Summary:
                 summary.drops[drop[1]] += 1
                 if len(summary.first_drops) < REPORTED_DROPS:
                     summary.first_drops.append(drop)
+                lines = summary.drop_lines.setdefault(drop[1], [])
+                if len(lines) < REPORT_LINES:
+                    lines.append(drop[0])
             for lineno, line in chunk.rows:
                 tmp.write(line)
                 summary.written += 1
+                if cfg.report is not None:
+                    summary.lengths.append(orjson.loads(line)["len"])
                 # reservoir sampling: every written row is equally likely to be shown
-                if len(summary.shown) < cfg.num_printed_samples:
+                if len(summary.shown) < cfg.kept_samples:
                     summary.shown.append((lineno, line))
-                elif (j := rng.randrange(summary.written)) < cfg.num_printed_samples:
+                elif (j := rng.randrange(summary.written)) < cfg.kept_samples:
                     summary.shown[j] = (lineno, line)
         if summary.written == 0:
             first = summary.first_drops[0] if summary.first_drops else None
@@ -807,6 +868,8 @@ def run(cfg: Config) -> Summary:
              "\n".join(f"{side[:-1]}: " * bool(side) + next(views) for side in row_sides))
             for (lineno, _), row, row_sides in zip(summary.shown, shown, sides)
         ]
+        if cfg.report is not None:
+            write_report(cfg, summary, shown, sides, pool, encoder, info)
     finally:
         progress.close()
         if pool is not None:
@@ -815,6 +878,22 @@ def run(cfg: Config) -> Summary:
         if os.path.exists(tmp.name):
             os.unlink(tmp.name)
     return summary
+
+
+def write_report(cfg: Config, summary: Summary, shown: list[dict], sides: list[tuple], pool, encoder, info) -> None:
+    """--report: the HTML page of mask_report.py, written atomically (the token texts come from a worker's
+    tokenizer when the main process has none)."""
+    args = [(row[side + "input_ids"], row[side + "labels"]) for row, row_sides in zip(shown, sides)
+            for side in row_sides]
+    spans = iter(pool.map(report_spans_in_worker, args) if pool is not None
+                 else [mask_report.token_spans(encoder.tokenizer, *a) for a in args])
+    samples = [(f"{cfg.input_file}:{lineno}" + (f" {side[:-1]}" if side else ""), row[side + "input_ids"],
+                row[side + "labels"], next(spans))
+               for (lineno, _), row, row_sides in zip(summary.shown, shown, sides) for side in row_sides]
+    page = mask_report.render(str(cfg.input_file), samples, summary.tokens, summary.trained, summary.drops,
+                              summary.drop_lines, summary.lengths, summary.written, summary.read, summary.format)
+    atomic.write_text(cfg.report, page)
+    summary.report_file = cfg.report
 
 
 # ---- printing ----
@@ -837,11 +916,13 @@ def masked_view(tokenizer, ids: list[int], labels: list[int], marker: str, colou
 
 
 def report(cfg: Config, summary: Summary, seconds: float, drop_lines: bool = True) -> None:
-    if summary.views:
-        for head, view in summary.views:
+    if summary.views and cfg.num_printed_samples:
+        for head, view in summary.views[: cfg.num_printed_samples]:
             print(head)
             print(view)
         print("---")
+    if summary.report_file is not None:
+        print(f"mask report: {summary.report_file}")
     if drop_lines:
         for lineno, reason, detail in summary.first_drops:
             print(f"dropped {cfg.input_file}:{lineno}: {reason}: {detail}")
