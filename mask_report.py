@@ -10,7 +10,8 @@ external file.
 import html
 from collections import Counter
 
-IGNORE = -100
+from minitrain import IGNORE
+
 STYLE = """
 body { font: 14px/1.45 system-ui, sans-serif; margin: 2em auto; max-width: 70em; color: #222; }
 h1 { font-size: 1.5em; } h2 { font-size: 1.15em; margin-top: 2em; border-bottom: 1px solid #ddd; }

@@ -30,8 +30,8 @@ import orjson
 
 import formats
 from formats import Format, InputSpec, RunError
+from minitrain import IGNORE
 
-IGNORE = -100
 SIDES = ("chosen", "rejected")
 DROP_PROMPTS_DIFFER = "the chosen and rejected prompts differ"
 DROP_IDENTICAL = "chosen is identical to rejected"

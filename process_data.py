@@ -61,7 +61,7 @@ import mask_report
 import preference
 from chat_masks import MaskError
 from formats import Columns, InputSpec, RunError
-from minitrain import atomic
+from minitrain import IGNORE, atomic
 from minitrain.config_file import ConfigFileError, config_path_from_argv, read_config_file
 
 PROG = "process_data.py"
@@ -591,8 +591,8 @@ class Encoder:
                 )
             chunk.drops.append((lineno, DROP_TOO_LONG, f"{len(ids)} > {self.max_tokens} tokens"))
             return
-        labels = [i if m else -100 for i, m in zip(ids, mask)]
-        trained = len(ids) - labels.count(-100)
+        labels = [i if m else IGNORE for i, m in zip(ids, mask)]
+        trained = len(ids) - labels.count(IGNORE)
         if trained == 0:
             chunk.drops.append((lineno, DROP_NO_TRAINED, "no assistant turn (or only empty ones)"))
             return
@@ -909,7 +909,7 @@ def masked_view(tokenizer, ids: list[int], labels: list[int], marker: str, colou
     if colour:
         opening = closing = ""
     out = []
-    for trained, run in itertools.groupby(zip(ids, labels), key=lambda pair: pair[1] != -100):
+    for trained, run in itertools.groupby(zip(ids, labels), key=lambda pair: pair[1] != IGNORE):
         text = tokenizer.decode([i for i, _ in run])
         out.append(green + opening + text + closing + reset if trained else dim + text + reset)
     return "".join(out)

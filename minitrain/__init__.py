@@ -5,3 +5,5 @@ adapter: what trains and what an export holds). The rest serves both: data.py (t
 (cross-entropy through the LM head), checkpoint.py (the output folder's contract), validation.py, run_log.py,
 distributed.py and atomic.py.
 """
+
+IGNORE = -100  # the label of a token the model is not trained to produce (as in Hugging Face)

@@ -25,10 +25,9 @@ import numpy as np
 import orjson
 import torch
 
-from minitrain import atomic
+from minitrain import IGNORE, atomic  # noqa: F401 (IGNORE: stage 2 imports it from here)
 from minitrain.distributed import World, print0, raise_if_any_rank_failed
 
-IGNORE = -100
 CACHE_VERSION = 2  # 2: meta.json holds the content hash
 
 
