@@ -2,9 +2,9 @@
 what the model will be trained on.
 
 It shows a sample of conversations token by token, trained tokens highlighted and special tokens boxed, so a wrong
-mask (a user turn trained, an end-of-turn token missed) is visible at a glance; trained and masked token counts;
-every drop reason with its count and the first line numbers; and the histogram of sample lengths. No script, no
-external file.
+mask (a user turn trained, an end-of-turn token missed) is visible at a glance; trained and masked token counts and
+tokens per role; every drop reason with its count and the first line numbers; and the histogram of sample lengths.
+No script, no external file.
 """
 
 import html
@@ -58,7 +58,7 @@ def histogram_svg(lengths: list[int], bins: int = 30, width: int = 640, height: 
 
 def render(source: str, samples: list[tuple[str, list[int], list[int], str]], tokens: int, trained: int,
            drops: Counter, drop_lines: dict[str, list[int]], lengths: list[int], written: int, read: int,
-           input_format: str) -> str:
+           input_format: str, role_tokens: Counter | None = None) -> str:
     """The report's HTML. `samples`: (where, input_ids, labels, token_spans HTML) of the conversations to show;
     `tokens`/`trained`: the whole output's; `drop_lines`: the first lines dropped for each reason."""
     share = trained / tokens if tokens else 0.0
@@ -72,8 +72,15 @@ def render(source: str, samples: list[tuple[str, list[int], list[int], str]], to
              f"<td class='n'>{share:.1%}</td></tr>",
              f"<tr><td>masked (system, user, tool turns, template text)</td><td class='n'>{tokens - trained:,}</td>"
              f"<td class='n'>{1 - share:.1%}</td></tr>",
-             f"<tr><td>all</td><td class='n'>{tokens:,}</td><td></td></tr></table>",
-             "<h2>Dropped samples</h2>"]
+             f"<tr><td>all</td><td class='n'>{tokens:,}</td><td></td></tr></table>"]
+    if role_tokens:
+        parts.append(f"<h2>Tokens per role in the {len(samples)} conversations below</h2><p>each message's "
+                     f"content tokenized alone (the template's own tokens not counted)</p>"
+                     "<table><tr><th>role</th><th>tokens</th></tr>")
+        parts += [f"<tr><td>{html.escape(role)}</td><td class='n'>{n:,}</td></tr>"
+                  for role, n in role_tokens.most_common()]
+        parts.append("</table>")
+    parts.append("<h2>Dropped samples</h2>")
     if drops:
         parts.append("<table><tr><th>reason</th><th>samples</th><th>lines</th></tr>")
         for reason, n in drops.most_common():

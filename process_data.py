@@ -869,7 +869,7 @@ def run(cfg: Config) -> Summary:
             for (lineno, _), row, row_sides in zip(summary.shown, shown, sides)
         ]
         if cfg.report is not None:
-            write_report(cfg, summary, shown, sides, pool, encoder, info)
+            write_report(cfg, summary, shown, sides, pool, encoder, kind, spec)
     finally:
         progress.close()
         if pool is not None:
@@ -880,9 +880,49 @@ def run(cfg: Config) -> Summary:
     return summary
 
 
-def write_report(cfg: Config, summary: Summary, shown: list[dict], sides: list[tuple], pool, encoder, info) -> None:
+class _NoProgress:
+    def update(self, n) -> None:
+        pass
+
+
+def shown_messages(cfg: Config, summary: Summary, kind: str, spec: InputSpec) -> list[list[tuple[str, str]]]:
+    """(role, content) of every message of the shown samples' input rows (one more pass over the input, for the
+    report only); pairs and raw text have no roles."""
+    wanted, found = {lineno for lineno, _ in summary.shown}, {}
+    for chunk in read_chunks(cfg.input_file, kind, spec, _NoProgress()):
+        for lineno, raw in chunk:
+            if lineno in wanted:
+                found[lineno] = raw
+    messages = []
+    for lineno, _ in summary.shown:
+        row = orjson.loads(found[lineno]) if lineno in found else None
+        turns = row.get("messages") or row.get("chosen") if isinstance(row, dict) else None
+        turns = turns if isinstance(turns, list) else []
+        messages.append([(str(m.get("role")), m["content"] if isinstance(m.get("content"), str) else "")
+                         for m in turns if isinstance(m, dict)])
+    return messages
+
+
+def role_tokens_in_worker(messages: list[tuple[str, str]]) -> Counter:
+    return role_tokens(_ENCODER.tokenizer, messages)
+
+
+def role_tokens(tokenizer, messages: list[tuple[str, str]]) -> Counter:
+    """Tokens of each role's message contents (as tokenized alone)."""
+    counts = Counter()
+    for role, content in messages:
+        counts[role] += len(tokenizer(content, add_special_tokens=False)["input_ids"]) if content else 0
+    return counts
+
+
+def write_report(cfg: Config, summary: Summary, shown: list[dict], sides: list[tuple], pool, encoder, kind: str,
+                 spec: InputSpec) -> None:
     """--report: the HTML page of mask_report.py, written atomically (the token texts come from a worker's
     tokenizer when the main process has none)."""
+    conversations = shown_messages(cfg, summary, kind, spec)
+    per_sample = (pool.map(role_tokens_in_worker, conversations) if pool is not None
+                  else [role_tokens(encoder.tokenizer, m) for m in conversations])
+    roles = sum(per_sample, Counter())
     args = [(row[side + "input_ids"], row[side + "labels"]) for row, row_sides in zip(shown, sides)
             for side in row_sides]
     spans = iter(pool.map(report_spans_in_worker, args) if pool is not None
@@ -891,7 +931,8 @@ def write_report(cfg: Config, summary: Summary, shown: list[dict], sides: list[t
                 row[side + "labels"], next(spans))
                for (lineno, _), row, row_sides in zip(summary.shown, shown, sides) for side in row_sides]
     page = mask_report.render(str(cfg.input_file), samples, summary.tokens, summary.trained, summary.drops,
-                              summary.drop_lines, summary.lengths, summary.written, summary.read, summary.format)
+                              summary.drop_lines, summary.lengths, summary.written, summary.read, summary.format,
+                              roles)
     atomic.write_text(cfg.report, page)
     summary.report_file = cfg.report
 

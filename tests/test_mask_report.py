@@ -24,6 +24,8 @@ def test_the_report_shows_trained_tokens_drops_with_lines_and_lengths(tmp_path, 
     assert "Why did the chicken cross the road?<|im_end|>" in trained and "Tell me a joke" not in trained
     assert '<span class="m s"' in page  # masked special tokens (the turn openers) are boxed
     assert "<svg" in page and "3 samples" not in page
+    roles = dict(re.findall(r"<tr><td>(system|user|assistant)</td><td class='n'>(\d+)</td></tr>", page))
+    assert set(roles) == {"system", "user", "assistant"} and int(roles["assistant"]) > 0  # the 2 shown samples
 
 
 def test_a_config_file_gives_the_flags_and_the_command_line_wins(tmp_path, tokenizer_dir):
