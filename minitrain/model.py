@@ -34,7 +34,7 @@ class PackedCausalLM(nn.Module):
                  chunk_rows: int = 1024):
         super().__init__()
         self.lm = lm
-        head = lm.get_output_embeddings()
+        head = linear_head(lm.get_output_embeddings())
         if not isinstance(head, nn.Linear):
             raise ModelError(f"model type {families.family(lm.config)!r} has no nn.Linear LM head "
                              f"(get_output_embeddings() is {type(head).__name__}); minitrain cannot train it")
@@ -58,7 +58,7 @@ class PackedCausalLM(nn.Module):
                          max_length_k=max_length)
         out = self.lm.base_model(input_ids=input_ids, position_ids=position_ids, use_cache=False, **extra)
         hidden = out.last_hidden_state[0]  # (T, H)
-        head = self.lm.get_output_embeddings()
+        head = linear_head(self.lm.get_output_embeddings())
         if positions.numel() == 0:
             # Dummy pack or nothing trained: still run the head on one position, times zero, so every parameter gets
             # a (zero) gradient and this rank issues the same FSDP collectives as the others.
@@ -88,6 +88,17 @@ class PackedCausalLM(nn.Module):
         total = self.router_aux_sum
         self.router_aux_sum = None
         return total if total is not None else torch.zeros((), device=self.lm.device)
+
+
+def linear_head(head: nn.Module) -> nn.Module:
+    """The nn.Linear that computes the logits: the head itself, or, when LoRA trains a copy of it
+    (--lora-modules-to-save lm_head: peft's ModulesToSaveWrapper), the active copy (the original with adapters off)."""
+    original = getattr(head, "original_module", None)
+    if isinstance(head, nn.Linear) or original is None:
+        return head
+    if getattr(head, "disable_adapters", False):
+        return original
+    return head.modules_to_save[head.active_adapters[0]]
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -105,3 +105,21 @@ def test_resuming_with_other_weights_is_refused_since_the_fingerprint_covers_the
     assert train.main(["--data-path", f"{a}:0.75", f"{b}:0.25", *args, "--max-steps", "3"]) == 2
     err = capsys.readouterr().err
     assert "cannot resume from" in err and "mixture 6/8, 6/4" in err and "mixture 9/8, 3/4" in err, err
+
+
+def test_a_mixture_resumed_mid_run_trains_what_the_uninterrupted_run_does(tmp_path, capsys, tiny_model_dir):
+    import train
+
+    a = write_data(tmp_path / "a.jsonl", 8, vocab=700, seed=1)
+    b = write_data(tmp_path / "b.jsonl", 4, vocab=700, seed=2)
+    base = ["--data-path", f"{a}:0.6", f"{b}:0.4", "--model-name-or-path", str(tiny_model_dir("llama")),
+            "--batch-size", "4", "--max-tokens-per-gpu", "256", "--learning-rate", "1e-3", "--save-dtype", "float32"]
+    assert train.main([*base, "--output-dir", str(tmp_path / "whole"), "--max-steps", "5"]) == 0
+    for steps in ("2", "5"):  # stopped after 2 steps, then the same command with the longer run: resumes
+        assert train.main([*base, "--output-dir", str(tmp_path / "cut"), "--max-steps", steps]) == 0
+    assert "resumed from" in capsys.readouterr().out
+    whole, cut = ([json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+                  for name in ("whole", "cut"))
+    assert [r["sample_lines"] for r in cut] == [r["sample_lines"] for r in whole]  # 5 steps cross into epoch 2
+    assert [r["loss"] for r in cut] == pytest.approx([r["loss"] for r in whole], rel=1e-6)
+    assert cut[-1]["samples_seen/b.jsonl"] == whole[-1]["samples_seen/b.jsonl"] > 0
