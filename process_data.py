@@ -839,18 +839,13 @@ def run(cfg: Config) -> Summary:
             why = f"e.g. line {first[0]}: {first[1]}: {first[2]}" if first else "only blank lines"
             raise RunError(f"{cfg.input_file}: no sample can be written ({why}); fix the data or the model path")
         tmp.close()
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp.name, 0o666 & ~umask)  # as any file the user writes (NamedTemporaryFile makes it private)
         # the template used goes beside the rows first, so rows never exist without the template they were made with
         sidecar = template_sidecar(cfg.output_file)
         if info.template:
-            with tempfile.NamedTemporaryFile("w", encoding="utf-8", dir=sidecar.parent, prefix=f".{sidecar.name}.", suffix=".tmp", delete=False) as f:
-                template_tmp = f.name
-                try:
-                    f.write(info.template)
-                except BaseException:
-                    f.close()
-                    os.unlink(template_tmp)
-                    raise
-            os.replace(template_tmp, sidecar)
+            atomic.write_text(sidecar, info.template)
         elif sidecar.exists():  # no template used: a stale one from an earlier run must not be taken for this one's
             sidecar.unlink()
         os.replace(tmp.name, cfg.output_file)

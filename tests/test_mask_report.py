@@ -1,6 +1,7 @@
 """process_data.py --report (the HTML mask report) and --config (a YAML/TOML file of its flags)."""
 
 import html
+import os
 import re
 
 from tests.test_process_data import CONVERSATIONS, cli, turns, write_lines
@@ -37,6 +38,9 @@ def test_a_config_file_gives_the_flags_and_the_command_line_wins(tmp_path, token
     code, stdout, stderr, out = cli(tmp_path, tokenizer_dir("chatml"), data, "--config", str(config))
     assert code == 0, stderr  # cli's own --output-file (given after the file's) wins
     assert out.exists() and not (tmp_path / "from_file.jsonl").exists()
+    umask = os.umask(0)
+    os.umask(umask)
+    assert out.stat().st_mode & 0o777 == 0o666 & ~umask  # an ordinary file, not a private temporary one
     config.write_text("max_sample_num_token: 10\n")
     code, stdout, stderr, out = cli(tmp_path, tokenizer_dir("chatml"), data, "--config", str(config))
     assert code == 2 and stderr.strip().endswith("unknown key 'max_sample_num_token'; did you mean "
