@@ -391,14 +391,21 @@ def align(real: str, literals: list[str], values: list[str]) -> list[tuple[int, 
     return found[0]
 
 
-def _aligned(real: str, marked: str, pieces: list[Piece]) -> tuple[list[str], list[int], list[tuple[int, int]]]:
-    """The sentinel render's literal pieces, its sentinel ids in order, and where each value lies in `real`."""
+def _sentinels(marked: str, pieces: list[Piece]) -> tuple[list[str], list[int]]:
+    """The sentinel render's literal pieces and its sentinel ids in order (MaskError if the template repeated or
+    altered a placeholder)."""
     parts = SENTINEL_RE.split(marked)  # literal, id, literal, id, ..., literal
     literals, ids = parts[0::2], [int(k) for k in parts[1::2]]
     if len(set(ids)) != len(ids):
         raise MaskError("the chat template renders a message more than once")
     if any(k >= len(pieces) for k in ids) or OPEN in "".join(literals) or CLOSE in "".join(literals):
         raise MaskError("the chat template altered a content placeholder")
+    return literals, ids
+
+
+def _aligned(real: str, marked: str, pieces: list[Piece]) -> tuple[list[str], list[int], list[tuple[int, int]]]:
+    """The sentinel render's literal pieces, its sentinel ids in order, and where each value lies in `real`."""
+    literals, ids = _sentinels(marked, pieces)
     return literals, ids, align(real, literals, [pieces[k].value for k in ids])
 
 
@@ -442,12 +449,7 @@ def sentinel_plan(
 ) -> SentinelPlan:
     """The trained spans of every assistant turn in the sentinel render `marked` (MaskError where they cannot be
     found consistently)."""
-    parts = SENTINEL_RE.split(marked)  # literal, id, literal, id, ..., literal
-    literals, ids = parts[0::2], [int(k) for k in parts[1::2]]
-    if len(set(ids)) != len(ids):
-        raise MaskError("the chat template renders a message more than once")
-    if any(k >= len(pieces) for k in ids) or OPEN in "".join(literals) or CLOSE in "".join(literals):
-        raise MaskError("the chat template altered a content placeholder")
+    literals, ids = _sentinels(marked, pieces)
 
     marked_at: dict[int, tuple[int, int]] = {}  # sentinel id -> (start, end) in `marked`
     pos = len(literals[0])

@@ -257,3 +257,16 @@ def parquet_rows(path: Path, progress, columns: list[str] | None, batch_rows: in
                 yield number, orjson.dumps(row)
             except orjson.JSONEncodeError as e:
                 raise RunError(f"{path}:{number}: a value has no JSON form ({e}); convert that column to text or numbers") from None
+
+
+def rows_of(lines, input_name: str, spec, chunk):
+    """(line number, raw bytes, "FILE:LINE", row) of each non-blank line of a worker's chunk, its format checked; blank lines
+    are counted in `chunk.blank`."""
+    for lineno, raw in lines:
+        where = f"{input_name}:{lineno}"
+        row = load_row(raw, where)
+        if row is None:
+            chunk.blank += 1
+            continue
+        check_format(row, where, spec)
+        yield lineno, raw, where, row

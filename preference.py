@@ -111,13 +111,7 @@ class PreferenceEncoder:
         from process_data import DROP_NO_TRAINED, DROP_TOO_LONG
 
         batches = {side: [] for side in SIDES}  # messages rows for the encoder, keyed by the real line number
-        for lineno, raw in lines:
-            where = f"{self.input_name}:{lineno}"
-            row = formats.load_row(raw, where)
-            if row is None:
-                chunk.blank += 1
-                continue
-            formats.check_format(row, where, self.spec)
+        for lineno, _, where, row in formats.rows_of(lines, self.input_name, self.spec, chunk):
             found = conversations(row, where)
             if isinstance(found[0], str):
                 chunk.drops.append((lineno, *found))

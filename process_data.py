@@ -479,13 +479,7 @@ class Encoder:
         texts, pending = [], []  # chat renders to batch-tokenize, and what to do with each
         raw_pairs = []  # (line number, raw pair text, its trained character spans)
         fmt = self.spec.fmt
-        for lineno, raw in lines:
-            where = f"{self.input_name}:{lineno}"
-            row = formats.load_row(raw, where)
-            if row is None:
-                chunk.blank += 1
-                continue
-            formats.check_format(row, where, self.spec)
+        for lineno, raw, where, row in formats.rows_of(lines, self.input_name, self.spec, chunk):
             if fmt.kind == "text":
                 text = formats.string_field(row, fmt.text, where, fmt)
                 if text:
