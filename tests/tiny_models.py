@@ -107,3 +107,46 @@ def build_tiny_model(arch: str, out_dir: Path, tokenizer_dir: Path | None = None
     if tokenizer is not None:
         tokenizer.save_pretrained(path)
     return path
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Encoder-decoder models (no seq2seq weights ship anywhere here: seeded random ones from a config)
+
+SEQ2SEQ = ("t5", "bart")
+
+
+def seq2seq_config(arch: str, vocab_size: int, pad_id: int, eos_id: int, bos_id: int | None = None):
+    """A tiny T5 (relative position bias, tied head scaled by d_model^-0.5) or BART (learned positions,
+    final_logits_bias), dropout off. Decoding starts from the pad token (T5) or EOS (BART), as their checkpoints do."""
+    if arch == "t5":
+        return T.T5Config(vocab_size=vocab_size, d_model=64, d_kv=16, d_ff=128, num_layers=2, num_decoder_layers=2,
+                          num_heads=4, dropout_rate=0.0, pad_token_id=pad_id, eos_token_id=eos_id,
+                          decoder_start_token_id=pad_id, tie_word_embeddings=True)
+    if arch == "bart":
+        return T.BartConfig(vocab_size=vocab_size, d_model=64, encoder_layers=2, decoder_layers=2,
+                            encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=128,
+                            decoder_ffn_dim=128, max_position_embeddings=512, dropout=0.0, attention_dropout=0.0,
+                            activation_dropout=0.0, pad_token_id=pad_id, eos_token_id=eos_id,
+                            bos_token_id=eos_id if bos_id is None else bos_id, decoder_start_token_id=eos_id,
+                            forced_eos_token_id=eos_id)
+    raise ValueError(f"unknown tiny seq2seq arch {arch!r}; use one of {SEQ2SEQ}")
+
+
+def build_tiny_seq2seq(arch: str, out_dir: Path, tokenizer_dir: Path) -> Path:
+    """Save a seeded random encoder-decoder `arch` (vocab = the tokenizer's, tokenizer included) to out_dir/arch.
+    BART's final_logits_bias is made non-zero, so a loss that forgets it is caught."""
+    from transformers import AutoModelForSeq2SeqLM
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    eos = tokenizer.eos_token_id
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+    torch.manual_seed(0)
+    config = seq2seq_config(arch, len(tokenizer), pad, eos, tokenizer.bos_token_id)
+    model = AutoModelForSeq2SeqLM.from_config(config, dtype=torch.float32)
+    if arch == "bart":
+        with torch.no_grad():
+            model.final_logits_bias.normal_(0.0, 1.0)
+    path = Path(out_dir) / arch
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
