@@ -19,6 +19,13 @@ fullest / emptiest bin and the others. The first M that fits wins; the same loca
 out the loads. The bins are sorted by load and dealt to micro-steps in groups of world_size, so each
 micro-step's packs have similar loads.
 
+Encoder-decoder samples cannot be packed into one row (an encoder attends over its whole input), so their
+micro-batches are padded: `lengths` is then (n, 2), each sample's (source, target) tokens, and a micro-batch of B
+samples costs B * (longest source + longest target), its padded size. Packing one such step: the samples sorted
+longest first (source + target), each micro-batch filled greedily while its padded size fits, so a micro-batch
+holds samples of similar lengths and little padding; consecutive micro-batches (similar sizes) are dealt to the
+ranks of one micro-step.
+
 The plan is a pure function of (lengths, batch_size, max_tokens_per_rank, world_size, seed, step):
 every rank computes it independently, and resuming at step k is `plan(k)`, with nothing replayed.
 """
@@ -303,10 +310,32 @@ def _split(values: np.ndarray, offsets: np.ndarray, num_ranks: int) -> list[list
     ]
 
 
+def _pack_step_padded(lengths: np.ndarray, num_ranks: int, cap: int) -> tuple[np.ndarray, np.ndarray]:
+    """_pack_step for (n, 2) (source, target) lengths and padded micro-batches (see the module doc)."""
+    order = np.argsort(-lengths.sum(axis=1), kind="mergesort")  # stable: ties keep shuffled order
+    bins, current, longest = [], [], np.zeros(2, np.int64)
+    for i in order.tolist():
+        grown = np.maximum(longest, lengths[i])
+        if current and (len(current) + 1) * int(grown.sum()) > cap:
+            bins.append(current)
+            current, grown = [], lengths[i].copy()
+        current.append(i)
+        longest = grown
+    bins.append(current)
+    bins += [[] for _ in range(-len(bins) % num_ranks)]  # every rank gets a pack in every micro-step
+    offsets = np.cumsum([0, *map(len, bins)]).astype(np.int64)
+    return np.asarray([i for b in bins for i in sorted(b)], dtype=np.int64), offsets
+
+
+def plan_packs(lengths: np.ndarray, num_ranks: int, cap: int) -> tuple[np.ndarray, np.ndarray]:
+    """(positions, offsets) of one step's packs: padded micro-batches for (n, 2) lengths, packed rows for (n,)."""
+    lengths = np.ascontiguousarray(lengths, dtype=np.int64)
+    return (_pack_step_padded if lengths.ndim == 2 else _pack_step)(lengths, num_ranks, cap)
+
+
 def pack_step(lengths: np.ndarray, num_ranks: int, cap: int) -> list[list[np.ndarray]]:
-    """[micro_step][rank] -> positions into `lengths` (int64). Every length must be in 1..cap."""
-    positions, offsets = _pack_step(np.ascontiguousarray(lengths, dtype=np.int64), num_ranks, cap)
-    return _split(positions, offsets, num_ranks)
+    """[micro_step][rank] -> positions into `lengths` (int64). Every length (or source + target) must fit in cap."""
+    return _split(*plan_packs(lengths, num_ranks, cap), num_ranks)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -315,8 +344,8 @@ def pack_step(lengths: np.ndarray, num_ranks: int, cap: int) -> list[list[np.nda
 def _validate(lengths: np.ndarray, batch_size, max_tokens_per_rank, world_size, seed) -> None:
     """Collect every problem with the planner's inputs and raise them together."""
     problems = []
-    if lengths.ndim != 1:
-        problems.append(f"sample lengths must be a 1-D array, got shape {lengths.shape}")
+    if not (lengths.ndim == 1 or (lengths.ndim == 2 and lengths.shape[1] == 2)):
+        problems.append(f"sample lengths must be a 1-D array (or (n, 2) for source-target), got shape {lengths.shape}")
     elif lengths.size == 0:
         problems.append("the dataset is empty (no samples to train on); check the output of process_data.py")
     elif not np.issubdtype(lengths.dtype, np.integer):
@@ -336,6 +365,8 @@ def _validate(lengths: np.ndarray, batch_size, max_tokens_per_rank, world_size, 
     empty = int(np.count_nonzero(lengths < 1))
     if empty:
         raise SamplerError(f"{empty} samples have fewer than 1 token; re-run process_data.py")
+    if lengths.ndim == 2:  # a source-target sample alone costs its source + its target
+        lengths = lengths.sum(axis=1)
     too_long = lengths > max_tokens_per_rank
     if too_long.any():
         raise SamplerError(
@@ -379,7 +410,7 @@ class MultipackPlanner:
         epoch, step_in_epoch = divmod(int(step), self.steps_per_epoch)
         start = step_in_epoch * self.batch_size
         indices = self.epoch_permutation(epoch)[start : start + self.batch_size]
-        positions, offsets = _pack_step(self.lengths[indices], self.world_size, self.max_tokens_per_rank)
+        positions, offsets = plan_packs(self.lengths[indices], self.world_size, self.max_tokens_per_rank)
         return StepPlan(
             step=int(step),
             epoch=epoch,

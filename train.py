@@ -1,4 +1,5 @@
-"""Stage 2: fine-tune a Hugging Face causal LM on process_data.py's output with FSDP2 on torchrun.
+"""Stage 2: fine-tune a Hugging Face causal LM (or an encoder-decoder: T5, BART, ...) on process_data.py's output
+with FSDP2 on torchrun.
 
     torchrun --nproc-per-node 8 train.py --data-path data.jsonl --model-name-or-path MODEL --output-dir out \
         --batch-size 128 --max-tokens-per-gpu 16384 --max-epochs 3
@@ -485,7 +486,10 @@ def setup(config: TrainConfig, world: World) -> Run:
     torch.manual_seed(config.seed)
 
     # Data: with --validation-split the planner sees only the training samples, numbered 0..n-1.
-    objective = build_objective(config)
+    if hf_config.is_encoder_decoder and config.use_liger_kernels:
+        raise ConfigError(f"--use-liger-kernels: Liger has no kernels for encoder-decoder models "
+                          f"({hf_config.model_type}); drop the flag")
+    objective = build_objective(config, hf_config)  # an encoder-decoder trains on padded source-target batches
     sources = parse_sources(config.data_path)
     template = chat_template_of(sources)
     if template is not None:  # the template the data was rendered with goes into every export's tokenizer
@@ -614,6 +618,7 @@ def loop(run: Run, stop: StopSignals) -> None:
             **dict(zip(run.objective.metrics, metrics)),  # the objective's, e.g. DPO's rewards/chosen
             "micro_steps": plan.num_micro_steps,
             "packing_utilisation": step_tokens / (plan.num_micro_steps * world.world_size * config.max_tokens_per_gpu),
+            **padding_record(cache, plan.micro_batches, step_tokens),
             "tokens_per_s": step_tokens / seconds,
             "peak_memory_gb": peak_memory_gb(world.device),
             "step_time_s": seconds,
@@ -665,6 +670,14 @@ def sample_lines(cache: TokenCache, indices: np.ndarray) -> list:
     if cache.sources is None:
         return sorted(lines)
     return sorted([int(s), line] for s, line in zip(cache.sources[indices], lines))
+
+
+def padding_record(cache: TokenCache, micro_batches: list[list[np.ndarray]], step_tokens: int) -> dict:
+    """Encoder-decoder steps train on padded micro-batches: their padded tokens, and the fraction that is padding."""
+    if not cache.seq2seq:
+        return {}
+    padded = sum(cache.padded_tokens(indices) for micro in micro_batches for indices in micro)
+    return {"padded_tokens": padded, "padding": 1 - step_tokens / padded}
 
 
 def source_metrics(run: Run, indices: np.ndarray, ce_sums: list[float]) -> dict:

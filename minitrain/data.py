@@ -13,6 +13,12 @@ Preference data (process_data.py --input-format preference: chosen_input_ids/cho
 rejected_labels rows) gives a cache of PAIRS: sample i is the pair's chosen sequence followed by its rejected one,
 `chosen_lengths[i]` tokens of chosen, so a pair's length is the planner's cost of both sequences and a pair can never
 be split across micro-steps or ranks. The shift stays inside each sequence (objectives.make_pair_pack).
+
+Encoder-decoder data (process_data.py with a T5/BART model: rows with `target_len`, input_ids = the source, labels =
+the target) gives a cache of SOURCE-TARGET samples: sample i is its source (`source_lengths[i]` tokens, labels
+IGNORE) followed by its target (labels = the target ids, every one trained, no shift: the decoder's input is the
+target shifted right, built per micro-batch in make_seq2seq_pack). Micro-batches are padded, not packed: an encoder's
+attention cannot be split into samples through position ids.
 """
 
 import hashlib
@@ -47,11 +53,25 @@ class TokenCache:
     content_hash: str  # blake2b of input_ids and labels: the tokens themselves, for the resume check
     sources: np.ndarray | None = None  # (num_samples,) which --data-path file each sample is from (mixtures)
     chosen_lengths: np.ndarray | None = None  # (num_pairs,) int64 for a cache of preference pairs, else None
+    source_lengths: np.ndarray | None = None  # (num_samples,) int64 for a cache of source-target samples, else None
     directory: Path | None = None  # where the cache lives (files keyed to it, e.g. reference log-probs, go here)
 
     @property
     def pairs(self) -> bool:
         return self.chosen_lengths is not None
+
+    @property
+    def seq2seq(self) -> bool:
+        return self.source_lengths is not None
+
+    def padded_tokens(self, indices: np.ndarray) -> int:
+        """What a micro-batch of these source-target samples costs, padded: samples x (longest source + longest
+        target); for packed rows, their tokens."""
+        indices = np.asarray(indices, dtype=np.int64)
+        if len(indices) == 0 or not self.seq2seq:
+            return int(self.lengths[indices].sum())
+        sources = self.source_lengths[indices]
+        return len(indices) * int(sources.max() + (self.lengths[indices] - sources).max())
 
     @property
     def lengths(self) -> np.ndarray:
@@ -65,6 +85,13 @@ def cache_dir_for(data_path: Path, cache_root: Path) -> Path:
     """The cache folder for this exact data file: a changed file (size or mtime) gets a fresh cache."""
     stat = data_path.stat()
     return cache_root / f"{data_path.name}-{stat.st_size}-{stat.st_mtime_ns}-v{CACHE_VERSION}"
+
+
+ROW_KINDS = {"samples": "samples", "pairs": "preference pairs", "seq2seq": "encoder-decoder (source-target) samples"}
+
+
+def row_kind_of(row: dict) -> str:
+    return "pairs" if "chosen_input_ids" in row else "seq2seq" if "target_len" in row else "samples"
 
 
 PAIR_KEYS = ("chosen_input_ids", "chosen_labels", "rejected_input_ids", "rejected_labels")
@@ -93,6 +120,26 @@ def parse_pair_row(row: dict, where: str) -> tuple[np.ndarray, np.ndarray, np.nd
             raise DataError(f"{where}: preference row has no {key!r} field; {fix}")
     sides = [parse_sequence(row, where, prefix) for prefix in ("chosen_", "rejected_")]
     return (*sides[0], *sides[1])
+
+
+def parse_seq2seq_row(row: dict, where: str) -> tuple[np.ndarray, np.ndarray]:
+    """One encoder-decoder row -> (source ids, target ids) as int32 arrays; every target token is trained."""
+    fix = "re-run process_data.py with the encoder-decoder model"
+    arrays = []
+    for key in ("input_ids", "labels"):
+        values = row.get(key)
+        if not (isinstance(values, list) and values and set(map(type, values)) == {int}):
+            raise DataError(f"{where}: {key!r} must be a non-empty list of integers (flat, no booleans); {fix}")
+        ids = np.array(values, dtype=np.int64) if max(map(abs, values)) < 2**62 else None
+        if ids is None or ids.min() < 0 or ids.max() >= 2**31:
+            what = "every target token is trained, so labels hold no -100" if key == "labels" else "ids"
+            raise DataError(f"{where}: {key!r} must be token ids in [0, 2^31) ({what}); {fix}")
+        arrays.append(ids.astype(np.int32))
+    source, target = arrays
+    for key, array in (("len", source), ("target_len", target)):
+        if key in row and row[key] != len(array):
+            raise DataError(f"{where}: {key!r} is {row[key]} but there are {len(array)} tokens; {fix}")
+    return source, target
 
 
 def parse_sequence(row: dict, where: str, prefix: str = "") -> tuple[np.ndarray, np.ndarray]:
@@ -134,8 +181,8 @@ def parse_sequence(row: dict, where: str, prefix: str = "") -> tuple[np.ndarray,
 def build_token_cache(data_path: Path, cache_dir: Path) -> None:
     """Stream the JSONL once into flat binary files in a temporary folder, then rename it into place (atomic.py):
     a crash leaves only a hidden `.*.tmp-*` folder behind, never a cache that looks complete."""
-    offsets, trained, lines, skipped, chosen_lengths = [0], [], [], [], []
-    pairs = None  # the first row decides: a file of preference pairs or of samples
+    offsets, trained, lines, skipped, chosen_lengths, source_lengths = [0], [], [], [], [], []
+    kind, pairs = None, False  # the first row decides: a file of preference pairs, of source-target samples or of samples
     max_token_id = -1
     ids_hash, labels_hash = hashlib.blake2b(digest_size=16), hashlib.blake2b(digest_size=16)
     # replace=False: if another node's writer got there first (shared filesystem), its identical cache is kept.
@@ -148,9 +195,19 @@ def build_token_cache(data_path: Path, cache_dir: Path) -> None:
                     continue
                 where = f"{data_path}:{line_no}"
                 row = load_json_row(raw, where)
-                if pairs is None:
-                    pairs = "chosen_input_ids" in row
-                if pairs:
+                row_kind = row_kind_of(row)
+                if kind is None:
+                    kind, pairs = row_kind, row_kind == "pairs"
+                if row_kind != kind:
+                    raise DataError(f"{where}: a row of {ROW_KINDS[row_kind]} in a file of {ROW_KINDS[kind]} (line 1 "
+                                    f"is one); one kind of row per file")
+                if kind == "seq2seq":
+                    source, target = parse_seq2seq_row(row, where)
+                    input_ids = np.concatenate([source, target])
+                    labels = np.concatenate([np.full(len(source), IGNORE, dtype=np.int32), target])
+                    n_trained = len(target)
+                    source_lengths.append(len(source))
+                elif pairs:
                     chosen_ids, chosen_labels, rejected_ids, rejected_labels = parse_pair_row(row, where)
                     input_ids = np.concatenate([chosen_ids, rejected_ids])
                     labels = np.concatenate([chosen_labels, rejected_labels])
@@ -158,9 +215,6 @@ def build_token_cache(data_path: Path, cache_dir: Path) -> None:
                     sides = [int((lab[1:] != IGNORE).sum()) for lab in (chosen_labels, rejected_labels)]
                     n_trained = sum(sides) if min(sides) > 0 else 0
                 else:
-                    if "chosen_input_ids" in row:
-                        raise DataError(f"{where}: a preference row in a file of samples (line 1 is not one); "
-                                        f"one kind of row per file")
                     input_ids, labels = parse_sequence(row, where)
                     n_trained = int((labels[1:] != IGNORE).sum())  # after the shift, labels[0] is never predicted
                 if n_trained == 0:
@@ -185,13 +239,18 @@ def build_token_cache(data_path: Path, cache_dir: Path) -> None:
         np.save(tmp / "lines.npy", np.asarray(lines, dtype=np.int64))
         if pairs:
             np.save(tmp / "chosen_lengths.npy", np.asarray(chosen_lengths, dtype=np.int64))
+        if kind == "seq2seq":
+            np.save(tmp / "source_lengths.npy", np.asarray(source_lengths, dtype=np.int64))
         # The sample boundaries are in offsets; these two hashes pin down the tokens and labels within them.
         content_hash = hashlib.blake2b(ids_hash.digest() + labels_hash.digest(), digest_size=16)
         if pairs:  # where each pair's chosen side ends is part of the content too
             content_hash.update(np.asarray(chosen_lengths, dtype=np.int64).tobytes())
+        if kind == "seq2seq":  # and where each sample's source ends
+            content_hash.update(np.asarray(source_lengths, dtype=np.int64).tobytes())
         content_hash = content_hash.hexdigest()
         meta = {"source": str(data_path), "max_token_id": max_token_id, "skipped_lines": skipped,
-                "content_hash": content_hash, "pairs": bool(pairs)}
+                "content_hash": content_hash, "pairs": bool(pairs),
+                "seq2seq": kind == "seq2seq"}
         (tmp / "meta.json").write_text(json.dumps(meta))
 
 
@@ -209,6 +268,7 @@ def open_token_cache(cache_dir: Path) -> TokenCache:
         skipped_lines=tuple(meta["skipped_lines"]),
         content_hash=meta["content_hash"],
         chosen_lengths=np.load(cache_dir / "chosen_lengths.npy") if meta.get("pairs") else None,
+        source_lengths=np.load(cache_dir / "source_lengths.npy") if meta.get("seq2seq") else None,
         directory=cache_dir,
     )
 
@@ -307,4 +367,65 @@ def make_pack(cache: TokenCache, indices: np.ndarray) -> Pack:
         sample_of_target=sample_of_position[positions],
         cu_seq_lens=torch.from_numpy(np.cumsum([0, *sizes]).astype(np.int32)),
         max_length=max(sizes),
+    )
+
+
+@dataclass(frozen=True)
+class Seq2SeqPack:
+    """One rank's micro-batch of source-target samples, padded: sources on the right to the longest source, targets
+    to the longest target. The decoder reads the target shifted right (the decoder start token first), so decoder
+    position t predicts target token t."""
+
+    input_ids: torch.Tensor  # (B, S) long, sources, pad after each
+    attention_mask: torch.Tensor  # (B, S) long, 1 on source tokens
+    decoder_input_ids: torch.Tensor  # (B, T) long, decoder start token + target[:-1], pad after
+    decoder_attention_mask: torch.Tensor  # (B, T) long, 1 on real decoder inputs
+    positions: torch.Tensor  # (N,) long, flat indices into (B * T) of the trained target tokens
+    targets: torch.Tensor  # (N,) long, the target token at each of those positions
+    num_tokens: int  # real tokens, sources and targets (0 for a dummy pack)
+    padded_tokens: int  # B * (S + T): what the micro-batch costs
+    sample_of_target: np.ndarray  # (N,) int64, which of the pack's samples each target belongs to
+
+    def to(self, device: torch.device) -> "Seq2SeqPack":
+        def move(t: torch.Tensor) -> torch.Tensor:
+            return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t.to(device)
+
+        tensors = (self.input_ids, self.attention_mask, self.decoder_input_ids, self.decoder_attention_mask,
+                   self.positions, self.targets)
+        return Seq2SeqPack(*map(move, tensors), self.num_tokens, self.padded_tokens, self.sample_of_target)
+
+
+def make_seq2seq_pack(cache: TokenCache, indices: np.ndarray, pad_id: int, decoder_start_id: int) -> Seq2SeqPack:
+    """The source-target samples `indices` as one padded micro-batch; an empty `indices` gives a dummy (one pad token
+    on each side, no target) that still runs a forward/backward, so every rank issues the same FSDP collectives."""
+    indices = np.asarray(indices, dtype=np.int64)
+    if len(indices) == 0:
+        one, empty = torch.full((1, 1), pad_id, dtype=torch.long), torch.zeros(0, dtype=torch.long)
+        ones = torch.ones((1, 1), dtype=torch.long)
+        return Seq2SeqPack(one, ones, one.clone(), ones.clone(), empty, empty.clone(), 0, 0, np.zeros(0, np.int64))
+    starts, sources = cache.offsets[indices], cache.source_lengths[indices]
+    targets_len = cache.offsets[indices + 1] - starts - sources
+    batch, s_max, t_max = len(indices), int(sources.max()), int(targets_len.max())
+    ids = np.full((batch, s_max), pad_id, dtype=np.int64)
+    decoder_ids = np.full((batch, t_max), pad_id, dtype=np.int64)
+    trained = np.zeros((batch, t_max), dtype=bool)
+    target = np.zeros((batch, t_max), dtype=np.int64)
+    for row, (start, n_source, n_target) in enumerate(zip(starts.tolist(), sources.tolist(), targets_len.tolist())):
+        ids[row, :n_source] = cache.input_ids[start : start + n_source]
+        tokens = cache.labels[start + n_source : start + n_source + n_target]
+        target[row, :n_target] = tokens
+        trained[row, :n_target] = True
+        decoder_ids[row, 0] = decoder_start_id
+        decoder_ids[row, 1:n_target] = tokens[:-1]
+    flat = np.flatnonzero(trained)
+    return Seq2SeqPack(
+        input_ids=torch.from_numpy(ids),
+        attention_mask=torch.from_numpy((np.arange(s_max) < sources[:, None]).astype(np.int64)),
+        decoder_input_ids=torch.from_numpy(decoder_ids),
+        decoder_attention_mask=torch.from_numpy(trained.astype(np.int64)),
+        positions=torch.from_numpy(flat),
+        targets=torch.from_numpy(target.reshape(-1)[flat]),
+        num_tokens=int(sources.sum() + targets_len.sum()),
+        padded_tokens=batch * (s_max + t_max),
+        sample_of_target=flat // t_max,
     )

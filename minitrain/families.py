@@ -130,14 +130,28 @@ def router_aux_loss(lm: nn.Module) -> RouterAuxLoss | None:
 BLOCK_LAYOUTS = ("layers", "h", "decoder.layers", "blocks")
 
 
-def decoder_blocks(lm: nn.Module) -> nn.ModuleList:
-    """The transformer blocks FSDP shards one by one (and activation checkpointing wraps)."""
+# Encoder-decoders: relative to their encoder and decoder stacks, T5 `block`, BART/mBART/Pegasus/Marian `layers`.
+STACK_LAYOUTS = ("block", "layers")
+
+
+def decoder_blocks(lm: nn.Module) -> list[nn.Module]:
+    """The transformer blocks FSDP shards one by one (and activation checkpointing wraps); for an encoder-decoder,
+    the encoder's blocks and then the decoder's."""
+    if getattr(lm.config, "is_encoder_decoder", False):
+        stacks = [lm.get_encoder(), lm.get_decoder()]
+        found = [next((getattr(s, n) for n in STACK_LAYOUTS if isinstance(getattr(s, n, None), nn.ModuleList)), None)
+                 for s in stacks]
+        if any(f is None or len(f) == 0 for f in found) or any(s is lm for s in stacks):
+            raise ModelError(f"model type {family(lm.config)!r} keeps its encoder or decoder blocks in none of the "
+                             f"layouts minitrain knows (encoder/decoder .{', .'.join(STACK_LAYOUTS)}); train another "
+                             f"family or add its layout to minitrain/families.py")
+        return [*found[0], *found[1]]
     for path in BLOCK_LAYOUTS:
         found = lm.base_model
         for name in path.split("."):
             found = getattr(found, name, None)
         if isinstance(found, nn.ModuleList) and len(found) > 0:
-            return found
+            return list(found)
     prefix = lm.base_model_prefix or "model"
     raise ModelError(
         f"model type {family(lm.config)!r} keeps its blocks in none of the layouts minitrain knows "
@@ -160,6 +174,8 @@ def attention_implementation(model_class: type, device: torch.device, asked: str
 
     if asked != "auto":
         return asked
+    if getattr(hf_config, "is_encoder_decoder", False):  # padded micro-batches with attention masks
+        return "sdpa" if getattr(model_class, "_supports_sdpa", False) else "eager"
     cuda = device.type == "cuda"
     if cuda and getattr(model_class, "_supports_flash_attn", False):
         for name, package in (("flash_attention_3", "flash_attn_interface"), ("flash_attention_2", "flash_attn")):
@@ -175,13 +191,25 @@ def attention_implementation(model_class: type, device: torch.device, asked: str
 
 
 def causal_lm_class(hf_config) -> type:
-    from transformers import MODEL_FOR_CAUSAL_LM_MAPPING
+    """The model's class: its causal LM, or for an encoder-decoder (T5, BART, ...) its seq2seq LM."""
+    from transformers import MODEL_FOR_CAUSAL_LM_MAPPING, MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING
 
-    model_class = MODEL_FOR_CAUSAL_LM_MAPPING.get(type(hf_config), None)
+    seq2seq = getattr(hf_config, "is_encoder_decoder", False)
+    mapping = MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING if seq2seq else MODEL_FOR_CAUSAL_LM_MAPPING
+    model_class = mapping.get(type(hf_config), None)
     if model_class is None:
-        raise ModelError(f"model type {family(hf_config)!r} has no causal-LM class in transformers; "
-                         f"minitrain trains causal LMs only")
+        kind = "sequence-to-sequence LM" if seq2seq else "causal-LM"
+        raise ModelError(f"model type {family(hf_config)!r} has no {kind} class in transformers; minitrain trains "
+                         f"causal LMs and encoder-decoder text-to-text models")
     return model_class
+
+
+def auto_class(hf_config) -> type:
+    """AutoModelForSeq2SeqLM for an encoder-decoder, AutoModelForCausalLM otherwise."""
+    import transformers
+
+    seq2seq = getattr(hf_config, "is_encoder_decoder", False)
+    return transformers.AutoModelForSeq2SeqLM if seq2seq else transformers.AutoModelForCausalLM
 
 
 # Everything Liger's model patches can replace, minus the losses (the trainer computes its own, see loss.py).

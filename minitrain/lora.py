@@ -21,7 +21,8 @@ covers everything here under FSDP2, so there is no LoRA layer of our own:
                  folder)` loads it, and so do the servers that read PEFT's format
       the merged model (config.json, model.safetensors): the base reloaded from --model-name-or-path, the
                  adapters set into it with set_peft_model_state_dict and folded in with merge_and_unload in fp32,
-                 then cast to --save-dtype; `AutoModelForCausalLM.from_pretrained(samples_<N>)` loads it
+                 then cast to --save-dtype; `AutoModelForCausalLM.from_pretrained(samples_<N>)` (or
+                 AutoModelForSeq2SeqLM for T5, BART, ...) loads it
       plus the tokenizer and the run's flags, as for full fine-tuning.
 
 Only --lora-init values that leave the base weights untouched are offered (PiSSA, OLoRA, ... rewrite them, and the
@@ -36,7 +37,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from minitrain import atomic
+from minitrain import atomic, families
 from minitrain.distributed import World
 from minitrain.model import FullFineTuning, ModelError, decoder_blocks
 
@@ -62,13 +63,15 @@ def listed(names: list[str] | None) -> list[str]:
 
 def lora_config(config):
     from peft import LoraConfig
+    from transformers import AutoConfig
 
+    seq2seq = getattr(AutoConfig.from_pretrained(config.model_name_or_path), "is_encoder_decoder", False)
     targets = listed(config.lora_target_modules) or [ALL_LINEAR]
     return LoraConfig(
         r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
         target_modules=ALL_LINEAR if targets == [ALL_LINEAR] else targets,
         modules_to_save=listed(config.lora_modules_to_save) or None,
-        init_lora_weights=INITS[config.lora_init], task_type="CAUSAL_LM",
+        init_lora_weights=INITS[config.lora_init], task_type="SEQ_2_SEQ_LM" if seq2seq else "CAUSAL_LM",
         base_model_name_or_path=str(config.model_name_or_path),
     )
 
@@ -153,14 +156,16 @@ class LoRA:
     def peft_twin(self, device: str):
         """A PeftModel with this run's LoRA layout on `device`: "meta" (no memory: a writer of adapter folders) or
         "cpu" (the base weights loaded from --model-name-or-path, fp32)."""
-        from transformers import AutoConfig, AutoModelForCausalLM
+        from transformers import AutoConfig
 
         path = self.config.model_name_or_path
+        hf_config = AutoConfig.from_pretrained(path)
+        auto = families.auto_class(hf_config)
         if device == "meta":
             with torch.device("meta"):
-                base = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path), dtype=torch.float32)
+                base = auto.from_config(hf_config, dtype=torch.float32)
         else:
-            base = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+            base = auto.from_pretrained(path, dtype=torch.float32)
         return inject(base, self.peft_config, self.config.seed)
 
     def write_adapter_folder(self, state: dict, dtype: torch.dtype, folder: Path) -> None:
@@ -218,10 +223,11 @@ def flag_problems(config, cuda: bool, model_ok: bool) -> list[str]:
 def module_problems(config) -> list[str]:
     """Unknown --lora-target-modules / --lora-modules-to-save names, and whatever else peft refuses, on a meta-device
     copy of the model (the same module tree training builds)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
 
+    hf_config = AutoConfig.from_pretrained(config.model_name_or_path)
     with torch.device("meta"):
-        lm = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(config.model_name_or_path))
+        lm = families.auto_class(hf_config).from_config(hf_config)
     names = [name for name, _ in lm.named_modules()]
     matches = lambda key: [n for n in names if n == key or n.endswith("." + key)]  # noqa: E731  (peft's rule)
     problems = []

@@ -19,9 +19,11 @@ import torch.distributed as dist
 from torch import nn
 
 from minitrain import attention, families
+from minitrain import seq2seq as seq2seq_model
 from minitrain.distributed import World, print0, raise_if_any_rank_failed
 from minitrain.families import ModelError, decoder_blocks  # train.py catches ModelError imported from here
 from minitrain.loss import HeadCrossEntropy
+from minitrain.seq2seq import Seq2SeqLM
 
 SHARDING_STRATEGIES = ("FULL_SHARD", "SHARD_GRAD_OP", "NO_SHARD", "HYBRID_SHARD")
 
@@ -200,24 +202,27 @@ def available_host_memory() -> int:
 def build_model(config, world: World, adapter: FullFineTuning | None = None) -> PackedCausalLM:
     """The training model for `config` (model_name_or_path, use_liger_kernels, activation_checkpointing,
     fsdp_sharding_strategy): FSDP2-sharded on every rank under torchrun, a plain module in one process."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
 
     adapter = adapter or FullFineTuning()
     hf_config = AutoConfig.from_pretrained(config.model_name_or_path)
     model_class = families.causal_lm_class(hf_config)
     attn = families.attention_implementation(model_class, world.device, config.attn_implementation, hf_config)
+    auto = families.auto_class(hf_config)  # AutoModelForCausalLM, or AutoModelForSeq2SeqLM for T5, BART, ...
+    seq2seq = hf_config.is_encoder_decoder
+    if seq2seq and attn in attention.WITH_BOUNDARIES:
+        raise ModelError(f"--attn-implementation {attn} isolates packed rows; encoder-decoder micro-batches are padded "
+                         f"with attention masks: use --attn-implementation auto (sdpa), eager or flash_attention_2")
 
     def load():
-        return AutoModelForCausalLM.from_pretrained(
-            config.model_name_or_path, dtype=torch.float32, attn_implementation=attn
-        )
+        return auto.from_pretrained(config.model_name_or_path, dtype=torch.float32, attn_implementation=attn)
 
     if world.world_size == 1:
         lm = load().to(world.device)
     else:
         # Only rank 0 ever holds the full model, on CPU; the others allocate nothing until sharding.
         with torch.device("meta"):
-            lm = AutoModelForCausalLM.from_config(hf_config, dtype=torch.float32, attn_implementation=attn)
+            lm = auto.from_config(hf_config, dtype=torch.float32, attn_implementation=attn)
     if config.use_liger_kernels and world.device.type == "cuda":
         apply_liger_model_kernels(lm)
     lm = adapter.apply(lm)
@@ -232,7 +237,7 @@ def build_model(config, world: World, adapter: FullFineTuning | None = None) -> 
     if config.compile:
         for block in blocks:
             block.compile(dynamic=True)  # each block's forward (dynamic: packs change length every micro-step)
-    model = PackedCausalLM(lm, adapter, config.use_liger_kernels)
+    model = Seq2SeqLM(lm, adapter) if seq2seq else PackedCausalLM(lm, adapter, config.use_liger_kernels)
     if world.world_size > 1:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
@@ -259,15 +264,19 @@ def build_model(config, world: World, adapter: FullFineTuning | None = None) -> 
         del full
     error = None
     try:  # refuses a loss that is not the model's own, or packed samples that are not isolated, in one line
-        probe = families.check_loss_is_the_models_own(model, world.device, attn)
+        if seq2seq:
+            probe = seq2seq_model.check_loss_is_the_models_own(model, world.device)
+        else:
+            probe = families.check_loss_is_the_models_own(model, world.device, attn)
     except ModelError as e:
         error = e
     if world.world_size > 1:
         raise_if_any_rank_failed(error, ModelError)  # every rank stops together, each with the same line
     elif error is not None:
         raise error
+    packing = "" if seq2seq else f", packed vs per-sample {probe.packing_error:.1e}"
     print0(f"start-up probe ({families.family(hf_config)}, {attn}): trainer loss {probe.trainer_loss:.6f}, the model's "
-           f"own {probe.own_loss:.6f}, packed vs per-sample {probe.packing_error:.1e}")
+           f"own {probe.own_loss:.6f}{packing}")
     model.train()
     return model
 

@@ -43,7 +43,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from minitrain.data import IGNORE, DataError, Pack, TokenCache, make_pack
+from minitrain.data import IGNORE, DataError, Pack, Seq2SeqPack, TokenCache, make_pack, make_seq2seq_pack
 
 OBJECTIVES = ("sft", "dpo", "simpo")
 LOSS_REDUCTIONS = ("tokens", "sequences")
@@ -68,6 +68,10 @@ class SFT:
         if cache.pairs:
             raise DataError(f"{path}: holds preference pairs, which --objective sft cannot train; pass "
                             f"--objective dpo or simpo, or a file of samples from process_data.py")
+        if cache.seq2seq:
+            raise DataError(f"{path}: holds encoder-decoder (source-target) samples, and the model is a causal LM; "
+                            f"train them with the encoder-decoder model they were made for, or re-run "
+                            f"process_data.py with this model")
 
     def costs(self, cache: TokenCache) -> np.ndarray:
         return cache.lengths
@@ -80,14 +84,45 @@ class SFT:
     def pack(self, cache: TokenCache, indices: np.ndarray) -> Pack:
         return make_pack(cache, indices)
 
+    def weights(self, pack, cache: TokenCache, indices: np.ndarray) -> torch.Tensor | None:
+        """--loss-reduction sequences: each target weighs 1 / (trained tokens of its sample); tokens: None."""
+        if self.reduction != "sequences":
+            return None
+        per_sample = 1.0 / cache.trained[np.asarray(indices, dtype=np.int64)]
+        return torch.from_numpy(per_sample[pack.sample_of_target]).float().to(pack.targets.device)
+
     def loss_sum(self, model: torch.nn.Module, pack: Pack, cache: TokenCache, indices: np.ndarray,
                  row_ce: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        weights = None
-        if self.reduction == "sequences":  # each target weighs 1 / (trained tokens of its sample)
-            per_sample = 1.0 / cache.trained[np.asarray(indices, dtype=np.int64)]
-            weights = torch.from_numpy(per_sample[pack.sample_of_target]).float().to(pack.targets.device)
-        loss = model(pack.input_ids, pack.position_ids, pack.positions, pack.targets, weights, row_ce,
-                     pack.cu_seq_lens, pack.max_length)
+        loss = model(pack.input_ids, pack.position_ids, pack.positions, pack.targets,
+                     self.weights(pack, cache, indices), row_ce, pack.cu_seq_lens, pack.max_length)
+        return loss, torch.zeros(0, device=loss.device)
+
+
+@dataclass(frozen=True)
+class Seq2SeqSFT(SFT):
+    """SFT of an encoder-decoder model on source-target samples: the same loss (the mean CE over the step's target
+    tokens, or over its samples of each one's mean), on padded micro-batches (data.make_seq2seq_pack) whose cost to
+    the planner is their padded size: `costs` gives each sample's (source, target) tokens (sampler.py)."""
+
+    pad_id: int = 0
+    decoder_start_id: int = 0
+
+    def check(self, cache: TokenCache, path: str) -> None:
+        if not cache.seq2seq:
+            what = "preference pairs" if cache.pairs else "causal-LM samples (labels aligned with input_ids)"
+            raise DataError(f"{path}: holds {what}, and the model is an encoder-decoder; re-run process_data.py "
+                            f"with this model on source/target pairs")
+
+    def costs(self, cache: TokenCache) -> np.ndarray:
+        return np.stack([cache.source_lengths, cache.lengths - cache.source_lengths], axis=1)
+
+    def pack(self, cache: TokenCache, indices: np.ndarray) -> Seq2SeqPack:
+        return make_seq2seq_pack(cache, indices, self.pad_id, self.decoder_start_id)
+
+    def loss_sum(self, model: torch.nn.Module, pack: Seq2SeqPack, cache: TokenCache, indices: np.ndarray,
+                 row_ce: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        loss = model(pack.input_ids, pack.attention_mask, pack.decoder_input_ids, pack.decoder_attention_mask,
+                     pack.positions, pack.targets, self.weights(pack, cache, indices), row_ce)
         return loss, torch.zeros(0, device=loss.device)
 
 
@@ -236,9 +271,18 @@ class SimPO(Preference):
         return losses, chosen_rewards, rejected_rewards, (chosen_avg.detach(), rejected_avg.detach())
 
 
-def build_objective(config) -> SFT | DPO | SimPO:
-    """The objective of `config` (its objective, dpo_beta, simpo_beta, simpo_gamma, preference_sft_weight)."""
+def build_objective(config, hf_config=None) -> SFT | DPO | SimPO:
+    """The objective of `config` (its objective, dpo_beta, simpo_beta, simpo_gamma, preference_sft_weight) for the
+    model of `hf_config` (an encoder-decoder trains Seq2SeqSFT)."""
     name = getattr(config, "objective", "sft")
+    if hf_config is not None and getattr(hf_config, "is_encoder_decoder", False):
+        if name != "sft":
+            raise DataError(f"--objective {name} trains causal LMs; an encoder-decoder model "
+                            f"({hf_config.model_type}) trains with --objective sft")
+        pad = hf_config.pad_token_id if hf_config.pad_token_id is not None else 0
+        start = getattr(hf_config, "decoder_start_token_id", None)
+        return Seq2SeqSFT(getattr(config, "loss_reduction", "tokens"), pad_id=pad,
+                          decoder_start_id=pad if start is None else start)
     if name == "dpo":
         return DPO(beta=config.dpo_beta, sft_weight=config.preference_sft_weight)
     if name == "simpo":
