@@ -67,6 +67,7 @@ class InputSpec:
     train_source: bool = False  # pairs: train the source too
     chat_template: str | None = None  # --chat-template: the Jinja text that replaces the tokenizer's own
     chat_template_name: str | None = None  # --chat-template-name: which of the tokenizer's templates
+    first_line: int = 0  # the first non-blank row's number (0: none)
 
 
 def detect(keys: Iterable[str], columns: Columns) -> Format | None:

@@ -58,9 +58,10 @@ def histogram_svg(lengths: list[int], bins: int = 30, width: int = 640, height: 
 
 def render(source: str, samples: list[tuple[str, list[int], list[int], str]], tokens: int, trained: int,
            drops: Counter, drop_lines: dict[str, list[int]], lengths: list[int], written: int, read: int,
-           input_format: str, role_tokens: Counter | None = None) -> str:
+           input_format: str, role_tokens: Counter | None = None, truncated: str | None = None) -> str:
     """The report's HTML. `samples`: (where, input_ids, labels, token_spans HTML) of the conversations to show;
-    `tokens`/`trained`: the whole output's; `drop_lines`: the first lines dropped for each reason."""
+    `tokens`/`trained`: the whole output's; `drop_lines`: the first lines dropped for each reason; `truncated`:
+    the summary's line on cut samples (seq2seq --on-too-long truncate)."""
     share = trained / tokens if tokens else 0.0
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>minitrain mask report: {html.escape(source)}"
              f"</title><style>{STYLE}</style></head><body>",
@@ -91,6 +92,8 @@ def render(source: str, samples: list[tuple[str, list[int], list[int], str]], to
         parts.append("</table>")
     else:
         parts.append("<p>none</p>")
+    if truncated:
+        parts.append(f"<h2>Truncated samples</h2><p>{html.escape(truncated)}</p>")
     parts += ["<h2>Sample lengths (tokens)</h2>", histogram_svg(lengths),
               f"<h2>Conversations ({len(samples)}, chosen at random)</h2>",
               "<p class='legend'><span class='t'>trained token</span><span class='m'>masked token</span>"

@@ -20,6 +20,13 @@ trained token never carries prompt text.
 Preference rows ({"chosen", "rejected"} or {"prompt", "chosen", "rejected"}, for DPO/SimPO) become pair rows:
 see preference.py.
 
+Encoder-decoder models (T5, BART, ...: the config's is_encoder_decoder) take pair rows only and write seq2seq rows
+(seq2seq_data.py): {"input_ids": tokenizer(--source-prefix + source) with its special tokens, "labels":
+tokenizer(text_target=target) + EOS (every token trained), "len", "target_len", "num_loss_counted_tokens"}, limited
+by --max-source-tokens / --max-target-tokens (default --max-sample-num-tokens, then optional), over-long ones
+dropped, an error, or --on-too-long truncate (counted). Messages, text and preference rows, --pair-rendering,
+--train-source, --separator and the chat-template flags are refused there; no chat template is saved.
+
 Output lines, in input order: {"input_ids", "labels" (-100 where not trained), "len", "num_loss_counted_tokens"}.
 `input_ids` equal `tokenizer.apply_chat_template(messages, tokenize=True)`. Trained, for assistant turn i: what the
 full render has after the render of messages[:i] with the generation prompt, through the end-of-turn token(s)
@@ -59,6 +66,7 @@ import chat_masks
 import formats
 import mask_report
 import preference
+import seq2seq_data
 from chat_masks import MaskError
 from formats import Columns, InputSpec, RunError
 from minitrain import IGNORE, atomic
@@ -85,7 +93,7 @@ class Config:
     input_file: Path
     output_file: Path
     model_name_or_path: str
-    max_sample_num_tokens: int
+    max_sample_num_tokens: int | None = None  # required for causal LMs
     num_workers: int = field(default_factory=lambda: os.cpu_count() or 1)
     num_printed_samples: int = 3
     mask_marker: str = "[[ ]]"
@@ -94,13 +102,16 @@ class Config:
     on_too_long: str = "drop"
     seed: int = 42
     input_format: str = "auto"
-    pair_rendering: str = "chat"
+    pair_rendering: str | None = None  # None: chat (a given value is refused for encoder-decoder models)
     separator: str | None = None
     train_source: bool = False
     source_column: str | None = None
     target_column: str | None = None
     text_column: str = "text"
     report: Path | None = None  # the HTML mask report (mask_report.py)
+    max_source_tokens: int | None = None  # encoder-decoder models (seq2seq_data.py); default --max-sample-num-tokens
+    max_target_tokens: int | None = None
+    source_prefix: str = ""
 
     @property
     def kept_samples(self) -> int:
@@ -123,7 +134,7 @@ def parse_args(argv: list[str] | None = None) -> Config:
         except ConfigFileError as e:
             print(f"{PROG}: error: {e}", file=sys.stderr)
             sys.exit(2)
-    defaults = Config(Path(), Path(), "", 0)
+    defaults = Config(Path(), Path(), "")
     p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
     p.add_argument("--config", help="a YAML or TOML file of these flags (keys are flag names); command-line flags win")
     p.add_argument("--report", type=Path, help="write an HTML mask report here: conversations with trained tokens "
@@ -131,16 +142,23 @@ def parse_args(argv: list[str] | None = None) -> Config:
     p.add_argument("--input-file", type=Path, required=True, help="JSONL, .csv or .parquet (messages, pairs or text rows)")
     p.add_argument("--output-file", type=Path, required=True, help="rows JSONL, written atomically")
     p.add_argument("--model-name-or-path", required=True, help="folder (or hub name) with the tokenizer and chat template")
-    p.add_argument("--max-sample-num-tokens", type=int, required=True, help="longer samples are dropped (or an error)")
+    p.add_argument("--max-sample-num-tokens", type=int, help="longer samples are dropped (or an error); required for "
+                                                            "causal LMs, the seq2seq limits' default")
+    p.add_argument("--max-source-tokens", type=int, help="encoder-decoder: the longest source (encoder input)")
+    p.add_argument("--max-target-tokens", type=int, help="encoder-decoder: the longest target (decoder labels)")
+    p.add_argument("--source-prefix", default=defaults.source_prefix,
+                   help="encoder-decoder: text put before every source, e.g. 'summarize: '")
     p.add_argument("--num-workers", type=int, default=defaults.num_workers, help="processes (default: all cores)")
     p.add_argument("--num-printed-samples", type=int, default=defaults.num_printed_samples, help="random samples shown with their masks")
     p.add_argument("--mask-marker", default=defaults.mask_marker, help="printed samples without colour: 'OPEN CLOSE' around trained text, or one marker for both sides")
     p.add_argument("--chat-template", type=Path, default=None, help="a Jinja chat template file: for a base model without one, or to override the tokenizer's")
     p.add_argument("--chat-template-name", default=None, help="which of the tokenizer's chat templates (e.g. tool_use) when it carries several")
-    p.add_argument("--on-too-long", choices=("drop", "error"), default=defaults.on_too_long, help="over-long samples: drop and count, or stop")
+    p.add_argument("--on-too-long", choices=("drop", "error", "truncate"), default=defaults.on_too_long,
+                   help="over-long samples: drop and count, stop, or (encoder-decoder only) cut to the limit and count")
     p.add_argument("--seed", type=int, default=defaults.seed, help="which samples are printed")
     p.add_argument("--input-format", choices=("auto", *formats.KINDS), default=defaults.input_format, help="row format (default: detected from the first row)")
-    p.add_argument("--pair-rendering", choices=("chat", "raw"), default=defaults.pair_rendering, help="pairs: through the chat template, or source+separator+target+EOS")
+    p.add_argument("--pair-rendering", choices=("chat", "raw"), default=defaults.pair_rendering,
+                   help="pairs: through the chat template (default), or source+separator+target+EOS")
     p.add_argument("--separator", default=defaults.separator, help="raw pairs: text between source and target (default: the EOS token)")
     p.add_argument("--train-source", action="store_true", help="pairs: train the source as well as the target")
     p.add_argument("--source-column", default=defaults.source_column, help="pairs: the prompt column (with --target-column)")
@@ -148,8 +166,9 @@ def parse_args(argv: list[str] | None = None) -> Config:
     p.add_argument("--text-column", default=defaults.text_column, help="text rows: the text column")
     args = p.parse_args(argv)
     problems = []
-    if args.max_sample_num_tokens < 1:
-        problems.append("--max-sample-num-tokens must be at least 1")
+    for flag in ("max_sample_num_tokens", "max_source_tokens", "max_target_tokens"):
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
+            problems.append(f"--{flag.replace('_', '-')} must be at least 1")
     if args.num_workers < 1:
         problems.append("--num-workers must be at least 1")
     if args.num_printed_samples < 0:
@@ -325,6 +344,7 @@ class Chunk:
     blank: int = 0
     tokens: int = 0
     trained: int = 0
+    truncated: Counter = field(default_factory=Counter)  # seq2seq: "sources" and "targets" cut to their limit
     error: str | None = None  # a RunError message: the run stops
 
 
@@ -596,8 +616,12 @@ class Encoder:
         chunk.trained += trained
 
 
-def make_encoder(model: str, input_name: str, max_tokens: int, on_too_long: str, spec: InputSpec):
-    """The file's encoder: preference rows have their own (preference.py), which runs an Encoder per side."""
+def make_encoder(model: str, input_name: str, max_tokens: int | None, on_too_long: str, spec: InputSpec,
+                 seq2seq: seq2seq_data.Settings = seq2seq_data.Settings()):
+    """The file's encoder: an encoder-decoder model's (seq2seq_data.py); for causal LMs, preference rows have
+    their own (preference.py), which runs an Encoder per side."""
+    if model_type := seq2seq_data.encoder_decoder_type(model):
+        return seq2seq_data.Seq2SeqEncoder(model, model_type, input_name, on_too_long, spec, seq2seq)
     kind = preference.PreferenceEncoder if spec.fmt.kind == "preference" else Encoder
     return kind(model, input_name, max_tokens, on_too_long, spec)
 
@@ -606,11 +630,12 @@ _ENCODER: Encoder | None = None  # the worker process's encoder, built by init_w
 _INIT_ERROR: str | None = None  # or why it could not be built (a raising initializer makes Pool respawn forever)
 
 
-def init_worker(model: str, input_name: str, max_tokens: int, on_too_long: str, spec: InputSpec) -> None:
+def init_worker(model: str, input_name: str, max_tokens: int | None, on_too_long: str, spec: InputSpec,
+                seq2seq: seq2seq_data.Settings) -> None:
     global _ENCODER, _INIT_ERROR
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one thread per worker: the pool is the parallelism
     try:
-        _ENCODER = make_encoder(model, input_name, max_tokens, on_too_long, spec)
+        _ENCODER = make_encoder(model, input_name, max_tokens, on_too_long, spec, seq2seq)
     except RunError as e:
         _INIT_ERROR = str(e)
 
@@ -627,13 +652,15 @@ class EncoderInfo:
     template: str | None = None  # the chat template used, saved beside the rows
     separator: str | None = None  # raw pairs
     eos_text: str | None = None
+    model_type: str | None = None  # an encoder-decoder model's (T5, BART, ...); None for a causal LM
 
 
 def encoder_info(encoder: Encoder | None = None) -> EncoderInfo:
     encoder = encoder if encoder is not None else _ENCODER
     if encoder is None:
         return EncoderInfo(error=_INIT_ERROR)
-    return EncoderInfo(None, encoder.template, getattr(encoder, "separator", None), getattr(encoder, "eos_text", None))
+    return EncoderInfo(None, encoder.template, getattr(encoder, "separator", None), getattr(encoder, "eos_text", None),
+                       getattr(encoder, "model_type", None))
 
 
 def view_in_worker(args: tuple[list[int], list[int], str, bool]) -> str:
@@ -671,18 +698,22 @@ def input_spec(cfg: Config, kind: str) -> InputSpec:
         columns=columns,
         forced=cfg.input_format != "auto",
         origin=origin,
-        rendering=cfg.pair_rendering,
+        rendering=cfg.pair_rendering or "chat",
         separator=cfg.separator,
         train_source=cfg.train_source,
         chat_template=template,
         chat_template_name=cfg.chat_template_name,
+        first_line=lineno,
     )
 
 
-def describe_input(kind: str, spec: InputSpec, encoder) -> str:
+def describe_input(kind: str, spec: InputSpec, encoder, source_prefix: str = "") -> str:
     """One line saying how rows are read, so a detected format is never a silent choice."""
     where = "forced by --input-format" if spec.forced else f"detected from {spec.origin}" if spec.origin else "no rows"
     out = f"{kind}, {spec.fmt.describe()} ({where})"
+    if encoder.model_type:
+        return out + (f", encoder-decoder ({encoder.model_type}): encoder input {source_prefix!r} + source, "
+                      "decoder labels target + EOS, every target token trained")
     if spec.fmt.kind == "pairs":
         trained = "source and target trained" if spec.train_source else "target trained"
         if spec.rendering == "raw":
@@ -722,6 +753,7 @@ class Summary:
     drop_lines: dict[str, list[int]] = field(default_factory=dict)  # the first lines dropped for each reason
     lengths: list[int] = field(default_factory=list)  # every written sample's length (with --report only)
     report_file: Path | None = None
+    truncated: Counter = field(default_factory=Counter)  # seq2seq: sources and targets cut to their limit
 
 
 def read_template(path: Path) -> str:
@@ -769,21 +801,25 @@ def run(cfg: Config) -> Summary:
     check_paths(cfg)
     kind = formats.input_type(cfg.input_file)
     spec = input_spec(cfg, kind)
-    init_args = (cfg.model_name_or_path, str(cfg.input_file), cfg.max_sample_num_tokens, cfg.on_too_long, spec)
+    init_args = (cfg.model_name_or_path, str(cfg.input_file), cfg.max_sample_num_tokens, cfg.on_too_long, spec,
+                 seq2seq_data.limits(cfg))
     # With workers, the main process loads no tokenizer (that would be one more start-up on the same cores): a
-    # worker says what it needs, and a bad model path fails there, before anything is read or written.
+    # worker says what it needs (whether the model is encoder-decoder too), and a bad model path or flags that do
+    # not fit the model fail there, before anything is read or written.
     pool, encoder = None, None
     if cfg.num_workers > 1:
         pool = mp.get_context("spawn").Pool(cfg.num_workers, init_worker, init_args)
         info = pool.apply(encoder_info)
-        if info.error:
-            pool.terminate()
-            raise RunError(info.error)
     else:
         encoder = make_encoder(*init_args)
         info = encoder_info(encoder)
+    if problem := info.error or seq2seq_data.flag_problem(cfg, spec, info.model_type):
+        if pool is not None:
+            pool.terminate()
+        raise RunError(problem)
 
-    summary = Summary(format=describe_input(kind, spec, info), tokenizer=encoder.tokenizer if encoder else None)
+    summary = Summary(format=describe_input(kind, spec, info, cfg.source_prefix),
+                      tokenizer=encoder.tokenizer if encoder else None)
     rng = random.Random(cfg.seed)
     progress = tqdm(total=cfg.input_file.stat().st_size, unit="B", unit_scale=True, disable=None, desc="encoding")
     tmp = tempfile.NamedTemporaryFile(dir=cfg.output_file.parent, prefix=f".{cfg.output_file.name}.", suffix=".tmp", delete=False)
@@ -811,6 +847,7 @@ def run(cfg: Config) -> Summary:
             summary.tokens += chunk.tokens
             summary.trained += chunk.trained
             summary.methods.update(chunk.methods)
+            summary.truncated.update(chunk.truncated)
             for drop in chunk.drops:
                 summary.drops[drop[1]] += 1
                 if len(summary.first_drops) < REPORTED_DROPS:
@@ -847,18 +884,17 @@ def run(cfg: Config) -> Summary:
         summary.shown.sort()
         colour = sys.stdout.isatty()
         shown = [orjson.loads(line) for _, line in summary.shown]
-        sides = [("chosen_", "rejected_") if "chosen_input_ids" in row else ("",) for row in shown]  # pairs: both
-        args = [(row[side + "input_ids"], row[side + "labels"], cfg.mask_marker, colour)
-                for row, row_sides in zip(shown, sides) for side in row_sides]
+        parts = [row_parts(row) for row in shown]
+        args = [(ids, labels, cfg.mask_marker, colour) for pieces in parts for _, ids, labels in pieces]
         views = iter(pool.map(view_in_worker, args) if pool is not None
                      else [masked_view(encoder.tokenizer, *a) for a in args])
         summary.views = [
-            (f"--- {cfg.input_file}:{lineno} ({row['len']} tokens, {row['num_loss_counted_tokens']} trained)",
-             "\n".join(f"{side[:-1]}: " * bool(side) + next(views) for side in row_sides))
-            for (lineno, _), row, row_sides in zip(summary.shown, shown, sides)
+            (f"--- {cfg.input_file}:{lineno} ({row_counts(row)})",
+             "\n".join(f"{name}: " * bool(name) + next(views) for name, _, _ in pieces))
+            for (lineno, _), row, pieces in zip(summary.shown, shown, parts)
         ]
         if cfg.report is not None:
-            write_report(cfg, summary, shown, sides, pool, encoder, kind, spec)
+            write_report(cfg, summary, parts, pool, encoder, kind, spec)
     finally:
         progress.close()
         if pool is not None:
@@ -867,6 +903,22 @@ def run(cfg: Config) -> Summary:
         if os.path.exists(tmp.name):
             os.unlink(tmp.name)
     return summary
+
+
+def row_parts(row: dict) -> list[tuple[str, list[int], list[int]]]:
+    """What a printed or reported sample shows, as (name, ids, labels) per part: a preference pair's two sides, a
+    seq2seq row's source (the encoder input, not trained) and target (the decoder labels, all trained), else the row."""
+    if "chosen_input_ids" in row:
+        return [(side, row[f"{side}_input_ids"], row[f"{side}_labels"]) for side in preference.SIDES]
+    if "target_len" in row:
+        return [("source", row["input_ids"], [IGNORE] * row["len"]), ("target", row["labels"], row["labels"])]
+    return [("", row["input_ids"], row["labels"])]
+
+
+def row_counts(row: dict) -> str:
+    if "target_len" in row:
+        return f"{row['len']} source tokens, {row['target_len']} target tokens trained"
+    return f"{row['len']} tokens, {row['num_loss_counted_tokens']} trained"
 
 
 class _NoProgress:
@@ -904,7 +956,7 @@ def role_tokens(tokenizer, messages: list[tuple[str, str]]) -> Counter:
     return counts
 
 
-def write_report(cfg: Config, summary: Summary, shown: list[dict], sides: list[tuple], pool, encoder, kind: str,
+def write_report(cfg: Config, summary: Summary, parts: list[list[tuple]], pool, encoder, kind: str,
                  spec: InputSpec) -> None:
     """--report: the HTML page of mask_report.py, written atomically (the token texts come from a worker's
     tokenizer when the main process has none)."""
@@ -912,16 +964,14 @@ def write_report(cfg: Config, summary: Summary, shown: list[dict], sides: list[t
     per_sample = (pool.map(role_tokens_in_worker, conversations) if pool is not None
                   else [role_tokens(encoder.tokenizer, m) for m in conversations])
     roles = sum(per_sample, Counter())
-    args = [(row[side + "input_ids"], row[side + "labels"]) for row, row_sides in zip(shown, sides)
-            for side in row_sides]
+    args = [(ids, labels) for pieces in parts for _, ids, labels in pieces]
     spans = iter(pool.map(report_spans_in_worker, args) if pool is not None
                  else [mask_report.token_spans(encoder.tokenizer, *a) for a in args])
-    samples = [(f"{cfg.input_file}:{lineno}" + (f" {side[:-1]}" if side else ""), row[side + "input_ids"],
-                row[side + "labels"], next(spans))
-               for (lineno, _), row, row_sides in zip(summary.shown, shown, sides) for side in row_sides]
+    samples = [(f"{cfg.input_file}:{lineno}" + (f" {name}" if name else ""), ids, labels, next(spans))
+               for (lineno, _), pieces in zip(summary.shown, parts) for name, ids, labels in pieces]
     page = mask_report.render(str(cfg.input_file), samples, summary.tokens, summary.trained, summary.drops,
                               summary.drop_lines, summary.lengths, summary.written, summary.read, summary.format,
-                              roles)
+                              roles, seq2seq_data.truncation_line(cfg, summary.truncated))
     atomic.write_text(cfg.report, page)
     summary.report_file = cfg.report
 
@@ -961,6 +1011,8 @@ def report(cfg: Config, summary: Summary, seconds: float, drop_lines: bool = Tru
     unit = "lines" if formats.input_type(cfg.input_file) == "jsonl" else "rows"
     print(f"read {summary.read} {unit} ({summary.blank} blank), wrote {summary.written} samples to {cfg.output_file}")
     print(f"dropped {dropped} samples" + "".join(f"\n  {n:>8}  {reason}" for reason, n in summary.drops.most_common()))
+    if truncated := seq2seq_data.truncation_line(cfg, summary.truncated):
+        print(truncated)
     if summary.methods:
         print("masks: " + ", ".join(f"{n} from the {m}" for m, n in summary.methods.most_common()))
     if summary.template_file:
