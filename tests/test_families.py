@@ -281,7 +281,20 @@ def test_blocks_are_found_for_every_layout(arch, zoo_dir):
     lm = own_model(zoo_dir(arch))
     blocks = decoder_blocks(lm)
     names = {id(m): n for n, m in lm.named_modules()}
-    assert names[id(blocks)] == LAYOUTS[arch] and len(blocks) == 2
+    assert [names[id(b)] for b in blocks] == [f"{LAYOUTS[arch]}.{k}" for k in range(2)]
+
+
+@pytest.mark.parametrize("arch", ["t5", "bart"])
+def test_encoder_decoder_blocks_are_the_encoders_then_the_decoders(arch, tmp_path, tokenizer_dir):
+    from transformers import AutoModelForSeq2SeqLM
+
+    from minitrain.families import decoder_blocks
+    from tests.tiny_models import build_tiny_seq2seq
+
+    lm = AutoModelForSeq2SeqLM.from_pretrained(build_tiny_seq2seq(arch, tmp_path, tokenizer_dir("chatml")))
+    names = {id(m): n for n, m in lm.named_modules()}
+    stacks = {"t5": ("encoder.block", "decoder.block"), "bart": ("model.encoder.layers", "model.decoder.layers")}
+    assert [names[id(b)] for b in decoder_blocks(lm)] == [f"{s}.{k}" for s in stacks[arch] for k in range(2)]
 
 
 # ---------------------------------------------------------------------------------------------------------------
