@@ -47,6 +47,7 @@ class TokenCache:
     content_hash: str  # blake2b of input_ids and labels: the tokens themselves, for the resume check
     sources: np.ndarray | None = None  # (num_samples,) which --data-path file each sample is from (mixtures)
     chosen_lengths: np.ndarray | None = None  # (num_pairs,) int64 for a cache of preference pairs, else None
+    source_lengths: np.ndarray | None = None  # (num_samples,) int64 for a seq2seq cache: each sample's source tokens
     directory: Path | None = None  # where the cache lives (files keyed to it, e.g. reference log-probs, go here)
 
     @property
