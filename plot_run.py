@@ -1,10 +1,13 @@
-"""One picture of a run: training and validation loss, learning rate and tokens/s against samples seen, and for
-preference objectives (DPO, SimPO) the rewards and the reward accuracy.
+"""One picture of a run: training and validation loss, learning rate and tokens/s against samples seen, for
+preference objectives (DPO, SimPO) the rewards and the reward accuracy, and with --eval-metric rouge the validation
+ROUGE figures.
 
     python plot_run.py OUTPUT_DIR [--output PNG]    # default: OUTPUT_DIR/metrics.png
 
 Reads OUTPUT_DIR/metrics.jsonl as train.py writes it (one record per optimizer step; `validation_loss` on the steps
-that were evaluated; `rewards/*` on every step of a preference run, `validation_rewards/*` on its evaluated steps).
+that were evaluated; `rewards/*` on every step of a preference run, `validation_rewards/*` on its evaluated steps;
+`validation_rouge1`, `validation_rouge2`, `validation_rougeL`, `validation_rougeLsum` on the evaluated steps of a run
+with --eval-metric rouge).
 Errors are one line, `plot_run.py: error: FILE[:LINE]: reason; fix`, exit 2.
 """
 
@@ -50,16 +53,20 @@ def read_metrics(path: Path) -> tuple[list[dict], bool]:
 
 
 def plot(records: list[dict], title: str, png: Path) -> None:
-    """Three panels sharing the samples-seen axis (four with preference rewards); the PNG is written atomically."""
+    """Panels sharing the samples-seen axis: loss, preference rewards (if any), ROUGE (if any), learning rate,
+    tokens/s; the PNG is written atomically."""
     samples = [r["samples_seen"] for r in records]
     evaluated = [r for r in records if r.get("validation_loss") is not None]
     preference = "rewards/margins" in records[0]
+    rouge = [r for r in evaluated if "validation_rouge1" in r]
+    panels = ["loss", *(["rewards"] if preference else []), *(["rouge"] if rouge else []), "lr", "speed"]
+    heights = [1 if name in ("lr", "speed") else 2 for name in panels]
+    fig, axes = plt.subplots(len(panels), 1, sharex=True, figsize=(8, 5 + sum(heights)), height_ratios=heights)
+    ax_loss, ax_lr, ax_speed = axes[0], axes[-2], axes[-1]
     if preference:
-        fig, (ax_loss, ax_rewards, ax_lr, ax_speed) = plt.subplots(4, 1, sharex=True, figsize=(8, 11),
-                                                                   height_ratios=(2, 2, 1, 1))
-        plot_rewards(ax_rewards, samples, records, evaluated)
-    else:
-        fig, (ax_loss, ax_lr, ax_speed) = plt.subplots(3, 1, sharex=True, figsize=(8, 9), height_ratios=(2, 1, 1))
+        plot_rewards(axes[1], samples, records, evaluated)
+    if rouge:
+        plot_rouge(axes[panels.index("rouge")], rouge)
     ax_loss.plot(samples, [r["loss"] for r in records], label="training loss", linewidth=1)
     if evaluated:
         ax_loss.plot([r["samples_seen"] for r in evaluated], [r["validation_loss"] for r in evaluated],
@@ -101,6 +108,15 @@ def plot_rewards(ax, samples: list[int], records: list[dict], evaluated: list[di
     lines, labels = ax.get_legend_handles_labels()
     more, more_labels = accuracy.get_legend_handles_labels()
     ax.legend(lines + more, labels + more_labels, fontsize="small")
+
+
+def plot_rouge(ax, evaluated: list[dict]) -> None:
+    """The validation ROUGE figures (F-measure x 100) of each evaluation."""
+    for kind in ("rouge1", "rouge2", "rougeL", "rougeLsum"):
+        ax.plot([r["samples_seen"] for r in evaluated], [r[f"validation_{kind}"] for r in evaluated], "o-",
+                label=kind, markersize=4, linewidth=1)
+    ax.set_ylabel("validation ROUGE")
+    ax.legend(fontsize="small")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -19,6 +19,7 @@ is split into ranks and micro-steps (see forward_backward).
 """
 
 import argparse
+import importlib.util
 import json
 import math
 import os
@@ -48,7 +49,10 @@ from minitrain.model import SHARDING_STRATEGIES, ModelError, build_model, checkp
 from minitrain.objectives import LOSS_REDUCTIONS, OBJECTIVES, build_objective
 from minitrain.reference import attach_reference
 from minitrain.run_log import TRACKERS, RunLog, tracker_problem
-from minitrain.validation import ValidationError, Validator, build_validator, eos_token_ids, split_validation
+from minitrain.validation import (
+    EVAL_METRICS, LOSS, STOPPING_METRICS, ValidationError, Validator, build_validator, eos_token_ids,
+    split_validation,
+)
 from sampler import MultipackPlanner, SamplerError
 
 LR_SCHEDULERS = ("constant", "linear", "cosine")
@@ -141,8 +145,16 @@ class TrainConfig:
     eval_every_samples: int | None = flag(None, "evaluate every N trained samples (and at every export)")
     num_eval_generations: int = flag(3, "greedy replies to this many validation prompts at each evaluation (0 = none)")
     eval_max_new_tokens: int = flag(32)
+    eval_metric: str | None = flag(None, "rouge: at each evaluation, predict every validation sample's reply and "
+                                         "report ROUGE-1/2/L/Lsum (F-measure x 100) and the mean generated length",
+                                   choices=EVAL_METRICS)
+    eval_num_beams: int = flag(1, "--eval-metric's predictions: 1 = greedy, more = beam search")
     early_stopping_patience: int | None = flag(None, "stop after this many evaluations in a row without improvement")
-    early_stopping_min_delta: float = flag(0.0, "an improvement must lower the best validation loss by more than this")
+    early_stopping_metric: str = flag(LOSS, "what early stopping and the best export follow: validation_loss (lower "
+                                            "is better) or, with --eval-metric rouge, a ROUGE figure (higher is "
+                                            "better)", choices=STOPPING_METRICS)
+    early_stopping_min_delta: float = flag(0.0, "an improvement must beat the best value of --early-stopping-metric "
+                                                "by more than this", aliases=["--early-stopping-threshold"])
     tracker: str | None = flag(None, " | ".join(TRACKERS) + " (optional packages, used only when asked for)")
     # LoRA (minitrain/lora.py, with peft): adapters train, the base weights stay frozen.
     lora: bool = flag(False, "train LoRA adapters instead of every weight; exports hold PEFT's adapter folder "
@@ -303,12 +315,12 @@ def validation_problems(config: TrainConfig) -> list[str]:
         problems.append(f"--validation-data-path {path}: no such file; pass a JSONL written by process_data.py")
     if split is not None and not 0 < split < 1:
         problems.append(f"--validation-split is the fraction of samples held out, in (0, 1); got {split}")
-    needs_set = [f"--{k.replace('_', '-')}" for k in ("eval_every_samples", "early_stopping_patience")
+    needs_set = [f"--{k.replace('_', '-')}" for k in ("eval_every_samples", "early_stopping_patience", "eval_metric")
                  if getattr(config, k) is not None]
     if needs_set and path is None and split is None:
         problems.append(f"{' and '.join(needs_set)} need a validation set; pass --validation-data-path or "
                         f"--validation-split")
-    for name in ("eval_every_samples", "early_stopping_patience", "eval_max_new_tokens"):
+    for name in ("eval_every_samples", "early_stopping_patience", "eval_max_new_tokens", "eval_num_beams"):
         value = getattr(config, name)
         if value is not None and value < 1:
             problems.append(f"--{name.replace('_', '-')} must be >= 1, got {value}")
@@ -316,6 +328,17 @@ def validation_problems(config: TrainConfig) -> list[str]:
         problems.append(f"--num-eval-generations must be >= 0, got {config.num_eval_generations}")
     if not config.early_stopping_min_delta >= 0:
         problems.append(f"--early-stopping-min-delta must be >= 0, got {config.early_stopping_min_delta}")
+    if config.eval_metric not in (None, *EVAL_METRICS):
+        problems.append(f"--eval-metric {config.eval_metric!r} is unknown; use {' or '.join(EVAL_METRICS)}")
+    if config.early_stopping_metric not in STOPPING_METRICS:
+        problems.append(f"--early-stopping-metric {config.early_stopping_metric!r} is unknown; use one of "
+                        f"{', '.join(STOPPING_METRICS)}")
+    elif config.early_stopping_metric != LOSS and config.eval_metric != "rouge":
+        problems.append(f"--early-stopping-metric {config.early_stopping_metric} needs --eval-metric rouge, which "
+                        f"computes it")
+    if config.eval_metric == "rouge" and importlib.util.find_spec("rouge_score") is None:
+        problems.append("--eval-metric rouge needs the rouge-score package, which is not installed; "
+                        "pip install rouge-score")
     tracker = tracker_problem(config.tracker)
     return problems + ([tracker] if tracker else [])
 
@@ -522,7 +545,7 @@ def setup(config: TrainConfig, world: World) -> Run:
     print0(f"{len(costs)} {units}, {int(costs.sum())} tokens, {planner.steps_per_epoch} steps per epoch, "
            f"{total_steps if total_steps is not None else 'unlimited'} steps")
     validator = build_validator(config, objective, world, validation_cache, held_out,
-                                eos_token_ids(hf_config, tokenizer))
+                                eos_token_ids(hf_config, tokenizer), tokenizer)
 
     # Where this run continues from; rank 0 makes the output folder consistent with it once every rank has chosen.
     state = RunState(data=checkpoint.data_fingerprint(costs, trained, cache.content_hash))

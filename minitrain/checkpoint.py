@@ -63,6 +63,8 @@ CHANGE_THE_RUN = (
     "model_name_or_path", "batch_size", "max_tokens_per_gpu", "seed", "num_warmup_steps", "lr_scheduler",
     "max_grad_norm", "validation_split", "loss_reduction", "objective", "dpo_beta", "simpo_beta", "simpo_gamma",
     "preference_sft_weight",
+    # Which evaluation early stopping and the best export follow: the saved best is of the saved metric.
+    "early_stopping_metric",
     "lora", "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules", "lora_modules_to_save", "lora_init", "qlora",
 )
 # Decide when the run ends; with a decaying schedule they also set the length of the decay.
@@ -74,15 +76,16 @@ FREE_ON_RESUME = (
     "attn_implementation", "compile", "lora_export",
     "distributed_backend", "distributed_timeout_minutes", "resume_from", "fresh", "allow_config_change",
     # Evaluation never changes the training computation; early stopping state is restored from the checkpoint.
-    "validation_data_path", "eval_every_samples", "num_eval_generations", "eval_max_new_tokens",
-    "early_stopping_patience", "early_stopping_min_delta", "tracker",
+    "validation_data_path", "eval_every_samples", "num_eval_generations", "eval_max_new_tokens", "eval_metric",
+    "eval_num_beams", "early_stopping_patience", "early_stopping_min_delta", "tracker",
 )
 
 
 # Flags added after checkpoints already existed, with the value that reproduces how those checkpoints were trained:
 # a checkpoint without the key resumes as if it had been saved with that value.
 ADDED_LATER = {"loss_reduction": "tokens", "objective": "sft", "dpo_beta": 0.1, "simpo_beta": 2.0, "simpo_gamma": 0.5,
-               "preference_sft_weight": 0.0, "lora": False, **LORA_DEFAULTS}
+               "preference_sft_weight": 0.0, "lora": False, **LORA_DEFAULTS, "eval_metric": None, "eval_num_beams": 1,
+               "early_stopping_metric": "validation_loss"}
 
 # What trainer_state.json must hold for a run to resume from it.
 TRAINER_STATE = ("step", "samples_seen", "last_export_samples", "data", "scheduler", "world_size")

@@ -1,28 +1,34 @@
 """What a run prints and logs, on rank 0: metrics.jsonl (one record per step), the progress line, the validation
-replies (generations.jsonl) and, when asked for, a tracker (Weights & Biases, TensorBoard or MLflow through their
-public APIs), which gets every number of each step's record.
+replies (generations.jsonl), with --eval-metric the predictions of each evaluation (predictions/samples_<N>.jsonl,
+N = samples seen) and, when asked for, a tracker (Weights & Biases, TensorBoard or MLflow through their public APIs),
+which gets every number of each step's record.
 """
 
 import importlib.util
 import json
 import os
+import shutil
 from dataclasses import asdict
 from pathlib import Path
 
 from tqdm import tqdm
 
+from minitrain import atomic
 from minitrain.checkpoint import GENERATIONS, METRICS
 from minitrain.distributed import World
 from minitrain.validation import generation_records
 
 TRACKERS = ("wandb", "tensorboard", "mlflow")
+PREDICTIONS = "predictions"
 
 
 class RunLog:
     def __init__(self, config, world: World, tokenizer, total_steps: int | None, first_step: int):
         out = Path(config.output_dir)
-        self.metrics, self.generations = out / METRICS, out / GENERATIONS
+        self.metrics, self.generations, self.predictions = out / METRICS, out / GENERATIONS, out / PREDICTIONS
         self.tokenizer, self.is_main = tokenizer, world.is_main
+        if world.is_main and first_step == 0:  # a run that starts over: an earlier run's predictions are not its own
+            shutil.rmtree(self.predictions, ignore_errors=True)
         self.tracker = open_tracker(config.tracker, out, asdict(config)) if world.is_main and config.tracker else None
         self.progress = tqdm(total=total_steps, initial=first_step, disable=not world.is_main, dynamic_ncols=True,
                              desc="train")
@@ -38,7 +44,12 @@ class RunLog:
             f"loss {record['loss']:.4f} | lr {record['lr']:.2e} | grad norm {record['grad_norm']:.3f} | "
             f"{record['tokens_per_s']:.0f} tok/s | pack {record['packing_utilisation']:.0%}"
             + (f" | val loss {evaluation.loss:.4f}" if evaluation is not None else "")
+            + (f" | rougeL {evaluation.metrics['rougeL']:.2f}" if evaluation and "rougeL" in evaluation.metrics else "")
         )
+        if evaluation is not None and evaluation.predictions:
+            self.predictions.mkdir(exist_ok=True)
+            atomic.write_text(self.predictions / f"samples_{record['samples_seen']}.jsonl",
+                              "".join(json.dumps(p) + "\n" for p in evaluation.predictions))
         if evaluation is not None and evaluation.replies:
             vset = validator.validation_set
             generations = generation_records(self.tokenizer, vset.cache, vset.prompts, evaluation.replies,

@@ -8,12 +8,17 @@ The set is packed once, the way training packs one step (sampler.pack_step: the 
 same number of micro-steps on every rank, empty packs where a rank has nothing left), and run without gradient.
 Each rank sums its CE and its trained tokens; one all_reduce of both gives the figure on every rank.
 
+With --eval-metric rouge each evaluation also generates a prediction for EVERY validation sample that has a prompt
+(batched; under FSDP each rank generates its share and all ranks gather them) and scores them with ROUGE against the
+data's replies, so early stopping and the best export can follow ROUGE instead of the loss.
+
 Evaluation must not change the training trajectory: it runs in eval mode (no dropout), inside a forked RNG state
 (nothing it draws shifts the training's random streams), and puts the model back in train mode and its FSDP
 parameters back into shards.
 """
 
 import math
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -21,6 +26,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from minitrain import attention
 from minitrain.data import IGNORE, TokenCache
 from minitrain.distributed import World, compute_autocast, print0
 from sampler import pack_step
@@ -28,6 +34,11 @@ from sampler import pack_step
 # The validation split must not move when --seed changes, so runs with different seeds are compared on the same
 # held-out samples: it has its own fixed seed.
 SPLIT_SEED = 0x5EED_0F_5A1D
+
+EVAL_METRICS = ("rouge",)  # --eval-metric
+ROUGE_TYPES = ("rouge1", "rouge2", "rougeL", "rougeLsum")
+LOSS = "validation_loss"
+STOPPING_METRICS = (LOSS, *ROUGE_TYPES)  # --early-stopping-metric: lower is better for the loss, higher for ROUGE
 
 
 class ValidationError(ValueError):
@@ -71,19 +82,25 @@ class Prompt:
     reference: np.ndarray  # the first run of trained tokens: what the data answers
 
 
-def generation_prompts(cache: TokenCache, indices: np.ndarray, count: int) -> list[Prompt]:
-    """The first `count` validation samples (in order) that have an untrained prompt before their first reply."""
+def generation_prompts(cache: TokenCache, indices: np.ndarray, count: int | None = None) -> list[Prompt]:
+    """The first `count` (None: all) validation samples, in order, that have a prompt: for a seq2seq cache its source
+    (the reference: its target); otherwise the tokens before its first trained one (the reference: the first run of
+    trained tokens). Samples trained from their first token (raw text) have nothing to prompt with: skipped."""
+    source_lengths = getattr(cache, "source_lengths", None)  # a seq2seq cache's
     prompts = []
     for i in indices:
         if len(prompts) == count:
             break
         start, end = int(cache.offsets[i]), int(cache.offsets[i + 1])
-        trained = np.flatnonzero(cache.labels[start:end] != IGNORE)
-        first = int(trained[0])
-        if first == 0:  # raw text, trained from its first token: nothing to prompt with
+        if source_lengths is not None:
+            first, last = int(source_lengths[i]), end - start - 1
+        else:
+            trained = np.flatnonzero(cache.labels[start:end] != IGNORE)
+            first = int(trained[0])
+            gaps = np.flatnonzero(np.diff(trained) > 1)  # the reply ends where the trained run is first broken
+            last = int(trained[gaps[0]]) if len(gaps) else int(trained[-1])
+        if first == 0:
             continue
-        gaps = np.flatnonzero(np.diff(trained) > 1)  # the reply ends where the trained run is first broken
-        last = int(trained[gaps[0]]) if len(gaps) else int(trained[-1])
         ids = cache.input_ids[start:end]
         prompts.append(Prompt(int(i), np.array(ids[:first]), np.array(ids[first : last + 1])))
     return prompts
@@ -113,41 +130,75 @@ def validation_loss(model, objective, cache: TokenCache, packs: list[np.ndarray]
     return loss_sum / units, int(units), {name: m / units for name, m in zip(objective.metrics, metric_sums)}
 
 
-@torch.no_grad()
-def generate_replies(
-    model, prompts: list[Prompt], max_new_tokens: int, eos_token_ids: list[int], device: torch.device
-) -> list[list[int]]:
-    """Greedy continuations of each prompt (at most `max_new_tokens`, stopping at an end token). Collective.
+def pad_token_id(lm, eos_token_ids: list[int]) -> int:
+    """What generate pads with: the generation config's pad token, else the first end token (else 0)."""
+    pad = getattr(getattr(lm, "generation_config", None), "pad_token_id", None)
+    return pad if pad is not None else eos_token_ids[0] if eos_token_ids else 0
 
-    Under FSDP2 every rank runs the same generate on its sharded model: the decoder layers all-gather their weights
-    in their own forward hooks; the root's (embeddings, final norm, LM head) are all-gathered here, because generate
-    calls the Hugging Face model inside the root, not the root itself. `synced_gpus` keeps every rank stepping until
-    all are done, so no rank waits in a collective that another never reaches. Call it after validation_loss: the
-    root's first forward must be a forward of the root.
+
+def padded(prompts: list[np.ndarray], pad_id: int, left: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask), (B, longest prompt): padded on the left (causal LMs continue at the right end) or
+    on the right (an encoder's source)."""
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.int64)
+    mask = torch.zeros_like(ids)
+    for row, p in enumerate(prompts):
+        cols = slice(width - len(p), width) if left else slice(0, len(p))
+        ids[row, cols], mask[row, cols] = torch.from_numpy(p.astype(np.int64)), 1
+    return ids, mask
+
+
+@contextmanager
+def generation_attention(lm):
+    """minitrain_varlen attends within one packed row given its boundaries; generate (padded batches, a KV cache)
+    runs on sdpa meanwhile, then the training kernel is put back."""
+    trained_with = lm.config._attn_implementation
+    if trained_with != attention.VARLEN:
+        yield
+        return
+    lm.set_attn_implementation("sdpa")
+    try:
+        yield
+    finally:
+        lm.set_attn_implementation(trained_with)
+
+
+@torch.no_grad()
+def generate_replies(model, batches: list[list[np.ndarray]], max_new_tokens: int, eos_token_ids: list[int],
+                     device: torch.device, num_beams: int = 1) -> list[list[int]]:
+    """The reply to each prompt of each batch, in order: greedy (beam search with `num_beams` > 1), at most
+    `max_new_tokens`, cut after its first end token (so the pads of a batch's early finishers are not counted).
+    A causal LM's output is its prompt and the reply; an encoder-decoder's, the decoder's tokens from its start token.
+    Collective: every rank passes the same number of batches.
+
+    Under FSDP2 every rank runs generate on its sharded model: the blocks all-gather their weights in their own
+    forward hooks; the root's (embeddings, final norm, LM head) are all-gathered here, because generate calls the
+    Hugging Face model inside the root, not the root itself. `synced_gpus` keeps every rank stepping until all are
+    done, so no rank waits in a collective that another never reaches. Call it after validation_loss: the root's
+    first forward must be a forward of the root.
     """
     from torch.distributed.fsdp import FSDPModule
     from transformers import GenerationConfig
 
+    lm = model.lm
+    encoder_decoder = bool(getattr(lm.config, "is_encoder_decoder", False))
+    pad_id = pad_token_id(lm, eos_token_ids)
     sharded = isinstance(model, FSDPModule)
-    config = GenerationConfig(
-        do_sample=False, max_new_tokens=max_new_tokens, eos_token_id=eos_token_ids or None,
-        pad_token_id=eos_token_ids[0] if eos_token_ids else 0,
-    )
+    config = GenerationConfig(do_sample=False, num_beams=num_beams, max_new_tokens=max_new_tokens,
+                              eos_token_id=eos_token_ids or None, pad_token_id=pad_id)
     if sharded:
         model.unshard()
     replies = []
     try:
-        for p in prompts:
-            ids = torch.from_numpy(p.prompt.astype(np.int64))[None].to(device)  # (1, T)
-            with compute_autocast(model, device):
-                out = model.lm.generate(
-                    input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=config,
-                    synced_gpus=sharded and dist.get_world_size() > 1,
-                )
-            reply = out[0, ids.shape[1] :].tolist()
-            # A sequence that ended early is padded to the batch's length by generate: cut at the first end token.
-            ends = [k for k, token in enumerate(reply) if token in eos_token_ids]
-            replies.append(reply[: ends[0] + 1] if ends else reply)
+        with generation_attention(lm):
+            for prompts in batches:
+                ids, mask = (t.to(device) for t in padded(prompts, pad_id, left=not encoder_decoder))
+                with compute_autocast(model, device):
+                    out = lm.generate(input_ids=ids, attention_mask=mask, generation_config=config,
+                                      synced_gpus=sharded and dist.get_world_size() > 1)
+                for reply in out[:, 1 if encoder_decoder else ids.shape[1] :].tolist():
+                    ends = [k for k, token in enumerate(reply) if token in eos_token_ids]
+                    replies.append(reply[: ends[0] + 1] if ends else reply)
     finally:
         if sharded:  # back to shards everywhere, so training resumes with the memory it had
             for module in model.modules():
@@ -156,12 +207,88 @@ def generate_replies(
     return replies
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# --eval-metric rouge: a prediction for every validation sample, scored with ROUGE
+
+
+def generation_batches(lengths: list[int], max_tokens: int, max_new_tokens: int, num_beams: int = 1
+                       ) -> list[list[int]]:
+    """Positions into `lengths` (prompt lengths), longest first, in batches of as many prompts as keep
+    batch x beams x (its longest prompt + max_new_tokens) within `max_tokens` (one prompt at least)."""
+    batches = []
+    for k in sorted(range(len(lengths)), key=lambda k: -lengths[k]):
+        if batches and (len(batches[-1]) + 1) * num_beams * (lengths[batches[-1][0]] + max_new_tokens) <= max_tokens:
+            batches[-1].append(k)
+        else:
+            batches.append([k])
+    return batches
+
+
+def rouge_scores(predictions: list[str], references: list[str]) -> dict[str, float]:
+    """Each ROUGE type's mean F-measure x 100 (rouge_score with its Porter stemmer, offline; rougeLsum splits
+    sentences on newlines, as rouge_score does: no NLTK sentence splitter, which needs a download)."""
+    from rouge_score.rouge_scorer import RougeScorer
+
+    scorer = RougeScorer(list(ROUGE_TYPES), use_stemmer=True)
+    scores = [scorer.score(reference, prediction) for prediction, reference in zip(predictions, references)]
+    return {kind: 100 * float(np.mean([s[kind].fmeasure for s in scores])) for kind in ROUGE_TYPES}
+
+
+@dataclass
+class Predictions:
+    """--eval-metric rouge: every validation sample with a prompt, predicted and scored at each evaluation."""
+
+    prompts: list[Prompt]
+    lines: np.ndarray  # the cache's data-file lines
+    tokenizer: object
+    max_tokens: int  # --max-tokens-per-gpu: the batch budget
+    num_beams: int = 1
+
+    def generate(self, model, max_new_tokens: int, eos_token_ids: list[int], device: torch.device
+                 ) -> list[list[int]]:
+        """Every prompt's reply, on every rank. Collective: rank r generates prompts r, r + world size, ... in
+        batches; a rank with fewer batches runs the first batch again (discarded), so every rank makes as many
+        generate calls; the replies are all-gathered."""
+        world = dist.get_world_size() if dist.is_initialized() else 1
+        rank = dist.get_rank() if dist.is_initialized() else 0
+        shares = [list(range(r, len(self.prompts), world)) for r in range(world)]
+        batches = [[[share[k] for k in batch] for batch in generation_batches(
+            [len(self.prompts[i].prompt) for i in share], self.max_tokens, max_new_tokens, self.num_beams)]
+            for share in shares]
+        calls = batches[rank] + batches[0][:1] * (max(map(len, batches)) - len(batches[rank]))
+        replies = generate_replies(model, [[self.prompts[i].prompt for i in batch] for batch in calls],
+                                   max_new_tokens, eos_token_ids, device, self.num_beams)
+        mine = list(zip([i for batch in batches[rank] for i in batch], replies))  # zip drops the dummies
+        if world > 1:
+            gathered = [None] * world
+            dist.all_gather_object(gathered, mine)
+            mine = [pair for part in gathered for pair in part]
+        by_prompt = dict(mine)
+        return [by_prompt[i] for i in range(len(self.prompts))]
+
+    def score(self, model, max_new_tokens: int, eos_token_ids: list[int], device: torch.device
+              ) -> tuple[dict[str, float], list[dict]]:
+        """(ROUGE and the mean generated length, one record per prompt for predictions/samples_<N>.jsonl). ROUGE is
+        computed on exactly the records' strings. Collective."""
+        replies = self.generate(model, max_new_tokens, eos_token_ids, device)
+        records = [
+            {"data_line": int(self.lines[p.index]),
+             "prediction": self.tokenizer.decode(reply, skip_special_tokens=True),
+             "reference": self.tokenizer.decode(p.reference.tolist(), skip_special_tokens=True)}
+            for p, reply in zip(self.prompts, replies)
+        ]
+        scores = rouge_scores([r["prediction"] for r in records], [r["reference"] for r in records])
+        scores["gen_len"] = float(np.mean([len(reply) for reply in replies]))
+        return scores, records
+
+
 @dataclass(frozen=True)
 class ValidationResult:
     loss: float
     tokens: int
     replies: list[list[int]]  # one per generation prompt
-    metrics: dict[str, float] = field(default_factory=dict)  # the objective's metrics (DPO: rewards/chosen, ...)
+    metrics: dict[str, float] = field(default_factory=dict)  # the objective's (DPO: rewards/chosen, ...), ROUGE
+    predictions: list[dict] = field(default_factory=list)  # --eval-metric rouge: one record per scored sample
 
 
 @dataclass
@@ -174,6 +301,7 @@ class ValidationSet:
     prompts: list[Prompt]
     max_new_tokens: int
     eos_token_ids: list[int]
+    predictions: Predictions | None = None  # --eval-metric rouge
 
     def evaluate(self, model: torch.nn.Module, device: torch.device) -> ValidationResult:
         was_training = model.training
@@ -182,12 +310,17 @@ class ValidationSet:
         try:
             with torch.random.fork_rng(devices=devices):
                 loss, tokens, metrics = validation_loss(model, self.objective, self.cache, self.packs, device)
-                replies = []
+                replies, predictions = [], []
                 if self.prompts:
-                    replies = generate_replies(model, self.prompts, self.max_new_tokens, self.eos_token_ids, device)
+                    replies = generate_replies(model, [[p.prompt] for p in self.prompts], self.max_new_tokens,
+                                               self.eos_token_ids, device)
+                if self.predictions is not None:
+                    scores, predictions = self.predictions.score(model, self.max_new_tokens, self.eos_token_ids,
+                                                                 device)
+                    metrics = {**metrics, **scores}
         finally:
             model.train(was_training)
-        return ValidationResult(loss, tokens, replies, metrics)
+        return ValidationResult(loss, tokens, replies, metrics, predictions)
 
 
 def plan_validation_set(
@@ -200,6 +333,7 @@ def plan_validation_set(
     num_generations: int,
     max_new_tokens: int,
     eos_token_ids: list[int],
+    predictions: Predictions | None = None,
 ) -> ValidationSet:
     micro_steps = plan_validation(objective.costs(cache), indices, world_size, max_tokens)
     return ValidationSet(
@@ -209,6 +343,7 @@ def plan_validation_set(
         prompts=generation_prompts(cache, indices, num_generations),
         max_new_tokens=max_new_tokens,
         eos_token_ids=eos_token_ids,
+        predictions=predictions,
     )
 
 
@@ -216,25 +351,49 @@ def plan_validation_set(
 # Early stopping
 
 
+def improves(metric: str, value: float, best: float | None, min_delta: float = 0.0) -> bool:
+    """Whether `value` of `metric` beats `best` (None: nothing yet) by more than `min_delta`, in the metric's own
+    direction: lower for the validation loss, higher for ROUGE."""
+    if best is None:
+        return True
+    return value < best - min_delta if metric == LOSS else value > best + min_delta
+
+
+def label(metric: str) -> str:
+    return "validation loss" if metric == LOSS else metric
+
+
+def describe(metric: str, value: float | None) -> str:
+    """'validation loss 1.2345' or 'rougeL 41.23'."""
+    if value is None:
+        return f"{label(metric)} (none yet)"
+    return f"{label(metric)} {value:{'.4f' if metric == LOSS else '.2f'}}"
+
+
 @dataclass
 class EarlyStopping:
-    """Stop once the validation loss has not improved on the best so far by more than `min_delta` for `patience`
-    evaluations in a row."""
+    """Stop once `metric` (the validation loss, or a ROUGE figure) has not improved on the best so far by more than
+    `min_delta` for `patience` evaluations in a row."""
 
     patience: int
     min_delta: float = 0.0
-    best_loss: float = math.inf
+    metric: str = LOSS
+    best: float | None = None  # the best value so far (None: no evaluation yet)
     best_samples: int | None = None  # samples seen at the best evaluation
     evaluations_without_improvement: int = 0
 
-    def update(self, loss: float, samples_seen: int) -> bool:
+    def update(self, value: float, samples_seen: int) -> bool:
         """Record one evaluation; True when it is a new best."""
-        if loss < self.best_loss - self.min_delta:
-            self.best_loss, self.best_samples = loss, samples_seen
+        if improves(self.metric, value, self.best, self.min_delta):
+            self.best, self.best_samples = value, samples_seen
             self.evaluations_without_improvement = 0
             return True
         self.evaluations_without_improvement += 1
         return False
+
+    @property
+    def best_loss(self) -> float | None:  # the name of earlier versions, which followed the loss only
+        return self.best
 
     @property
     def should_stop(self) -> bool:
@@ -250,10 +409,13 @@ class Validator:
     validation_set: ValidationSet
     every_samples: int | None  # evaluate each time samples seen crosses a multiple of this; also at every export
     stopper: EarlyStopping | None
+    metric: str = LOSS  # --early-stopping-metric: what early stopping and the best export follow
     last_samples: int | None = None  # samples seen at the latest evaluation
     last_loss: float = math.nan
-    best_export: str | None = None  # the exported model with the lowest validation loss
-    best_export_loss: float = math.inf
+    last_value: float = math.nan  # of `metric`
+    best_export: str | None = None  # the exported model with the best `metric`
+    best_export_loss: float = math.inf  # its validation loss
+    best_export_value: float | None = None  # its `metric`
 
     def due(self, samples_before: int, samples_seen: int, export_follows: bool) -> bool:
         every = self.every_samples
@@ -269,15 +431,17 @@ class Validator:
 
     def run(self, model: torch.nn.Module, device: torch.device, samples_seen: int) -> ValidationResult:
         result = self.validation_set.evaluate(model, device)
-        self.last_samples, self.last_loss = samples_seen, result.loss
+        value = result.loss if self.metric == LOSS else result.metrics[self.metric]
+        self.last_samples, self.last_loss, self.last_value = samples_seen, result.loss, value
         if self.stopper is not None:
-            self.stopper.update(result.loss, samples_seen)
+            self.stopper.update(value, samples_seen)
         return result
 
     def export_saved(self, path: Path, samples_seen: int) -> bool:
         """Record an export just written; True when it is the best so far (it was evaluated just before)."""
-        if self.last_samples == samples_seen and self.last_loss < self.best_export_loss:
-            self.best_export, self.best_export_loss = str(path), self.last_loss
+        if self.last_samples == samples_seen and improves(self.metric, self.last_value, self.best_export_value):
+            self.best_export, self.best_export_loss, self.best_export_value = (str(path), self.last_loss,
+                                                                               self.last_value)
             return True
         return False
 
@@ -287,16 +451,19 @@ class Validator:
 
     def stop_message(self, step: int) -> str:
         stopper = self.stopper
-        return (f"early stopping after step {step}: the validation loss has not improved on its best "
-                f"({stopper.best_loss:.4f} at {stopper.best_samples} samples) by more than {stopper.min_delta} "
-                f"for {stopper.patience} evaluations")
+        return (f"early stopping after step {step}: the {label(self.metric)} has not "
+                f"improved on its best ({describe(self.metric, stopper.best)} at {stopper.best_samples} samples) by "
+                f"more than {stopper.min_delta} for {stopper.patience} evaluations")
 
     def summary(self) -> str:
-        text = f"latest validation loss {self.last_loss:.4f} at {self.last_samples} samples"
+        text = f"latest validation loss {self.last_loss:.4f}"
+        if self.metric != LOSS:
+            text += f", {describe(self.metric, self.last_value)}"
+        text += f" at {self.last_samples} samples"
         if self.stopper is not None:
-            text += f"; best {self.stopper.best_loss:.4f} at {self.stopper.best_samples} samples"
+            text += f"; best {describe(self.metric, self.stopper.best)} at {self.stopper.best_samples} samples"
         if self.best_export is not None:
-            text += f"; best checkpoint {self.best_export} (validation loss {self.best_export_loss:.4f})"
+            text += f"; best checkpoint {self.best_export} ({describe(self.metric, self.best_export_value)})"
             if not Path(self.best_export).exists():
                 text += ", since deleted by --keep-last-n-exports"
         return text
@@ -309,35 +476,57 @@ class Validator:
         return state
 
     def load_state_dict(self, state: dict) -> None:
+        if "metric" not in state:  # written before --early-stopping-metric: it followed the validation loss
+            state = {**state, "metric": LOSS, "last_value": state["last_loss"],
+                     "best_checkpoint_value": state["best_checkpoint_loss"] if state["best_checkpoint"] else None}
+        self.last_samples, self.last_loss = state["last_samples"], state["last_loss"]
+        if state["metric"] != self.metric:  # changed under --allow-config-change
+            print0(f"validation: the checkpoint's best export and early stopping followed {label(state['metric'])}; "
+                   f"they start over, following {label(self.metric)}")
+            return
         for key, name in STATE_KEYS.items():
             setattr(self, name, state[key])
         if self.stopper is not None and "stopper" in state:
             saved = state["stopper"]
-            self.stopper.best_loss, self.stopper.best_samples = saved["best_loss"], saved["best_samples"]
+            self.stopper.best = saved["best"] if "best" in saved else saved["best_loss"]
+            self.stopper.best_samples = saved["best_samples"]
             self.stopper.evaluations_without_improvement = saved["evaluations_without_improvement"]
 
 
-# trainer_state.json's keys (as earlier versions wrote them) -> attributes
+# trainer_state.json's keys -> attributes (the first four as earlier versions wrote them)
 STATE_KEYS = {"last_samples": "last_samples", "last_loss": "last_loss", "best_checkpoint": "best_export",
-              "best_checkpoint_loss": "best_export_loss"}
+              "best_checkpoint_loss": "best_export_loss", "metric": "metric", "last_value": "last_value",
+              "best_checkpoint_value": "best_export_value"}
 
 
 def build_validator(config, objective, world: World, cache: TokenCache | None, held_out: np.ndarray | None,
-                    eos_ids: list[int]) -> Validator | None:
+                    eos_ids: list[int], tokenizer=None) -> Validator | None:
     """The validation set (a second file's cache, or the samples held out of --data-path), planned once; None if
     neither was asked for."""
     if cache is None:
         return None
     indices = np.arange(len(cache)) if held_out is None else held_out
+    predictions, scored = None, ""
+    if config.eval_metric == "rouge":
+        prompts = generation_prompts(cache, indices)
+        if not prompts:
+            raise ValidationError(f"--eval-metric rouge: none of the {len(indices)} validation samples has a prompt "
+                                  f"(each is trained from its first token); validate on prompt/reply data")
+        predictions = Predictions(prompts, cache.lines, tokenizer, config.max_tokens_per_gpu, config.eval_num_beams)
+        scored = (f"; ROUGE on {len(prompts)} of them"
+                  + (f" ({len(indices) - len(prompts)} have no prompt)" if len(prompts) < len(indices) else ""))
     validation_set = plan_validation_set(objective, cache, indices, config.max_tokens_per_gpu, world.world_size,
-                                         world.rank, config.num_eval_generations, config.eval_max_new_tokens, eos_ids)
+                                         world.rank, config.num_eval_generations, config.eval_max_new_tokens, eos_ids,
+                                         predictions)
     stopper = None
     if config.early_stopping_patience is not None:
-        stopper = EarlyStopping(config.early_stopping_patience, config.early_stopping_min_delta)
+        stopper = EarlyStopping(config.early_stopping_patience, config.early_stopping_min_delta,
+                                config.early_stopping_metric)
     units = "pairs" if cache.pairs else "samples"
     print0(f"validation: {len(indices)} {units}, {objective.step_units(cache, indices)} {objective.unit}, "
-           f"{len(validation_set.packs)} micro-steps and {len(validation_set.prompts)} generations per evaluation")
-    return Validator(validation_set, config.eval_every_samples, stopper)
+           f"{len(validation_set.packs)} micro-steps and {len(validation_set.prompts)} generations per evaluation"
+           f"{scored}")
+    return Validator(validation_set, config.eval_every_samples, stopper, config.early_stopping_metric)
 
 
 def eos_token_ids(hf_config, tokenizer) -> list[int]:

@@ -247,7 +247,7 @@ def test_too_long_samples_are_refused_with_count_longest_and_fix():
     "lengths, kwargs, expected",
     [
         ([], {}, "the dataset is empty"),
-        ([[1, 2]], {}, "1-D array"),
+        ([[1, 2, 3]], {}, "1-D array"),
         ([1.5, 2.0], {}, "must be integers"),
         ([3, 0, 4], {}, "1 samples have fewer than 1 token"),
         ([1], {"batch_size": 0}, "batch size must be an integer >= 1, got 0; set --batch-size"),
