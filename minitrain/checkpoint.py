@@ -49,6 +49,7 @@ import torch.distributed as dist
 from minitrain import atomic
 from minitrain.distributed import World, print0, raise_if_any_rank_failed
 from minitrain.lora import LORA_DEFAULTS
+from minitrain.validation import describe
 
 COMPLETE = "COMPLETE"
 STEP_DIR = re.compile(r"step_(\d+)")
@@ -566,7 +567,8 @@ class Checkpointer:
         state.last_export_samples = state.samples_seen
         if self.validator is not None:
             if self.validator.export_saved(path, state.samples_seen):
-                print0(f"best checkpoint so far: {path} (validation loss {self.validator.best_export_loss:.4f})")
+                v = self.validator
+                print0(f"best checkpoint so far: {path} ({describe(v.metric, v.best_export_value)})")
         return path
 
     def save_full_state(self, state: RunState) -> Path:

@@ -86,6 +86,7 @@ def concat_caches(caches: list[TokenCache]) -> TokenCache:
         skipped_lines=(),
         content_hash=content,
         sources=np.concatenate([np.full(len(c), k, dtype=np.int64) for k, c in enumerate(caches)]),
+        source_lengths=np.concatenate([c.source_lengths for c in caches]) if caches[0].seq2seq else None,
     )
 
 

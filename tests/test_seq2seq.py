@@ -298,5 +298,74 @@ def test_refusals_name_the_problem_in_one_line(tmp_path, seq2seq_dir, tiny_model
         assert len(lines) == 1 and expected in lines[0], (expected, run.stderr[-2000:])
 
 
+def example_task(tmp_path: Path, train_rows: int, valid_rows: int) -> tuple[Path, Path, Path]:
+    """examples/seq2seq_t5's small T5 and synthetic task, through process_data.py: (model, train rows, valid rows)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("make_example", ROOT / "examples" / "seq2seq_t5" / "make_example.py")
+    make = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(make)
+    make.main(tmp_path)
+    paths = []
+    for name, count in (("train", train_rows), ("valid", valid_rows)):
+        pairs = tmp_path / f"{name}_head.jsonl"
+        pairs.write_text("".join((tmp_path / f"{name}.jsonl").read_text().splitlines(keepends=True)[:count]))
+        rows = tmp_path / f"{name}_rows.jsonl"
+        run = subprocess.run([sys.executable, "process_data.py", "--input-file", str(pairs), "--output-file", str(rows),
+                              "--model-name-or-path", str(tmp_path / "tiny-t5"), "--source-prefix", "summarize: ",
+                              "--max-source-tokens", "64", "--max-target-tokens", "32", "--num-workers", "1"],
+                             cwd=ROOT, capture_output=True, text=True, timeout=120)
+        assert run.returncode == 0, run.stderr[-2000:]
+        paths.append(rows)
+    return tmp_path / "tiny-t5", *paths
+
+
+def test_rouge_of_a_t5_run_is_rouge_score_on_its_saved_predictions_on_1_and_2_processes(tmp_path):
+    from rouge_score import rouge_scorer
+
+    model, train_rows, valid_rows = example_task(tmp_path, 640, 24)
+    args = ["train.py", "--data-path", str(train_rows), "--validation-data-path", str(valid_rows),
+            "--model-name-or-path", str(model), "--batch-size", "32", "--max-tokens-per-gpu", "1024",
+            "--learning-rate", "2e-3", "--num-warmup-steps", "10", "--max-steps", "60", "--eval-every-samples", "960", "--eval-metric", "rouge",
+            "--num-eval-generations", "0", "--early-stopping-metric", "rougeL", "--early-stopping-patience", "5",
+            "--save-dtype", "float32"]
+    one = subprocess.run([sys.executable, *args, "--output-dir", str(tmp_path / "one")], cwd=ROOT,
+                         capture_output=True, text=True, timeout=300)
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = torchrun([*args, "--output-dir", str(tmp_path / "two")], timeout=300)
+    assert two.returncode == 0, two.stderr[-3000:]
+    scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL", "rougeLsum"], use_stemmer=True)
+    for out in ("one", "two"):
+        records = [json.loads(line) for line in (tmp_path / out / "metrics.jsonl").read_text().splitlines()]
+        evaluated = [r for r in records if "validation_rougeL" in r]
+        assert [r["samples_seen"] for r in evaluated] == [960, 1920]
+        for r in evaluated:
+            saved = [json.loads(line) for line in
+                     (tmp_path / out / "predictions" / f"samples_{r['samples_seen']}.jsonl").read_text().splitlines()]
+            assert len(saved) == 24
+            scores = [scorer.score(p["reference"], p["prediction"]) for p in saved]
+            for key in ("rouge1", "rouge2", "rougeL", "rougeLsum"):
+                expected = 100 * sum(s[key].fmeasure for s in scores) / len(scores)
+                assert r[f"validation_{key}"] == pytest.approx(expected, abs=1e-9), (out, key)
+        assert evaluated[-1]["validation_rougeL"] > 10  # it learned something, so the comparison is not of zeros
+    first, second = ([json.loads(line) for line in (tmp_path / out / "metrics.jsonl").read_text().splitlines()]
+                     for out in ("one", "two"))
+    # the same losses on 2 FSDP2 ranks; rounding differences (~1e-7) grow at this learning rate, so the first steps
+    assert all(b["loss"] == pytest.approx(a["loss"], rel=1e-5) for a, b in zip(first[:10], second[:10]))
+    # The predictions are what the exported model (the weights evaluated last) generates, one source at a time
+    import torch
+    from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    sources = [row["input_ids"] for row in rows_of(valid_rows)]
+    for out in ("one", "two"):
+        lm = AutoModelForSeq2SeqLM.from_pretrained(tmp_path / out / "hf_format" / "samples_1920", dtype=torch.float32)
+        saved = [json.loads(line)["prediction"] for line in
+                 (tmp_path / out / "predictions" / "samples_1920.jsonl").read_text().splitlines()]
+        with torch.no_grad():
+            alone = [tokenizer.decode(lm.generate(torch.tensor([s]), max_new_tokens=32, do_sample=False)[0],
+                                      skip_special_tokens=True) for s in sources]
+        assert saved == alone, out
+
 if __name__ == "__main__":  # torchrun entry for the two-rank test
     grad_worker(*sys.argv[1:4])

@@ -23,7 +23,7 @@ python process_data.py --input-file "$VALID" --output-file "$WORK/valid_rows.jso
 python train.py --data-path "$WORK/train_rows.jsonl" --validation-data-path "$WORK/valid_rows.jsonl" \
     --model-name-or-path "$MODEL" --output-dir "$WORK/out" --fresh \
     --batch-size 32 --max-tokens-per-gpu 2048 --learning-rate 2e-3 --num-warmup-steps 20 --lr-scheduler linear \
-    --max-steps 300 --eval-every-samples 1600 --num-eval-generations 0 \
+    --max-steps 300 --eval-every-samples 800 --num-eval-generations 0 \
     --eval-metric rouge --eval-max-new-tokens 32 --early-stopping-metric rougeL --early-stopping-patience 3 \
     --min-samples-per-checkpoint 4800 --save-dtype float32
 python plot_run.py "$WORK/out"
