@@ -182,7 +182,7 @@ def build_token_cache(data_path: Path, cache_dir: Path) -> None:
     """Stream the JSONL once into flat binary files in a temporary folder, then rename it into place (atomic.py):
     a crash leaves only a hidden `.*.tmp-*` folder behind, never a cache that looks complete."""
     offsets, trained, lines, skipped, chosen_lengths, source_lengths = [0], [], [], [], [], []
-    kind, pairs = None, False  # the first row decides: a file of preference pairs, of source-target samples or of samples
+    kind, pairs = None, False  # the first row decides: a file of samples, preference pairs or source-target samples
     max_token_id = -1
     ids_hash, labels_hash = hashlib.blake2b(digest_size=16), hashlib.blake2b(digest_size=16)
     # replace=False: if another node's writer got there first (shared filesystem), its identical cache is kept.
