@@ -327,7 +327,8 @@ def test_rouge_of_a_t5_run_is_rouge_score_on_its_saved_predictions_on_1_and_2_pr
     args = ["train.py", "--data-path", str(train_rows), "--validation-data-path", str(valid_rows),
             "--model-name-or-path", str(model), "--batch-size", "32", "--max-tokens-per-gpu", "1024",
             "--learning-rate", "2e-3", "--num-warmup-steps", "10", "--max-steps", "60", "--eval-every-samples", "960",
-            "--eval-metric", "rouge",            "--num-eval-generations", "0", "--early-stopping-metric", "rougeL", "--early-stopping-patience", "5",
+            "--eval-metric", "rouge", "--num-eval-generations", "0", "--early-stopping-metric", "rougeL",
+            "--early-stopping-patience", "5",
             "--save-dtype", "float32"]
     one = subprocess.run([sys.executable, *args, "--output-dir", str(tmp_path / "one")], cwd=ROOT,
                          capture_output=True, text=True, timeout=300)
