@@ -17,7 +17,7 @@ be split across micro-steps or ranks. The shift stays inside each sequence (obje
 Encoder-decoder data (process_data.py with a T5/BART model: rows with `target_len`, input_ids = the source, labels =
 the target) gives a cache of SOURCE-TARGET samples: sample i is its source (`source_lengths[i]` tokens, labels
 IGNORE) followed by its target (labels = the target ids, every one trained, no shift: the decoder's input is the
-target shifted right, built per micro-batch in make_seq2seq_pack). Micro-batches are padded, not packed: an encoder's
+target shifted right by the model's own rule, see seq2seq.py). Micro-batches are padded, not packed: an encoder's
 attention cannot be split into samples through position ids.
 """
 
@@ -372,14 +372,13 @@ def make_pack(cache: TokenCache, indices: np.ndarray) -> Pack:
 
 @dataclass(frozen=True)
 class Seq2SeqPack:
-    """One rank's micro-batch of source-target samples, padded: sources on the right to the longest source, targets
-    to the longest target. The decoder reads the target shifted right (the decoder start token first), so decoder
-    position t predicts target token t."""
+    """One rank's micro-batch of source-target samples, padded on the right: sources to the longest source (attention
+    mask 0 after each), targets to the longest target (label IGNORE after each). The decoder's input is the model's
+    own shift of the labels (Seq2SeqLM), so decoder position t predicts target token t."""
 
     input_ids: torch.Tensor  # (B, S) long, sources, pad after each
     attention_mask: torch.Tensor  # (B, S) long, 1 on source tokens
-    decoder_input_ids: torch.Tensor  # (B, T) long, decoder start token + target[:-1], pad after
-    decoder_attention_mask: torch.Tensor  # (B, T) long, 1 on real decoder inputs
+    labels: torch.Tensor  # (B, T) long, targets, IGNORE after each
     positions: torch.Tensor  # (N,) long, flat indices into (B * T) of the trained target tokens
     targets: torch.Tensor  # (N,) long, the target token at each of those positions
     num_tokens: int  # real tokens, sources and targets (0 for a dummy pack)
@@ -390,41 +389,35 @@ class Seq2SeqPack:
         def move(t: torch.Tensor) -> torch.Tensor:
             return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t.to(device)
 
-        tensors = (self.input_ids, self.attention_mask, self.decoder_input_ids, self.decoder_attention_mask,
-                   self.positions, self.targets)
+        tensors = (self.input_ids, self.attention_mask, self.labels, self.positions, self.targets)
         return Seq2SeqPack(*map(move, tensors), self.num_tokens, self.padded_tokens, self.sample_of_target)
 
 
-def make_seq2seq_pack(cache: TokenCache, indices: np.ndarray, pad_id: int, decoder_start_id: int) -> Seq2SeqPack:
-    """The source-target samples `indices` as one padded micro-batch; an empty `indices` gives a dummy (one pad token
-    on each side, no target) that still runs a forward/backward, so every rank issues the same FSDP collectives."""
+def make_seq2seq_pack(cache: TokenCache, indices: np.ndarray, pad_id: int) -> Seq2SeqPack:
+    """The source-target samples `indices` as one padded micro-batch; an empty `indices` gives a dummy (one token on
+    each side, nothing trained) that still runs a forward/backward, so every rank issues the same FSDP collectives."""
     indices = np.asarray(indices, dtype=np.int64)
     if len(indices) == 0:
-        one, empty = torch.full((1, 1), pad_id, dtype=torch.long), torch.zeros(0, dtype=torch.long)
-        ones = torch.ones((1, 1), dtype=torch.long)
-        return Seq2SeqPack(one, ones, one.clone(), ones.clone(), empty, empty.clone(), 0, 0, np.zeros(0, np.int64))
+        # a label that is not the pad token: mBART's shift looks for the last non-pad label
+        one, label = torch.full((1, 1), pad_id, dtype=torch.long), torch.full((1, 1), int(pad_id == 0))
+        empty = torch.zeros(0, dtype=torch.long)
+        return Seq2SeqPack(one, torch.ones((1, 1), dtype=torch.long), label, empty, empty.clone(), 0, 0,
+                           np.zeros(0, np.int64))
     starts, sources = cache.offsets[indices], cache.source_lengths[indices]
     targets_len = cache.offsets[indices + 1] - starts - sources
     batch, s_max, t_max = len(indices), int(sources.max()), int(targets_len.max())
     ids = np.full((batch, s_max), pad_id, dtype=np.int64)
-    decoder_ids = np.full((batch, t_max), pad_id, dtype=np.int64)
-    trained = np.zeros((batch, t_max), dtype=bool)
-    target = np.zeros((batch, t_max), dtype=np.int64)
+    labels = np.full((batch, t_max), IGNORE, dtype=np.int64)
     for row, (start, n_source, n_target) in enumerate(zip(starts.tolist(), sources.tolist(), targets_len.tolist())):
         ids[row, :n_source] = cache.input_ids[start : start + n_source]
-        tokens = cache.labels[start + n_source : start + n_source + n_target]
-        target[row, :n_target] = tokens
-        trained[row, :n_target] = True
-        decoder_ids[row, 0] = decoder_start_id
-        decoder_ids[row, 1:n_target] = tokens[:-1]
-    flat = np.flatnonzero(trained)
+        labels[row, :n_target] = cache.labels[start + n_source : start + n_source + n_target]
+    flat = np.flatnonzero(labels != IGNORE)
     return Seq2SeqPack(
         input_ids=torch.from_numpy(ids),
         attention_mask=torch.from_numpy((np.arange(s_max) < sources[:, None]).astype(np.int64)),
-        decoder_input_ids=torch.from_numpy(decoder_ids),
-        decoder_attention_mask=torch.from_numpy(trained.astype(np.int64)),
+        labels=torch.from_numpy(labels),
         positions=torch.from_numpy(flat),
-        targets=torch.from_numpy(target.reshape(-1)[flat]),
+        targets=torch.from_numpy(labels.reshape(-1)[flat]),
         num_tokens=int(sources.sum() + targets_len.sum()),
         padded_tokens=batch * (s_max + t_max),
         sample_of_target=flat // t_max,

@@ -105,7 +105,6 @@ class Seq2SeqSFT(SFT):
     the planner is their padded size: `costs` gives each sample's (source, target) tokens (sampler.py)."""
 
     pad_id: int = 0
-    decoder_start_id: int = 0
 
     def check(self, cache: TokenCache, path: str) -> None:
         if not cache.seq2seq:
@@ -117,12 +116,12 @@ class Seq2SeqSFT(SFT):
         return np.stack([cache.source_lengths, cache.lengths - cache.source_lengths], axis=1)
 
     def pack(self, cache: TokenCache, indices: np.ndarray) -> Seq2SeqPack:
-        return make_seq2seq_pack(cache, indices, self.pad_id, self.decoder_start_id)
+        return make_seq2seq_pack(cache, indices, self.pad_id)
 
     def loss_sum(self, model: torch.nn.Module, pack: Seq2SeqPack, cache: TokenCache, indices: np.ndarray,
                  row_ce: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        loss = model(pack.input_ids, pack.attention_mask, pack.decoder_input_ids, pack.decoder_attention_mask,
-                     pack.positions, pack.targets, self.weights(pack, cache, indices), row_ce)
+        loss = model(pack.input_ids, pack.attention_mask, pack.labels, pack.positions, pack.targets,
+                     self.weights(pack, cache, indices), row_ce)
         return loss, torch.zeros(0, device=loss.device)
 
 
@@ -280,9 +279,7 @@ def build_objective(config, hf_config=None) -> SFT | DPO | SimPO:
             raise DataError(f"--objective {name} trains causal LMs; an encoder-decoder model "
                             f"({hf_config.model_type}) trains with --objective sft")
         pad = hf_config.pad_token_id if hf_config.pad_token_id is not None else 0
-        start = getattr(hf_config, "decoder_start_token_id", None)
-        return Seq2SeqSFT(getattr(config, "loss_reduction", "tokens"), pad_id=pad,
-                          decoder_start_id=pad if start is None else start)
+        return Seq2SeqSFT(getattr(config, "loss_reduction", "tokens"), pad_id=pad)
     if name == "dpo":
         return DPO(beta=config.dpo_beta, sft_weight=config.preference_sft_weight)
     if name == "simpo":

@@ -1,8 +1,9 @@
 """Encoder-decoder models (T5, FLAN-T5, BART, mBART, Pegasus, Marian, ...): the root module FSDP shards, and the
 start-up probe that proves its loss is the model's own.
 
-`Seq2SeqLM` runs the model's encoder on a padded micro-batch of sources and its decoder on the targets shifted right
-(data.make_seq2seq_pack), and returns the summed cross-entropy of the target tokens through the LM head (loss.py:
+`Seq2SeqLM` runs the model's encoder on a padded micro-batch of sources (data.make_seq2seq_pack) and its decoder on
+the targets shifted right by the model's own `prepare_decoder_input_ids_from_labels` (T5, BART: the decoder start
+token first; mBART: the target's last token, its language id), and returns the summed cross-entropy of the target tokens through the LM head (loss.py:
 logits only at target positions, one chunk at a time). What the model's own forward does between the decoder and its
 loss is done here too:
 
@@ -18,16 +19,16 @@ import math
 import torch
 from torch import nn
 
+from minitrain import IGNORE
 from minitrain.families import LogitTransform, ModelError, ProbeResult, family
 from minitrain.loss import HeadCrossEntropy
 
 
 def logit_transform(config) -> LogitTransform:
-    """T5's d_model^-0.5 on the decoder output (older configs say it through tie_word_embeddings)."""
-    if family(config) in ("t5", "mt5", "umt5", "longt5") or hasattr(config, "scale_decoder_outputs"):
-        scale = getattr(config, "scale_decoder_outputs", getattr(config, "tie_word_embeddings", False))
-        if scale:
-            return LogitTransform(scale=config.d_model**-0.5)
+    """T5's, UMT5's and LongT5's d_model^-0.5 on the decoder output, where their config asks for it (transformers 5
+    reads it from the checkpoint's tie_word_embeddings); mT5 and the BART family: none."""
+    if getattr(config, "scale_decoder_outputs", False):
+        return LogitTransform(scale=config.d_model**-0.5)
     return LogitTransform()
 
 
@@ -51,16 +52,17 @@ class Seq2SeqLM(nn.Module):
         self.head_loss = HeadCrossEntropy(False, 1024, logit_transform(lm.config))
         self.adapter = adapter or FullFineTuning()
 
-    def forward(self, input_ids, attention_mask, decoder_input_ids, decoder_attention_mask, positions, targets,
-                row_weights=None, row_ce_out=None) -> torch.Tensor:
-        """The summed CE of the target tokens at `positions` (flat indices into the (B, T) decoder batch), each
-        weighted by `row_weights` when given; `row_ce_out` receives each one's CE."""
+    def forward(self, input_ids, attention_mask, labels, positions, targets, row_weights=None,
+                row_ce_out=None) -> torch.Tensor:
+        """The summed CE of the target tokens at `positions` (flat indices into the (B, T) labels), each weighted by
+        `row_weights` when given; `row_ce_out` receives each one's CE. No decoder attention mask, as in the model's
+        own forward with labels: the decoder is causal, so the padding after a target changes none of its logits."""
         from minitrain.model import linear_head
 
         encoded = self.lm.get_encoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        decoded = self.lm.get_decoder()(input_ids=decoder_input_ids, attention_mask=decoder_attention_mask,
-                                        encoder_hidden_states=encoded, encoder_attention_mask=attention_mask,
-                                        use_cache=False).last_hidden_state
+        decoder_input_ids = self.lm.prepare_decoder_input_ids_from_labels(labels=labels)
+        decoded = self.lm.get_decoder()(input_ids=decoder_input_ids, encoder_hidden_states=encoded,
+                                        encoder_attention_mask=attention_mask, use_cache=False).last_hidden_state
         hidden = decoded.reshape(-1, decoded.shape[-1])  # (B * T, H)
         head = linear_head(self.lm.get_output_embeddings())
         bias = getattr(self.lm, "final_logits_bias", None)  # BART family: (1, V), added to the logits
@@ -102,21 +104,14 @@ def probe(model: Seq2SeqLM, device: torch.device) -> ProbeResult:
     samples = [(torch.randint(low, config.vocab_size, (s,), generator=g), torch.randint(low, config.vocab_size, (t,),
                 generator=g)) for s, t in PROBE_SHAPES]
     pad = config.pad_token_id if config.pad_token_id is not None else 0
-    start = config.decoder_start_token_id if config.decoder_start_token_id is not None else pad
-    batch = len(samples)
-    s_max, t_max = max(s for s, _ in PROBE_SHAPES), max(t for _, t in PROBE_SHAPES)
+    batch, s_max, t_max = len(samples), max(s for s, _ in PROBE_SHAPES), max(t for _, t in PROBE_SHAPES)
     ids = torch.full((batch, s_max), pad, dtype=torch.long)
     mask = torch.zeros((batch, s_max), dtype=torch.long)
-    decoder_ids = torch.full((batch, t_max), pad, dtype=torch.long)
-    decoder_mask = torch.zeros((batch, t_max), dtype=torch.long)
-    flat, targets = [], []
+    labels = torch.full((batch, t_max), IGNORE, dtype=torch.long)
     for row, (source, target) in enumerate(samples):
-        ids[row, : len(source)], mask[row, : len(source)] = source, 1
-        decoder_ids[row, 0], decoder_ids[row, 1 : len(target)] = start, target[:-1]
-        decoder_mask[row, : len(target)] = 1
-        flat.append(row * t_max + torch.arange(len(target)))
-        targets.append(target)
-    tensors = [t.to(device) for t in (ids, mask, decoder_ids, decoder_mask, torch.cat(flat), torch.cat(targets))]
+        ids[row, : len(source)], mask[row, : len(source)], labels[row, : len(target)] = source, 1, target
+    flat = torch.nonzero(labels.reshape(-1) != IGNORE)[:, 0]
+    tensors = [t.to(device) for t in (ids, mask, labels, flat, labels.reshape(-1)[flat])]
     sharded = isinstance(model, FSDPModule)
     was_training = model.training
     model.eval()

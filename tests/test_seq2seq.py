@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from tests.test_train import ROOT, torchrun
-from tests.tiny_models import build_tiny_seq2seq
+from tests.tiny_models import build_tiny_seq2seq, seq2seq_zoo
 
 BATCH = 8
 
@@ -367,6 +367,25 @@ def test_rouge_of_a_t5_run_is_rouge_score_on_its_saved_predictions_on_1_and_2_pr
             alone = [tokenizer.decode(lm.generate(torch.tensor([s]), max_new_tokens=32, do_sample=False)[0],
                                       skip_special_tokens=True) for s in sources]
         assert saved == alone, out
+
+@pytest.mark.parametrize("family", sorted(seq2seq_zoo(300)))
+def test_every_encoder_decoder_family_passes_the_probe_and_a_wrong_head_is_refused(family):
+    import torch
+    from transformers import AutoModelForSeq2SeqLM
+
+    from minitrain.families import LogitTransform, ModelError
+    from minitrain.seq2seq import Seq2SeqLM, check_loss_is_the_models_own
+
+    torch.manual_seed(0)
+    lm = AutoModelForSeq2SeqLM.from_config(seq2seq_zoo(300)[family])
+    model = Seq2SeqLM(lm)
+    result = check_loss_is_the_models_own(model, torch.device("cpu"))
+    assert result.trainer_loss == pytest.approx(result.own_loss, rel=1e-5)
+    wrong = LogitTransform(scale=0.5 * model.head_loss.transform.scale)
+    model.head_loss.transform = wrong  # a family rule minitrain got wrong: the probe must say so
+    with pytest.raises(ModelError, match=f"model type .*{lm.config.model_type}.*on a padded probe batch"):
+        check_loss_is_the_models_own(model, torch.device("cpu"))
+
 
 if __name__ == "__main__":  # torchrun entry for the two-rank test
     grad_worker(*sys.argv[1:4])

@@ -150,3 +150,25 @@ def build_tiny_seq2seq(arch: str, out_dir: Path, tokenizer_dir: Path) -> Path:
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+def seq2seq_zoo(vocab: int) -> dict:
+    """Encoder-decoder families users bring, tiny, dropout off: what their checkpoints set where the loss depends on
+    it (T5 v1.0 ties and scales its head, T5 v1.1 / FLAN-T5 / mT5 do not; mBART starts decoding from the target's last
+    token)."""
+    t5 = dict(vocab_size=vocab, d_model=64, d_kv=16, d_ff=128, num_layers=2, num_heads=4, dropout_rate=0.0,
+              decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)
+    bart = dict(vocab_size=vocab, d_model=64, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
+                decoder_attention_heads=4, encoder_ffn_dim=128, decoder_ffn_dim=128, dropout=0.0, pad_token_id=0,
+                eos_token_id=2, decoder_start_token_id=2, max_position_embeddings=128)
+    return {
+        "t5": T.T5Config(**t5, tie_word_embeddings=True),
+        "flan-t5": T.T5Config(**t5, tie_word_embeddings=False, feed_forward_proj="gated-gelu"),
+        "mt5": T.MT5Config(**t5, feed_forward_proj="gated-gelu"),
+        "umt5": T.UMT5Config(**t5),
+        "longt5": T.LongT5Config(**t5),
+        "bart": T.BartConfig(**bart),
+        "mbart": T.MBartConfig(**bart),
+        "pegasus": T.PegasusConfig(**bart),
+        "marian": T.MarianConfig(**{**bart, "decoder_start_token_id": 0}),
+    }
