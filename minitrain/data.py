@@ -198,7 +198,7 @@ def build_token_cache(data_path: Path, cache_dir: Path) -> None:
                 row_kind = row_kind_of(row)
                 if kind is None:
                     kind, pairs = row_kind, row_kind == "pairs"
-                if row_kind != kind:
+                if row_kind != kind and kind != "pairs":  # in a pairs file: say what is missing
                     raise DataError(f"{where}: a row of {ROW_KINDS[row_kind]} in a file of {ROW_KINDS[kind]} (line 1 "
                                     f"is one); one kind of row per file")
                 if kind == "seq2seq":
