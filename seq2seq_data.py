@@ -121,6 +121,17 @@ class Seq2SeqEncoder:
         if self.eos_id is None:
             raise RunError(f"{model}: the tokenizer has no EOS token, which ends every seq2seq target; use a "
                            "tokenizer with an eos_token")
+        # Does the tokenizer end a target with its own special tokens (T5: </s>; mBART: </s> + language id)? Then
+        # its encoding is kept as it is; otherwise EOS is appended.
+        self.adds_eos = self.eos_id in self.tokenizer(text_target="a")["input_ids"]
+        from transformers import AutoConfig
+
+        positions = getattr(AutoConfig.from_pretrained(model), "max_position_embeddings", None)  # learned positions
+        for side, limit in (("source", self.max_source), ("target", self.max_target)):
+            if positions is not None and limit > positions:
+                raise RunError(f"--max-{side}-tokens {limit} is more than {model_type}'s {positions} positions "
+                               f"(max_position_embeddings): a longer {side} cannot run; pass --max-{side}-tokens "
+                               f"{positions} or less")
 
     def encode_chunk(self, lines: list[tuple[int, bytes]]):
         from process_data import Chunk  # (process_data imports this module)
@@ -159,8 +170,8 @@ class Seq2SeqEncoder:
         chunk.drops.sort()
 
     def ended(self, ids: list[int]) -> list[int]:
-        """The target ids ending with EOS (appended when the tokenizer's target encoding does not end with it)."""
-        return ids if ids and ids[-1] == self.eos_id else [*ids, self.eos_id]
+        """The target ids as the tokenizer encodes them, with EOS appended when the tokenizer adds none."""
+        return ids if self.adds_eos or ids[-1:] == [self.eos_id] else [*ids, self.eos_id]
 
     def truncate(self, encoded: list[list[int]], texts: list[str], limit: int, side: str) -> int:
         """Cut the over-long encodings in place as the tokenizer's own truncation does; how many were cut."""
@@ -170,7 +181,7 @@ class Seq2SeqEncoder:
         kwargs = {"text_target" if side == "target" else "text": [texts[k] for k in long]}
         cut = self.tokenizer(**kwargs, truncation=True, max_length=limit, verbose=False)["input_ids"]
         for k, ids in zip(long, cut):
-            if side == "target" and ids[-1:] != [self.eos_id]:
+            if side == "target" and not self.adds_eos:
                 ids = [*ids[: limit - 1], self.eos_id]  # the tokenizer adds no EOS: keep ours as the last token
             if len(ids) > limit:  # the tokenizer's special tokens alone are longer than the limit
                 raise RunError(f"--max-{side}-tokens {limit} is shorter than the tokenizer's special tokens around "

@@ -512,7 +512,16 @@ def setup(config: TrainConfig, world: World) -> Run:
     if hf_config.is_encoder_decoder and config.use_liger_kernels:
         raise ConfigError(f"--use-liger-kernels: Liger has no kernels for encoder-decoder models "
                           f"({hf_config.model_type}); drop the flag")
+    if hf_config.is_encoder_decoder and config.compile:
+        raise ConfigError("--compile: an encoder-decoder's blocks take several code paths (encoder and decoder, the "
+                          "first block's position bias, training and evaluation) beyond torch.compile's recompile "
+                          "limit, so it would run eager without saying so; drop --compile")
     objective = build_objective(config, hf_config)  # an encoder-decoder trains on padded source-target batches
+    positions = getattr(objective, "max_positions", None)
+    generates = config.eval_metric is not None or config.num_eval_generations > 0
+    if positions is not None and generates and config.eval_max_new_tokens >= positions:
+        raise ConfigError(f"--eval-max-new-tokens {config.eval_max_new_tokens}: the decoder has {positions} positions "
+                          f"(max_position_embeddings), the decoder start token included; pass at most {positions - 1}")
     sources = parse_sources(config.data_path)
     template = chat_template_of(sources)
     if template is not None:  # the template the data was rendered with goes into every export's tokenizer

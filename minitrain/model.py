@@ -212,7 +212,7 @@ def build_model(config, world: World, adapter: FullFineTuning | None = None) -> 
     seq2seq = hf_config.is_encoder_decoder
     if seq2seq and attn in attention.WITH_BOUNDARIES:
         raise ModelError(f"--attn-implementation {attn} isolates packed rows; encoder-decoder micro-batches are padded "
-                         f"with attention masks: use --attn-implementation auto (sdpa), eager or flash_attention_2")
+                         f"with attention masks: use --attn-implementation auto (sdpa) or eager")
 
     def load():
         return auto.from_pretrained(config.model_name_or_path, dtype=torch.float32, attn_implementation=attn)

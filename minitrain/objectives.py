@@ -105,12 +105,22 @@ class Seq2SeqSFT(SFT):
     the planner is their padded size: `costs` gives each sample's (source, target) tokens (sampler.py)."""
 
     pad_id: int = 0
+    max_positions: int | None = None  # learned position embeddings (BART family): no longer source or target
 
     def check(self, cache: TokenCache, path: str) -> None:
         if not cache.seq2seq:
             what = "preference pairs" if cache.pairs else "causal-LM samples (labels aligned with input_ids)"
             raise DataError(f"{path}: holds {what}, and the model is an encoder-decoder; re-run process_data.py "
                             f"with this model on source/target pairs")
+        if self.max_positions is None:
+            return
+        for side, lengths in zip(("source", "target"), self.costs(cache).T):
+            over = np.flatnonzero(lengths > self.max_positions)
+            if len(over):
+                i = int(over[0])
+                raise DataError(f"{path}:{cache.lines[i]}: the {side} has {lengths[i]} tokens, more than the model's "
+                                f"{self.max_positions} positions ({len(over)} samples do); re-run process_data.py "
+                                f"with --max-{side}-tokens {self.max_positions}")
 
     def costs(self, cache: TokenCache) -> np.ndarray:
         return np.stack([cache.source_lengths, cache.lengths - cache.source_lengths], axis=1)
@@ -279,7 +289,8 @@ def build_objective(config, hf_config=None) -> SFT | DPO | SimPO:
             raise DataError(f"--objective {name} trains causal LMs; an encoder-decoder model "
                             f"({hf_config.model_type}) trains with --objective sft")
         pad = hf_config.pad_token_id if hf_config.pad_token_id is not None else 0
-        return Seq2SeqSFT(getattr(config, "loss_reduction", "tokens"), pad_id=pad)
+        return Seq2SeqSFT(getattr(config, "loss_reduction", "tokens"), pad_id=pad,
+                          max_positions=getattr(hf_config, "max_position_embeddings", None))
     if name == "dpo":
         return DPO(beta=config.dpo_beta, sft_weight=config.preference_sft_weight)
     if name == "simpo":

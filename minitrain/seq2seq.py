@@ -3,9 +3,9 @@ start-up probe that proves its loss is the model's own.
 
 `Seq2SeqLM` runs the model's encoder on a padded micro-batch of sources (data.make_seq2seq_pack) and its decoder on
 the targets shifted right by the model's own `prepare_decoder_input_ids_from_labels` (T5, BART: the decoder start
-token first; mBART: the target's last token, its language id), and returns the summed cross-entropy of the target tokens through the LM head (loss.py:
-logits only at target positions, one chunk at a time). What the model's own forward does between the decoder and its
-loss is done here too:
+token first; mBART: the target's last token, its language id), and returns the summed cross-entropy of the target
+tokens through the LM head (loss.py: logits only at target positions, one chunk at a time). What the model's own
+forward does between the decoder and its loss is done here too:
 
     T5 family       the decoder output times d_model^-0.5 before a tied head (config.scale_decoder_outputs): folded
                     into the logits as a scale, exactly (the head has no bias)
@@ -140,6 +140,9 @@ def check_loss_is_the_models_own(model: Seq2SeqLM, device: torch.device) -> Prob
     """Refuse (ModelError, one line) an encoder-decoder whose loss through the trainer, on a padded micro-batch, is
     not what its own forward gives each sample alone. Collective under FSDP."""
     name = family(model.lm.config)
+    if model.lm.config.pad_token_id is None:
+        raise ModelError(f"model type {name!r}: its config has no pad_token_id, which pads the sources and targets "
+                         f"of a micro-batch (and which its own loss needs); set pad_token_id in config.json")
     try:
         result = probe(model, device)
     except (TypeError, ValueError, RuntimeError, NotImplementedError, AttributeError, IndexError) as e:

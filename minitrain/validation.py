@@ -18,6 +18,7 @@ parameters back into shards.
 """
 
 import math
+import re
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -163,6 +164,12 @@ def generation_attention(lm):
         lm.set_attn_implementation(trained_with)
 
 
+# Decoding settings a checkpoint's generation_config.json may hold, each at the value that does nothing
+NEUTRAL_DECODING = dict(num_beam_groups=1, diversity_penalty=0.0, min_length=0, min_new_tokens=0,
+                        no_repeat_ngram_size=0, encoder_no_repeat_ngram_size=0, repetition_penalty=1.0,
+                        encoder_repetition_penalty=1.0, length_penalty=1.0, early_stopping=False)
+
+
 @torch.no_grad()
 def generate_replies(model, batches: list[list[np.ndarray]], max_new_tokens: int, eos_token_ids: list[int],
                      device: torch.device, num_beams: int = 1) -> list[list[int]]:
@@ -184,8 +191,11 @@ def generate_replies(model, batches: list[list[np.ndarray]], max_new_tokens: int
     encoder_decoder = bool(getattr(lm.config, "is_encoder_decoder", False))
     pad_id = pad_token_id(lm, eos_token_ids)
     sharded = isinstance(model, FSDPModule)
+    # Every decoding choice is ours: transformers fills what a config leaves unset from the checkpoint's own
+    # generation config (bart-large-cnn's 4 beams, no_repeat_ngram_size 3, min_length 56, ...), which would then
+    # decide the metric. Its token ids (decoder start, mBART's forced language id) still come from there.
     config = GenerationConfig(do_sample=False, num_beams=num_beams, max_new_tokens=max_new_tokens,
-                              eos_token_id=eos_token_ids or None, pad_token_id=pad_id)
+                              eos_token_id=eos_token_ids or None, pad_token_id=pad_id, **NEUTRAL_DECODING)
     if sharded:
         model.unshard()
     replies = []
@@ -225,13 +235,31 @@ def generation_batches(lengths: list[int], max_tokens: int, max_new_tokens: int,
 
 
 def rouge_scores(predictions: list[str], references: list[str]) -> dict[str, float]:
-    """Each ROUGE type's mean F-measure x 100 (rouge_score with its Porter stemmer, offline; rougeLsum splits
-    sentences on newlines, as rouge_score does: no NLTK sentence splitter, which needs a download)."""
+    """Each ROUGE type's mean F-measure x 100 (rouge_score, offline; rougeLsum splits sentences on newlines, as
+    rouge_score does: no NLTK sentence splitter, which needs a download), with RougeTokens' words."""
     from rouge_score.rouge_scorer import RougeScorer
 
-    scorer = RougeScorer(list(ROUGE_TYPES), use_stemmer=True)
+    scorer = RougeScorer(list(ROUGE_TYPES), tokenizer=RougeTokens())
     scores = [scorer.score(reference, prediction) for prediction, reference in zip(predictions, references)]
     return {kind: 100 * float(np.mean([s[kind].fmeasure for s in scores])) for kind in ROUGE_TYPES}
+
+
+class RougeTokens:
+    """rouge_score's default words (lowercased runs of [a-z0-9], Porter-stemmed when longer than 3 letters) for any
+    script: its default drops every other letter, so Cyrillic, Greek or Arabic text has no words (ROUGE 0 for an
+    exact match) and "Größe" is "gr" + "e". Here a word is a run of Unicode letters and digits; Chinese and Japanese
+    characters, written without spaces, are one word each. On ASCII text the words are rouge_score's, exactly."""
+
+    CJK = re.compile(r"([\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff])")
+
+    def __init__(self):
+        from nltk.stem import porter  # rouge_score's own stemmer (no data download)
+
+        self.stemmer = porter.PorterStemmer()
+
+    def tokenize(self, text: str) -> list[str]:
+        words = re.findall(r"[^\W_]+", self.CJK.sub(r" \1 ", text.lower()))
+        return [self.stemmer.stem(w) if len(w) > 3 and w.isascii() else w for w in words]
 
 
 @dataclass
