@@ -630,14 +630,44 @@ _ENCODER: Encoder | None = None  # the worker process's encoder, built by init_w
 _INIT_ERROR: str | None = None  # or why it could not be built (a raising initializer makes Pool respawn forever)
 
 
+_WITHOUT_TORCH = False  # the worker process loaded transformers with torch hidden
+
+
 def init_worker(model: str, input_name: str, max_tokens: int | None, on_too_long: str, spec: InputSpec,
-                seq2seq: seq2seq_data.Settings) -> None:
-    global _ENCODER, _INIT_ERROR
+                seq2seq: seq2seq_data.Settings, without_torch: bool = False) -> None:
+    global _ENCODER, _INIT_ERROR, _WITHOUT_TORCH
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one thread per worker: the pool is the parallelism
+    if without_torch and "torch" not in sys.modules:
+        hide_torch()
     try:
         _ENCODER = make_encoder(model, input_name, max_tokens, on_too_long, spec, seq2seq)
     except RunError as e:
         _INIT_ERROR = str(e)
+    except Exception as e:  # without torch, a tokenizer's own code may need it: the pool is started again with it
+        if not _WITHOUT_TORCH:
+            raise
+        _INIT_ERROR = f"{type(e).__name__}: {e} (torch hidden)"
+
+
+def hide_torch() -> None:
+    """Loads transformers in this worker as if torch were not installed: tokenizers and chat templates need no
+    torch, and importing it (transformers' AutoTokenizer pulls it in through the model config) is about half of a
+    worker's start-up, ~2.4 CPU-s with torch 2.13, on the cores that encode. A worker that fails and names torch
+    says so (EncoderInfo.retry_with_torch) and run() starts the pool again with torch."""
+    global _WITHOUT_TORCH
+    sys.modules["torch"] = None  # importlib.util.find_spec("torch") is None, so transformers takes it as absent
+    _WITHOUT_TORCH = True
+    advice = os.environ.get("TRANSFORMERS_NO_ADVISORY_WARNINGS")
+    os.environ["TRANSFORMERS_NO_ADVISORY_WARNINGS"] = "1"  # its "PyTorch was not found" advice, only at import
+    try:
+        import transformers  # noqa: F401
+    except Exception:  # the encoder's own import reports it
+        pass
+    finally:
+        if advice is None:
+            del os.environ["TRANSFORMERS_NO_ADVISORY_WARNINGS"]
+        else:
+            os.environ["TRANSFORMERS_NO_ADVISORY_WARNINGS"] = advice
 
 
 def encode_in_worker(lines: list[tuple[int, bytes]]) -> Chunk:
@@ -653,12 +683,13 @@ class EncoderInfo:
     separator: str | None = None  # raw pairs
     eos_text: str | None = None
     model_type: str | None = None  # an encoder-decoder model's (T5, BART, ...); None for a causal LM
+    retry_with_torch: bool = False  # failed with torch hidden (hide_torch), in a way that may need torch
 
 
 def encoder_info(encoder: Encoder | None = None) -> EncoderInfo:
     encoder = encoder if encoder is not None else _ENCODER
     if encoder is None:
-        return EncoderInfo(error=_INIT_ERROR)
+        return EncoderInfo(error=_INIT_ERROR, retry_with_torch=_WITHOUT_TORCH and "torch" in str(_INIT_ERROR).lower())
     return EncoderInfo(None, encoder.template, getattr(encoder, "separator", None), getattr(encoder, "eos_text", None),
                        getattr(encoder, "model_type", None))
 
@@ -808,8 +839,12 @@ def run(cfg: Config) -> Summary:
     # not fit the model fail there, before anything is read or written.
     pool, encoder = None, None
     if cfg.num_workers > 1:
-        pool = mp.get_context("spawn").Pool(cfg.num_workers, init_worker, init_args)
+        pool = mp.get_context("spawn").Pool(cfg.num_workers, init_worker, (*init_args, True))
         info = pool.apply(encoder_info)
+        if info.retry_with_torch:  # the tokenizer's code may need torch: again with it
+            pool.terminate()
+            pool = mp.get_context("spawn").Pool(cfg.num_workers, init_worker, init_args)
+            info = pool.apply(encoder_info)
     else:
         encoder = make_encoder(*init_args)
         info = encoder_info(encoder)

@@ -19,6 +19,7 @@ import importlib.util
 import multiprocessing as mp
 import os
 import random
+import resource
 import statistics
 import subprocess
 import sys
@@ -130,8 +131,9 @@ def tree_rss(pid: int) -> int:
     return total
 
 
-def measure(cmd: list[str]) -> tuple[float, int]:
-    """Wall seconds and peak tree RSS of a command."""
+def measure(cmd: list[str]) -> tuple[float, int, float]:
+    """Wall seconds, peak tree RSS and CPU seconds (user + system, all its processes) of a command."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=ROOT)
     peak = 0
@@ -141,7 +143,8 @@ def measure(cmd: list[str]) -> tuple[float, int]:
     seconds = time.perf_counter() - start
     if proc.returncode != 0:
         sys.exit(f"bench_process_data.py: error: {' '.join(cmd[:3])} failed: {proc.stderr.read().decode()[-500:]}")
-    return seconds, peak
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)  # the command's, with the pool workers it waited for
+    return seconds, peak, after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
 
 
 def ours_cmd(data: Path, out: Path, model: Path, workers: int) -> list[str]:
@@ -160,25 +163,33 @@ def compare(kind: str, n: int, model: Path, workers: int, repeats: int, tmp: Pat
     """Interleaved runs of both sides on n samples of `kind`: a markdown table row pair and the figures."""
     data = tmp / f"{kind}.jsonl"
     write_data(data, kind, n)
-    runs: dict[str, list[tuple[float, int]]] = {"bare": [], "ours": []}
+    runs: dict[str, list[tuple[float, int, float]]] = {"bare": [], "ours": []}
+    loads = []
     for _ in range(repeats):  # interleaved, so both sides see the same machine load
+        loads.append(os.getloadavg()[0])
         runs["bare"].append(measure(bare_cmd(data, tmp / "bare.jsonl", model, workers)))
         runs["ours"].append(measure(ours_cmd(data, tmp / "ours.jsonl", model, workers)))
     tokens = sum(orjson.loads(line)["len"] for line in open(tmp / "ours.jsonl", "rb"))
     bare_ids = [orjson.loads(line)["input_ids"] for line in open(tmp / "bare.jsonl", "rb")]
     ours_ids = [orjson.loads(line)["input_ids"] for line in open(tmp / "ours.jsonl", "rb")]
     turns = sum(len(orjson.loads(line)["messages"]) for line in open(data, "rb")) / n
-    bare_s, ours_s = (statistics.median(s for s, _ in runs[side]) for side in ("bare", "ours"))
-    bare_mem, ours_mem = (max(m for _, m in runs[side]) for side in ("bare", "ours"))
-    ratios = sorted(b / o for (b, _), (o, _) in zip(runs["bare"], runs["ours"]))
+    bare_s, ours_s = (statistics.median(s for s, _, _ in runs[side]) for side in ("bare", "ours"))
+    bare_mem, ours_mem = (max(m for _, m, _ in runs[side]) for side in ("bare", "ours"))
+    bare_cpu, ours_cpu = (statistics.median(c for _, _, c in runs[side]) for side in ("bare", "ours"))
+    ratios = [b[0] / o[0] for b, o in zip(runs["bare"], runs["ours"])]
+    cpu_ratios = [b[2] / o[2] for b, o in zip(runs["bare"], runs["ours"])]
     lines = [
         f"### {kind}: {n:,} samples, {turns:.1f} turns and {tokens / n:.0f} tokens per sample ({tokens:,} tokens)\n",
-        f"Same input_ids on both sides: {bare_ids == ours_ids}. Per-round ratios (bare time / ours): "
-        + ", ".join(f"{r:.2f}x" for r in ratios) + ".\n",
-        "| | samples/s | tokens/s | peak RSS (MB) | vs bare |",
-        "|---|---:|---:|---:|---:|",
-        f"| bare pool, apply_chat_template(tokenize=True) per row | {n / bare_s:,.0f} | {tokens / bare_s:,.0f} | {bare_mem / 2**20:,.0f} | 1.00x |",
-        f"| process_data.py (ids + masks) | {n / ours_s:,.0f} | {tokens / ours_s:,.0f} | {ours_mem / 2**20:,.0f} | {bare_s / ours_s:.2f}x |",
+        f"Same input_ids on both sides: {bare_ids == ours_ids}. Per-round ratios in run order (bare / ours), wall "
+        "time: " + ", ".join(f"{r:.2f}x" for r in ratios) + "; CPU seconds of all processes: "
+        + ", ".join(f"{r:.2f}x" for r in cpu_ratios) + "; load average at each round's start: "
+        + ", ".join(f"{x:.1f}" for x in loads) + ".\n",
+        "| | samples/s | tokens/s | CPU s (all processes) | peak RSS (MB) | vs bare (wall) |",
+        "|---|---:|---:|---:|---:|---:|",
+        f"| bare pool, apply_chat_template(tokenize=True) per row | {n / bare_s:,.0f} | {tokens / bare_s:,.0f} | "
+        f"{bare_cpu:.1f} | {bare_mem / 2**20:,.0f} | 1.00x |",
+        f"| process_data.py (ids + masks) | {n / ours_s:,.0f} | {tokens / ours_s:,.0f} | {ours_cpu:.1f} | "
+        f"{ours_mem / 2**20:,.0f} | {bare_s / ours_s:.2f}x |",
         "",
     ]
     return "\n".join(lines), {"ratio": bare_s / ours_s}
