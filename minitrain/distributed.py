@@ -9,6 +9,7 @@ single-process answer) outside torchrun, so `python train.py` runs the same code
 """
 
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -102,3 +103,23 @@ def compute_autocast(model: torch.nn.Module, device: torch.device):
 
     unsharded_cuda = device.type == "cuda" and not isinstance(model, FSDPModule)
     return torch.autocast("cuda", dtype=torch.bfloat16, enabled=unsharded_cuda)
+
+
+@contextmanager
+def root_unsharded(model: torch.nn.Module):
+    """The FSDP2 root's own parameters (embeddings, final norm, LM head) all-gathered while the Hugging Face model
+    inside it runs outside the root's forward (generate, the start-up probe's own forward); the blocks gather theirs
+    in their hooks. Afterwards every module is back in shards, so training goes on with the memory it had. Call it
+    after a forward of the root (FSDP2's lazy init). A plain module: nothing to do."""
+    from torch.distributed.fsdp import FSDPModule
+
+    if not isinstance(model, FSDPModule):
+        yield
+        return
+    model.unshard()
+    try:
+        yield
+    finally:
+        for module in model.modules():
+            if isinstance(module, FSDPModule):
+                module.reshard()

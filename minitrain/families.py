@@ -261,23 +261,18 @@ def probe_row(vocab_size: int, device: torch.device):
 @torch.no_grad()
 def probe(model: nn.Module, device: torch.device) -> ProbeResult:
     """Run the probe on `model` (a PackedCausalLM, FSDP-sharded or not; collective under FSDP: every rank runs it)."""
-    from torch.distributed.fsdp import FSDPModule
-
-    from minitrain.distributed import compute_autocast
+    from minitrain.distributed import compute_autocast, root_unsharded
 
     lm = model.lm
     samples, ids, pos, positions, targets = probe_row(lm.config.vocab_size, device)
-    sharded = isinstance(model, FSDPModule)
     was_training = model.training
     model.eval()  # no dropout, no router jitter: both sides deterministic
     try:
         with compute_autocast(model, device):
             # The root's first forward must be the root's own (FSDP2's lazy init); then its parameters (embeddings,
-            # final norm, head) are all-gathered by hand for the Hugging Face forward inside it.
+            # final norm, head) are all-gathered for the Hugging Face forward inside it.
             trainer_sum = model(ids, pos, positions, targets).float()
-            if sharded:
-                model.unshard()
-            try:
+            with root_unsharded(model):
                 packed = lm(input_ids=ids, position_ids=pos, use_cache=False)
                 packed_ce = F.cross_entropy(packed.logits[0, positions].float(), targets, reduction="none")
                 alone_ce = []
@@ -287,11 +282,6 @@ def probe(model: nn.Module, device: torch.device) -> ProbeResult:
                     alone_ce.append(F.cross_entropy(logits[:-1].float(), s[1:], reduction="none"))
                 alone_ce = torch.cat(alone_ce)
                 aux = getattr(packed, "aux_loss", None) if model.router_aux is not None else None
-            finally:
-                if sharded:
-                    for module in model.modules():
-                        if isinstance(module, FSDPModule):
-                            module.reshard()
     finally:
         model.train(was_training)
     n = len(targets)

@@ -92,9 +92,7 @@ PROBE_SHAPES = ((7, 5), (12, 9), (4, 3))  # (source, target) tokens of the probe
 def probe(model: Seq2SeqLM, device: torch.device) -> ProbeResult:
     """Collective under FSDP (every rank runs it): the trainer's mean CE on a padded probe batch, and the model's own
     `loss` (its forward with `labels`, plain CE) of each sample alone, token-weighted."""
-    from torch.distributed.fsdp import FSDPModule
-
-    from minitrain.distributed import compute_autocast
+    from minitrain.distributed import compute_autocast, root_unsharded
 
     lm = model.lm
     config = lm.config
@@ -112,23 +110,15 @@ def probe(model: Seq2SeqLM, device: torch.device) -> ProbeResult:
         ids[row, : len(source)], mask[row, : len(source)], labels[row, : len(target)] = source, 1, target
     flat = torch.nonzero(labels.reshape(-1) != IGNORE)[:, 0]
     tensors = [t.to(device) for t in (ids, mask, labels, flat, labels.reshape(-1)[flat])]
-    sharded = isinstance(model, FSDPModule)
     was_training = model.training
     model.eval()
     try:
         with compute_autocast(model, device):
             trainer_sum = model(*tensors).float()  # the root's own forward first (FSDP2's lazy init)
-            if sharded:
-                model.unshard()
-            try:
+            with root_unsharded(model):
                 # the model's own loss (its mean CE over the sample's target tokens), one sample at a time
                 own = sum(lm(input_ids=source[None].to(device), labels=target[None].to(device), use_cache=False)
                           .loss.float().item() * len(target) for source, target in samples)
-            finally:
-                if sharded:
-                    for module in model.modules():
-                        if isinstance(module, FSDPModule):
-                            module.reshard()
     finally:
         model.train(was_training)
     low_precision = device.type == "cuda" or next(lm.parameters()).dtype != torch.float32

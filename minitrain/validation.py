@@ -29,7 +29,7 @@ import torch.distributed as dist
 
 from minitrain import attention
 from minitrain.data import IGNORE, TokenCache
-from minitrain.distributed import World, compute_autocast, print0
+from minitrain.distributed import World, compute_autocast, print0, root_unsharded
 from sampler import pack_step
 
 # The validation split must not move when --seed changes, so runs with different seeds are compared on the same
@@ -196,24 +196,16 @@ def generate_replies(model, batches: list[list[np.ndarray]], max_new_tokens: int
     # decide the metric. Its token ids (decoder start, mBART's forced language id) still come from there.
     config = GenerationConfig(do_sample=False, num_beams=num_beams, max_new_tokens=max_new_tokens,
                               eos_token_id=eos_token_ids or None, pad_token_id=pad_id, **NEUTRAL_DECODING)
-    if sharded:
-        model.unshard()
     replies = []
-    try:
-        with generation_attention(lm):
-            for prompts in batches:
-                ids, mask = (t.to(device) for t in padded(prompts, pad_id, left=not encoder_decoder))
-                with compute_autocast(model, device):
-                    out = lm.generate(input_ids=ids, attention_mask=mask, generation_config=config,
-                                      synced_gpus=sharded and dist.get_world_size() > 1)
-                for reply in out[:, 1 if encoder_decoder else ids.shape[1] :].tolist():
-                    ends = [k for k, token in enumerate(reply) if token in eos_token_ids]
-                    replies.append(reply[: ends[0] + 1] if ends else reply)
-    finally:
-        if sharded:  # back to shards everywhere, so training resumes with the memory it had
-            for module in model.modules():
-                if isinstance(module, FSDPModule):
-                    module.reshard()
+    with root_unsharded(model), generation_attention(lm):
+        for prompts in batches:
+            ids, mask = (t.to(device) for t in padded(prompts, pad_id, left=not encoder_decoder))
+            with compute_autocast(model, device):
+                out = lm.generate(input_ids=ids, attention_mask=mask, generation_config=config,
+                                  synced_gpus=sharded and dist.get_world_size() > 1)
+            for reply in out[:, 1 if encoder_decoder else ids.shape[1] :].tolist():
+                ends = [k for k, token in enumerate(reply) if token in eos_token_ids]
+                replies.append(reply[: ends[0] + 1] if ends else reply)
     return replies
 
 
