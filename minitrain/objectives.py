@@ -13,7 +13,8 @@ An objective is a small object with these members:
 
     name            the --objective value
     unit            what the denominator counts (printed and logged)
-    costs(cache)    the planner's cost of each sample (tokens of its packed row)
+    costs(cache)    the planner's cost of each sample: tokens of its packed row, or (source, target) tokens for
+                    padded micro-batches
     step_units(cache, indices)   the step's denominator over its sample indices (all ranks, all micro-steps)
     pack(cache, indices)         one micro-step's input (data.Pack, or PairPack for pairs)
     metrics         names of the metrics it reports (TRL's names), each a mean over the step's units
@@ -24,6 +25,9 @@ An objective is a small object with these members:
 
 The loop all-reduces the metric sums with the loss sum and divides both by step_units, so a metric is the exact
 mean over the step's units too (SFT has none: its records hold only the loss).
+
+`Seq2SeqSFT` is SFT for encoder-decoder models (T5, BART, ...): the same loss over a source-target cache's target
+tokens, on padded micro-batches whose planner cost is their padded size (costs are (source, target) pairs).
 
 `SFT` is the mean cross-entropy over the step's trained tokens (--loss-reduction tokens), or over its samples of
 each sample's token mean (--loss-reduction sequences, torchllms' `sequences`: the denominator is the step's samples,
