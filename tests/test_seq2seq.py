@@ -232,8 +232,16 @@ def test_train_cli_step_loss_is_the_models_own_and_the_export_loads_and_generate
     truth = sum(n * own.item() for n, own in losses) / sum(n for n, _ in losses)
     assert records[0]["loss"] == pytest.approx(truth, rel=1e-5)
     assert records[0]["trained_tokens"] == sum(len(r["labels"]) for r in first)
+    # each step's padded tokens: its micro-batches (the same seeded plan) x (longest source + longest target)
+    from sampler import MultipackPlanner
+
+    sizes = np.array([[len(r["input_ids"]), len(r["labels"])] for r in rows])
+    planner = MultipackPlanner(sizes, 8, 128, 1, seed=42)
     for r in records:
-        assert r["tokens"] <= r["padded_tokens"] and r["padding"] == pytest.approx(1 - r["tokens"] / r["padded_tokens"])
+        plan = planner.plan(r["step"] - 1)
+        padded = sum(len(p) * int(sizes[p].max(axis=0).sum()) for micro in plan.micro_batches for p in micro)
+        assert r["padded_tokens"] == padded and r["tokens"] == int(sizes[np.concatenate(plan.rank_packs(0))].sum())
+        assert r["padding"] == pytest.approx(1 - r["tokens"] / padded) and r["padding"] > 0
     assert records[-1]["loss"] < records[0]["loss"]
 
     export = out / "hf_format" / "samples_24"
