@@ -182,6 +182,11 @@ def checkpointing_needed(hf_config, tokens_per_rank: int, world: World) -> tuple
     free to this rank (the GPU's, or the machine's shared by the ranks on it). Checkpointing costs ~25% more compute,
     so it is off when memory allows."""
     layers = getattr(hf_config, "num_hidden_layers", None) or getattr(hf_config, "n_layer", 0)
+    if getattr(hf_config, "is_encoder_decoder", False):
+        # A padded micro-batch's tokens are split between the stacks (sources through the encoder, targets through the
+        # decoder, together within the budget): the deeper stack bounds it.
+        decoder = getattr(hf_config, "num_decoder_layers", None) or getattr(hf_config, "decoder_layers", None)
+        layers = max(layers, decoder or 0)
     hidden = getattr(hf_config, "hidden_size", None) or getattr(hf_config, "n_embd", 0)
     need = layers * tokens_per_rank * hidden * ACTIVATION_BYTES
     if world.device.type == "cuda":
