@@ -105,14 +105,19 @@ def _cached_safety(compiled, template: str):
     return overlay.from_string(template)
 
 
+_RENDER_ARGS = frozenset({"messages", "tools", "documents", "add_generation_prompt"})
+
+
 class Renderer:
     """Renders conversations as tokenizer.apply_chat_template(tokenize=False) does, without its per-call overhead.
 
     Our samples are parsed JSON, for which transformers' conversions of message objects, tools and kwargs to plain
     data are the identity, so we do what is left of apply_chat_template, in its order: drop None-valued message
     keys, alias the reasoning fields, the special tokens as template variables (kwargs win), and transformers'
-    own compiled template. Checked against apply_chat_template at start-up (process_data.tokenization_mismatch)
-    and by the tests; with another transformers whose internals differ, its public entry point is used.
+    own compiled template (compiled again with cached sandbox decisions: _cached_safety; rendered as
+    Template.render does, with its globals merged once). Checked against apply_chat_template at start-up
+    (process_data.tokenization_mismatch) and by the tests; with another transformers whose internals differ,
+    its public entry point is used.
     """
 
     def __init__(self, tokenizer, template: str):
@@ -127,6 +132,9 @@ class Renderer:
 
             self._compiled = _cached_safety(_compile_jinja_template(template), template)
             self._alias = _alias_reasoning_fields
+            # Template.render merges the template's globals into a new dict on every call (through a ChainMap, in
+            # Python): merged once here; they are set when transformers compiles the template, before we see it
+            self._globals = dict(self._compiled.globals)
             self._aliased = frozenset(_REASONING_FIELDS)  # the keys _alias_reasoning_fields reads
         except (ImportError, AttributeError):
             self._compiled = None
@@ -148,9 +156,21 @@ class Renderer:
         else:
             chat = self._alias([{k: v for k, v in m.items() if v is not None} for m in messages])
         kwargs = {**self.special, **{k: v for k, v in extra.items() if k not in ("tools", "documents")}}
-        return self._compiled.render(
-            messages=chat, tools=tools, documents=documents, add_generation_prompt=add_generation_prompt, **kwargs
+        if self._compiled.environment.is_async or not _RENDER_ARGS.isdisjoint(kwargs):  # render() refuses these twice
+            return self._compiled.render(
+                messages=chat, tools=tools, documents=documents, add_generation_prompt=add_generation_prompt, **kwargs
+            )
+        # what Template.render does: a context of the globals and our variables (later ones win), then its root
+        context = self._compiled.new_context(
+            {**self._globals, "messages": chat, "tools": tools, "documents": documents,
+             "add_generation_prompt": add_generation_prompt, **kwargs},
+            shared=True,  # take this dict as it is: it holds the globals already
         )
+        environment = self._compiled.environment
+        try:
+            return environment.concat(self._compiled.root_render_func(context))
+        except Exception:
+            environment.handle_exception()
 
 
 # ---- special tokens in text ----
