@@ -695,6 +695,19 @@ def _bisect_start(encoding, a: int, lo: int = 0) -> int:
     return lo
 
 
+def _first_start(encoding, a: int, lo: int = 0) -> int:
+    """_bisect_start(encoding, a, lo) from a hint: the token holding character a (one Rust scan), kept when its
+    neighbours show it is the first from `lo` on to start at or after a (with sorted starts that is the answer),
+    else the bisection. Three offsets read instead of a bisection's ~log2(tokens)."""
+    t = encoding.char_to_token(a)
+    if t is not None and t >= lo:
+        n = len(encoding)
+        c = t if encoding.token_to_chars(t)[0] >= a else t + 1
+        if (c == lo or encoding.token_to_chars(c - 1)[0] < a) and (c == n or encoding.token_to_chars(c)[0] >= a):
+            return c
+    return _bisect_start(encoding, a, lo)
+
+
 def token_ranges(
     encoding, spans: list[tuple[int, int]], ids: list[int], added_ids: frozenset[int]
 ) -> list[tuple[int, int]]:
@@ -705,10 +718,10 @@ def token_ranges(
     non-decreasing starts; tests/test_process_data.py checks that the two agree)."""
     out = []
     for a, b in spans:
-        i = _bisect_start(encoding, a)
+        i = _first_start(encoding, a)
         if i > 0 and encoding.token_to_chars(i - 1)[1] > a and not (ids and ids[i - 1] in added_ids):
             i -= 1
-        out.append((i, _bisect_start(encoding, b, i)))
+        out.append((i, _first_start(encoding, b, i)))
     return out
 
 

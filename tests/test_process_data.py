@@ -249,8 +249,8 @@ def test_special_token_offsets_cover_exactly_their_text(encoders, family):
     assert starts == sorted(starts) and encoding.offsets[-1][1] == len(text)
 
 
-PARTS_FOR_RANGES = st.sampled_from([*"ab Z9\n\t 🙂é日<|>/", "  ", "\n\n", "<|im_end|>", "<|eot_id|>", "</s>", "<|end|>",
-                                     "<end_of_turn>", "<|im_start|>assistant\n", "hello", " world"])
+PARTS_FOR_RANGES = st.sampled_from([*"ab Z9\n\t 🙂é日<|>/", "  ", "\n\n", "<|im_end|>", "<|eot_id|>", "</s>",
+                                     "<|end|>", "<end_of_turn>", "<|im_start|>assistant\n", "hello", " world"])
 
 
 def test_token_mask_overlap_rule():
