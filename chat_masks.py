@@ -42,6 +42,8 @@ import json
 import re
 from bisect import bisect_left
 from dataclasses import dataclass
+from itertools import accumulate
+from typing import NamedTuple
 
 OPEN, CLOSE = "\ue000", "\ue001"
 SENTINEL_RE = re.compile("\ue000([0-9]+)\ue001")
@@ -70,23 +72,70 @@ def sentinel(k: int) -> str:
     return f"{OPEN}{k}{CLOSE}"
 
 
+def _cached_safety(compiled, template: str):
+    """transformers' compiled template, compiled again in an overlay of its environment (the same options,
+    filters, globals and extensions) whose sandbox caches its attribute-safety decisions.
+
+    The sandbox checks every attribute a template reads (`loop.first`, `message.content`, ...) with
+    ImmutableSandboxedEnvironment.is_safe_attribute, about a third of a render; its answer depends only on the
+    object's type and the attribute's name (no underscore, not an internal attribute of functions, frames, ...,
+    not a method that modifies a list, dict, set or deque), so it is computed once per type and name. Every
+    other check (str.format, callables, ...) is the sandbox's own. transformers' environment itself, which
+    apply_chat_template uses, is left as it is; another environment class keeps transformers' template.
+    """
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    env = compiled.environment
+    if type(env) is not ImmutableSandboxedEnvironment or env.is_async:
+        return compiled
+    overlay = env.overlay()
+    decide, decisions = overlay.is_safe_attribute, {}
+
+    def is_safe_attribute(obj, attr: str, value) -> bool:
+        cls = type(obj)
+        if obj.__class__ is not cls:  # isinstance also looks at __class__: such objects are decided each time
+            return decide(obj, attr, value)
+        key = (cls, attr)
+        safe = decisions.get(key)
+        if safe is None:
+            safe = decisions[key] = decide(obj, attr, value)
+        return safe
+
+    overlay.is_safe_attribute = is_safe_attribute
+    return overlay.from_string(template)
+
+
+_RENDER_ARGS = frozenset({"messages", "tools", "documents", "add_generation_prompt"})
+
+
 class Renderer:
     """Renders conversations as tokenizer.apply_chat_template(tokenize=False) does, without its per-call overhead.
 
     Our samples are parsed JSON, for which transformers' conversions of message objects, tools and kwargs to plain
     data are the identity, so we do what is left of apply_chat_template, in its order: drop None-valued message
     keys, alias the reasoning fields, the special tokens as template variables (kwargs win), and transformers'
-    own compiled template. Checked against apply_chat_template at start-up (process_data.tokenization_mismatch)
-    and by the tests; with another transformers whose internals differ, its public entry point is used.
+    own compiled template (compiled again with cached sandbox decisions: _cached_safety; rendered as
+    Template.render does, with its globals merged once). Checked against apply_chat_template at start-up
+    (process_data.tokenization_mismatch) and by the tests; with another transformers whose internals differ,
+    its public entry point is used.
     """
 
     def __init__(self, tokenizer, template: str):
         self.tokenizer, self.template = tokenizer, template
         self.special = dict(tokenizer.special_tokens_map)
         try:
-            from transformers.utils.chat_template_utils import _alias_reasoning_fields, _compile_jinja_template
+            from transformers.utils.chat_template_utils import (
+                _REASONING_FIELDS,
+                _alias_reasoning_fields,
+                _compile_jinja_template,
+            )
 
-            self._compiled, self._alias = _compile_jinja_template(template), _alias_reasoning_fields
+            self._compiled = _cached_safety(_compile_jinja_template(template), template)
+            self._alias = _alias_reasoning_fields
+            # Template.render merges the template's globals into a new dict on every call (through a ChainMap, in
+            # Python): merged once here; they are set when transformers compiles the template, before we see it
+            self._globals = dict(self._compiled.globals)
+            self._aliased = frozenset(_REASONING_FIELDS)  # the keys _alias_reasoning_fields reads
         except (ImportError, AttributeError):
             self._compiled = None
 
@@ -102,11 +151,26 @@ class Renderer:
             raise ValueError("Tools should either be a JSON schema, or a callable function with type hints")
         if documents is not None and not all(isinstance(d, dict) for d in documents):
             raise TypeError("Documents should be a list of dicts with 'title' and 'text' keys!")
-        chat = self._alias([{k: v for k, v in m.items() if v is not None} for m in messages])
+        if all(None not in m.values() and self._aliased.isdisjoint(m) for m in messages):
+            chat = messages  # what the copies below would be: no None value to drop, no reasoning field to alias
+        else:
+            chat = self._alias([{k: v for k, v in m.items() if v is not None} for m in messages])
         kwargs = {**self.special, **{k: v for k, v in extra.items() if k not in ("tools", "documents")}}
-        return self._compiled.render(
-            messages=chat, tools=tools, documents=documents, add_generation_prompt=add_generation_prompt, **kwargs
+        if self._compiled.environment.is_async or not _RENDER_ARGS.isdisjoint(kwargs):  # render() refuses these twice
+            return self._compiled.render(
+                messages=chat, tools=tools, documents=documents, add_generation_prompt=add_generation_prompt, **kwargs
+            )
+        # what Template.render does: a context of the globals and our variables (later ones win), then its root
+        context = self._compiled.new_context(
+            {**self._globals, "messages": chat, "tools": tools, "documents": documents,
+             "add_generation_prompt": add_generation_prompt, **kwargs},
+            shared=True,  # take this dict as it is: it holds the globals already
         )
+        environment = self._compiled.environment
+        try:
+            return environment.concat(self._compiled.root_render_func(context))
+        except Exception:
+            environment.handle_exception()
 
 
 # ---- special tokens in text ----
@@ -260,8 +324,7 @@ def learn_shape(tokenizer, render, specials: Specials) -> TemplateShape:
 # ---- method 1: the sentinel render ----
 
 
-@dataclass(frozen=True)
-class Piece:
+class Piece(NamedTuple):  # a NamedTuple, not a frozen dataclass: one is made per content of every sample
     message: int  # index into messages
     key: str  # "content", one of REASONING_KEYS, or "tool_calls" (an argument string)
     value: str  # the original string
@@ -307,7 +370,7 @@ def with_sentinels(messages: list[dict], split: re.Pattern | None = None) -> tup
         value = message.get("content")
         if isinstance(value, str) and value:
             message["content"] = _placeholders(value, i, "content", pieces, split)
-        if message["role"] == "assistant":
+        if message["role"] == "assistant" and len(message) > 1 + ("content" in message):  # keys besides those two
             present = [k for k in REASONING_KEYS if isinstance(message.get(k), str) and message[k]]
             if present:
                 replaced = _placeholders(message[present[0]], i, present[0], pieces, split)
@@ -356,16 +419,14 @@ def align(real: str, literals: list[str], values: list[str]) -> list[tuple[int, 
     """
     # Fast path: every value rendered as it is. Another alignment would need a value rendered shorter (stripped)
     # and another longer (JSON-escaped) by exactly as much, with the same text around: we take this one.
+    # (real is then exactly the literals and values interleaved: one comparison of the joined text)
     if len(real) == sum(map(len, literals)) + sum(map(len, values)):
-        spans, pos = [], len(literals[0])
-        if real.startswith(literals[0]):
-            for value, literal in zip(values, literals[1:]):
-                if not (real.startswith(value, pos) and real.startswith(literal, pos + len(value))):
-                    break
-                spans.append((pos, pos + len(value)))
-                pos += len(value) + len(literal)
-            else:
-                return spans
+        parts = [literals[0]]
+        for value, literal in zip(values, literals[1:]):
+            parts += (value, literal)
+        if real == "".join(parts):
+            edges = list(accumulate(map(len, parts)))  # the end of each part: values are parts 1, 3, 5, ...
+            return [(edges[k - 1], edges[k]) for k in range(1, len(parts), 2)]
     found: list[list[tuple[int, int]]] = []
 
     def search(k: int, pos: int, spans: list[tuple[int, int]]) -> None:
@@ -621,6 +682,49 @@ def token_mask(
     return mask
 
 
+def _bisect_start(encoding, a: int, lo: int = 0) -> int:
+    """bisect_left(encoding.offsets, (a, -1), lo): the first token from `lo` on starting at or after character a,
+    with the same probes, reading each probed token's offsets from the Rust encoding."""
+    hi = len(encoding)
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if encoding.token_to_chars(mid)[0] < a:
+            lo = mid + 1
+        else:
+            hi = mid
+    return lo
+
+
+def _first_start(encoding, a: int, lo: int = 0) -> int:
+    """_bisect_start(encoding, a, lo) from a hint: the token holding character a (one Rust scan), kept when its
+    neighbours show it is the first from `lo` on to start at or after a (with sorted starts that is the answer),
+    else the bisection. Three offsets read instead of a bisection's ~log2(tokens)."""
+    t = encoding.char_to_token(a)
+    if t is not None and t >= lo:
+        n = len(encoding)
+        c = t if encoding.token_to_chars(t)[0] >= a else t + 1
+        if (c == lo or encoding.token_to_chars(c - 1)[0] < a) and (c == n or encoding.token_to_chars(c)[0] >= a):
+            return c
+    return _bisect_start(encoding, a, lo)
+
+
+def token_ranges(
+    encoding, spans: list[tuple[int, int]], ids: list[int], added_ids: frozenset[int]
+) -> list[tuple[int, int]]:
+    """token_mask(encoding.offsets, spans, ids, added_ids) as token index ranges [i, j), one per span (the mask is
+    True on their union), without building the offsets list, which costs more than the rest of the masks: the
+    same steps on the offsets of the few tokens they look at. token_mask's scan to the first token starting at or
+    after b is a bisection here, as its own first step is: both take the offsets as sorted (tokenizers gives
+    non-decreasing starts; tests/test_process_data.py checks that the two agree)."""
+    out = []
+    for a, b in spans:
+        i = _first_start(encoding, a)
+        if i > 0 and encoding.token_to_chars(i - 1)[1] > a and not (ids and ids[i - 1] in added_ids):
+            i -= 1
+        out.append((i, _first_start(encoding, b, i)))
+    return out
+
+
 def covers_every_span(offsets: list[tuple[int, int]], spans: list[tuple[int, int]]) -> bool:
     """Whether every non-empty span overlaps at least one token."""
     for a, b in spans:
@@ -683,7 +787,8 @@ RAW_SENTINEL_RE = re.compile(rb"\xee\x80[\x80-\x83]|\\u[eE]00[0-3]")
 
 
 def check_placeholders(raw: bytes) -> None:
-    if RAW_SENTINEL_RE.search(raw):
+    # both forms start with b"\xee\x80" or b"\\u": a substring test first, much cheaper than the search
+    if (b"\xee\x80" in raw or b"\\u" in raw) and RAW_SENTINEL_RE.search(raw):
         raise MaskError("contains the private-use characters U+E000..U+E003 reserved for mask placeholders")
 
 

@@ -109,12 +109,12 @@ def load_row(raw: bytes, where: str) -> object | None:
     if not raw.strip():
         return None
     try:
-        raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise RunError(f"{where}: invalid UTF-8 at byte {e.start}; re-encode the file as UTF-8") from None
-    try:
-        return orjson.loads(raw)
+        return orjson.loads(raw)  # it refuses invalid UTF-8 too: the decode below then says where, as before
     except orjson.JSONDecodeError as e:
+        try:
+            raw.decode("utf-8")
+        except UnicodeDecodeError as u:
+            raise RunError(f"{where}: invalid UTF-8 at byte {u.start}; re-encode the file as UTF-8") from None
         raise RunError(f"{where}: malformed JSON ({e}); each line must be one JSON object") from None
 
 

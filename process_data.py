@@ -231,9 +231,10 @@ def check_messages(sample: object, where: str) -> dict:
             raise RunError(f"{at} has unknown role {role!r}; use one of {', '.join(ROLES)} (or a lone `pretrain`)")
         elif not isinstance(content, str) and not (role == "assistant" and content is None and message.get("tool_calls")):
             raise RunError(f"{at} `content` must be a string (null only for an assistant turn with tool_calls)")
-        for key in chat_masks.REASONING_KEYS:
-            if message.get(key) is not None and not isinstance(message[key], str):
-                raise RunError(f"{at} `{key}` must be a string (reasoning is trained as text)")
+        if len(message) > 2:  # two keys that passed the checks above are `role` and `content` (or `tool_calls`)
+            for key in chat_masks.REASONING_KEYS:
+                if message.get(key) is not None and not isinstance(message[key], str):
+                    raise RunError(f"{at} `{key}` must be a string (reasoning is trained as text)")
     if "tools" in sample and sample["tools"] is not None and not isinstance(sample["tools"], list):
         raise RunError(f"{where}: `tools` must be a list of tool definitions")
     return sample
@@ -550,15 +551,23 @@ class Encoder:
                 continue
             texts.append(real)
             pending.append((lineno, spans, generated))
-        # The Rust tokenizer's batch encode is much faster than one call per row.
-        for (lineno, spans, generated), encoding in zip(pending, self.backend.encode_batch(texts, add_special_tokens=False)):
-            if not chat_masks.covers_every_span(encoding.offsets, generated):
+        # The Rust tokenizer's batch encode is much faster than one call per row; one call for the chunk's chat
+        # renders and raw pairs (a file holds one format, so one of the two is empty).
+        batch = texts + [text for _, text, _ in raw_pairs]
+        encodings = self.backend.encode_batch(batch, add_special_tokens=False) if batch else []
+        for (lineno, spans, generated), encoding in zip(pending, encodings):
+            if generated and not chat_masks.covers_every_span(encoding.offsets, generated):
                 chunk.drops.append((lineno, DROP_MASK, "a {% generation %} block covers no token"))
                 continue
-            mask = chat_masks.token_mask(encoding.offsets, spans, encoding.ids, self.added_ids)
-            self._finish(lineno, encoding.ids, mask, chunk)
-        raw_encodings = self.backend.encode_batch([text for _, text, _ in raw_pairs], add_special_tokens=False)
-        for (lineno, text, spans), encoding in zip(raw_pairs, raw_encodings):
+            ids = encoding.ids
+            if len(ids) > self.max_tokens:  # dropped (or an error) before its masks are computed: _finish says so
+                self._finish(lineno, ids, (), chunk)
+                continue
+            labels = [IGNORE] * len(ids)
+            for i, j in chat_masks.token_ranges(encoding, spans, ids, self.added_ids):
+                labels[i:j] = ids[i:j]
+            self._finish(lineno, ids, None, chunk, labels)
+        for (lineno, text, spans), encoding in zip(raw_pairs, encodings[len(texts):]):
             self._finish_raw_pair(lineno, text, spans, encoding, chunk)
         chunk.rows.sort()  # pretrain rows were finished before the batch: restore the input order
         chunk.drops.sort()
@@ -596,7 +605,8 @@ class Encoder:
         mask[0] = False  # the first token is never a prediction target (nothing precedes it)
         self._finish(lineno, full.ids, mask, chunk)
 
-    def _finish(self, lineno: int, ids: list[int], mask: list[bool], chunk: Chunk) -> None:
+    def _finish(self, lineno: int, ids: list[int], mask, chunk: Chunk, labels: list[int] | None = None) -> None:
+        """Write the row, from the mask of trained tokens or from its labels already made; or drop it."""
         if len(ids) > self.max_tokens:
             if self.on_too_long == "error":
                 raise RunError(
@@ -605,7 +615,8 @@ class Encoder:
                 )
             chunk.drops.append((lineno, DROP_TOO_LONG, f"{len(ids)} > {self.max_tokens} tokens"))
             return
-        labels = [i if m else IGNORE for i, m in zip(ids, mask)]
+        if labels is None:
+            labels = [i if m else IGNORE for i, m in zip(ids, mask)]
         trained = len(ids) - labels.count(IGNORE)
         if trained == 0:
             chunk.drops.append((lineno, DROP_NO_TRAINED, "no assistant turn (or only empty ones)"))

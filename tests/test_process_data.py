@@ -249,11 +249,33 @@ def test_special_token_offsets_cover_exactly_their_text(encoders, family):
     assert starts == sorted(starts) and encoding.offsets[-1][1] == len(text)
 
 
+PARTS_FOR_RANGES = st.sampled_from([*"ab Z9\n\t 🙂é日<|>/", "  ", "\n\n", "<|im_end|>", "<|eot_id|>", "</s>",
+                                     "<|end|>", "<end_of_turn>", "<|im_start|>assistant\n", "hello", " world"])
+
+
 def test_token_mask_overlap_rule():
     offsets = [(0, 3), (3, 4), (4, 9), (9, 10), (10, 10), (10, 12)]
     assert chat_masks.token_mask(offsets, [(5, 9)]) == [False, False, True, False, False, False]
     assert chat_masks.token_mask(offsets, [(3, 4), (9, 12)]) == [False, True, False, True, True, True]
     assert chat_masks.token_mask(offsets, []) == [False] * 6
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.sampled_from(["chatml", "llama3", "mistral", "gemma", "phi3", "qwen3", "smollm2"]),
+       st.lists(PARTS_FOR_RANGES, max_size=24).map("".join), st.lists(st.integers(0, 200), max_size=8))
+def test_token_ranges_equal_token_mask(encoders, name, text, cuts):
+    """The chat path's masks (token_ranges, reading the offsets of a few tokens) equal token_mask's on the whole
+    offsets list: any text with special tokens, multi-byte characters and whitespace, spans ending anywhere."""
+    encoder = encoders(name)
+    encoding = encoder.backend.encode(text, add_special_tokens=False)
+    edges = sorted({min(c, len(text)) for c in cuts})
+    spans = [(a, b) for a, b in zip(edges[::2], edges[1::2]) if a < b]
+    ids, offsets = encoding.ids, encoding.offsets
+    for added in (encoder.added_ids, frozenset()):
+        mask = [False] * len(ids)
+        for i, j in chat_masks.token_ranges(encoding, spans, ids, added):
+            mask[i:j] = [True] * (j - i)
+        assert mask == chat_masks.token_mask(offsets, spans, ids, added)
 
 
 def test_dropped_samples_are_counted_with_reasons(encoders):
