@@ -293,17 +293,21 @@ def probe(model: nn.Module, device: torch.device) -> ProbeResult:
     return ProbeResult(trainer_sum.item() / n, own, (packed_ce - alone_ce).abs().max().item(), tolerance)
 
 
+def run_probe(probe_fn, model: nn.Module, device: torch.device, what: str) -> ProbeResult:
+    """probe_fn(model, device), or a ModelError in one line naming the family when the probe itself fails."""
+    try:
+        return probe_fn(model, device)
+    except (TypeError, ValueError, RuntimeError, NotImplementedError, AttributeError, IndexError) as e:
+        reason = " ".join(str(e).split())[:300]
+        raise ModelError(f"model type {family(model.lm.config)!r}: the start-up probe ({what}) failed: "
+                         f"{type(e).__name__}: {reason}; minitrain cannot train this family") from None
+
+
 def check_loss_is_the_models_own(model: nn.Module, device: torch.device, attention: str) -> ProbeResult:
     """Refuse (ModelError, one line) a model whose packed samples are not isolated, or whose loss through the
     trainer is not the loss its own forward gives. Collective under FSDP."""
     name = family(model.lm.config)
-    try:
-        result = probe(model, device)
-    except (TypeError, ValueError, RuntimeError, NotImplementedError, AttributeError, IndexError) as e:
-        reason = " ".join(str(e).split())[:300]
-        raise ModelError(f"model type {name!r}: the start-up probe (a packed forward through the trainer and through "
-                         f"the model itself) failed: {type(e).__name__}: {reason}; minitrain cannot train this "
-                         f"family") from None
+    result = run_probe(probe, model, device, "a packed forward through the trainer and through the model itself")
     scale = max(1.0, abs(result.own_loss))
     if not result.packing_error <= result.tolerance * scale:
         raise ModelError(

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from minitrain import IGNORE
-from minitrain.families import LogitTransform, ModelError, ProbeResult, family
+from minitrain.families import LogitTransform, ModelError, ProbeResult, family, run_probe
 from minitrain.loss import HeadCrossEntropy
 
 
@@ -133,13 +133,8 @@ def check_loss_is_the_models_own(model: Seq2SeqLM, device: torch.device) -> Prob
     if model.lm.config.pad_token_id is None:
         raise ModelError(f"model type {name!r}: its config has no pad_token_id, which pads the sources and targets "
                          f"of a micro-batch (and which its own loss needs); set pad_token_id in config.json")
-    try:
-        result = probe(model, device)
-    except (TypeError, ValueError, RuntimeError, NotImplementedError, AttributeError, IndexError) as e:
-        reason = " ".join(str(e).split())[:300]
-        raise ModelError(f"model type {name!r}: the start-up probe (a padded batch through the trainer and each "
-                         f"sample through the model itself) failed: {type(e).__name__}: {reason}; minitrain cannot "
-                         f"train this family") from None
+    result = run_probe(probe, model, device, "a padded batch through the trainer and each sample through the model "
+                                             "itself")
     if not math.isclose(result.trainer_loss, result.own_loss, rel_tol=result.tolerance):
         raise ModelError(
             f"model type {name!r}: on a padded probe batch the trainer's loss is {result.trainer_loss:.6f} but the "
