@@ -172,7 +172,7 @@ class TrainConfig:
                                      "gaussian (A Gaussian, B zero) or random (B random too; step 0 differs)")
     lora_export: str = flag("both", "what each export holds: PEFT's adapter folder, the merged model, or both",
                             choices=LORA_EXPORTS)
-    qlora: bool = flag(False, "4-bit base weights (QLoRA, bitsandbytes); needs CUDA")
+    qlora: bool = flag(False, "QLoRA: the base's linear layers in 4-bit NF4 (bitsandbytes) on each GPU; CUDA only")
 
     def __post_init__(self):
         if isinstance(self.data_path, str):  # TrainConfig(data_path="one.jsonl", ...)
@@ -568,8 +568,9 @@ def setup(config: TrainConfig, world: World) -> Run:
 
     model = build_model(config, world, lora.build_adapter(config))
     trainable = sum(p.numel() for p in model.adapter.trainable_parameters(model))
-    total = sum(p.numel() for p in model.parameters())
-    print0(f"{model.adapter.name}: {trainable:,} of {total:,} parameters train ({100 * trainable / total:.2f}%)")
+    total = sum(lora.logical_numel(p) for p in model.parameters())
+    base = f"; {model.adapter.base_weights}" if model.adapter.base_weights else ""
+    print0(f"{model.adapter.name}: {trainable:,} of {total:,} parameters train ({100 * trainable / total:.2f}%){base}")
     # DPO: the reference log-probs, by the initial model (before a checkpoint's weights load; with LoRA, the base
     # model: the adapters are off), or read from disk
     for reference_cache in {id(c): c for c in (cache, validation_cache) if c is not None}.values():

@@ -228,7 +228,6 @@ def save(
     """Write `root/step_<step>` atomically; `trainer_state` is JSON (the scheduler's state_dict included)."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.api import CheckpointException
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
 
     rank = dist.get_rank() if dist.is_initialized() else 0
     final, tmp = root / f"step_{step}", root / f".step_{step}.tmp"
@@ -240,9 +239,7 @@ def save(
         except OSError as e:
             error = e
     raise_if_any_rank_failed(error, CheckpointError, f"cannot create {tmp}")
-    # What trains: frozen parameters (LoRA's base weights) are the model folder's, the same at every step.
-    trained_only = StateDictOptions(ignore_frozen_params=True)
-    model_state, optimizer_state = get_state_dict(model, optimizer, options=trained_only)
+    model_state, optimizer_state = trained_state(model, optimizer)
     try:
         with single_process_is_intended():
             dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=tmp)
@@ -278,16 +275,31 @@ def complete(tmp: Path, final: Path, trainer_state: dict, config: dict) -> None:
     shutil.rmtree(replaced, ignore_errors=True)
 
 
+def trained_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
+    """The model and optimizer state a full-state checkpoint holds: what trains. Frozen parameters (LoRA's base
+    weights) are the model folder's, the same at every step, and so are their other names (a head tied to a frozen
+    embedding) and what a module adds to its state dict beside a frozen weight (bitsandbytes' 4-bit quantization
+    state, "<weight>.absmax", ...): all are left out."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+    model_state, optimizer_state = get_state_dict(model, optimizer, options=StateDictOptions(ignore_frozen_params=True))
+    frozen = {name for name, p in model.named_parameters(remove_duplicate=False) if not p.requires_grad}
+    parts = lambda key: key.split(".")  # noqa: E731
+    of_frozen = [k for k in model_state if any(".".join(parts(k)[:i]) in frozen for i in range(1, len(parts(k)) + 1))]
+    for key in of_frozen:
+        del model_state[key]
+    return model_state, optimizer_state
+
+
 def load(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler) -> dict:
     """Restore model, optimizer, LR scheduler and (same world size only) RNG states; return the trainer state."""
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
 
     rank = dist.get_rank() if dist.is_initialized() else 0
     world_size = dist.get_world_size() if dist.is_initialized() else 1
-    # get_state_dict gives tensors laid out for THIS world size; dcp.load fills them from however it was saved.
-    trained_only = StateDictOptions(ignore_frozen_params=True)  # as saved
-    model_state, optimizer_state = get_state_dict(model, optimizer, options=trained_only)
+    # trained_state gives tensors laid out for THIS world size; dcp.load fills them from however it was saved.
+    model_state, optimizer_state = trained_state(model, optimizer)  # as saved
     state = {"model": model_state, "optimizer": optimizer_state}
     try:
         with single_process_is_intended():

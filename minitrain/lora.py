@@ -25,11 +25,15 @@ covers everything here under FSDP2, so there is no LoRA layer of our own:
                  AutoModelForSeq2SeqLM for T5, BART, ...) loads it
       plus the tokenizer and the run's flags, as for full fine-tuning.
 
+--qlora (CUDA only) puts the base's linear layers in 4-bit NF4 first: class QLoRA below.
+
 Only --lora-init values that leave the base weights untouched are offered (PiSSA, OLoRA, ... rewrite them, and the
 adapter folder would then need a modified base to serve).
 """
 
 import copy
+import importlib.util
+import sys
 from contextlib import contextmanager
 import warnings
 from pathlib import Path
@@ -52,8 +56,10 @@ LORA_DEFAULTS = {"lora_r": 16, "lora_alpha": 32.0, "lora_dropout": 0.05, "lora_t
 
 
 def build_adapter(config):
-    """The model adapter the flags ask for: LoRA with --lora, else full fine-tuning."""
-    return LoRA(config) if config.lora else FullFineTuning()
+    """The model adapter the flags ask for: QLoRA with --lora --qlora, LoRA with --lora, else full fine-tuning."""
+    if not config.lora:
+        return FullFineTuning()
+    return QLoRA(config) if config.qlora else LoRA(config)
 
 
 def listed(names: list[str] | None) -> list[str]:
@@ -93,10 +99,20 @@ class LoRA:
     merged model."""
 
     name = "lora"
+    base_weights = ""  # as loaded
+    loads_on_every_rank = False  # rank 0 loads the weights; they are broadcast into the shards (model.build_model)
 
     def __init__(self, config):
         self.config = config
         self.peft_config = lora_config(config)
+
+    def load_arguments(self, device: torch.device) -> dict:
+        """Extra from_pretrained arguments for the base model (model.build_model): none."""
+        return {}
+
+    def unsharded_parameters(self, lm: nn.Module) -> set[nn.Parameter]:
+        """Parameters FSDP2 leaves whole on every rank (fully_shard's ignored_params): none."""
+        return set()
 
     def apply(self, lm: nn.Module) -> nn.Module:
         inject(lm, self.peft_config, self.config.seed)
@@ -145,7 +161,7 @@ class LoRA:
                 if kind in ("adapter", "both"):
                     self.write_adapter_folder(state, dtype, tmp / ADAPTER_DIR)
                 if kind in ("merged", "both"):
-                    merged = self.merged_model(state)
+                    merged = self.merged_model(state, lm)
                     write_hf_files(merged, merged.state_dict(), tokenizer, dtype, config, tmp)
                 else:
                     tokenizer.save_pretrained(tmp)
@@ -174,11 +190,12 @@ class LoRA:
         peft_state = {f"base_model.model.{k}": v.to(dtype) for k, v in state.items()}
         self.peft_twin("meta").save_pretrained(folder, state_dict=peft_state, save_embedding_layers=False)
 
-    def merged_model(self, state: dict) -> nn.Module:
+    def merged_model(self, state: dict, lm: nn.Module) -> nn.Module:
         """The base from --model-name-or-path with the adapters (fp32) folded in: a plain Hugging Face model."""
         from peft import get_peft_model_state_dict, set_peft_model_state_dict
 
         twin = self.peft_twin("cpu")
+        self.set_base_weights(twin.base_model.model, lm)
         peft_state = get_peft_model_state_dict(
             twin, state_dict={f"base_model.model.{k}": v for k, v in state.items()}, save_embedding_layers=False
         )
@@ -186,6 +203,66 @@ class LoRA:
         if loaded.unexpected_keys:
             raise RuntimeError(f"adapter weights without a place in the model: {loaded.unexpected_keys[:3]}")
         return twin.merge_and_unload()
+
+    def set_base_weights(self, twin: nn.Module, lm: nn.Module) -> None:
+        """The twin's frozen base weights are --model-name-or-path's, as the live model's are: nothing to set."""
+
+
+class QLoRA(LoRA):
+    """LoRA on 4-bit base weights (--qlora): transformers' bitsandbytes integration quantizes every linear layer but
+    the LM head to NF4 with double quantization as it loads (QLoRA's recipe), on every rank's own device; peft's LoRA
+    layers wrap the 4-bit layers. Offered on CUDA only (train.validate); the CPU backend of bitsandbytes runs the
+    same code in the tests.
+
+    - sharding: the 4-bit weights (bitsandbytes' Params4bit, which carry their quantization state) stay whole on every
+      rank (fully_shard's ignored_params); FSDP2 shards the rest (embeddings, norms, LM head, adapters) as for LoRA.
+      No broadcast from rank 0: every rank loads and quantizes the same file the same way.
+    - compute: bf16 on CUDA (bnb_4bit_compute_dtype, and the storage dtype), fp32 on CPU.
+    - exports: the adapter folder as for LoRA (it applies to the base checkpoint, 4-bit or not); the merged model is
+      the live model's function: its linear layers hold the live model's dequantized 4-bit weights (not the original
+      ones) with the adapters folded in, in fp32, cast to --save-dtype.
+    """
+
+    name = "qlora"
+    loads_on_every_rank = True
+    base_weights = "the base's linear layers in 4-bit NF4 (bitsandbytes), whole on every rank"
+
+    def load_arguments(self, device: torch.device) -> dict:
+        from transformers import BitsAndBytesConfig
+
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        quantization = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=dtype, bnb_4bit_quant_storage=dtype,
+        )
+        return {"quantization_config": quantization, "device_map": {"": device}}
+
+    def unsharded_parameters(self, lm: nn.Module) -> set[nn.Parameter]:
+        return {p for p in lm.parameters() if is_4bit(p)}
+
+    def set_base_weights(self, twin: nn.Module, lm: nn.Module) -> None:
+        """The live model's 4-bit weights, dequantized as its forward does, in place of the twin's originals."""
+        from bitsandbytes.functional import dequantize_4bit
+
+        weights = dict(twin.named_parameters())
+        with torch.no_grad():
+            for name, param in lm.named_parameters():
+                if is_4bit(param):
+                    weights[name].copy_(dequantize_4bit(param.data, param.quant_state).float().cpu())
+
+
+def is_4bit(param: torch.Tensor) -> bool:
+    """A bitsandbytes 4-bit weight (Params4bit: packed values + its quantization state)."""
+    if "bitsandbytes" not in sys.modules:  # nothing is quantized, and bitsandbytes need not be installed
+        return False
+    from bitsandbytes.nn import Params4bit
+
+    return isinstance(param, Params4bit)
+
+
+def logical_numel(param: torch.Tensor) -> int:
+    """The number of weights a parameter holds: a 4-bit weight packs several into each stored element."""
+    return param.quant_state.shape.numel() if is_4bit(param) else param.numel()
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -212,9 +289,11 @@ def flag_problems(config, cuda: bool, model_ok: bool) -> list[str]:
     if config.qlora and not cuda:
         problems.append("--qlora needs a CUDA GPU (bitsandbytes' 4-bit kernels) and none is visible; drop --qlora "
                         "to train LoRA on full-precision base weights")
-    elif config.qlora:
-        problems.append("--qlora is not implemented yet: 4-bit base weights cannot be broadcast from rank 0 into "
-                        "FSDP2 shards by this trainer; drop --qlora")
+    elif config.qlora and importlib.util.find_spec("bitsandbytes") is None:
+        problems.append("--qlora needs bitsandbytes, which is not installed: pip install -r requirements.txt")
+    if config.qlora and config.compile:
+        problems.append("--compile with --qlora: torch.compile of bitsandbytes' 4-bit layers is not tested by "
+                        "minitrain; drop --compile")
     if model_ok and not problems:
         problems += module_problems(config)
     return problems

@@ -2,6 +2,7 @@
 
     meta device (ranks > 0) -> adapter.apply -> activation checkpointing -> fully_shard per block and root
     -> rank 0's weights broadcast into the shards
+    (QLoRA: every rank loads its own 4-bit copy, which FSDP2 leaves whole; it shards the rest; no broadcast)
 
 The model adapter is the seam for *what trains and what an export holds*: `FullFineTuning` here (every weight
 trains, an export is the whole model); `LoRA` in lora.py (apply before sharding, adapters train, exports hold PEFT's
@@ -111,6 +112,16 @@ class FullFineTuning:
     """Every parameter trains; an export is the whole model."""
 
     name = "full"
+    base_weights = ""  # as loaded
+    loads_on_every_rank = False  # rank 0 loads the weights; they are broadcast into the shards (build_model)
+
+    def load_arguments(self, device: torch.device) -> dict:
+        """Extra from_pretrained arguments for the base model (QLoRA's quantization): none."""
+        return {}
+
+    def unsharded_parameters(self, lm: nn.Module) -> set[nn.Parameter]:
+        """Parameters FSDP2 leaves whole on every rank (QLoRA's 4-bit weights): none."""
+        return set()
 
     def apply(self, lm: nn.Module) -> nn.Module:
         """Before sharding (on the meta device for ranks > 0), and on rank 0's full copy whose weights are broadcast
@@ -167,9 +178,10 @@ def shard_model(model: PackedCausalLM, strategy: str, world: World) -> None:
     if world.device.type == "cuda":
         mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
     reshard = strategy in ("FULL_SHARD", "HYBRID_SHARD")
+    whole = model.adapter.unsharded_parameters(model.lm) or None  # QLoRA's 4-bit weights
     for block in decoder_blocks(model.lm):
-        fully_shard(block, mesh=mesh, reshard_after_forward=reshard, mp_policy=mp)
-    fully_shard(model, mesh=mesh, reshard_after_forward=reshard, mp_policy=mp)
+        fully_shard(block, mesh=mesh, reshard_after_forward=reshard, mp_policy=mp, ignored_params=whole)
+    fully_shard(model, mesh=mesh, reshard_after_forward=reshard, mp_policy=mp, ignored_params=whole)
 
 
 # Activations kept for the backward per layer and token, per hidden unit, without checkpointing (fp32; measured on
@@ -220,10 +232,12 @@ def build_model(config, world: World, adapter: FullFineTuning | None = None) -> 
                          f"with attention masks: use --attn-implementation auto (sdpa) or eager")
 
     def load():
-        return auto.from_pretrained(config.model_name_or_path, dtype=torch.float32, attn_implementation=attn)
+        return auto.from_pretrained(config.model_name_or_path, dtype=torch.float32, attn_implementation=attn,
+                                    **adapter.load_arguments(world.device))
 
-    if world.world_size == 1:
-        lm = load().to(world.device)
+    every_rank = adapter.loads_on_every_rank  # QLoRA: each rank loads and quantizes on its own device
+    if world.world_size == 1 or every_rank:
+        lm = load() if every_rank else load().to(world.device)
     else:
         # Only rank 0 ever holds the full model, on CPU; the others allocate nothing until sharding.
         with torch.device("meta"):
@@ -243,7 +257,9 @@ def build_model(config, world: World, adapter: FullFineTuning | None = None) -> 
         for block in blocks:
             block.compile(dynamic=True)  # each block's forward (dynamic: packs change length every micro-step)
     model = Seq2SeqLM(lm, adapter) if seq2seq else PackedCausalLM(lm, adapter, config.use_liger_kernels)
-    if world.world_size > 1:
+    if world.world_size > 1 and every_rank:
+        shard_model(model, config.fsdp_sharding_strategy, world)  # each rank keeps its shard of what it loaded
+    elif world.world_size > 1:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
         shard_model(model, config.fsdp_sharding_strategy, world)

@@ -80,3 +80,49 @@ def test_two_gpus_give_the_single_gpu_gradient(tmp_path, tiny_model_dir):
     from tests.test_train import test_two_ranks_with_skewed_micro_steps_give_the_single_process_gradient as check
 
     check(tmp_path, tiny_model_dir)  # the CPU test's worker, on two GPUs with NCCL
+
+
+def test_qlora_trains_and_its_exports_agree(tmp_path, tiny_model_dir):
+    """train.py --lora --qlora on the GPU(s): step 1 is the 4-bit base's own loss (one sample at a time, as
+    transformers loads it), the loss falls, and the adapter folder on the 4-bit base gives the merged model's logits."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    from tests.test_qlora import per_sample_loss
+
+    model_dir = tiny_model_dir("qwen2")
+    data = write_data(tmp_path / "data.jsonl", 4, vocab=700, seed=1)
+    out = tmp_path / "out"
+    args = ["train.py", "--data-path", str(data), "--model-name-or-path", str(model_dir), "--output-dir", str(out),
+            "--batch-size", "4", "--max-tokens-per-gpu", "128", "--max-steps", "12", "--learning-rate", "2e-2",
+            "--lora", "--qlora", "--lora-r", "4", "--lora-alpha", "8", "--lora-dropout", "0",
+            "--lora-modules-to-save", "lm_head", "--save-dtype", "float32"]
+    if torch.cuda.device_count() >= 2:
+        run = torchrun([*args, "--fsdp-sharding-strategy", "FULL_SHARD"])
+    else:
+        run = subprocess.run([sys.executable, *args], cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)),
+                             capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "qlora: " in run.stdout and "4-bit NF4" in run.stdout
+    losses = [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                      bnb_4bit_compute_dtype=torch.bfloat16, bnb_4bit_quant_storage=torch.bfloat16)
+
+    def four_bit_base():
+        return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, quantization_config=quantization,
+                                                    device_map={"": 0})
+
+    rows = [json.loads(line) for line in data.read_text().splitlines()]
+    trained = sum(sum(label != -100 for label in row["labels"][1:]) for row in rows)
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+        truth = per_sample_loss(four_bit_base(), rows, trained, device=CUDA).item()
+    assert losses[0] == pytest.approx(truth, rel=2e-2)  # bf16 compute on both sides
+    assert losses[-1] < losses[0] * 0.5, losses
+    final = out / "hf_format" / "samples_48"
+    ids = torch.tensor([rows[0]["input_ids"]], device=CUDA)
+    with torch.no_grad():
+        adapter = PeftModel.from_pretrained(four_bit_base(), final / "adapter").eval()
+        merged = AutoModelForCausalLM.from_pretrained(final, dtype=torch.float32).to(CUDA).eval()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            a, m = adapter(input_ids=ids).logits.float(), merged(input_ids=ids).logits.float()
+    assert (a - m).abs().max().item() < 5e-2 * max(1.0, m.abs().max().item())  # bf16 compute
