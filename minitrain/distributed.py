@@ -120,6 +120,16 @@ def root_unsharded(model: torch.nn.Module):
     try:
         yield
     finally:
-        for module in model.modules():
-            if isinstance(module, FSDPModule):
-                module.reshard()
+        reshard(model)
+
+
+def reshard(model: torch.nn.Module) -> None:
+    """Every FSDP2 module of `model` back in shards. A forward outside backward (no_grad) leaves the modules that
+    keep their parameters gathered after forward (SHARD_GRAD_OP, NO_SHARD) unsharded, and then model.parameters()
+    are the gathered tensors, not the sharded ones that receive the gradients: an optimizer built then would never
+    step. A plain module: nothing to do."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()

@@ -42,7 +42,7 @@ import torch
 from torch import nn
 
 from minitrain import atomic, families
-from minitrain.distributed import World
+from minitrain.distributed import World, reshard
 from minitrain.model import FullFineTuning, ModelError, decoder_blocks
 
 ALL_LINEAR = "all-linear"
@@ -129,13 +129,19 @@ class LoRA:
         from peft.utils.other import AuxiliaryTrainingWrapper  # modules_to_save copies
 
         layers = [m for m in model.modules() if isinstance(m, (BaseTunerLayer, AuxiliaryTrainingWrapper))]
+        trainable = self.trainable_parameters(model)
         for layer in layers:
-            layer.enable_adapters(False)
+            layer.enable_adapters(False)  # peft also sets requires_grad off on the adapters
         try:
             yield
         finally:
+            # Under FSDP2 a forward can leave the modules holding their gathered parameters, and peft would switch
+            # requires_grad back on for those, not for the shards that train: reshard first, then restore the flags.
+            reshard(model)
             for layer in layers:
                 layer.enable_adapters(True)
+            for param in trainable:
+                param.requires_grad_(True)
 
     def export_state(self, model, world: World) -> dict | None:
         """Collective: {name in the Hugging Face model: full tensor} of every trainable parameter, on rank 0 (CPU);

@@ -29,7 +29,7 @@ import torch.distributed as dist
 
 from minitrain import atomic
 from minitrain.data import TokenCache
-from minitrain.distributed import World, compute_autocast, print0
+from minitrain.distributed import World, compute_autocast, print0, reshard
 from minitrain.objectives import make_pair_pack, sequence_logps
 from minitrain.validation import plan_validation
 
@@ -93,6 +93,7 @@ def compute_reference_logps(model: torch.nn.Module, cache: TokenCache, world: Wo
                 table[torch.from_numpy(indices).to(world.device)] = logps.double().view(-1, 2)
     if dist.is_initialized():
         dist.all_reduce(table)  # each pair was computed by exactly one rank; the others hold zeros there
+    reshard(model)  # before the optimizer is built on its parameters (see distributed.reshard)
     return table.cpu().numpy()
 
 
