@@ -243,6 +243,14 @@ class QLoRA(LoRA):
         )
         return {"quantization_config": quantization, "device_map": {"": device}}
 
+    def apply(self, lm: nn.Module) -> nn.Module:
+        lm = super().apply(lm)
+        in_4bit = [n for n, p in lm.named_parameters() if p.requires_grad and is_4bit(p)]
+        if in_4bit:  # peft's copy of a 4-bit layer (--lora-modules-to-save) would be packed bytes marked trainable
+            raise ModelError(f"--qlora: {in_4bit[0]} is a 4-bit weight and cannot train in full; drop its module from "
+                             f"--lora-modules-to-save, or drop --qlora")
+        return lm
+
     def unsharded_parameters(self, lm: nn.Module) -> set[nn.Parameter]:
         return {p for p in lm.parameters() if is_4bit(p)}
 
@@ -342,6 +350,13 @@ def module_problems(config) -> list[str]:
         top = " ".join(n for n, _ in lm.named_children()) + " " + " ".join(n for n, _ in lm.base_model.named_children())
         problems.append(f"--lora-modules-to-save {' '.join(missing)}: no module of {lm.config.model_type} is named "
                         f"so; e.g. {top}")
+    if config.qlora:
+        head = lm.get_output_embeddings()  # transformers keeps the LM head in full precision
+        four_bit = [m for m in listed(config.lora_modules_to_save) for n in matches(m)
+                    if any(isinstance(x, nn.Linear) and x is not head for x in modules[n].modules())]
+        if four_bit:
+            problems.append(f"--lora-modules-to-save {' '.join(dict.fromkeys(four_bit))}: --qlora stores its linear "
+                            f"layers in 4-bit, which cannot train in full; drop it, or drop --qlora")
     tied = tied_modules(lm)
     tied_saved = [m for m in listed(config.lora_modules_to_save) if any(n in tied for n in matches(m))]
     if tied_saved:

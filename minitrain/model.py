@@ -232,12 +232,23 @@ def build_model(config, world: World, adapter: FullFineTuning | None = None) -> 
                          f"with attention masks: use --attn-implementation auto (sdpa) or eager")
 
     def load():
-        return auto.from_pretrained(config.model_name_or_path, dtype=torch.float32, attn_implementation=attn,
-                                    **adapter.load_arguments(world.device))
+        try:
+            return auto.from_pretrained(config.model_name_or_path, dtype=torch.float32, attn_implementation=attn,
+                                        **adapter.load_arguments(world.device))
+        except (OSError, ValueError) as e:
+            raise ModelError(f"--model-name-or-path {config.model_name_or_path}: cannot load its weights "
+                             f"({' '.join(str(e).split())[:300]})") from None
 
     every_rank = adapter.loads_on_every_rank  # QLoRA: each rank loads and quantizes on its own device
-    if world.world_size == 1 or every_rank:
-        lm = load() if every_rank else load().to(world.device)
+    if every_rank:
+        lm, error = None, None
+        try:
+            lm = load()
+        except ModelError as e:
+            error = e
+        raise_if_any_rank_failed(error, ModelError)  # every rank stops with the same line
+    elif world.world_size == 1:
+        lm = load().to(world.device)
     else:
         # Only rank 0 ever holds the full model, on CPU; the others allocate nothing until sharding.
         with torch.device("meta"):
@@ -268,9 +279,8 @@ def build_model(config, world: World, adapter: FullFineTuning | None = None) -> 
         if world.is_main:
             try:
                 full = adapter.apply(load())  # the module tree of the shards (LoRA layers)
-            except (OSError, ValueError) as e:
-                error = ModelError(f"--model-name-or-path {config.model_name_or_path}: cannot load its weights "
-                                   f"({' '.join(str(e).split())[:300]})")
+            except ModelError as e:
+                error = e
         raise_if_any_rank_failed(error, ModelError)  # the others wait here, not in the broadcast's collective
         options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
         set_model_state_dict(lm, full.state_dict() if world.is_main else {}, options=options)

@@ -37,10 +37,13 @@ VERSION = 1
 MODEL_FILES = (".json", ".safetensors", ".bin", ".pt", ".pth", ".gguf", ".model")
 
 
-def model_key(model_name_or_path: str, device_type: str) -> str:
-    """Identifies the reference model: a folder by its config (content) and weight files (name, size, mtime)."""
+def model_key(model_name_or_path: str, device_type: str, base_weights: str = "") -> str:
+    """Identifies the reference model: a folder by its config (content) and weight files (name, size, mtime), and
+    how its weights are held (the adapter's base_weights: QLoRA's reference is the 4-bit base)."""
     h = hashlib.blake2b(digest_size=8)
     h.update(json.dumps({"version": VERSION, "device": device_type}).encode())
+    if base_weights:
+        h.update(base_weights.encode())
     path = Path(model_name_or_path)
     if not path.is_dir():  # a hub id in the local cache
         h.update(model_name_or_path.encode())
@@ -102,7 +105,7 @@ def attach_reference(objective, model: torch.nn.Module, cache: TokenCache, confi
     Collective; a no-op for objectives without a reference (SimPO, SFT)."""
     if not getattr(objective, "needs_reference", False) or cache.content_hash in objective.reference:
         return
-    path = reference_file(cache, model_key(config.model_name_or_path, world.device.type))
+    path = reference_file(cache, model_key(config.model_name_or_path, world.device.type, model.adapter.base_weights))
     table = None
     if path.is_file():
         table = np.load(path)

@@ -105,24 +105,27 @@ def test_qlora_trains_and_its_exports_agree(tmp_path, tiny_model_dir):
     assert run.returncode == 0, run.stderr[-3000:]
     assert "qlora: " in run.stdout and "4-bit NF4" in run.stdout
     losses = [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
-    quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                                      bnb_4bit_compute_dtype=torch.bfloat16, bnb_4bit_quant_storage=torch.bfloat16)
-
-    def four_bit_base():
+    def four_bit_base(compute: torch.dtype):
+        quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                          bnb_4bit_compute_dtype=compute, bnb_4bit_quant_storage=compute)
         return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, quantization_config=quantization,
                                                     device_map={"": 0})
 
     rows = [json.loads(line) for line in data.read_text().splitlines()]
     trained = sum(sum(label != -100 for label in row["labels"][1:]) for row in rows)
     with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
-        truth = per_sample_loss(four_bit_base(), rows, trained, device=CUDA).item()
-    assert losses[0] == pytest.approx(truth, rel=2e-2)  # bf16 compute on both sides
+        truth = per_sample_loss(four_bit_base(torch.bfloat16), rows, trained, device=CUDA).item()
+    # A sanity check only: on this tiny model the 4-bit and full-precision losses differ by ~1e-4 relative, within
+    # bf16's noise. What shows the run trained on 4-bit weights is the exports' comparison below.
+    assert losses[0] == pytest.approx(truth, rel=2e-2)
     assert losses[-1] < losses[0] * 0.5, losses
     final = out / "hf_format" / "samples_48"
     ids = torch.tensor([rows[0]["input_ids"]], device=CUDA)
-    with torch.no_grad():
-        adapter = PeftModel.from_pretrained(four_bit_base(), final / "adapter").eval()
+    with torch.no_grad():  # fp32 compute everywhere: the adapters are fp32 in the folder, the 4-bit codes the same
+        adapter = PeftModel.from_pretrained(four_bit_base(torch.float32), final / "adapter").eval()
         merged = AutoModelForCausalLM.from_pretrained(final, dtype=torch.float32).to(CUDA).eval()
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            a, m = adapter(input_ids=ids).logits.float(), merged(input_ids=ids).logits.float()
-    assert (a - m).abs().max().item() < 5e-2 * max(1.0, m.abs().max().item())  # bf16 compute
+        original = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(CUDA)
+        on_original = PeftModel.from_pretrained(original, final / "adapter").eval()
+        a, m, o = (x(input_ids=ids).logits for x in (adapter, merged, on_original))
+    assert (a - m).abs().max().item() < 1e-4  # the merged model is the 4-bit model + adapters
+    assert (o - m).abs().max().item() > 1e-3  # and not the full-precision base + adapters

@@ -309,6 +309,9 @@ def test_the_reference_table_is_keyed_by_the_model_files_and_the_device(tmp_path
     shutil.copytree(tiny_model_dir("llama"), model)
     key = model_key(str(model), "cpu")
     assert model_key(str(model), "cpu") == key and model_key(str(model), "cuda") != key
+    from minitrain.lora import QLoRA
+
+    assert model_key(str(model), "cpu", QLoRA.base_weights) != key  # QLoRA's reference is the 4-bit base
     weights = model / "model.safetensors"
     os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 1))  # new weights, same name
     assert model_key(str(model), "cpu") != key

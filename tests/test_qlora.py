@@ -253,5 +253,28 @@ def test_qlora_flag_problems_on_a_cuda_machine(monkeypatch):
         "--qlora needs bitsandbytes, which is not installed: pip install -r requirements.txt"]
 
 
+def test_a_4bit_layer_cannot_be_a_module_to_save(tmp_path, tiny_model_dir):
+    """peft's full copy of a 4-bit layer would be packed bytes marked trainable (no gradient, a corrupt adapter file):
+    refused from the flags on a meta-device model, and again by QLoRA.apply on the loaded one."""
+    import torch
+
+    import train
+    from minitrain import lora
+    from minitrain.distributed import World
+    from minitrain.model import ModelError, build_model
+
+    model_dir = tiny_model_dir("qwen2")
+    config = train.TrainConfig(str(write_data(tmp_path / "d.jsonl", 4, vocab=700)), str(model_dir), str(tmp_path),
+                               batch_size=4, max_tokens_per_gpu=64, lora=True, qlora=True,
+                               lora_target_modules=["q_proj"], lora_modules_to_save=["o_proj", "lm_head"])
+    assert lora.module_problems(config) == [
+        "--lora-modules-to-save o_proj: --qlora stores its linear layers in 4-bit, which cannot train in full; drop "
+        "it, or drop --qlora"]
+    assert lora.module_problems(replace(config, lora_modules_to_save=["lm_head"])) == []  # the head stays fp32
+    with pytest.raises(ModelError, match=r"--qlora: model\.layers\.0\.self_attn\.o_proj\.modules_to_save\.default"
+                                         r"\.weight is a 4-bit weight and cannot train in full"):
+        build_model(config, World(0, 0, 1, 1, torch.device("cpu")), lora.build_adapter(config))
+
+
 if __name__ == "__main__":
     qlora_worker(*sys.argv[1:4])
