@@ -335,7 +335,7 @@ def test_rouge_of_a_t5_run_is_rouge_score_on_its_saved_predictions_on_1_and_2_pr
     model, train_rows, valid_rows = example_task(tmp_path, 640, 24)
     args = ["train.py", "--data-path", str(train_rows), "--validation-data-path", str(valid_rows),
             "--model-name-or-path", str(model), "--batch-size", "32", "--max-tokens-per-gpu", "1024",
-            "--learning-rate", "2e-3", "--num-warmup-steps", "10", "--max-steps", "60", "--eval-every-samples", "960",
+            "--learning-rate", "3e-3", "--num-warmup-steps", "5", "--max-steps", "30", "--eval-every-samples", "480",
             "--eval-metric", "rouge", "--num-eval-generations", "0", "--early-stopping-metric", "rougeL",
             "--early-stopping-patience", "5",
             "--save-dtype", "float32"]
@@ -348,7 +348,7 @@ def test_rouge_of_a_t5_run_is_rouge_score_on_its_saved_predictions_on_1_and_2_pr
     for out in ("one", "two"):
         records = [json.loads(line) for line in (tmp_path / out / "metrics.jsonl").read_text().splitlines()]
         evaluated = [r for r in records if "validation_rougeL" in r]
-        assert [r["samples_seen"] for r in evaluated] == [960, 1920]
+        assert [r["samples_seen"] for r in evaluated] == [480, 960]
         for r in evaluated:
             saved = [json.loads(line) for line in
                      (tmp_path / out / "predictions" / f"samples_{r['samples_seen']}.jsonl").read_text().splitlines()]
@@ -357,7 +357,7 @@ def test_rouge_of_a_t5_run_is_rouge_score_on_its_saved_predictions_on_1_and_2_pr
             for key in ("rouge1", "rouge2", "rougeL", "rougeLsum"):
                 expected = 100 * sum(s[key].fmeasure for s in scores) / len(scores)
                 assert r[f"validation_{key}"] == pytest.approx(expected, abs=1e-9), (out, key)
-        assert evaluated[-1]["validation_rougeL"] > 10  # it learned something, so the comparison is not of zeros
+        assert evaluated[-1]["validation_rougeL"] > 10  # it learned something (12-14), so the comparison is not of 0s
     first, second = ([json.loads(line) for line in (tmp_path / out / "metrics.jsonl").read_text().splitlines()]
                      for out in ("one", "two"))
     # the same losses on 2 FSDP2 ranks; rounding differences (~1e-7) grow at this learning rate, so the first steps
@@ -369,9 +369,9 @@ def test_rouge_of_a_t5_run_is_rouge_score_on_its_saved_predictions_on_1_and_2_pr
     tokenizer = AutoTokenizer.from_pretrained(model)
     sources = [row["input_ids"] for row in rows_of(valid_rows)]
     for out in ("one", "two"):
-        lm = AutoModelForSeq2SeqLM.from_pretrained(tmp_path / out / "hf_format" / "samples_1920", dtype=torch.float32)
+        lm = AutoModelForSeq2SeqLM.from_pretrained(tmp_path / out / "hf_format" / "samples_960", dtype=torch.float32)
         saved = [json.loads(line)["prediction"] for line in
-                 (tmp_path / out / "predictions" / "samples_1920.jsonl").read_text().splitlines()]
+                 (tmp_path / out / "predictions" / "samples_960.jsonl").read_text().splitlines()]
         with torch.no_grad():
             alone = [tokenizer.decode(lm.generate(torch.tensor([s]), max_new_tokens=32, do_sample=False)[0],
                                       skip_special_tokens=True) for s in sources]
