@@ -290,8 +290,12 @@ def build_model(config, world: World, adapter: FullFineTuning | None = None) -> 
             if world.is_main:
                 buffer.copy_(reference[name])
             dist.broadcast(buffer, src=0)
-        if world.is_main:
-            lm.generation_config = full.generation_config
+        # Every rank generates its share of the validation predictions: all decode with the checkpoint's own
+        # generation config (generation_config.json: mBART's forced language, pad and suppressed tokens, ...), which
+        # from_config on ranks > 0 cannot know.
+        generation = [full.generation_config if world.is_main else None]
+        dist.broadcast_object_list(generation, src=0)
+        lm.generation_config = generation[0]
         del full
     error = None
     try:  # refuses a loss that is not the model's own, or packed samples that are not isolated, in one line

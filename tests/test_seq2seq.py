@@ -146,6 +146,8 @@ def grad_worker(model_dir: str, data_path: str, out_dir: str) -> None:
         report["truth"] = truth.item()
     for strategy in ("FULL_SHARD", "SHARD_GRAD_OP", "NO_SHARD"):
         model = build_model(replace(config, fsdp_sharding_strategy=strategy), d)
+        # every rank decodes with the checkpoint's generation_config.json (the test gives it a forced first token)
+        report.setdefault("forced_bos", []).append(model.lm.generation_config.forced_bos_token_id)
         packs = [np.asarray(p, dtype=np.int64) for p in SKEWED[d.rank]]
         local = train.forward_backward(model, objective, cache, packs, units, d.world_size, d.device)
         dist.all_reduce(local)
@@ -157,17 +159,26 @@ def grad_worker(model_dir: str, data_path: str, out_dir: str) -> None:
             rel = [((grads[n] - p.grad).abs().max() / max(p.grad.abs().max().item(), floor)).item()
                    for n, p in lm.named_parameters() if p.grad is not None]
             report[strategy] = {"loss": local.item() / units, "max_rel": max(rel), "compared": len(rel)}
+    forced = [None] * d.world_size
+    dist.all_gather_object(forced, report["forced_bos"])
     if d.is_main:
+        report["forced_bos"] = forced
         Path(out_dir, "report.json").write_text(json.dumps(report))
     cleanup_distributed()
 
 
 @pytest.mark.parametrize("arch", ["t5", "bart"])
 def test_two_ranks_with_skewed_padded_micro_batches_give_the_single_process_gradient(tmp_path, seq2seq_dir, arch):
+    import shutil
+
     data = write_rows(tmp_path / "rows.jsonl", BATCH, vocab=700, seed=1)
-    run = torchrun([__file__, str(seq2seq_dir(arch)), str(data), str(tmp_path / "out")])
+    model_dir = shutil.copytree(seq2seq_dir(arch), tmp_path / arch)
+    generation = json.loads((model_dir / "generation_config.json").read_text())
+    (model_dir / "generation_config.json").write_text(json.dumps({**generation, "forced_bos_token_id": 7}))
+    run = torchrun([__file__, str(model_dir), str(data), str(tmp_path / "out")])
     assert run.returncode == 0, run.stderr[-3000:]
     report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["forced_bos"] == [[7, 7, 7], [7, 7, 7]]  # rank 1 too: it generates its share of the predictions
     for strategy in ("FULL_SHARD", "SHARD_GRAD_OP", "NO_SHARD"):
         r = report[strategy]
         assert r["compared"] > 10 and r["loss"] == pytest.approx(report["truth"], rel=1e-5), (strategy, r)
