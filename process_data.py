@@ -109,6 +109,7 @@ class Config:
     target_column: str | None = None
     text_column: str = "text"
     report: Path | None = None  # the HTML mask report (mask_report.py)
+    config_file: Path | None = None  # --config, for check_paths (its values are in the other fields)
     max_source_tokens: int | None = None  # encoder-decoder models (seq2seq_data.py); default --max-sample-num-tokens
     max_target_tokens: int | None = None
     source_prefix: str = ""
@@ -183,7 +184,7 @@ def parse_args(argv: list[str] | None = None) -> Config:
         p.error("; ".join(problems))
     values = vars(args)
     del values["config"]  # its values are in the others
-    return Config(**values)
+    return Config(**values, config_file=None if path is None else Path(path))
 
 
 def config_types() -> dict[str, type]:
@@ -191,6 +192,8 @@ def config_types() -> dict[str, type]:
     hints = typing.get_type_hints(Config)
     types = {}
     for name, hint in hints.items():
+        if name == "config_file":
+            continue
         options = [t for t in typing.get_args(hint) if t is not type(None)] or [hint]
         types[name] = str if options[0] is Path else options[0]
     return types
@@ -204,7 +207,7 @@ def config_as_flags(values: dict) -> list[str]:
         if isinstance(value, bool):
             flags += [flag] if value else []
         elif value is not None:
-            flags += [flag, str(value)]
+            flags.append(f"{flag}={value}")  # one word: a value that starts with "-" (e.g. a separator) stays a value
     return flags
 
 
@@ -353,6 +356,7 @@ class Encoder:
     """Turns samples into rows for one tokenizer. Built once per worker process."""
 
     def __init__(self, model: str, input_name: str, max_tokens: int, on_too_long: str, spec: InputSpec = InputSpec()):
+        import jinja2
         from tokenizers import Tokenizer
         from transformers import AutoTokenizer
 
@@ -375,7 +379,13 @@ class Encoder:
         self.reserved = set(inspect.signature(self.tokenizer.apply_chat_template).parameters) - {"tools", "documents"}
         self.template, self.template_problem = choose_template(self.tokenizer, spec)
         template = self.template
-        self.renderer = chat_masks.Renderer(self.tokenizer, template) if template else None
+        try:
+            self.renderer = chat_masks.Renderer(self.tokenizer, template) if template else None
+        except jinja2.TemplateError as e:  # a syntax error: one line here, not a traceback (nor a worker respawning)
+            where = "--chat-template" if spec.chat_template is not None else f"{model}: its tokenizer's chat template"
+            line = f" at template line {e.lineno}" if getattr(e, "lineno", None) else ""
+            raise RunError(f"{where} does not compile ({e.message}{line}); fix it, or pass a working one with "
+                           f"--chat-template") from None
         self.specials = chat_masks.Specials([*self.tokenizer.all_special_tokens, *self.tokenizer.get_added_vocab()])
         self.generation_tags = bool(template) and chat_masks.has_generation_tags(template)
         self.marking = chat_masks.Renderer(self.tokenizer, chat_masks.marking_template(template)) if self.generation_tags else None
@@ -642,11 +652,12 @@ _INIT_ERROR: str | None = None  # or why it could not be built (a raising initia
 
 
 _WITHOUT_TORCH = False  # the worker process loaded transformers with torch hidden
+_MAY_NEED_TORCH = False  # its encoder failed, with torch hidden, naming torch
 
 
 def init_worker(model: str, input_name: str, max_tokens: int | None, on_too_long: str, spec: InputSpec,
                 seq2seq: seq2seq_data.Settings, without_torch: bool = False) -> None:
-    global _ENCODER, _INIT_ERROR, _WITHOUT_TORCH
+    global _ENCODER, _INIT_ERROR, _WITHOUT_TORCH, _MAY_NEED_TORCH
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one thread per worker: the pool is the parallelism
     if without_torch and "torch" not in sys.modules:
         hide_torch()
@@ -654,10 +665,11 @@ def init_worker(model: str, input_name: str, max_tokens: int | None, on_too_long
         _ENCODER = make_encoder(model, input_name, max_tokens, on_too_long, spec, seq2seq)
     except RunError as e:
         _INIT_ERROR = str(e)
-    except Exception as e:  # without torch, a tokenizer's own code may need it: the pool is started again with it
-        if not _WITHOUT_TORCH:
-            raise
-        _INIT_ERROR = f"{type(e).__name__}: {e} (torch hidden)"
+    except Exception as e:  # never raised: a raising initializer makes Pool start workers again forever
+        message = f"{type(e).__name__}: {' '.join(str(e).split())[:300]}"
+        _INIT_ERROR = f"{model}: cannot build the encoder ({message})"
+        # without torch, a tokenizer's own code may need it: the pool is started again with it (EncoderInfo)
+        _MAY_NEED_TORCH = _WITHOUT_TORCH and "torch" in message.lower()
 
 
 def hide_torch() -> None:
@@ -700,7 +712,7 @@ class EncoderInfo:
 def encoder_info(encoder: Encoder | None = None) -> EncoderInfo:
     encoder = encoder if encoder is not None else _ENCODER
     if encoder is None:
-        return EncoderInfo(error=_INIT_ERROR, retry_with_torch=_WITHOUT_TORCH and "torch" in str(_INIT_ERROR).lower())
+        return EncoderInfo(error=_INIT_ERROR, retry_with_torch=_MAY_NEED_TORCH)
     return EncoderInfo(None, encoder.template, getattr(encoder, "separator", None), getattr(encoder, "eos_text", None),
                        getattr(encoder, "model_type", None))
 
@@ -813,19 +825,39 @@ def template_sidecar(output_file: Path) -> Path:
     return output_file.with_name(output_file.name + ".chat_template.jinja")
 
 
+def same_file(a: Path, b: Path) -> bool:
+    """Whether writing `a` would overwrite `b`: the same path, or a link to the same file."""
+    if a.resolve() == b.resolve():
+        return True
+    try:
+        return a.exists() and b.exists() and os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
 def check_paths(cfg: Config) -> None:
     """Refuse, before reading anything, paths that would lose data or fail late."""
     if not cfg.input_file.is_file():
         raise RunError(f"{cfg.input_file}: no such file; check --input-file")
     out = cfg.output_file
-    same = out.resolve() == cfg.input_file.resolve()
-    if not same and out.exists():
-        try:
-            same = os.path.samefile(out, cfg.input_file)
-        except OSError:
-            pass
-    if same:
+    if same_file(out, cfg.input_file):
         raise RunError(f"{out}: --output-file is the input file, which would be overwritten; write the rows to another file")
+    read = {"--chat-template": cfg.chat_template, "--config": cfg.config_file}
+    for flag, path in read.items():
+        if path is not None and same_file(out, path):
+            raise RunError(f"{out}: --output-file is the {flag} file, which would be overwritten; write the rows to "
+                           f"another file")
+    if cfg.report is not None:
+        written = {"--input-file": cfg.input_file, "--output-file": out, **read, "the saved chat template":
+                   template_sidecar(out)}
+        for flag, path in written.items():
+            if path is not None and same_file(cfg.report, path):
+                raise RunError(f"{cfg.report}: --report is {flag}, which would be overwritten; write the report to "
+                               f"another file, e.g. masks.html")
+        if cfg.report.is_dir():
+            raise RunError(f"{cfg.report}: --report is a directory; name a file, e.g. {cfg.report / 'masks.html'}")
+        if not cfg.report.parent.is_dir():
+            raise RunError(f"{cfg.report.parent}: no such directory; create it or fix --report")
     if out.is_dir():
         raise RunError(f"{out}: --output-file is a directory; name a file, e.g. {out / 'rows.jsonl'}")
     if not out.parent.is_dir():
@@ -926,6 +958,7 @@ def run(cfg: Config) -> Summary:
         elif sidecar.exists():  # no template used: a stale one from an earlier run must not be taken for this one's
             sidecar.unlink()
         os.replace(tmp.name, cfg.output_file)
+        _PLACED.append(cfg.output_file)  # an interrupt from here on leaves the rows complete (main says so)
         summary.template_file = sidecar if info.template else None
         summary.shown.sort()
         colour = sys.stdout.isatty()
@@ -1069,6 +1102,9 @@ def report(cfg: Config, summary: Summary, seconds: float, drop_lines: bool = Tru
     print(f"time {seconds:.1f} s, {rate:,.0f} samples/s, {summary.tokens / max(seconds, 1e-9):,.0f} tokens/s, {cfg.num_workers} workers")
 
 
+_PLACED: list[Path] = []  # the output files run() has moved into place
+
+
 def main(argv: list[str] | None = None) -> None:
     cfg = parse_args(argv)
     start = time.perf_counter()
@@ -1078,7 +1114,11 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
-        print(f"{PROG}: interrupted, no output written", file=sys.stderr)
+        if _PLACED:
+            print(f"{PROG}: interrupted after {_PLACED[-1]} was written whole (the summary, samples and --report "
+                  f"may be missing)", file=sys.stderr)
+        else:
+            print(f"{PROG}: interrupted, no output written", file=sys.stderr)
         sys.exit(130)
     report(cfg, summary, time.perf_counter() - start)
 

@@ -508,6 +508,59 @@ def test_output_equal_to_input_is_refused_before_reading(capsys, tmp_path, token
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl", "link.jsonl"]
 
 
+def test_no_file_read_is_overwritten_by_the_rows_or_the_report(capsys, tmp_path, tokenizer_dir):
+    from transformers import AutoTokenizer
+
+    data = write_lines(tmp_path / "in.jsonl", [{"messages": CONVERSATIONS["single"]}])
+    template = tmp_path / "t.jinja"
+    template.write_text(AutoTokenizer.from_pretrained(tokenizer_dir("chatml")).chat_template)
+    config = tmp_path / "c.yaml"
+    config.write_text("num_workers: 1\n")
+    before = {p: p.read_bytes() for p in (data, template, config)}
+    out = tmp_path / "out.jsonl"
+    cases = [
+        (["--output-file", str(template), "--chat-template", str(template)],
+         f"{template}: --output-file is the --chat-template file, which would be overwritten"),
+        (["--output-file", str(config), "--config", str(config)],
+         f"{config}: --output-file is the --config file, which would be overwritten"),
+        (["--report", str(data)], f"{data}: --report is --input-file, which would be overwritten"),
+        (["--report", str(out)], f"{out}: --report is --output-file, which would be overwritten"),
+        (["--report", str(template), "--chat-template", str(template)],
+         f"{template}: --report is --chat-template, which would be overwritten"),
+        (["--report", str(tmp_path)], f"{tmp_path}: --report is a directory"),
+        (["--report", str(tmp_path / "no" / "r.html")], f"{tmp_path / 'no'}: no such directory; create it or fix"),
+    ]
+    for flags, message in cases:
+        argv = ["--input-file", str(data), "--output-file", str(out), "--model-name-or-path",
+                str(tokenizer_dir("chatml")), "--max-sample-num-tokens", "4096", "--num-workers", "1", *flags]
+        with pytest.raises(SystemExit) as e:
+            process_data.main(argv)
+        stderr = capsys.readouterr().err
+        assert e.value.code == 2 and stderr.count("\n") == 1 and message in stderr, (flags, stderr)
+        assert all(p.read_bytes() == b for p, b in before.items()) and not out.exists()
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_a_chat_template_that_does_not_compile_is_one_line_with_any_number_of_workers(capsys, tmp_path,
+                                                                                       tokenizer_dir, workers):
+    data = write_lines(tmp_path / "in.jsonl", [{"messages": CONVERSATIONS["single"]}])
+    bad = tmp_path / "bad.jinja"
+    bad.write_text("{% for m in messages %}{{ m.content }")
+    code, _, stderr, out = run_main(capsys, tmp_path, tokenizer_dir("chatml"), data, "--chat-template", str(bad),
+                                    "--num-workers", workers)  # 2 workers: it hung, starting workers forever
+    assert code == 2 and stderr.count("\n") == 1, stderr
+    assert "--chat-template does not compile (unexpected '}' at template line 1)" in stderr
+    assert not out.exists()
+
+
+def test_a_config_value_that_starts_with_a_dash_stays_a_value(tmp_path):
+    config = tmp_path / "c.yaml"
+    config.write_text('separator: "-->"\npair_rendering: raw\n')
+    cfg = process_data.parse_args(["--config", str(config), "--input-file", "i", "--output-file", "o",
+                                   "--model-name-or-path", "m"])
+    assert cfg.separator == "-->" and cfg.config_file == config
+
+
 def test_output_that_is_a_directory_is_a_one_line_error(capsys, tmp_path, tokenizer_dir):
     data = write_lines(tmp_path / "in.jsonl", [{"messages": CONVERSATIONS["single"]}])
     (tmp_path / "out.jsonl").mkdir()
