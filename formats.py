@@ -18,6 +18,8 @@ JSONL and CSV (the line where a CSV record starts) and 1-based row indices for P
 
 import csv
 import itertools
+import json
+import re
 import sys
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -104,10 +106,22 @@ def expected_keys(columns: Columns) -> str:
 # ---- one row (worker side) ----
 
 
+_LONG_NUMBER = re.compile(rb"\d{19}")  # 19+ digits: a number orjson may not hold as an integer
+
+
+def _refuse(constant: str):
+    raise ValueError(constant)
+
+
 def load_row(raw: bytes, where: str) -> object | None:
     """The JSON value on this line, None for a blank line."""
     if not raw.strip():
         return None
+    if _LONG_NUMBER.search(raw):  # orjson makes an integer beyond 64 bits a float; Python's json keeps it exact
+        try:
+            return json.loads(raw, parse_constant=_refuse)  # NaN and Infinity are not JSON (orjson refuses them)
+        except (ValueError, RecursionError):
+            pass  # orjson's own message below says what is wrong
     try:
         return orjson.loads(raw)  # it refuses invalid UTF-8 too: the decode below then says where, as before
     except orjson.JSONDecodeError as e:

@@ -363,3 +363,15 @@ def test_parquet_with_two_workers_keeps_order(capsys, tmp_path, tokenizer_dir):
     code, _, stderr, out = run_main(capsys, tmp_path, tokenizer_dir("chatml"), jsonl, "--pair-rendering", "raw")
     assert code == 0, stderr
     assert parallel == out.read_bytes()
+
+
+def test_integers_beyond_64_bits_stay_exact_as_the_chat_template_sees_them():
+    """orjson reads an integer beyond 64 bits as a float: a tool call's argument would render 1.2345678901234568e+29
+    where apply_chat_template on json.loads renders the integer."""
+    import json
+
+    raw = b'{"a": 123456789012345678901234567890, "b": -9223372036854775809, "c": 18446744073709551616, "d": 0.5}'
+    assert formats.load_row(raw, "f:1") == json.loads(raw)
+    assert isinstance(formats.load_row(raw, "f:1")["a"], int)
+    with pytest.raises(formats.RunError, match="f:2: malformed JSON"):
+        formats.load_row(b'{"a": 12345678901234567890123, "b": NaN}', "f:2")  # not JSON, as orjson says
