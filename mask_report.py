@@ -25,13 +25,24 @@ td.n { text-align: right; font-variant-numeric: tabular-nums; }
 """
 
 
+def piece_text(tokenizer, ids: list[int], start: int, end: int) -> str:
+    """The text of ids[start:end] as it reads inside the sample: decoded after the token before it, which is then
+    cut off. Decoded alone, a SentencePiece tokenizer (Llama 2, Mistral v1) strips the word-initial space of its
+    first token, which is exactly what a person checking masks must see."""
+    if start == 0:
+        return tokenizer.decode(ids[start:end])
+    before = tokenizer.decode(ids[start - 1 : start])
+    both = tokenizer.decode(ids[start - 1 : end])
+    return both[len(before):] if both.startswith(before) else tokenizer.decode(ids[start:end])
+
+
 def token_spans(tokenizer, input_ids: list[int], labels: list[int]) -> str:
     """The sample as HTML: each token's text, trained ones in green, special tokens boxed."""
     special = set(tokenizer.all_special_ids)
     added = {i for i, t in tokenizer.added_tokens_decoder.items() if getattr(t, "special", False)}
     out = []
     for k, token in enumerate(input_ids):
-        text = tokenizer.decode([token])
+        text = piece_text(tokenizer, input_ids, k, k + 1)
         classes = ["t" if labels[k] != IGNORE else "m"]
         if token in special or token in added:
             classes.append("s")

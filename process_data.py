@@ -1067,10 +1067,12 @@ def masked_view(tokenizer, ids: list[int], labels: list[int], marker: str, colou
     green, dim, reset = ("\033[32m", "\033[2m", "\033[0m") if colour else ("", "", "")
     if colour:
         opening = closing = ""
-    out = []
-    for trained, run in itertools.groupby(zip(ids, labels), key=lambda pair: pair[1] != IGNORE):
-        text = tokenizer.decode([i for i, _ in run])
+    out, start = [], 0
+    for trained, run in itertools.groupby(labels, key=lambda label: label != IGNORE):
+        end = start + len(list(run))
+        text = mask_report.piece_text(tokenizer, ids, start, end)
         out.append(green + opening + text + closing + reset if trained else dim + text + reset)
+        start = end
     return "".join(out)
 
 

@@ -45,3 +45,28 @@ def test_a_config_file_gives_the_flags_and_the_command_line_wins(tmp_path, token
     code, stdout, stderr, out = cli(tmp_path, tokenizer_dir("chatml"), data, "--config", str(config))
     assert code == 2 and stderr.strip().endswith("unknown key 'max_sample_num_token'; did you mean "
                                                  "'max-sample-num-tokens'?") and len(stderr.splitlines()) == 1
+
+
+class _SentencePieceLike:
+    """Decodes as Llama 2 / Mistral v1 do: "▁" is a space, and the decoded string's first space is stripped."""
+
+    all_special_ids = [3]
+    added_tokens_decoder: dict = {}
+    pieces = {1: "▁Hi", 2: "▁Hello", 3: "</s>", 4: "▁there"}
+
+    def decode(self, ids):
+        text = "".join(self.pieces[i] for i in ids).replace("▁", " ")
+        return text[1:] if text.startswith(" ") else text
+
+
+def test_a_trained_run_shows_its_word_initial_space():
+    """Decoded alone, the reply's first token loses its space: the view would show a run that starts one character
+    later than what trains."""
+    import process_data
+    from mask_report import token_spans
+
+    tok = _SentencePieceLike()
+    ids, labels = [1, 2, 4, 3], [-100, 2, 4, 3]
+    assert process_data.masked_view(tok, ids, labels, "[[ ]]", False) == "Hi[[ Hello there</s>]]"
+    assert '<span class="t" title="4"> there</span>' in token_spans(tok, ids, labels)
+    assert '<span class="m" title="1">Hi</span>' in token_spans(tok, ids, labels)
