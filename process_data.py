@@ -947,6 +947,8 @@ def run(cfg: Config) -> Summary:
             first = summary.first_drops[0] if summary.first_drops else None
             why = f"e.g. line {first[0]}: {first[1]}: {first[2]}" if first else "only blank lines"
             raise RunError(f"{cfg.input_file}: no sample can be written ({why}); fix the data or the model path")
+        tmp.flush()
+        os.fsync(tmp.fileno())  # on disk before the rename, so a power cut leaves the old file or the whole new one
         tmp.close()
         umask = os.umask(0)
         os.umask(umask)
@@ -958,6 +960,7 @@ def run(cfg: Config) -> Summary:
         elif sidecar.exists():  # no template used: a stale one from an earlier run must not be taken for this one's
             sidecar.unlink()
         os.replace(tmp.name, cfg.output_file)
+        atomic.fsync_dir(cfg.output_file.parent)
         _PLACED.append(cfg.output_file)  # an interrupt from here on leaves the rows complete (main says so)
         summary.template_file = sidecar if info.template else None
         summary.shown.sort()
