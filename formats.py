@@ -115,6 +115,8 @@ def _refuse(constant: str):
 
 def load_row(raw: bytes, where: str) -> object | None:
     """The JSON value on this line, None for a blank line."""
+    if raw.startswith(b"\xef\xbb\xbf"):  # a UTF-8 byte order mark (Excel, Notepad) is no part of the JSON
+        raw = raw[3:]
     if not raw.strip():
         return None
     if _LONG_NUMBER.search(raw):  # orjson makes an integer beyond 64 bits a float; Python's json keeps it exact

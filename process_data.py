@@ -945,7 +945,8 @@ def run(cfg: Config) -> Summary:
                     summary.shown[j] = (lineno, line)
         if summary.written == 0:
             first = summary.first_drops[0] if summary.first_drops else None
-            why = f"e.g. line {first[0]}: {first[1]}: {first[2]}" if first else "only blank lines"
+            why = f"e.g. line {first[0]}: {first[1]}: {first[2]}" if first else "only blank lines" if summary.blank \
+                else "no rows after the header" if formats.input_type(cfg.input_file) == "csv" else "no rows"
             raise RunError(f"{cfg.input_file}: no sample can be written ({why}); fix the data or the model path")
         tmp.flush()
         os.fsync(tmp.fileno())  # on disk before the rename, so a power cut leaves the old file or the whole new one

@@ -375,3 +375,8 @@ def test_integers_beyond_64_bits_stay_exact_as_the_chat_template_sees_them():
     assert isinstance(formats.load_row(raw, "f:1")["a"], int)
     with pytest.raises(formats.RunError, match="f:2: malformed JSON"):
         formats.load_row(b'{"a": 12345678901234567890123, "b": NaN}', "f:2")  # not JSON, as orjson says
+
+
+def test_a_byte_order_mark_is_no_part_of_the_json():
+    raw = b'{"messages": [{"role": "user", "content": "hi"}]}'
+    assert formats.load_row(b"\xef\xbb\xbf" + raw, "f:1") == formats.load_row(raw, "f:1")

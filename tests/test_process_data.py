@@ -553,6 +553,14 @@ def test_a_chat_template_that_does_not_compile_is_one_line_with_any_number_of_wo
     assert not out.exists()
 
 
+def test_a_csv_with_only_its_header_says_so(capsys, tmp_path, tokenizer_dir):
+    data = tmp_path / "in.csv"
+    data.write_text("prompt,completion\n")
+    code, _, stderr, out = run_main(capsys, tmp_path, tokenizer_dir("chatml"), data)
+    assert code == 2 and f"{data}: no sample can be written (no rows after the header)" in stderr, stderr
+    assert not out.exists()
+
+
 def test_a_config_value_that_starts_with_a_dash_stays_a_value(tmp_path):
     config = tmp_path / "c.yaml"
     config.write_text('separator: "-->"\npair_rendering: raw\n')
