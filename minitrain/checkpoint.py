@@ -284,11 +284,12 @@ def trained_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> t
 
     model_state, optimizer_state = get_state_dict(model, optimizer, options=StateDictOptions(ignore_frozen_params=True))
     frozen = {name for name, p in model.named_parameters(remove_duplicate=False) if not p.requires_grad}
-    parts = lambda key: key.split(".")  # noqa: E731
-    of_frozen = [k for k in model_state if any(".".join(parts(k)[:i]) in frozen for i in range(1, len(parts(k)) + 1))]
-    for key in of_frozen:
-        del model_state[key]
-    return model_state, optimizer_state
+
+    def of_frozen(key: str) -> bool:  # the key itself, or any of its dotted prefixes, is a frozen parameter's name
+        parts = key.split(".")
+        return any(".".join(parts[:i]) in frozen for i in range(1, len(parts) + 1))
+
+    return {k: v for k, v in model_state.items() if not of_frozen(k)}, optimizer_state
 
 
 def load(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler) -> dict:

@@ -94,32 +94,19 @@ def inject(lm: nn.Module, peft_config, seed: int):
         return get_peft_model(lm, copy.deepcopy(peft_config))  # peft resolves all-linear into the config it gets
 
 
-class LoRA:
+class LoRA(FullFineTuning):
     """Adapters train (peft's LoRA layers), the base stays frozen; an export is PEFT's adapter folder and/or the
-    merged model."""
+    merged model. Loading, sharding and trainable_parameters (what requires grad) are full fine-tuning's."""
 
     name = "lora"
-    base_weights = ""  # as loaded
-    loads_on_every_rank = False  # rank 0 loads the weights; they are broadcast into the shards (model.build_model)
 
     def __init__(self, config):
         self.config = config
         self.peft_config = lora_config(config)
 
-    def load_arguments(self, device: torch.device) -> dict:
-        """Extra from_pretrained arguments for the base model (model.build_model): none."""
-        return {}
-
-    def unsharded_parameters(self, lm: nn.Module) -> set[nn.Parameter]:
-        """Parameters FSDP2 leaves whole on every rank (fully_shard's ignored_params): none."""
-        return set()
-
     def apply(self, lm: nn.Module) -> nn.Module:
         inject(lm, self.peft_config, self.config.seed)
         return lm
-
-    def trainable_parameters(self, model: nn.Module) -> list[nn.Parameter]:
-        return [p for p in model.parameters() if p.requires_grad]
 
     @contextmanager
     def reference_mode(self, model: nn.Module):

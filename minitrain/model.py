@@ -268,12 +268,11 @@ def build_model(config, world: World, adapter: FullFineTuning | None = None) -> 
         for block in blocks:
             block.compile(dynamic=True)  # each block's forward (dynamic: packs change length every micro-step)
     model = Seq2SeqLM(lm, adapter) if seq2seq else PackedCausalLM(lm, adapter, config.use_liger_kernels)
-    if world.world_size > 1 and every_rank:
-        shard_model(model, config.fsdp_sharding_strategy, world)  # each rank keeps its shard of what it loaded
-    elif world.world_size > 1:
+    if world.world_size > 1:
+        shard_model(model, config.fsdp_sharding_strategy, world)  # every_rank: each keeps its shard of what it loaded
+    if world.world_size > 1 and not every_rank:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
-        shard_model(model, config.fsdp_sharding_strategy, world)
         model.to_empty(device=world.device)
         full, error = None, None
         if world.is_main:
