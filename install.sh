@@ -11,7 +11,11 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 PY=${PYTHON:-python3}
-pip_install() { "$PY" -m pip install --quiet --disable-pip-version-check --root-user-action=ignore "$@"; }
+# (pip's warnings about this machine's local index folders are dropped; every other line and pip's status stay)
+pip_install() {
+  "$PY" -m pip install --quiet --disable-pip-version-check --root-user-action=ignore "$@" 2>&1 |
+    { grep -v "is ignored: it is neither a file nor a directory" || true; }
+}
 dev=${1:-}
 lock=requirements.lock
 [ "$dev" = "--dev" ] && lock=requirements-dev.lock

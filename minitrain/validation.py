@@ -165,7 +165,8 @@ def generation_attention(lm):
 
 
 # Decoding settings a checkpoint's generation_config.json may hold, each at the value that does nothing
-NEUTRAL_DECODING = dict(num_beam_groups=1, diversity_penalty=0.0, min_length=0, min_new_tokens=0,
+# (min_new_tokens=0 overrides a checkpoint's min_length; setting min_length too makes transformers warn at each call)
+NEUTRAL_DECODING = dict(num_beam_groups=1, diversity_penalty=0.0, min_new_tokens=0,
                         no_repeat_ngram_size=0, encoder_no_repeat_ngram_size=0, repetition_penalty=1.0,
                         encoder_repetition_penalty=1.0, length_penalty=1.0, early_stopping=False)
 
