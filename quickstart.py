@@ -16,9 +16,7 @@ from pathlib import Path
 
 import orjson
 
-import default_model
-import example_data
-import plot_run
+from minitrain.tools import default_model, example_data, plot_run
 
 ROOT = Path(__file__).resolve().parent
 

@@ -380,7 +380,7 @@ class MultipackPlanner:
 
     def __init__(self, lengths, batch_size: int, max_tokens_per_rank: int, world_size: int, seed: int = 0,
                  mixture=None):
-        """`mixture` (minitrain/mixture.py): draws each epoch's samples instead of one shuffle of all of them."""
+        """`mixture` (minitrain/training/mixture.py): draws each epoch's samples instead of one shuffle of all of them."""
         lengths = np.asarray(lengths)
         _validate(lengths, batch_size, max_tokens_per_rank, world_size, seed)
         self.lengths = lengths.astype(np.int64)

@@ -5,11 +5,11 @@ with FSDP2 on torchrun.
         --batch-size 128 --max-tokens-per-gpu 16384 --max-epochs 3
 
 Reads top to bottom: the config (one dataclass; its fields are the flags) -> main() -> train(): data (token cache
-+ planner) -> model (minitrain/model.py: meta build, adapter, FSDP2, weights broadcast from rank 0) -> the loop:
++ planner) -> model (minitrain/training/model.py: meta build, adapter, FSDP2, weights broadcast from rank 0) -> the loop:
 plan the step -> the objective's forward/backward over this rank's micro-steps -> clip -> optimizer step -> log ->
 the validator and the checkpointer, which decide for themselves whether this step is theirs.
 
-The loss of a step (minitrain/objectives.py says what a unit is; SFT: a trained token; DPO, SimPO: a pair):
+The loss of a step (minitrain/training/objectives.py says what a unit is; SFT: a trained token; DPO, SimPO: a pair):
 
     L = (1 / N) * sum over every rank, micro-step and unit of the objective's loss,   N = the step's units
 
@@ -18,51 +18,58 @@ FSDP averages gradients over the world_size ranks, which turns the sum of these 
 is split into ranks and micro-steps (see forward_backward).
 """
 
-import argparse
-import importlib.util
 import json
 import math
-import os
 import resource
 import signal
 import sys
 import time
-import types
-import typing
-from dataclasses import MISSING, asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
-from minitrain import atomic, attention, checkpoint, families, lora
-from minitrain.checkpoint import Checkpointer, CheckpointError, RunState, StopSignals
-from minitrain.config_file import ConfigFileError, config_path_from_argv, read_config_file
-from minitrain.data import DataError, TokenCache, load_data
-from minitrain.distributed import (
-    World, cleanup_distributed, compute_autocast, init_distributed, print0, raise_if_any_rank_failed,
+from minitrain import atomic
+from minitrain.config_file import (
+    ConfigFileError,
+)
+from minitrain.training import checkpoint, families, lora
+from minitrain.training.checkpoint import (
+    Checkpointer,
+    CheckpointError,
+    RunState,
+    StopSignals,
+)
+from minitrain.training.config import ConfigError, TrainConfig, parse_args, validate
+from minitrain.training.data import DataError, TokenCache, load_data
+from minitrain.training.distributed import (
+    World,
+    cleanup_distributed,
+    compute_autocast,
+    init_distributed,
+    print0,
+    raise_if_any_rank_failed,
     world_from_env,
 )
-from minitrain.mixture import Mixture, Source, concat_caches, parse_sources
-from minitrain.model import SHARDING_STRATEGIES, ModelError, build_model, checkpointing_needed
-from minitrain.objectives import LOSS_REDUCTIONS, OBJECTIVES, build_objective
-from minitrain.reference import attach_reference
-from minitrain.run_log import TRACKERS, RunLog, tracker_problem
-from minitrain.validation import (
-    EVAL_METRICS, LOSS, STOPPING_METRICS, ValidationError, Validator, build_validator, eos_token_ids,
+from minitrain.training.mixture import Mixture, Source, concat_caches, parse_sources
+from minitrain.training.model import (
+    ModelError,
+    build_model,
+    checkpointing_needed,
+)
+from minitrain.training.objectives import build_objective
+from minitrain.training.reference import attach_reference
+from minitrain.training.run_log import RunLog
+from minitrain.training.validation import (
+    ValidationError,
+    Validator,
+    build_validator,
+    eos_token_ids,
     split_validation,
 )
 from sampler import MultipackPlanner, SamplerError
-
-LR_SCHEDULERS = ("constant", "linear", "cosine")
-SAVE_DTYPES = ("bfloat16", "float16", "float32")
-BACKENDS = ("auto", "nccl", "gloo")
-LORA_EXPORTS = lora.EXPORTS
-
-
-class ConfigError(ValueError):
-    """Bad flags or paths, found before any weights load."""
 
 
 class TrainingError(RuntimeError):
@@ -72,291 +79,6 @@ class TrainingError(RuntimeError):
 # ----------------------------------------------------------------------------------------------------------------
 # Configuration: each field is a flag (--data-path for data_path); its help is declared here and only here.
 
-
-def flag(default=MISSING, help: str = "", **argparse_kwargs):
-    return field(default=default, metadata={"help": help, **argparse_kwargs})
-
-
-@dataclass
-class TrainConfig:
-    data_path: list[str] = flag(help="JSONL from process_data.py (input_ids, labels, len); several for a mixture, "
-                                     "each as path, path:WEIGHT or path:Nx (epochs), see minitrain/mixture.py")
-    model_name_or_path: str = flag(help="Hugging Face model folder (or hub id in the cache)")
-    output_dir: str = flag()
-    batch_size: int = flag(help="samples (preference objectives: pairs) per optimizer step, all ranks together")
-    max_tokens_per_gpu: int = flag(help="token budget of one rank's packed row")
-    # What is trained (minitrain/objectives.py): sft on process_data.py's samples; dpo or simpo on its preference
-    # pairs (--input-format preference), a pair packed whole into one micro-step.
-    objective: str = flag("sft", "sft | dpo | simpo", choices=OBJECTIVES)
-    dpo_beta: float = flag(0.1, "DPO: beta of -log sigmoid(beta * (chosen - rejected log-ratio to the reference))")
-    # SimPO: torchllms' defaults are --simpo_beta 1.0 --simpo_gamma 1.0 for -log sigmoid(beta * (m - gamma)); the
-    # same loss here is --simpo-beta beta --simpo-gamma beta*gamma. Ours are the paper's and TRL's form.
-    simpo_beta: float = flag(2.0, "SimPO: beta of -log sigmoid(beta * m - gamma), m = the chosen minus the rejected "
-                                  "length-normalised log-prob (torchllms' default: 1.0)")
-    simpo_gamma: float = flag(0.5, "SimPO: the target margin gamma, outside beta as in the SimPO paper and TRL "
-                                   "(torchllms puts it inside: its gamma x its beta is this)")
-    preference_sft_weight: float = flag(0.0, "dpo/simpo: plus this times the chosen side's token-mean cross-entropy")
-    learning_rate: float = flag(1e-5)
-    num_warmup_steps: int = flag(0)
-    lr_scheduler: str = flag("constant", "after warmup: constant, linear to 0 or cosine to 0 over the training steps",
-                             choices=LR_SCHEDULERS)
-    # Stop conditions: the first one reached ends training; none = until stopped.
-    max_epochs: int | None = flag(None)
-    max_steps: int | None = flag(None)
-    max_samples: int | None = flag(None)
-    min_samples_per_checkpoint: int | None = flag(None, "export a Hugging Face folder every N samples (and at the end)")
-    checkpoint_every_steps: int | None = flag(
-        None, "full-state checkpoint (exact resume) every N steps; also written with every export, at the end and "
-              "on SIGTERM/SIGINT/SIGUSR1")
-    keep_last_n_checkpoints: int | None = flag(None, "delete older full-state checkpoints (exports stay)")
-    keep_last_n_exports: int | None = flag(None, "delete older hf_format exports (default: keep all)")
-    resume_from: str | None = flag(None, "a checkpoints/step_<N> folder (default: the newest in --output-dir)")
-    fresh: bool = flag(False, "start over: delete --output-dir's full-state checkpoints (its exports are moved aside, "
-                              "not deleted)")
-    allow_config_change: bool = flag(False, "resume even if the data, model, batch size, seed, schedule or stop flags "
-                                            "differ from the checkpoint's")
-    weight_decay: float = flag(0.0, "applied to matrices only, not to norms and biases")
-    adam_beta1: float = flag(0.9)
-    adam_beta2: float = flag(0.95)
-    adam_epsilon: float = flag(1e-8)
-    max_grad_norm: float = flag(1.0, "0 disables clipping (the norm is still logged)")
-    # No `choices` for the strategy: validate() reports an unknown one together with every other problem.
-    fsdp_sharding_strategy: str = flag("SHARD_GRAD_OP", " | ".join(SHARDING_STRATEGIES))
-    activation_checkpointing: bool | None = flag(
-        None, "recompute each decoder block in the backward; default: on only when the activations of a packed row "
-              "would not fit in half the memory free per rank (printed at start)")
-    compile: bool = flag(False, "torch.compile each decoder block (fused norms, activations, RoPE); same losses")
-    use_liger_kernels: bool = flag(False)
-    attn_implementation: str = flag("auto", "attention kernel for packed rows: auto = flash-attn if installed, else "
-                                            "minitrain_varlen (PyTorch's varlen kernel) on CUDA, sdpa on CPU; or "
-                                            + " | ".join(attention.CHOICES[1:]))
-    loss_reduction: str = flag("tokens", "tokens: mean over the step's trained tokens; sequences: mean over its "
-                                         "samples of each sample's token mean", choices=LOSS_REDUCTIONS)
-    save_dtype: str = flag("bfloat16", choices=SAVE_DTYPES)
-    seed: int = flag(42)
-    distributed_backend: str = flag("auto", "auto = nccl on CUDA, gloo on CPU", choices=BACKENDS)
-    distributed_timeout_minutes: float = flag(
-        60.0, "timeout of the training process group's collectives (NCCL's default is 10); waits for one rank's long "
-              "work (token cache, model load, export) do not count against it")
-    # Seeing the run: a held-out set (a second file, or a fraction of --data-path held out by sample), evaluated
-    # every N samples and at every export; greedy sample replies; early stopping; a tracker. None = not asked.
-    validation_data_path: str | None = flag(None, "a second JSONL from process_data.py, held out for validation")
-    validation_split: float | None = flag(None, "hold out this fraction of --data-path's samples instead")
-    eval_every_samples: int | None = flag(None, "evaluate every N trained samples (and at every export)")
-    num_eval_generations: int = flag(3, "greedy replies to this many validation prompts at each evaluation (0 = none)")
-    eval_max_new_tokens: int = flag(32)
-    eval_metric: str | None = flag(None, "rouge: at each evaluation, predict every validation sample's reply and "
-                                         "report ROUGE-1/2/L/Lsum (F-measure x 100) and the mean generated length",
-                                   choices=EVAL_METRICS)
-    eval_num_beams: int = flag(1, "--eval-metric's predictions: 1 = greedy, more = beam search")
-    early_stopping_patience: int | None = flag(None, "stop after this many evaluations in a row without improvement")
-    early_stopping_metric: str = flag(LOSS, "what early stopping and the best export follow: validation_loss (lower "
-                                            "is better) or, with --eval-metric rouge, a ROUGE figure (higher is "
-                                            "better)", choices=STOPPING_METRICS)
-    early_stopping_min_delta: float = flag(0.0, "an improvement must beat the best value of --early-stopping-metric "
-                                                "by more than this", aliases=["--early-stopping-threshold"])
-    tracker: str | None = flag(None, " | ".join(TRACKERS) + " (optional packages, used only when asked for)")
-    # LoRA (minitrain/lora.py, with peft): adapters train, the base weights stay frozen.
-    lora: bool = flag(False, "train LoRA adapters instead of every weight; exports hold PEFT's adapter folder "
-                             "(samples_<N>/adapter) and/or the merged model (--lora-export)")
-    lora_r: int = flag(16, "the adapters' rank", aliases=["--lora-rank"])
-    lora_alpha: float = flag(32.0, "the adapters' output is scaled by alpha / r")
-    lora_dropout: float = flag(0.05, "dropout on the adapters' input")
-    lora_target_modules: list[str] | None = flag(
-        None, "module names to adapt (e.g. q_proj v_proj), or all-linear (default: every linear layer of the "
-              "decoder blocks)", nargs="+")
-    lora_modules_to_save: list[str] | None = flag(
-        None, "modules trained in full beside the adapters and saved with them (e.g. lm_head for new tokens)",
-        nargs="+")
-    lora_init: str = flag("default", "default (peft's: A Kaiming-uniform, B zero, so step 0 is the base model), "
-                                     "gaussian (A Gaussian, B zero) or random (B random too; step 0 differs)")
-    lora_export: str = flag("both", "what each export holds: PEFT's adapter folder, the merged model, or both",
-                            choices=LORA_EXPORTS)
-    qlora: bool = flag(False, "QLoRA: the base's linear layers in 4-bit NF4 (bitsandbytes) on each GPU; CUDA only")
-
-    def __post_init__(self):
-        if isinstance(self.data_path, str):  # TrainConfig(data_path="one.jsonl", ...)
-            self.data_path = [self.data_path]
-        # "~" is the shell's, so a config file's "~/models/x" means what it says on the command line
-        self.data_path = [os.path.expanduser(p) for p in self.data_path]
-        for name in ("model_name_or_path", "output_dir", "validation_data_path", "resume_from"):
-            if getattr(self, name) is not None:
-                setattr(self, name, os.path.expanduser(getattr(self, name)))
-
-
-def value_type(hint) -> type:
-    """int for `int | None`, list for `list[str]` and `list[str] | None`, and so on."""
-    options = [t for t in typing.get_args(hint) if t is not type(None)]
-    kind = options[0] if isinstance(hint, types.UnionType) else hint
-    return typing.get_origin(kind) or kind
-
-
-def parse_args(argv: list[str] | None = None) -> TrainConfig:
-    """The flags, over the values of --config FILE (config_file.py), over the dataclass defaults."""
-    argv = sys.argv[1:] if argv is None else argv
-    hints = {name: value_type(hint) for name, hint in typing.get_type_hints(TrainConfig).items()}
-    path = config_path_from_argv(argv)
-    from_file = read_config_file(path, hints) if path else {}
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--config", help="a YAML or TOML file of flags (keys are flag names); command-line flags win")
-    for f in fields(TrainConfig):
-        name, kind, kwargs = "--" + f.name.replace("_", "-"), hints[f.name], dict(f.metadata)
-        default = from_file.get(f.name, f.default)
-        names = [name, *kwargs.pop("aliases", [])]
-        if kind is bool:
-            kwargs["action"] = argparse.BooleanOptionalAction  # --x and --no-x: a config file may set either
-        elif kind is list:  # a list of strings
-            kwargs.update(type=str, nargs=kwargs.get("nargs", "+"))
-        else:
-            kwargs["type"] = kind
-        if default is MISSING:
-            kwargs["required"] = True
-        else:
-            kwargs["default"] = default
-        p.add_argument(*names, **kwargs)
-    args = vars(p.parse_args(argv))
-    del args["config"]  # its values are in the others
-    return TrainConfig(**args)
-
-
-def validate(config: TrainConfig, world_size: int, local_world_size: int, cuda: bool) -> None:
-    """Collect every problem with the flags and paths, and raise them together before anything expensive."""
-    problems = []
-    try:
-        sources = parse_sources(config.data_path)
-    except DataError as e:
-        problems.append(str(e))
-        sources = []
-    for source in sources:
-        if not Path(source.path).is_file():
-            problems.append(f"--data-path {source.path}: no such file; pass the JSONL written by process_data.py")
-    model_problems = model_path_problems(config.model_name_or_path)
-    problems += model_problems
-    if config.batch_size < world_size:
-        problems.append(
-            f"--batch-size {config.batch_size} is smaller than the {world_size} ranks; every rank needs at least "
-            f"one sample per step, so use --batch-size >= {world_size}"
-        )
-    if config.max_tokens_per_gpu < 1:
-        problems.append(f"--max-tokens-per-gpu must be positive, got {config.max_tokens_per_gpu}")
-    if config.fsdp_sharding_strategy not in SHARDING_STRATEGIES:
-        problems.append(
-            f"--fsdp-sharding-strategy {config.fsdp_sharding_strategy!r} is unknown; "
-            f"use one of {', '.join(SHARDING_STRATEGIES)}"
-        )
-    if config.fsdp_sharding_strategy == "HYBRID_SHARD" and world_size % local_world_size:
-        problems.append(
-            f"HYBRID_SHARD needs the same number of ranks on every node "
-            f"({world_size} ranks, {local_world_size} per node)"
-        )
-    for name in ("dpo_beta", "simpo_beta"):
-        if not getattr(config, name) > 0:
-            problems.append(f"--{name.replace('_', '-')} must be positive, got {getattr(config, name)}")
-    if config.preference_sft_weight < 0:
-        problems.append(f"--preference-sft-weight must be >= 0, got {config.preference_sft_weight}")
-    if not config.learning_rate > 0:
-        problems.append(f"--learning-rate must be positive, got {config.learning_rate}")
-    if config.num_warmup_steps < 0:
-        problems.append(f"--num-warmup-steps must be >= 0, got {config.num_warmup_steps}")
-    for name in (
-        "max_epochs", "max_steps", "max_samples", "min_samples_per_checkpoint", "checkpoint_every_steps",
-        "keep_last_n_checkpoints", "keep_last_n_exports",
-    ):
-        value = getattr(config, name)
-        if value is not None and value < 1:
-            problems.append(f"--{name.replace('_', '-')} must be >= 1, got {value}")
-    stop = (config.max_epochs, config.max_steps, config.max_samples)
-    if config.lr_scheduler != "constant" and all(v is None for v in stop):
-        problems.append(
-            f"--lr-scheduler {config.lr_scheduler} decays over the whole run; "
-            f"give --max-epochs, --max-steps or --max-samples"
-        )
-    if config.weight_decay < 0:
-        problems.append(f"--weight-decay must be >= 0, got {config.weight_decay}")
-    for name in ("adam_beta1", "adam_beta2"):
-        if not 0 <= getattr(config, name) < 1:
-            problems.append(f"--{name.replace('_', '-')} must be in [0, 1), got {getattr(config, name)}")
-    if not config.adam_epsilon > 0:
-        problems.append(f"--adam-epsilon must be positive, got {config.adam_epsilon}")
-    if not config.distributed_timeout_minutes > 0:
-        problems.append(f"--distributed-timeout-minutes must be positive, got {config.distributed_timeout_minutes}")
-    if config.max_grad_norm < 0:
-        problems.append(f"--max-grad-norm must be >= 0 (0 = no clipping), got {config.max_grad_norm}")
-    if config.fresh and config.resume_from is not None:
-        problems.append("--fresh starts over and --resume-from continues a run; pass one of them")
-    if config.resume_from is not None and not checkpoint.is_complete(Path(config.resume_from)):
-        problems.append(
-            f"--resume-from {config.resume_from}: not a complete checkpoint; pass a "
-            f"<output-dir>/checkpoints/step_<N> folder that holds a {checkpoint.COMPLETE} file"
-        )
-    if config.distributed_backend == "nccl" and not cuda:
-        problems.append("--distributed-backend nccl needs CUDA GPUs and none is visible; use gloo (or auto) on CPU")
-    if config.use_liger_kernels and config.loss_reduction == "sequences":
-        problems.append("--loss-reduction sequences weighs each token by its sample and runs on the chunked loss; "
-                        "drop --use-liger-kernels or use --loss-reduction tokens")
-    if config.use_liger_kernels and not cuda and os.environ.get("TRITON_INTERPRET") != "1":
-        problems.append(
-            "--use-liger-kernels needs a GPU (on CPU only under TRITON_INTERPRET=1, which is slow and meant for tests)"
-        )
-    attn = attention.problem(config.attn_implementation, cuda)
-    problems += [attn] if attn else []
-    problems += validation_problems(config)
-    problems += lora.flag_problems(config, cuda, model_ok=not model_problems)
-    if problems:
-        raise ConfigError("; ".join(problems))
-
-
-def validation_problems(config: TrainConfig) -> list[str]:
-    problems = []
-    path, split = config.validation_data_path, config.validation_split
-    if path is not None and split is not None:
-        problems.append("--validation-data-path and --validation-split each give a validation set; pass one of them")
-    if path is not None and not Path(path).is_file():
-        problems.append(f"--validation-data-path {path}: no such file; pass a JSONL written by process_data.py")
-    if split is not None and not 0 < split < 1:
-        problems.append(f"--validation-split is the fraction of samples held out, in (0, 1); got {split}")
-    needs_set = [f"--{k.replace('_', '-')}" for k in ("eval_every_samples", "early_stopping_patience", "eval_metric")
-                 if getattr(config, k) is not None]
-    if needs_set and path is None and split is None:
-        problems.append(f"{' and '.join(needs_set)} need a validation set; pass --validation-data-path or "
-                        f"--validation-split")
-    for name in ("eval_every_samples", "early_stopping_patience", "eval_max_new_tokens", "eval_num_beams"):
-        value = getattr(config, name)
-        if value is not None and value < 1:
-            problems.append(f"--{name.replace('_', '-')} must be >= 1, got {value}")
-    if config.num_eval_generations < 0:
-        problems.append(f"--num-eval-generations must be >= 0, got {config.num_eval_generations}")
-    if not config.early_stopping_min_delta >= 0:
-        problems.append(f"--early-stopping-min-delta must be >= 0, got {config.early_stopping_min_delta}")
-    if config.eval_metric not in (None, *EVAL_METRICS):
-        problems.append(f"--eval-metric {config.eval_metric!r} is unknown; use {' or '.join(EVAL_METRICS)}")
-    if config.early_stopping_metric not in STOPPING_METRICS:
-        problems.append(f"--early-stopping-metric {config.early_stopping_metric!r} is unknown; use one of "
-                        f"{', '.join(STOPPING_METRICS)}")
-    elif config.early_stopping_metric != LOSS and config.eval_metric != "rouge":
-        problems.append(f"--early-stopping-metric {config.early_stopping_metric} needs --eval-metric rouge, which "
-                        f"computes it")
-    if config.eval_metric == "rouge" and importlib.util.find_spec("rouge_score") is None:
-        problems.append("--eval-metric rouge needs the rouge-score package, which is not installed; "
-                        "pip install rouge-score")
-    tracker = tracker_problem(config.tracker)
-    return problems + ([tracker] if tracker else [])
-
-
-def model_path_problems(name: str) -> list[str]:
-    path = Path(name)
-    if path.is_dir():
-        return [] if (path / "config.json").is_file() else [f"--model-name-or-path {name}: folder has no config.json"]
-    missing = [f"--model-name-or-path {name}: no such model folder; pass a saved Hugging Face model folder"]
-    if name.startswith(("/", ".", "~")) or name.count("/") != 1:
-        return missing  # a filesystem path, not an "org/name" hub id
-    from transformers import AutoConfig
-
-    try:  # a hub id in the local Hugging Face cache (or a reachable hub)
-        AutoConfig.from_pretrained(name)
-        return []
-    except (OSError, ValueError):
-        return missing
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -479,6 +201,64 @@ class Run:
 
 
 def setup(config: TrainConfig, world: World) -> Run:
+    hf_config, tokenizer = start(config, world)
+    if hf_config.is_encoder_decoder and config.use_liger_kernels:
+        raise ConfigError(f"--use-liger-kernels: Liger has no kernels for encoder-decoder models "
+                          f"({hf_config.model_type}); drop the flag")
+    if hf_config.is_encoder_decoder and config.compile:
+        raise ConfigError("--compile: an encoder-decoder's blocks take several code paths (encoder and decoder, the "
+                          "first block's position bias, training and evaluation) beyond torch.compile's recompile "
+                          "limit, so it would run eager without saying so; drop --compile")
+    objective = build_objective(config, hf_config)  # an encoder-decoder trains on padded source-target batches
+    positions = getattr(objective, "max_positions", None)
+    generates = config.eval_metric is not None or config.num_eval_generations > 0
+    if positions is not None and generates and config.eval_max_new_tokens >= positions:
+        raise ConfigError(f"--eval-max-new-tokens {config.eval_max_new_tokens}: the decoder has {positions} positions "
+                          f"(max_position_embeddings), the decoder start token included; pass at most {positions - 1}")
+    data = load_datasets(config, world, hf_config, tokenizer, objective)
+    cache, costs, mixture, sources = data.cache, data.costs, data.mixture, data.sources
+    planner = MultipackPlanner(costs, config.batch_size, config.max_tokens_per_gpu, world.world_size,
+                               seed=config.seed, mixture=mixture)
+    total_steps = count_total_steps(config, planner)
+    units = "pairs" if cache.pairs else "samples"
+    print0(f"{len(costs)} {units}, {int(costs.sum())} tokens, {planner.steps_per_epoch} steps per epoch, "
+           f"{total_steps if total_steps is not None else 'unlimited'} steps")
+    validator = build_validator(config, objective, world, data.validation_cache, data.held_out,
+                                eos_token_ids(hf_config, tokenizer), tokenizer)
+
+    # Where this run continues from; rank 0 makes the output folder consistent with it once every rank has chosen.
+    state = RunState(data=checkpoint.data_fingerprint(costs, data.trained, cache.content_hash))
+    if mixture is not None:
+        state.data += f", {mixture.fingerprint()}"
+    resume = checkpoint.find_resume_point(config.output_dir, config.resume_from, config.fresh)
+    resumed_samples = 0 if resume is None else checkpoint.check_resumable(resume, asdict(config), state.data)
+    raise_if_any_rank_failed(None, ConfigError)  # barrier
+    if world.is_main:
+        checkpoint.tidy_output_dir(config.output_dir, config.fresh, resume, resumed_samples)
+
+    model = build_model(config, world, lora.build_adapter(config))
+    trainable = sum(p.numel() for p in model.adapter.trainable_parameters(model))
+    total = sum(lora.logical_numel(p) for p in model.parameters())
+    base = f"; {model.adapter.base_weights}" if model.adapter.base_weights else ""
+    print0(f"{model.adapter.name}: {trainable:,} of {total:,} parameters train ({100 * trainable / total:.2f}%){base}")
+    # DPO: the reference log-probs, by the initial model (before a checkpoint's weights load; with LoRA, the base
+    # model: the adapters are off), or read from disk
+    for reference_cache in {id(c): c for c in (cache, data.validation_cache) if c is not None}.values():
+        attach_reference(objective, model, reference_cache, config, world)
+    optimizer, scheduler = build_optimizer(config, model.adapter.trainable_parameters(model), total_steps)
+    if resume is not None:
+        restore(resume, model, optimizer, scheduler, validator, state, world)
+    checkpointer = Checkpointer(config, world, model, optimizer, scheduler, tokenizer, validator, state)
+    log = RunLog(config, world, tokenizer, total_steps, state.step)
+    names = None if mixture is None else [Path(s.path).name for s in sources]
+    if names is not None and state.source_samples is None:
+        state.source_samples = [0] * len(names)
+    return Run(config, world, objective, cache, planner, data.train_indices, total_steps, model, optimizer, scheduler,
+               state, validator, checkpointer, log, names)
+
+
+def start(config: TrainConfig, world: World):
+    """The model's config and tokenizer; what "auto" flags resolve to, printed and saved as chosen."""
     from transformers import AutoConfig, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
@@ -507,21 +287,24 @@ def setup(config: TrainConfig, world: World) -> Run:
     if world.is_main:
         atomic.write_json(out / "training_config.json", asdict(config))
     torch.manual_seed(config.seed)
+    return hf_config, tokenizer
 
-    # Data: with --validation-split the planner sees only the training samples, numbered 0..n-1.
-    if hf_config.is_encoder_decoder and config.use_liger_kernels:
-        raise ConfigError(f"--use-liger-kernels: Liger has no kernels for encoder-decoder models "
-                          f"({hf_config.model_type}); drop the flag")
-    if hf_config.is_encoder_decoder and config.compile:
-        raise ConfigError("--compile: an encoder-decoder's blocks take several code paths (encoder and decoder, the "
-                          "first block's position bias, training and evaluation) beyond torch.compile's recompile "
-                          "limit, so it would run eager without saying so; drop --compile")
-    objective = build_objective(config, hf_config)  # an encoder-decoder trains on padded source-target batches
-    positions = getattr(objective, "max_positions", None)
-    generates = config.eval_metric is not None or config.num_eval_generations > 0
-    if positions is not None and generates and config.eval_max_new_tokens >= positions:
-        raise ConfigError(f"--eval-max-new-tokens {config.eval_max_new_tokens}: the decoder has {positions} positions "
-                          f"(max_position_embeddings), the decoder start token included; pass at most {positions - 1}")
+
+@dataclass
+class Datasets:
+    sources: list
+    cache: TokenCache
+    validation_cache: TokenCache | None
+    train_indices: np.ndarray | None  # with --validation-split: the training samples (the planner numbers them 0..)
+    held_out: np.ndarray | None
+    costs: np.ndarray  # each training sample's (pair's) cost for the planner
+    trained: np.ndarray  # each training sample's trained tokens
+    mixture: Mixture | None
+
+
+def load_datasets(config: TrainConfig, world: World, hf_config, tokenizer, objective) -> Datasets:
+    """The token caches of the training and validation data, checked by the objective; with --validation-split the
+    planner sees only the training samples, numbered 0..n-1."""
     sources = parse_sources(config.data_path)
     template = chat_template_of(sources)
     if template is not None:  # the template the data was rendered with goes into every export's tokenizer
@@ -547,52 +330,20 @@ def setup(config: TrainConfig, world: World) -> Run:
         of_sample = cache.sources if train_indices is None else cache.sources[train_indices]
         mixture = Mixture(sources, [np.flatnonzero(of_sample == k) for k in range(len(sources))], config.seed)
         print0(f"mixture: {mixture.describe()}")
-    planner = MultipackPlanner(costs, config.batch_size, config.max_tokens_per_gpu, world.world_size,
-                               seed=config.seed, mixture=mixture)
-    total_steps = count_total_steps(config, planner)
-    units = "pairs" if cache.pairs else "samples"
-    print0(f"{len(costs)} {units}, {int(costs.sum())} tokens, {planner.steps_per_epoch} steps per epoch, "
-           f"{total_steps if total_steps is not None else 'unlimited'} steps")
-    validator = build_validator(config, objective, world, validation_cache, held_out,
-                                eos_token_ids(hf_config, tokenizer), tokenizer)
+    return Datasets(sources, cache, validation_cache, train_indices, held_out, costs, trained, mixture)
 
-    # Where this run continues from; rank 0 makes the output folder consistent with it once every rank has chosen.
-    state = RunState(data=checkpoint.data_fingerprint(costs, trained, cache.content_hash))
-    if mixture is not None:
-        state.data += f", {mixture.fingerprint()}"
-    resume = checkpoint.find_resume_point(config.output_dir, config.resume_from, config.fresh)
-    resumed_samples = 0 if resume is None else checkpoint.check_resumable(resume, asdict(config), state.data)
-    raise_if_any_rank_failed(None, ConfigError)  # barrier
-    if world.is_main:
-        checkpoint.tidy_output_dir(config.output_dir, config.fresh, resume, resumed_samples)
 
-    model = build_model(config, world, lora.build_adapter(config))
-    trainable = sum(p.numel() for p in model.adapter.trainable_parameters(model))
-    total = sum(lora.logical_numel(p) for p in model.parameters())
-    base = f"; {model.adapter.base_weights}" if model.adapter.base_weights else ""
-    print0(f"{model.adapter.name}: {trainable:,} of {total:,} parameters train ({100 * trainable / total:.2f}%){base}")
-    # DPO: the reference log-probs, by the initial model (before a checkpoint's weights load; with LoRA, the base
-    # model: the adapters are off), or read from disk
-    for reference_cache in {id(c): c for c in (cache, validation_cache) if c is not None}.values():
-        attach_reference(objective, model, reference_cache, config, world)
-    optimizer, scheduler = build_optimizer(config, model.adapter.trainable_parameters(model), total_steps)
-    if resume is not None:
-        saved = checkpoint.load(resume, model, optimizer, scheduler)
-        state.step, state.samples_seen = saved["step"], saved["samples_seen"]
-        state.last_export_samples = saved["last_export_samples"]
-        state.source_samples = saved.get("source_samples")
-        if validator is not None and "validation" in saved:
-            validator.load_state_dict(saved["validation"])
-        note = "" if saved["world_size"] == world.world_size else (
-            f"; saved with world size {saved['world_size']}, RNG states not restored")
-        print0(f"resumed from {resume}: step {state.step}, {state.samples_seen} samples seen{note}")
-    checkpointer = Checkpointer(config, world, model, optimizer, scheduler, tokenizer, validator, state)
-    log = RunLog(config, world, tokenizer, total_steps, state.step)
-    names = None if mixture is None else [Path(s.path).name for s in sources]
-    if names is not None and state.source_samples is None:
-        state.source_samples = [0] * len(names)
-    return Run(config, world, objective, cache, planner, train_indices, total_steps, model, optimizer, scheduler,
-               state, validator, checkpointer, log, names)
+def restore(resume: Path, model, optimizer, scheduler, validator, state: RunState, world: World) -> None:
+    """The model, optimizer, scheduler, validator and counters of checkpoint `resume`."""
+    saved = checkpoint.load(resume, model, optimizer, scheduler)
+    state.step, state.samples_seen = saved["step"], saved["samples_seen"]
+    state.last_export_samples = saved["last_export_samples"]
+    state.source_samples = saved.get("source_samples")
+    if validator is not None and "validation" in saved:
+        validator.load_state_dict(saved["validation"])
+    note = "" if saved["world_size"] == world.world_size else (
+        f"; saved with world size {saved['world_size']}, RNG states not restored")
+    print0(f"resumed from {resume}: step {state.step}, {state.samples_seen} samples seen{note}")
 
 
 def loop(run: Run, stop: StopSignals) -> None:

@@ -29,11 +29,11 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import train  # noqa: E402
-from minitrain import attention  # noqa: E402
-from minitrain.data import build_token_cache, open_token_cache  # noqa: E402
-from minitrain.distributed import cleanup_distributed, init_distributed, print0  # noqa: E402
-from minitrain.model import PackedCausalLM, decoder_blocks, shard_model  # noqa: E402
-from minitrain.objectives import SFT  # noqa: E402
+from minitrain.training import attention  # noqa: E402
+from minitrain.training.data import build_token_cache, open_token_cache  # noqa: E402
+from minitrain.training.distributed import cleanup_distributed, init_distributed, print0  # noqa: E402
+from minitrain.training.model import PackedCausalLM, decoder_blocks, shard_model  # noqa: E402
+from minitrain.training.objectives import SFT  # noqa: E402
 
 SHAPES = {
     "llama3-8b": dict(model_type="llama", hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,

@@ -42,8 +42,8 @@ def worker(flags: list[str]) -> int:
     the model (rank 0 holds the full model while it is broadcast), the training steps, the final export and
     checkpoint -- into <output-dir>/peak_rss_rank<R>.json."""
     import train
-    from minitrain.checkpoint import StopSignals
-    from minitrain.distributed import cleanup_distributed, init_distributed
+    from minitrain.training.checkpoint import StopSignals
+    from minitrain.training.distributed import cleanup_distributed, init_distributed
 
     config = train.parse_args(flags)
     train.validate(config, int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_WORLD_SIZE", 1)), False)
@@ -103,8 +103,7 @@ def main() -> None:
     p.add_argument("--output", type=Path, default=ROOT / "bench" / "RESULTS_lora.md")
     args = p.parse_args()
 
-    import default_model
-    import example_data
+    from minitrain.tools import default_model, example_data
 
     results = {}
     with tempfile.TemporaryDirectory() as tmp:

@@ -239,7 +239,7 @@ def main() -> None:
     p.add_argument("--cpu-samples", type=int, default=3_000, help="samples per data kind in the CPU-time comparison")
     args = p.parse_args()
 
-    import default_model
+    from minitrain.tools import default_model
 
     model = default_model.materialize(weights=False)
     tmp = Path(tempfile.mkdtemp(prefix="bench_process_data."))

@@ -47,8 +47,7 @@ def summarise(records: list[dict]) -> dict:
 
 
 def throughput(work: Path, steps: int, batch_size: int, max_tokens: int, nproc: int) -> tuple[dict, dict]:
-    import default_model
-    import example_data
+    from minitrain.tools import default_model, example_data
 
     model_dir = default_model.materialize()
     raw, tokenized = work / "chat.jsonl", work / "tokenized.jsonl"
@@ -67,7 +66,7 @@ def throughput(work: Path, steps: int, batch_size: int, max_tokens: int, nproc: 
 LOSS_PROBE = """
 import resource, sys, torch, torch.nn.functional as F
 sys.path.insert(0, {root!r})
-from minitrain.loss import chunked_ce_sum
+from minitrain.training.loss import chunked_ce_sum
 torch.manual_seed(0)
 tokens, hidden, vocab, path = {tokens}, {hidden}, {vocab}, {path!r}
 h = torch.randn(tokens, hidden, requires_grad=True)

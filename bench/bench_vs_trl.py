@@ -163,7 +163,7 @@ def run_measured(cmd: list, env: dict, log: Path) -> dict:
 
 
 def prepare_data(work: Path, model_dir: str, n_train: int, n_heldout: int, seed: int) -> tuple[Path, Path, int]:
-    import example_data
+    from minitrain.tools import example_data
 
     raw = work / "chatterbot.jsonl"
     example_data.convert(raw)
@@ -318,7 +318,7 @@ def main() -> None:
         return trl_worker(a)
     assert a.steps * a.batch_size == a.train_samples, "--steps x --batch-size must be one pass over the samples"
 
-    import default_model
+    from minitrain.tools import default_model
 
     started = time.perf_counter()
     model_dir = str(default_model.materialize())

@@ -19,8 +19,8 @@ import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import train  # noqa: E402
-from minitrain.data import IGNORE, load_data  # noqa: E402
-from minitrain.distributed import cleanup_distributed, init_distributed  # noqa: E402
+from minitrain.training.data import IGNORE, load_data  # noqa: E402
+from minitrain.training.distributed import cleanup_distributed, init_distributed  # noqa: E402
 from sampler import MultipackPlanner  # noqa: E402
 
 

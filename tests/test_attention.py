@@ -8,9 +8,14 @@ import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from minitrain import attention
-from minitrain.data import IGNORE, build_token_cache, make_pack, open_token_cache
-from minitrain.model import PackedCausalLM
+from minitrain.training import attention
+from minitrain.training.data import (
+    IGNORE,
+    build_token_cache,
+    make_pack,
+    open_token_cache,
+)
+from minitrain.training.model import PackedCausalLM
 from tests.test_train import write_data
 
 SYNCING = {"aten::_local_scalar_dense", "aten::nonzero", "aten::item", "aten::equal", "aten::is_nonzero"}
@@ -135,8 +140,8 @@ def test_compiled_blocks_train_with_the_eager_losses(tmp_path, capsys, tiny_mode
 def test_activation_checkpointing_is_on_only_when_a_rows_activations_would_not_fit(monkeypatch):
     from types import SimpleNamespace
 
-    from minitrain import model as model_module
-    from minitrain.distributed import World
+    from minitrain.training import model as model_module
+    from minitrain.training.distributed import World
 
     world = World(0, 0, 2, 2, torch.device("cpu"))
     monkeypatch.setattr(model_module, "available_host_memory", lambda: 16 * 2**30)  # 8 GiB free per rank

@@ -139,8 +139,8 @@ def test_qwen3_reasoning_tools_and_think_blocks(tokenizer_dir):
 
 import orjson  # noqa: E402
 
-from process_data import Encoder  # noqa: E402
-from formats import InputSpec  # noqa: E402
+from minitrain.prepare.encode import Encoder  # noqa: E402
+from minitrain.prepare.formats import InputSpec  # noqa: E402
 from tests.chat_templates import TOOL_FAMILIES  # noqa: E402
 
 WEATHER = [

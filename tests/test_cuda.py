@@ -19,9 +19,9 @@ CUDA = torch.device("cuda")
 def test_varlen_kernel_in_bf16_equals_each_sample_alone(cache, tiny_model_dir):  # noqa: F811
     from transformers import AutoModelForCausalLM
 
-    from minitrain import attention
-    from minitrain.data import make_pack
-    from minitrain.model import PackedCausalLM
+    from minitrain.training import attention
+    from minitrain.training.data import make_pack
+    from minitrain.training.model import PackedCausalLM
 
     model_dir = tiny_model_dir("qwen2")  # GQA
     lm = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16, attn_implementation=attention.VARLEN)
@@ -38,8 +38,8 @@ def test_varlen_kernel_in_bf16_equals_each_sample_alone(cache, tiny_model_dir): 
 def test_liger_kernels_equal_the_chunked_loss(cache, tiny_model_dir):  # noqa: F811
     from transformers import AutoModelForCausalLM
 
-    from minitrain.data import make_pack
-    from minitrain.model import PackedCausalLM, apply_liger_model_kernels
+    from minitrain.training.data import make_pack
+    from minitrain.training.model import PackedCausalLM, apply_liger_model_kernels
 
     model_dir = tiny_model_dir("llama")
     pack = make_pack(cache, np.arange(6)).to(CUDA)
@@ -77,7 +77,9 @@ def test_bf16_training_is_within_bf16_tolerance_of_fp32(tmp_path, tiny_model_dir
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
 def test_two_gpus_give_the_single_gpu_gradient(tmp_path, tiny_model_dir):
-    from tests.test_train import test_two_ranks_with_skewed_micro_steps_give_the_single_process_gradient as check
+    from tests.test_train import (
+        test_two_ranks_with_skewed_micro_steps_give_the_single_process_gradient as check,
+    )
 
     check(tmp_path, tiny_model_dir)  # the CPU test's worker, on two GPUs with NCCL
 

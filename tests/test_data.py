@@ -5,7 +5,14 @@ import json
 import numpy as np
 import pytest
 
-from minitrain.data import IGNORE, DataError, build_token_cache, cache_dir_for, make_pack, open_token_cache
+from minitrain.training.data import (
+    IGNORE,
+    DataError,
+    build_token_cache,
+    cache_dir_for,
+    make_pack,
+    open_token_cache,
+)
 
 ROWS = [
     {"input_ids": [1, 2, 3, 4], "labels": [-100, -100, 3, 4]},
@@ -120,16 +127,16 @@ def test_dummy_pack_is_one_token_with_no_target(tmp_path):
 def test_any_failure_while_building_the_cache_is_one_data_error_line(tmp_path, monkeypatch):
     import torch
 
-    import minitrain.data
+    import minitrain.training.data
     import train
-    from minitrain.data import load_data
-    from minitrain.distributed import World
+    from minitrain.training.data import load_data
+    from minitrain.training.distributed import World
 
     def fails(data_path, cache_dir):
         raise RuntimeError("an unforeseen failure\nover two lines")
 
     # Every rank must get an error it reports, never a traceback that leaves the others in a collective.
-    monkeypatch.setattr(minitrain.data, "build_token_cache", fails)
+    monkeypatch.setattr(minitrain.training.data, "build_token_cache", fails)
     data = write_rows(tmp_path / "data.jsonl", ROWS)
     config = train.TrainConfig(str(data), "m", str(tmp_path / "out"), batch_size=4, max_tokens_per_gpu=64)
     with pytest.raises(DataError) as e:

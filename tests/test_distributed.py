@@ -12,7 +12,11 @@ from tests.test_train import torchrun
 def patient_worker(out: str) -> None:
     import torch.distributed as dist
 
-    from minitrain.distributed import cleanup_distributed, init_distributed, raise_if_any_rank_failed
+    from minitrain.training.distributed import (
+        cleanup_distributed,
+        init_distributed,
+        raise_if_any_rank_failed,
+    )
 
     world = init_distributed("gloo", timeout_minutes=0.05)  # 3 s for the training group's collectives
     report = {}

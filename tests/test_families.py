@@ -54,9 +54,13 @@ def zoo_data(tmp_path_factory):
 
 def own_model(model_dir):
     """The Hugging Face model itself, eval mode, with the attention kernel the trainer picks on CPU."""
-    from transformers import MODEL_FOR_CAUSAL_LM_MAPPING, AutoConfig, AutoModelForCausalLM
+    from transformers import (
+        MODEL_FOR_CAUSAL_LM_MAPPING,
+        AutoConfig,
+        AutoModelForCausalLM,
+    )
 
-    from minitrain.families import attention_implementation
+    from minitrain.training.families import attention_implementation
 
     config = AutoConfig.from_pretrained(model_dir)
     attn = attention_implementation(MODEL_FOR_CAUSAL_LM_MAPPING[type(config)], torch.device("cpu"))
@@ -90,10 +94,10 @@ def own_step_loss(model_dir, data_path) -> tuple[float, float | None]:
 def trainer_step_loss(model_dir, data_path, out_dir, activation_checkpointing=True):
     """train.py's own step-1 loss (one process, one micro-step) and the router aux loss it reports."""
     import train
-    from minitrain.data import load_data
-    from minitrain.distributed import World
-    from minitrain.model import build_model
-    from minitrain.objectives import SFT
+    from minitrain.training.data import load_data
+    from minitrain.training.distributed import World
+    from minitrain.training.model import build_model
+    from minitrain.training.objectives import SFT
 
     config = train.TrainConfig(
         data_path=str(data_path), model_name_or_path=str(model_dir), output_dir=str(out_dir), batch_size=SAMPLES,
@@ -123,7 +127,7 @@ def test_step_one_loss_is_the_models_own(arch, zoo_dir, zoo_data, tmp_path):
     else:
         assert aux is None
     # Production's configuration: every block activation-checkpointed, every parameter with a gradient.
-    from minitrain.families import decoder_blocks
+    from minitrain.training.families import decoder_blocks
 
     assert all(block.gradient_checkpointing for block in decoder_blocks(model.lm))
     assert all(p.grad is not None for p in model.parameters())
@@ -131,7 +135,7 @@ def test_step_one_loss_is_the_models_own(arch, zoo_dir, zoo_data, tmp_path):
 
 def test_the_zoo_transforms_logits_enough_to_matter(zoo_dir):
     """Without the transform the loss would differ: what the test above guards is not a rounding error."""
-    from minitrain.families import logit_transform
+    from minitrain.training.families import logit_transform
 
     for arch in TRANSFORMED:
         lm = own_model(zoo_dir(arch))
@@ -147,8 +151,8 @@ def test_the_zoo_transforms_logits_enough_to_matter(zoo_dir):
 
 @pytest.mark.parametrize("scale, softcap", [(1.0, None), (0.125, None), (16.0, None), (1.0, 30.0), (4.0, 5.0)])
 def test_chunked_ce_with_a_logit_transform_equals_autograd_in_value_and_gradient(scale, softcap):
-    from minitrain.families import LogitTransform
-    from minitrain.loss import chunked_ce_sum
+    from minitrain.training.families import LogitTransform
+    from minitrain.training.loss import chunked_ce_sum
 
     g = torch.Generator().manual_seed(1)
     hidden = torch.randn(37, 16, generator=g, requires_grad=True)
@@ -215,7 +219,13 @@ def test_a_refused_family_stops_every_rank_under_torchrun_with_its_line(zoo_dir,
 
 def scaled_llama_dir(tmp_path, tokenizer_dir) -> Path:
     """A family minitrain has never heard of, whose forward multiplies its logits by 3."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from transformers import (
+        AutoConfig,
+        AutoModelForCausalLM,
+        AutoTokenizer,
+        LlamaConfig,
+        LlamaForCausalLM,
+    )
 
     class ScaledLlamaConfig(LlamaConfig):
         model_type = "scaled_llama"
@@ -247,14 +257,14 @@ def test_the_start_up_probe_refuses_a_logit_transform_it_does_not_know(tmp_path,
     code, err = run_main(main_args(model_dir, zoo_data, tmp_path / "out"), capsys)
     assert code == 2 and len(err.strip().splitlines()) == 1, err
     assert "model type 'scaled_llama': on a packed probe the trainer's loss is" in err
-    assert "but the model's own forward + cross-entropy gives" in err and "minitrain/families.py" in err
+    assert "but the model's own forward + cross-entropy gives" in err and "minitrain/training/families.py" in err
     assert "Traceback" not in err and not (tmp_path / "out" / "metrics.jsonl").exists()
 
 
 def test_an_unknown_block_layout_is_refused_in_one_line():
     from torch import nn
 
-    from minitrain.families import ModelError, decoder_blocks
+    from minitrain.training.families import ModelError, decoder_blocks
 
     class Inner(nn.Module):
         def __init__(self):
@@ -276,7 +286,7 @@ def test_an_unknown_block_layout_is_refused_in_one_line():
 
 @pytest.mark.parametrize("arch", sorted(LAYOUTS))
 def test_blocks_are_found_for_every_layout(arch, zoo_dir):
-    from minitrain.families import decoder_blocks
+    from minitrain.training.families import decoder_blocks
 
     lm = own_model(zoo_dir(arch))
     blocks = decoder_blocks(lm)
@@ -288,7 +298,7 @@ def test_blocks_are_found_for_every_layout(arch, zoo_dir):
 def test_encoder_decoder_blocks_are_the_encoders_then_the_decoders(arch, tmp_path, tokenizer_dir):
     from transformers import AutoModelForSeq2SeqLM
 
-    from minitrain.families import decoder_blocks
+    from minitrain.training.families import decoder_blocks
     from tests.tiny_models import build_tiny_seq2seq
 
     lm = AutoModelForSeq2SeqLM.from_pretrained(build_tiny_seq2seq(arch, tmp_path, tokenizer_dir("chatml")))
@@ -321,7 +331,7 @@ def test_liger_entry_points_get_only_the_arguments_they_take(zoo_dir):
     pytest.importorskip("liger_kernel")
     from transformers import AutoConfig
 
-    from minitrain.families import liger_entry_point, liger_kernel_arguments
+    from minitrain.training.families import liger_entry_point, liger_kernel_arguments
 
     with_entry = []
     for arch in ZOO:
@@ -341,7 +351,7 @@ LIGER_SCRIPT = r"""
 import json, sys
 import torch, torch.nn.functional as F
 from transformers import AutoModelForCausalLM
-from minitrain.model import PackedCausalLM
+from minitrain.training.model import PackedCausalLM
 out = {}
 for path in sys.argv[1:]:
     lm = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="eager")
@@ -410,11 +420,15 @@ def grad_worker(out_dir: str, data_path: str, *model_dirs: str) -> None:
     import torch.distributed as dist
 
     import train
-    from minitrain import families
-    from minitrain.data import load_data
-    from minitrain.distributed import World, cleanup_distributed, init_distributed
-    from minitrain.model import build_model
-    from minitrain.objectives import SFT
+    from minitrain.training import families
+    from minitrain.training.data import load_data
+    from minitrain.training.distributed import (
+        World,
+        cleanup_distributed,
+        init_distributed,
+    )
+    from minitrain.training.model import build_model
+    from minitrain.training.objectives import SFT
 
     world = init_distributed("auto")
     report = {}

@@ -15,11 +15,26 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from transformers import AutoTokenizer
 
-import formats
-import process_data
-from formats import Columns, Format, InputSpec
-from process_data import DROP_CROSSING, DROP_EMPTY_TARGET, DROP_EMPTY_TEXT, Encoder
-from tests.test_process_data import FORMS, QWEN3_EMPTY_THINK, encode, only_row, reference_ids, run_main, trained_runs, trained_text, write_lines
+from minitrain.prepare import formats
+from minitrain.prepare.encode import (
+    DROP_CROSSING,
+    DROP_EMPTY_TARGET,
+    DROP_EMPTY_TEXT,
+    Encoder,
+    crossing_token,
+)
+from minitrain.prepare.formats import Columns, Format, InputSpec
+from tests.test_process_data import (
+    FORMS,
+    QWEN3_EMPTY_THINK,
+    encode,
+    only_row,
+    reference_ids,
+    run_main,
+    trained_runs,
+    trained_text,
+    write_lines,
+)
 
 PAIR = Format("pairs", source="source", target="target")
 
@@ -118,10 +133,10 @@ def test_raw_pair_crossing_at_the_end_of_a_trained_source(encoders):
 
 def test_crossing_token_rule():
     offsets = [(0, 3), (3, 5), (5, 9), (9, 9), (9, 12)]
-    assert process_data.crossing_token(offsets, [(5, 12)]) is None
-    assert process_data.crossing_token(offsets, [(4, 12)]) == (3, 5, 4)
-    assert process_data.crossing_token(offsets, [(0, 4), (7, 12)]) == (3, 5, 4)
-    assert process_data.crossing_token(offsets, [(0, 4), (4, 12)]) is None  # adjacent spans: one trained region
+    assert crossing_token(offsets, [(5, 12)]) is None
+    assert crossing_token(offsets, [(4, 12)]) == (3, 5, 4)
+    assert crossing_token(offsets, [(0, 4), (7, 12)]) == (3, 5, 4)
+    assert crossing_token(offsets, [(0, 4), (4, 12)]) is None  # adjacent spans: one trained region
 
 
 SOURCE_PARTS = st.sampled_from([*"ab Z9\n\t 🙂é:#", "<|im_end|>", "<sep>", "  ", "Answer:"])

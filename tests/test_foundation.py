@@ -7,8 +7,7 @@ from collections import Counter
 import orjson
 import pytest
 
-import default_model
-import example_data
+from minitrain.tools import default_model, example_data
 
 
 def test_default_model_loads_from_plain_folder_and_answers(smollm2_model_dir):
@@ -40,7 +39,7 @@ def test_materialize_reuses_the_folder(smollm2_model_dir):
 
 
 def test_default_model_cli_prints_the_folder(smollm2_model_dir):
-    out = subprocess.run([sys.executable, "default_model.py"], capture_output=True, text=True, check=True,
+    out = subprocess.run([sys.executable, "-m", "minitrain.tools.default_model"], capture_output=True, text=True, check=True,
                          cwd=default_model.__file__.rsplit("/", 1)[0])
     assert out.stdout.strip() == str(smollm2_model_dir)
 

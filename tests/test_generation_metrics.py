@@ -94,8 +94,8 @@ def test_rouge_in_the_metrics_is_rouge_score_of_the_saved_predictions_which_the_
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    import plot_run
-    from minitrain.validation import split_validation
+    from minitrain.tools import plot_run
+    from minitrain.training.validation import split_validation
 
     out = pairs_run.out
     evaluated = [r for r in records_of(out) if "validation_loss" in r]
@@ -160,8 +160,12 @@ def test_batched_left_padded_causal_predictions_equal_one_prompt_at_a_time(tmp_p
     import torch
     from transformers import AutoModelForCausalLM
 
-    from minitrain.data import build_token_cache, open_token_cache
-    from minitrain.validation import Predictions, generation_batches, generation_prompts
+    from minitrain.training.data import build_token_cache, open_token_cache
+    from minitrain.training.validation import (
+        Predictions,
+        generation_batches,
+        generation_prompts,
+    )
     from tests.test_train import write_data
 
     build_token_cache(write_data(tmp_path / "data.jsonl", 10, vocab=700, seed=11), tmp_path / "cache")
@@ -183,8 +187,12 @@ def test_batched_right_padded_encoder_decoder_predictions_equal_one_source_at_a_
     import torch
     from transformers import AutoModelForSeq2SeqLM
 
-    from minitrain.data import TokenCache
-    from minitrain.validation import Predictions, generation_batches, generation_prompts
+    from minitrain.training.data import TokenCache
+    from minitrain.training.validation import (
+        Predictions,
+        generation_batches,
+        generation_prompts,
+    )
     from tests.tiny_models import build_tiny_seq2seq
 
     lm = AutoModelForSeq2SeqLM.from_pretrained(build_tiny_seq2seq("t5", tmp_path, tokenizer_dir("chatml")),
@@ -217,8 +225,8 @@ def test_generation_on_a_model_set_up_with_the_varlen_training_kernel_runs_on_sd
     import torch
     from transformers import AutoModelForCausalLM
 
-    from minitrain import attention
-    from minitrain.validation import generate_replies
+    from minitrain.training import attention
+    from minitrain.training.validation import generate_replies
 
     model_dir = tiny_model_dir("qwen2")
     lm = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation=attention.VARLEN)
@@ -231,7 +239,7 @@ def test_generation_on_a_model_set_up_with_the_varlen_training_kernel_runs_on_sd
 
 
 def test_batches_keep_batch_times_beams_times_longest_prompt_plus_new_tokens_within_the_budget():
-    from minitrain.validation import generation_batches
+    from minitrain.training.validation import generation_batches
 
     lengths = [5, 30, 12, 30, 7, 50, 1]
     for budget, beams in ((60, 1), (100, 1), (200, 2), (10, 1)):
@@ -248,7 +256,7 @@ def test_batches_keep_batch_times_beams_times_longest_prompt_plus_new_tokens_wit
 
 def fake_validator(metric: str, patience: int, min_delta: float, results: list[tuple[float, float]]):
     """A Validator whose evaluations give these (validation loss, rougeL) figures, in turn."""
-    from minitrain.validation import EarlyStopping, ValidationResult, Validator
+    from minitrain.training.validation import EarlyStopping, ValidationResult, Validator
 
     figures = iter(results)
 
@@ -329,7 +337,7 @@ def test_a_rouge_stopping_metric_without_eval_metric_is_a_one_line_error_and_thr
     # On resume: another stopping metric changes the run (its saved best is the old metric's); the eval flags do not.
     from dataclasses import asdict
 
-    from minitrain import checkpoint
+    from minitrain.training import checkpoint
 
     saved = asdict(config)
     [problem] = checkpoint.config_problems(saved, {**saved, "early_stopping_metric": "rougeL"}, "x", "x", False)

@@ -1,4 +1,4 @@
-"""LoRA (minitrain/lora.py) on CPU: exact at step 0, exact gradients across world sizes, exports that load in peft
+"""LoRA (minitrain/training/lora.py) on CPU: exact at step 0, exact gradients across world sizes, exports that load in peft
 and transformers with the live model's logits, exact resume, and bad flags refused before any weights load.
 
 The 2-process checks run under `torchrun --nproc-per-node 2` (gloo): the gradient check runs this file as the
@@ -52,16 +52,27 @@ def exported_models(folder: Path, base_dir: Path):
 def lora_worker(model_dir: str, data_path: str, out_dir: str) -> None:
     import torch
     import torch.distributed as dist
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+    )
     from transformers import AutoTokenizer
 
     import train
-    from minitrain.checkpoint import save_export
-    from minitrain.data import load_data, make_pack
-    from minitrain.distributed import World, cleanup_distributed, init_distributed
-    from minitrain.lora import build_adapter
-    from minitrain.model import SHARDING_STRATEGIES, PackedCausalLM, build_model
-    from minitrain.objectives import SFT
+    from minitrain.training.checkpoint import save_export
+    from minitrain.training.data import load_data, make_pack
+    from minitrain.training.distributed import (
+        World,
+        cleanup_distributed,
+        init_distributed,
+    )
+    from minitrain.training.lora import build_adapter
+    from minitrain.training.model import (
+        SHARDING_STRATEGIES,
+        PackedCausalLM,
+        build_model,
+    )
+    from minitrain.training.objectives import SFT
 
     world = init_distributed("auto")
     # lora-init random: B starts non-zero, so A's gradient is not zero and both factors are compared.
@@ -161,7 +172,7 @@ def test_lora_flags_parse_with_torchllms_spellings_and_lists():
     config = train.parse_args([*args, "--lora", "--lora-rank", "8", "--lora-target-modules", "q_proj", "v_proj,o_proj",
                                "--lora-modules-to-save", "lm_head", "--lora-export", "adapter"])
     assert (config.lora, config.lora_r, config.lora_export) == (True, 8, "adapter")
-    from minitrain.lora import listed
+    from minitrain.training.lora import listed
 
     assert listed(config.lora_target_modules) == ["q_proj", "v_proj", "o_proj"]
     assert config.lora_modules_to_save == ["lm_head"]
@@ -199,10 +210,10 @@ def test_step_zero_is_the_base_model_and_only_adapters_train(tiny_model_dir, tmp
     import torch
 
     import train
-    from minitrain.data import load_data, make_pack
-    from minitrain.distributed import World
-    from minitrain.lora import build_adapter
-    from minitrain.model import build_model
+    from minitrain.training.data import load_data, make_pack
+    from minitrain.training.distributed import World
+    from minitrain.training.lora import build_adapter
+    from minitrain.training.model import build_model
 
     data = write_data(tmp_path / "data.jsonl", 4, vocab=700)
     single = World(0, 0, 1, 1, torch.device("cpu"))
@@ -222,8 +233,8 @@ def test_step_zero_is_the_base_model_and_only_adapters_train(tiny_model_dir, tmp
 def run_in_process(args: list[str]):
     """train.py's setup() and loop() in this process, returning the Run: its live model stays inspectable."""
     import train
-    from minitrain.checkpoint import StopSignals
-    from minitrain.distributed import init_distributed
+    from minitrain.training.checkpoint import StopSignals
+    from minitrain.training.distributed import init_distributed
 
     config = train.parse_args(args)
     train.validate(config, 1, 1, cuda=False)
@@ -237,7 +248,7 @@ def test_loss_falls_and_both_exports_give_the_live_logits(tmp_path, tiny_model_d
     import torch
     from transformers import AutoModelForCausalLM
 
-    from minitrain.data import make_pack
+    from minitrain.training.data import make_pack
 
     model_dir = tiny_model_dir("qwen2")  # untied LM head: trained in full beside the adapters
     data = write_data(tmp_path / "data.jsonl", 4, vocab=700, seed=1)
@@ -316,7 +327,7 @@ def test_resume_with_dropout_gives_the_uninterrupted_losses(tmp_path, tiny_model
 
 def test_a_checkpoint_from_before_lora_resumes_as_full_fine_tuning(tmp_path):
     import train
-    from minitrain import checkpoint
+    from minitrain.training import checkpoint
 
     config = train.TrainConfig("d", "m", str(tmp_path), batch_size=4, max_tokens_per_gpu=64)
     old = {k: v for k, v in vars(config).items() if not k.startswith(("lora", "qlora"))}
@@ -338,7 +349,7 @@ def test_killed_two_rank_run_resumes_on_one_process_to_the_same_losses(tmp_path,
     from safetensors.torch import load_file
     from torch.distributed.checkpoint import FileSystemReader
 
-    from minitrain import checkpoint
+    from minitrain.training import checkpoint
 
     model_dir = tiny_model_dir("llama")
     data = write_data(tmp_path / "data.jsonl", 16, vocab=700)

@@ -11,8 +11,8 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM
 
-from minitrain.loss import chunked_ce_sum
-from minitrain.model import PackedCausalLM
+from minitrain.training.loss import chunked_ce_sum
+from minitrain.training.model import PackedCausalLM
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -98,7 +98,7 @@ LIGER_SCRIPT = r"""
 import json, sys
 import torch, torch.nn.functional as F
 from transformers import AutoModelForCausalLM
-from minitrain.model import PackedCausalLM
+from minitrain.training.model import PackedCausalLM
 lm = AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=torch.float32)
 g = torch.Generator().manual_seed(2)
 ids = torch.randint(3, lm.config.vocab_size, (1, 24), generator=g)

@@ -12,9 +12,13 @@ import pytest
 from tokenizers import AddedToken, processors
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-import chat_masks
-import process_data
-from process_data import DROP_MASK, Encoder
+from minitrain.prepare import chat_masks
+from minitrain.prepare.encode import (
+    DROP_MASK,
+    Encoder,
+    rust_copy,
+    tokenization_mismatch,
+)
 from tests.chat_templates import CHATML, CHATML_TOKENS, PHI3, QWEN3, Family, train_vocab
 
 CHATML_EOT = dict(special=CHATML_TOKENS, eos="<|im_end|>", pad="<|endoftext|>")
@@ -85,7 +89,7 @@ def test_saved_truncation_and_padding_do_not_reach_the_rows(tmp_path, tweak):
 
 
 def test_raw_pairs_ignore_saved_truncation(tmp_path):
-    from formats import Format, InputSpec
+    from minitrain.prepare.formats import Format, InputSpec
 
     path = save(tmp_path, "tok", CHATML, tweak=_truncate, **CHATML_EOT)
     tokenizer = AutoTokenizer.from_pretrained(path)
@@ -101,14 +105,14 @@ def test_start_up_probe_reports_a_copy_that_tokenizes_differently(tmp_path):
     from tokenizers import Tokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(save(tmp_path, "tok", CHATML, tweak=_truncate, **CHATML_EOT))
-    full, backend = process_data.rust_copy(Tokenizer, tokenizer), process_data.rust_copy(Tokenizer, tokenizer)
+    full, backend = rust_copy(Tokenizer, tokenizer), rust_copy(Tokenizer, tokenizer)
     backend.post_processor = None
-    assert process_data.tokenization_mismatch(tokenizer, backend, full, chat=True) is None
+    assert tokenization_mismatch(tokenizer, backend, full, chat=True) is None
     backend.enable_truncation(max_length=60)  # what the copy did before: the saved truncation
-    assert "differently" in process_data.tokenization_mismatch(tokenizer, backend, full, chat=True)
+    assert "differently" in tokenization_mismatch(tokenizer, backend, full, chat=True)
     backend.no_truncation()
     backend.encode_special_tokens = True  # a split_special_tokens setting the copy does not share
-    assert "differently" in process_data.tokenization_mismatch(tokenizer, backend, full, chat=False)
+    assert "differently" in tokenization_mismatch(tokenizer, backend, full, chat=False)
 
 
 def test_split_special_tokens_is_carried_over(tmp_path):

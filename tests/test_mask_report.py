@@ -4,6 +4,7 @@ import html
 import os
 import re
 
+from minitrain.prepare import pipeline
 from tests.test_process_data import CONVERSATIONS, cli, turns, write_lines
 
 
@@ -62,11 +63,10 @@ class _SentencePieceLike:
 def test_a_trained_run_shows_its_word_initial_space():
     """Decoded alone, the reply's first token loses its space: the view would show a run that starts one character
     later than what trains."""
-    import process_data
-    from mask_report import token_spans
+    from minitrain.prepare.mask_report import token_spans
 
     tok = _SentencePieceLike()
     ids, labels = [1, 2, 4, 3], [-100, 2, 4, 3]
-    assert process_data.masked_view(tok, ids, labels, "[[ ]]", False) == "Hi[[ Hello there</s>]]"
+    assert pipeline.masked_view(tok, ids, labels, "[[ ]]", False) == "Hi[[ Hello there</s>]]"
     assert '<span class="t" title="4"> there</span>' in token_spans(tok, ids, labels)
     assert '<span class="m" title="1">Hi</span>' in token_spans(tok, ids, labels)

@@ -5,8 +5,8 @@ import json
 import numpy as np
 import pytest
 
-from minitrain.data import DataError
-from minitrain.mixture import Mixture, Source, parse_sources
+from minitrain.training.data import DataError
+from minitrain.training.mixture import Mixture, Source, parse_sources
 from sampler import MultipackPlanner
 from tests.test_train import write_data
 
@@ -60,7 +60,7 @@ def test_a_mixture_run_logs_each_files_samples_and_its_exact_loss(tmp_path, caps
     from transformers import AutoModelForCausalLM
 
     import train
-    from minitrain.data import IGNORE
+    from minitrain.training.data import IGNORE
 
     a = write_data(tmp_path / "a.jsonl", 12, vocab=700, seed=1)
     b = write_data(tmp_path / "b.jsonl", 4, vocab=700, seed=2)

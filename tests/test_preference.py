@@ -106,7 +106,7 @@ def max_rel(grads: dict, reference: dict) -> float:
 def objectives(offsets: np.ndarray):
     """(name, objective, direct_loss kwargs, reference table offset): DPO with a reference away from the policy
     (so the sigmoid is not at 0) and an SFT term, SimPO."""
-    from minitrain.objectives import DPO, SimPO
+    from minitrain.training.objectives import DPO, SimPO
 
     return [
         ("dpo", DPO(beta=0.5, sft_weight=0.3), dict(name="dpo", beta=0.5, sft_weight=0.3), offsets),
@@ -122,10 +122,10 @@ def test_loss_and_gradients_equal_the_direct_per_pair_implementation(tmp_path, t
     import torch
 
     import train
-    from minitrain.data import load_data
-    from minitrain.distributed import World
-    from minitrain.model import build_model
-    from minitrain.reference import attach_reference
+    from minitrain.training.data import load_data
+    from minitrain.training.distributed import World
+    from minitrain.training.model import build_model
+    from minitrain.training.reference import attach_reference
 
     model_dir = tiny_model_dir("qwen2")  # an untied LM head; llama (tied) runs under torchrun below
     data = write_pairs(tmp_path / "pairs.jsonl", 6)
@@ -161,10 +161,10 @@ def pair_grad_worker(model_dir: str, data_path: str, out_dir: str) -> None:
     import torch.distributed as dist
 
     import train
-    from minitrain.data import load_data
-    from minitrain.distributed import cleanup_distributed, init_distributed
-    from minitrain.model import build_model
-    from minitrain.reference import attach_reference
+    from minitrain.training.data import load_data
+    from minitrain.training.distributed import cleanup_distributed, init_distributed
+    from minitrain.training.model import build_model
+    from minitrain.training.reference import attach_reference
 
     world = init_distributed("auto")
     config = train.TrainConfig(data_path=data_path, model_name_or_path=model_dir, output_dir=out_dir, batch_size=8,
@@ -260,7 +260,7 @@ def test_dpo_starts_at_log_2_learns_the_pairs_and_reuses_its_reference_on_resume
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == list(range(1, 13))
 
-    import plot_run
+    from minitrain.tools import plot_run
 
     assert plot_run.main([str(out)]) == 0 and (out / "metrics.png").stat().st_size > 0
 
@@ -303,13 +303,13 @@ def test_the_reference_table_is_keyed_by_the_model_files_and_the_device(tmp_path
     import os
     import shutil
 
-    from minitrain.reference import model_key
+    from minitrain.training.reference import model_key
 
     model = tmp_path / "model"
     shutil.copytree(tiny_model_dir("llama"), model)
     key = model_key(str(model), "cpu")
     assert model_key(str(model), "cpu") == key and model_key(str(model), "cuda") != key
-    from minitrain.lora import QLoRA
+    from minitrain.training.lora import QLoRA
 
     assert model_key(str(model), "cpu", QLoRA.base_weights) != key  # QLoRA's reference is the 4-bit base
     weights = model / "model.safetensors"
@@ -354,7 +354,11 @@ def test_bad_pair_rows_name_file_and_line(tmp_path, capsys, tiny_model_dir, row,
 
 
 def test_a_pair_with_a_side_that_trains_nothing_is_dropped_and_counted(tmp_path):
-    from minitrain.data import build_token_cache, cache_dir_for, open_token_cache
+    from minitrain.training.data import (
+        build_token_cache,
+        cache_dir_for,
+        open_token_cache,
+    )
 
     data = tmp_path / "pairs.jsonl"
     rows = read_pairs(write_pairs(data, 3))
@@ -421,7 +425,11 @@ def test_each_row_form_gives_both_sides_with_only_the_final_reply_trained(capsys
 
 
 def test_csv_and_parquet_rows_give_the_jsonl_output_and_stage_2_reads_it(capsys, tmp_path, tokenizer_dir):
-    from minitrain.data import build_token_cache, cache_dir_for, open_token_cache
+    from minitrain.training.data import (
+        build_token_cache,
+        cache_dir_for,
+        open_token_cache,
+    )
     from tests.test_formats import write_csv, write_parquet
     from tests.test_process_data import write_lines
 

@@ -16,9 +16,15 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from transformers import AutoTokenizer
 
-import chat_masks
 import process_data
-from process_data import DROP_MASK, DROP_NO_TRAINED, DROP_TEMPLATE, DROP_TOO_LONG, Encoder
+from minitrain.prepare import chat_masks, pipeline
+from minitrain.prepare.encode import (
+    DROP_MASK,
+    DROP_NO_TRAINED,
+    DROP_TEMPLATE,
+    DROP_TOO_LONG,
+    Encoder,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -72,7 +78,7 @@ def encoders(tokenizer_dir):
     return get
 
 
-def encode(encoder: Encoder, samples: list[dict]) -> process_data.Chunk:
+def encode(encoder: Encoder, samples: list[dict]) -> pipeline.Chunk:
     chunk = encoder.encode_chunk([(n, orjson.dumps(s)) for n, s in enumerate(samples, start=1)])
     assert chunk.error is None, chunk.error
     return chunk
@@ -481,7 +487,7 @@ def test_order_is_kept_with_several_workers_and_failure_midway_leaves_nothing(ca
         tok.decode(reference_ids(tok, s["messages"])) if n != 100 else "raw text<|im_end|>" for n, s in enumerate(samples)
     ]
     out.unlink()
-    process_data.template_sidecar(out).unlink()  # the chat template saved with the rows goes with them
+    pipeline.template_sidecar(out).unlink()  # the chat template saved with the rows goes with them
     # a malformed line in the third chunk, after earlier chunks were written: no output, no temp file
     data.write_bytes(data.read_bytes() + b"not json\n")
     code, _, stderr, out = run_main(capsys, tmp_path, tokenizer_dir("chatml"), data, "--num-workers", "2")
@@ -584,7 +590,7 @@ def test_the_chat_template_used_is_saved_beside_the_rows(capsys, tmp_path, token
     code, stdout, stderr, out = run_main(capsys, tmp_path, tokenizer_dir("chatml"), data)
     assert code == 0, stderr
     sidecar = tmp_path / "out.jsonl.chat_template.jinja"
-    assert process_data.template_sidecar(out) == sidecar
+    assert pipeline.template_sidecar(out) == sidecar
     assert sidecar.read_text() == tok.chat_template and f"chat template used saved to {sidecar}" in stdout
 
 
@@ -604,11 +610,11 @@ def test_chat_template_file_for_a_tokenizer_without_one(capsys, tmp_path, tokeni
     want = AutoTokenizer.from_pretrained(tokenizer_dir("chatml"))
     assert row["input_ids"] == reference_ids(want, messages)
     assert trained_runs(want, row) == ["Hi, how can I help?<|im_end|>", "Why did the chicken cross the road?<|im_end|>"]
-    assert process_data.template_sidecar(out).read_text() == template
+    assert pipeline.template_sidecar(out).read_text() == template
     # raw text needs no template: none is saved, and a stale one from an earlier run goes
     text = write_lines(tmp_path / "text.jsonl", [{"text": "Just text."}])
     code, _, stderr, out = run_main(capsys, tmp_path, base, text)
-    assert code == 0, stderr and not process_data.template_sidecar(out).exists()
+    assert code == 0, stderr and not pipeline.template_sidecar(out).exists()
     code, _, stderr, _ = run_main(capsys, tmp_path, base, text, "--chat-template", str(tmp_path / "missing.jinja"))
     assert code == 2 and stderr.startswith(f"process_data.py: error: {tmp_path / 'missing.jinja'}: cannot read the chat template")
 
@@ -621,7 +627,7 @@ def test_chat_template_name_picks_one_of_several(capsys, tmp_path, tokenizer_dir
     code, _, stderr, out = run_main(capsys, tmp_path, hermes, data, "--chat-template-name", "tool_use")
     assert code == 0, stderr
     tok = AutoTokenizer.from_pretrained(hermes)
-    assert process_data.template_sidecar(out).read_text() == tok.chat_template["tool_use"]
+    assert pipeline.template_sidecar(out).read_text() == tok.chat_template["tool_use"]
     row = json.loads(out.read_text())
     assert row["input_ids"] == reference_ids(tok, sample["messages"], tools=tools, chat_template="tool_use")
     code, _, stderr, _ = run_main(capsys, tmp_path, hermes, data, "--chat-template-name", "nope")
@@ -634,5 +640,5 @@ def test_printed_view_marks_trained_runs_in_colour_or_brackets(encoders):
     labels = [-100] * len(ids)
     k = ids.index(tok.convert_tokens_to_ids("<|im_end|>"))
     labels[k] = ids[k]
-    assert process_data.masked_view(tok, ids, labels, "[[ ]]", colour=False) == "ab[[<|im_end|>]]cd"
-    assert process_data.masked_view(tok, ids, labels, "[[ ]]", colour=True) == "\033[2mab\033[0m\033[32m<|im_end|>\033[0m\033[2mcd\033[0m"
+    assert pipeline.masked_view(tok, ids, labels, "[[ ]]", colour=False) == "ab[[<|im_end|>]]cd"
+    assert pipeline.masked_view(tok, ids, labels, "[[ ]]", colour=True) == "\033[2mab\033[0m\033[32m<|im_end|>\033[0m\033[2mcd\033[0m"

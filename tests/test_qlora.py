@@ -70,13 +70,17 @@ def qlora_worker(model_dir: str, data_path: str, out_dir: str) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     import train
-    from minitrain import checkpoint
-    from minitrain.checkpoint import save_export
-    from minitrain.data import load_data
-    from minitrain.distributed import cleanup_distributed, init_distributed, root_unsharded
-    from minitrain.lora import build_adapter, is_4bit
-    from minitrain.model import build_model
-    from minitrain.objectives import SFT
+    from minitrain.training import checkpoint
+    from minitrain.training.checkpoint import save_export
+    from minitrain.training.data import load_data
+    from minitrain.training.distributed import (
+        cleanup_distributed,
+        init_distributed,
+        root_unsharded,
+    )
+    from minitrain.training.lora import build_adapter, is_4bit
+    from minitrain.training.model import build_model
+    from minitrain.training.objectives import SFT
 
     world = init_distributed("auto")
     config = train.TrainConfig(
@@ -199,8 +203,8 @@ def test_two_rank_qlora_gradients_are_the_4bit_models_own_and_exports_give_the_l
 def run_qlora(args: list[str]):
     """train.py's setup() and loop() in this process (validate would refuse --qlora without CUDA)."""
     import train
-    from minitrain.checkpoint import StopSignals
-    from minitrain.distributed import init_distributed
+    from minitrain.training.checkpoint import StopSignals
+    from minitrain.training.distributed import init_distributed
 
     run = train.setup(train.parse_args([*args, "--qlora"]), init_distributed("auto"))
     train.loop(run, StopSignals())
@@ -238,7 +242,7 @@ def test_qlora_flag_problems_on_a_cuda_machine(monkeypatch):
     import importlib.util
 
     import train
-    from minitrain import lora
+    from minitrain.training import lora
 
     config = train.TrainConfig("d", "m", "o", batch_size=1, max_tokens_per_gpu=8, lora=True, qlora=True)
     assert lora.flag_problems(config, cuda=True, model_ok=False) == []
@@ -259,9 +263,9 @@ def test_a_4bit_layer_cannot_be_a_module_to_save(tmp_path, tiny_model_dir):
     import torch
 
     import train
-    from minitrain import lora
-    from minitrain.distributed import World
-    from minitrain.model import ModelError, build_model
+    from minitrain.training import lora
+    from minitrain.training.distributed import World
+    from minitrain.training.model import ModelError, build_model
 
     model_dir = tiny_model_dir("qwen2")
     config = train.TrainConfig(str(write_data(tmp_path / "d.jsonl", 4, vocab=700)), str(model_dir), str(tmp_path),

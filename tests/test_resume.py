@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from minitrain import checkpoint
+from minitrain.training import checkpoint
 from tests.test_train import kill_torchrun, torchrun_workers, write_data
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -76,10 +76,10 @@ def test_padded_micro_batches_give_the_loss_and_gradient_of_one_sample_at_a_time
     from transformers import AutoModelForSeq2SeqLM
 
     import train
-    from minitrain.data import load_data
-    from minitrain.distributed import World
-    from minitrain.model import build_model
-    from minitrain.objectives import build_objective
+    from minitrain.training.data import load_data
+    from minitrain.training.distributed import World
+    from minitrain.training.model import build_model
+    from minitrain.training.objectives import build_objective
     from sampler import pack_step
 
     model_dir = seq2seq_dir(arch)
@@ -127,10 +127,10 @@ def grad_worker(model_dir: str, data_path: str, out_dir: str) -> None:
     from transformers import AutoModelForSeq2SeqLM
 
     import train
-    from minitrain.data import load_data
-    from minitrain.distributed import cleanup_distributed, init_distributed
-    from minitrain.model import build_model
-    from minitrain.objectives import build_objective
+    from minitrain.training.data import load_data
+    from minitrain.training.distributed import cleanup_distributed, init_distributed
+    from minitrain.training.model import build_model
+    from minitrain.training.objectives import build_objective
 
     d = init_distributed("auto")
     config = config_for(Path(model_dir), Path(data_path), Path(out_dir))
@@ -393,8 +393,8 @@ def test_every_encoder_decoder_family_passes_the_probe_and_a_wrong_head_is_refus
     import torch
     from transformers import AutoModelForSeq2SeqLM
 
-    from minitrain.families import LogitTransform, ModelError
-    from minitrain.seq2seq import Seq2SeqLM, check_loss_is_the_models_own
+    from minitrain.training.families import LogitTransform, ModelError
+    from minitrain.training.seq2seq import Seq2SeqLM, check_loss_is_the_models_own
 
     torch.manual_seed(0)
     lm = AutoModelForSeq2SeqLM.from_config(seq2seq_zoo(300)[family])

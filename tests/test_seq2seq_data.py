@@ -1,4 +1,4 @@
-"""process_data.py with encoder-decoder models (seq2seq_data.py): pair rows become seq2seq rows whose ids are the
+"""process_data.py with encoder-decoder models (minitrain/prepare/seq2seq_rows.py): pair rows become seq2seq rows whose ids are the
 tokenizer's own encodings, over-long sides are dropped, an error or truncated (counted), and what needs a causal LM
 is refused in one line.
 
@@ -17,9 +17,13 @@ from tokenizers import Tokenizer, processors
 from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
 
 import process_data
-import seq2seq_data
-from process_data import DROP_EMPTY_TARGET
-from seq2seq_data import DROP_EMPTY_SOURCE, DROP_SOURCE_TOO_LONG, DROP_TARGET_TOO_LONG
+from minitrain.prepare import pipeline, seq2seq_rows
+from minitrain.prepare.encode import DROP_EMPTY_TARGET
+from minitrain.prepare.seq2seq_rows import (
+    DROP_EMPTY_SOURCE,
+    DROP_SOURCE_TOO_LONG,
+    DROP_TARGET_TOO_LONG,
+)
 from tests.test_process_data import CONVERSATIONS, write_lines
 from tests.tiny_models import build_tiny_seq2seq
 
@@ -110,7 +114,7 @@ def test_rows_are_the_tokenizers_own_encodings(capsys, tmp_path, seq2seq_dir, ar
     assert f"source: {tok.decode(written[0]['input_ids'])}\ntarget: [[{target}]]\n" in stdout
     assert f"({written[0]['len']} source tokens, {written[0]['target_len']} target tokens trained)" in stdout
     assert f"encoder-decoder ({arch})" in stdout
-    assert not process_data.template_sidecar(out).exists()  # no chat template: no sidecar
+    assert not pipeline.template_sidecar(out).exists()  # no chat template: no sidecar
     # the model's own forward takes a written row (its ids are in the vocabulary)
     net = AutoModelForSeq2SeqLM.from_pretrained(model)
     loss = net(input_ids=torch.tensor([written[0]["input_ids"]]), labels=torch.tensor([written[0]["labels"]])).loss
@@ -118,10 +122,10 @@ def test_rows_are_the_tokenizers_own_encodings(capsys, tmp_path, seq2seq_dir, ar
 
 
 def test_encoder_decoder_detection(seq2seq_dir, tokenizer_dir, tiny_model_dir):
-    assert seq2seq_data.encoder_decoder_type(str(seq2seq_dir("t5"))) == "t5"
-    assert seq2seq_data.encoder_decoder_type(str(seq2seq_dir("bart"))) == "bart"
-    assert seq2seq_data.encoder_decoder_type(str(tokenizer_dir("chatml"))) is None  # no config.json
-    assert seq2seq_data.encoder_decoder_type(str(tiny_model_dir("llama"))) is None  # a causal LM
+    assert seq2seq_rows.encoder_decoder_type(str(seq2seq_dir("t5"))) == "t5"
+    assert seq2seq_rows.encoder_decoder_type(str(seq2seq_dir("bart"))) == "bart"
+    assert seq2seq_rows.encoder_decoder_type(str(tokenizer_dir("chatml"))) is None  # no config.json
+    assert seq2seq_rows.encoder_decoder_type(str(tiny_model_dir("llama"))) is None  # a causal LM
 
 
 LONG = [

@@ -80,8 +80,8 @@ def test_eval_num_beams_1_is_greedy_whatever_the_checkpoints_generation_config_s
     import torch
     from transformers import AutoModelForSeq2SeqLM
 
-    from minitrain.seq2seq import Seq2SeqLM
-    from minitrain.validation import generate_replies
+    from minitrain.training.seq2seq import Seq2SeqLM
+    from minitrain.training.validation import generate_replies
 
     lm = AutoModelForSeq2SeqLM.from_pretrained(bart_dir, dtype=torch.float32).eval()
     rng = np.random.default_rng(0)
@@ -96,7 +96,7 @@ def test_eval_num_beams_1_is_greedy_whatever_the_checkpoints_generation_config_s
 
 
 def test_rouge_of_an_exact_non_latin_prediction_is_not_zero():
-    from minitrain.validation import rouge_scores
+    from minitrain.training.validation import rouge_scores
 
     texts = ["Привет мир, как дела", "東京は日本の首都です"]
     assert rouge_scores(texts, texts)["rougeL"] == pytest.approx(100.0)  # reviewed code: 0.0
@@ -109,7 +109,7 @@ def test_rouge_words_are_rouge_scores_own_on_ascii_text():
     from nltk.stem import porter
     from rouge_score import tokenize
 
-    from minitrain.validation import RougeTokens
+    from minitrain.training.validation import RougeTokens
 
     ours, stemmer, rng = RougeTokens(), porter.PorterStemmer(), random.Random(0)
     alphabet = string.ascii_letters + string.digits + " _-.,;:'\"!?\n\t()[]"
@@ -125,8 +125,8 @@ def test_a_pad_less_config_and_an_over_long_generation_are_refused_in_one_line(t
     from transformers import AutoModelForSeq2SeqLM
 
     import train
-    from minitrain.families import ModelError
-    from minitrain.seq2seq import Seq2SeqLM, check_loss_is_the_models_own
+    from minitrain.training.families import ModelError
+    from minitrain.training.seq2seq import Seq2SeqLM, check_loss_is_the_models_own
 
     lm = AutoModelForSeq2SeqLM.from_pretrained(bart_dir)
     lm.config.pad_token_id = None

@@ -83,15 +83,26 @@ SKEWED = {0: [[0, 1, 2], [3], [4]], 1: [[5, 6, 7], [], []]}  # rank 1 runs two d
 def grad_worker(model_dir: str, data_path: str, out_dir: str) -> None:
     import torch
     import torch.distributed as dist
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+    )
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     import train
-    from minitrain.data import load_data, make_pack
-    from minitrain.distributed import World, cleanup_distributed, init_distributed
-    from minitrain.model import SHARDING_STRATEGIES, PackedCausalLM, build_model
-    from minitrain.checkpoint import save_export
-    from minitrain.objectives import SFT
+    from minitrain.training.checkpoint import save_export
+    from minitrain.training.data import load_data, make_pack
+    from minitrain.training.distributed import (
+        World,
+        cleanup_distributed,
+        init_distributed,
+    )
+    from minitrain.training.model import (
+        SHARDING_STRATEGIES,
+        PackedCausalLM,
+        build_model,
+    )
+    from minitrain.training.objectives import SFT
 
     d = init_distributed("auto")
     config = train.TrainConfig(
@@ -236,9 +247,9 @@ def test_a_checkpoint_that_fails_mid_write_leaves_no_folder(tmp_path, tiny_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     import train
-    from minitrain.checkpoint import CheckpointError, save_export
-    from minitrain.distributed import World
-    from minitrain.model import PackedCausalLM
+    from minitrain.training.checkpoint import CheckpointError, save_export
+    from minitrain.training.distributed import World
+    from minitrain.training.model import PackedCausalLM
 
     class FullDisk:  # the tokenizer is written after the weights: fail there
         def save_pretrained(self, path):

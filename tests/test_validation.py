@@ -46,7 +46,7 @@ def direct_greedy(lm, prompt: np.ndarray, max_new_tokens: int) -> list[int]:
 
 
 def open_cache(data_path: Path, root: Path):
-    from minitrain.data import build_token_cache, open_token_cache
+    from minitrain.training.data import build_token_cache, open_token_cache
 
     build_token_cache(data_path, root / "cache")
     return open_token_cache(root / "cache")
@@ -60,9 +60,9 @@ def test_validation_loss_and_generations_match_a_direct_computation_in_one_proce
     import torch
     from transformers import AutoModelForCausalLM
 
-    from minitrain import validation
-    from minitrain.model import PackedCausalLM
-    from minitrain.objectives import SFT
+    from minitrain.training import validation
+    from minitrain.training.model import PackedCausalLM
+    from minitrain.training.objectives import SFT
 
     cache = open_cache(write_data(tmp_path / "data.jsonl", 24, vocab=700, seed=3), tmp_path)
     train_idx, val_idx = validation.split_validation(len(cache), 0.5)
@@ -96,11 +96,11 @@ def eval_worker(model_dir: str, data_path: str, out_dir: str) -> None:
     from transformers import AutoModelForCausalLM
 
     import train
-    from minitrain import validation
-    from minitrain.data import load_data
-    from minitrain.distributed import cleanup_distributed, init_distributed
-    from minitrain.model import build_model
-    from minitrain.objectives import SFT
+    from minitrain.training import validation
+    from minitrain.training.data import load_data
+    from minitrain.training.distributed import cleanup_distributed, init_distributed
+    from minitrain.training.model import build_model
+    from minitrain.training.objectives import SFT
 
     d = init_distributed("auto")
     config = train.TrainConfig(data_path=data_path, model_name_or_path=model_dir, output_dir=out_dir, batch_size=2,
@@ -178,7 +178,7 @@ def test_evaluation_leaves_the_training_losses_unchanged_stops_early_and_is_logg
     import torch
     from transformers import AutoModelForCausalLM
 
-    import plot_run
+    from minitrain.tools import plot_run
 
     model = dropout_model(tiny_model_dir("llama"), tmp_path / "model")
     data = write_data(tmp_path / "train.jsonl", 16, vocab=700, seed=5)
@@ -227,7 +227,7 @@ def test_a_validation_split_is_never_trained_on_and_is_evaluated_at_the_end(tmp_
     import torch
     from transformers import AutoModelForCausalLM
 
-    from minitrain import validation
+    from minitrain.training import validation
 
     data = write_data(tmp_path / "data.jsonl", 20, vocab=700, seed=7)
     out = tmp_path / "out"
@@ -252,7 +252,7 @@ def test_torchrun_evaluates_exactly_generates_and_stops_early_on_two_ranks(tmp_p
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from minitrain import validation
+    from minitrain.training import validation
 
     data = write_data(tmp_path / "data.jsonl", 12, vocab=700, seed=8)
     out = tmp_path / "out"
@@ -333,7 +333,7 @@ def test_every_evaluation_flag_problem_is_reported_together(tmp_path, capsys):
 
 
 def test_validation_split_is_exact_disjoint_fixed_and_stable_when_samples_are_appended():
-    from minitrain.validation import ValidationError, split_validation
+    from minitrain.training.validation import ValidationError, split_validation
 
     train_idx, val_idx = split_validation(1000, 0.1)
     assert len(val_idx) == 100 and len(train_idx) == 900
@@ -348,7 +348,7 @@ def test_validation_split_is_exact_disjoint_fixed_and_stable_when_samples_are_ap
 
 
 def test_early_stopping_stops_after_patience_evaluations_without_a_real_improvement():
-    from minitrain.validation import EarlyStopping
+    from minitrain.training.validation import EarlyStopping
 
     stopper = EarlyStopping(patience=2, min_delta=0.05)
     history = []
@@ -366,7 +366,11 @@ def test_early_stopping_stops_after_patience_evaluations_without_a_real_improvem
 def test_trackers_log_the_numbers_of_each_record_and_a_missing_package_is_a_clear_error(monkeypatch):
     import importlib.util
 
-    from minitrain.run_log import TensorBoardTracker, WandbTracker, tracker_problem
+    from minitrain.training.run_log import (
+        TensorBoardTracker,
+        WandbTracker,
+        tracker_problem,
+    )
 
     class Writer:  # the SummaryWriter calls the tracker makes
         def __init__(self):
@@ -413,7 +417,7 @@ def test_trackers_log_the_numbers_of_each_record_and_a_missing_package_is_a_clea
 
 
 def test_plot_errors_are_one_line_naming_the_file_and_the_fix(tmp_path, capsys):
-    import plot_run
+    from minitrain.tools import plot_run
 
     def run(*args) -> tuple[int, str]:
         code = plot_run.main([str(a) for a in args])

@@ -13,7 +13,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import train  # noqa: E402
-from minitrain import checkpoint  # noqa: E402
+from minitrain.training import checkpoint  # noqa: E402
 
 STEP = int(os.environ["HANG_IN_SAVE_STEP"])
 complete = checkpoint.complete

@@ -26,5 +26,5 @@ python train.py --data-path "$WORK/train_rows.jsonl" --validation-data-path "$WO
     --max-steps 300 --eval-every-samples 800 --num-eval-generations 0 \
     --eval-metric rouge --eval-max-new-tokens 32 --early-stopping-metric rougeL --early-stopping-patience 3 \
     --min-samples-per-checkpoint 4800 --save-dtype float32
-python plot_run.py "$WORK/out"
+python -m minitrain.tools.plot_run "$WORK/out"
 grep -o '"validation_rougeL": [0-9.]*' "$WORK/out/metrics.jsonl"

@@ -32,7 +32,7 @@ import orjson
 import torch
 
 from minitrain import IGNORE, atomic  # noqa: F401 (IGNORE: stage 2 imports it from here)
-from minitrain.distributed import World, print0, raise_if_any_rank_failed
+from minitrain.training.distributed import World, print0, raise_if_any_rank_failed
 
 CACHE_VERSION = 2  # 2: meta.json holds the content hash
 

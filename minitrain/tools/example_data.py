@@ -6,7 +6,7 @@ some run over several turns. Each becomes one line `{"messages": [{"role": "user
 A conversation with an empty turn, or that ends on a user turn, cannot train an assistant reply as written: the
 trailing user turn is cut, and a conversation left without an assistant turn is skipped; both are counted.
 
-    python example_data.py --output-file data/chatterbot.jsonl
+    python -m minitrain.tools.example_data --output-file data/chatterbot.jsonl
 """
 
 import argparse

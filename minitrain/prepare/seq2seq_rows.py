@@ -23,8 +23,9 @@ from pathlib import Path
 
 import orjson
 
-import formats
-from formats import InputSpec, RunError
+from minitrain.prepare import formats
+from minitrain.prepare.encode import DROP_EMPTY_TARGET, Chunk
+from minitrain.prepare.formats import InputSpec, RunError
 
 DROP_SOURCE_TOO_LONG = "source longer than --max-source-tokens"
 DROP_TARGET_TOO_LONG = "target longer than --max-target-tokens"
@@ -134,7 +135,6 @@ class Seq2SeqEncoder:
                                f"{positions} or less")
 
     def encode_chunk(self, lines: list[tuple[int, bytes]]):
-        from process_data import Chunk  # (process_data imports this module)
 
         chunk = Chunk()
         try:
@@ -144,7 +144,6 @@ class Seq2SeqEncoder:
         return chunk
 
     def _encode(self, lines: list[tuple[int, bytes]], chunk) -> None:
-        from process_data import DROP_EMPTY_TARGET
 
         fmt = self.spec.fmt
         kept, sources, targets = [], [], []

@@ -28,9 +28,16 @@ import dataclasses
 
 import orjson
 
-import formats
-from formats import Format, InputSpec, RunError
 from minitrain import IGNORE
+from minitrain.prepare import formats
+from minitrain.prepare.encode import (
+    DROP_NO_TRAINED,
+    DROP_TOO_LONG,
+    Chunk,
+    Encoder,
+    check_messages,
+)
+from minitrain.prepare.formats import Format, InputSpec, RunError
 
 SIDES = ("chosen", "rejected")
 DROP_PROMPTS_DIFFER = "the chosen and rejected prompts differ"
@@ -61,7 +68,6 @@ def conversations(row: object, where: str) -> tuple[list, list] | tuple[str, str
         reply = row[side]
         sides.append(prefix + ([{"role": "assistant", "content": reply}] if isinstance(reply, str) else reply))
     chosen, rejected = sides
-    from process_data import check_messages  # (process_data imports this module)
 
     for side, messages in zip(SIDES, sides):
         check_messages({"messages": messages}, f"{where}: {side}")  # a malformed conversation stops the run
@@ -85,10 +91,9 @@ def final_turn_only(labels: list[int]) -> list[int]:
 
 
 class PreferenceEncoder:
-    """Turns preference rows into pair rows, with a process_data.Encoder for messages doing each side."""
+    """Turns preference rows into pair rows, with a encode.Encoder for messages doing each side."""
 
     def __init__(self, model: str, input_name: str, max_tokens: int, on_too_long: str, spec: InputSpec):
-        from process_data import Encoder
 
         self.input_name, self.max_tokens, self.on_too_long, self.spec = input_name, max_tokens, on_too_long, spec
         # A side longer than the limit makes the pair longer: the messages encoder drops it (counted here as the
@@ -98,7 +103,6 @@ class PreferenceEncoder:
         self.tokenizer, self.template = self.encoder.tokenizer, self.encoder.template
 
     def encode_chunk(self, lines: list[tuple[int, bytes]]):
-        from process_data import Chunk
 
         chunk = Chunk()
         try:
@@ -108,7 +112,6 @@ class PreferenceEncoder:
         return chunk
 
     def _encode(self, lines: list[tuple[int, bytes]], chunk) -> None:
-        from process_data import DROP_NO_TRAINED, DROP_TOO_LONG
 
         batches = {side: [] for side in SIDES}  # messages rows for the encoder, keyed by the real line number
         for lineno, _, where, row in formats.rows_of(lines, self.input_name, self.spec, chunk):

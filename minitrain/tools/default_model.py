@@ -5,8 +5,8 @@ GGUF (dequantised to float), but a GGUF-loaded model refuses `save_pretrained` a
 from safetensors), so we convert it once into `<cache>/SmolLM2-135M-Instruct/` (safetensors + config + tokenizer
 with its chat template + generation config) and reuse that folder afterwards.
 
-    python default_model.py                   # prints the folder, materialising it on first use
-    python default_model.py --tokenizer-only  # tokenizer files only (seconds, no weights)
+    python -m minitrain.tools.default_model                   # prints the folder, materialising it on first use
+    python -m minitrain.tools.default_model --tokenizer-only  # tokenizer files only (seconds, no weights)
 
 The cache is `$MINITRAIN_CACHE` or `~/.cache/minitrain`. Nothing of the weights is committed to this repository.
 """

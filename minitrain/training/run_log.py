@@ -14,9 +14,9 @@ from pathlib import Path
 from tqdm import tqdm
 
 from minitrain import atomic
-from minitrain.checkpoint import GENERATIONS, METRICS
-from minitrain.distributed import World
-from minitrain.validation import generation_records
+from minitrain.training.checkpoint import GENERATIONS, METRICS
+from minitrain.training.distributed import World
+from minitrain.training.validation import generation_records
 
 TRACKERS = ("wandb", "tensorboard", "mlflow")
 PREDICTIONS = "predictions"

@@ -19,12 +19,16 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from minitrain import attention, families
-from minitrain import seq2seq as seq2seq_model
-from minitrain.distributed import World, print0, raise_if_any_rank_failed
-from minitrain.families import ModelError, decoder_blocks  # train.py catches ModelError imported from here
-from minitrain.loss import HeadCrossEntropy
-from minitrain.seq2seq import Seq2SeqLM
+from minitrain.training import attention, families
+from minitrain.training import seq2seq as seq2seq_model
+from minitrain.training.adapter import FullFineTuning
+from minitrain.training.distributed import World, print0, raise_if_any_rank_failed
+from minitrain.training.families import (  # train.py catches ModelError imported from here
+    ModelError,
+    decoder_blocks,
+)
+from minitrain.training.loss import HeadCrossEntropy, linear_head
+from minitrain.training.seq2seq import Seq2SeqLM
 
 SHARDING_STRATEGIES = ("FULL_SHARD", "SHARD_GRAD_OP", "NO_SHARD", "HYBRID_SHARD")
 
@@ -93,63 +97,10 @@ class PackedCausalLM(nn.Module):
         return total if total is not None else torch.zeros((), device=self.lm.device)
 
 
-def linear_head(head: nn.Module) -> nn.Module:
-    """The nn.Linear that computes the logits: the head itself, or, when LoRA trains a copy of it
-    (--lora-modules-to-save lm_head: peft's ModulesToSaveWrapper), the active copy (the original with adapters off)."""
-    original = getattr(head, "original_module", None)
-    if isinstance(head, nn.Linear) or original is None:
-        return head
-    if getattr(head, "disable_adapters", False):
-        return original
-    return head.modules_to_save[head.active_adapters[0]]
-
 
 # ----------------------------------------------------------------------------------------------------------------
 # The model adapter seam
 
-
-class FullFineTuning:
-    """Every parameter trains; an export is the whole model."""
-
-    name = "full"
-    base_weights = ""  # as loaded
-    loads_on_every_rank = False  # rank 0 loads the weights; they are broadcast into the shards (build_model)
-
-    def load_arguments(self, device: torch.device) -> dict:
-        """Extra from_pretrained arguments for the base model (QLoRA's quantization): none."""
-        return {}
-
-    def unsharded_parameters(self, lm: nn.Module) -> set[nn.Parameter]:
-        """Parameters FSDP2 leaves whole on every rank (QLoRA's 4-bit weights): none."""
-        return set()
-
-    def apply(self, lm: nn.Module) -> nn.Module:
-        """Before sharding (on the meta device for ranks > 0), and on rank 0's full copy whose weights are broadcast
-        into the shards: change the module tree, the same way each time; nothing to change here."""
-        return lm
-
-    def trainable_parameters(self, model: nn.Module) -> list[nn.Parameter]:
-        return [p for p in model.parameters() if p.requires_grad]
-
-    def export_state(self, model: PackedCausalLM, world: World) -> dict | None:
-        """Collective: the full state dict of the Hugging Face model on rank 0 (CPU tensors), None elsewhere."""
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-        if world.world_size > 1:
-            options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-            state = get_model_state_dict(model.lm, options=options)
-            return state if world.is_main else None
-        return {k: v.detach().cpu() for k, v in model.lm.state_dict().items()}
-
-    def write_export(self, lm: nn.Module, state: dict, tokenizer, dtype: torch.dtype, config: dict, final) -> None:
-        """Rank 0: the export folder `final` from export_state's `state` (atomic)."""
-        from minitrain.checkpoint import write_hf_folder
-
-        write_hf_folder(lm, state, tokenizer, dtype, config, final)
-
-
-def export_state(model: PackedCausalLM, world: World) -> dict | None:
-    return model.adapter.export_state(model, world)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -271,7 +222,10 @@ def build_model(config, world: World, adapter: FullFineTuning | None = None) -> 
     if world.world_size > 1:
         shard_model(model, config.fsdp_sharding_strategy, world)  # every_rank: each keeps its shard of what it loaded
     if world.world_size > 1 and not every_rank:
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            set_model_state_dict,
+        )
 
         model.to_empty(device=world.device)
         full, error = None, None

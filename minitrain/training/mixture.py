@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from minitrain.data import DataError, TokenCache
+from minitrain.training.data import DataError, TokenCache
 
 SPEC = re.compile(r"(?P<path>.+?):(?P<value>[0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)(?P<epochs>x?)")
 

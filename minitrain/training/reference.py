@@ -28,10 +28,10 @@ import torch
 import torch.distributed as dist
 
 from minitrain import atomic
-from minitrain.data import TokenCache
-from minitrain.distributed import World, compute_autocast, print0, reshard
-from minitrain.objectives import make_pair_pack, sequence_logps
-from minitrain.validation import plan_validation
+from minitrain.training.data import TokenCache
+from minitrain.training.distributed import World, compute_autocast, print0, reshard
+from minitrain.training.objectives import make_pair_pack, sequence_logps
+from minitrain.training.validation import plan_validation
 
 VERSION = 1
 MODEL_FILES = (".json", ".safetensors", ".bin", ".pt", ".pth", ".gguf", ".model")

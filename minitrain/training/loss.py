@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from minitrain.families import LogitTransform
+from minitrain.training.families import LogitTransform
 
 IDENTITY = LogitTransform()  # most families: CE of the head's logits as they are
 
@@ -203,3 +203,14 @@ class HeadCrossEntropy(nn.Module):
         """(N, H) hidden states, (N,) targets -> (N,) cross-entropy of each row (always the chunked kernel: Liger's
         fused one computes its gradients in the forward, for a summed loss only)."""
         return chunked_ce_per_row(hidden, head.weight, head.bias, targets, self.chunk_rows, self.transform)
+
+
+def linear_head(head: nn.Module) -> nn.Module:
+    """The nn.Linear that computes the logits: the head itself, or, when LoRA trains a copy of it
+    (--lora-modules-to-save lm_head: peft's ModulesToSaveWrapper), the active copy (the original with adapters off)."""
+    original = getattr(head, "original_module", None)
+    if isinstance(head, nn.Linear) or original is None:
+        return head
+    if getattr(head, "disable_adapters", False):
+        return original
+    return head.modules_to_save[head.active_adapters[0]]

@@ -29,7 +29,6 @@ The contract:
   (every --min-samples-per-checkpoint samples), writes full state (with every export, every
   --checkpoint-every-steps steps, on a stop signal) or both; the end of the run always has both.
 """
-import copy
 import hashlib
 import json
 import pickle
@@ -47,9 +46,9 @@ import torch
 import torch.distributed as dist
 
 from minitrain import atomic
-from minitrain.distributed import World, print0, raise_if_any_rank_failed
-from minitrain.lora import LORA_DEFAULTS
-from minitrain.validation import describe
+from minitrain.training.distributed import World, print0, raise_if_any_rank_failed
+from minitrain.training.lora import LORA_DEFAULTS
+from minitrain.training.validation import describe
 
 COMPLETE = "COMPLETE"
 STEP_DIR = re.compile(r"step_(\d+)")
@@ -416,34 +415,6 @@ def prune_exports(hf_dir: Path, keep: int, written: Path) -> list[Path]:
     return old
 
 
-def tied_duplicates(lm) -> set[str]:
-    """Names of parameters that are the same tensor as an earlier-named one (tied weights)."""
-    seen, duplicates = set(), set()
-    for name, param in lm.named_parameters(remove_duplicate=False):
-        if id(param) in seen:
-            duplicates.add(name)
-        seen.add(id(param))
-    return duplicates
-
-
-def write_hf_folder(lm, state: dict, tokenizer, dtype: torch.dtype, config: dict, final: Path) -> None:
-    """The model's weights in `dtype` (tied weights stored once), its config, the tokenizer and the run's flags,
-    written atomically: a crash never leaves a `samples_<N>` folder that looks complete."""
-    with atomic.atomic_folder(final) as tmp:
-        write_hf_files(lm, state, tokenizer, dtype, config, tmp)
-
-
-def write_hf_files(lm, state: dict, tokenizer, dtype: torch.dtype, config: dict, folder: Path) -> None:
-    """What write_hf_folder writes, into an existing (temporary) folder."""
-    tied = tied_duplicates(lm)  # e.g. lm_head.weight == embed_tokens.weight
-    state = {k: v.to(dtype) for k, v in state.items() if k not in tied}
-    lm.save_pretrained(folder, state_dict=state)
-    hf_config = copy.deepcopy(lm.config)
-    hf_config.dtype = dtype  # save_pretrained records the fp32 training dtype; the weights are in `dtype`
-    hf_config.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    atomic.write_json(folder / "training_config.json", config)
-
 
 def set_aside_exports(out: Path, samples: int, reason: str) -> None:
     """Move the exports after `samples` (another run's) to a new <out>/hf_format.earlier_run_<K>: they are models
@@ -573,7 +544,7 @@ class Checkpointer:
             self.save_full_state(state)
 
     def export(self, state: RunState) -> Path:
-        """hf_format/samples_<N>/ (see model.export_state for what it holds); noted as the best export so far when
+        """hf_format/samples_<N>/ (the model adapter's export_state says what it holds); noted as the best export so far when
         the validation loss of this step is the lowest."""
         path = save_export(self.model, self.tokenizer, self.config, self.world, state.samples_seen)
         print0(f"saved {path}")
@@ -603,10 +574,8 @@ class Checkpointer:
 def save_export(model, tokenizer, config, world: World, samples_seen: int) -> Path:
     """Write <output-dir>/hf_format/samples_<N>/. Collective: every rank takes part in gathering the full state dict
     (the model adapter says what an export holds); only rank 0 writes."""
-    from minitrain.model import export_state
-
     final = Path(config.output_dir) / "hf_format" / f"samples_{samples_seen}"
-    state = export_state(model, world)
+    state = model.adapter.export_state(model, world)
     error = None
     if world.is_main:
         try:

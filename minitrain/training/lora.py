@@ -34,16 +34,19 @@ adapter folder would then need a modified base to serve).
 import copy
 import importlib.util
 import sys
-from contextlib import contextmanager
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from minitrain import atomic, families
-from minitrain.distributed import World, reshard
-from minitrain.model import FullFineTuning, ModelError, decoder_blocks
+from minitrain import atomic
+from minitrain.training import families
+from minitrain.training.adapter import FullFineTuning
+from minitrain.training.distributed import World, reshard
+from minitrain.training.export import write_hf_files
+from minitrain.training.families import ModelError, decoder_blocks
 
 ALL_LINEAR = "all-linear"
 EXPORTS = ("adapter", "merged", "both")
@@ -146,7 +149,6 @@ class LoRA(FullFineTuning):
     def write_export(self, lm, state: dict, tokenizer, dtype: torch.dtype, config: dict, final: Path) -> None:
         """Rank 0: samples_<N>/ with the adapter folder and/or the merged model (see the module docstring),
         written atomically. Any failure is an OSError, which save_export reports on every rank (none waits)."""
-        from minitrain.checkpoint import write_hf_files
 
         kind = self.config.lora_export
         with atomic.atomic_folder(final) as tmp:

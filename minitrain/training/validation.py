@@ -27,9 +27,14 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from minitrain import attention
-from minitrain.data import IGNORE, TokenCache
-from minitrain.distributed import World, compute_autocast, print0, root_unsharded
+from minitrain.training import attention
+from minitrain.training.data import IGNORE, TokenCache
+from minitrain.training.distributed import (
+    World,
+    compute_autocast,
+    print0,
+    root_unsharded,
+)
 from sampler import pack_step
 
 # The validation split must not move when --seed changes, so runs with different seeds are compared on the same

@@ -5,7 +5,7 @@ with --input-format. When a row fits several, the first below wins (the detected
 
     messages   {"messages": [...], ...}                      conversations through the chat template
     preference {"chosen", "rejected"}, {"prompt", "chosen",  a chosen and a rejected reply (DPO, SimPO; see
-               "rejected"}                                   preference.py)
+               "rejected"}                                   minitrain/prepare/preference.py)
     pairs      {"source", "target"}, {"text", "target"},     one prompt and its answer; the pair columns are tried
                {"prompt", "completion"}                      in this order, or named by --source/--target-column
     text       {"text"}                                      raw text, every token trained (--text-column)

@@ -19,11 +19,10 @@ trainer must give the loss the model's own forward + plain cross-entropy gives, 
 refused in one line.
 """
 
+import importlib.util
 import math
 import sys
 from dataclasses import dataclass
-
-import importlib.util
 
 import torch
 import torch.nn.functional as F
@@ -144,7 +143,7 @@ def decoder_blocks(lm: nn.Module) -> list[nn.Module]:
         if any(f is None or len(f) == 0 for f in found) or any(s is lm for s in stacks):
             raise ModelError(f"model type {family(lm.config)!r} keeps its encoder or decoder blocks in none of the "
                              f"layouts minitrain knows (encoder/decoder .{', .'.join(STACK_LAYOUTS)}); train another "
-                             f"family or add its layout to minitrain/families.py")
+                             f"family or add its layout to minitrain/training/families.py")
         return [*found[0], *found[1]]
     for path in BLOCK_LAYOUTS:
         found = lm.base_model
@@ -156,7 +155,7 @@ def decoder_blocks(lm: nn.Module) -> list[nn.Module]:
     raise ModelError(
         f"model type {family(lm.config)!r} keeps its blocks in none of the layouts minitrain knows "
         f"({', '.join(f'{prefix}.{p}' for p in BLOCK_LAYOUTS)}); train another family or add its layout to "
-        f"minitrain/families.py"
+        f"minitrain/training/families.py"
     )
 
 
@@ -170,7 +169,7 @@ def attention_implementation(model_class: type, device: torch.device, asked: str
     families with transformers' flash-attention code path and no attention softcapping); SDPA or flex with a
     block-diagonal mask from position_ids; eager with the same mask. Gemma-2 (and BLOOM) have no SDPA: flex on
     GPUs, eager on CPU. The probe checks the result."""
-    from minitrain import attention
+    from minitrain.training import attention
 
     if asked != "auto":
         return asked
@@ -192,7 +191,10 @@ def attention_implementation(model_class: type, device: torch.device, asked: str
 
 def causal_lm_class(hf_config) -> type:
     """The model's class: its causal LM, or for an encoder-decoder (T5, BART, ...) its seq2seq LM."""
-    from transformers import MODEL_FOR_CAUSAL_LM_MAPPING, MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING
+    from transformers import (
+        MODEL_FOR_CAUSAL_LM_MAPPING,
+        MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING,
+    )
 
     seq2seq = getattr(hf_config, "is_encoder_decoder", False)
     mapping = MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING if seq2seq else MODEL_FOR_CAUSAL_LM_MAPPING
@@ -261,7 +263,7 @@ def probe_row(vocab_size: int, device: torch.device):
 @torch.no_grad()
 def probe(model: nn.Module, device: torch.device) -> ProbeResult:
     """Run the probe on `model` (a PackedCausalLM, FSDP-sharded or not; collective under FSDP: every rank runs it)."""
-    from minitrain.distributed import compute_autocast, root_unsharded
+    from minitrain.training.distributed import compute_autocast, root_unsharded
 
     lm = model.lm
     samples, ids, pos, positions, targets = probe_row(lm.config.vocab_size, device)
@@ -320,7 +322,7 @@ def check_loss_is_the_models_own(model: nn.Module, device: torch.device, attenti
         raise ModelError(
             f"model type {name!r}: on a packed probe the trainer's loss is {result.trainer_loss:.6f} but the "
             f"model's own forward + cross-entropy gives {result.own_loss:.6f}; its head or loss does something "
-            f"minitrain does not reproduce (a logit transform it does not know?): add it to minitrain/families.py "
+            f"minitrain does not reproduce (a logit transform it does not know?): add it to minitrain/training/families.py "
             f"or pick a family listed as tested in the README"
         )
     return result

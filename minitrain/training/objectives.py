@@ -47,7 +47,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from minitrain.data import IGNORE, DataError, Pack, Seq2SeqPack, TokenCache, make_pack, make_seq2seq_pack
+from minitrain.training.data import (
+    IGNORE,
+    DataError,
+    Pack,
+    Seq2SeqPack,
+    TokenCache,
+    make_pack,
+    make_seq2seq_pack,
+)
 
 OBJECTIVES = ("sft", "dpo", "simpo")
 LOSS_REDUCTIONS = ("tokens", "sequences")

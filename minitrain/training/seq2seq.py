@@ -20,8 +20,15 @@ import torch
 from torch import nn
 
 from minitrain import IGNORE
-from minitrain.families import LogitTransform, ModelError, ProbeResult, family, run_probe
-from minitrain.loss import HeadCrossEntropy
+from minitrain.training.adapter import FullFineTuning
+from minitrain.training.families import (
+    LogitTransform,
+    ModelError,
+    ProbeResult,
+    family,
+    run_probe,
+)
+from minitrain.training.loss import HeadCrossEntropy, linear_head
 
 
 def logit_transform(config) -> LogitTransform:
@@ -38,8 +45,6 @@ class Seq2SeqLM(nn.Module):
     router_aux = None  # no mixture-of-experts aux loss for encoder-decoders (switch_transformers is refused)
 
     def __init__(self, lm: nn.Module, adapter=None):
-        from minitrain.model import FullFineTuning, linear_head
-
         super().__init__()
         self.lm = lm
         if getattr(lm.config, "output_router_logits", False):
@@ -57,8 +62,6 @@ class Seq2SeqLM(nn.Module):
         """The summed CE of the target tokens at `positions` (flat indices into the (B, T) labels), each weighted by
         `row_weights` when given; `row_ce_out` receives each one's CE. No decoder attention mask, as in the model's
         own forward with labels: the decoder is causal, so the padding after a target changes none of its logits."""
-        from minitrain.model import linear_head
-
         encoded = self.lm.get_encoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         decoder_input_ids = self.lm.prepare_decoder_input_ids_from_labels(labels=labels)
         decoded = self.lm.get_decoder()(input_ids=decoder_input_ids, encoder_hidden_states=encoded,
@@ -92,7 +95,7 @@ PROBE_SHAPES = ((7, 5), (12, 9), (4, 3))  # (source, target) tokens of the probe
 def probe(model: Seq2SeqLM, device: torch.device) -> ProbeResult:
     """Collective under FSDP (every rank runs it): the trainer's mean CE on a padded probe batch, and the model's own
     `loss` (its forward with `labels`, plain CE) of each sample alone, token-weighted."""
-    from minitrain.distributed import compute_autocast, root_unsharded
+    from minitrain.training.distributed import compute_autocast, root_unsharded
 
     lm = model.lm
     config = lm.config
@@ -139,6 +142,6 @@ def check_loss_is_the_models_own(model: Seq2SeqLM, device: torch.device) -> Prob
         raise ModelError(
             f"model type {name!r}: on a padded probe batch the trainer's loss is {result.trainer_loss:.6f} but the "
             f"model's own forward, one sample at a time, gives {result.own_loss:.6f}; its head, loss or padding does "
-            f"something minitrain does not reproduce: add it to minitrain/seq2seq.py or pick a tested family (README)"
+            f"something minitrain does not reproduce: add it to minitrain/training/seq2seq.py or pick a tested family (README)"
         )
     return result

@@ -2,7 +2,7 @@
 preference objectives (DPO, SimPO) the rewards and the reward accuracy, and with --eval-metric rouge the validation
 ROUGE figures.
 
-    python plot_run.py OUTPUT_DIR [--output PNG]    # default: OUTPUT_DIR/metrics.png
+    python -m minitrain.tools.plot_run OUTPUT_DIR [--output PNG]    # default: OUTPUT_DIR/metrics.png
 
 Reads OUTPUT_DIR/metrics.jsonl as train.py writes it (one record per optimizer step; `validation_loss` on the steps
 that were evaluated; `rewards/*` on every step of a preference run, `validation_rewards/*` on its evaluated steps;
