@@ -39,7 +39,17 @@ def quantized_reference(model_dir: str, adapters: dict):
     state = {k.replace(".default.", "."): v for k, v in adapters.items()}
     loaded = set_peft_model_state_dict(peft, {PEFT_PREFIX + k: v for k, v in state.items()})
     assert not loaded.unexpected_keys
-    return peft
+    return standard_layout(peft)
+
+
+def standard_layout(model):
+    """The model with its 4-bit layers kept in the standard layout, as the trainer keeps them (QLoRA.apply): in an
+    eval-mode forward without gradients, bitsandbytes >= 0.49 on an AVX512-BF16 CPU would repack them for its bf16
+    inference kernel, a different computation (and other bytes) than the one trained."""
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+    return model
 
 
 def per_sample_loss(model, rows: list[dict], denominator: int, device="cpu"):
@@ -60,7 +70,7 @@ def logits(lm, input_ids):
     import torch
 
     with torch.no_grad():
-        return lm(input_ids=input_ids, use_cache=False).logits
+        return standard_layout(lm)(input_ids=input_ids, use_cache=False).logits
 
 
 def qlora_worker(model_dir: str, data_path: str, out_dir: str) -> None:
@@ -108,17 +118,20 @@ def qlora_worker(model_dir: str, data_path: str, out_dir: str) -> None:
         grads = {n: p.grad.full_tensor() for n, p in params.items() if p.requires_grad}
         if world.is_main:
             reference = quantized_reference(model_dir, adapters0)
+            # The bytes as transformers quantized them, read before any forward: bitsandbytes >= 0.49 repacks them
+            # for its CPU inference kernel in an eval-mode forward on AVX512-BF16 CPUs (the trainer keeps them).
+            ref_four_bit = {n.removeprefix(PEFT_PREFIX): p.data.clone()
+                            for n, p in reference.named_parameters() if is_4bit(p)}
             loss = per_sample_loss(reference, rows, step_trained)
             loss.backward()
             truth = {n.removeprefix(PEFT_PREFIX): p.grad for n, p in reference.named_parameters() if p.requires_grad}
-            ref_four_bit = {n.removeprefix(PEFT_PREFIX): p for n, p in reference.named_parameters() if is_4bit(p)}
             report[strategy] = {
                 "four_bit": len(four_bit),
                 "four_bit_whole": all(not isinstance(p, DTensor) for p in four_bit.values()),
                 "same_on_ranks": all(torch.equal(s, sums[0]) for s in sums),
                 "checksum": int(checksum.sum()),
                 "same_as_transformers": sorted(four_bit) == sorted(ref_four_bit) and all(
-                    torch.equal(p.data.view(torch.uint8), ref_four_bit[n].data.view(torch.uint8))
+                    torch.equal(p.data.view(torch.uint8), ref_four_bit[n].view(torch.uint8))
                     for n, p in four_bit.items()),
                 "adapters_sharded": all(isinstance(params[n], DTensor) for n in grads),
                 "frozen_with_grad": [n for n, p in params.items() if not p.requires_grad and p.grad is not None],

@@ -47,6 +47,7 @@ import torch.distributed as dist
 
 from minitrain import atomic
 from minitrain.training.distributed import World, print0, raise_if_any_rank_failed
+from minitrain.training import lora
 from minitrain.training.lora import LORA_DEFAULTS
 from minitrain.training.validation import describe
 
@@ -279,16 +280,29 @@ def trained_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> t
     weights) are the model folder's, the same at every step, and so are their other names (a head tied to a frozen
     embedding) and what a module adds to its state dict beside a frozen weight (bitsandbytes' 4-bit quantization
     state, "<weight>.absmax", ...): all are left out."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict, get_state_dict
 
-    model_state, optimizer_state = get_state_dict(model, optimizer, options=StateDictOptions(ignore_frozen_params=True))
-    frozen = {name for name, p in model.named_parameters(remove_duplicate=False) if not p.requires_grad}
+    options = StateDictOptions(ignore_frozen_params=True)
+    if any(lora.is_4bit(p) for p in model.parameters()):
+        # torch's get_state_dict resolves every state-dict key as an attribute path, and bitsandbytes' extra keys
+        # ("<weight>.absmax", ...) are no attributes: the same sharded state, its keys named as torch names them.
+        model_state = {canonical_key(k): v for k, v in model.state_dict().items()}
+        optimizer_state = get_optimizer_state_dict(model, optimizer, options=options)
+    else:
+        model_state, optimizer_state = get_state_dict(model, optimizer, options=options)
+    frozen = {canonical_key(n) for n, p in model.named_parameters(remove_duplicate=False) if not p.requires_grad}
 
     def of_frozen(key: str) -> bool:  # the key itself, or any of its dotted prefixes, is a frozen parameter's name
         parts = key.split(".")
         return any(".".join(parts[:i]) in frozen for i in range(1, len(parts) + 1))
 
     return {k: v for k, v in model_state.items() if not of_frozen(k)}, optimizer_state
+
+
+def canonical_key(key: str) -> str:
+    """A state-dict key without the wrappers' own names (activation checkpointing's, torch.compile's), as
+    torch.distributed.checkpoint names it."""
+    return key.replace("_checkpoint_wrapped_module.", "").replace("_orig_mod.", "")
 
 
 def load(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler) -> dict:

@@ -234,6 +234,13 @@ class QLoRA(LoRA):
 
     def apply(self, lm: nn.Module) -> nn.Module:
         lm = super().apply(lm)
+        # bitsandbytes >= 0.49 on a CPU with AVX512-BF16 repacks a 4-bit weight into its CPU inference layout on the
+        # first forward in eval mode without gradients (the start-up probe, validation, the DPO reference pass);
+        # training forwards then fail (the bias is added in place) and the state dict loses the weight's absmax.
+        # Training keeps the standard layout: that choice is the layer's own attribute, set once here.
+        for module in lm.modules():
+            if hasattr(module, "support_avx512bf16_for_cpu"):
+                module.support_avx512bf16_for_cpu = False
         in_4bit = [n for n, p in lm.named_parameters() if p.requires_grad and is_4bit(p)]
         if in_4bit:  # peft's copy of a 4-bit layer (--lora-modules-to-save) would be packed bytes marked trainable
             raise ModelError(f"--qlora: {in_4bit[0]} is a 4-bit weight and cannot train in full; drop its module from "
