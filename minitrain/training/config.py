@@ -11,6 +11,7 @@ import typing
 from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 
+from minitrain import flag_table
 from minitrain.config_file import config_path_from_argv, read_config_file
 from minitrain.training import attention, checkpoint, lora
 from minitrain.training.data import DataError
@@ -36,6 +37,9 @@ BACKENDS = ("auto", "nccl", "gloo")
 LORA_EXPORTS = lora.EXPORTS
 
 
+CONFIG_HELP = "a YAML or TOML file of flags (keys are flag names); command-line flags win"
+
+
 class ConfigError(ValueError):
     """Bad flags or paths, found before any weights load."""
 
@@ -49,12 +53,14 @@ class TrainConfig:
     data_path: list[str] = flag(help="JSONL from process_data.py (input_ids, labels, len); several for a mixture, "
                                      "each as path, path:WEIGHT or path:Nx (epochs), see minitrain/training/mixture.py")
     model_name_or_path: str = flag(help="Hugging Face model folder (or hub id in the cache)")
-    output_dir: str = flag()
+    output_dir: str = flag(help="checkpoints, exports (hf_format/), metrics.jsonl, training_config.json and the token "
+                                "cache (token_cache/)")
     batch_size: int = flag(help="samples (preference objectives: pairs) per optimizer step, all ranks together")
     max_tokens_per_gpu: int = flag(help="token budget of one rank's packed row")
     # What is trained (minitrain/training/objectives.py): sft on process_data.py's samples; dpo or simpo on its preference
     # pairs (--input-format preference), a pair packed whole into one micro-step.
-    objective: str = flag("sft", "sft | dpo | simpo", choices=OBJECTIVES)
+    objective: str = flag("sft", "what is trained: sft on process_data.py's samples; dpo or simpo on its preference "
+                                 "pairs", choices=OBJECTIVES)
     dpo_beta: float = flag(0.1, "DPO: beta of -log sigmoid(beta * (chosen - rejected log-ratio to the reference))")
     # SimPO: torchllms' defaults are --simpo_beta 1.0 --simpo_gamma 1.0 for -log sigmoid(beta * (m - gamma)); the
     # same loss here is --simpo-beta beta --simpo-gamma beta*gamma. Ours are the paper's and TRL's form.
@@ -63,14 +69,16 @@ class TrainConfig:
     simpo_gamma: float = flag(0.5, "SimPO: the target margin gamma, outside beta as in the SimPO paper and TRL "
                                    "(torchllms puts it inside: its gamma x its beta is this)")
     preference_sft_weight: float = flag(0.0, "dpo/simpo: plus this times the chosen side's token-mean cross-entropy")
-    learning_rate: float = flag(1e-5)
-    num_warmup_steps: int = flag(0)
+    learning_rate: float = flag(1e-5, "peak learning rate")
+    num_warmup_steps: int = flag(0, "linear warmup up to the learning rate over this many steps")
     lr_scheduler: str = flag("constant", "after warmup: constant, linear to 0 or cosine to 0 over the training steps",
                              choices=LR_SCHEDULERS)
     # Stop conditions: the first one reached ends training; none = until stopped.
-    max_epochs: int | None = flag(None)
-    max_steps: int | None = flag(None)
-    max_samples: int | None = flag(None)
+    max_epochs: int | None = flag(None, "stop after this many epochs (the first stop flag reached ends training; "
+                                        "with none, train until stopped: constant LR only)")
+    max_steps: int | None = flag(None, "stop after this many optimizer steps")
+    max_samples: int | None = flag(None, "stop after this many trained samples (the step in which it is reached is "
+                                         "finished)")
     min_samples_per_checkpoint: int | None = flag(None, "export a Hugging Face folder every N samples (and at the end)")
     checkpoint_every_steps: int | None = flag(
         None, "full-state checkpoint (exact resume) every N steps; also written with every export, at the end and "
@@ -83,9 +91,9 @@ class TrainConfig:
     allow_config_change: bool = flag(False, "resume even if the data, model, batch size, seed, schedule or stop flags "
                                             "differ from the checkpoint's")
     weight_decay: float = flag(0.0, "applied to matrices only, not to norms and biases")
-    adam_beta1: float = flag(0.9)
-    adam_beta2: float = flag(0.95)
-    adam_epsilon: float = flag(1e-8)
+    adam_beta1: float = flag(0.9, "AdamW beta1")
+    adam_beta2: float = flag(0.95, "AdamW beta2")
+    adam_epsilon: float = flag(1e-8, "AdamW epsilon")
     max_grad_norm: float = flag(1.0, "0 disables clipping (the norm is still logged)")
     # No `choices` for the strategy: validate() reports an unknown one together with every other problem.
     fsdp_sharding_strategy: str = flag("SHARD_GRAD_OP", " | ".join(SHARDING_STRATEGIES))
@@ -93,14 +101,15 @@ class TrainConfig:
         None, "recompute each decoder block in the backward; default: on only when the activations of a packed row "
               "would not fit in half the memory free per rank (printed at start)")
     compile: bool = flag(False, "torch.compile each decoder block (fused norms, activations, RoPE); same losses")
-    use_liger_kernels: bool = flag(False)
+    use_liger_kernels: bool = flag(False, "Liger's fused linear cross-entropy and its family's RMSNorm/RoPE/SwiGLU or "
+                                          "GeGLU kernels; GPU only (on CPU only under TRITON_INTERPRET=1, for tests)")
     attn_implementation: str = flag("auto", "attention kernel for packed rows: auto = flash-attn if installed, else "
                                             "minitrain_varlen (PyTorch's varlen kernel) on CUDA, sdpa on CPU; or "
                                             + " | ".join(attention.CHOICES[1:]))
     loss_reduction: str = flag("tokens", "tokens: mean over the step's trained tokens; sequences: mean over its "
                                          "samples of each sample's token mean", choices=LOSS_REDUCTIONS)
-    save_dtype: str = flag("bfloat16", choices=SAVE_DTYPES)
-    seed: int = flag(42)
+    save_dtype: str = flag("bfloat16", "dtype of the exported safetensors", choices=SAVE_DTYPES)
+    seed: int = flag(42, "data order and initialisation")
     distributed_backend: str = flag("auto", "auto = nccl on CUDA, gloo on CPU", choices=BACKENDS)
     distributed_timeout_minutes: float = flag(
         60.0, "timeout of the training process group's collectives (NCCL's default is 10); waits for one rank's long "
@@ -111,7 +120,8 @@ class TrainConfig:
     validation_split: float | None = flag(None, "hold out this fraction of --data-path's samples instead")
     eval_every_samples: int | None = flag(None, "evaluate every N trained samples (and at every export)")
     num_eval_generations: int = flag(3, "greedy replies to this many validation prompts at each evaluation (0 = none)")
-    eval_max_new_tokens: int = flag(32)
+    eval_max_new_tokens: int = flag(32, "the most new tokens of a generated reply: the greedy replies and "
+                                        "--eval-metric's predictions")
     eval_metric: str | None = flag(None, "rouge: at each evaluation, predict every validation sample's reply and "
                                          "report ROUGE-1/2/L/Lsum (F-measure x 100) and the mean generated length",
                                    choices=EVAL_METRICS)
@@ -165,7 +175,7 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
     path = config_path_from_argv(argv)
     from_file = read_config_file(path, hints) if path else {}
     p = argparse.ArgumentParser(prog="train.py", description=DESCRIPTION)
-    p.add_argument("--config", help="a YAML or TOML file of flags (keys are flag names); command-line flags win")
+    p.add_argument("--config", help=CONFIG_HELP)
     for f in fields(TrainConfig):
         name, kind, kwargs = "--" + f.name.replace("_", "-"), hints[f.name], dict(f.metadata)
         default = from_file.get(f.name, f.default)
@@ -184,6 +194,27 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
     args = vars(p.parse_args(argv))
     del args["config"]  # its values are in the others
     return TrainConfig(**args)
+
+
+def markdown() -> str:
+    """The flags as a Markdown table (docs/flags.md), written from TrainConfig's fields: each flag's names, what it
+    takes, its default and its help, in the dataclass's order."""
+    hints = {name: value_type(hint) for name, hint in typing.get_type_hints(TrainConfig).items()}
+    rows = [(flag_table.code("--config"), flag_table.value_text(Path), "none", CONFIG_HELP)]
+    for f in fields(TrainConfig):
+        kind, meta = hints[f.name], f.metadata
+        names = ["--" + f.name.replace("_", "-"), *meta.get("aliases", [])]
+        if kind is bool:  # BooleanOptionalAction: --x and --no-x
+            names = [f"--[no-]{name[2:]}" for name in names]
+        if f.default is MISSING:
+            default = "required"
+        elif kind is bool and f.default is None:
+            default = "auto"  # decided at start-up (the help says how)
+        else:
+            default = flag_table.default_text(f.default)
+        value = flag_table.value_text(kind, meta.get("choices"), many=kind is list, switch=kind is bool)
+        rows.append((", ".join(flag_table.code(n) for n in names), value, default, meta.get("help", "")))
+    return flag_table.table(rows)
 
 
 def validate(config: TrainConfig, world_size: int, local_world_size: int, cuda: bool) -> None:
