@@ -96,10 +96,8 @@ OFFICIAL: dict[str, Official] = {
     "qwq": Official("qwq", "Qwen-QwQ-32B.jinja", ("<|im_end|>",)),
     "r1_distill_llama": Official("r1_distill_llama", "deepseek-ai-DeepSeek-R1-Distill-Llama-8B.jinja", ("<｜end▁of▁sentence｜>",), string_arguments=True),
     "r1_distill_qwen": Official("r1_distill_qwen", "deepseek-ai-DeepSeek-R1-Distill-Qwen-32B.jinja", ("<｜end▁of▁sentence｜>",), string_arguments=True),
-    "deepseek_v31": Official("deepseek_v31", "deepseek-ai-DeepSeek-V3.1.jinja", ("<｜end▁of▁sentence｜>",), string_arguments=True),
-    "deepseek_v31_thinking": Official(
-        "deepseek_v31", "deepseek-ai-DeepSeek-V3.1.jinja", ("<｜end▁of▁sentence｜>",), (("thinking", True),), string_arguments=True
-    ),
+    "deepseek_v31": Official("deepseek_v31", "deepseek-ai-DeepSeek-V3.1.jinja", ("<｜end▁of▁sentence｜>",)),
+    "deepseek_v31_thinking": Official("deepseek_v31", "deepseek-ai-DeepSeek-V3.1.jinja", ("<｜end▁of▁sentence｜>",), (("thinking", True),)),
     "mistral_nemo": Official("mistral_nemo", "mistralai-Mistral-Nemo-Instruct-2407.jinja", ("</s>",)),
     "mistral_small": Official("mistral_small", "Mistral-Small-3.2-24B-Instruct-2506.jinja", ("</s>",)),
     "gemma2": Official("gemma2", "google-gemma-2-2b-it.jinja", ("<end_of_turn>",)),

@@ -220,3 +220,20 @@ def test_a_template_the_masker_cannot_follow_writes_no_row(official_encoder, nam
     chunk = encoder.encode_chunk([(n, orjson.dumps(s)) for n, s in enumerate(samples, 1)])
     assert not chunk.rows
     assert chunk.error is not None or len(chunk.drops) == len(samples)
+
+
+def test_olmo2_a_token_across_the_generation_prompt_and_the_answer_is_trained(official_encoder):
+    # `<|assistant|>\n` is plain text and the answer starts with "\n": one token `|>\n\n` holds the prompt's last
+    # characters and the answer's first. Decision (README, "What is trained"): it is trained, since it carries
+    # answer text; input_ids stay exactly apply_chat_template's.
+    encoder = official_encoder("olmo2")
+    tok = encoder.tokenizer
+    sample = {"messages": [user("Hi"), answer("\nHello.")]}
+    row = orjson.loads(encoder.encode_chunk([(1, orjson.dumps(sample))]).rows[0][1])
+    full = render(tok, encoder.template, sample["messages"], {})
+    prompt = render(tok, encoder.template, sample["messages"][:1], {}, True)
+    enc = tok(full, add_special_tokens=False, return_offsets_mapping=True)
+    straddling = [k for k, (s, e) in enumerate(enc["offset_mapping"]) if s < len(prompt) < e]
+    assert straddling and row["input_ids"] == enc["input_ids"]
+    assert row["labels"][straddling[0]] == row["input_ids"][straddling[0]]
+    assert row["labels"][: straddling[0]] == [-100] * straddling[0]
