@@ -248,7 +248,8 @@ TOOL_CASES = {
         (  # a tool call with its analysis, a JSON tool result, the final answer
             {"messages": [user("Weather?"), answer(None, thinking="Need the tool.", tool_calls=[call({"city": "Berlin"})]),
                           tool('{"temp": 12}'), answer("12 C.")], "tools": WEATHER},
-            ["<|channel|>analysis<|message|>Need the tool.<|end|><|start|>assistant to=functions.get_weather<|channel|>commentary json<|message|>{\"city\": \"Berlin\"}<|call|>",
+            # (the official template drops a tool-call turn's analysis once a final answer follows)
+            [' to=functions.get_weather<|channel|>commentary json<|message|>{"city": "Berlin"}<|call|>',
              "<|channel|>final<|message|>12 C.<|return|>"],
         ),
     ],
@@ -261,10 +262,12 @@ TOOL_CASES = {
     ],
     "command_r7b": [
         (
-            {"messages": [user("Hi"), answer("ok"), user("Weather?"), answer(None, tool_plan="I will check.", tool_calls=[call({"city": "Berlin"})]),
+            # the generation prompt, written whatever add_generation_prompt says, ends in an empty thinking block
+            # (enable_thinking unset): of a plan, the part after <|START_THINKING|> is trained
+            {"messages": [user("Hi"), answer("ok"), user("Weather?"), answer(None, reasoning_content="I will check.", tool_calls=[call({"city": "Berlin"})]),
                           tool("12 C"), answer("It is 12 C.")], "tools": WEATHER},
             ["<|START_RESPONSE|>ok<|END_RESPONSE|><|END_OF_TURN_TOKEN|>",
-             '<|START_THINKING|>I will check.<|END_THINKING|><|START_ACTION|>[\n    {"tool_call_id": "0", "tool_name": "get_weather", "parameters": {"city": "Berlin"}}\n]<|END_ACTION|><|END_OF_TURN_TOKEN|>',
+             'I will check.<|END_THINKING|><|START_ACTION|>[\n    {"tool_call_id": "0", "tool_name": "get_weather", "parameters": {"city": "Berlin"}}\n]<|END_ACTION|><|END_OF_TURN_TOKEN|>',
              "<|START_RESPONSE|>It is 12 C.<|END_RESPONSE|><|END_OF_TURN_TOKEN|>"],
         ),
     ],
@@ -278,7 +281,7 @@ TOOL_CASES = {
             ["Hello.<｜end▁of▁sentence｜>", "4.<｜end▁of▁sentence｜>"],
         ),
         (  # string arguments; after a tool output the answer has no header (and no generation prompt)
-            {"messages": [{"role": "system", "content": "Be brief."}, user("Weather?"), answer("", tool_calls=[call('{"city": "Berlin"}')]),
+            {"messages": [{"role": "system", "content": "Be brief."}, user("Weather?"), answer("", tool_calls=[call({"city": "Berlin"})]),
                           tool("12 C"), answer("It is 12 C.")], "chat_template_kwargs": {"thinking": True}},
             ['</think><｜tool▁calls▁begin｜><｜tool▁call▁begin｜>get_weather<｜tool▁sep｜>{"city": "Berlin"}<｜tool▁call▁end｜><｜tool▁calls▁end｜><｜end▁of▁sentence｜>',
              "It is 12 C.<｜end▁of▁sentence｜>"],

@@ -195,8 +195,9 @@ def trained_runs(tok, row) -> list[str]:
             [*TOOL_TURNS, {"role": "user", "content": "Thanks!"}, {"role": "assistant", "content": "You are welcome."}],
             [CALL_TEXT, "It is 12 C.<|im_end|>", QWEN3_EMPTY_THINK + "You are welcome.<|im_end|>"],
         ),
-        (  # a final turn with tool calls only and no reasoning: the empty think block is trained too
-            [TOOL_TURNS[0], {"role": "assistant", "content": None, "tool_calls": [WEATHER_CALL]}],
+        (  # a final turn with tool calls only and no reasoning: the empty think block is trained too (the official
+            # template reads `content`: a None one, dropped as transformers drops None keys, fails it)
+            [TOOL_TURNS[0], {"role": "assistant", "content": "", "tool_calls": [WEATHER_CALL]}],
             [QWEN3_EMPTY_THINK + CALL_TEXT],
         ),
     ],

@@ -244,17 +244,27 @@ def generation_header(render, specials: Specials, extra: dict) -> str:
     user = [{"role": "user", "content": sentinel(0)}]
     with_prompt = _after(render(user, extra, True), 0)
     without = _after(render(user, extra, False), 0)
+    if with_prompt == without:
+        # add_generation_prompt changes nothing. Either there is no generation prompt (Mistral: `[/INST]` closes the
+        # user turn and nothing follows), or the template writes it after the last message whatever the flag says
+        # (Command-R7B: `<|END_OF_TURN_TOKEN|><|START_OF_TURN_TOKEN|><|CHATBOT_TOKEN|>`): then it is what follows
+        # the user turn's closing token, the prompt of every assistant turn.
+        spans = specials.spans(with_prompt)
+        if len(spans) >= 2 and spans[0][0] == 0 and spans[1][0] == spans[0][1]:
+            return with_prompt[spans[1][0] :]
+        return ""
     # A common prefix can end inside a special token (Phi-3: "<|end|>\n<|endoftext|>" vs "<|end|>\n<|assistant|>\n")
     return with_prompt[specials.cut_back(with_prompt, _common_prefix_len(with_prompt, without)) :]
 
 
 def header_candidates(header: str, specials: Specials) -> list[str]:
-    """The header, then its cuts at each special or added token after its first (longest first): what the full
-    render may have of it on a turn rendered as history (Qwen3 without the empty think block)."""
-    cuts = [a for a, _ in specials.spans(header) if a > 0]
-    first = specials.spans(header)[:1]
-    floor = first[0][1] if first else 1  # never shorter than the header's first token
-    return [header] + [header[:a] for a in reversed(cuts) if a >= floor and header[:a] != header]
+    """The header, then its cuts before and after each special or added token after its first (longest first): what
+    the full render may have of it on a turn rendered as history (Qwen3 without the empty think block, or with
+    reasoning where the prompt has an empty think block: the prompt's `<think>` is the prompt's)."""
+    spans = specials.spans(header)
+    cuts = sorted({k for span in spans[1:] for k in span if 0 < k < len(header)}, reverse=True)
+    floor = spans[0][1] if spans else 1  # never shorter than the header's first token
+    return [header] + [header[:a] for a in cuts if a >= floor]
 
 
 def _tool_probe(q: str) -> dict:
@@ -280,6 +290,8 @@ def learn_shape(tokenizer, render, specials: Specials) -> TemplateShape:
     # what follows the last message's turn whatever it is: where a user turn's closing as last and as middle part
     cut = specials.cut_back(final_user, _common_prefix_len(final_user, middle_user))
     end = final_user[cut:] if final.endswith(final_user[cut:]) else ""
+    if header and final.endswith(header) and render([user], base, False).endswith(header):
+        end = header  # written after the last message whatever add_generation_prompt says (Command-R7B)
     eots = {final[a:b] for a, b in specials.spans(final[: len(final) - len(end)])[:1]}
     head = specials.spans(header)[:1]
     head_token = header[head[0][0] : head[0][1]] if head else None
@@ -546,11 +558,13 @@ def sentinel_plan(
             j -= 1
         lo = max(cursor, ends[j] if j >= 0 else 0)
         if candidates:
-            found = [(marked.rfind(c, lo, first_own), len(c)) for c in candidates]
-            at, n = max(found)  # the latest occurrence, and of the candidates there the longest
-            if at < 0:
+            # the first occurrence after the previous message, and of the candidates there the longest: the turn
+            # may hold the header again (gpt-oss writes `<|start|>assistant` after an empty analysis block)
+            found = [(at, -len(c)) for c in candidates if (at := marked.find(c, lo, first_own)) >= 0]
+            if not found:
                 raise MaskError("cannot find the assistant header before an assistant turn")
-            start = at + n
+            at, n = min(found)
+            start = at - n
         else:  # no header (Mistral): the turn starts where the previous message's turn closes
             closer = shape.closer(messages[i - 1]["role"]) if i > 0 else None
             at = marked.rfind(closer, lo, first_own) if closer else -1
@@ -640,7 +654,7 @@ def prefix_spans(
                 raise MaskError("cannot find where an assistant turn's closing ends when rendered as history")
             end_at = openers[-1]
         runs = specials.runs(region, start, end_at)
-        if not runs:
+        if not runs or region[runs[-1][1] : end_at].strip():  # GLM-4: text after the last special token
             raise MaskError("no end-of-turn token closes an assistant turn")
         end = runs[-1][1]
         if region is not real and not real.startswith(region[:end]):
