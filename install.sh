@@ -28,8 +28,10 @@ if ! "$PY" -c "import torch" 2>/dev/null; then
 fi
 if [ "${MINITRAIN_LATEST:-0}" = "1" ]; then
   echo "install.sh: MINITRAIN_LATEST=1, the newest releases within requirements*.txt (not the tested lock)"
-  pip_install --upgrade -r requirements.txt
-  [ "$dev" = "--dev" ] && pip_install --upgrade -r requirements-dev.txt
+  keep_torch=$(mktemp); trap 'rm -f "$keep_torch"' EXIT  # torch stays the one installed above (yours, or the lock's)
+  "$PY" -c "import torch; print('torch==' + torch.__version__)" > "$keep_torch"
+  pip_install --upgrade -c "$keep_torch" -r requirements.txt
+  if [ "$dev" = "--dev" ]; then pip_install --upgrade -c "$keep_torch" -r requirements-dev.txt; fi
 else
   have_torch=$("$PY" -c "import torch; print(torch.__version__.split('+')[0])")
   skip='^torch=='

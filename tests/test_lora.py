@@ -388,3 +388,30 @@ def test_killed_two_rank_run_resumes_on_one_process_to_the_same_losses(tmp_path,
 
 if __name__ == "__main__":
     lora_worker(*sys.argv[1:4])
+
+
+def test_a_bitsandbytes_outside_the_supported_range_is_refused_without_importing_it(monkeypatch):
+    import importlib.metadata
+    import sys
+
+    from minitrain.training import lora
+
+    installed = {"version": "0.50.2"}
+
+    def version(name):
+        assert name == "bitsandbytes"
+        if installed["version"] is None:
+            raise importlib.metadata.PackageNotFoundError(name)
+        return installed["version"]
+
+    monkeypatch.setattr(importlib.metadata, "version", version)
+    monkeypatch.delitem(sys.modules, "bitsandbytes", raising=False)
+    assert lora.bitsandbytes_problem() == (
+        "bitsandbytes 0.50.2 is installed; minitrain supports >=0.49,<0.50 (0.50 fetches a kernel from the Hugging "
+        "Face hub when peft imports it): pip install 'bitsandbytes>=0.49,<0.50'")
+    assert "bitsandbytes" not in sys.modules
+    for ok in ("0.49.0", "0.49.2", None):
+        installed["version"] = ok
+        assert lora.bitsandbytes_problem() is None
+    installed["version"] = "0.48.2"
+    assert lora.bitsandbytes_problem().startswith("bitsandbytes 0.48.2 is installed; minitrain supports >=0.49,<0.50")

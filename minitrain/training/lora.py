@@ -301,12 +301,36 @@ def flag_problems(config, cuda: bool, model_ok: bool) -> list[str]:
                         "to train LoRA on full-precision base weights")
     elif config.qlora and importlib.util.find_spec("bitsandbytes") is None:
         problems.append("--qlora needs bitsandbytes, which is not installed: pip install -r requirements.txt")
+    if bitsandbytes := bitsandbytes_problem():
+        problems.append(bitsandbytes)
     if config.qlora and config.compile:
         problems.append("--compile with --qlora: torch.compile of bitsandbytes' 4-bit layers is not tested by "
                         "minitrain; drop --compile")
     if model_ok and not problems:
         problems += module_problems(config)
     return problems
+
+
+BITSANDBYTES = ("0.49", "0.50")  # the supported releases: >= the first, < the second
+
+
+def bitsandbytes_problem() -> str | None:
+    """An installed bitsandbytes outside the supported range, read from its metadata without importing it. peft
+    imports bitsandbytes wherever it is installed, so every --lora run loads it; from 0.50 that import fetches a CPU
+    kernel from the Hugging Face hub (on CPUs with AVX512-BF16), a network attempt no run here needs."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        installed = version("bitsandbytes")
+    except PackageNotFoundError:
+        return None
+    release = tuple(int(part) for part in installed.split("+")[0].split(".")[:2] if part.isdigit())
+    low, high = (tuple(int(part) for part in bound.split(".")) for bound in BITSANDBYTES)
+    if low <= release < high:
+        return None
+    return (f"bitsandbytes {installed} is installed; minitrain supports >={low[0]}.{low[1]},<{high[0]}.{high[1]} "
+            f"(0.50 fetches a kernel from the Hugging Face hub when peft imports it): pip install "
+            f"'bitsandbytes>={BITSANDBYTES[0]},<{BITSANDBYTES[1]}'")
 
 
 def module_problems(config) -> list[str]:
