@@ -36,7 +36,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from minitrain import atomic, attention, checkpoint, families, lora
+from minitrain import atomic, attention, checkpoint, families, lora, memory
 from minitrain.checkpoint import Checkpointer, CheckpointError, RunState, StopSignals
 from minitrain.config_file import ConfigFileError, config_path_from_argv, read_config_file
 from minitrain.data import DataError, TokenCache, load_data
@@ -84,7 +84,9 @@ class TrainConfig:
     model_name_or_path: str = flag(help="Hugging Face model folder (or hub id in the cache)")
     output_dir: str = flag()
     batch_size: int = flag(help="samples (preference objectives: pairs) per optimizer step, all ranks together")
-    max_tokens_per_gpu: int = flag(help="token budget of one rank's packed row")
+    max_tokens_per_gpu: int | str = flag(help="token budget of one rank's packed row, or auto: the longest row whose "
+                                              "memory estimate fits 90%% of the device's memory (printed and saved)",
+                                         type=lambda text: text if text == "auto" else int(text))
     # What is trained (minitrain/objectives.py): sft on process_data.py's samples; dpo or simpo on its preference
     # pairs (--input-format preference), a pair packed whole into one micro-step.
     objective: str = flag("sft", "sft | dpo | simpo", choices=OBJECTIVES)
@@ -121,10 +123,13 @@ class TrainConfig:
     adam_epsilon: float = flag(1e-8)
     max_grad_norm: float = flag(1.0, "0 disables clipping (the norm is still logged)")
     # No `choices` for the strategy: validate() reports an unknown one together with every other problem.
-    fsdp_sharding_strategy: str = flag("SHARD_GRAD_OP", " | ".join(SHARDING_STRATEGIES))
+    fsdp_sharding_strategy: str = flag("FULL_SHARD", " | ".join(SHARDING_STRATEGIES))
+    fsdp_shard_group_size: int | None = flag(None, "HYBRID_SHARD: shard over groups of this many ranks, replicate "
+                                                   "across the groups (default: the ranks of one node)")
     activation_checkpointing: bool | None = flag(
-        None, "recompute each decoder block in the backward; default: on only when the activations of a packed row "
-              "would not fit in half the memory free per rank (printed at start)")
+        None, "recompute each decoder block in the backward; default: on only when the memory estimate of a step "
+              "with it off (weights, gradients, optimizer state, activations) would not fit 90%% of the device's "
+              "memory (printed at start)")
     compile: bool = flag(False, "torch.compile each decoder block (fused norms, activations, RoPE); same losses")
     use_liger_kernels: bool = flag(False)
     attn_implementation: str = flag("auto", "attention kernel for packed rows: auto = flash-attn if installed, else "
@@ -173,8 +178,19 @@ class TrainConfig:
     lora_export: str = flag("both", "what each export holds: PEFT's adapter folder, the merged model, or both",
                             choices=LORA_EXPORTS)
     qlora: bool = flag(False, "QLoRA: the base's linear layers in 4-bit NF4 (bitsandbytes) on each GPU; CUDA only")
+    # Planning memory (minitrain/memory.py): one step of this run on fake tensors, from config.json alone.
+    estimate_memory: bool = flag(False, "print this run's estimated peak memory per GPU and its parts, and the "
+                                        "longest row that fits, then exit (no data or weights read)")
+    world_size: int | None = flag(None, "--estimate-memory: the number of GPUs to plan for (default: this launch's)")
+    gpu_memory_gib: float | None = flag(None, "--estimate-memory: each GPU's memory in GiB (default: this machine's "
+                                              "GPU; none: no verdict)")
+    estimate_device: str = flag("cuda", "--estimate-memory: what to estimate for: cuda (bf16 compute on fp32 "
+                                        "masters, variable-length attention) or cpu (fp32, sdpa)",
+                                choices=("cuda", "cpu"))
 
     def __post_init__(self):
+        if self.data_path is None:  # --estimate-memory reads no data
+            self.data_path = []
         if isinstance(self.data_path, str):  # TrainConfig(data_path="one.jsonl", ...)
             self.data_path = [self.data_path]
         # "~" is the shell's, so a config file's "~/models/x" means what it says on the command line
@@ -197,6 +213,7 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
     hints = {name: value_type(hint) for name, hint in typing.get_type_hints(TrainConfig).items()}
     path = config_path_from_argv(argv)
     from_file = read_config_file(path, hints) if path else {}
+    estimating = "--estimate-memory" in argv  # needs neither data nor an output folder
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--config", help="a YAML or TOML file of flags (keys are flag names); command-line flags win")
     for f in fields(TrainConfig):
@@ -208,8 +225,10 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
         elif kind is list:  # a list of strings
             kwargs.update(type=str, nargs=kwargs.get("nargs", "+"))
         else:
-            kwargs["type"] = kind
-        if default is MISSING:
+            kwargs.setdefault("type", kind)
+        if default is MISSING and estimating:
+            kwargs["default"] = None
+        elif default is MISSING:
             kwargs["required"] = True
         else:
             kwargs["default"] = default
@@ -237,17 +256,21 @@ def validate(config: TrainConfig, world_size: int, local_world_size: int, cuda: 
             f"--batch-size {config.batch_size} is smaller than the {world_size} ranks; every rank needs at least "
             f"one sample per step, so use --batch-size >= {world_size}"
         )
-    if config.max_tokens_per_gpu < 1:
-        problems.append(f"--max-tokens-per-gpu must be positive, got {config.max_tokens_per_gpu}")
+    if config.max_tokens_per_gpu != "auto" and config.max_tokens_per_gpu < 1:
+        problems.append(f"--max-tokens-per-gpu must be positive (or auto), got {config.max_tokens_per_gpu}")
     if config.fsdp_sharding_strategy not in SHARDING_STRATEGIES:
         problems.append(
             f"--fsdp-sharding-strategy {config.fsdp_sharding_strategy!r} is unknown; "
             f"use one of {', '.join(SHARDING_STRATEGIES)}"
         )
-    if config.fsdp_sharding_strategy == "HYBRID_SHARD" and world_size % local_world_size:
+    group = config.fsdp_shard_group_size
+    if group is not None and (group < 1 or world_size % group):
+        problems.append(f"--fsdp-shard-group-size {group} must divide the {world_size} ranks (HYBRID_SHARD shards "
+                        f"within groups of that many ranks)")
+    elif config.fsdp_sharding_strategy == "HYBRID_SHARD" and group is None and world_size % local_world_size:
         problems.append(
             f"HYBRID_SHARD needs the same number of ranks on every node "
-            f"({world_size} ranks, {local_world_size} per node)"
+            f"({world_size} ranks, {local_world_size} per node), or --fsdp-shard-group-size"
         )
     for name in ("dpo_beta", "simpo_beta"):
         if not getattr(config, name) > 0:
@@ -408,6 +431,100 @@ def build_optimizer(config: TrainConfig, params: list[torch.nn.Parameter], total
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# Memory: one step of this run on fake tensors (minitrain/memory.py) decides what "auto" means, before any weight
+
+
+def memory_plan(config: TrainConfig, world_size: int, local_world_size: int, gpu_memory_gib: float,
+                cuda: bool) -> memory.Plan:
+    """memory.plan with this run's optimizer; module-level so that it can run in a process of its own."""
+    make_optimizer = lambda params: build_optimizer(config, params, None)[0]  # noqa: E731
+    return memory.plan(config, world_size, gpu_memory_gib, cuda, make_optimizer, config.fsdp_shard_group_size,
+                       local_world_size)
+
+
+def plan_memory(config: TrainConfig, world: World, hf_config) -> str:
+    """Before any weight loads: on CUDA, or when activation checkpointing or --max-tokens-per-gpu is auto, estimate a
+    step's peak memory per device; set the auto values in `config` (so they are printed and saved); on CUDA, stop a
+    run that will not fit, in one line with the fixes. Returns why checkpointing is on or off."""
+    auto_tokens = config.max_tokens_per_gpu == "auto"
+    if auto_tokens:  # a resumed run keeps the budget its checkpoint was trained with
+        resume = checkpoint.find_resume_point(config.output_dir, config.resume_from, config.fresh)
+        saved = checkpoint.read_json(resume / "training_config.json") if resume is not None else {}
+        if isinstance(saved.get("max_tokens_per_gpu"), int):
+            config.max_tokens_per_gpu = saved["max_tokens_per_gpu"]
+            print0(f"--max-tokens-per-gpu auto: {config.max_tokens_per_gpu}, as saved in {resume}")
+            auto_tokens = False
+    cuda = world.device.type == "cuda"
+    if not (cuda or auto_tokens or config.activation_checkpointing is None):
+        return "asked for"
+    if hf_config.is_encoder_decoder:  # the estimator covers causal LMs
+        if auto_tokens:
+            raise ConfigError(f"--max-tokens-per-gpu auto: the memory estimate covers causal LMs, not "
+                              f"{hf_config.model_type}; give a number")
+        if config.activation_checkpointing is None:
+            config.activation_checkpointing, why = checkpointing_needed(hf_config, config.max_tokens_per_gpu, world)
+            return why
+        return "asked for"
+    gib = memory.device_memory_gib(world.device, world.local_world_size)
+    args = (config, world.world_size, world.local_world_size, gib, cuda)
+    try:  # the estimate's fake process group must be alone in its process: under torchrun, a process of its own
+        plan = memory.run_isolated(memory_plan, *args) if dist.is_initialized() else memory_plan(*args)
+    except memory.EstimateError as e:
+        raise ConfigError(str(e)) from None
+    config.activation_checkpointing, config.max_tokens_per_gpu = plan.activation_checkpointing, plan.max_tokens_per_gpu
+    print0(plan.estimate.describe())
+    if auto_tokens:
+        print0(f"--max-tokens-per-gpu {config.max_tokens_per_gpu} ({plan.tokens_why})")
+    if cuda and not plan.estimate.fits:
+        raise ConfigError(memory.does_not_fit(plan))
+    return plan.checkpointing_why
+
+
+def estimate_memory_main(config: TrainConfig) -> int:
+    """--estimate-memory: the run's peak memory per GPU on --world-size GPUs of --gpu-memory-gib, its parts and the
+    longest row that fits; the last line is JSON."""
+    problems = model_path_problems(config.model_name_or_path)
+    cuda = config.estimate_device == "cuda"
+    world_size = config.world_size or world_from_env()[2]
+    gib = config.gpu_memory_gib
+    if gib is None and cuda and torch.cuda.is_available():
+        gib = torch.cuda.get_device_properties(0).total_memory / memory.GIB
+    if gib is None and config.max_tokens_per_gpu == "auto":
+        problems.append("--max-tokens-per-gpu auto needs --gpu-memory-gib (no GPU here to read it from)")
+    if config.fsdp_sharding_strategy not in SHARDING_STRATEGIES:
+        problems.append(f"--fsdp-sharding-strategy {config.fsdp_sharding_strategy!r} is unknown; use one of "
+                        f"{', '.join(SHARDING_STRATEGIES)}")
+    group = config.fsdp_shard_group_size
+    if group is not None and (group < 1 or world_size % group):
+        problems.append(f"--fsdp-shard-group-size {group} must divide --world-size {world_size}")
+    if config.max_tokens_per_gpu is None:
+        problems.append("--max-tokens-per-gpu: give the row length to estimate (or auto)")
+    if problems:
+        raise ConfigError("; ".join(problems))
+    started = time.perf_counter()
+    local = min(world_size, 8)
+    try:
+        if gib is None:  # no verdict: the estimate at the asked row, and the cost of a token
+            run = replace(config, activation_checkpointing=bool(config.activation_checkpointing))
+            make_optimizer = lambda params: build_optimizer(config, params, None)[0]  # noqa: E731
+            result = memory.estimate(run, world_size, None, cuda, make_optimizer, group, local)
+            plan = memory.Plan(result, result.activation_checkpointing, "asked for", result.max_tokens_per_gpu,
+                               "asked for", [])
+        else:
+            plan = memory_plan(config, world_size, local, gib, cuda)
+    except memory.EstimateError as e:
+        raise ConfigError(str(e)) from None
+    print(f"activation checkpointing: {'on' if plan.activation_checkpointing else 'off'} ({plan.checkpointing_why})")
+    print(f"--max-tokens-per-gpu {plan.max_tokens_per_gpu} ({plan.tokens_why})")
+    print(plan.estimate.describe())
+    if plan.fixes:
+        print(memory.does_not_fit(plan))
+    print(f"(estimated in {time.perf_counter() - started:.0f} s on fake tensors, {world_size} fake ranks)")
+    print(plan.estimate.json_line(), flush=True)
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # One optimizer step's forward/backward
 
 
@@ -492,10 +609,7 @@ def setup(config: TrainConfig, world: World) -> Run:
     # What "auto" resolves to is printed and saved as chosen.
     config.attn_implementation = families.attention_implementation(
         families.causal_lm_class(hf_config), world.device, config.attn_implementation, hf_config)
-    checkpointing_why = "asked for"
-    if config.activation_checkpointing is None:
-        config.activation_checkpointing, checkpointing_why = checkpointing_needed(
-            hf_config, config.max_tokens_per_gpu, world)
+    checkpointing_why = plan_memory(config, world, hf_config)  # resolves auto checkpointing and token budget
     out = Path(config.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     print0(json.dumps(asdict(config), indent=2))
@@ -735,6 +849,12 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigFileError as e:
         print(f"{prefix}train.py: error: {e}", file=sys.stderr, flush=True)
         return 2
+    if config.estimate_memory:
+        try:
+            return estimate_memory_main(config)
+        except (ConfigError, ModelError) as e:
+            print(f"train.py: error: {e}", file=sys.stderr, flush=True)
+            return 2
     stop = StopSignals()
     try:
         validate(config, world_size, local_world_size, torch.cuda.is_available())

@@ -292,3 +292,81 @@ def device_memory_gib(device: torch.device, local_world_size: int) -> float:
     from minitrain.model import available_host_memory
 
     return available_host_memory() / local_world_size / GIB
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# What a run decides from the estimate
+
+AUTO_PROBE_TOKENS = 4096  # --max-tokens-per-gpu auto: the row the cost of a token is measured from
+
+
+@dataclass
+class Plan:
+    """A run's memory decisions: activation checkpointing and the token budget (each with why), the estimate at
+    them, and, when it does not fit, the changes that would (each with its estimate)."""
+
+    estimate: Estimate
+    activation_checkpointing: bool
+    checkpointing_why: str
+    max_tokens_per_gpu: int
+    tokens_why: str
+    fixes: list
+
+
+def plan(config, world_size: int, gpu_memory_gib: float, cuda: bool, make_optimizer,
+         shard_group_size: int | None = None, local_world_size: int | None = None, with_fixes: bool = True) -> Plan:
+    """Resolve `config`'s activation_checkpointing None (auto) and max_tokens_per_gpu "auto" from the estimate:
+
+    - checkpointing auto: off when the step's peak with it off (weights, gradients, optimizer state, activations,
+      buffers) fits (1 - MARGIN) of the device's memory (with auto tokens: fits a row of AUTO_PROBE_TOKENS); else on
+    - tokens auto: the longest row whose estimated peak fits (1 - MARGIN) of the device's memory
+    """
+    G = gpu_memory_gib
+    budget = G * (1 - MARGIN)
+    auto_tokens = config.max_tokens_per_gpu == "auto"
+    row = AUTO_PROBE_TOKENS if auto_tokens else int(config.max_tokens_per_gpu)
+
+    def at(tokens: int, checkpointing: bool) -> Estimate:
+        changed = replace(config, max_tokens_per_gpu=tokens, activation_checkpointing=checkpointing)
+        return estimate(changed, world_size, G, cuda, make_optimizer, shard_group_size, local_world_size)
+
+    checkpointing, why = config.activation_checkpointing, "asked for"
+    if checkpointing is None:
+        off = at(row, False)
+        fits_off = (off.longest_row(budget) or 0) >= row if auto_tokens else off.peak_gib <= budget
+        if fits_off:
+            result, checkpointing = off, False
+            why = f"auto: off, the estimate fits ({off.peak_gib:.1f} GiB at {row} tokens, of {G:.1f} GiB)"
+        else:
+            result, checkpointing = at(row, True), True
+            why = (f"auto: on, the estimate with it off is {off.peak_gib:.1f} GiB at {row} tokens, more than "
+                   f"{1 - MARGIN:.0%} of {G:.1f} GiB; with it on {result.peak_gib:.1f} GiB")
+    else:
+        result = at(row, checkpointing)
+    tokens, tokens_why = row, "asked for"
+    if auto_tokens:
+        longest = result.longest_row(budget)
+        if longest is None:
+            raise EstimateError(f"--max-tokens-per-gpu auto: not even one token fits {1 - MARGIN:.0%} of {G:.1f} GiB "
+                                f"(estimate {result.peak_gib:.1f} GiB at {row} tokens); "
+                                + fixes_line(fixes(replace(config, max_tokens_per_gpu=row,
+                                                           activation_checkpointing=checkpointing), result, cuda,
+                                                   make_optimizer, shard_group_size, local_world_size)))
+        tokens = longest
+        result = at(tokens, checkpointing)
+        tokens_why = (f"auto: the longest row whose estimate fits {1 - MARGIN:.0%} of {G:.1f} GiB "
+                      f"({MARGIN:.0%} kept free for what the estimate does not see)")
+    found = []
+    if with_fixes and not result.fits:
+        run = replace(config, max_tokens_per_gpu=tokens, activation_checkpointing=checkpointing)
+        found = fixes(run, result, cuda, make_optimizer, shard_group_size, local_world_size)
+    return Plan(result, checkpointing, why, tokens, tokens_why, found)
+
+
+def does_not_fit(plan_: Plan) -> str:
+    """The one line a run that will not fit stops with."""
+    e = plan_.estimate
+    return (f"this run will not fit: estimated peak {e.peak_gib:.1f} GiB per GPU ({e.strategy}, activation "
+            f"checkpointing {'on' if e.activation_checkpointing else 'off'}, {e.max_tokens_per_gpu} tokens per GPU, "
+            f"{e.adapter}, {e.world_size} GPUs) > the device's {e.gpu_memory_gib:.1f} GiB; would fit or help: "
+            f"{fixes_line(plan_.fixes)}")
