@@ -326,13 +326,13 @@ def plan(config, world_size: int, gpu_memory_gib: float, cuda: bool, make_optimi
     auto_tokens = config.max_tokens_per_gpu == "auto"
     row = AUTO_PROBE_TOKENS if auto_tokens else int(config.max_tokens_per_gpu)
 
-    def at(tokens: int, checkpointing: bool) -> Estimate:
+    def at(tokens: int, checkpointing: bool, slope: bool = True) -> Estimate:
         changed = replace(config, max_tokens_per_gpu=tokens, activation_checkpointing=checkpointing)
-        return estimate(changed, world_size, G, cuda, make_optimizer, shard_group_size, local_world_size)
+        return estimate(changed, world_size, G, cuda, make_optimizer, shard_group_size, local_world_size, slope)
 
     checkpointing, why = config.activation_checkpointing, "asked for"
     if checkpointing is None:
-        off = at(row, False)
+        off = at(row, False, slope=auto_tokens)  # the peak at the asked row decides; no need for a token's cost
         fits_off = (off.longest_row(budget) or 0) >= row if auto_tokens else off.peak_gib <= budget
         if fits_off:
             result, checkpointing = off, False

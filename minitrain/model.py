@@ -21,7 +21,7 @@ from torch import nn
 
 from minitrain import attention, families
 from minitrain import seq2seq as seq2seq_model
-from minitrain.distributed import World, print0, raise_if_any_rank_failed
+from minitrain.distributed import World, print0, raise_if_any_rank_failed, reshard
 from minitrain.families import ModelError, decoder_blocks  # train.py catches ModelError imported from here
 from minitrain.loss import HeadCrossEntropy
 from minitrain.seq2seq import Seq2SeqLM
@@ -311,6 +311,7 @@ def build_model(config, world: World, adapter: FullFineTuning | None = None) -> 
     elif error is not None:
         raise error
     packing = "" if seq2seq else f", packed vs per-sample {probe.packing_error:.1e}"
+    reshard(model)  # the probe's no-grad forwards leave nothing gathered (root_unsharded already reshards)
     print0(f"start-up probe ({families.family(hf_config)}, {attn}): trainer loss {probe.trainer_loss:.6f}, the model's "
            f"own {probe.own_loss:.6f}{packing}")
     model.train()

@@ -29,7 +29,7 @@ import torch.distributed as dist
 
 from minitrain import attention
 from minitrain.data import IGNORE, TokenCache
-from minitrain.distributed import World, compute_autocast, print0, root_unsharded
+from minitrain.distributed import World, compute_autocast, print0, reshard, root_unsharded
 from sampler import pack_step
 
 # The validation split must not move when --seed changes, so runs with different seeds are compared on the same
@@ -340,6 +340,7 @@ class ValidationSet:
                     metrics = {**metrics, **scores}
         finally:
             model.train(was_training)
+            reshard(model)  # a no-grad forward leaves SHARD_GRAD_OP's and NO_SHARD's modules gathered
         return ValidationResult(loss, tokens, replies, metrics, predictions)
 
 
