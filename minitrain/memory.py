@@ -161,13 +161,15 @@ def simulate(config, rows: list[int], world_size: int, cuda: bool, make_optimize
     dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=world_size)
     try:
         mesh = device_mesh(config.fsdp_sharding_strategy, world, shard_group_size, "cpu")  # before the fake mode
+        # As on ranks > 0 of a run: built on the meta device, adapted and sharded there, then given (fake) storage
+        with torch.device("meta"):
+            lm = families.auto_class(hf_config).from_config(hf_config, dtype=torch.float32, attn_implementation=attn)
+        model = assemble(lm, run, adapter, hf_config)
+        # One rank unsharded runs without FSDP; FSDP over one rank holds the same weights, plus the gathered bf16
+        # copies autocast would make.
+        shard_model(model, config.fsdp_sharding_strategy, world, mesh, cuda)
         with FakeTensorMode(allow_non_fake_inputs=True):
-            auto = families.auto_class(hf_config)
-            lm = auto.from_config(hf_config, dtype=torch.float32, attn_implementation=attn)
-            model = assemble(lm, run, adapter, hf_config)
-            # One rank unsharded runs without FSDP; FSDP over one rank holds the same weights, plus the gathered bf16
-            # copies autocast would make.
-            shard_model(model, config.fsdp_sharding_strategy, world, mesh, cuda)
+            model.to_empty(device="cpu")
             model.train()
             optimizer = make_optimizer(adapter.trainable_parameters(model))
             tracker = FSDPMemTracker(model, optimizer)
