@@ -267,13 +267,13 @@ def test_dpo_starts_at_log_2_learns_the_pairs_and_reuses_its_reference_on_resume
 
 @pytest.mark.parametrize("adapter", ["full", "lora"])
 def test_two_ranks_with_the_default_sharding_train_dpo_as_one_process_does(tmp_path, capsys, tiny_model_dir, adapter):
-    """train.py under torchrun with the default --fsdp-sharding-strategy (SHARD_GRAD_OP, which keeps parameters
-    gathered after a forward): the reference pass before the first step must leave the shards to the optimizer (and,
+    """train.py under torchrun with --fsdp-sharding-strategy SHARD_GRAD_OP (the default until FULL_SHARD; it keeps
+    parameters gathered after a forward): the reference pass before the first step must leave the shards to the optimizer (and,
     with LoRA, the adapters trainable), or the model never moves. The losses of 2 ranks are 1 process's."""
     model_dir = tiny_model_dir("llama")
     data = write_pairs(tmp_path / "pairs.jsonl", 10, seed=3, learnable=True)
     extra = ["--lora", "--lora-r", "4", "--lora-dropout", "0", "--learning-rate", "2e-2"] if adapter == "lora" else []
-    args = [*dpo_args(tmp_path, model_dir, data, 5), *extra]
+    args = [*dpo_args(tmp_path, model_dir, data, 5), *extra, "--fsdp-sharding-strategy", "SHARD_GRAD_OP"]
     code, _ = run_main([*args, "--output-dir", str(tmp_path / "one")], capsys)
     assert code == 0
     run = torchrun(["train.py", *args, "--output-dir", str(tmp_path / "two")])

@@ -56,7 +56,9 @@ class TrainConfig:
     output_dir: str = flag(help="checkpoints, exports (hf_format/), metrics.jsonl, training_config.json and the token "
                                 "cache (token_cache/)")
     batch_size: int = flag(help="samples (preference objectives: pairs) per optimizer step, all ranks together")
-    max_tokens_per_gpu: int = flag(help="token budget of one rank's packed row")
+    max_tokens_per_gpu: int | str = flag(help="token budget of one rank's packed row, or auto: the longest row whose "
+                                              "memory estimate fits 90%% of the device's memory (printed and saved)",
+                                         type=lambda text: text if text == "auto" else int(text))
     # What is trained (minitrain/training/objectives.py): sft on process_data.py's samples; dpo or simpo on its preference
     # pairs (--input-format preference), a pair packed whole into one micro-step.
     objective: str = flag("sft", "what is trained: sft on process_data.py's samples; dpo or simpo on its preference "
@@ -96,10 +98,13 @@ class TrainConfig:
     adam_epsilon: float = flag(1e-8, "AdamW epsilon")
     max_grad_norm: float = flag(1.0, "0 disables clipping (the norm is still logged)")
     # No `choices` for the strategy: validate() reports an unknown one together with every other problem.
-    fsdp_sharding_strategy: str = flag("SHARD_GRAD_OP", " | ".join(SHARDING_STRATEGIES))
+    fsdp_sharding_strategy: str = flag("FULL_SHARD", " | ".join(SHARDING_STRATEGIES))
+    fsdp_shard_group_size: int | None = flag(None, "HYBRID_SHARD: shard over groups of this many ranks, replicate "
+                                                   "across the groups (default: the ranks of one node)")
     activation_checkpointing: bool | None = flag(
-        None, "recompute each decoder block in the backward; default: on only when the activations of a packed row "
-              "would not fit in half the memory free per rank (printed at start)")
+        None, "recompute each decoder block in the backward; default: on only when the memory estimate of a step "
+              "with it off (weights, gradients, optimizer state, activations) would not fit 90%% of the device's "
+              "memory (printed at start)")
     compile: bool = flag(False, "torch.compile each decoder block (fused norms, activations, RoPE); same losses")
     use_liger_kernels: bool = flag(False, "Liger's fused linear cross-entropy and its family's RMSNorm/RoPE/SwiGLU or "
                                           "GeGLU kernels; GPU only (on CPU only under TRITON_INTERPRET=1, for tests)")
@@ -150,8 +155,19 @@ class TrainConfig:
     lora_export: str = flag("both", "what each export holds: PEFT's adapter folder, the merged model, or both",
                             choices=LORA_EXPORTS)
     qlora: bool = flag(False, "QLoRA: the base's linear layers in 4-bit NF4 (bitsandbytes) on each GPU; CUDA only")
+    # Planning memory (minitrain/training/memory.py): one step of this run on fake tensors, from config.json alone.
+    estimate_memory: bool = flag(False, "print this run's estimated peak memory per GPU and its parts, and the "
+                                        "longest row that fits, then exit (no data or weights read)")
+    world_size: int | None = flag(None, "--estimate-memory: the number of GPUs to plan for (default: this launch's)")
+    gpu_memory_gib: float | None = flag(None, "--estimate-memory: each GPU's memory in GiB (default: this machine's "
+                                              "GPU; none: no verdict)")
+    estimate_device: str = flag("cuda", "--estimate-memory: what to estimate for: cuda (bf16 compute on fp32 "
+                                        "masters, variable-length attention) or cpu (fp32, sdpa)",
+                                choices=("cuda", "cpu"))
 
     def __post_init__(self):
+        if self.data_path is None:  # --estimate-memory reads no data
+            self.data_path = []
         if isinstance(self.data_path, str):  # TrainConfig(data_path="one.jsonl", ...)
             self.data_path = [self.data_path]
         # "~" is the shell's, so a config file's "~/models/x" means what it says on the command line
@@ -174,6 +190,7 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
     hints = {name: value_type(hint) for name, hint in typing.get_type_hints(TrainConfig).items()}
     path = config_path_from_argv(argv)
     from_file = read_config_file(path, hints) if path else {}
+    estimating = "--estimate-memory" in argv  # needs neither data nor an output folder
     p = argparse.ArgumentParser(prog="train.py", description=DESCRIPTION)
     p.add_argument("--config", help=CONFIG_HELP)
     for f in fields(TrainConfig):
@@ -185,8 +202,10 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
         elif kind is list:  # a list of strings
             kwargs.update(type=str, nargs=kwargs.get("nargs", "+"))
         else:
-            kwargs["type"] = kind
-        if default is MISSING:
+            kwargs.setdefault("type", kind)
+        if default is MISSING and estimating:
+            kwargs["default"] = None
+        elif default is MISSING:
             kwargs["required"] = True
         else:
             kwargs["default"] = default
@@ -235,17 +254,21 @@ def validate(config: TrainConfig, world_size: int, local_world_size: int, cuda: 
             f"--batch-size {config.batch_size} is smaller than the {world_size} ranks; every rank needs at least "
             f"one sample per step, so use --batch-size >= {world_size}"
         )
-    if config.max_tokens_per_gpu < 1:
-        problems.append(f"--max-tokens-per-gpu must be positive, got {config.max_tokens_per_gpu}")
+    if config.max_tokens_per_gpu != "auto" and config.max_tokens_per_gpu < 1:
+        problems.append(f"--max-tokens-per-gpu must be positive (or auto), got {config.max_tokens_per_gpu}")
     if config.fsdp_sharding_strategy not in SHARDING_STRATEGIES:
         problems.append(
             f"--fsdp-sharding-strategy {config.fsdp_sharding_strategy!r} is unknown; "
             f"use one of {', '.join(SHARDING_STRATEGIES)}"
         )
-    if config.fsdp_sharding_strategy == "HYBRID_SHARD" and world_size % local_world_size:
+    group = config.fsdp_shard_group_size
+    if group is not None and (group < 1 or world_size % group):
+        problems.append(f"--fsdp-shard-group-size {group} must divide the {world_size} ranks (HYBRID_SHARD shards "
+                        f"within groups of that many ranks)")
+    elif config.fsdp_sharding_strategy == "HYBRID_SHARD" and group is None and world_size % local_world_size:
         problems.append(
             f"HYBRID_SHARD needs the same number of ranks on every node "
-            f"({world_size} ranks, {local_world_size} per node)"
+            f"({world_size} ranks, {local_world_size} per node), or --fsdp-shard-group-size"
         )
     for name in ("dpo_beta", "simpo_beta"):
         if not getattr(config, name) > 0:

@@ -22,7 +22,7 @@ from torch import nn
 from minitrain.training import attention, families
 from minitrain.training import seq2seq as seq2seq_model
 from minitrain.training.adapter import FullFineTuning
-from minitrain.training.distributed import World, print0, raise_if_any_rank_failed
+from minitrain.training.distributed import World, print0, raise_if_any_rank_failed, reshard
 from minitrain.training.families import (  # train.py catches ModelError imported from here
     ModelError,
     decoder_blocks,
@@ -107,26 +107,38 @@ class PackedCausalLM(nn.Module):
 # Sharding and building
 
 
-def shard_model(model: PackedCausalLM, strategy: str, world: World) -> None:
+def device_mesh(strategy: str, world: World, shard_group_size: int | None = None, device_type: str | None = None):
+    """The DeviceMesh of `strategy`: 1-D (world) for FULL_SHARD and SHARD_GRAD_OP; 2-D (replicate, shard) for
+    NO_SHARD (world, 1) and HYBRID_SHARD (world / S, S): sharded within groups of S ranks (default: a node's ranks),
+    replicated across the groups."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    group = shard_group_size or world.local_world_size
+    dims = {
+        "NO_SHARD": (world.world_size, 1),
+        "HYBRID_SHARD": (world.world_size // group, group),
+    }.get(strategy, (world.world_size,))
+    names = ("replicate", "shard")[-len(dims):]
+    return init_device_mesh(device_type or world.device.type, dims, mesh_dim_names=names)
+
+
+def shard_model(model: PackedCausalLM, strategy: str, world: World, mesh=None, cuda: bool | None = None) -> None:
     """FSDP2 on every decoder block and on the root (embeddings, final norm, LM head), FSDP1 names mapped:
 
     FULL_SHARD    1-D mesh, parameters resharded after forward (all-gathered again in backward)
     SHARD_GRAD_OP 1-D mesh, parameters kept unsharded from forward to backward
     NO_SHARD      2-D mesh (world, 1): replicated everywhere, gradients all-reduced (DDP-like)
-    HYBRID_SHARD  2-D mesh (nodes, ranks per node): sharded within a node, replicated across nodes
+    HYBRID_SHARD  2-D mesh (world / S, S): sharded within groups of S ranks, replicated across groups (device_mesh)
+
+    `mesh` (default: device_mesh(strategy, world)) and `cuda` (default: the world's device) let the memory estimator
+    shard a model for GPUs on fake tensors (memory.py).
     """
-    from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-    dims = {
-        "NO_SHARD": (world.world_size, 1),
-        "HYBRID_SHARD": (world.world_size // world.local_world_size, world.local_world_size),
-    }.get(strategy, (world.world_size,))
-    names = ("replicate", "shard")[-len(dims):]
-    mesh = init_device_mesh(world.device.type, dims, mesh_dim_names=names)
+    mesh = mesh if mesh is not None else device_mesh(strategy, world)
     # CUDA: bf16 compute on fp32 master weights, gradients reduced in fp32. CPU: everything fp32.
     mp = MixedPrecisionPolicy()
-    if world.device.type == "cuda":
+    if (world.device.type == "cuda") if cuda is None else cuda:
         mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
     reshard = strategy in ("FULL_SHARD", "HYBRID_SHARD")
     whole = model.adapter.unsharded_parameters(model.lm) or None  # QLoRA's 4-bit weights
@@ -206,21 +218,11 @@ def build_model(config, world: World, adapter: FullFineTuning | None = None) -> 
             lm = auto.from_config(hf_config, dtype=torch.float32, attn_implementation=attn)
     if config.use_liger_kernels and world.device.type == "cuda":
         apply_liger_model_kernels(lm)
-    lm = adapter.apply(lm)
-    blocks = decoder_blocks(lm)  # the same refusal in one process as under torchrun
-    if config.activation_checkpointing:
-        if lm.supports_gradient_checkpointing:
-            lm.activation_checkpointing_enable()
-        unwrapped = [i for i, block in enumerate(blocks) if not getattr(block, "gradient_checkpointing", False)]
-        if unwrapped:
-            raise ModelError(f"model type {families.family(hf_config)!r}: blocks {unwrapped} are not activation-"
-                             f"checkpointed by transformers; pass --no-activation-checkpointing")
-    if config.compile:
-        for block in blocks:
-            block.compile(dynamic=True)  # each block's forward (dynamic: packs change length every micro-step)
-    model = Seq2SeqLM(lm, adapter) if seq2seq else PackedCausalLM(lm, adapter, config.use_liger_kernels)
+    model = assemble(lm, config, adapter, hf_config)
+    lm = model.lm
     if world.world_size > 1:
-        shard_model(model, config.fsdp_sharding_strategy, world)  # every_rank: each keeps its shard of what it loaded
+        mesh = device_mesh(config.fsdp_sharding_strategy, world, getattr(config, "fsdp_shard_group_size", None))
+        shard_model(model, config.fsdp_sharding_strategy, world, mesh)  # every_rank: each keeps its shard of its load
     if world.world_size > 1 and not every_rank:
         from torch.distributed.checkpoint.state_dict import (
             StateDictOptions,
@@ -263,10 +265,32 @@ def build_model(config, world: World, adapter: FullFineTuning | None = None) -> 
     elif error is not None:
         raise error
     packing = "" if seq2seq else f", packed vs per-sample {probe.packing_error:.1e}"
+    reshard(model)  # the probe's no-grad forwards leave nothing gathered (root_unsharded already reshards)
     print0(f"start-up probe ({families.family(hf_config)}, {attn}): trainer loss {probe.trainer_loss:.6f}, the model's "
            f"own {probe.own_loss:.6f}{packing}")
     model.train()
     return model
+
+
+def assemble(lm: nn.Module, config, adapter: FullFineTuning, hf_config) -> PackedCausalLM:
+    """The training module around the Hugging Face model `lm` (meta, fake or loaded), before sharding: the adapter
+    applied, blocks activation-checkpointed and compiled as `config` asks. build_model and the memory estimator
+    (memory.py) both build through here."""
+    lm = adapter.apply(lm)
+    blocks = decoder_blocks(lm)  # the same refusal in one process as under torchrun
+    if config.activation_checkpointing:
+        if lm.supports_gradient_checkpointing:
+            lm.activation_checkpointing_enable()
+        unwrapped = [i for i, block in enumerate(blocks) if not getattr(block, "gradient_checkpointing", False)]
+        if unwrapped:
+            raise ModelError(f"model type {families.family(hf_config)!r}: blocks {unwrapped} are not activation-"
+                             f"checkpointed by transformers; pass --no-activation-checkpointing")
+    if config.compile:
+        for block in blocks:
+            block.compile(dynamic=True)  # each block's forward (dynamic: packs change length every micro-step)
+    if hf_config.is_encoder_decoder:
+        return Seq2SeqLM(lm, adapter)
+    return PackedCausalLM(lm, adapter, config.use_liger_kernels)
 
 
 def apply_liger_model_kernels(lm) -> None:

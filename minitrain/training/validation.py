@@ -33,6 +33,7 @@ from minitrain.training.distributed import (
     World,
     compute_autocast,
     print0,
+    reshard,
     root_unsharded,
 )
 from sampler import pack_step
@@ -346,6 +347,7 @@ class ValidationSet:
                     metrics = {**metrics, **scores}
         finally:
             model.train(was_training)
+            reshard(model)  # a no-grad forward leaves SHARD_GRAD_OP's and NO_SHARD's modules gathered
         return ValidationResult(loss, tokens, replies, metrics, predictions)
 
 

@@ -1,0 +1,483 @@
+"""Memory per GPU of a training run, known before a weight loads.
+
+    python train.py --estimate-memory --model-name-or-path DIR --world-size 64 --gpu-memory-gib 80 \
+        --max-tokens-per-gpu 8192 [the run's other flags]
+
+The estimate is not a formula: it is one real training step of the run's own code on fake tensors. From the model's
+config.json alone (no weights, no data file), on a fake process group of N ranks (torch's FakeStore):
+
+    model built from its config in FakeTensorMode -> the run's adapter, activation checkpointing (model.assemble)
+    -> fully_shard with the run's strategy, mesh and mixed precision (model.shard_model)
+    -> a warm-up step (so AdamW's state exists, as from the second step of a run on), then per row length:
+       a row of T tokens through the run's objective (SFT: every position trained; DPO/SimPO: one pair of two T/2
+       sides) -> backward -> the run's optimizer step, under PyTorch's FSDPMemTracker
+
+The tracker's peak is the estimate, with its parts at that moment: parameters (sharded fp32 masters, gathered bf16
+copies, buffers), gradients, optimizer state, activations, temporary buffers (backward, the LM head's chunks) and
+communication buffers (all-gather, reduce-scatter). The peak of two row lengths gives the cost of one more token;
+the longest row that fits G GiB follows from it (the peak is affine in T: activations and the loss's buffers grow
+linearly; on CUDA attention is the variable-length kernel, O(T), never a dense T x T mask).
+
+Fake tensors allocate nothing, so 70B on 64 fake ranks runs on a laptop CPU in about a minute. The fake process
+group must be the only one of its process: train.py runs the estimate in a process of its own (run_isolated).
+
+What it does not see: the CUDA caching allocator's fragmentation and the CUDA context (~0.5-1 GiB), which is one
+reason --max-tokens-per-gpu auto keeps MARGIN of the device free; QLoRA's 4-bit base is modelled from LoRA's step
+(the base's block linears counted at 4.5 bits per weight, whole on every rank, instead of sharded fp32).
+"""
+
+import json
+import types
+from dataclasses import dataclass, replace
+
+import numpy as np
+import torch
+
+GIB = 2**30
+MARGIN = 0.10  # --max-tokens-per-gpu auto: the estimate fits (1 - MARGIN) of the device's memory
+ROW_MULTIPLE = 256  # the longest row that fits is rounded down to a multiple of this
+QLORA_BYTES_PER_WEIGHT = 0.5 + 4 / 64  # NF4 codes + an fp32 absmax per 64 weights (double quantization saves more)
+PARTS = ("parameters", "gradients", "optimizer_state", "activations", "temporary", "communication")
+# FSDPMemTracker's categories (torch.distributed._tools.fsdp2_mem_tracker._FSDPRefType values) -> our parts
+TRACKER_PARTS = {
+    "Sharded Param": "parameters", "Unsharded Param": "parameters", "Buffer": "parameters",
+    "Sharded Grad": "gradients", "Unsharded Grad": "gradients", "OptState": "optimizer_state",
+    "Activation": "activations", "Inputs": "activations", "Temp": "temporary",
+    "All Gather": "communication", "Reduce Scatter": "communication",
+}
+
+
+class EstimateError(ValueError):
+    """The estimate cannot be made for these flags (one line, with the fix)."""
+
+
+@dataclass
+class Estimate:
+    """The peak memory per GPU of one training step and its parts (GiB), for `max_tokens_per_gpu` tokens a row."""
+
+    peak_gib: float
+    parts: dict
+    world_size: int
+    max_tokens_per_gpu: int
+    longest_row_that_fits: int | None  # None: no device memory given, or not even a 1-token row fits
+    gpu_memory_gib: float | None
+    gib_per_token: float  # the peak's growth per token of the row
+    strategy: str
+    activation_checkpointing: bool
+    adapter: str
+    objective: str
+
+    @property
+    def fits(self) -> bool:
+        return self.gpu_memory_gib is None or self.peak_gib <= self.gpu_memory_gib
+
+    def longest_row(self, budget_gib: float) -> int | None:
+        """The longest row (a multiple of ROW_MULTIPLE, or what is left under it) whose peak fits `budget_gib`."""
+        if self.gib_per_token <= 0:
+            return None if self.peak_gib > budget_gib else self.max_tokens_per_gpu
+        tokens = self.max_tokens_per_gpu + (budget_gib - self.peak_gib) / self.gib_per_token
+        if tokens < 1:
+            return None
+        return int(tokens) // ROW_MULTIPLE * ROW_MULTIPLE or int(tokens)
+
+    def describe(self) -> str:
+        width = max(map(len, PARTS))
+        what = (f"{self.adapter}, {self.objective}, {self.strategy}, activation checkpointing "
+                f"{'on' if self.activation_checkpointing else 'off'}, {self.world_size} GPUs, "
+                f"{self.max_tokens_per_gpu} tokens per GPU")
+        lines = [f"estimated peak per GPU: {self.peak_gib:.1f} GiB ({what})"]
+        lines += [f"  {name:<{width}} {self.parts[name]:8.2f} GiB" for name in PARTS]
+        if self.gpu_memory_gib is not None:
+            verdict = "fits" if self.fits else "does NOT fit"
+            longest = self.longest_row_that_fits
+            lines.append(f"{verdict} in {self.gpu_memory_gib:g} GiB; longest row that fits: "
+                         f"{longest if longest is not None else 'none'} tokens "
+                         f"({self.gib_per_token * 1024:.3f} GiB per 1k tokens)")
+        return "\n".join(lines)
+
+    def json_line(self) -> str:
+        return json.dumps({"peak_gib": round(self.peak_gib, 3), "parts": {k: round(v, 3) for k, v in
+                           self.parts.items()}, "world_size": self.world_size,
+                           "max_tokens_per_gpu": self.max_tokens_per_gpu,
+                           "longest_row_that_fits": self.longest_row_that_fits,
+                           "gpu_memory_gib": self.gpu_memory_gib, "fsdp_sharding_strategy": self.strategy,
+                           "activation_checkpointing": self.activation_checkpointing, "adapter": self.adapter,
+                           "objective": self.objective})
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The simulated step
+
+
+def synthetic_cache(objective, tokens: int):
+    """A one-row stand-in for the token cache: one sample of `tokens` tokens, every next token trained (SFT's worst
+    case for the LM head), or one preference pair of two halves (DPO/SimPO); DPO's reference log-probs are zeros."""
+    ids = np.ones(tokens, dtype=np.int64)
+    half = max(1, tokens // 2)
+    cache = types.SimpleNamespace(offsets=np.array([0, tokens]), input_ids=ids, labels=ids.copy(),
+                                  trained=np.array([tokens - 1]), chosen_lengths=np.array([half]),
+                                  content_hash=f"memory-estimate-{tokens}", sources=None)
+    if getattr(objective, "needs_reference", False):
+        objective.reference[cache.content_hash] = np.zeros((1, 2))
+    return cache
+
+
+def simulate(config, rows: list[int], world_size: int, cuda: bool, make_optimizer,
+             shard_group_size: int | None = None, local_world_size: int | None = None) -> list[tuple[int, dict]]:
+    """[(row tokens, {part: bytes at the peak, "peak": bytes})] for each row length of `rows`: one training step of
+    the run `config` describes, on `world_size` fake ranks (cuda: bf16 compute on fp32 masters, as on GPUs; else
+    fp32), after a warm-up step. `make_optimizer(params)` builds the run's optimizer. Needs a process without a
+    process group; leaves it without one."""
+    import torch.distributed as dist
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+    from transformers import AutoConfig
+
+    from minitrain.training import attention, families, lora
+    from minitrain.training.distributed import World
+    from minitrain.training.model import assemble, device_mesh, shard_model
+    from minitrain.training.objectives import build_objective
+
+    hf_config = AutoConfig.from_pretrained(config.model_name_or_path)
+    if hf_config.is_encoder_decoder:
+        raise EstimateError(f"--estimate-memory covers causal LMs; {hf_config.model_type} is an encoder-decoder")
+    device = torch.device("cuda" if cuda else "cpu")
+    attn = families.attention_implementation(families.causal_lm_class(hf_config), device, config.attn_implementation,
+                                             hf_config)
+    if attn in attention.WITH_BOUNDARIES:
+        # flash-attn's kernels and PyTorch's varlen kernel keep O(T) memory alike; varlen_attn has a fake-tensor
+        # implementation (and a name without "flash", which transformers would try to fetch from the hub)
+        attn = attention.VARLEN
+    adapter = lora.build_adapter(config)
+    if adapter.name == "qlora":
+        adapter = lora.LoRA(config)  # on fake tensors as LoRA; its base is re-counted in 4-bit (qlora_parameters)
+    objective = build_objective(config, hf_config)
+    # Liger's kernels and torch.compile do not run on fake tensors; the step runs eager (compile only saves memory)
+    run = replace(config, use_liger_kernels=False, compile=False)
+    world = World(0, 0, world_size, local_world_size or min(world_size, 8), torch.device("cpu"))
+    if dist.is_initialized():
+        raise EstimateError("the memory estimate needs a process of its own (it runs a fake process group)")
+    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=world_size)
+    try:
+        mesh = device_mesh(config.fsdp_sharding_strategy, world, shard_group_size, "cpu")  # before the fake mode
+        # As on ranks > 0 of a run: built on the meta device, adapted and sharded there, then given (fake) storage
+        with torch.device("meta"):
+            lm = families.auto_class(hf_config).from_config(hf_config, dtype=torch.float32, attn_implementation=attn)
+        model = assemble(lm, run, adapter, hf_config)
+        # One rank unsharded runs without FSDP; FSDP over one rank holds the same weights, plus the gathered bf16
+        # copies autocast would make.
+        shard_model(model, config.fsdp_sharding_strategy, world, mesh, cuda)
+        with FakeTensorMode(allow_non_fake_inputs=True):
+            model.to_empty(device="cpu")
+            model.train()
+            optimizer = make_optimizer(adapter.trainable_parameters(model))
+            tracker = FSDPMemTracker(model, optimizer)
+            results = []
+            for i, tokens in enumerate([min(rows), *rows]):
+                cache = synthetic_cache(objective, tokens)
+                indices = np.array([0])
+                pack = objective.pack(cache, indices)
+                if i == 0:  # warm-up: AdamW's state is created in the first step, as in a run
+                    step(model, objective, pack, cache, indices, optimizer)
+                    continue
+                tracker.reset_mod_stats()  # each tracked step on its own
+                with tracker:
+                    step(model, objective, pack, cache, indices, optimizer)
+                snapshot = next(iter(tracker.get_tracker_snapshot("peak").values()))
+                parts = dict.fromkeys(PARTS, 0)
+                for kind, part in TRACKER_PARTS.items():
+                    parts[part] += snapshot.get(kind, 0)
+                parts["peak"] = snapshot["Total"]
+                if getattr(config, "lora", False) and getattr(config, "qlora", False):
+                    parts = qlora_parameters(parts, model, world_size)
+                results.append((tokens, parts))
+            return results
+    finally:
+        dist.destroy_process_group()
+
+
+def step(model, objective, pack, cache, indices, optimizer) -> None:
+    """One micro-step and the optimizer step, as train.py's loop runs them (its gradient clipping is left out: its
+    buffers are a few bytes per parameter tensor)."""
+    loss_sum, _ = objective.loss_sum(model, pack, cache, indices)
+    loss_sum.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def qlora_parameters(parts: dict, model, world_size: int) -> dict:
+    """QLoRA from LoRA's step: the frozen linear weights of the blocks move from fp32 shards to 4-bit copies whole
+    on every rank (the gathered bf16 copies LoRA's step holds stand in for the ones QLoRA dequantizes)."""
+    from minitrain.training.model import decoder_blocks
+
+    frozen = sum(p.numel() for block in decoder_blocks(model.lm) for name, p in block.named_parameters()
+                 if not p.requires_grad and p.ndim >= 2 and "base_layer" in name)
+    change = frozen * QLORA_BYTES_PER_WEIGHT - frozen * 4 / world_size
+    return {**parts, "parameters": parts["parameters"] + change, "peak": parts["peak"] + change}
+
+
+def estimate(config, world_size: int, gpu_memory_gib: float | None, cuda: bool, make_optimizer,
+             shard_group_size: int | None = None, local_world_size: int | None = None,
+             slope: bool = True) -> Estimate:
+    """The Estimate for `config` (its max_tokens_per_gpu, an int) on `world_size` GPUs of `gpu_memory_gib` each.
+    With `slope`, a second row (twice as long) gives the cost of a token and so the longest row that fits."""
+    tokens = int(config.max_tokens_per_gpu)
+    rows = [tokens, 2 * tokens] if slope else [tokens]
+    measured = simulate(config, rows, world_size, cuda, make_optimizer, shard_group_size, local_world_size)
+    (t1, first), *rest = measured
+    per_token = 0.0
+    if rest:
+        (t2, second), = rest
+        per_token = max(0.0, (second["peak"] - first["peak"]) / (t2 - t1)) / GIB
+    result = Estimate(
+        peak_gib=first["peak"] / GIB, parts={k: first[k] / GIB for k in PARTS}, world_size=world_size,
+        max_tokens_per_gpu=tokens, longest_row_that_fits=None, gpu_memory_gib=gpu_memory_gib,
+        gib_per_token=per_token, strategy=config.fsdp_sharding_strategy,
+        activation_checkpointing=bool(config.activation_checkpointing),
+        adapter="qlora" if config.lora and config.qlora else "lora" if config.lora else "full",
+        objective=config.objective,
+    )
+    if gpu_memory_gib is not None and rest:
+        result.longest_row_that_fits = result.longest_row(gpu_memory_gib)
+    return result
+
+
+def fixes(config, estimate_now: Estimate, cuda: bool, make_optimizer, shard_group_size=None,
+          local_world_size=None) -> list[tuple[str, Estimate]]:
+    """What would make a run that does not fit fit, each with its own estimate: FULL_SHARD, activation
+    checkpointing, a shorter row, LoRA, twice the GPUs (the changes this run has not made already)."""
+    G, N = estimate_now.gpu_memory_gib, estimate_now.world_size
+    tried = []
+    if config.fsdp_sharding_strategy != "FULL_SHARD":
+        tried.append(("--fsdp-sharding-strategy FULL_SHARD", replace(config, fsdp_sharding_strategy="FULL_SHARD"), N))
+    if not config.activation_checkpointing:
+        tried.append(("--activation-checkpointing", replace(config, activation_checkpointing=True), N))
+    if not config.lora:
+        tried.append(("--lora", replace(config, lora=True), N))
+    tried.append((f"{2 * N} GPUs", config, 2 * N))
+    found = []
+    for label, changed, world_size in tried:
+        found.append((label, estimate(changed, world_size, G, cuda, make_optimizer, shard_group_size,
+                                      local_world_size, slope=False)))
+    longest = estimate_now.longest_row_that_fits
+    if longest:
+        shorter = replace(estimate_now, max_tokens_per_gpu=longest,
+                          peak_gib=estimate_now.peak_gib - (estimate_now.max_tokens_per_gpu - longest)
+                          * estimate_now.gib_per_token)
+        found.insert(0, (f"--max-tokens-per-gpu {longest}", shorter))
+    return found
+
+
+def fixes_line(found: list[tuple[str, Estimate]]) -> str:
+    return "; ".join(f"{label}: {e.peak_gib:.1f} GiB{'' if e.fits else ' (still too much)'}" for label, e in found)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# In a process of its own
+
+
+def run_isolated(function, *args):
+    """function(*args) in a fresh (spawned) process: the fake process group and fake tensors never meet the run's
+    own process group. `function` must be importable (a module-level function), its result picklable."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(function, *args).result()
+
+
+def device_memory_gib(device: torch.device, local_world_size: int) -> float:
+    """What one rank may use: its GPU's total memory, or on CPU the machine's available memory shared by its ranks."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory / GIB
+    from minitrain.training.model import available_host_memory
+
+    return available_host_memory() / local_world_size / GIB
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# What a run decides from the estimate
+
+AUTO_PROBE_TOKENS = 4096  # --max-tokens-per-gpu auto: the row the cost of a token is measured from
+
+
+@dataclass
+class Plan:
+    """A run's memory decisions: activation checkpointing and the token budget (each with why), the estimate at
+    them, and, when it does not fit, the changes that would (each with its estimate)."""
+
+    estimate: Estimate
+    activation_checkpointing: bool
+    checkpointing_why: str
+    max_tokens_per_gpu: int
+    tokens_why: str
+    fixes: list
+
+
+def plan(config, world_size: int, gpu_memory_gib: float, cuda: bool, make_optimizer,
+         shard_group_size: int | None = None, local_world_size: int | None = None, with_fixes: bool = True) -> Plan:
+    """Resolve `config`'s activation_checkpointing None (auto) and max_tokens_per_gpu "auto" from the estimate:
+
+    - checkpointing auto: off when the step's peak with it off (weights, gradients, optimizer state, activations,
+      buffers) fits (1 - MARGIN) of the device's memory (with auto tokens: fits a row of AUTO_PROBE_TOKENS); else on
+    - tokens auto: the longest row whose estimated peak fits (1 - MARGIN) of the device's memory
+    """
+    G = gpu_memory_gib
+    budget = G * (1 - MARGIN)
+    auto_tokens = config.max_tokens_per_gpu == "auto"
+    row = AUTO_PROBE_TOKENS if auto_tokens else int(config.max_tokens_per_gpu)
+
+    def at(tokens: int, checkpointing: bool, slope: bool = True) -> Estimate:
+        changed = replace(config, max_tokens_per_gpu=tokens, activation_checkpointing=checkpointing)
+        return estimate(changed, world_size, G, cuda, make_optimizer, shard_group_size, local_world_size, slope)
+
+    checkpointing, why = config.activation_checkpointing, "asked for"
+    if checkpointing is None:
+        off = at(row, False, slope=auto_tokens)  # the peak at the asked row decides; no need for a token's cost
+        fits_off = (off.longest_row(budget) or 0) >= row if auto_tokens else off.peak_gib <= budget
+        if fits_off:
+            result, checkpointing = off, False
+            why = f"auto: off, the estimate fits ({off.peak_gib:.1f} GiB at {row} tokens, of {G:.1f} GiB)"
+        else:
+            result, checkpointing = at(row, True), True
+            why = (f"auto: on, the estimate with it off is {off.peak_gib:.1f} GiB at {row} tokens, more than "
+                   f"{1 - MARGIN:.0%} of {G:.1f} GiB; with it on {result.peak_gib:.1f} GiB")
+    else:
+        result = at(row, checkpointing)
+    tokens, tokens_why = row, "asked for"
+    if auto_tokens:
+        longest = result.longest_row(budget)
+        if longest is None:
+            raise EstimateError(f"--max-tokens-per-gpu auto: not even one token fits {1 - MARGIN:.0%} of {G:.1f} GiB "
+                                f"(estimate {result.peak_gib:.1f} GiB at {row} tokens); "
+                                + fixes_line(fixes(replace(config, max_tokens_per_gpu=row,
+                                                           activation_checkpointing=checkpointing), result, cuda,
+                                                   make_optimizer, shard_group_size, local_world_size)))
+        tokens = longest
+        result = at(tokens, checkpointing)
+        tokens_why = (f"auto: the longest row whose estimate fits {1 - MARGIN:.0%} of {G:.1f} GiB "
+                      f"({MARGIN:.0%} kept free for what the estimate does not see)")
+    found = []
+    if with_fixes and not result.fits:
+        run = replace(config, max_tokens_per_gpu=tokens, activation_checkpointing=checkpointing)
+        found = fixes(run, result, cuda, make_optimizer, shard_group_size, local_world_size)
+    return Plan(result, checkpointing, why, tokens, tokens_why, found)
+
+
+def does_not_fit(plan_: Plan) -> str:
+    """The one line a run that will not fit stops with."""
+    e = plan_.estimate
+    return (f"this run will not fit: estimated peak {e.peak_gib:.1f} GiB per GPU ({e.strategy}, activation "
+            f"checkpointing {'on' if e.activation_checkpointing else 'off'}, {e.max_tokens_per_gpu} tokens per GPU, "
+            f"{e.adapter}, {e.world_size} GPUs) > the device's {e.gpu_memory_gib:.1f} GiB; would fit or help: "
+            f"{fixes_line(plan_.fixes)}")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# What train.py asks: the plan of a run before any weight loads, and --estimate-memory
+
+
+def run_optimizer(config):
+    """The run's own optimizer (AdamW over fp32 masters, as optim.build_optimizer makes it) for a list of params."""
+    from minitrain.training.optim import build_optimizer
+
+    return lambda params: build_optimizer(config, params, None)[0]
+
+
+def plan_run(config, world_size: int, local_world_size: int, gpu_memory_gib: float, cuda: bool) -> Plan:
+    """plan() with the run's optimizer; module-level so that it can run in a process of its own."""
+    return plan(config, world_size, gpu_memory_gib, cuda, run_optimizer(config), config.fsdp_shard_group_size,
+                local_world_size)
+
+
+def plan_for_run(config, world, hf_config) -> str:
+    """Before any weight loads: on CUDA, or when activation checkpointing or --max-tokens-per-gpu is auto, estimate a
+    step's peak memory per device; set the auto values in `config` (so they are printed and saved); on CUDA, stop a
+    run that will not fit, in one line with the fixes. Returns why checkpointing is on or off."""
+    from minitrain.training import checkpoint
+    from minitrain.training.config import ConfigError
+    from minitrain.training.distributed import print0
+    from minitrain.training.model import checkpointing_needed
+
+    auto_tokens = config.max_tokens_per_gpu == "auto"
+    if auto_tokens:  # a resumed run keeps the budget its checkpoint was trained with
+        resume = checkpoint.find_resume_point(config.output_dir, config.resume_from, config.fresh)
+        saved = checkpoint.read_json(resume / "training_config.json") if resume is not None else {}
+        if isinstance(saved.get("max_tokens_per_gpu"), int):
+            config.max_tokens_per_gpu = saved["max_tokens_per_gpu"]
+            print0(f"--max-tokens-per-gpu auto: {config.max_tokens_per_gpu}, as saved in {resume}")
+            auto_tokens = False
+    cuda = world.device.type == "cuda"
+    if not (cuda or auto_tokens or config.activation_checkpointing is None):
+        return "asked for"
+    if hf_config.is_encoder_decoder:  # the estimator covers causal LMs
+        if auto_tokens:
+            raise ConfigError(f"--max-tokens-per-gpu auto: the memory estimate covers causal LMs, not "
+                              f"{hf_config.model_type}; give a number")
+        if config.activation_checkpointing is None:
+            config.activation_checkpointing, why = checkpointing_needed(hf_config, config.max_tokens_per_gpu, world)
+            return why
+        return "asked for"
+    gib = device_memory_gib(world.device, world.local_world_size)
+    args = (config, world.world_size, world.local_world_size, gib, cuda)
+    try:  # the estimate's fake process group must be alone in its process: under torchrun, a process of its own
+        found = run_isolated(plan_run, *args) if torch.distributed.is_initialized() else plan_run(*args)
+    except EstimateError as e:
+        raise ConfigError(str(e)) from None
+    config.activation_checkpointing, config.max_tokens_per_gpu = found.activation_checkpointing, found.max_tokens_per_gpu
+    print0(found.estimate.describe())
+    if auto_tokens:
+        print0(f"--max-tokens-per-gpu {config.max_tokens_per_gpu} ({found.tokens_why})")
+    if cuda and not found.estimate.fits:
+        raise ConfigError(does_not_fit(found))
+    return found.checkpointing_why
+
+
+def estimate_main(config) -> int:
+    """--estimate-memory: the run's peak memory per GPU on --world-size GPUs of --gpu-memory-gib, its parts and the
+    longest row that fits; the last line is JSON."""
+    import time
+
+    from minitrain.training.config import ConfigError, model_path_problems
+    from minitrain.training.distributed import world_from_env
+    from minitrain.training.model import SHARDING_STRATEGIES
+
+    problems = model_path_problems(config.model_name_or_path)
+    cuda = config.estimate_device == "cuda"
+    world_size = config.world_size or world_from_env()[2]
+    gib = config.gpu_memory_gib
+    if gib is None and cuda and torch.cuda.is_available():
+        gib = torch.cuda.get_device_properties(0).total_memory / GIB
+    if gib is None and config.max_tokens_per_gpu == "auto":
+        problems.append("--max-tokens-per-gpu auto needs --gpu-memory-gib (no GPU here to read it from)")
+    if config.fsdp_sharding_strategy not in SHARDING_STRATEGIES:
+        problems.append(f"--fsdp-sharding-strategy {config.fsdp_sharding_strategy!r} is unknown; use one of "
+                        f"{', '.join(SHARDING_STRATEGIES)}")
+    group = config.fsdp_shard_group_size
+    if group is not None and (group < 1 or world_size % group):
+        problems.append(f"--fsdp-shard-group-size {group} must divide --world-size {world_size}")
+    if config.max_tokens_per_gpu is None:
+        problems.append("--max-tokens-per-gpu: give the row length to estimate (or auto)")
+    if problems:
+        raise ConfigError("; ".join(problems))
+    started = time.perf_counter()
+    local = min(world_size, 8)
+    try:
+        if gib is None:  # no verdict: the estimate at the asked row, and the cost of a token
+            run = replace(config, activation_checkpointing=bool(config.activation_checkpointing))
+            result = estimate(run, world_size, None, cuda, run_optimizer(config), group, local)
+            found = Plan(result, result.activation_checkpointing, "asked for", result.max_tokens_per_gpu,
+                         "asked for", [])
+        else:
+            found = plan_run(config, world_size, local, gib, cuda)
+    except EstimateError as e:
+        raise ConfigError(str(e)) from None
+    print(f"activation checkpointing: {'on' if found.activation_checkpointing else 'off'} ({found.checkpointing_why})")
+    print(f"--max-tokens-per-gpu {found.max_tokens_per_gpu} ({found.tokens_why})")
+    print(found.estimate.describe())
+    if found.fixes:
+        print(does_not_fit(found))
+    print(f"(estimated in {time.perf_counter() - started:.0f} s on fake tensors, {world_size} fake ranks)")
+    print(found.estimate.json_line(), flush=True)
+    return 0

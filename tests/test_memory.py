@@ -1,0 +1,118 @@
+"""The memory estimate (minitrain/training/memory.py) against a real run, and its command line.
+
+The check against reality: a random Llama of ~170M parameters built from its config, FULL_SHARD on 2 gloo ranks on
+this CPU (fp32, sdpa, no activation checkpointing), two training steps of one 1024-token row through train.py's own
+forward_backward, clipping and optimizer step. Each rank's resident-memory growth from just before its shards are
+allocated to its peak is the measured peak; `train.py --estimate-memory --estimate-device cpu` for the same flags must
+be within 20% of it.
+"""
+
+import json
+import resource
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.test_train import ROOT, torchrun
+
+GIB = 2**30
+TOKENS = 1024
+LLAMA_170M = {
+    "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 1024, "intermediate_size": 2816,
+    "num_hidden_layers": 8, "num_attention_heads": 16, "num_key_value_heads": 4, "vocab_size": 32000,
+    "max_position_embeddings": 4096, "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "tie_word_embeddings": False,
+    "hidden_act": "silu", "attention_bias": False, "mlp_bias": False, "bos_token_id": 1, "eos_token_id": 2,
+}
+FLAGS = ["--max-tokens-per-gpu", str(TOKENS), "--fsdp-sharding-strategy", "FULL_SHARD",
+         "--no-activation-checkpointing"]
+
+
+def resident_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize()
+
+
+def measure_worker(model_dir: str, out: str) -> None:
+    """One rank: the run's model path (model.assemble, device_mesh, shard_model) with random weights, then two steps
+    of train.py's loop body on one row of TOKENS tokens, every position trained."""
+    import numpy as np
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    import train
+    from minitrain import memory
+    from minitrain.training.distributed import cleanup_distributed, init_distributed
+    from minitrain.training.model import assemble, device_mesh, shard_model
+    from minitrain.training.objectives import SFT
+
+    world = init_distributed("gloo")
+    config = train.parse_args(["--data-path", "unused", "--model-name-or-path", model_dir, "--output-dir", "unused",
+                               "--batch-size", "2", *FLAGS])
+    hf_config = AutoConfig.from_pretrained(model_dir)
+    with torch.device("meta"):
+        lm = AutoModelForCausalLM.from_config(hf_config, dtype=torch.float32, attn_implementation="sdpa")
+    model = assemble(lm, config, train.lora.build_adapter(config), hf_config)
+    shard_model(model, config.fsdp_sharding_strategy, world, device_mesh(config.fsdp_sharding_strategy, world))
+    before = resident_bytes()  # imports, the process group, the meta model: not the estimate's
+    model.to_empty(device="cpu")
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.02)
+        for name, buffer in model.lm.named_buffers():  # rotary inv_freq
+            buffer.copy_(torch.ones_like(buffer) / (1 + torch.arange(buffer.numel()).reshape(buffer.shape)))
+    optimizer, _ = train.build_optimizer(config, model.adapter.trainable_parameters(model), None)
+    objective = SFT()
+    cache = memory.synthetic_cache(objective, TOKENS)
+    for _ in range(2):
+        train.forward_backward(model, objective, cache, [np.array([0])], TOKENS - 1, world.world_size, world.device)
+        train.clip_gradients(model, 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before
+    Path(f"{out}.{world.rank}").write_text(json.dumps({"peak_bytes": peak}))
+    cleanup_distributed()
+
+
+def write_config(folder: Path, config: dict) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+def estimate_memory(args: list[str], timeout: int = 300) -> tuple[dict, str]:
+    """train.py --estimate-memory ARGS: (its last line, parsed as JSON; its whole output)."""
+    run = subprocess.run([sys.executable, "train.py", "--estimate-memory", *args], cwd=ROOT, capture_output=True,
+                         text=True, timeout=timeout, env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"})
+    assert run.returncode == 0, run.stderr[-3000:]
+    return json.loads(run.stdout.strip().splitlines()[-1]), run.stdout
+
+
+def test_estimate_is_within_20_percent_of_a_real_two_rank_cpu_run(tmp_path):
+    model_dir = write_config(tmp_path / "llama-170m", LLAMA_170M)
+    out = tmp_path / "measured"
+    run = torchrun([__file__, str(model_dir), str(out)], timeout=240)
+    assert run.returncode == 0, run.stderr[-3000:]
+    measured = [json.loads(Path(f"{out}.{rank}").read_text())["peak_bytes"] / GIB for rank in (0, 1)]
+    estimate, text = estimate_memory(["--model-name-or-path", str(model_dir), "--world-size", "2",
+                                      "--estimate-device", "cpu", *FLAGS])
+    print(f"\nestimate {estimate['peak_gib']:.3f} GiB per rank, measured {measured[0]:.3f} / {measured[1]:.3f} GiB\n"
+          f"{text}")
+    for peak in measured:
+        assert estimate["peak_gib"] == pytest.approx(peak, rel=0.20), (estimate, measured)
+
+
+def test_estimate_memory_needs_only_a_config_json_and_names_the_parts(tmp_path):
+    model_dir = write_config(tmp_path / "llama-170m", LLAMA_170M)
+    estimate, text = estimate_memory(["--model-name-or-path", str(model_dir), "--world-size", "4",
+                                      "--max-tokens-per-gpu", "512", "--gpu-memory-gib", "2", "--lora"])
+    assert set(estimate["parts"]) == {"parameters", "gradients", "optimizer_state", "activations", "temporary",
+                                      "communication"}
+    assert estimate["world_size"] == 4 and estimate["max_tokens_per_gpu"] == 512 and estimate["adapter"] == "lora"
+    assert estimate["peak_gib"] == pytest.approx(sum(estimate["parts"].values()), rel=1e-3)
+    assert estimate["longest_row_that_fits"] > 512 and "fits in 2 GiB" in text
+
+
+if __name__ == "__main__":
+    measure_worker(sys.argv[1], sys.argv[2])
