@@ -109,6 +109,11 @@ OFFICIAL: dict[str, Official] = {
     "command_r": Official("command_r", "CohereForAI-c4ai-command-r-v01.jinja", ("<|END_OF_TURN_TOKEN|>",)),
     "command_r_plus": Official("command_r_plus", "CohereForAI-c4ai-command-r-plus-tool_use.jinja", ("<|END_OF_TURN_TOKEN|>",)),
     "command_r7b": Official("command_r7b", "CohereForAI-c4ai-command-r7b-12-2024-tool_use.jinja", ("<|END_OF_TURN_TOKEN|>",)),
+    # with enable_thinking the opener it writes after the last message is `<|START_OF_TURN_TOKEN|><|CHATBOT_TOKEN|>`
+    # (without it, `...<|START_THINKING|><|END_THINKING|>`): never trained
+    "command_r7b_thinking": Official(
+        "command_r7b", "CohereForAI-c4ai-command-r7b-12-2024-tool_use.jinja", ("<|END_OF_TURN_TOKEN|>",), (("enable_thinking", True),)
+    ),
     "gpt_oss": Official("harmony", "openai-gpt-oss-120b.jinja", ("<|end|>", "<|return|>", "<|call|>")),
     "hermes3": Official("hermes3", "NousResearch-Hermes-3-Llama-3.1-8B-tool_use.jinja", ("<|im_end|>",)),
     "smollm2": Official("chatml", "HuggingFaceTB-SmolLM2-135M-Instruct.jinja", ("<|im_end|>",)),

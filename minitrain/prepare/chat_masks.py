@@ -33,7 +33,8 @@ Two methods compute the rule; each one's result is checked against the real rend
    a prefix of the full render (up to the header, as above). The turn ends at the last special-token run before
    the next turn's opener in the render of messages[:i+1] followed by a placeholder user turn (whose opener is
    the last one before the placeholder: template structure, whatever the contents hold), and the full render
-   must have that text; the last turn ends at the last special-token run of the full render (less `end`).
+   must have that text; the last turn ends at the last special-token run of the full render (less `end`, what the
+   template writes after the last message with the sample's kwargs: trailing_end).
 
 Templates with `{% generation %}` tags mark their trained characters themselves (see marking_template).
 """
@@ -230,7 +231,8 @@ def _after(text: str, k: int, until: int | None = None) -> str:
 @dataclass(frozen=True)
 class TemplateShape:
     header: str  # what add_generation_prompt appends after a user turn, with default kwargs ("" if nothing)
-    end: str  # what the template appends after the last message's turn (Phi-3's EOS), "" mostly
+    end: str  # what the template appends after the last message's turn (Phi-3's EOS), "" mostly: with default
+    # kwargs here; samples use trailing_end's with their own (Encoder.turn_shape)
     openers: tuple[str, ...]  # special tokens that open a turn other than the assistant's (and the header's first)
     closers: tuple[tuple[str, str], ...]  # (role, the special token closing that role's turn): headerless templates
     base_extra: tuple[tuple[str, object], ...] = ()  # what the probes needed to render (tools, for Hermes)
@@ -272,6 +274,22 @@ def _tool_probe(q: str) -> dict:
     return {"role": "assistant", "content": "", "tool_calls": [call]}
 
 
+def trailing_end(render, specials: Specials, extra: dict, header: str) -> str:
+    """What the template writes after the last message's turn whatever that message is (Phi-3's EOS; Command-R7B's
+    generation prompt, written whatever add_generation_prompt says), with these tools and kwargs (`header` is
+    generation_header's with them): never part of the turn. It can depend on the kwargs: Command-R7B writes
+    `<|START_THINKING|><|END_THINKING|>` after its opener unless enable_thinking is true. "" mostly."""
+    user = {"role": "user", "content": sentinel(0)}
+    pair = render([user, {"role": "assistant", "content": sentinel(1)}], extra)
+    final_user, final, middle_user = _after(render([user], extra), 0), _after(pair, 1), _after(pair, 0, 1)
+    # what follows the last message's turn whatever it is: where a user turn's closing as last and as middle part
+    cut = specials.cut_back(final_user, _common_prefix_len(final_user, middle_user))
+    end = final_user[cut:] if final.endswith(final_user[cut:]) else ""
+    if header and final.endswith(header) and final_user.endswith(header):
+        end = header  # written after the last message whatever add_generation_prompt says (Command-R7B)
+    return end
+
+
 def learn_shape(tokenizer, render, specials: Specials) -> TemplateShape:
     """Probe the template with sentinel conversations. Raises MaskError when it cannot render a plain exchange."""
     base: dict = {}
@@ -284,14 +302,8 @@ def learn_shape(tokenizer, render, specials: Specials) -> TemplateShape:
         except Exception as e:
             raise MaskError(f"the chat template fails on a plain user/assistant conversation ({e})") from None
     user = {"role": "user", "content": sentinel(0)}
-    final_user = _after(render([user], base), 0)
+    end = trailing_end(render, specials, base, header)
     final = _after(render([user, {"role": "assistant", "content": sentinel(1)}], base), 1)
-    middle_user = _after(render([user, {"role": "assistant", "content": sentinel(1)}], base), 0, 1)
-    # what follows the last message's turn whatever it is: where a user turn's closing as last and as middle part
-    cut = specials.cut_back(final_user, _common_prefix_len(final_user, middle_user))
-    end = final_user[cut:] if final.endswith(final_user[cut:]) else ""
-    if header and final.endswith(header) and render([user], base, False).endswith(header):
-        end = header  # written after the last message whatever add_generation_prompt says (Command-R7B)
     eots = {final[a:b] for a, b in specials.spans(final[: len(final) - len(end)])[:1]}
     head = specials.spans(header)[:1]
     head_token = header[head[0][0] : head[0][1]] if head else None

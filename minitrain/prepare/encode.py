@@ -6,7 +6,7 @@ by minitrain/prepare/preference.py. Every drop reason a sample can get is named 
 import inspect
 from bisect import bisect_left
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import orjson
 
@@ -217,7 +217,7 @@ class Encoder:
                 self.shape = chat_masks.learn_shape(self.tokenizer, self.renderer, self.specials)
             except MaskError as e:
                 self.template_problem = str(e)
-        self.headers: dict[bytes, str] = {}  # the generation prompt's header per distinct tools and kwargs
+        self.headers: dict[bytes, tuple | None] = {}  # turn_shape's answer per distinct tools and kwargs
         self.plans: dict[bytes, object] = {}  # sentinel plans (or their MaskError) per sample skeleton
         shape_markers = {self.shape.header, *self.shape.openers} if self.shape else set()
         self.markers = chat_masks.markers_pattern([m for m in set(self.specials.tokens) | shape_markers if m])
@@ -243,26 +243,36 @@ class Encoder:
             extra.update((k, v) for k, v in kwargs.items() if k not in self.reserved)
         return extra
 
-    def header(self, extra: dict) -> str:
-        """The generation prompt's header with this sample's tools and kwargs (Qwen3 with enable_thinking false:
-        the empty think block is part of it), from a probe render, cached."""
+    def turn_shape(self, extra: dict) -> tuple[chat_masks.TemplateShape, str]:
+        """The template's shape and the generation prompt's header with this sample's tools and kwargs, from probe
+        renders, cached: the header (Qwen3 with enable_thinking false: the empty think block is part of it) and
+        what the template writes after the last turn (Command-R7B: its opener, with `<|START_THINKING|>
+        <|END_THINKING|>` unless enable_thinking is true) depend on them."""
         key = orjson.dumps(extra, option=orjson.OPT_SORT_KEYS)
         if key not in self.headers:
             if len(self.headers) >= 1024:
                 self.headers.clear()
-            try:
-                header = chat_masks.generation_header(self.renderer, self.specials, extra)
-            except Exception:  # the probe misses something the template needs (tools): add what start-up needed
+            found = None
+            # the probe may miss something the template needs (tools): then add what start-up needed
+            for probe_extra in (extra, {**dict(self.shape.base_extra), **extra}):
                 try:
-                    header = chat_masks.generation_header(self.renderer, self.specials, {**dict(self.shape.base_extra), **extra})
+                    header = chat_masks.generation_header(self.renderer, self.specials, probe_extra)
                 except Exception:
-                    header = None
-            self.headers[key] = header
+                    continue
+                try:
+                    end = chat_masks.trailing_end(self.renderer, self.specials, probe_extra, header)
+                except Exception:  # the probe exchange is refused: what start-up learned
+                    end = self.shape.end
+                found = (self.shape if end == self.shape.end else replace(self.shape, end=end), header)
+                break
+            self.headers[key] = found
         if self.headers[key] is None:
             raise MaskError("the chat template fails on a probe conversation with this sample's tools and kwargs")
         return self.headers[key]
 
-    def sentinel_plan(self, marked_messages: list[dict], pieces: list, extra: dict, header: str) -> chat_masks.SentinelPlan:
+    def sentinel_plan(
+        self, marked_messages: list[dict], pieces: list, extra: dict, shape: chat_masks.TemplateShape, header: str
+    ) -> chat_masks.SentinelPlan:
         """The sentinel render's plan for this skeleton (the sentinel-replaced sample), cached: samples that differ
         only in their contents share one sentinel render. A plan that failed fails again, with its reason."""
         key = orjson.dumps([marked_messages, extra], option=orjson.OPT_SORT_KEYS)
@@ -274,7 +284,7 @@ class Encoder:
                     marked = self.renderer(marked_messages, extra)
                 except Exception as e:  # the template rejects a placeholder (a length check, ...)
                     raise MaskError(f"the chat template rejects placeholders ({type(e).__name__})") from None
-                plan = chat_masks.sentinel_plan(self.shape, header, self.specials, marked, marked_messages, pieces)
+                plan = chat_masks.sentinel_plan(shape, header, self.specials, marked, marked_messages, pieces)
             except MaskError as e:
                 plan = e
             if len(self.plans) >= 4096:
@@ -287,12 +297,12 @@ class Encoder:
     def assistant_spans(self, raw: bytes, messages: list[dict], real: str, extra: dict) -> list[tuple[int, int]]:
         """Trained character spans of `real` by the rule (chat_masks): from the sentinel render, else from prefix
         renders; each checked against the real render. MaskError with both reasons when neither can."""
-        header = self.header(extra)
+        shape, header = self.turn_shape(extra)
         reasons = []
         try:
             chat_masks.check_placeholders(raw)
             marked_messages, pieces = chat_masks.with_sentinels(messages, self.specials.split_re)
-            plan = self.sentinel_plan(marked_messages, pieces, extra, header)
+            plan = self.sentinel_plan(marked_messages, pieces, extra, shape, header)
             spans = chat_masks.apply_plan(plan, real, pieces)
             chat_masks.check_spans(real, spans, self.specials)
             self.methods["sentinel render"] += 1
@@ -300,7 +310,7 @@ class Encoder:
         except MaskError as e:
             reasons.append(f"sentinel render: {e}")
         try:
-            spans = chat_masks.prefix_spans(self.renderer, self.shape, header, self.specials, real, messages, extra)
+            spans = chat_masks.prefix_spans(self.renderer, shape, header, self.specials, real, messages, extra)
             chat_masks.check_spans(real, spans, self.specials)
             self.methods["prefix renders"] += 1
             return spans
