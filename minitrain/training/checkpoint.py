@@ -71,7 +71,7 @@ CHANGE_THE_RUN = (
 STOP_CONDITIONS = ("max_epochs", "max_steps", "max_samples")
 # Where and how often to write, how to compute (same math): free to change.
 FREE_ON_RESUME = (
-    "data_path", "output_dir", "min_samples_per_checkpoint", "checkpoint_every_steps", "keep_last_n_checkpoints",
+    "data_path", "output_dir", "cache_dir", "min_samples_per_checkpoint", "checkpoint_every_steps", "keep_last_n_checkpoints",
     "keep_last_n_exports", "fsdp_sharding_strategy", "activation_checkpointing", "use_liger_kernels", "save_dtype",
     "attn_implementation", "compile", "lora_export",
     "distributed_backend", "distributed_timeout_minutes", "resume_from", "fresh", "allow_config_change",

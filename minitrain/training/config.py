@@ -77,6 +77,9 @@ class TrainConfig:
               "on SIGTERM/SIGINT/SIGUSR1")
     keep_last_n_checkpoints: int | None = flag(None, "delete older full-state checkpoints (exports stay)")
     keep_last_n_exports: int | None = flag(None, "delete older hf_format exports (default: keep all)")
+    cache_dir: str | None = flag(None, "where the token cache and DPO reference tables go (default: <output-dir>/"
+                                       "token_cache); a node-local disk is fine: each node then builds its own copy "
+                                       "once")
     resume_from: str | None = flag(None, "a checkpoints/step_<N> folder (default: the newest in --output-dir)")
     fresh: bool = flag(False, "start over: delete --output-dir's full-state checkpoints (its exports are moved aside, "
                               "not deleted)")
@@ -146,7 +149,7 @@ class TrainConfig:
             self.data_path = [self.data_path]
         # "~" is the shell's, so a config file's "~/models/x" means what it says on the command line
         self.data_path = [os.path.expanduser(p) for p in self.data_path]
-        for name in ("model_name_or_path", "output_dir", "validation_data_path", "resume_from"):
+        for name in ("model_name_or_path", "output_dir", "validation_data_path", "resume_from", "cache_dir"):
             if getattr(self, name) is not None:
                 setattr(self, name, os.path.expanduser(getattr(self, name)))
 
