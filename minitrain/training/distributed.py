@@ -159,8 +159,8 @@ def check_shared_output_dir(folder: Path, world: World, error_type: type[Excepti
         names = sorted({nodes[r] for r in blind})
         ranks = ", ".join(map(str, blind))
         raise error_type(
-            f"--output-dir {folder}: {', '.join(names)} (ranks {ranks}) cannot see the folder that rank 0 on "
-            f"{nodes[0]} writes to (its marker file {MARKER} holds another token there); give every node the same "
+            f"--output-dir {folder}: {', '.join(names)} (rank {ranks}) cannot see the folder that rank 0 on "
+            f"{nodes[0]} writes to (the marker file {MARKER} there lacks rank 0's token); give every node the same "
             f"shared folder (a network filesystem mounted at the same path) as --output-dir")
 
 
