@@ -14,7 +14,7 @@ class FullFineTuning:
 
     name = "full"
     base_weights = ""  # as loaded
-    loads_on_every_rank = False  # rank 0 loads the weights; they are broadcast into the shards (build_model)
+    loads_on_every_rank = False  # each rank reads its shards' slices of the files (loading.py; build_model)
 
     def load_arguments(self, device: torch.device) -> dict:
         """Extra from_pretrained arguments for the base model (QLoRA's quantization): none."""
@@ -28,6 +28,10 @@ class FullFineTuning:
         """Before sharding (on the meta device for ranks > 0), and on rank 0's full copy whose weights are broadcast
         into the shards: change the module tree, the same way each time; nothing to change here."""
         return lm
+
+    def file_key(self, name: str) -> str:
+        """The name in the Hugging Face weight files of the live model's tensor `name` (loading.py): the same."""
+        return name
 
     def trainable_parameters(self, model: nn.Module) -> list[nn.Parameter]:
         return [p for p in model.parameters() if p.requires_grad]

@@ -33,6 +33,7 @@ adapter folder would then need a modified base to serve).
 
 import copy
 import importlib.util
+import re
 import sys
 import warnings
 from contextlib import contextmanager
@@ -49,6 +50,8 @@ from minitrain.training.export import write_hf_files
 from minitrain.training.families import ModelError, decoder_blocks
 
 ALL_LINEAR = "all-linear"
+# The parts of a name that peft inserts around a base module (loading.py maps them back to the file's names).
+PEFT_WRAPPERS = re.compile(r"\.(base_layer|original_module|modules_to_save\.[^.]+)(?=\.)")
 EXPORTS = ("adapter", "merged", "both")
 # --lora-init -> peft's init_lora_weights. `default` and `gaussian` start B at zero, so step 0 is the base model
 # exactly; `random` starts B random too (step 0 differs; for tests of gradients through both factors).
@@ -110,6 +113,12 @@ class LoRA(FullFineTuning):
     def apply(self, lm: nn.Module) -> nn.Module:
         inject(lm, self.peft_config, self.config.seed)
         return lm
+
+    def file_key(self, name: str) -> str:
+        """The base model's name for a tensor of the injected one: `q_proj.base_layer.weight` and a modules-to-save
+        copy's `lm_head.modules_to_save.default.weight` are the file's `q_proj.weight` and `lm_head.weight`; the
+        adapters keep their own names, which no base file holds (loading.py takes them from its skeleton)."""
+        return PEFT_WRAPPERS.sub("", name)
 
     @contextmanager
     def reference_mode(self, model: nn.Module):
