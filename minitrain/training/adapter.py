@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from minitrain.training.distributed import World
-from minitrain.training.export import write_hf_folder
+from minitrain.training.export import tied_duplicates, write_hf_folder, write_hf_folder_sharded
 
 
 class FullFineTuning:
@@ -52,3 +52,14 @@ class FullFineTuning:
     def write_export(self, lm: nn.Module, state: dict, tokenizer, dtype: torch.dtype, config: dict, final) -> None:
         """Rank 0: the export folder `final` from export_state's `state` (atomic)."""
         write_hf_folder(lm, state, tokenizer, dtype, config, final)
+
+    def export_tensors(self, lm: nn.Module) -> dict:
+        """{name in the Hugging Face files: this rank's shard (DTensor) or replicated buffer} of the export, for the
+        sharded writer: the whole model, tied weights once."""
+        tied = tied_duplicates(lm)
+        return {k: v for k, v in lm.state_dict().items() if k not in tied}
+
+    def write_export_sharded(self, lm: nn.Module, tokenizer, dtype: torch.dtype, config: dict, final,
+                             world: World) -> None:
+        """Collective: the export folder `final`, every rank writing its shards (export.write_hf_folder_sharded)."""
+        write_hf_folder_sharded(lm, self.export_tensors(lm), tokenizer, dtype, config, final, world)

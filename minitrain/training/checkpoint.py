@@ -46,7 +46,7 @@ import torch
 import torch.distributed as dist
 
 from minitrain import atomic
-from minitrain.training.distributed import World, print0, raise_if_any_rank_failed
+from minitrain.training.distributed import World, print0, raise_if_any_rank_failed, reshard
 from minitrain.training.lora import LORA_DEFAULTS
 from minitrain.training.validation import describe
 
@@ -575,12 +575,21 @@ def save_export(model, tokenizer, config, world: World, samples_seen: int) -> Pa
     """Write <output-dir>/hf_format/samples_<N>/. Collective: every rank takes part in gathering the full state dict
     (the model adapter says what an export holds); only rank 0 writes."""
     final = Path(config.output_dir) / "hf_format" / f"samples_{samples_seen}"
-    state = model.adapter.export_state(model, world)
+    dtype = getattr(torch, config.save_dtype)
     error = None
+    if getattr(model, "sharded_export", False):  # every rank writes its shards (export.write_hf_folder_sharded)
+        reshard(model)
+        try:
+            model.adapter.write_export_sharded(model.lm, tokenizer, dtype, asdict(config), final, world)
+        except OSError as e:
+            raise CheckpointError(f"could not write checkpoint {final}: {e}") from None
+        state = None
+    else:
+        state = model.adapter.export_state(model, world)
     if world.is_main:
         try:
-            dtype = getattr(torch, config.save_dtype)
-            model.adapter.write_export(model.lm, state, tokenizer, dtype, asdict(config), final)
+            if state is not None:
+                model.adapter.write_export(model.lm, state, tokenizer, dtype, asdict(config), final)
             if config.keep_last_n_exports is not None:
                 for old in prune_exports(final.parent, config.keep_last_n_exports, final):
                     print0(f"removed {old} (--keep-last-n-exports {config.keep_last_n_exports})")

@@ -223,7 +223,10 @@ def build_model(config, world: World, adapter: FullFineTuning | None = None) -> 
         shard_model(model, config.fsdp_sharding_strategy, world)  # every_rank: each keeps its shard of what it loaded
     if world.world_size > 1 and not every_rank:
         model.to_empty(device=world.device)
-        if not load_per_rank(config, lm, auto, hf_config, attn, adapter, world):
+        # Exports follow the loading: the names that read per rank are the files' names, so each rank writes its
+        # shards under them; a folder loaded by rank 0 is exported by rank 0, as before.
+        model.sharded_export = load_per_rank(config, lm, auto, hf_config, attn, adapter, world)
+        if not model.sharded_export:
             broadcast_from_rank0(lm, load, adapter, world)
     error = None
     try:  # refuses a loss that is not the model's own, or packed samples that are not isolated, in one line
