@@ -48,12 +48,13 @@ def world_from_env() -> tuple[int, int, int, int]:
 # would otherwise kill the first multi-GPU run on a large data set.
 PATIENT_TIMEOUT = timedelta(hours=24)
 _patient_group = None
+_checkpoint_group = None  # background (asynchronous) checkpoint writes: never in the training group's collectives
 
 
 def init_distributed(backend: str, timeout_minutes: float = 60) -> World:
     """The device (this local rank's GPU, else the CPU) and, under torchrun, the process group (`auto`: nccl on CUDA,
     gloo on CPU) with `timeout_minutes` for its collectives, plus the patient group (see PATIENT_TIMEOUT)."""
-    global _patient_group
+    global _patient_group, _checkpoint_group
     rank, local_rank, world_size, local_world_size = world_from_env()
     device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
     if device.type == "cuda":
@@ -64,14 +65,20 @@ def init_distributed(backend: str, timeout_minutes: float = 60) -> World:
         dist.init_process_group(backend, device_id=device if device.type == "cuda" else None,
                                 timeout=timedelta(minutes=timeout_minutes))
         _patient_group = dist.new_group(backend="gloo", timeout=PATIENT_TIMEOUT)
+        _checkpoint_group = dist.new_group(backend="gloo", timeout=PATIENT_TIMEOUT)
     return World(rank, local_rank, world_size, local_world_size, device)
 
 
 def cleanup_distributed() -> None:
-    global _patient_group
+    global _patient_group, _checkpoint_group
     if dist.is_initialized():
         dist.destroy_process_group()
-    _patient_group = None
+    _patient_group = _checkpoint_group = None
+
+
+def checkpoint_group():
+    """The gloo group of background checkpoint writes (None in one process)."""
+    return _checkpoint_group
 
 
 def print0(*args, **kwargs) -> None:
