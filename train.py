@@ -45,9 +45,11 @@ from minitrain.training.checkpoint import (
 from minitrain.training.config import ConfigError, TrainConfig, parse_args, validate
 from minitrain.training.optim import build_optimizer, lr_multiplier  # noqa: F401 (lr_multiplier: train's API)
 from minitrain.training import memory
-from minitrain.training.data import DataError, TokenCache, load_data
+from minitrain.training.data import DataError, TokenCache, cache_writer, load_data
 from minitrain.training.distributed import (
     World,
+    all_gather,
+    check_shared_output_dir,
     cleanup_distributed,
     compute_autocast,
     init_distributed,
@@ -207,9 +209,17 @@ def setup(config: TrainConfig, world: World) -> Run:
     state = RunState(data=checkpoint.data_fingerprint(costs, data.trained, cache.content_hash))
     if mixture is not None:
         state.data += f", {mixture.fingerprint()}"
-    resume = checkpoint.find_resume_point(config.output_dir, config.resume_from, config.fresh)
-    resumed_samples = 0 if resume is None else checkpoint.check_resumable(resume, asdict(config), state.data)
-    raise_if_any_rank_failed(None, ConfigError)  # barrier
+    # Rank 0 chooses the checkpoint and checks it; every rank loads that one (a rank that looked for itself could
+    # find another, e.g. one whose save completed while the others were looking).
+    resume, resumed_samples, error = None, 0, None
+    if world.is_main:
+        resume = checkpoint.find_resume_point(config.output_dir, config.resume_from, config.fresh)
+        try:
+            resumed_samples = 0 if resume is None else checkpoint.check_resumable(resume, asdict(config), state.data)
+        except CheckpointError as e:
+            error = e
+    raise_if_any_rank_failed(error, CheckpointError)
+    resume, resumed_samples = all_gather((resume, resumed_samples))[0]
     if world.is_main:
         checkpoint.tidy_output_dir(config.output_dir, config.fresh, resume, resumed_samples)
 
@@ -252,6 +262,8 @@ def start(config: TrainConfig, world: World):
     checkpointing_why = memory.plan_for_run(config, world, hf_config)  # resolves auto checkpointing and budget
     out = Path(config.output_dir)
     out.mkdir(parents=True, exist_ok=True)
+    # Every rank must see rank 0's output folder: checkpoints, the resume point and the token cache live there.
+    check_shared_output_dir(out, world, ConfigError)
     print0(json.dumps(asdict(config), indent=2))
     print0(f"attention: {config.attn_implementation}; activation checkpointing: "
            f"{'on' if config.activation_checkpointing else 'off'} ({checkpointing_why})")
@@ -283,7 +295,8 @@ def load_datasets(config: TrainConfig, world: World, hf_config, tokenizer, objec
     template = chat_template_of(sources)
     if template is not None:  # the template the data was rendered with goes into every export's tokenizer
         tokenizer.chat_template = template
-    caches = [load_data(config, world, hf_config.vocab_size, path=s.path) for s in sources]
+    writer = cache_writer(config, world)  # one builder per copy of the cache folder
+    caches = [load_data(config, world, hf_config.vocab_size, path=s.path, writer=writer) for s in sources]
     for source, source_cache in zip(sources, caches):
         objective.check(source_cache, source.path)
     if len(caches) > 1 and caches[0].pairs:
@@ -294,7 +307,8 @@ def load_datasets(config: TrainConfig, world: World, hf_config, tokenizer, objec
         train_indices, held_out = split_validation(len(cache), config.validation_split)
         validation_cache = cache
     elif config.validation_data_path is not None:
-        validation_cache = load_data(config, world, hf_config.vocab_size, path=config.validation_data_path)
+        validation_cache = load_data(config, world, hf_config.vocab_size, path=config.validation_data_path,
+                                     writer=writer)
         objective.check(validation_cache, config.validation_data_path)
     costs, trained = objective.costs(cache), cache.trained
     if train_indices is not None:

@@ -53,6 +53,17 @@ def write_json(path: Path, obj) -> None:
     write_text(path, json.dumps(obj, indent=2) + "\n")
 
 
+def publish_folder(tmp: Path, final: Path) -> None:
+    """Make a filled temporary folder `final` (replacing an existing one): flushed, renamed, the rename durable."""
+    for path in sorted(tmp.rglob("*"), reverse=True):  # files, then the folders holding them
+        fsync_file(path)
+    fsync_dir(tmp)
+    if final.exists():
+        shutil.rmtree(final)
+    tmp.rename(final)
+    fsync_dir(final.parent)
+
+
 @contextmanager
 def atomic_folder(final: Path, tag: str = "", replace: bool = True, complete=lambda folder: True):
     """Yield a temporary folder to fill; on success it becomes `final`. An existing `final` is replaced when

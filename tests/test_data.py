@@ -42,7 +42,12 @@ def test_cache_holds_every_trainable_row_exactly_and_reports_the_dropped_one(tmp
     kept = [ROWS[0], ROWS[1], ROWS[3]]
     assert len(cache) == 3
     assert cache.input_ids.tolist() == sum((r["input_ids"] for r in kept), [])
-    assert cache.labels.tolist() == sum((r["labels"] for r in kept), [])
+    assert cache.labels[0:len(cache.labels)].tolist() == sum((r["labels"] for r in kept), [])
+    # the labels are stored as a one-byte trained mask beside the int32 ids
+    tokens = len(cache.input_ids)
+    assert (cache.directory / "trained_mask.bin").stat().st_size == tokens
+    assert (cache.directory / "input_ids.bin").stat().st_size == 4 * tokens
+    assert not (cache.directory / "labels.bin").exists()
     assert cache.lengths.tolist() == [4, 3, 5]
     assert cache.trained.tolist() == [2, 2, 3]  # labels[0] is never predicted after the shift
     assert cache.lines.tolist() == [1, 3, 5]

@@ -36,7 +36,7 @@ def train_args(data: Path, model_dir: Path, out: Path) -> list[str]:
         "--data-path", str(data), "--model-name-or-path", str(model_dir), "--output-dir", str(out),
         "--batch-size", "4", "--max-tokens-per-gpu", "64", "--max-steps", str(STEPS), "--learning-rate", "1e-3",
         "--num-warmup-steps", "2", "--lr-scheduler", "cosine", "--min-samples-per-checkpoint", "8",
-        "--checkpoint-every-steps", "3", "--keep-last-n-checkpoints", "2", "--save-dtype", "float32",
+        "--checkpoint-every-steps", "2", "--keep-last-n-checkpoints", "2", "--save-dtype", "float32",
     ]
 
 
@@ -110,7 +110,7 @@ def reference(setup):
 
 
 def test_reference_run_keeps_the_newest_checkpoints_and_every_export(reference):
-    # Full state every 3 steps and with every export (every 8 samples = 2 steps): steps 2, 3, 4, 6; keep 2.
+    # Full state every 2 steps (exports, every 8 samples = 2 steps, do not add any): steps 2, 4, 6; keep 2.
     assert sorted(p.name for p in (reference / "checkpoints").iterdir()) == ["step_4", "step_6"]
     assert sorted(p.name for p in (reference / "hf_format").iterdir()) == ["samples_16", "samples_24", "samples_8"]
     newest = reference / "checkpoints" / "step_6"
@@ -139,11 +139,11 @@ def test_killed_and_signalled_run_resumes_to_the_reference_exactly(setup, refere
         job.wait_until(lambda: {"rng_rank0.pt", "rng_rank1.pt"} <= {p.name for p in saves.glob(".step_4.tmp/*")})
     finally:
         job.kill()
-    assert sorted(p.name for p in saves.iterdir()) == [".step_4.tmp", "step_2", "step_3"]
-    assert checkpoint.latest_checkpoint(saves) == saves / "step_3"
+    assert sorted(p.name for p in saves.iterdir()) == [".step_4.tmp", "step_2"]
+    assert checkpoint.latest_checkpoint(saves) == saves / "step_2"
     assert [r["step"] for r in metrics(out)] == [1, 2, 3, 4]
 
-    # 2. The same command, one process: resumes from step_3 (saved by 2 ranks); SIGTERM stops it at a boundary.
+    # 2. The same command, one process: resumes from step_2 (saved by 2 ranks); SIGTERM stops it at a boundary.
     job = Job(args, root / "run2.log", nproc=None)
     try:
         job.wait_until(lambda: "resumed from" in job.text())
@@ -153,8 +153,8 @@ def test_killed_and_signalled_run_resumes_to_the_reference_exactly(setup, refere
         job.kill()
     log = job.text()
     assert f"removed {saves / '.step_4.tmp'}, a checkpoint whose save was interrupted" in log
-    assert f"resumed from {saves / 'step_3'}: step 3, 12 samples seen; saved with world size 2" in log
-    assert "metrics.jsonl: removed 1 lines logged after the checkpoint" in log
+    assert f"resumed from {saves / 'step_2'}: step 2, 8 samples seen; saved with world size 2" in log
+    assert "metrics.jsonl: removed 2 lines logged after the checkpoint" in log
     assert "stopped by SIGTERM after step" in log
     stopped_at = metrics(out)[-1]["step"]
     assert stopped_at < STEPS and checkpoint.latest_checkpoint(saves) == saves / f"step_{stopped_at}"

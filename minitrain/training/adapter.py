@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from minitrain.training.distributed import World
-from minitrain.training.export import write_hf_folder
+from minitrain.training.export import tied_duplicates, write_hf_folder, write_hf_folder_sharded
 
 
 class FullFineTuning:
@@ -14,7 +14,7 @@ class FullFineTuning:
 
     name = "full"
     base_weights = ""  # as loaded
-    loads_on_every_rank = False  # rank 0 loads the weights; they are broadcast into the shards (build_model)
+    loads_on_every_rank = False  # each rank reads its shards' slices of the files (loading.py; build_model)
 
     def load_arguments(self, device: torch.device) -> dict:
         """Extra from_pretrained arguments for the base model (QLoRA's quantization): none."""
@@ -28,6 +28,10 @@ class FullFineTuning:
         """Before sharding (on the meta device for ranks > 0), and on rank 0's full copy whose weights are broadcast
         into the shards: change the module tree, the same way each time; nothing to change here."""
         return lm
+
+    def file_key(self, name: str) -> str:
+        """The name in the Hugging Face weight files of the live model's tensor `name` (loading.py): the same."""
+        return name
 
     def trainable_parameters(self, model: nn.Module) -> list[nn.Parameter]:
         return [p for p in model.parameters() if p.requires_grad]
@@ -48,3 +52,14 @@ class FullFineTuning:
     def write_export(self, lm: nn.Module, state: dict, tokenizer, dtype: torch.dtype, config: dict, final) -> None:
         """Rank 0: the export folder `final` from export_state's `state` (atomic)."""
         write_hf_folder(lm, state, tokenizer, dtype, config, final)
+
+    def export_tensors(self, lm: nn.Module) -> dict:
+        """{name in the Hugging Face files: this rank's shard (DTensor) or replicated buffer} of the export, for the
+        sharded writer: the whole model, tied weights once."""
+        tied = tied_duplicates(lm)
+        return {k: v for k, v in lm.state_dict().items() if k not in tied}
+
+    def write_export_sharded(self, lm: nn.Module, tokenizer, dtype: torch.dtype, config: dict, final,
+                             world: World) -> None:
+        """Collective: the export folder `final`, every rank writing its shards (export.write_hf_folder_sharded)."""
+        write_hf_folder_sharded(lm, self.export_tensors(lm), tokenizer, dtype, config, final, world)

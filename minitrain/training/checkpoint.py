@@ -26,8 +26,15 @@ The contract:
   after k's samples aside, so neither pruning nor the next restart mistakes another trajectory's state for this
   one's. A first start (or --fresh) sets every earlier export aside.
 - `Checkpointer` owns the cadence: the loop calls it after every step and it decides whether this step exports
-  (every --min-samples-per-checkpoint samples), writes full state (with every export, every
-  --checkpoint-every-steps steps, on a stop signal) or both; the end of the run always has both.
+  (every --min-samples-per-checkpoint samples), writes full state (every --checkpoint-every-minutes by rank 0's
+  clock, default 30, so a run launched with export flags alone still resumes exactly after a kill -9 and loses at
+  most that much work; every --checkpoint-every-steps steps; on a stop signal) or both; the end of the run always
+  has both. An export does not force a full-state save. The newest --keep-last-n-checkpoints (default 2) full-state
+  checkpoints are kept; exports are never deleted unless --keep-last-n-exports asks.
+- Full-state saves are asynchronous on CUDA by default (--async-save): the state is staged to host memory, the
+  write runs in the background on a process group of its own while training goes on, and the save is completed
+  (COMPLETE, the rename, pruning) once every rank's write has finished. A kill during it leaves the `.tmp` folder,
+  removed at the next start, and the previous checkpoint whole.
 """
 import hashlib
 import json
@@ -36,6 +43,7 @@ import random
 import re
 import shutil
 import signal
+import time
 import warnings
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -46,8 +54,8 @@ import torch
 import torch.distributed as dist
 
 from minitrain import atomic
-from minitrain.training.distributed import World, print0, raise_if_any_rank_failed
 from minitrain.training import lora
+from minitrain.training.distributed import World, checkpoint_group, print0, raise_if_any_rank_failed, reshard
 from minitrain.training.lora import LORA_DEFAULTS
 from minitrain.training.validation import describe
 
@@ -72,7 +80,8 @@ CHANGE_THE_RUN = (
 STOP_CONDITIONS = ("max_epochs", "max_steps", "max_samples")
 # Where and how often to write, how to compute (same math): free to change.
 FREE_ON_RESUME = (
-    "data_path", "output_dir", "min_samples_per_checkpoint", "checkpoint_every_steps", "keep_last_n_checkpoints",
+    "data_path", "output_dir", "cache_dir", "min_samples_per_checkpoint", "checkpoint_every_steps",
+    "checkpoint_every_minutes", "async_save", "keep_last_n_checkpoints",
     "keep_last_n_exports", "fsdp_sharding_strategy", "activation_checkpointing", "use_liger_kernels", "save_dtype",
     "attn_implementation", "compile", "lora_export", "fsdp_shard_group_size",
     "estimate_memory", "world_size", "gpu_memory_gib", "estimate_device",  # --estimate-memory's own (it never trains)
@@ -227,6 +236,25 @@ def save(
     config: dict,
 ) -> Path:
     """Write `root/step_<step>` atomically; `trainer_state` is JSON (the scheduler's state_dict included)."""
+    return finish_save(start_save(root, step, model, optimizer, trainer_state, config, asynchronous=False))
+
+
+@dataclass
+class PendingSave:
+    """A full-state save whose shards may still be being written (dcp.async_save's future)."""
+
+    future: object  # concurrent.futures.Future, or None once written (synchronous saves)
+    tmp: Path
+    final: Path
+    trainer_state: dict
+    config: dict
+
+
+def start_save(root: Path, step: int, model, optimizer, trainer_state: dict, config: dict,
+               asynchronous: bool) -> PendingSave:
+    """Collective: every rank's shards and RNG states into `root/.step_<step>.tmp/`; `asynchronous`: the state is
+    staged to host memory now and written in the background (on a process group of its own), so training may change
+    the weights meanwhile. finish_save completes it."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.api import CheckpointException
 
@@ -241,22 +269,52 @@ def save(
             error = e
     raise_if_any_rank_failed(error, CheckpointError, f"cannot create {tmp}")
     model_state, optimizer_state = trained_state(model, optimizer)
+    world_size = dist.get_world_size() if dist.is_initialized() else 1
+    trainer_state = json.loads(json.dumps({**trainer_state, "step": step, "world_size": world_size}))  # as of now
+    future = None
     try:
-        with single_process_is_intended():
-            dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=tmp)
         torch.save(rng_states(), tmp / f"rng_rank{rank}.pt")
+        state = {"model": model_state, "optimizer": optimizer_state}
+        with single_process_is_intended():
+            if asynchronous:
+                future = dcp.async_save(state, checkpoint_id=tmp, process_group=checkpoint_group())
+            else:
+                dcp.save(state, checkpoint_id=tmp)
         error = None
     except (OSError, CheckpointException) as e:
         error = e
     raise_if_any_rank_failed(error, CheckpointError, f"cannot write checkpoint {tmp}")
+    return PendingSave(future, tmp, final, trainer_state, config)
+
+
+def save_written(pending: PendingSave, device: torch.device) -> bool:
+    """Collective: whether every rank's background write has finished (so finish_save will not wait)."""
+    done = torch.tensor([pending.future is None or pending.future.done()], dtype=torch.int32, device=device)
+    if dist.is_initialized():
+        dist.all_reduce(done, op=dist.ReduceOp.MIN)
+    return bool(done.item())
+
+
+def finish_save(pending: PendingSave) -> Path:
+    """Collective: wait for every rank's shards, then rank 0 writes the small files, COMPLETE last, and renames the
+    folder into place."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    error = None
+    if pending.future is not None:
+        try:
+            pending.future.result()
+        except (OSError, CheckpointException, RuntimeError) as e:
+            error = e
+    raise_if_any_rank_failed(error, CheckpointError, f"cannot write checkpoint {pending.tmp}")
     if rank == 0:
         try:
-            world_size = dist.get_world_size() if dist.is_initialized() else 1
-            complete(tmp, final, {**trainer_state, "step": step, "world_size": world_size}, config)
+            complete(pending.tmp, pending.final, pending.trainer_state, pending.config)
         except OSError as e:
             error = e
-    raise_if_any_rank_failed(error, CheckpointError, f"cannot complete checkpoint {final}")  # all wait for the rename
-    return final
+    raise_if_any_rank_failed(error, CheckpointError, f"cannot complete checkpoint {pending.final}")  # all wait
+    return pending.final
 
 
 def complete(tmp: Path, final: Path, trainer_state: dict, config: dict) -> None:
@@ -533,6 +591,9 @@ class Checkpointer:
         self.model, self.optimizer, self.scheduler, self.tokenizer = model, optimizer, scheduler, tokenizer
         self.validator = validator
         self.last_full_state_step = state.step  # a resumed run's step is saved already: finish() does not redo it
+        self.last_full_state_time = time.monotonic()
+        self.asynchronous = config.async_save if config.async_save is not None else world.device.type == "cuda"
+        self.pending: PendingSave | None = None  # a background save not yet completed
 
     def export_due(self, state: RunState) -> bool:
         """Whether this step's samples crossed a multiple of --min-samples-per-checkpoint since the last export."""
@@ -542,14 +603,28 @@ class Checkpointer:
     def after_step(self, state: RunState, signum: int, last_step: bool) -> bool:
         """Save what this step calls for; True when a stop signal ends the run here (after the last step the run
         ends normally anyway)."""
-        export = self.export_due(state)
-        if export:
+        if self.pending is not None and save_written(self.pending, self.world.device):
+            self.complete_pending()
+        if self.export_due(state):
             self.export(state)
         stop_now = bool(signum) and not last_step
         every = self.config.checkpoint_every_steps
-        if export or stop_now or (every is not None and state.step % every == 0):
+        if stop_now or (every is not None and state.step % every == 0) or self.minutes_due():
             self.save_full_state(state)
+        if stop_now:
+            self.complete_pending()
         return stop_now
+
+    def minutes_due(self) -> bool:
+        """Collective: whether --checkpoint-every-minutes have passed since the last full-state save, by rank 0's
+        clock (the ranks' clocks could disagree at the boundary, and every rank must take part in the save)."""
+        minutes = self.config.checkpoint_every_minutes
+        if not minutes:
+            return False
+        due = torch.tensor([time.monotonic() - self.last_full_state_time >= 60 * minutes], device=self.world.device)
+        if dist.is_initialized():
+            dist.broadcast(due, src=0)
+        return bool(due.item())
 
     def finish(self, state: RunState) -> None:
         """At the end of the run: an export of the final weights and a full-state checkpoint, unless just written."""
@@ -557,6 +632,7 @@ class Checkpointer:
             self.export(state)
         if state.step != self.last_full_state_step:
             self.save_full_state(state)
+        self.complete_pending()
 
     def export(self, state: RunState) -> Path:
         """hf_format/samples_<N>/ (the model adapter's export_state says what it holds); noted as the best export so far when
@@ -576,26 +652,47 @@ class Checkpointer:
         if self.validator is not None:
             state.validation = self.validator.state_dict()
         trainer_state = {**state.to_json(), "scheduler": self.scheduler.state_dict()}
-        path = save(root, state.step, self.model, self.optimizer, trainer_state, asdict(self.config))
-        self.last_full_state_step = state.step
+        self.complete_pending()  # one save at a time
+        self.pending = start_save(root, state.step, self.model, self.optimizer, trainer_state, asdict(self.config),
+                                  self.asynchronous)
+        self.last_full_state_step, self.last_full_state_time = state.step, time.monotonic()
+        if not self.asynchronous:
+            self.complete_pending()
+        return self.pending.final if self.pending is not None else root / f"step_{state.step}"
+
+    def complete_pending(self) -> None:
+        """Collective: complete the save under way (waiting for its writes), then prune to --keep-last-n-checkpoints:
+        the older checkpoints go only once the newer one is whole."""
+        if self.pending is None:
+            return
+        path = finish_save(self.pending)
+        self.pending = None
         keep = self.config.keep_last_n_checkpoints
         if self.world.is_main and keep is not None:
-            for old in prune(root, keep):
+            for old in prune(path.parent, keep):
                 print0(f"removed {old} (--keep-last-n-checkpoints {keep})")
         print0(f"saved {path}")
-        return path
 
 
 def save_export(model, tokenizer, config, world: World, samples_seen: int) -> Path:
     """Write <output-dir>/hf_format/samples_<N>/. Collective: every rank takes part in gathering the full state dict
     (the model adapter says what an export holds); only rank 0 writes."""
     final = Path(config.output_dir) / "hf_format" / f"samples_{samples_seen}"
-    state = model.adapter.export_state(model, world)
+    dtype = getattr(torch, config.save_dtype)
     error = None
+    if getattr(model, "sharded_export", False):  # every rank writes its shards (export.write_hf_folder_sharded)
+        reshard(model)
+        try:
+            model.adapter.write_export_sharded(model.lm, tokenizer, dtype, asdict(config), final, world)
+        except OSError as e:
+            raise CheckpointError(f"could not write checkpoint {final}: {e}") from None
+        state = None
+    else:
+        state = model.adapter.export_state(model, world)
     if world.is_main:
         try:
-            dtype = getattr(torch, config.save_dtype)
-            model.adapter.write_export(model.lm, state, tokenizer, dtype, asdict(config), final)
+            if state is not None:
+                model.adapter.write_export(model.lm, state, tokenizer, dtype, asdict(config), final)
             if config.keep_last_n_exports is not None:
                 for old in prune_exports(final.parent, config.keep_last_n_exports, final):
                     print0(f"removed {old} (--keep-last-n-exports {config.keep_last_n_exports})")

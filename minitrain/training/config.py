@@ -83,10 +83,20 @@ class TrainConfig:
                                          "finished)")
     min_samples_per_checkpoint: int | None = flag(None, "export a Hugging Face folder every N samples (and at the end)")
     checkpoint_every_steps: int | None = flag(
-        None, "full-state checkpoint (exact resume) every N steps; also written with every export, at the end and "
-              "on SIGTERM/SIGINT/SIGUSR1")
-    keep_last_n_checkpoints: int | None = flag(None, "delete older full-state checkpoints (exports stay)")
+        None, "full-state checkpoint (exact resume) every N steps; also written by --checkpoint-every-minutes, at the "
+              "end and on SIGTERM/SIGINT/SIGUSR1 (an export does not write one)")
+    checkpoint_every_minutes: float = flag(
+        30.0, "full-state checkpoint when this many minutes passed since the last one (rank 0's clock), so a killed "
+              "run loses at most this much work; 0 = only --checkpoint-every-steps, signals and the end")
+    async_save: bool | None = flag(
+        None, "write full-state checkpoints in the background (dcp.async_save) while training goes on; a kill during "
+              "one leaves the previous checkpoint whole; default: on with CUDA, off on CPU")
+    keep_last_n_checkpoints: int | None = flag(2, "keep only the newest N full-state checkpoints (default 2; exports "
+                                                  "are never deleted by this)")
     keep_last_n_exports: int | None = flag(None, "delete older hf_format exports (default: keep all)")
+    cache_dir: str | None = flag(None, "where the token cache and DPO reference tables go (default: <output-dir>/"
+                                       "token_cache); a node-local disk is fine: each node then builds its own copy "
+                                       "once")
     resume_from: str | None = flag(None, "a checkpoints/step_<N> folder (default: the newest in --output-dir)")
     fresh: bool = flag(False, "start over: delete --output-dir's full-state checkpoints (its exports are moved aside, "
                               "not deleted)")
@@ -172,7 +182,7 @@ class TrainConfig:
             self.data_path = [self.data_path]
         # "~" is the shell's, so a config file's "~/models/x" means what it says on the command line
         self.data_path = [os.path.expanduser(p) for p in self.data_path]
-        for name in ("model_name_or_path", "output_dir", "validation_data_path", "resume_from"):
+        for name in ("model_name_or_path", "output_dir", "validation_data_path", "resume_from", "cache_dir"):
             if getattr(self, name) is not None:
                 setattr(self, name, os.path.expanduser(getattr(self, name)))
 
@@ -299,6 +309,8 @@ def validate(config: TrainConfig, world_size: int, local_world_size: int, cuda: 
             problems.append(f"--{name.replace('_', '-')} must be in [0, 1), got {getattr(config, name)}")
     if not config.adam_epsilon > 0:
         problems.append(f"--adam-epsilon must be positive, got {config.adam_epsilon}")
+    if not config.checkpoint_every_minutes >= 0:
+        problems.append(f"--checkpoint-every-minutes must be >= 0 (0 = off), got {config.checkpoint_every_minutes}")
     if not config.distributed_timeout_minutes > 0:
         problems.append(f"--distributed-timeout-minutes must be positive, got {config.distributed_timeout_minutes}")
     if config.max_grad_norm < 0:

@@ -1,8 +1,10 @@
 """Stage-2 data: a memory-mapped token cache built once from process_data.py's JSONL, and packed rows read from it.
 
-The cache is four flat arrays: every sample's `input_ids` and `labels` concatenated (int32, memory-mapped, so the
-ranks of a node share one copy through the page cache), `offsets` (sample i is tokens offsets[i]:offsets[i+1]) and
-`trained` (tokens each sample trains on after the shift). Per rank, memory grows with the number of samples
+The cache is four flat arrays: every sample's `input_ids` concatenated (int32, memory-mapped, so the ranks of a
+node share one copy through the page cache) with a one-byte trained mask beside them (labels are the input ids where
+the mask is 1, IGNORE elsewhere: process_data.py's labels are never anything else, so they cost 1 byte per token, not
+4), `offsets` (sample i is tokens offsets[i]:offsets[i+1]) and `trained` (tokens each sample trains on after the
+shift). Per rank, memory grows with the number of samples
 (offsets, trained, lengths), never with the number of tokens. meta.json holds a hash of the tokens and labels, which
 the data fingerprint of a checkpoint includes.
 
@@ -24,7 +26,7 @@ attention cannot be split into samples through position ids.
 import hashlib
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -32,9 +34,9 @@ import orjson
 import torch
 
 from minitrain import IGNORE, atomic  # noqa: F401 (IGNORE: stage 2 imports it from here)
-from minitrain.training.distributed import World, print0, raise_if_any_rank_failed
+from minitrain.training.distributed import World, folder_owners, print0, raise_if_any_rank_failed
 
-CACHE_VERSION = 2  # 2: meta.json holds the content hash
+CACHE_VERSION = 3  # 2: meta.json holds the content hash; 3: a one-byte trained mask instead of int32 labels
 
 
 class DataError(ValueError):
@@ -44,7 +46,7 @@ class DataError(ValueError):
 @dataclass(frozen=True)
 class TokenCache:
     input_ids: np.ndarray  # (total_tokens,) int32, memory-mapped
-    labels: np.ndarray  # (total_tokens,) int32, memory-mapped; IGNORE where not trained
+    labels: "MaskedLabels"  # (total_tokens,) int32 when sliced; IGNORE where not trained
     offsets: np.ndarray  # (num_samples + 1,) int64
     trained: np.ndarray  # (num_samples,) int64, trained tokens after the shift
     lines: np.ndarray  # (num_samples,) int64, 1-based line of each sample in the data file, memory-mapped
@@ -55,6 +57,7 @@ class TokenCache:
     chosen_lengths: np.ndarray | None = None  # (num_pairs,) int64 for a cache of preference pairs, else None
     source_lengths: np.ndarray | None = None  # (num_samples,) int64 for a cache of source-target samples, else None
     directory: Path | None = None  # where the cache lives (files keyed to it, e.g. reference log-probs, go here)
+    writer: bool = True  # whether this rank writes the files that go beside it (one rank per copy of the folder)
 
     @property
     def pairs(self) -> bool:
@@ -79,6 +82,20 @@ class TokenCache:
 
     def __len__(self) -> int:
         return len(self.offsets) - 1
+
+
+class MaskedLabels:
+    """The labels of a cache, stored as the input ids and a one-byte trained mask: labels[a:b] is the int32 array
+    of input_ids[a:b] where trained, IGNORE elsewhere (for slices, as every reader takes them)."""
+
+    def __init__(self, input_ids: np.ndarray, mask: np.ndarray):
+        self.input_ids, self.mask = input_ids, mask
+
+    def __len__(self) -> int:
+        return len(self.mask)
+
+    def __getitem__(self, window: slice) -> np.ndarray:
+        return np.where(self.mask[window] != 0, self.input_ids[window], IGNORE).astype(np.int32)
 
 
 def cache_dir_for(data_path: Path, cache_root: Path) -> Path:
@@ -188,7 +205,7 @@ def build_token_cache(data_path: Path, cache_dir: Path) -> None:
     # replace=False: if another node's writer got there first (shared filesystem), its identical cache is kept.
     complete = lambda folder: (folder / "meta.json").exists()  # noqa: E731
     with atomic.atomic_folder(cache_dir, tag=f"{os.uname().nodename}-", replace=False, complete=complete) as tmp:
-        ids_out, labels_out = open(tmp / "input_ids.bin", "wb"), open(tmp / "labels.bin", "wb")
+        ids_out, labels_out = open(tmp / "input_ids.bin", "wb"), open(tmp / "trained_mask.bin", "wb")
         with open(data_path, "rb") as f, ids_out, labels_out:
             for line_no, raw in enumerate(f, start=1):
                 if not raw.strip():
@@ -222,10 +239,12 @@ def build_token_cache(data_path: Path, cache_dir: Path) -> None:
                     continue
                 if pairs:
                     chosen_lengths.append(len(chosen_ids))
+                # Labels are the input ids or IGNORE (parse_sequence refuses anything else; a seq2seq sample's
+                # labels are its target ids, its input ids there): the mask says which.
                 input_ids.tofile(ids_out)
-                labels.tofile(labels_out)
+                (labels != IGNORE).astype(np.uint8).tofile(labels_out)
                 ids_hash.update(input_ids.tobytes())
-                labels_hash.update(labels.tobytes())
+                labels_hash.update(labels.tobytes())  # the int32 labels, as before: the same data, the same hash
                 offsets.append(offsets[-1] + len(input_ids))
                 trained.append(n_trained)
                 lines.append(line_no)
@@ -258,9 +277,11 @@ def open_token_cache(cache_dir: Path) -> TokenCache:
     meta = json.loads((cache_dir / "meta.json").read_text())
     offsets = np.load(cache_dir / "offsets.npy")
     total = int(offsets[-1])
+    input_ids = np.memmap(cache_dir / "input_ids.bin", dtype=np.int32, mode="r", shape=(total,))
+    mask = np.memmap(cache_dir / "trained_mask.bin", dtype=np.uint8, mode="r", shape=(total,))
     return TokenCache(
-        input_ids=np.memmap(cache_dir / "input_ids.bin", dtype=np.int32, mode="r", shape=(total,)),
-        labels=np.memmap(cache_dir / "labels.bin", dtype=np.int32, mode="r", shape=(total,)),
+        input_ids=input_ids,
+        labels=MaskedLabels(input_ids, mask),
         offsets=offsets,
         trained=np.load(cache_dir / "trained.npy"),
         lines=np.load(cache_dir / "lines.npy", mmap_mode="r"),
@@ -273,15 +294,29 @@ def open_token_cache(cache_dir: Path) -> TokenCache:
     )
 
 
-def load_data(config, world: World, vocab_size: int, path: str | None = None) -> TokenCache:
-    """Local rank 0 of each node builds the token cache once (others wait); every rank then memory-maps it.
+def cache_root(config) -> Path:
+    return Path(config.cache_dir) if config.cache_dir else Path(config.output_dir) / "token_cache"
+
+
+def cache_writer(config, world: World) -> bool:
+    """Collective: whether this rank builds (and writes beside) the token caches. One rank per copy of the cache
+    folder: rank 0 alone when every node sees the same folder (the default, inside the shared --output-dir), the
+    lowest rank of each node when --cache-dir is node-local; never several nodes into one folder at once."""
+    if world.world_size == 1:
+        return True
+    return folder_owners(cache_root(config), world)[world.rank] == world.rank
+
+
+def load_data(config, world: World, vocab_size: int, path: str | None = None, writer: bool | None = None) -> TokenCache:
+    """The cache's writer (cache_writer) builds the token cache once (others wait); every rank then memory-maps it.
 
     `path`: the file to load, --data-path by default (the validation file passes its own).
     """
     data_path = Path(path or config.data_path[0]).resolve()
-    cache_dir = cache_dir_for(data_path, Path(config.output_dir) / "token_cache")
+    cache_dir = cache_dir_for(data_path, cache_root(config))
+    writer = cache_writer(config, world) if writer is None else writer
     error = None
-    if world.local_rank == 0 and not (cache_dir / "meta.json").exists():
+    if writer and not (cache_dir / "meta.json").exists():
         print0(f"building token cache {cache_dir}")
         try:
             build_token_cache(data_path, cache_dir)
@@ -291,7 +326,7 @@ def load_data(config, world: World, vocab_size: int, path: str | None = None) ->
             reason = " ".join(f"{type(e).__name__}: {e}".split())  # one line, whatever the exception says
             error = DataError(f"cannot build the token cache in {cache_dir} from {data_path}: {reason}")
     raise_if_any_rank_failed(error, DataError)
-    cache = open_token_cache(cache_dir)
+    cache = replace(open_token_cache(cache_dir), writer=writer)
     if cache.skipped_lines:
         lines = ", ".join(map(str, cache.skipped_lines[:10])) + (", ..." if len(cache.skipped_lines) > 10 else "")
         what = "pairs with a side that has" if cache.pairs else "samples with"

@@ -6,12 +6,16 @@ single-process answer) outside torchrun, so `python train.py` runs the same code
     raise_if_any_rank_failed(error, DataError)   # the one "did any rank fail" agreement
     with compute_autocast(model, world.device): ...
     cleanup_distributed()
+    owners = folder_owners(out, world)    # which rank's copy of a folder each rank sees (shared or node-local)
 """
 
 import os
+import secrets
+import socket
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -44,12 +48,13 @@ def world_from_env() -> tuple[int, int, int, int]:
 # would otherwise kill the first multi-GPU run on a large data set.
 PATIENT_TIMEOUT = timedelta(hours=24)
 _patient_group = None
+_checkpoint_group = None  # background (asynchronous) checkpoint writes: never in the training group's collectives
 
 
 def init_distributed(backend: str, timeout_minutes: float = 60) -> World:
     """The device (this local rank's GPU, else the CPU) and, under torchrun, the process group (`auto`: nccl on CUDA,
     gloo on CPU) with `timeout_minutes` for its collectives, plus the patient group (see PATIENT_TIMEOUT)."""
-    global _patient_group
+    global _patient_group, _checkpoint_group
     rank, local_rank, world_size, local_world_size = world_from_env()
     device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
     if device.type == "cuda":
@@ -60,14 +65,20 @@ def init_distributed(backend: str, timeout_minutes: float = 60) -> World:
         dist.init_process_group(backend, device_id=device if device.type == "cuda" else None,
                                 timeout=timedelta(minutes=timeout_minutes))
         _patient_group = dist.new_group(backend="gloo", timeout=PATIENT_TIMEOUT)
+        _checkpoint_group = dist.new_group(backend="gloo", timeout=PATIENT_TIMEOUT)
     return World(rank, local_rank, world_size, local_world_size, device)
 
 
 def cleanup_distributed() -> None:
-    global _patient_group
+    global _patient_group, _checkpoint_group
     if dist.is_initialized():
         dist.destroy_process_group()
-    _patient_group = None
+    _patient_group = _checkpoint_group = None
+
+
+def checkpoint_group():
+    """The gloo group of background checkpoint writes (None in one process)."""
+    return _checkpoint_group
 
 
 def print0(*args, **kwargs) -> None:
@@ -93,6 +104,71 @@ def raise_if_any_rank_failed(error: BaseException | None, error_type: type[Excep
     failed = [m for m in messages if m is not None]
     if failed:
         raise error_type(failed[0])
+
+
+def all_gather(value) -> list:
+    """Collective on the patient group: every rank's picklable `value`, by rank; [value] in one process."""
+    if not dist.is_initialized():
+        return [value]
+    values = [None] * dist.get_world_size()
+    dist.all_gather_object(values, value, group=_patient_group)
+    return values
+
+
+def node_of_rank() -> str:
+    """This process's node as a person finds it: torchrun's node rank (GROUP_RANK) and the host name."""
+    return f"node {os.environ.get('GROUP_RANK', '0')} ({socket.gethostname()})"
+
+
+MARKER = ".minitrain-visible"
+
+
+def folder_owners(folder: Path, world: World) -> list[int]:
+    """Collective: for every rank, the lowest rank that sees the same folder at `folder` (its path may name a shared
+    filesystem, the same on every node, or a node-local disk with one copy per node). Found with marker files, not
+    with assumptions about hostnames: in turn, the lowest rank not yet placed writes a random token into its copy
+    and every unplaced rank that reads that token back sees the same copy. One round per distinct copy."""
+    owners: list[int | None] = [None] * world.world_size
+    marker = Path(folder) / MARKER
+    while None in owners:
+        leader = owners.index(None)
+        token, error = None, None
+        if world.rank == leader:
+            token = secrets.token_hex(16)
+            try:
+                Path(folder).mkdir(parents=True, exist_ok=True)
+                marker.write_text(token)
+            except OSError as e:
+                error = e
+        raise_if_any_rank_failed(error, OSError, f"cannot write {marker}")
+        token = all_gather(token)[leader]
+        try:
+            sees = owners[world.rank] is None and marker.read_text() == token
+        except OSError:
+            sees = False
+        for rank, seen in enumerate(all_gather(sees)):
+            if seen:
+                owners[rank] = leader
+        owners[leader] = leader  # placed even if its own copy reads back wrong: every round places someone
+    return owners
+
+
+def check_shared_output_dir(folder: Path, world: World, error_type: type[Exception]) -> None:
+    """Collective: every rank must see the output folder rank 0 writes to (its checkpoints, the resume point, the
+    token cache): a rank writing into a copy of its own would resume from another step, or hang in a collective.
+    If any does not, every rank raises `error_type` with one line naming the nodes that cannot see it and the fix."""
+    if world.world_size == 1:
+        return
+    owners = folder_owners(folder, world)
+    nodes = all_gather(node_of_rank())
+    blind = [rank for rank, owner in enumerate(owners) if owner != 0]
+    if blind:
+        names = sorted({nodes[r] for r in blind})
+        ranks = ", ".join(map(str, blind))
+        raise error_type(
+            f"--output-dir {folder}: {', '.join(names)} (rank {ranks}) cannot see the folder that rank 0 on "
+            f"{nodes[0]} writes to (the marker file {MARKER} there lacks rank 0's token); give every node the same "
+            f"shared folder (a network filesystem mounted at the same path) as --output-dir")
 
 
 def compute_autocast(model: torch.nn.Module, device: torch.device):

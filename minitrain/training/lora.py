@@ -33,6 +33,7 @@ adapter folder would then need a modified base to serve).
 
 import copy
 import importlib.util
+import re
 import sys
 import warnings
 from contextlib import contextmanager
@@ -44,11 +45,14 @@ from torch import nn
 from minitrain import atomic
 from minitrain.training import families
 from minitrain.training.adapter import FullFineTuning
-from minitrain.training.distributed import World, reshard
-from minitrain.training.export import write_hf_files
+from minitrain.training.distributed import World, raise_if_any_rank_failed, reshard
+from minitrain.training.export import tied_duplicates, write_hf_files, write_hf_folder_sharded
 from minitrain.training.families import ModelError, decoder_blocks
 
 ALL_LINEAR = "all-linear"
+# The parts of a name that peft inserts around a base module (loading.py maps them back to the file's names).
+ADAPTER_TENSOR = re.compile(r"\.lora_(A|B|embedding_A|embedding_B|magnitude_vector)\.")
+PEFT_WRAPPERS = re.compile(r"\.(base_layer|original_module|modules_to_save\.[^.]+)(?=\.)")
 EXPORTS = ("adapter", "merged", "both")
 # --lora-init -> peft's init_lora_weights. `default` and `gaussian` start B at zero, so step 0 is the base model
 # exactly; `random` starts B random too (step 0 differs; for tests of gradients through both factors).
@@ -111,6 +115,12 @@ class LoRA(FullFineTuning):
         inject(lm, self.peft_config, self.config.seed)
         return lm
 
+    def file_key(self, name: str) -> str:
+        """The base model's name for a tensor of the injected one: `q_proj.base_layer.weight` and a modules-to-save
+        copy's `lm_head.modules_to_save.default.weight` are the file's `q_proj.weight` and `lm_head.weight`; the
+        adapters keep their own names, which no base file holds (loading.py takes them from its skeleton)."""
+        return PEFT_WRAPPERS.sub("", name)
+
     @contextmanager
     def reference_mode(self, model: nn.Module):
         """The base model: every adapter (and every modules-to-save copy) switched off through peft's layer API,
@@ -136,10 +146,13 @@ class LoRA(FullFineTuning):
     def export_state(self, model, world: World) -> dict | None:
         """Collective: {name in the Hugging Face model: full tensor} of every trainable parameter, on rank 0 (CPU);
         None elsewhere. Each DTensor's shards are gathered (full_tensor) in the same order on every rank."""
+        return self.export_state_of(model.lm, world)
+
+    def export_state_of(self, lm, world: World) -> dict | None:
         from torch.distributed.tensor import DTensor
 
         state = {}
-        for name, param in model.lm.named_parameters():
+        for name, param in lm.named_parameters():
             if param.requires_grad:
                 full = param.full_tensor() if isinstance(param, DTensor) else param
                 if world.is_main:
@@ -163,6 +176,52 @@ class LoRA(FullFineTuning):
                     atomic.write_json(tmp / "training_config.json", config)
             except (ValueError, RuntimeError, KeyError) as e:  # from peft or transformers
                 raise OSError(f"peft/transformers: {' '.join(str(e).split())[:300]}") from e
+
+    def export_tensors(self, lm: nn.Module) -> dict:
+        """The merged model shard by shard: each adapted weight's shard plus its rows of scaling * B @ A (peft's
+        get_delta_weight on the DTensors: B's rows are sharded as the weight's, A is gathered whole, r x in), in
+        fp32; modules-to-save hold their trained copies; no adapter tensor is in it. Named as the base's files."""
+        from peft.tuners.lora import LoraLayer
+
+        deltas = {}
+        for name, module in lm.named_modules():
+            if isinstance(module, LoraLayer):
+                for adapter_name in module.active_adapters:
+                    delta = module.get_delta_weight(adapter_name)
+                    key = f"{name}.base_layer.weight"
+                    deltas[key] = delta if key not in deltas else deltas[key] + delta
+        tied = tied_duplicates(lm)
+        tensors = {}
+        for name, tensor in lm.state_dict().items():
+            if name in tied or ".original_module." in name or ADAPTER_TENSOR.search(name):
+                continue
+            tensors[self.file_key(name)] = tensor + deltas[name] if name in deltas else tensor
+        return tensors
+
+    def write_export_sharded(self, lm, tokenizer, dtype: torch.dtype, config: dict, final: Path, world: World) -> None:
+        """Collective: samples_<N>/ as write_export writes it, the merged model written by every rank's shards; the
+        adapter folder (small) gathered on rank 0."""
+        kind = self.config.lora_export
+        adapter_state = self.export_state_of(lm, world) if kind in ("adapter", "both") else None
+        extra = None if adapter_state is None else (
+            lambda folder: self.write_adapter_folder(adapter_state, dtype, folder / ADAPTER_DIR))
+        if kind == "adapter":
+            error = None
+            if world.is_main:
+                try:
+                    with atomic.atomic_folder(final) as tmp:
+                        extra(tmp)
+                        tokenizer.save_pretrained(tmp)
+                        atomic.write_json(tmp / "training_config.json", config)
+                except (OSError, ValueError, RuntimeError) as e:
+                    error = OSError(" ".join(str(e).split())[:300])
+            raise_if_any_rank_failed(error, OSError, f"cannot write {final}")
+            return
+        try:
+            tensors = self.export_tensors(lm)
+        except (ValueError, RuntimeError, KeyError) as e:  # from peft
+            raise OSError(f"peft: {' '.join(str(e).split())[:300]}") from e
+        write_hf_folder_sharded(lm, tensors, tokenizer, dtype, config, final, world, rank0_extra=extra)
 
     def peft_twin(self, device: str):
         """A PeftModel with this run's LoRA layout on `device`: "meta" (no memory: a writer of adapter folders) or

@@ -1,7 +1,7 @@
 """Building the model the same way for every family and every adapter:
 
-    meta device (ranks > 0) -> adapter.apply -> activation checkpointing -> fully_shard per block and root
-    -> rank 0's weights broadcast into the shards
+    meta device -> adapter.apply -> activation checkpointing -> fully_shard per block and root
+    -> each rank reads its shards' slices of the safetensors (loading.py; other formats: rank 0's weights broadcast)
     (QLoRA: every rank loads its own 4-bit copy, which FSDP2 leaves whole; it shards the rest; no broadcast)
 
 The model adapter is the seam for *what trains and what an export holds*: `FullFineTuning` here (every weight
@@ -19,10 +19,10 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from minitrain.training import attention, families
+from minitrain.training import attention, families, loading
 from minitrain.training import seq2seq as seq2seq_model
 from minitrain.training.adapter import FullFineTuning
-from minitrain.training.distributed import World, print0, raise_if_any_rank_failed, reshard
+from minitrain.training.distributed import World, all_gather, print0, raise_if_any_rank_failed, reshard
 from minitrain.training.families import (  # train.py catches ModelError imported from here
     ModelError,
     decoder_blocks,
@@ -213,7 +213,7 @@ def build_model(config, world: World, adapter: FullFineTuning | None = None) -> 
     elif world.world_size == 1:
         lm = load().to(world.device)
     else:
-        # Only rank 0 ever holds the full model, on CPU; the others allocate nothing until sharding.
+        # No rank allocates anything until sharding; then each fills its shards (loading.py).
         with torch.device("meta"):
             lm = auto.from_config(hf_config, dtype=torch.float32, attn_implementation=attn)
     if config.use_liger_kernels and world.device.type == "cuda":
@@ -224,34 +224,12 @@ def build_model(config, world: World, adapter: FullFineTuning | None = None) -> 
         mesh = device_mesh(config.fsdp_sharding_strategy, world, getattr(config, "fsdp_shard_group_size", None))
         shard_model(model, config.fsdp_sharding_strategy, world, mesh)  # every_rank: each keeps its shard of its load
     if world.world_size > 1 and not every_rank:
-        from torch.distributed.checkpoint.state_dict import (
-            StateDictOptions,
-            set_model_state_dict,
-        )
-
         model.to_empty(device=world.device)
-        full, error = None, None
-        if world.is_main:
-            try:
-                full = adapter.apply(load())  # the module tree of the shards (LoRA layers)
-            except ModelError as e:
-                error = e
-        raise_if_any_rank_failed(error, ModelError)  # the others wait here, not in the broadcast's collective
-        options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
-        set_model_state_dict(lm, full.state_dict() if world.is_main else {}, options=options)
-        # Buffers (e.g. rotary inv_freq) are not in the state dict and were left uninitialised by to_empty.
-        reference = dict(full.named_buffers()) if world.is_main else {}
-        for name, buffer in lm.named_buffers():
-            if world.is_main:
-                buffer.copy_(reference[name])
-            dist.broadcast(buffer, src=0)
-        # Every rank generates its share of the validation predictions: all decode with the checkpoint's own
-        # generation config (generation_config.json: mBART's forced language, pad and suppressed tokens, ...), which
-        # from_config on ranks > 0 cannot know.
-        generation = [full.generation_config if world.is_main else None]
-        dist.broadcast_object_list(generation, src=0)
-        lm.generation_config = generation[0]
-        del full
+        # Exports follow the loading: the names that read per rank are the files' names, so each rank writes its
+        # shards under them; a folder loaded by rank 0 is exported by rank 0, as before.
+        model.sharded_export = load_per_rank(config, lm, auto, hf_config, attn, adapter, world)
+        if not model.sharded_export:
+            broadcast_from_rank0(lm, load, adapter, world)
     error = None
     try:  # refuses a loss that is not the model's own, or packed samples that are not isolated, in one line
         if seq2seq:
@@ -291,6 +269,63 @@ def assemble(lm: nn.Module, config, adapter: FullFineTuning, hf_config) -> Packe
     if hf_config.is_encoder_decoder:
         return Seq2SeqLM(lm, adapter)
     return PackedCausalLM(lm, adapter, config.use_liger_kernels)
+
+
+def load_per_rank(config, lm, auto, hf_config, attn: str, adapter, world: World) -> bool:
+    """Collective: each rank fills its own shards from the model folder's safetensors (loading.py); False, with a
+    printed note, when they cannot be read that way on some rank (the caller then falls back to rank 0's load)."""
+    from transformers import GenerationConfig
+
+    problem, twin, placeholders, files = None, None, set(), None
+    try:
+        files = loading.weight_files(config.model_name_or_path)
+        twin, placeholders = loading.skeleton(auto, hf_config, attn, adapter)
+        problem = loading.plan_problem(lm, twin, placeholders, files, adapter)
+    except (OSError, ValueError, RuntimeError) as e:
+        problem = " ".join(str(e).split())[:300]
+    problems = [p for p in all_gather(problem) if p is not None]
+    if problems:
+        print0(f"note: --model-name-or-path {config.model_name_or_path}: rank 0 loads the whole model and broadcasts "
+               f"it into the shards ({problems[0]})")
+        return False
+    loading.load_shards(lm, twin, placeholders, files, adapter, world.device)
+    # Every rank generates its share of the validation predictions: all decode with the checkpoint's own generation
+    # config (generation_config.json: mBART's forced language, pad and suppressed tokens, ...), as from_pretrained
+    # would read it.
+    try:
+        lm.generation_config = GenerationConfig.from_pretrained(config.model_name_or_path)
+    except OSError:
+        pass  # none saved: from_config's, from the model's config
+    return True
+
+
+def broadcast_from_rank0(lm, load, adapter, world: World) -> None:
+    """Collective: rank 0 loads the whole model on CPU and its weights are broadcast into every rank's shards (for
+    model folders loading.py cannot read per rank: GGUF, .bin, names transformers converts on load)."""
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        set_model_state_dict,
+    )
+
+    full, error = None, None
+    if world.is_main:
+        try:
+            full = adapter.apply(load())  # the module tree of the shards (LoRA layers)
+        except ModelError as e:
+            error = e
+    raise_if_any_rank_failed(error, ModelError)  # the others wait here, not in the broadcast's collective
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+    set_model_state_dict(lm, full.state_dict() if world.is_main else {}, options=options)
+    # Buffers (e.g. rotary inv_freq) are not in the state dict and were left uninitialised by to_empty.
+    reference = dict(full.named_buffers()) if world.is_main else {}
+    for name, buffer in lm.named_buffers():
+        if world.is_main:
+            buffer.copy_(reference[name])
+        dist.broadcast(buffer, src=0)
+    # Every rank decodes with the checkpoint's own generation config, which from_config on ranks > 0 cannot know.
+    generation = [full.generation_config if world.is_main else None]
+    dist.broadcast_object_list(generation, src=0)
+    lm.generation_config = generation[0]
 
 
 def apply_liger_model_kernels(lm) -> None:

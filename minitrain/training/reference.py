@@ -120,7 +120,7 @@ def attach_reference(objective, model: torch.nn.Module, cache: TokenCache, confi
     else:
         print0(f"reference log-probs: computing {len(cache)} pairs with the initial model")
         table = compute_reference_logps(model, cache, world, config.max_tokens_per_gpu)
-        if world.local_rank == 0:  # one writer per node, as for the token cache
+        if cache.writer:  # one writer per copy of the cache folder, as for the token cache
             buffer = io.BytesIO()
             np.save(buffer, table)
             atomic.write_bytes(path, buffer.getvalue())

@@ -1,0 +1,147 @@
+"""Per-rank loading (minitrain/training/loading.py) and sharded exports (export.write_hf_folder_sharded): no weight
+passes through one process.
+
+Exports: on 2 ranks, the export every rank writes its shards of equals the one rank 0 writes from the gathered state
+dict (the writer for folders loaded by rank 0, and what every export was before), tensor for tensor and in the
+logits of from_pretrained, for full fine-tuning, LoRA's merged model and an encoder-decoder (T5).
+
+On 2 ranks with a random Llama of ~300M parameters, by the end of build_model (before any optimizer state exists)
+rank 0's peak resident memory exceeds rank 1's by at most a tenth of the fp32 model's size (with rank 0 loading the
+whole model and broadcasting it, it was ~0.4x). The worker is this file run under torchrun, through build_model.
+"""
+
+import json
+import resource
+import sys
+from pathlib import Path
+
+from tests.test_train import torchrun
+
+LLAMA_300M = dict(vocab_size=32000, hidden_size=1024, intermediate_size=4096, num_hidden_layers=16,
+                  num_attention_heads=16, num_key_value_heads=16, tie_word_embeddings=True, max_position_embeddings=512)
+
+
+def build_worker(model_dir: str, out: str) -> None:
+    import torch
+
+    from minitrain.training.adapter import FullFineTuning
+    from minitrain.training.config import TrainConfig
+    from minitrain.training.distributed import cleanup_distributed, init_distributed, print0
+    from minitrain.training.model import build_model
+
+    world = init_distributed("gloo")
+    config = TrainConfig(data_path="unused.jsonl", model_name_or_path=model_dir, output_dir=out, batch_size=2,
+                         max_tokens_per_gpu=64, activation_checkpointing=False)
+    model = build_model(config, world, FullFineTuning())
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+    params = sum(p.numel() for p in model.parameters())  # DTensors count their global size
+    with open(f"{out}.{world.rank}", "w") as f:
+        json.dump({"peak_rss": peak, "parameters": params}, f)
+    print0(f"peak resident memory by the end of build_model: rank {world.rank} {peak / 1e9:.2f} GB")
+    del model
+    torch.distributed.barrier()
+    cleanup_distributed()
+
+
+def test_rank_0_holds_no_more_than_a_tenth_of_the_model_beyond_rank_1_while_building(tmp_path, tokenizer_dir):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
+
+    model_dir = tmp_path / "llama300m"
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(LlamaConfig(**LLAMA_300M), dtype=torch.bfloat16)
+    model.save_pretrained(model_dir)  # bf16 on disk; trained in fp32
+    n_params = sum(p.numel() for p in model.parameters())
+    del model
+    AutoTokenizer.from_pretrained(tokenizer_dir("chatml")).save_pretrained(model_dir)
+    out = tmp_path / "report"
+    run = torchrun([__file__, str(model_dir), str(out)], timeout=400)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "rank 0 loads the whole model" not in run.stdout  # the per-rank path, not the fallback
+    rank0, rank1 = (json.loads(Path(f"{out}.{r}").read_text()) for r in (0, 1))
+    fp32_bytes = 4 * n_params
+    assert rank0["parameters"] == n_params and 250e6 < n_params < 400e6
+    print(f"peak RSS by the end of build_model: rank 0 {rank0['peak_rss'] / 1e9:.2f} GB, rank 1 "
+          f"{rank1['peak_rss'] / 1e9:.2f} GB; fp32 model {fp32_bytes / 1e9:.2f} GB")
+    assert rank0["peak_rss"] - rank1["peak_rss"] <= 0.1 * fp32_bytes
+
+
+EXPORT_CASES = {"full": ("llama", {}), "lora": ("llama", {"lora": True, "lora_init": "random", "lora_r": 4}),
+                "t5": ("t5", {})}
+
+
+def export_worker(cases: str, out: str) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
+
+    from minitrain.training import export, lora
+    from minitrain.training.checkpoint import save_export
+    from minitrain.training.config import TrainConfig
+    from minitrain.training.distributed import cleanup_distributed, init_distributed
+
+    world = init_distributed("gloo")
+    report = {}
+    for case, model_dir in json.loads(cases).items():
+        flags = EXPORT_CASES[case][1]
+        config = TrainConfig(data_path="unused.jsonl", model_name_or_path=model_dir, output_dir=f"{out}/{case}",
+                             batch_size=2, max_tokens_per_gpu=64, activation_checkpointing=False, **flags)
+        from minitrain.training.model import build_model
+
+        model = build_model(config, world, lora.build_adapter(config))
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        assert model.sharded_export, case  # read per rank, so exported per rank
+        # the whole model: split into files of at most ~100 kB, read back through model.safetensors.index.json
+        export.MAX_FILE_BYTES = 100_000 if case == "full" else 5 * 2**30
+        sharded = save_export(model, tokenizer, config, world, samples_seen=1)
+        model.sharded_export = False  # rank 0 gathers and writes, as every export did before
+        gathered = save_export(model, tokenizer, config, world, samples_seen=2)
+        if world.is_main:
+            auto = AutoModelForSeq2SeqLM if case == "t5" else AutoModelForCausalLM
+            a, b = (auto.from_pretrained(p, dtype=torch.float32) for p in (sharded, gathered))
+            ids = torch.arange(3, 19)[None]
+            extra = {"decoder_input_ids": torch.arange(5, 12)[None]} if case == "t5" else {}
+            with torch.no_grad():
+                logits = [m(input_ids=ids, **extra).logits for m in (a, b)]
+            report[case] = {
+                "files": sorted(p.name for p in sharded.iterdir()),
+                "keys_equal": a.state_dict().keys() == b.state_dict().keys(),
+                "max_tensor_diff": max((a.state_dict()[k] - v).abs().max().item() for k, v in b.state_dict().items()),
+                "max_logit_diff": (logits[0] - logits[1]).abs().max().item(),
+                "logit_std": logits[1].std().item(),
+                "config_dtype": json.loads((sharded / "config.json").read_text()).get("dtype"),
+            }
+        del model
+    if world.is_main:
+        Path(f"{out}/report.json").write_text(json.dumps(report))
+    cleanup_distributed()
+
+
+def test_the_export_every_rank_writes_equals_rank_0s_for_full_lora_merged_and_t5(tmp_path, tiny_model_dir,
+                                                                                  tokenizer_dir):
+    from tests.tiny_models import build_tiny_seq2seq
+
+    dirs = {"llama": str(tiny_model_dir("llama")), "t5": str(build_tiny_seq2seq("t5", tmp_path, tokenizer_dir("chatml")))}
+    cases = {case: dirs[arch] for case, (arch, _) in EXPORT_CASES.items()}
+    run = torchrun([__file__, "export", json.dumps(cases), str(tmp_path / "out")], timeout=400)
+    assert run.returncode == 0, run.stderr[-3000:]
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    for case, found in report.items():
+        assert found["keys_equal"], case
+        assert found["max_tensor_diff"] == 0.0, case
+        assert found["max_logit_diff"] == 0.0 and found["logit_std"] > 0, case
+        assert found["config_dtype"] == "bfloat16", case
+        if case == "full":
+            assert "model.safetensors.index.json" in found["files"] and "model-00002-of-00003.safetensors" in found[
+                "files"], found["files"]
+        else:
+            assert "model.safetensors" in found["files"] and "model.safetensors.index.json" not in found["files"]
+        assert not any(name.startswith(".") for name in found["files"]), case  # no shards or temporary left
+    assert "adapter" in report["lora"]["files"]
+
+
+if __name__ == "__main__":
+    if sys.argv[1] == "export":
+        export_worker(sys.argv[2], sys.argv[3])
+    else:
+        build_worker(sys.argv[1], sys.argv[2])
