@@ -614,7 +614,8 @@ def test_chat_template_file_for_a_tokenizer_without_one(capsys, tmp_path, tokeni
     # raw text needs no template: none is saved, and a stale one from an earlier run goes
     text = write_lines(tmp_path / "text.jsonl", [{"text": "Just text."}])
     code, _, stderr, out = run_main(capsys, tmp_path, base, text)
-    assert code == 0, stderr and not pipeline.template_sidecar(out).exists()
+    assert code == 0, stderr
+    assert not pipeline.template_sidecar(out).exists()
     code, _, stderr, _ = run_main(capsys, tmp_path, base, text, "--chat-template", str(tmp_path / "missing.jinja"))
     assert code == 2 and stderr.startswith(f"process_data.py: error: {tmp_path / 'missing.jinja'}: cannot read the chat template")
 
