@@ -187,14 +187,15 @@ def test_two_ranks_with_skewed_micro_steps_give_the_single_process_gradient(tmp_
         r = report[strategy]
         assert r["names"], strategy
         assert r["loss"] == pytest.approx(report["reference_loss"], rel=1e-6), strategy
-        assert r["max_rel"] < 1e-5, (strategy, r["max_rel"])
-        assert r["norm"] == pytest.approx(report["reference_norm"], rel=1e-5), strategy
+        # the README's figure: within 1e-6 of each tensor's largest gradient (5.7e-7 measured)
+        assert r["max_rel"] < 1e-6, (strategy, r["max_rel"])
+        assert r["norm"] == pytest.approx(report["reference_norm"], rel=2e-6), strategy
     assert report["weights_changed"] > 1e-3  # the optimizer step happened, so the comparison below means something
     assert report["logits_max_diff"] < 1e-5 and report["loss_diff"] < 1e-4
     assert report["reloaded_dtype"] == "torch.float32"
     sequences = report["sequences"]
     assert sequences["names"] and sequences["loss"] == pytest.approx(sequences["truth"], rel=1e-6)
-    assert sequences["max_rel"] < 1e-5, sequences["max_rel"]
+    assert sequences["max_rel"] < 1e-6, sequences["max_rel"]
 
 
 # ---------------------------------------------------------------------------------------------------------------
