@@ -450,7 +450,7 @@ def test_each_row_form_gives_both_sides_with_only_the_final_reply_trained(capsys
         assert ids == list(want) and row[f"{side}_len"] == len(ids)
         trained = [i for i, label in zip(ids, labels) if label != -100]
         assert [label for label in labels if label != -100] == trained
-        assert tok.decode(trained).strip() == reply["content"] + eot  # only the final reply, with its end of turn
+        assert tok.decode(trained) == reply["content"] + eot  # only the final reply, with its end of turn (no whitespace)
         first = next(k for k, label in enumerate(labels) if label != -100)
         assert all(label != -100 for label in labels[first: first + len(trained)])  # one run
     first = [next(k for k, label in enumerate(row[f"{s}_labels"]) if label != -100) for s in ("chosen", "rejected")]
