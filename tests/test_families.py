@@ -9,8 +9,6 @@ The 2-process FSDP2 gradients of one model per block layout run in one torchrun 
 """
 
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -20,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from tests.test_train import torchrun, write_data
+from tests import liger_interpreter
 from tests.tiny_models import REFUSED, ZOO, build_tiny_model
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -366,9 +365,6 @@ for path in sys.argv[1:]:
         if liger:
             r["accum_dtype"] = str(model.head_loss.liger_loss.accum_dtype)
             r["softcap"] = model.head_loss.liger_loss.softcap
-            if r["softcap"] is not None:  # Liger's softcap uses libdevice tanh: GPU only, not the interpreter
-                r[name] = r["chunked"]
-                continue
         lm.zero_grad(set_to_none=True)
         loss = model(ids, pos, positions, targets)
         loss.backward()
@@ -387,18 +383,13 @@ print(json.dumps(out))
 
 
 def test_liger_fused_ce_takes_the_models_softcap_and_scaling(zoo_dir):
-    """Granite's division and Cohere's multiplication folded into Liger's inputs (its kernel runs under
-    TRITON_INTERPRET on CPU), Gemma-2's softcap in the chunked path: loss and every gradient equal the model's own
-    forward + plain cross-entropy. Liger's softcap branch calls libdevice's tanh, which the interpreter cannot run:
-    here only the argument is checked; on a GPU the start-up probe compares it with the model's own loss."""
-    pytest.importorskip("liger_kernel")
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT))
+    """Granite's division and Cohere's multiplication folded into Liger's inputs, Gemma-2's softcap taken by Liger's
+    kernel itself (all run under TRITON_INTERPRET on CPU; tests/liger_interpreter.py makes the interpreter run the
+    softcap branch as compiled Triton does), the chunked path alike: loss and every gradient equal the model's own
+    forward + plain cross-entropy."""
     paths = [str(zoo_dir(a)) for a in ("gemma2", "granite", "cohere")]
-    run = subprocess.run([sys.executable, "-c", LIGER_SCRIPT, *paths], env=env, capture_output=True, text=True,
-                         timeout=400)
-    if run.returncode != 0:
-        pytest.skip(f"Liger's fused CE cannot run under TRITON_INTERPRET here: {run.stderr.strip().splitlines()[-1]}")
-    report = json.loads(run.stdout.strip().splitlines()[-1])
+    stdout = liger_interpreter.run(LIGER_SCRIPT, *paths)
+    report = json.loads(stdout.strip().splitlines()[-1])
     assert sorted(report) == ["cohere", "gemma2", "granite"]
     for arch, r in report.items():
         assert r["chunked"] == pytest.approx(r["plain"], rel=1e-5), arch

@@ -45,6 +45,39 @@ def exported_models(folder: Path, base_dir: Path):
     return adapter, AutoModelForCausalLM.from_pretrained(folder)
 
 
+PEFT_PREFIX = "base_model.model."
+
+
+def peft_reference(model_dir: str, adapters: dict, quantization=None):
+    """The base as transformers loads it (4-bit when `quantization` is a BitsAndBytesConfig), with peft's own LoRA
+    layers (all-linear, r 4, alpha 8, no dropout) set to `adapters` ({name in the trainer's model: tensor})."""
+    import torch
+    from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
+    from transformers import AutoModelForCausalLM
+
+    quantized = {} if quantization is None else {"quantization_config": quantization, "device_map": {"": "cpu"}}
+    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, **quantized)
+    peft = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules="all-linear"))
+    state = {k.replace(".default.", "."): v for k, v in adapters.items()}
+    loaded = set_peft_model_state_dict(peft, {PEFT_PREFIX + k: v for k, v in state.items()})
+    assert not loaded.unexpected_keys
+    return peft
+
+
+def per_sample_loss(model, rows: list[dict], denominator: int, device="cpu"):
+    """Sum over the samples, one forward each, of the token-summed CE of their trained tokens, / denominator."""
+    import torch
+    import torch.nn.functional as F
+
+    total = 0.0
+    for row in rows:
+        ids = torch.tensor([row["input_ids"]], device=device)
+        labels = torch.tensor(row["labels"], device=device)
+        logits = model(input_ids=ids).logits[0].float()
+        total = total + F.cross_entropy(logits[:-1], labels[1:], ignore_index=-100, reduction="sum")
+    return total / denominator
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # 2 processes, through train.py's functions: adapter gradients equal one process's, every strategy; exports
 
@@ -87,11 +120,24 @@ def lora_worker(model_dir: str, data_path: str, out_dir: str) -> None:
     if world.is_main:  # reference: one process, one micro-step holding the whole step
         single = World(0, 0, 1, 1, world.device)
         reference = build_model(config, single, build_adapter(config))
+        adapters0 = {n: p.detach().clone() for n, p in reference.lm.named_parameters() if p.requires_grad}
         ref_sum = train.forward_backward(reference, SFT(), cache, [np.arange(8)], step_trained, 1, world.device)
         ref_grads = {n: p.grad for n, p in reference.lm.named_parameters() if p.requires_grad}
         report["reference_loss"] = ref_sum.item() / step_trained
         report["reference_norm"] = train.clip_gradients(reference, 0)
         report["reference_shapes"] = {n: list(g.shape) for n, g in ref_grads.items()}
+        # The truth, independent of the trainer: transformers + peft's LoRA with the same adapter values, each
+        # sample alone, plain cross-entropy.
+        truth_model = peft_reference(model_dir, adapters0)
+        rows = [json.loads(line) for line in Path(data_path).read_text().splitlines()[:8]]
+        truth_loss = per_sample_loss(truth_model, rows, step_trained)
+        truth_loss.backward()
+        truth = {n.removeprefix(PEFT_PREFIX): p.grad for n, p in truth_model.named_parameters() if p.requires_grad}
+        report["truth_loss"] = truth_loss.item()
+        report["truth_names"] = sorted(truth) == sorted(ref_grads)
+        report["reference_truth_rel"] = max(((ref_grads[n] - g).abs().max() / g.abs().max()).item()
+                                            for n, g in truth.items())
+        report["truth_norm"] = torch.linalg.vector_norm(torch.stack([g.norm() for g in truth.values()])).item()
     for strategy in SHARDING_STRATEGIES:
         cfg = replace(config, fsdp_sharding_strategy=strategy, activation_checkpointing=strategy == "FULL_SHARD")
         model = build_model(cfg, world, build_adapter(cfg))
@@ -107,6 +153,7 @@ def lora_worker(model_dir: str, data_path: str, out_dir: str) -> None:
             report[strategy] = {
                 "loss": local_sum.item() / step_trained,
                 "max_rel": max(rel.values()),
+                "truth_max_rel": max(((grads[n] - g).abs().max() / g.abs().max()).item() for n, g in truth.items()),
                 "min_grad": min(g.abs().max().item() for g in ref_grads.values()),
                 "names": sorted(grads) == sorted(ref_grads),
                 "frozen_with_grad": frozen_with_grad,
@@ -144,8 +191,15 @@ def test_two_ranks_give_the_single_process_adapter_gradients_and_whole_exports(t
     run = torchrun([__file__, str(tiny_model_dir("llama")), str(data), str(tmp_path / "out")])
     assert run.returncode == 0, run.stderr[-3000:]
     report = json.loads((tmp_path / "out" / "report.json").read_text())
+    # the 1-process reference is itself checked against transformers + peft + plain cross-entropy
+    assert report["truth_names"]
+    assert report["reference_loss"] == pytest.approx(report["truth_loss"], rel=1e-6)
+    assert report["reference_truth_rel"] < 1e-5
+    assert report["reference_norm"] == pytest.approx(report["truth_norm"], rel=1e-5)
     for strategy in ("FULL_SHARD", "SHARD_GRAD_OP", "NO_SHARD", "HYBRID_SHARD"):
         r = report[strategy]
+        assert r["loss"] == pytest.approx(report["truth_loss"], rel=1e-6), strategy
+        assert r["truth_max_rel"] < 1e-5, (strategy, r["truth_max_rel"])
         assert r["names"] and not r["frozen_with_grad"], strategy  # only adapters have gradients
         assert r["min_grad"] > 0  # every adapter matrix has a gradient to compare (lora-init random)
         assert r["loss"] == pytest.approx(report["reference_loss"], rel=1e-6), strategy

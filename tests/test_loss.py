@@ -1,10 +1,6 @@
 """The memory-safe loss: packed == per-sample, chunked == plain cross-entropy == Liger's fused kernel."""
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -13,8 +9,7 @@ from transformers import AutoModelForCausalLM
 
 from minitrain.training.loss import chunked_ce_sum
 from minitrain.training.model import PackedCausalLM
-
-ROOT = Path(__file__).resolve().parent.parent
+from tests import liger_interpreter
 
 
 def random_samples(vocab: int, lengths=(7, 12, 5)):
@@ -136,15 +131,8 @@ print(json.dumps({
 
 def test_liger_fused_ce_equals_chunked_and_plain_ce(tiny_model_dir):
     """Liger's fused linear CE on CPU runs only in Triton's interpreter, which must be on before triton imports."""
-    pytest.importorskip("liger_kernel")
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT))
-    run = subprocess.run(
-        [sys.executable, "-c", LIGER_SCRIPT, str(tiny_model_dir("llama"))],
-        env=env, capture_output=True, text=True, timeout=300,
-    )
-    if run.returncode != 0:
-        pytest.skip(f"Liger's fused CE cannot run under TRITON_INTERPRET here: {run.stderr.strip().splitlines()[-1]}")
-    r = json.loads(run.stdout.strip().splitlines()[-1])
+    stdout = liger_interpreter.run(LIGER_SCRIPT, str(tiny_model_dir("llama")), timeout=300)
+    r = json.loads(stdout.strip().splitlines()[-1])
     assert r["chunked"] == pytest.approx(r["plain"], rel=1e-6)
     assert r["liger"] == pytest.approx(r["plain"], rel=1e-5)
     assert r["chunked_grad_rel"] < 1e-5 and r["liger_grad_rel"] < 1e-4

@@ -79,14 +79,42 @@ def direct_loss(lm, pairs: list[dict], name: str, beta: float, gamma: float = 0.
     return torch.stack(losses).mean()
 
 
-def direct_grads(model_dir: Path, pairs: list[dict], **loss_kwargs) -> tuple[float, dict]:
+def trl_metrics(lm, pairs: list[dict], name: str, beta: float, reference: np.ndarray | None = None,
+                **_) -> list[float]:
+    """The metrics TRL logs under these names, by its definitions, each the mean over the pairs, in
+    PREFERENCE_METRICS order. DPOTrainer: rewards/* = beta x (policy - reference) summed log-probs, logps/* the
+    policy's summed log-probs. CPOTrainer with loss_type="simpo": log-probs averaged over the trained tokens
+    (average_log_prob), logps/* those averages, rewards/* = beta x them."""
+    import torch
+
+    chosen_rewards, rejected_rewards, chosen_logps, rejected_logps = [], [], [], []
+    with torch.no_grad():
+        for k, row in enumerate(pairs):
+            lc, nc = direct_logp(lm, row["chosen_input_ids"], row["chosen_labels"])
+            lr, nr = direct_logp(lm, row["rejected_input_ids"], row["rejected_labels"])
+            if name == "dpo":
+                chosen_logps.append(lc.item())
+                rejected_logps.append(lr.item())
+                chosen_rewards.append(beta * (lc.item() - float(reference[k, 0])))
+                rejected_rewards.append(beta * (lr.item() - float(reference[k, 1])))
+            else:
+                chosen_logps.append(lc.item() / nc)
+                rejected_logps.append(lr.item() / nr)
+                chosen_rewards.append(beta * lc.item() / nc)
+                rejected_rewards.append(beta * lr.item() / nr)
+    c, r = np.array(chosen_rewards), np.array(rejected_rewards)
+    return [c.mean(), r.mean(), (c > r).mean(), (c - r).mean(), np.mean(chosen_logps), np.mean(rejected_logps)]
+
+
+def direct_grads(model_dir: Path, pairs: list[dict], **loss_kwargs) -> tuple[float, dict, list[float]]:
+    """(the direct loss, its gradients, TRL's metrics) of the model at model_dir."""
     import torch
     from transformers import AutoModelForCausalLM
 
     lm = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     loss = direct_loss(lm, pairs, **loss_kwargs)
     loss.backward()
-    return loss.item(), {n: p.grad.clone() for n, p in lm.named_parameters()}
+    return loss.item(), {n: p.grad.clone() for n, p in lm.named_parameters()}, trl_metrics(lm, pairs, **loss_kwargs)
 
 
 def direct_table(model_dir: Path, pairs: list[dict]) -> np.ndarray:
@@ -145,7 +173,10 @@ def test_loss_and_gradients_equal_the_direct_per_pair_implementation(tmp_path, t
             np.testing.assert_allclose(table, direct_table(model_dir, pairs), rtol=1e-6)
             objective.reference[cache.content_hash] = table + offset
             kwargs["reference"] = table + offset
-        want_loss, want = direct_grads(model_dir, pairs, **kwargs)
+        want_loss, want, want_metrics = direct_grads(model_dir, pairs, **kwargs)
+        assert objective.metrics == ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
+                                     "logps/chosen", "logps/rejected")  # TRL's names, in this order
+        assert 0 < want_metrics[2] < 1, want_metrics  # some pairs ranked each way: the accuracy is checked
         for packs in ([np.arange(6)], [np.array([k]) for k in range(6)], [np.array([4, 0]), np.array([], int),
                                                                          np.array([5, 1, 2, 3])]):
             model.zero_grad(set_to_none=True)
@@ -154,6 +185,7 @@ def test_loss_and_gradients_equal_the_direct_per_pair_implementation(tmp_path, t
             assert sums[0].item() / 6 == pytest.approx(want_loss, rel=1e-6), (name, packs)
             assert sorted(grads) == sorted(want)
             assert max_rel(grads, want) < 1e-5, (name, packs, max_rel(grads, want))
+            assert (sums[1:] / 6).tolist() == pytest.approx(want_metrics, rel=1e-5, abs=1e-6), (name, packs)
 
 
 def pair_grad_worker(model_dir: str, data_path: str, out_dir: str) -> None:
@@ -187,9 +219,10 @@ def pair_grad_worker(model_dir: str, data_path: str, out_dir: str) -> None:
         dist.all_reduce(sums)
         grads = {n: p.grad.full_tensor() for n, p in model.lm.named_parameters()}
         if world.is_main:
-            want_loss, want = direct_grads(Path(model_dir), pairs, **kwargs)
+            want_loss, want, want_metrics = direct_grads(Path(model_dir), pairs, **kwargs)
             report[name] = {"loss": sums[0].item() / 8, "want_loss": want_loss, "max_rel": max_rel(grads, want),
-                            "names": sorted(grads) == sorted(want), "metrics": (sums[1:] / 8).tolist()}
+                            "names": sorted(grads) == sorted(want), "metrics": (sums[1:] / 8).tolist(),
+                            "want_metrics": [float(m) for m in want_metrics]}
     if world.is_main:
         Path(out_dir, "report.json").write_text(json.dumps(report))
     cleanup_distributed()
@@ -207,6 +240,7 @@ def test_two_ranks_with_skewed_micro_steps_give_the_direct_gradient(tmp_path, ti
         assert r["loss"] == pytest.approx(r["want_loss"], rel=1e-6), name
         assert r["max_rel"] < 1e-5, (name, r["max_rel"])
         assert len(r["metrics"]) == 6
+        assert r["metrics"] == pytest.approx(r["want_metrics"], rel=1e-5, abs=1e-6), name  # TRL's definitions
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -416,7 +450,7 @@ def test_each_row_form_gives_both_sides_with_only_the_final_reply_trained(capsys
         assert ids == list(want) and row[f"{side}_len"] == len(ids)
         trained = [i for i, label in zip(ids, labels) if label != -100]
         assert [label for label in labels if label != -100] == trained
-        assert tok.decode(trained).strip() == reply["content"] + eot  # only the final reply, with its end of turn
+        assert tok.decode(trained) == reply["content"] + eot  # only the final reply, with its end of turn (no whitespace)
         first = next(k for k, label in enumerate(labels) if label != -100)
         assert all(label != -100 for label in labels[first: first + len(trained)])  # one run
     first = [next(k for k, label in enumerate(row[f"{s}_labels"]) if label != -100) for s in ("chosen", "rejected")]

@@ -6,6 +6,8 @@ real render by plain string search, and a token is expected trained when its cha
 
 import json
 import os
+import random
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -372,6 +374,36 @@ def test_property_generated_conversations(encoders, name, pairs, with_system):
     assert row["labels"] == expected_labels(tok, text, expected_spans(name, text, messages))
 
 
+@pytest.mark.parametrize("name", ["chatml", "llama3", "mistral", "gemma", "phi3", "qwen3"])
+def test_generated_conversations_are_rarely_refused_and_every_kept_one_is_exact(encoders, name):
+    """The property test above accepts a whitespace-ambiguous refusal of any one conversation; this bounds how often
+    that happens (none of 300 today) on conversations generated from the same parts, and checks every kept row."""
+    encoder = encoders(name)
+    tok = encoder.tokenizer
+    rng = random.Random(0)
+    parts, assistant_parts = PARTS.elements, [*PARTS.elements, "<|assistant|>\n", "<|im_start|>assistant\n"]
+    conversations = []
+    for _ in range(300):
+        pairs = [("".join(rng.choice(parts) for _ in range(rng.randint(0, 12))),
+                  "".join(rng.choice(assistant_parts) for _ in range(rng.randint(0, 12))))
+                 for _ in range(rng.randint(1, 3))]
+        conversations.append((pairs, turns(*pairs, system="sys" if rng.random() < 0.5 else None)))
+    chunk = encode(encoder, [{"messages": messages} for _, messages in conversations])
+    dropped = {line: detail for line, _, detail in chunk.drops}
+    ambiguous = [line for line, detail in dropped.items() if "ambiguous" in detail]
+    assert len(ambiguous) <= 3, ambiguous  # at most 1%
+    for line, detail in dropped.items():  # any other refusal: Mistral's empty assistant turn, and only that
+        pairs = conversations[line - 1][0]
+        assert line in ambiguous or (name == "mistral" and any(not a.strip() for _, a in pairs)), detail
+    rows = [orjson.loads(row) for _, row in chunk.rows]
+    kept = [messages for line, (_, messages) in enumerate(conversations, start=1) if line not in dropped]
+    assert len(rows) == len(kept) >= 270
+    for row, messages in zip(rows, kept, strict=True):
+        text = tok.apply_chat_template(messages, tokenize=False)
+        assert row["input_ids"] == reference_ids(tok, messages)
+        assert row["labels"] == expected_labels(tok, text, expected_spans(name, text, messages))
+
+
 # ---- the command line: streaming, order, atomic output, bad input ----
 
 
@@ -487,6 +519,17 @@ def test_order_is_kept_with_several_workers_and_failure_midway_leaves_nothing(ca
     assert [tok.decode(r["input_ids"]) for r in rows] == [
         tok.decode(reference_ids(tok, s["messages"])) if n != 100 else "raw text<|im_end|>" for n, s in enumerate(samples)
     ]
+    # ids and labels, not only the decoded text: the template's own ids, and every field the one-worker path writes
+    assert all(r["input_ids"] == reference_ids(tok, s["messages"]) for n, (r, s) in enumerate(zip(rows, samples))
+               if n != 100)
+    (tmp_path / "one").mkdir()
+    code, _, stderr, one_out = run_main(capsys, tmp_path / "one", tokenizer_dir("chatml"), data, "--num-workers", "1")
+    assert code == 0, stderr
+    one = [json.loads(line) for line in one_out.read_text().splitlines()]
+    assert len(one) == len(rows) == 600 and all(set(r) >= {"input_ids", "labels"} for r in rows)
+    assert rows == one  # input_ids, labels and every other field, row by row
+    assert sum(label != -100 for r in rows for label in r["labels"]) > 0
+    shutil.rmtree(tmp_path / "one")
     out.unlink()
     pipeline.template_sidecar(out).unlink()  # the chat template saved with the rows goes with them
     # a malformed line in the third chunk, after earlier chunks were written: no output, no temp file
@@ -615,7 +658,8 @@ def test_chat_template_file_for_a_tokenizer_without_one(capsys, tmp_path, tokeni
     # raw text needs no template: none is saved, and a stale one from an earlier run goes
     text = write_lines(tmp_path / "text.jsonl", [{"text": "Just text."}])
     code, _, stderr, out = run_main(capsys, tmp_path, base, text)
-    assert code == 0, stderr and not pipeline.template_sidecar(out).exists()
+    assert code == 0, stderr
+    assert not pipeline.template_sidecar(out).exists()
     code, _, stderr, _ = run_main(capsys, tmp_path, base, text, "--chat-template", str(tmp_path / "missing.jinja"))
     assert code == 2 and stderr.startswith(f"process_data.py: error: {tmp_path / 'missing.jinja'}: cannot read the chat template")
 

@@ -17,29 +17,19 @@ import pytest
 
 pytest.importorskip("bitsandbytes")
 
-from tests.test_lora import SKEWED, lora_flags  # noqa: E402
+from tests.test_lora import PEFT_PREFIX, SKEWED, lora_flags, peft_reference, per_sample_loss  # noqa: E402
 from tests.test_resume import metrics  # noqa: E402
 from tests.test_train import base_args, torchrun, write_data  # noqa: E402
-
-PEFT_PREFIX = "base_model.model."
-
 
 def quantized_reference(model_dir: str, adapters: dict):
     """The 4-bit base as transformers loads it (NF4, double quantization, fp32 compute on CPU), with peft's LoRA
     layers set to `adapters` ({name in the Hugging Face model: tensor})."""
     import torch
-    from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+    from transformers import BitsAndBytesConfig
 
     quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                                       bnb_4bit_compute_dtype=torch.float32, bnb_4bit_quant_storage=torch.float32)
-    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, quantization_config=quantization,
-                                                device_map={"": "cpu"})
-    peft = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules="all-linear"))
-    state = {k.replace(".default.", "."): v for k, v in adapters.items()}
-    loaded = set_peft_model_state_dict(peft, {PEFT_PREFIX + k: v for k, v in state.items()})
-    assert not loaded.unexpected_keys
-    return standard_layout(peft)
+    return standard_layout(peft_reference(model_dir, adapters, quantization))
 
 
 def standard_layout(model):
@@ -50,20 +40,6 @@ def standard_layout(model):
         if hasattr(module, "support_avx512bf16_for_cpu"):
             module.support_avx512bf16_for_cpu = False
     return model
-
-
-def per_sample_loss(model, rows: list[dict], denominator: int, device="cpu"):
-    """Sum over the samples, one forward each, of the token-summed CE of their trained tokens, / denominator."""
-    import torch
-    import torch.nn.functional as F
-
-    total = 0.0
-    for row in rows:
-        ids = torch.tensor([row["input_ids"]], device=device)
-        labels = torch.tensor(row["labels"], device=device)
-        logits = model(input_ids=ids).logits[0].float()
-        total = total + F.cross_entropy(logits[:-1], labels[1:], ignore_index=-100, reduction="sum")
-    return total / denominator
 
 
 def logits(lm, input_ids):

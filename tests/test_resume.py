@@ -3,9 +3,9 @@
 One uninterrupted reference run, and one run in the same configuration that is interrupted three ways and resumed
 each time by re-running the same command (only the number of processes changes):
 
-    1. 2 processes, killed (SIGKILL) in the middle of the save of step 4    -> step_2 is the newest complete one
-    2. 1 process resumes from step_2 (2 -> 1), SIGTERM: stops at a step boundary with a checkpoint, exit 0
-    3. 2 processes resume (1 -> 2), SIGUSR1 sent to rank 1 only: both ranks stop after the same step, exit 0
+    1. 2 processes, killed (SIGKILL) in the middle of the save of step 4    -> step_3 is the newest complete one
+    2. 1 process resumes from step_3 (2 -> 1), SIGTERM after step 4: stops there with a checkpoint, exit 0
+    3. 2 processes resume (1 -> 2), SIGUSR1 sent to rank 1 only after step 5: both ranks stop there, exit 0
     4. 1 process resumes and finishes
 
 The interrupted run must log the same steps, the same sample lines per step and the same losses as the reference,
@@ -143,10 +143,12 @@ def test_killed_and_signalled_run_resumes_to_the_reference_exactly(setup, refere
     assert checkpoint.latest_checkpoint(saves) == saves / "step_2"
     assert [r["step"] for r in metrics(out)] == [1, 2, 3, 4]
 
-    # 2. The same command, one process: resumes from step_2 (saved by 2 ranks); SIGTERM stops it at a boundary.
-    job = Job(args, root / "run2.log", nproc=None)
+    # 2. The same command, one process: resumes from step_2 (saved by 2 ranks); SIGTERM, sent while the run waits
+    #    after its first step (tests/train_waiting_for_signal.py), stops it after step 3 with a checkpoint.
+    job = Job(args, root / "run2.log", nproc=None, env={"WAIT_FOR_SIGNAL_RANK": "0"},
+              script="tests/train_waiting_for_signal.py")
     try:
-        job.wait_until(lambda: "resumed from" in job.text())
+        job.wait_until(lambda: "waiting for a stop signal" in job.text())
         job.proc.send_signal(signal.SIGTERM)
         assert job.finish() == 0, job.text()[-3000:]
     finally:
@@ -155,22 +157,23 @@ def test_killed_and_signalled_run_resumes_to_the_reference_exactly(setup, refere
     assert f"removed {saves / '.step_4.tmp'}, a checkpoint whose save was interrupted" in log
     assert f"resumed from {saves / 'step_2'}: step 2, 8 samples seen; saved with world size 2" in log
     assert "metrics.jsonl: removed 2 lines logged after the checkpoint" in log
-    assert "stopped by SIGTERM after step" in log
-    stopped_at = metrics(out)[-1]["step"]
-    assert stopped_at < STEPS and checkpoint.latest_checkpoint(saves) == saves / f"step_{stopped_at}"
+    assert "stopped by SIGTERM after step 3" in log
+    assert metrics(out)[-1]["step"] == 3 and checkpoint.latest_checkpoint(saves) == saves / "step_3"
 
-    # 3. Two processes again; only rank 1 gets SIGUSR1, yet both ranks stop after the same step and exit 0.
-    job = Job(args, root / "run3.log", nproc=2)
+    # 3. Two processes again; only rank 1 gets SIGUSR1 (after step 4, while it waits for it), yet both ranks stop
+    #    after step 4 and exit 0.
+    job = Job(args, root / "run3.log", nproc=2, env={"WAIT_FOR_SIGNAL_RANK": "1"},
+              script="tests/train_waiting_for_signal.py")
     try:
-        job.wait_until(lambda: "resumed from" in job.text())
+        job.wait_until(lambda: "waiting for a stop signal" in job.text())
         os.kill(job.worker_pid(rank=1), signal.SIGUSR1)
         assert job.finish() == 0, job.text()[-3000:]
     finally:
         job.kill()
     log = job.text()
-    assert f"resumed from {saves / f'step_{stopped_at}'}: step {stopped_at}" in log
-    if metrics(out)[-1]["step"] < STEPS:  # the signal may arrive as the last step ends, which just finishes
-        assert "stopped by SIGUSR1 after step" in log
+    assert f"resumed from {saves / 'step_3'}: step 3" in log
+    assert "stopped by SIGUSR1 after step 4" in log
+    assert metrics(out)[-1]["step"] == 4 and checkpoint.latest_checkpoint(saves) == saves / "step_4"
 
     # 4. The same command to the end.
     job = Job(args, root / "run4.log", nproc=None)
@@ -238,6 +241,37 @@ def test_resume_flags_are_checked_with_the_other_flags(setup, capsys, tmp_path):
     assert code == 2 and len(err.strip().splitlines()) == 1, err
     assert "--fresh starts over and --resume-from continues a run; pass one of them" in err
     assert f"--resume-from {tmp_path}: not a complete checkpoint" in err
+
+
+def test_sigint_stops_after_the_step_with_a_checkpoint_and_the_same_command_resumes(setup, capsys, tmp_path,
+                                                                                     monkeypatch):
+    """Ctrl-C (SIGINT, delivered here to this process after step 1) stops at the step boundary with a full-state
+    checkpoint and exit 0, not with a KeyboardInterrupt; running the command again resumes after it."""
+    root, data, model_dir = setup
+    out = tmp_path / "out"
+    args = [*train_args(data, model_dir, out), "--max-steps", "2"]
+    agreed, sent = checkpoint.StopSignals.agreed, []
+
+    def interrupted_after_the_first_step(self, device):
+        if not sent:
+            sent.append(signal.SIGINT)
+            os.kill(os.getpid(), signal.SIGINT)  # handled synchronously: the handler has run when kill returns
+        return agreed(self, device)
+
+    monkeypatch.setattr(checkpoint.StopSignals, "agreed", interrupted_after_the_first_step)
+    try:
+        code, stdout, err = run_main(args, capsys)
+    except KeyboardInterrupt:
+        pytest.fail("SIGINT raised KeyboardInterrupt instead of stopping at the step boundary")
+    assert code == 0, err
+    assert "stopped by SIGINT after step 1; run the same command again to resume" in stdout
+    assert checkpoint.latest_checkpoint(out / "checkpoints") == out / "checkpoints" / "step_1"
+    assert [r["step"] for r in metrics(out)] == [1]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler is given back
+    code, stdout, err = run_main(args, capsys)
+    assert code == 0, err
+    assert f"resumed from {out / 'checkpoints' / 'step_1'}: step 1" in stdout
+    assert [r["step"] for r in metrics(out)] == [1, 2]
 
 
 def test_fresh_discards_old_state_and_a_non_finite_loss_keeps_the_last_good_checkpoint(setup, capsys, tmp_path):

@@ -388,6 +388,33 @@ def test_rouge_of_a_t5_run_is_rouge_score_on_its_saved_predictions_on_1_and_2_pr
                                       skip_special_tokens=True) for s in sources]
         assert saved == alone, out
 
+def padded_batch_losses(model, lm, vocab: int):
+    """(plain CE of each target token with each sample alone through lm's own forward, the trainer's CE of each
+    target token on the same samples as one padded micro-batch)."""
+    import torch
+    import torch.nn.functional as F
+
+    g = torch.Generator().manual_seed(7)
+    shapes = ((6, 4), (11, 8), (3, 6))  # (source, target) tokens: every row of the batch padded somewhere
+    samples = [(torch.randint(8, vocab, (s,), generator=g), torch.randint(8, vocab, (t,), generator=g))
+               for s, t in shapes]
+    pad = lm.config.pad_token_id
+    ids = torch.full((len(shapes), max(s for s, _ in shapes)), pad)
+    mask = torch.zeros_like(ids)
+    labels = torch.full((len(shapes), max(t for _, t in shapes)), -100)
+    for row, (source, target) in enumerate(samples):
+        ids[row, : len(source)], mask[row, : len(source)], labels[row, : len(target)] = source, 1, target
+    flat = torch.nonzero(labels.reshape(-1) != -100)[:, 0]
+    model.eval()
+    with torch.no_grad():
+        trainer = torch.full((len(flat),), float("nan"))
+        total = model(ids, mask, labels, flat, labels.reshape(-1)[flat], row_ce_out=trainer)
+        truth = torch.cat([F.cross_entropy(lm(input_ids=source[None], labels=target[None], use_cache=False)
+                                           .logits[0].float(), target, reduction="none") for source, target in samples])
+    torch.testing.assert_close(total, truth.sum(), rtol=1e-5, atol=1e-4)
+    return truth, trainer
+
+
 @pytest.mark.parametrize("family", sorted(seq2seq_zoo(300)))
 def test_every_encoder_decoder_family_passes_the_probe_and_a_wrong_head_is_refused(family):
     import torch
@@ -401,6 +428,20 @@ def test_every_encoder_decoder_family_passes_the_probe_and_a_wrong_head_is_refus
     model = Seq2SeqLM(lm)
     result = check_loss_is_the_models_own(model, torch.device("cpu"))
     assert result.trainer_loss == pytest.approx(result.own_loss, rel=1e-5)
+    # The truth, computed here rather than taken from the probe: each sample alone through the model's own forward
+    # (its logits: head, scaling and bias as it applies them), then plain cross-entropy, per target token, against
+    # the trainer on a padded batch. The head is scaled first until the logits are trained-size (std ~4, far from
+    # uniform), so that a wrong logit, token or sample shows in the loss.
+    probe_ids = torch.arange(8, 20)[None]
+    with torch.no_grad():
+        for _ in range(4):
+            std = lm(input_ids=probe_ids, labels=probe_ids, use_cache=False).logits.float().std().item()
+            lm.get_output_embeddings().weight.mul_(min(4.0 / std, 50.0))
+        if getattr(lm, "final_logits_bias", None) is not None:  # BART family: zeros until trained
+            lm.final_logits_bias.normal_(0.0, 1.0, generator=torch.Generator().manual_seed(3))
+    truth, trainer = padded_batch_losses(model, lm, vocab=300)
+    assert truth.std() > 1.0, truth  # per-token losses far apart
+    torch.testing.assert_close(trainer, truth, rtol=1e-5, atol=1e-5)
     wrong = LogitTransform(scale=0.5 * model.head_loss.transform.scale)
     model.head_loss.transform = wrong  # a family rule minitrain got wrong: the probe must say so
     with pytest.raises(ModelError, match=f"model type .*{lm.config.model_type}.*on a padded probe batch"):

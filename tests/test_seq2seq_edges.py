@@ -88,6 +88,16 @@ def test_eval_num_beams_1_is_greedy_whatever_the_checkpoints_generation_config_s
     prompts = [rng.integers(3, 700, n) for n in (9, 5)]
     eos = [lm.config.eos_token_id]
     greedy = generate_replies(Seq2SeqLM(lm), [prompts], 8, eos, torch.device("cpu"), num_beams=1)
+    # The truth from Hugging Face's own generate, one prompt at a time (no padding), greedy, with the checkpoint's
+    # generation config still at its defaults: the decoder's tokens after its start token, cut after the first end.
+    assert lm.generation_config.num_beams in (None, 1) and not lm.generation_config.do_sample
+    truth = []
+    with torch.no_grad():
+        for prompt in prompts:
+            out = lm.generate(input_ids=torch.tensor(prompt)[None], do_sample=False, num_beams=1, max_new_tokens=8)
+            reply = out[0, 1:].tolist()
+            truth.append(reply[: reply.index(eos[0]) + 1] if eos[0] in reply else reply)
+    assert greedy == truth and max(len(r) for r in truth) >= 4, (greedy, truth)  # replies with content to compare
     # what e.g. facebook/bart-large-cnn's generation_config.json holds (num_beams 4, no_repeat_ngram_size 3, ...)
     g = lm.generation_config
     g.num_beams, g.no_repeat_ngram_size, g.min_length, g.repetition_penalty, g.length_penalty = 3, 1, 7, 3.0, 2.0

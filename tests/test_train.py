@@ -187,14 +187,15 @@ def test_two_ranks_with_skewed_micro_steps_give_the_single_process_gradient(tmp_
         r = report[strategy]
         assert r["names"], strategy
         assert r["loss"] == pytest.approx(report["reference_loss"], rel=1e-6), strategy
-        assert r["max_rel"] < 1e-5, (strategy, r["max_rel"])
-        assert r["norm"] == pytest.approx(report["reference_norm"], rel=1e-5), strategy
+        # the README's figure: within 1e-6 of each tensor's largest gradient (5.7e-7 measured)
+        assert r["max_rel"] < 1e-6, (strategy, r["max_rel"])
+        assert r["norm"] == pytest.approx(report["reference_norm"], rel=2e-6), strategy
     assert report["weights_changed"] > 1e-3  # the optimizer step happened, so the comparison below means something
     assert report["logits_max_diff"] < 1e-5 and report["loss_diff"] < 1e-4
     assert report["reloaded_dtype"] == "torch.float32"
     sequences = report["sequences"]
     assert sequences["names"] and sequences["loss"] == pytest.approx(sequences["truth"], rel=1e-6)
-    assert sequences["max_rel"] < 1e-5, sequences["max_rel"]
+    assert sequences["max_rel"] < 1e-6, sequences["max_rel"]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -397,3 +398,60 @@ def test_the_chat_template_saved_beside_the_data_goes_into_every_export(tmp_path
     exported = AutoTokenizer.from_pretrained(out / "hf_format" / "samples_4")
     assert exported.chat_template == template
     assert AutoTokenizer.from_pretrained(tiny_model_dir("llama")).chat_template != template  # not the model's own
+
+
+def test_two_optimizer_steps_are_adamw_on_matrices_only_with_clipping_computed_here(tmp_path, capsys, tiny_model_dir):
+    """The update the README promises, against torch.optim.AdamW on parameter groups built here (weight decay on
+    matrices only), the gradient of each step computed here (each sample alone, plain cross-entropy, mean over the
+    step's trained tokens) and clipped here. Two steps, so that the betas matter (one step of Adam is lr x
+    g / (|g| + eps) whatever they are), an epsilon near the gradients' size and a clip that bites, so that the
+    clipping changes the update."""
+    import torch
+    import torch.nn.functional as F
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    model_dir = tiny_model_dir("llama")
+    data = write_data(tmp_path / "data.jsonl", 4, vocab=700, seed=5)
+    rows = [json.loads(line) for line in data.read_text().splitlines()]
+    lr, wd, betas, eps, clip = 1e-2, 0.1, (0.8, 0.9), 1e-4, 0.5
+    code, err = run_main([
+        *base_args(tmp_path, model_dir, data)[:-1], "2", "--batch-size", "2", "--learning-rate", str(lr),
+        "--weight-decay", str(wd), "--adam-beta1", str(betas[0]), "--adam-beta2", str(betas[1]),
+        "--adam-epsilon", str(eps), "--max-grad-norm", str(clip), "--lr-scheduler", "constant",
+        "--save-dtype", "float32", "--no-activation-checkpointing",
+    ], capsys)
+    assert code == 0, err
+    records = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2]
+
+    lm = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    initial = {n: p.detach().clone() for n, p in lm.named_parameters()}
+    params = dict(lm.named_parameters())
+    matrices = [p for p in params.values() if p.ndim >= 2]
+    others = [p for p in params.values() if p.ndim < 2]
+    assert matrices and others  # norms stay out of the decay
+    optimizer = torch.optim.AdamW([{"params": matrices, "weight_decay": wd}, {"params": others, "weight_decay": 0.0}],
+                                  lr=lr, betas=betas, eps=eps, foreach=False)
+    for record in records:
+        lm.zero_grad(set_to_none=True)
+        step_rows = [rows[line - 1] for line in record["sample_lines"]]
+        trained = sum(sum(label != -100 for label in row["labels"][1:]) for row in step_rows)
+        loss = sum(F.cross_entropy(lm(input_ids=torch.tensor([row["input_ids"]]), use_cache=False).logits[0, :-1],
+                                   torch.tensor(row["labels"][1:]), ignore_index=-100, reduction="sum")
+                   for row in step_rows) / trained
+        loss.backward()
+        norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params.values()])).item()
+        assert record["loss"] == pytest.approx(loss.item(), rel=1e-5)
+        assert record["grad_norm"] == pytest.approx(norm, rel=1e-5)
+        assert norm > 2 * clip  # the clip bites
+        for p in params.values():
+            p.grad.mul_(clip / (norm + 1e-6))  # torch.nn.utils.clip_grad_norm_'s coefficient
+        optimizer.step()
+    trained_weights = load_file(tmp_path / "out" / "hf_format" / "samples_4" / "model.safetensors")
+    worst = 0.0
+    for name, p in params.items():
+        moved = (p.detach() - initial[name]).abs().max().item()
+        assert moved > 1e-4, name  # every parameter took the two updates
+        worst = max(worst, (trained_weights[name] - p.detach()).abs().max().item() / moved)
+    assert worst < 1e-3, worst  # the trainer's weights are this update's, to float32 rounding of the gradients

@@ -275,7 +275,9 @@ def test_torchrun_evaluates_exactly_generates_and_stops_early_on_two_ranks(tmp_p
     assert records[-1]["validation_loss"] == pytest.approx(direct_validation_loss(final, cache, held_out), rel=1e-5)
     tokenizer = AutoTokenizer.from_pretrained(final_dir)
     generations = [json.loads(line) for line in (out / "generations.jsonl").read_text().splitlines()]
-    for prompt, generation in zip(validation.generation_prompts(cache, held_out, 2), generations[2:]):
+    prompts = validation.generation_prompts(cache, held_out, 2)
+    assert len(prompts) == 2 and [g["step"] for g in generations] == [1, 1, 2, 2]  # 2 prompts at each evaluation
+    for prompt, generation in zip(prompts, generations[2:], strict=True):
         tokens = direct_greedy(final, prompt.prompt, 4)
         if tokenizer.eos_token_id in tokens:
             tokens = tokens[: tokens.index(tokenizer.eos_token_id) + 1]

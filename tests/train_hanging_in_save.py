@@ -26,4 +26,5 @@ def hang_before_complete(tmp, final, trainer_state, config):
 
 
 checkpoint.complete = hang_before_complete
-sys.exit(train.main())
+if __name__ == "__main__":  # not in a spawned child (the memory estimate's), which imports this file too
+    sys.exit(train.main())
