@@ -35,7 +35,7 @@ from minitrain import atomic
 from minitrain.config_file import (
     ConfigFileError,
 )
-from minitrain.training import checkpoint, families, lora
+from minitrain.training import checkpoint, families, lora, sequence_parallel
 from minitrain.training.checkpoint import (
     Checkpointer,
     CheckpointError,
@@ -217,7 +217,8 @@ def setup(config: TrainConfig, world: World) -> Run:
                           f"(max_position_embeddings), the decoder start token included; pass at most {positions - 1}")
     data = load_datasets(config, world, hf_config, tokenizer, objective)
     cache, costs, mixture, sources = data.cache, data.costs, data.mixture, data.sources
-    planner = MultipackPlanner(costs, config.batch_size, config.max_tokens_per_gpu, world.world_size,
+    layout = sequence_parallel.data_layout(config, world.rank, world.world_size)  # one planner rank per SP group
+    planner = MultipackPlanner(costs, config.batch_size, layout.row_tokens, layout.size,
                                seed=config.seed, mixture=mixture)
     total_steps = count_total_steps(config, planner)
     units = "pairs" if cache.pairs else "samples"
@@ -273,6 +274,8 @@ def start(config: TrainConfig, world: World):
     config.attn_implementation = families.attention_implementation(
         families.causal_lm_class(hf_config), world.device, config.attn_implementation, hf_config)
     checkpointing_why = "asked for"
+    if config.activation_checkpointing is None and config.activation_offload:
+        config.activation_checkpointing, checkpointing_why = True, "--activation-offload offloads its saved inputs"
     if config.activation_checkpointing is None:
         config.activation_checkpointing, checkpointing_why = checkpointing_needed(
             hf_config, config.max_tokens_per_gpu, world)
@@ -363,7 +366,9 @@ def loop(run: Run, stop: StopSignals) -> None:
         lr = run.scheduler.get_last_lr()[0]
 
         source_ce = None if run.source_names is None else torch.zeros(len(run.source_names), device=world.device)
-        sums = forward_backward(run.model, run.objective, cache, plan.rank_packs(world.rank), step_units,
+        # With --sequence-parallel-size S the S ranks of a group get the same packs (each runs its slice of each row)
+        data_rank = sequence_parallel.data_layout(config, world.rank, world.world_size).rank
+        sums = forward_backward(run.model, run.objective, cache, plan.rank_packs(data_rank), step_units,
                                 world.world_size, world.device, source_ce)
         router_aux = run.model.pop_router_aux_sum()  # MoE asking for it: sum of trained tokens x aux loss; else None
         if dist.is_initialized():

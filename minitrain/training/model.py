@@ -17,9 +17,10 @@ start-up probe build_model runs: the trainer's loss must be the model's own, or 
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch import nn
 
-from minitrain.training import attention, families
+from minitrain.training import attention, families, sequence_parallel
 from minitrain.training import seq2seq as seq2seq_model
 from minitrain.training.adapter import FullFineTuning
 from minitrain.training.distributed import World, print0, raise_if_any_rank_failed
@@ -50,6 +51,8 @@ class PackedCausalLM(nn.Module):
         self.router_aux_sum = None  # sum over the packs trained since the last pop of n_trained * aux loss
         self.adapter = adapter or FullFineTuning()
         self.attention_takes_boundaries = lm.config._attn_implementation in attention.WITH_BOUNDARIES
+        # --sequence-parallel-size > 1 (sequence_parallel.py): the ranks of a group share each row, each runs a slice
+        self.sequence_parallel: sequence_parallel.SequenceParallel | None = None
 
     def forward(self, input_ids, position_ids, positions, targets, row_weights=None, row_ce_out=None,
                 cu_seq_lens=None, max_length=None, per_token: bool = False) -> torch.Tensor:
@@ -63,6 +66,16 @@ class PackedCausalLM(nn.Module):
         if self.attention_takes_boundaries and cu_seq_lens is not None:
             extra.update(cu_seq_lens_q=cu_seq_lens, cu_seq_lens_k=cu_seq_lens, max_length_q=max_length,
                          max_length_k=max_length)
+        num_targets, sp = len(targets), self.sequence_parallel
+        if sp is not None:
+            # Every rank of the group got the whole row; it runs its contiguous slice, and the attention function
+            # attends over the whole row (sequence_parallel.py). Its loss: the trained positions in its slice.
+            local = sp.shard(input_ids, position_ids, positions, cu_seq_lens, max_length)
+            input_ids, position_ids, positions = local.input_ids, local.position_ids, local.positions
+            targets = targets[local.first : local.last]
+            row_weights = None if row_weights is None else row_weights[local.first : local.last]
+            row_ce_out = None if row_ce_out is None else row_ce_out[local.first : local.last]  # a view: fills it
+            extra["sequence_parallel"] = local.row
         out = self.lm.base_model(input_ids=input_ids, position_ids=position_ids, use_cache=False, **extra)
         hidden = out.last_hidden_state[0]  # (T, H)
         head = linear_head(self.lm.get_output_embeddings())
@@ -70,6 +83,12 @@ class PackedCausalLM(nn.Module):
             # Dummy pack or nothing trained: still run the head on one position, times zero, so every parameter gets
             # a (zero) gradient and this rank issues the same FSDP collectives as the others.
             loss = self.head_loss(head, hidden[:1], input_ids[0, :1]) * 0.0
+            if per_token and sp is not None:  # nothing of the row's trained positions in this rank's slice
+                return loss.expand(num_targets)
+        elif per_token and sp is not None:
+            # (N,): this slice's CE where it holds the position, 0 elsewhere; the objective sums it over the group
+            ce = self.head_loss.per_row(head, hidden[positions], targets)
+            return F.pad(ce, (local.first, num_targets - local.last))
         elif per_token:
             if self.router_aux is not None:
                 raise ModelError("preference objectives do not add a mixture-of-experts router's auxiliary loss "
@@ -178,6 +197,10 @@ def build_model(config, world: World, adapter: FullFineTuning | None = None) -> 
     attn = families.attention_implementation(model_class, world.device, config.attn_implementation, hf_config)
     auto = families.auto_class(hf_config)  # AutoModelForCausalLM, or AutoModelForSeq2SeqLM for T5, BART, ...
     seq2seq = hf_config.is_encoder_decoder
+    sp_size = getattr(config, "sequence_parallel_size", 1)
+    sp_problem = sequence_parallel.model_problem(hf_config, sp_size, world.world_size)
+    if sp_problem is not None:
+        raise ModelError(sp_problem)
     if seq2seq and attn in attention.WITH_BOUNDARIES:
         raise ModelError(f"--attn-implementation {attn} isolates packed rows; encoder-decoder micro-batches are padded "
                          f"with attention masks: use --attn-implementation auto (sdpa) or eager")
@@ -206,11 +229,19 @@ def build_model(config, world: World, adapter: FullFineTuning | None = None) -> 
             lm = auto.from_config(hf_config, dtype=torch.float32, attn_implementation=attn)
     if config.use_liger_kernels and world.device.type == "cuda":
         apply_liger_model_kernels(lm)
+    if sp_size > 1:
+        try:
+            sequence_parallel.use_on(lm)  # its attention all-to-alls between sequence and heads
+        except sequence_parallel.SequenceParallelError as e:
+            raise ModelError(str(e)) from None
     lm = adapter.apply(lm)
     blocks = decoder_blocks(lm)  # the same refusal in one process as under torchrun
     if config.activation_checkpointing:
         if lm.supports_gradient_checkpointing:
-            lm.activation_checkpointing_enable()
+            # --activation-offload: the inputs each checkpointed block saves for its recompute go to pinned host memory
+            # (transformers' save_on_cpu around each block); on CPU they are already there
+            offload = getattr(config, "activation_offload", False) and world.device.type == "cuda"
+            lm.activation_checkpointing_enable(offload=offload)
         unwrapped = [i for i, block in enumerate(blocks) if not getattr(block, "gradient_checkpointing", False)]
         if unwrapped:
             raise ModelError(f"model type {families.family(hf_config)!r}: blocks {unwrapped} are not activation-"
@@ -219,6 +250,8 @@ def build_model(config, world: World, adapter: FullFineTuning | None = None) -> 
         for block in blocks:
             block.compile(dynamic=True)  # each block's forward (dynamic: packs change length every micro-step)
     model = Seq2SeqLM(lm, adapter) if seq2seq else PackedCausalLM(lm, adapter, config.use_liger_kernels)
+    if sp_size > 1:
+        model.sequence_parallel = sequence_parallel.init(sp_size, world.rank, world.world_size)
     if world.world_size > 1:
         shard_model(model, config.fsdp_sharding_strategy, world)  # every_rank: each keeps its shard of what it loaded
     if world.world_size > 1 and not every_rank:
