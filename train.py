@@ -221,6 +221,9 @@ def setup(config: TrainConfig, world: World) -> Run:
     planner = MultipackPlanner(costs, config.batch_size, layout.row_tokens, layout.size,
                                seed=config.seed, mixture=mixture)
     total_steps = count_total_steps(config, planner)
+    if config.sequence_parallel_size > 1:
+        print0(f"sequence parallelism: {config.sequence_parallel_size} ranks share each row of up to "
+               f"{layout.row_tokens} tokens; {layout.size} data-parallel groups")
     units = "pairs" if cache.pairs else "samples"
     print0(f"{len(costs)} {units}, {int(costs.sum())} tokens, {planner.steps_per_epoch} steps per epoch, "
            f"{total_steps if total_steps is not None else 'unlimited'} steps")

@@ -331,5 +331,45 @@ def test_four_ranks_in_two_groups_train_as_one_process(tmp_path, tiny_model_dir)
     assert r["longest_row"] > MAX_TOKENS
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# The command line: train, stop, resume on another world size with the same S
+
+
+def cli_args(data: Path, model_dir: Path, out: Path, steps: int) -> list[str]:
+    return ["train.py", "--data-path", str(data), "--model-name-or-path", str(model_dir), "--output-dir", str(out),
+            "--batch-size", "8", "--max-tokens-per-gpu", str(MAX_TOKENS), "--sequence-parallel-size", "2",
+            "--max-steps", str(steps), "--checkpoint-every-steps", "1", "--learning-rate", "1e-3",
+            "--validation-split", "0.25", "--eval-every-samples", "8", "--num-eval-generations", "1",
+            "--eval-max-new-tokens", "3", "--save-dtype", "float32"]
+
+
+def losses(out: Path) -> list[tuple[int, float, float]]:
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return [(r["step"], r["loss"], r.get("validation_loss")) for r in records]
+
+
+def test_the_command_line_trains_long_rows_and_resumes_on_another_world_size(tmp_path, tiny_model_dir):
+    """2 ranks (one group) train 2 steps; 4 ranks (two groups, same S) resume for a third: the same losses as 4
+    ranks straight through. Rows longer than --max-tokens-per-gpu train, and validation and generation run."""
+    model_dir = tiny_model_dir("llama")
+    data = write_long_data(tmp_path / "data.jsonl", 32, vocab=700, seed=3)
+    stopped, straight = tmp_path / "stopped", tmp_path / "straight"
+    first = torchrun_n(2, cli_args(data, model_dir, stopped, 2))
+    assert first.returncode == 0, first.stderr[-4000:]
+    assert "sequence parallelism: 2 ranks share each row" in first.stdout
+    resumed = torchrun_n(4, cli_args(data, model_dir, stopped, 3))
+    assert resumed.returncode == 0, resumed.stderr[-4000:]
+    assert "resumed from" in resumed.stdout and "saved with world size 2" in resumed.stdout
+    reference = torchrun_n(4, cli_args(data, model_dir, straight, 3))
+    assert reference.returncode == 0, reference.stderr[-4000:]
+    got, want = losses(stopped), losses(straight)
+    assert [s for s, _, _ in got] == [1, 2, 3] == [s for s, _, _ in want]
+    for (_, loss, validation), (_, want_loss, want_validation) in zip(got, want):
+        assert loss == pytest.approx(want_loss, rel=1e-5)
+        assert validation == pytest.approx(want_validation, rel=1e-5)
+    generations = (stopped / "generations.jsonl").read_text().splitlines()
+    assert generations  # generation ran, without sequence parallelism
+
+
 if __name__ == "__main__":
     sp_worker(*sys.argv[1:])

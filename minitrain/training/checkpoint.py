@@ -73,7 +73,7 @@ STOP_CONDITIONS = ("max_epochs", "max_steps", "max_samples")
 FREE_ON_RESUME = (
     "data_path", "output_dir", "min_samples_per_checkpoint", "checkpoint_every_steps", "keep_last_n_checkpoints",
     "keep_last_n_exports", "fsdp_sharding_strategy", "activation_checkpointing", "use_liger_kernels", "save_dtype",
-    "attn_implementation", "compile", "lora_export",
+    "attn_implementation", "compile", "lora_export", "sequence_parallel_size", "activation_offload",
     "distributed_backend", "distributed_timeout_minutes", "resume_from", "fresh", "allow_config_change",
     # Evaluation never changes the training computation; early stopping state is restored from the checkpoint.
     "validation_data_path", "eval_every_samples", "num_eval_generations", "eval_max_new_tokens", "eval_metric",
