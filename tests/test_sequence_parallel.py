@@ -155,6 +155,56 @@ def row_scenario(world, sp, model_dir: str) -> dict:
             "grad_max_rel": max_rel(grads_split, grads_plain)}
 
 
+def zoo_scenario(world, sp) -> dict:
+    """Every family of the tiny zoo that trains today: refused in one line, or its packed row split between the ranks
+    gives each trained position the CE of the model's own forward on its sample alone."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from minitrain.training import families
+    from minitrain.training import sequence_parallel as S
+    from minitrain.training.model import PackedCausalLM
+    from tests.tiny_models import REFUSED, zoo_configs
+
+    lengths = [9, 14, 6, 4]
+    g = torch.Generator().manual_seed(7)
+    samples = [torch.randint(3, 200, (n,), generator=g) for n in lengths]
+    ids, starts = torch.cat(samples)[None], np.cumsum([0, *lengths])
+    pos = torch.cat([torch.arange(n) for n in lengths])[None]
+    positions = torch.cat([torch.arange(s, s + n - 1) for s, n in zip(starts, lengths)])
+    out = {}
+    for name, config in zoo_configs(256).items():
+        if name in REFUSED:  # refused without sequence parallelism already (the start-up probe)
+            continue
+        problem = S.model_problem(config, sp.size, world.world_size)
+        if problem is not None:
+            out[name] = {"refused": problem}
+            continue
+        torch.manual_seed(0)
+        attn = families.attention_implementation(families.causal_lm_class(config), world.device, "auto", config)
+        lm = AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation=attn)
+        try:
+            S.use_on(lm)
+        except S.SequenceParallelError as e:
+            out[name] = {"refused": str(e)}
+            continue
+        model = PackedCausalLM(lm).eval()
+        model.sequence_parallel = sp
+        with torch.no_grad():
+            try:
+                ce = S.sum_over_row(model(ids, pos, positions, ids[0, positions + 1], per_token=True), sp)
+            except S.SequenceParallelError as e:  # found by the start-up probe in a run
+                out[name] = {"refused": str(e)}
+                continue
+            with S.plain_attention(lm):
+                alone = torch.cat([  # the model's own logits (its logit transform included)
+                    torch.nn.functional.cross_entropy(lm(input_ids=s[None], use_cache=False).logits[0, :-1].float(),
+                                                      s[1:], reduction="none")
+                    for s in samples])
+        out[name] = {"max_diff": (ce - alone).abs().max().item(), "attention": attn}
+    return out
+
+
 def train_steps(config, world, objective, cache, steps: int, reference=None) -> dict:
     """`steps` optimizer steps as train.py runs them; each step's loss, metrics and full gradients (+ at the end the
     validation loss over the whole cache and greedy replies to three prompts)."""
@@ -247,6 +297,8 @@ def sp_worker(model_dir: str, data_path: str, pairs_path: str, out_dir: str, sce
         report["kernel"] = kernel_scenario(world, sp)
     if "row" in scenarios:
         report["row"] = row_scenario(world, sp, model_dir)
+    if "zoo" in scenarios:
+        report["zoo"] = zoo_scenario(world, sp)
     base = train.TrainConfig(data_path=data_path, model_name_or_path=model_dir, output_dir=out_dir, batch_size=8,
                              max_tokens_per_gpu=MAX_TOKENS, save_dtype="float32", activation_checkpointing=False,
                              learning_rate=1e-3, fsdp_sharding_strategy="FULL_SHARD", sequence_parallel_size=size)
@@ -288,7 +340,7 @@ def two_rank_report(tmp_path_factory, tiny_model_dir):
     pairs = write_pairs(tmp / "pairs.jsonl", 12, seed=2)
     out = tmp / "out"
     run = torchrun_n(2, [__file__, str(tiny_model_dir("llama")), str(data), str(pairs), str(out),
-                         "kernel,row,sft,sft_sequences,lora,dpo,simpo"])
+                         "kernel,row,zoo,sft,sft_sequences,lora,dpo,simpo"])
     assert run.returncode == 0, run.stderr[-4000:]
     return json.loads((out / "report.json").read_text())
 
@@ -304,6 +356,16 @@ def test_a_row_split_between_ranks_isolates_its_samples_and_trains_the_boundary_
     assert row["boundary_position"] == 16  # rank 0's last token (17 of the padded 34), trained
     assert row["boundary_diff"] < 1e-5 and row["ce_vs_alone"] < 1e-5 and row["ce_vs_plain"] < 1e-5, row
     assert row["grad_max_rel"] < 1e-5, row
+
+
+def test_every_family_of_the_zoo_splits_exactly_or_is_refused_in_one_line(two_rank_report):
+    zoo = two_rank_report["zoo"]
+    refused = {name: r["refused"] for name, r in zoo.items() if "refused" in r}
+    assert sorted(refused) == ["falcon", "gemma2", "mixtral", "olmoe", "qwen2_moe"]  # see the messages
+    assert "attn_logit_softcapping" in refused["gemma2"] and "extra keywords" in refused["falcon"]
+    assert all("\n" not in message and message.endswith("--sequence-parallel-size 1") for message in refused.values())
+    split = {name: r["max_diff"] for name, r in zoo.items() if "max_diff" in r}
+    assert len(split) == 13 and max(split.values()) < 1e-5, split
 
 
 @pytest.mark.parametrize("name", ["sft", "sft_sequences", "lora", "dpo", "simpo"])
@@ -329,6 +391,53 @@ def test_four_ranks_in_two_groups_train_as_one_process(tmp_path, tiny_model_dir)
     assert max(r["loss_rel"]) < 1e-5 and max(r["grad_rel"]) < 1e-5, r
     assert r["validation_rel"] < 1e-5 and r["replies_equal"], r
     assert r["longest_row"] > MAX_TOKENS
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Refusals, before any weights load
+
+
+def test_flags_and_models_that_cannot_be_split_are_refused_in_one_line(tmp_path, capsys, monkeypatch, tiny_model_dir):
+    import transformers as T
+
+    from minitrain.training.sequence_parallel import model_problem
+    from tests.test_train import base_args, run_main
+
+    monkeypatch.setenv("WORLD_SIZE", "4")  # validation only: it fails before the process group is created
+    data = write_long_data(tmp_path / "data.jsonl", 4, vocab=700)
+    code, err = run_main([*base_args(tmp_path, tiny_model_dir("llama"), data), "--sequence-parallel-size", "3",
+                          "--batch-size", "1"], capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert "--sequence-parallel-size 3 must divide the 4 ranks; use one of 1, 2, 4" in err
+    code, err = run_main([*base_args(tmp_path, tiny_model_dir("llama"), data), "--sequence-parallel-size", "2",
+                          "--batch-size", "1"], capsys)
+    assert "--batch-size 1 is smaller than the 2 data-parallel groups" in err
+
+    heads = T.LlamaConfig(num_attention_heads=6, num_key_value_heads=2, hidden_size=96)
+    assert model_problem(heads, 4, 8) == ("--sequence-parallel-size 4: llama has 6 attention heads, not divisible by "
+                                          "4; each rank attends over heads / S of them: use --sequence-parallel-size "
+                                          "1 or 2")
+    assert model_problem(heads, 2, 8) is None and model_problem(heads, 1, 8) is None
+    assert model_problem(T.LlamaConfig(num_attention_heads=4, num_key_value_heads=1), 4, 4) is None  # MQA: replicated
+    t5 = model_problem(T.T5Config(), 2, 2)
+    assert t5.startswith("--sequence-parallel-size 2: t5 is an encoder-decoder") and "\n" not in t5
+
+
+def test_a_sample_longer_than_the_row_names_both_flags(tmp_path, capsys, tiny_model_dir):
+    from minitrain.training.data import DataError, load_data
+    from minitrain.training.distributed import World
+    from train import TrainConfig
+
+    import torch
+
+    data = write_long_data(tmp_path / "data.jsonl", 4, vocab=700)
+    config = TrainConfig(data_path=str(data), model_name_or_path="m", output_dir=str(tmp_path / "out"), batch_size=4,
+                         max_tokens_per_gpu=30, sequence_parallel_size=2)
+    with pytest.raises(DataError, match=r"is 70 tokens, longer than --max-tokens-per-gpu 30 x "
+                                        r"--sequence-parallel-size 2 = 60 .* raise --max-tokens-per-gpu or "
+                                        r"--sequence-parallel-size"):
+        load_data(config, World(0, 0, 1, 1, torch.device("cpu")), vocab_size=700)
+    load_data(replace(config, max_tokens_per_gpu=35), World(0, 0, 1, 1, torch.device("cpu")), vocab_size=700)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -300,8 +300,12 @@ def probe(model: nn.Module, device: torch.device) -> ProbeResult:
 
 def run_probe(probe_fn, model: nn.Module, device: torch.device, what: str) -> ProbeResult:
     """probe_fn(model, device), or a ModelError in one line naming the family when the probe itself fails."""
+    from minitrain.training.sequence_parallel import SequenceParallelError
+
     try:
         return probe_fn(model, device)
+    except SequenceParallelError as e:  # a family whose attention cannot be split between ranks
+        raise ModelError(f"model type {family(model.lm.config)!r}: {e}") from None
     except (TypeError, ValueError, RuntimeError, NotImplementedError, AttributeError, IndexError) as e:
         reason = " ".join(str(e).split())[:300]
         raise ModelError(f"model type {family(model.lm.config)!r}: the start-up probe ({what}) failed: "

@@ -121,6 +121,10 @@ def model_problem(hf_config, size: int, world_size: int) -> str | None:
     if getattr(hf_config, "output_router_logits", False):
         return (f"{flag}: {family}'s router auxiliary loss is computed over the whole row, which no rank holds; set "
                 f"output_router_logits to false in its config.json or use --sequence-parallel-size 1")
+    text = hf_config.get_text_config() if hasattr(hf_config, "get_text_config") else hf_config
+    if getattr(text, "attn_logit_softcapping", None) is not None:
+        return (f"{flag}: {family} caps its attention logits (attn_logit_softcapping), which the split attention "
+                f"kernels do not; use --sequence-parallel-size 1")
     heads, _ = head_counts(hf_config)
     if heads is None:
         return f"{flag}: cannot find {family}'s number of attention heads; use --sequence-parallel-size 1"
@@ -268,9 +272,11 @@ def ulysses_attention(module, query, key, value, attention_mask, dropout: float 
     """transformers' attention-function signature, on this rank's slice: (1, H, L, D) query, (1, H_kv, L, D) key and
     value -> ((1, L, H, D), None), attending over the whole row (see the module doc)."""
     row = kwargs.get("sequence_parallel")
-    if row is None:
-        raise ValueError(f"{ULYSSES} attends over a row split between ranks; it runs only in minitrain's training "
-                         f"forward (generation switches to plain attention)")
+    if row is None:  # minitrain's forward passed it: the family's layers drop extra keywords on the way
+        raise SequenceParallelError(
+            f"--sequence-parallel-size: {type(module).__name__} does not hand the model's extra keywords to its "
+            f"attention function, so the row's boundaries never reach it and its rows cannot be split; use "
+            f"--sequence-parallel-size 1")
     if attention_mask is not None or query.shape[0] != 1:
         raise ValueError(f"{ULYSSES} runs on one packed row without an attention mask")
     if dropout:
