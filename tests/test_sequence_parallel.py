@@ -243,10 +243,15 @@ def train_steps(config, world, objective, cache, steps: int, reference=None) -> 
         plan = planner.plan(step)
         indices = np.concatenate([i for micro in plan.micro_batches for i in micro])
         units = objective.step_units(cache, indices)
+        source_ce = None if cache.sources is None else torch.zeros(int(cache.sources.max()) + 1)  # a mixture's
         sums = train.forward_backward(model, objective, cache, plan.rank_packs(layout.rank), units, world.world_size,
-                                      world.device)
+                                      world.device, source_ce)
         if world.world_size > 1:
             dist.all_reduce(sums)
+            if source_ce is not None:
+                dist.all_reduce(source_ce)
+        if source_ce is not None:
+            result.setdefault("source_ce", []).append(source_ce.tolist())
         grads = {n: (p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad).clone() for n, p in trainable}
         result["steps"].append({"loss": sums[0].item() / units, "metrics": (sums[1:] / units).tolist(),
                                 "grads": grads, "micro_steps": plan.num_micro_steps,
@@ -275,16 +280,20 @@ def compare(got: dict, want: dict) -> dict:
         "longest_row": max(s["longest_row"] for s in got["steps"]),
         "micro_steps": [s["micro_steps"] for s in got["steps"]],
         **({"table_max_diff": float(np.abs(got["table"] - want["table"]).max())} if "table" in got else {}),
+        **({"source_ce_rel": float(np.max(np.abs(np.divide(got["source_ce"], want["source_ce"]) - 1)))}
+           if "source_ce" in got else {}),
     }
 
 
-def sp_worker(model_dir: str, data_path: str, pairs_path: str, out_dir: str, scenarios: str) -> None:
+def sp_worker(model_dir: str, data_path: str, pairs_path: str, out_dir: str, scenarios: str,
+              mixture_path: str) -> None:
     import torch
 
     import train
     from minitrain.training import sequence_parallel
     from minitrain.training.data import load_data
     from minitrain.training.distributed import World, cleanup_distributed, init_distributed
+    from minitrain.training.mixture import concat_caches
     from minitrain.training.objectives import DPO, SFT, SimPO
 
     world = init_distributed("gloo")
@@ -314,6 +323,8 @@ def sp_worker(model_dir: str, data_path: str, pairs_path: str, out_dir: str, sce
             continue
         config = replace(base, **changes)
         cache = load_data(config, world, vocab_size=10**6)
+        if name == "sft":  # a mixture of two files: each file's CE sums (its metrics) too
+            cache = concat_caches([cache, load_data(config, world, vocab_size=10**6, path=mixture_path)])
         offsets = np.random.default_rng(3).normal(0, 2, (len(cache), 2)) if name == "dpo" else None
         # One process, the whole row, twice the per-GPU budget: every rank runs it (in step with the others, whose
         # copies only double the validation sums, not their ratio), rank 0 compares.
@@ -338,9 +349,10 @@ def two_rank_report(tmp_path_factory, tiny_model_dir):
     tmp = tmp_path_factory.mktemp("sp2")
     data = write_long_data(tmp / "data.jsonl", 16, vocab=700)
     pairs = write_pairs(tmp / "pairs.jsonl", 12, seed=2)
+    mixture = write_long_data(tmp / "more.jsonl", 8, vocab=700, seed=9)
     out = tmp / "out"
     run = torchrun_n(2, [__file__, str(tiny_model_dir("llama")), str(data), str(pairs), str(out),
-                         "kernel,row,zoo,sft,sft_sequences,lora,dpo,simpo"])
+                         "kernel,row,zoo,sft,sft_sequences,lora,dpo,simpo", str(mixture)])
     assert run.returncode == 0, run.stderr[-4000:]
     return json.loads((out / "report.json").read_text())
 
@@ -380,12 +392,14 @@ def test_two_ranks_sharing_rows_train_as_one_process(two_rank_report, name):
         assert r["table_max_diff"] < 1e-4, r
     if name.startswith("sft"):
         assert r["replies_equal"], r
+    if name == "sft":  # a mixture: each file's CE sum
+        assert r["source_ce_rel"] < 1e-5, r
 
 
 def test_four_ranks_in_two_groups_train_as_one_process(tmp_path, tiny_model_dir):
     data = write_long_data(tmp_path / "data.jsonl", 16, vocab=700)
     out = tmp_path / "out"
-    run = torchrun_n(4, [__file__, str(tiny_model_dir("llama")), str(data), str(data), str(out), "sft"])
+    run = torchrun_n(4, [__file__, str(tiny_model_dir("llama")), str(data), str(data), str(out), "sft", str(data)])
     assert run.returncode == 0, run.stderr[-4000:]
     r = json.loads((out / "report.json").read_text())["sft"]
     assert max(r["loss_rel"]) < 1e-5 and max(r["grad_rel"]) < 1e-5, r
