@@ -143,7 +143,9 @@ def forward_backward(model, objective, cache: TokenCache, packs: list[np.ndarray
     micro-steps, all ranks), known on every rank from the plan and the cache. Each rank backpropagates
     (world_size / N) * its local sum: FSDP averages gradients over the world_size ranks (reduce-scatter / all-reduce
     divide by world_size), which turns the sum of these into exactly dL/dθ, however the step is split into ranks and
-    micro-steps.
+    micro-steps. With --sequence-parallel-size S the S ranks of a group run slices of the same packs: each local sum
+    covers its slice, the all-to-alls' backward carries each slice's gradient to the ranks whose tokens fed it, and
+    the same scaling stays exact (minitrain/training/sequence_parallel.py).
 
     `source_ce` (a mixture's metrics, not the loss): each file's CE sum over this rank's trained tokens is added.
     """
@@ -202,6 +204,9 @@ class Run:
 
 def setup(config: TrainConfig, world: World) -> Run:
     hf_config, tokenizer = start(config, world)
+    split_problem = sequence_parallel.model_problem(hf_config, config.sequence_parallel_size, world.world_size)
+    if split_problem is not None:  # before the data and the weights load
+        raise ConfigError(split_problem)
     if hf_config.is_encoder_decoder and config.use_liger_kernels:
         raise ConfigError(f"--use-liger-kernels: Liger has no kernels for encoder-decoder models "
                           f"({hf_config.model_type}); drop the flag")

@@ -437,6 +437,18 @@ def test_flags_and_models_that_cannot_be_split_are_refused_in_one_line(tmp_path,
     assert t5.startswith("--sequence-parallel-size 2: t5 is an encoder-decoder") and "\n" not in t5
 
 
+def test_activation_offload_turns_checkpointing_on_and_refuses_it_off(tmp_path, capsys, tiny_model_dir):
+    from tests.test_train import base_args, run_main
+
+    data = write_long_data(tmp_path / "data.jsonl", 4, vocab=700)
+    args = [*base_args(tmp_path, tiny_model_dir("llama"), data), "--max-tokens-per-gpu", "80", "--activation-offload"]
+    code, err = run_main([*args, "--no-activation-checkpointing"], capsys)
+    assert code == 2 and "--activation-offload keeps the checkpointed blocks' inputs in host memory" in err
+    code = __import__("train").main(args)
+    out = capsys.readouterr().out
+    assert code == 0 and "activation checkpointing: on (--activation-offload" in out
+
+
 def test_a_sample_longer_than_the_row_names_both_flags(tmp_path, capsys, tiny_model_dir):
     from minitrain.training.data import DataError, load_data
     from minitrain.training.distributed import World
