@@ -35,7 +35,7 @@ from minitrain import atomic
 from minitrain.config_file import (
     ConfigFileError,
 )
-from minitrain.training import checkpoint, families, lora
+from minitrain.training import checkpoint, families, lora, sequence_parallel
 from minitrain.training.checkpoint import (
     Checkpointer,
     CheckpointError,
@@ -122,7 +122,9 @@ def forward_backward(model, objective, cache: TokenCache, packs: list[np.ndarray
     micro-steps, all ranks), known on every rank from the plan and the cache. Each rank backpropagates
     (world_size / N) * its local sum: FSDP averages gradients over the world_size ranks (reduce-scatter / all-reduce
     divide by world_size), which turns the sum of these into exactly dL/dθ, however the step is split into ranks and
-    micro-steps.
+    micro-steps. With --sequence-parallel-size S the S ranks of a group run slices of the same packs: each local sum
+    covers its slice, the all-to-alls' backward carries each slice's gradient to the ranks whose tokens fed it, and
+    the same scaling stays exact (minitrain/training/sequence_parallel.py).
 
     `source_ce` (a mixture's metrics, not the loss): each file's CE sum over this rank's trained tokens is added.
     """
@@ -181,6 +183,9 @@ class Run:
 
 def setup(config: TrainConfig, world: World) -> Run:
     hf_config, tokenizer = start(config, world)
+    split_problem = sequence_parallel.model_problem(hf_config, config.sequence_parallel_size, world.world_size)
+    if split_problem is not None:  # before the data and the weights load
+        raise ConfigError(split_problem)
     if hf_config.is_encoder_decoder and config.use_liger_kernels:
         raise ConfigError(f"--use-liger-kernels: Liger has no kernels for encoder-decoder models "
                           f"({hf_config.model_type}); drop the flag")
@@ -196,9 +201,13 @@ def setup(config: TrainConfig, world: World) -> Run:
                           f"(max_position_embeddings), the decoder start token included; pass at most {positions - 1}")
     data = load_datasets(config, world, hf_config, tokenizer, objective)
     cache, costs, mixture, sources = data.cache, data.costs, data.mixture, data.sources
-    planner = MultipackPlanner(costs, config.batch_size, config.max_tokens_per_gpu, world.world_size,
+    layout = sequence_parallel.data_layout(config, world.rank, world.world_size)  # one planner rank per SP group
+    planner = MultipackPlanner(costs, config.batch_size, layout.row_tokens, layout.size,
                                seed=config.seed, mixture=mixture)
     total_steps = count_total_steps(config, planner)
+    if config.sequence_parallel_size > 1:
+        print0(f"sequence parallelism: {config.sequence_parallel_size} ranks share each row of up to "
+               f"{layout.row_tokens} tokens; {layout.size} data-parallel groups")
     units = "pairs" if cache.pairs else "samples"
     print0(f"{len(costs)} {units}, {int(costs.sum())} tokens, {planner.steps_per_epoch} steps per epoch, "
            f"{total_steps if total_steps is not None else 'unlimited'} steps")
@@ -259,7 +268,11 @@ def start(config: TrainConfig, world: World):
     # What "auto" resolves to is printed and saved as chosen.
     config.attn_implementation = families.attention_implementation(
         families.causal_lm_class(hf_config), world.device, config.attn_implementation, hf_config)
+    offload_why = None
+    if config.activation_checkpointing is None and config.activation_offload:
+        config.activation_checkpointing, offload_why = True, "--activation-offload offloads its saved inputs"
     checkpointing_why = memory.plan_for_run(config, world, hf_config)  # resolves auto checkpointing and budget
+    checkpointing_why = offload_why or checkpointing_why
     out = Path(config.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     # Every rank must see rank 0's output folder: checkpoints, the resume point and the token cache live there.
@@ -351,7 +364,9 @@ def loop(run: Run, stop: StopSignals) -> None:
         lr = run.scheduler.get_last_lr()[0]
 
         source_ce = None if run.source_names is None else torch.zeros(len(run.source_names), device=world.device)
-        sums = forward_backward(run.model, run.objective, cache, plan.rank_packs(world.rank), step_units,
+        # With --sequence-parallel-size S the S ranks of a group get the same packs (each runs its slice of each row)
+        data_rank = sequence_parallel.data_layout(config, world.rank, world.world_size).rank
+        sums = forward_backward(run.model, run.objective, cache, plan.rank_packs(data_rank), step_units,
                                 world.world_size, world.device, source_ce)
         router_aux = run.model.pop_router_aux_sum()  # MoE asking for it: sum of trained tokens x aux loss; else None
         if dist.is_initialized():

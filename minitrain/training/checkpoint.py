@@ -83,7 +83,7 @@ FREE_ON_RESUME = (
     "data_path", "output_dir", "cache_dir", "min_samples_per_checkpoint", "checkpoint_every_steps",
     "checkpoint_every_minutes", "async_save", "keep_last_n_checkpoints",
     "keep_last_n_exports", "fsdp_sharding_strategy", "activation_checkpointing", "use_liger_kernels", "save_dtype",
-    "attn_implementation", "compile", "lora_export", "fsdp_shard_group_size",
+    "attn_implementation", "compile", "lora_export", "fsdp_shard_group_size", "sequence_parallel_size", "activation_offload",
     "estimate_memory", "world_size", "gpu_memory_gib", "estimate_device",  # --estimate-memory's own (it never trains)
     "distributed_backend", "distributed_timeout_minutes", "resume_from", "fresh", "allow_config_change",
     # Evaluation never changes the training computation; early stopping state is restored from the checkpoint.

@@ -115,6 +115,13 @@ class TrainConfig:
         None, "recompute each decoder block in the backward; default: on only when the memory estimate of a step "
               "with it off (weights, gradients, optimizer state, activations) would not fit 90%% of the device's "
               "memory (printed at start)")
+    activation_offload: bool = flag(False, "with activation checkpointing, keep each checkpointed block's saved "
+                                           "inputs in pinned host memory instead of GPU memory (longer rows; a copy "
+                                           "each way per block); nothing to move on CPU")
+    sequence_parallel_size: int = flag(
+        1, "S ranks share each packed row (Ulysses sequence parallelism), so a row holds up to S x "
+           "--max-tokens-per-gpu tokens; S divides the number of ranks and the model's attention heads; 1 = off "
+           "(docs/sequence_parallel.md)")
     compile: bool = flag(False, "torch.compile each decoder block (fused norms, activations, RoPE); same losses")
     use_liger_kernels: bool = flag(False, "Liger's fused linear cross-entropy and its family's RMSNorm/RoPE/SwiGLU or "
                                           "GeGLU kernels; GPU only (on CPU only under TRITON_INTERPRET=1, for tests)")
@@ -259,10 +266,17 @@ def validate(config: TrainConfig, world_size: int, local_world_size: int, cuda: 
             problems.append(f"--data-path {source.path}: no such file; pass the JSONL written by process_data.py")
     model_problems = model_path_problems(config.model_name_or_path)
     problems += model_problems
-    if config.batch_size < world_size:
+    sp = config.sequence_parallel_size
+    groups = world_size // sp if sp >= 1 and world_size % sp == 0 else world_size
+    if sp < 1 or world_size % sp:
+        working = [s for s in range(1, world_size + 1) if world_size % s == 0]
+        problems.append(f"--sequence-parallel-size {sp} must divide the {world_size} ranks; use one of "
+                        f"{', '.join(map(str, working))}")
+    if config.batch_size < groups:
+        ranks = f"{groups} data-parallel groups" if sp > 1 else f"{world_size} ranks"
         problems.append(
-            f"--batch-size {config.batch_size} is smaller than the {world_size} ranks; every rank needs at least "
-            f"one sample per step, so use --batch-size >= {world_size}"
+            f"--batch-size {config.batch_size} is smaller than the {ranks}; every rank needs at least "
+            f"one sample per step, so use --batch-size >= {groups}"
         )
     if config.max_tokens_per_gpu != "auto" and config.max_tokens_per_gpu < 1:
         problems.append(f"--max-tokens-per-gpu must be positive (or auto), got {config.max_tokens_per_gpu}")
@@ -331,6 +345,9 @@ def validate(config: TrainConfig, world_size: int, local_world_size: int, cuda: 
         problems.append(
             "--use-liger-kernels needs a GPU (on CPU only under TRITON_INTERPRET=1, which is slow and meant for tests)"
         )
+    if config.activation_offload and config.activation_checkpointing is False:
+        problems.append("--activation-offload keeps the checkpointed blocks' inputs in host memory; drop "
+                        "--no-activation-checkpointing")
     attn = attention.problem(config.attn_implementation, cuda)
     problems += [attn] if attn else []
     problems += validation_problems(config)

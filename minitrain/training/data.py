@@ -332,14 +332,18 @@ def load_data(config, world: World, vocab_size: int, path: str | None = None, wr
         what = "pairs with a side that has" if cache.pairs else "samples with"
         print0(f"{data_path}: dropped {len(cache.skipped_lines)} {what} no trained token after the shift "
                f"(lines {lines})")
-    too_long = np.flatnonzero(cache.lengths > config.max_tokens_per_gpu)
+    sp = max(1, getattr(config, "sequence_parallel_size", 1))  # S ranks share a row of S x the per-GPU budget
+    limit = config.max_tokens_per_gpu * sp
+    too_long = np.flatnonzero(cache.lengths > limit)
     if len(too_long):
         i = int(too_long[0])
+        budget = f"--max-tokens-per-gpu {config.max_tokens_per_gpu}" + (
+            f" x --sequence-parallel-size {sp} = {limit}" if sp > 1 else "")
         raise DataError(
             f"{data_path}:{cache.lines[i]}: {'pair (chosen + rejected)' if cache.pairs else 'sample'} is "
-            f"{cache.lengths[i]} tokens, longer than --max-tokens-per-gpu "
-            f"{config.max_tokens_per_gpu} ({len(too_long)} samples are); raise --max-tokens-per-gpu or re-run "
-            f"process_data.py with a smaller maximum length"
+            f"{cache.lengths[i]} tokens, longer than {budget} ({len(too_long)} samples are); raise "
+            f"--max-tokens-per-gpu or --sequence-parallel-size, or re-run process_data.py with a smaller maximum "
+            f"length"
         )
     if cache.max_token_id >= vocab_size:
         raise DataError(

@@ -264,6 +264,7 @@ def probe_row(vocab_size: int, device: torch.device):
 def probe(model: nn.Module, device: torch.device) -> ProbeResult:
     """Run the probe on `model` (a PackedCausalLM, FSDP-sharded or not; collective under FSDP: every rank runs it)."""
     from minitrain.training.distributed import compute_autocast, root_unsharded
+    from minitrain.training.sequence_parallel import plain_attention, sum_over_row
 
     lm = model.lm
     samples, ids, pos, positions, targets = probe_row(lm.config.vocab_size, device)
@@ -274,7 +275,9 @@ def probe(model: nn.Module, device: torch.device) -> ProbeResult:
             # The root's first forward must be the root's own (FSDP2's lazy init); then its parameters (embeddings,
             # final norm, head) are all-gathered for the Hugging Face forward inside it.
             trainer_sum = model(ids, pos, positions, targets).float()
-            with root_unsharded(model):
+            # sequence parallelism: each rank of the group summed its slice of the row
+            trainer_sum = sum_over_row(trainer_sum, getattr(model, "sequence_parallel", None))
+            with root_unsharded(model), plain_attention(lm):  # the model's own forward: no row split
                 packed = lm(input_ids=ids, position_ids=pos, use_cache=False)
                 packed_ce = F.cross_entropy(packed.logits[0, positions].float(), targets, reduction="none")
                 alone_ce = []
@@ -297,8 +300,12 @@ def probe(model: nn.Module, device: torch.device) -> ProbeResult:
 
 def run_probe(probe_fn, model: nn.Module, device: torch.device, what: str) -> ProbeResult:
     """probe_fn(model, device), or a ModelError in one line naming the family when the probe itself fails."""
+    from minitrain.training.sequence_parallel import SequenceParallelError
+
     try:
         return probe_fn(model, device)
+    except SequenceParallelError as e:  # a family whose attention cannot be split between ranks
+        raise ModelError(f"model type {family(model.lm.config)!r}: {e}") from None
     except (TypeError, ValueError, RuntimeError, NotImplementedError, AttributeError, IndexError) as e:
         reason = " ".join(str(e).split())[:300]
         raise ModelError(f"model type {family(model.lm.config)!r}: the start-up probe ({what}) failed: "
@@ -317,6 +324,13 @@ def check_loss_is_the_models_own(model: nn.Module, device: torch.device, attenti
             f"forward on a packed probe differs from each sample alone by up to {result.packing_error:.4g} per "
             f"token (its attention ignores position_ids restarting per sample, so samples would attend to each "
             f"other); minitrain refuses to train it: pick a family listed as tested in the README"
+        )
+    split = getattr(model, "sequence_parallel", None)
+    if split is not None and not math.isclose(result.trainer_loss, result.own_loss, rel_tol=result.tolerance):
+        raise ModelError(
+            f"model type {name!r}: on a packed probe split between {split.size} ranks (--sequence-parallel-size) the "
+            f"trainer's loss is {result.trainer_loss:.6f} but the model's own forward gives {result.own_loss:.6f}; its "
+            f"layers mix tokens outside attention, so its rows cannot be split: use --sequence-parallel-size 1"
         )
     if not math.isclose(result.trainer_loss, result.own_loss, rel_tol=result.tolerance):
         raise ModelError(

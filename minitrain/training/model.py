@@ -17,9 +17,10 @@ start-up probe build_model runs: the trainer's loss must be the model's own, or 
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch import nn
 
-from minitrain.training import attention, families, loading
+from minitrain.training import attention, families, loading, sequence_parallel
 from minitrain.training import seq2seq as seq2seq_model
 from minitrain.training.adapter import FullFineTuning
 from minitrain.training.distributed import World, all_gather, print0, raise_if_any_rank_failed, reshard
@@ -50,6 +51,8 @@ class PackedCausalLM(nn.Module):
         self.router_aux_sum = None  # sum over the packs trained since the last pop of n_trained * aux loss
         self.adapter = adapter or FullFineTuning()
         self.attention_takes_boundaries = lm.config._attn_implementation in attention.WITH_BOUNDARIES
+        # --sequence-parallel-size > 1 (sequence_parallel.py): the ranks of a group share each row, each runs a slice
+        self.sequence_parallel: sequence_parallel.SequenceParallel | None = None
 
     def forward(self, input_ids, position_ids, positions, targets, row_weights=None, row_ce_out=None,
                 cu_seq_lens=None, max_length=None, per_token: bool = False) -> torch.Tensor:
@@ -63,6 +66,16 @@ class PackedCausalLM(nn.Module):
         if self.attention_takes_boundaries and cu_seq_lens is not None:
             extra.update(cu_seq_lens_q=cu_seq_lens, cu_seq_lens_k=cu_seq_lens, max_length_q=max_length,
                          max_length_k=max_length)
+        num_targets, sp = len(targets), self.sequence_parallel
+        if sp is not None:
+            # Every rank of the group got the whole row; it runs its contiguous slice, and the attention function
+            # attends over the whole row (sequence_parallel.py). Its loss: the trained positions in its slice.
+            local = sp.shard(input_ids, position_ids, positions, cu_seq_lens, max_length)
+            input_ids, position_ids, positions = local.input_ids, local.position_ids, local.positions
+            targets = targets[local.first : local.last]
+            row_weights = None if row_weights is None else row_weights[local.first : local.last]
+            row_ce_out = None if row_ce_out is None else row_ce_out[local.first : local.last]  # a view: fills it
+            extra["sequence_parallel"] = local.row
         out = self.lm.base_model(input_ids=input_ids, position_ids=position_ids, use_cache=False, **extra)
         hidden = out.last_hidden_state[0]  # (T, H)
         head = linear_head(self.lm.get_output_embeddings())
@@ -70,6 +83,12 @@ class PackedCausalLM(nn.Module):
             # Dummy pack or nothing trained: still run the head on one position, times zero, so every parameter gets
             # a (zero) gradient and this rank issues the same FSDP collectives as the others.
             loss = self.head_loss(head, hidden[:1], input_ids[0, :1]) * 0.0
+            if per_token and sp is not None:  # nothing of the row's trained positions in this rank's slice
+                return loss.expand(num_targets)
+        elif per_token and sp is not None:
+            # (N,): this slice's CE where it holds the position, 0 elsewhere; the objective sums it over the group
+            ce = self.head_loss.per_row(head, hidden[positions], targets)
+            return F.pad(ce, (local.first, num_targets - local.last))
         elif per_token:
             if self.router_aux is not None:
                 raise ModelError("preference objectives do not add a mixture-of-experts router's auxiliary loss "
@@ -190,6 +209,10 @@ def build_model(config, world: World, adapter: FullFineTuning | None = None) -> 
     attn = families.attention_implementation(model_class, world.device, config.attn_implementation, hf_config)
     auto = families.auto_class(hf_config)  # AutoModelForCausalLM, or AutoModelForSeq2SeqLM for T5, BART, ...
     seq2seq = hf_config.is_encoder_decoder
+    sp_size = getattr(config, "sequence_parallel_size", 1)
+    sp_problem = sequence_parallel.model_problem(hf_config, sp_size, world.world_size)
+    if sp_problem is not None:
+        raise ModelError(sp_problem)
     if seq2seq and attn in attention.WITH_BOUNDARIES:
         raise ModelError(f"--attn-implementation {attn} isolates packed rows; encoder-decoder micro-batches are padded "
                          f"with attention masks: use --attn-implementation auto (sdpa) or eager")
@@ -218,8 +241,18 @@ def build_model(config, world: World, adapter: FullFineTuning | None = None) -> 
             lm = auto.from_config(hf_config, dtype=torch.float32, attn_implementation=attn)
     if config.use_liger_kernels and world.device.type == "cuda":
         apply_liger_model_kernels(lm)
-    model = assemble(lm, config, adapter, hf_config)
+    if sp_size > 1:
+        try:
+            sequence_parallel.use_on(lm)  # its attention all-to-alls between sequence and heads
+        except sequence_parallel.SequenceParallelError as e:
+            raise ModelError(str(e)) from None
+    # --activation-offload: the inputs each checkpointed block saves for its recompute go to pinned host memory
+    # (transformers' save_on_cpu around each block); on CPU they are already there
+    offload = getattr(config, "activation_offload", False) and world.device.type == "cuda"
+    model = assemble(lm, config, adapter, hf_config, offload)
     lm = model.lm
+    if sp_size > 1:
+        model.sequence_parallel = sequence_parallel.init(sp_size, world.rank, world.world_size)
     if world.world_size > 1:
         mesh = device_mesh(config.fsdp_sharding_strategy, world, getattr(config, "fsdp_shard_group_size", None))
         shard_model(model, config.fsdp_sharding_strategy, world, mesh)  # every_rank: each keeps its shard of its load
@@ -250,7 +283,7 @@ def build_model(config, world: World, adapter: FullFineTuning | None = None) -> 
     return model
 
 
-def assemble(lm: nn.Module, config, adapter: FullFineTuning, hf_config) -> PackedCausalLM:
+def assemble(lm: nn.Module, config, adapter: FullFineTuning, hf_config, offload: bool = False) -> PackedCausalLM:
     """The training module around the Hugging Face model `lm` (meta, fake or loaded), before sharding: the adapter
     applied, blocks activation-checkpointed and compiled as `config` asks. build_model and the memory estimator
     (memory.py) both build through here."""
@@ -258,7 +291,7 @@ def assemble(lm: nn.Module, config, adapter: FullFineTuning, hf_config) -> Packe
     blocks = decoder_blocks(lm)  # the same refusal in one process as under torchrun
     if config.activation_checkpointing:
         if lm.supports_gradient_checkpointing:
-            lm.activation_checkpointing_enable()
+            lm.activation_checkpointing_enable(offload=offload)
         unwrapped = [i for i, block in enumerate(blocks) if not getattr(block, "gradient_checkpointing", False)]
         if unwrapped:
             raise ModelError(f"model type {families.family(hf_config)!r}: blocks {unwrapped} are not activation-"

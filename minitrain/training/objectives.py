@@ -56,6 +56,7 @@ from minitrain.training.data import (
     make_pack,
     make_seq2seq_pack,
 )
+from minitrain.training.sequence_parallel import sum_over_row
 
 OBJECTIVES = ("sft", "dpo", "simpo")
 LOSS_REDUCTIONS = ("tokens", "sequences")
@@ -216,6 +217,8 @@ def sequence_logps(model: torch.nn.Module, pair_pack: PairPack) -> tuple[torch.T
                                                                  **boundaries)
     ce = model(p.input_ids, p.position_ids, p.positions, p.targets, per_token=True, **boundaries)  # (N,)
     logps = torch.zeros(2 * pair_pack.num_pairs, dtype=ce.dtype, device=ce.device).index_add(0, pair_pack.segments, -ce)
+    # Sequence parallelism: each rank summed the positions of its slice of the row; the group's sums are the row's.
+    logps = sum_over_row(logps, getattr(model, "sequence_parallel", None))
     return logps, torch.zeros((), device=ce.device)
 
 
@@ -257,6 +260,12 @@ class Preference:
             chosen_rewards.sum(), rejected_rewards.sum(), (chosen_rewards > rejected_rewards).float().sum(),
             (chosen_rewards - rejected_rewards).sum(), shown[0].sum(), shown[1].sum(),
         ]).detach().float()
+        # Sequence parallelism: the S ranks sharing the row hold the same pairs' losses; each counts 1 / S of them, so
+        # the step's sums count every pair once (and the gradient, through sum_over_row's backward, too).
+        sp = getattr(model, "sequence_parallel", None)
+        replicas = 1 if sp is None else sp.size
+        if replicas > 1:
+            return (losses.sum() + graph) / replicas, metrics / replicas
         return losses.sum() + graph, metrics
 
 

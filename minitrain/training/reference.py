@@ -82,17 +82,21 @@ def reference_mode(model: torch.nn.Module):
 
 
 @torch.no_grad()
-def compute_reference_logps(model: torch.nn.Module, cache: TokenCache, world: World, max_tokens: int) -> np.ndarray:
-    """(num_pairs, 2) float64: the model's log-probs of each pair's chosen and rejected sides. Collective."""
-    micro_steps = plan_validation(cache.lengths, np.arange(len(cache)), world.world_size, max_tokens)
+def compute_reference_logps(model: torch.nn.Module, cache: TokenCache, world: World, max_tokens: int,
+                            sequence_parallel_size: int = 1) -> np.ndarray:
+    """(num_pairs, 2) float64: the model's log-probs of each pair's chosen and rejected sides. Collective. With
+    sequence parallelism the S ranks of a group share each row (of S x `max_tokens`) and the group's first writes."""
+    sp = sequence_parallel_size
+    micro_steps = plan_validation(cache.lengths, np.arange(len(cache)), world.world_size // sp, max_tokens * sp)
+    writes = world.rank % sp == 0
     table = torch.zeros((len(cache), 2), dtype=torch.float64, device=world.device)
     with reference_mode(model):
         for micro in micro_steps:
-            indices = np.asarray(micro[world.rank], dtype=np.int64)
+            indices = np.asarray(micro[world.rank // sp], dtype=np.int64)
             pack = make_pair_pack(cache, indices).to(world.device)
             with compute_autocast(model, world.device):
                 logps, _ = sequence_logps(model, pack)  # (2P,)
-            if len(indices):
+            if len(indices) and writes:
                 table[torch.from_numpy(indices).to(world.device)] = logps.double().view(-1, 2)
     if dist.is_initialized():
         dist.all_reduce(table)  # each pair was computed by exactly one rank; the others hold zeros there
@@ -119,7 +123,8 @@ def attach_reference(objective, model: torch.nn.Module, cache: TokenCache, confi
         print0(f"reference log-probs: reused {path}")
     else:
         print0(f"reference log-probs: computing {len(cache)} pairs with the initial model")
-        table = compute_reference_logps(model, cache, world, config.max_tokens_per_gpu)
+        table = compute_reference_logps(model, cache, world, config.max_tokens_per_gpu,
+                                        getattr(config, "sequence_parallel_size", 1))
         if cache.writer:  # one writer per copy of the cache folder, as for the token cache
             buffer = io.BytesIO()
             np.save(buffer, table)

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from minitrain.training import attention
+from minitrain.training import attention, sequence_parallel
 from minitrain.training.data import IGNORE, TokenCache
 from minitrain.training.distributed import (
     World,
@@ -124,12 +124,16 @@ def validation_loss(model, objective, cache: TokenCache, packs: list[np.ndarray]
     metrics over the set). Collective: every rank passes its own packs, and all ranks have the same number of them
     (see plan_validation)."""
     totals = torch.zeros(2 + len(objective.metrics), dtype=torch.float64, device=device)  # (loss, units, metrics)
+    # Sequence parallelism: the S ranks of a group share each pack (each sums its slice's losses), so each counts
+    # 1 / S of its units
+    split = getattr(model, "sequence_parallel", None)
+    sharing = 1 if split is None else split.size
     for indices in packs:
         pack = objective.pack(cache, indices).to(device)
         with compute_autocast(model, device):
             loss_sum, metric_sums = objective.loss_sum(model, pack, cache, indices)
         totals[0] += loss_sum.double()
-        totals[1] += objective.step_units(cache, indices)
+        totals[1] += objective.step_units(cache, indices) / sharing
         totals[2:] += metric_sums.double()
     if dist.is_initialized():
         dist.all_reduce(totals)
@@ -160,6 +164,10 @@ def generation_attention(lm):
     """minitrain_varlen attends within one packed row given its boundaries; generate (padded batches, a KV cache)
     runs on sdpa meanwhile, then the training kernel is put back."""
     trained_with = lm.config._attn_implementation
+    if trained_with == sequence_parallel.ULYSSES:  # generation runs without sequence parallelism
+        with sequence_parallel.plain_attention(lm):
+            yield
+        return
     if trained_with != attention.VARLEN:
         yield
         return
@@ -543,8 +551,9 @@ def build_validator(config, objective, world: World, cache: TokenCache | None, h
         predictions = Predictions(prompts, cache.lines, tokenizer, config.max_tokens_per_gpu, config.eval_num_beams)
         scored = (f"; ROUGE on {len(prompts)} of them"
                   + (f" ({len(indices) - len(prompts)} have no prompt)" if len(prompts) < len(indices) else ""))
-    validation_set = plan_validation_set(objective, cache, indices, config.max_tokens_per_gpu, world.world_size,
-                                         world.rank, config.num_eval_generations, config.eval_max_new_tokens, eos_ids,
+    layout = sequence_parallel.data_layout(config, world.rank, world.world_size)  # SP groups share rows
+    validation_set = plan_validation_set(objective, cache, indices, layout.row_tokens, layout.size,
+                                         layout.rank, config.num_eval_generations, config.eval_max_new_tokens, eos_ids,
                                          predictions)
     stopper = None
     if config.early_stopping_patience is not None:
