@@ -6,6 +6,7 @@ torchrun script (`lora_worker`, like test_train's grad_worker) through train.py'
 check runs train.py itself.
 """
 
+import os
 import json
 import sys
 from dataclasses import replace
@@ -469,3 +470,17 @@ def test_a_bitsandbytes_outside_the_supported_range_is_refused_without_importing
         assert lora.bitsandbytes_problem() is None
     installed["version"] = "0.48.2"
     assert lora.bitsandbytes_problem().startswith("bitsandbytes 0.48.2 is installed; minitrain supports >=0.49,<0.50")
+
+
+def test_importing_the_lora_stack_is_quiet_and_train_does_not_import_bitsandbytes():
+    """peft imports bitsandbytes, whose import on an AVX512-BF16 CPU logs a failed hub-kernel load: a --lora run must
+    not print it; a run without --lora must not import bitsandbytes at all."""
+    import subprocess
+    import sys
+
+    code = ("import sys, train; assert 'bitsandbytes' not in sys.modules, 'train imports bitsandbytes'; "
+            "from minitrain.training import lora; import peft; print('bitsandbytes' in sys.modules)")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
+                         env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "gemm_4bit_forward" not in run.stderr and "kernels-community" not in run.stderr, run.stderr[-2000:]

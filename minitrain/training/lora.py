@@ -33,6 +33,7 @@ adapter folder would then need a modified base to serve).
 
 import copy
 import importlib.util
+import logging
 import re
 import sys
 import warnings
@@ -58,6 +59,20 @@ EXPORTS = ("adapter", "merged", "both")
 # exactly; `random` starts B random too (step 0 differs; for tests of gradients through both factors).
 INITS = {"default": True, "gaussian": "gaussian", "random": False}
 ADAPTER_DIR = "adapter"
+
+class _NoCpuKernelFetch(logging.Filter):
+    """peft imports bitsandbytes wherever it is installed, so every --lora run loads it; on a CPU with AVX512-BF16 its
+    import tries to load a CPU inference kernel from the Hugging Face hub (0.49: refused before any download, as no
+    version is named; 0.50 would download it, and is refused: bitsandbytes_problem) and logs a warning when it cannot.
+    minitrain never runs that kernel (QLoRA.apply keeps the standard layout), so the warning says nothing about this
+    run: it is dropped, and every other bitsandbytes message stays."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Failed to load CPU gemm_4bit_forward")
+
+
+logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_NoCpuKernelFetch())
+
 LORA_DEFAULTS = {"lora_r": 16, "lora_alpha": 32.0, "lora_dropout": 0.05, "lora_target_modules": None,
                  "lora_modules_to_save": None, "lora_init": "default", "lora_export": "both", "qlora": False}
 
