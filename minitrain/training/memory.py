@@ -425,6 +425,16 @@ def plan_for_run(config, world, hf_config) -> str:
         found = run_isolated(plan_run, *args) if torch.distributed.is_initialized() else plan_run(*args)
     except EstimateError as e:
         raise ConfigError(str(e)) from None
+    except Exception as e:  # noqa: BLE001 (a model whose step fake tensors cannot run: e.g. MoE grouped_mm on CPU)
+        why = f"the memory estimate cannot simulate {hf_config.model_type} ({' '.join(str(e).split())[:200]})"
+        if auto_tokens:
+            raise ConfigError(f"--max-tokens-per-gpu auto: {why}; give a number") from None
+        print0(f"note: {why}; the run goes on without it")
+        if config.activation_checkpointing is None:
+            config.activation_checkpointing, checkpointing_why = checkpointing_needed(
+                hf_config, config.max_tokens_per_gpu, world)
+            return checkpointing_why
+        return "asked for"
     config.activation_checkpointing, config.max_tokens_per_gpu = found.activation_checkpointing, found.max_tokens_per_gpu
     print0(found.estimate.describe())
     if auto_tokens:
