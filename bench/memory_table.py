@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import train  # noqa: E402
-from minitrain import memory  # noqa: E402
+from minitrain.training import memory  # noqa: E402
 
 MODELS = ("qwen2.5-0.5b", "qwen2.5-1.5b", "llama-3.1-8b", "llama-3.1-70b")
 GPUS = (1, 8, 64)
@@ -35,7 +35,7 @@ def main() -> None:
                 config = train.parse_args(["--estimate-memory", "--model-name-or-path", str(ROOT / "tests/configs" / name),
                                            "--max-tokens-per-gpu", str(ROWS[0]), "--activation-checkpointing",
                                            *(["--lora"] if adapter == "lora" else [])])
-                make_optimizer = lambda params: train.build_optimizer(config, params, None)[0]  # noqa: E731
+                make_optimizer = lambda params: memory.run_optimizer(config)(params)  # noqa: E731
                 e = memory.estimate(config, gpus, GPU_GIB, True, make_optimizer, None, min(gpus, 8))
                 cells = []
                 for tokens in ROWS:

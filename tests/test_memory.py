@@ -42,7 +42,7 @@ def measure_worker(model_dir: str, out: str) -> None:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     import train
-    from minitrain import memory
+    from minitrain.training import memory
     from minitrain.training.distributed import cleanup_distributed, init_distributed
     from minitrain.training.model import assemble, device_mesh, shard_model
     from minitrain.training.objectives import SFT

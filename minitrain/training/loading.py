@@ -20,6 +20,7 @@ Where each tensor of the sharded model comes from:
   transformers converts on load (e.g. per-expert MoE weights fused into one tensor).
 """
 
+import copy
 import json
 from pathlib import Path
 
@@ -60,8 +61,10 @@ def skeleton(auto, hf_config, attn: str, adapter) -> tuple[nn.Module, set[int]]:
     buffers, adapted as the live model is; and the ids of the placeholders (the tensors it does not know)."""
     from accelerate import init_empty_weights
 
+    # A copy of the config: from_config records the twin's attention in the config it is given, which the live model
+    # shares (--sequence-parallel-size's attention would silently become `attn` again).
     with torch.random.fork_rng(devices=[]), init_empty_weights(include_buffers=False):
-        twin = auto.from_config(hf_config, dtype=torch.float32, attn_implementation=attn)
+        twin = auto.from_config(copy.deepcopy(hf_config), dtype=torch.float32, attn_implementation=attn)
     placeholders: dict[int, nn.Parameter] = {}  # id(meta parameter) -> its placeholder; tied ones stay tied
     for module in twin.modules():
         for name, param in list(module._parameters.items()):
