@@ -110,7 +110,8 @@ def test_estimate_memory_needs_only_a_config_json_and_names_the_parts(tmp_path):
     assert set(estimate["parts"]) == {"parameters", "gradients", "optimizer_state", "activations", "temporary",
                                       "communication"}
     assert estimate["world_size"] == 4 and estimate["max_tokens_per_gpu"] == 512 and estimate["adapter"] == "lora"
-    assert estimate["peak_gib"] == pytest.approx(sum(estimate["parts"].values()), rel=1e-3)
+    # every figure is rounded to 3 decimals: the parts' sum is the peak within half a unit of each
+    assert estimate["peak_gib"] == pytest.approx(sum(estimate["parts"].values()), abs=0.0005 * 7)
     assert estimate["longest_row_that_fits"] > 512 and "fits in 2 GiB" in text
 
 
