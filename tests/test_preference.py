@@ -1,4 +1,4 @@
-"""Preference training (DPO, SimPO): exact loss over pairs, packed padding-free, on 1 and 2 processes; stage 1's
+"""Preference training (DPO and its loss types, SimPO, ORPO): exact loss over pairs, packed padding-free, on 1 and 2 processes; stage 1's
 preference rows.
 
 The loss and gradients of train.py's own functions are compared with a direct per-pair implementation written
@@ -62,20 +62,35 @@ def direct_logp(lm, ids: list[int], labels: list[int]):
 
 
 def direct_loss(lm, pairs: list[dict], name: str, beta: float, gamma: float = 0.0, sft_weight: float = 0.0,
-                reference: np.ndarray | None = None):
-    """The mean over the pairs of the paper's loss (DPO: Rafailov et al. eq. 7; SimPO: Meng et al. eq. 6)."""
+                reference: np.ndarray | None = None, loss_type: str = "sigmoid", label_smoothing: float = 0.0):
+    """The mean over the pairs of the paper's loss (DPO: Rafailov et al. eq. 7, with TRL's loss types; SimPO: Meng et
+    al. eq. 6; ORPO: Hong et al. eq. 6-7, λ = beta, on length-normalised log-probs as TRL)."""
     import torch
     import torch.nn.functional as F
 
+    eps = label_smoothing
     losses = []
     for k, row in enumerate(pairs):
         lc, nc = direct_logp(lm, row["chosen_input_ids"], row["chosen_labels"])
         lr, nr = direct_logp(lm, row["rejected_input_ids"], row["rejected_labels"])
         if name == "dpo":
-            z = beta * ((lc - float(reference[k, 0])) - (lr - float(reference[k, 1])))
+            rc, rr = float(reference[k, 0]), float(reference[k, 1])
+            z = beta * ((lc - rc) - (lr - rr))
+            if loss_type == "sigmoid":  # cDPO: the expected loss under labels flipped with probability eps
+                loss = -(1 - eps) * torch.log(torch.sigmoid(z)) - eps * torch.log(torch.sigmoid(-z))
+            elif loss_type == "robust":  # unbiased under flips: (1 - eps) l(z) - eps l(-z), over 1 - 2 eps
+                loss = ((1 - eps) * -torch.log(torch.sigmoid(z)) - eps * -torch.log(torch.sigmoid(-z))) / (1 - 2 * eps)
+            elif loss_type == "hinge":
+                loss = torch.clamp(1 - z, min=0)
+            else:  # ipo: per-token log-ratios
+                loss = ((lc - rc) / nc - (lr - rr) / nr - 1 / (2 * beta)) ** 2
+        elif name == "orpo":
+            pc, pr = torch.exp(lc / nc), torch.exp(lr / nr)  # the geometric mean token probability
+            log_odds_ratio = torch.log(pc / (1 - pc)) - torch.log(pr / (1 - pr))
+            loss = -lc / nc - beta * torch.log(torch.sigmoid(log_odds_ratio))
         else:
-            z = beta * (lc / nc - lr / nr) - gamma
-        losses.append(-F.logsigmoid(z) - sft_weight * lc / nc)
+            loss = -F.logsigmoid(beta * (lc / nc - lr / nr) - gamma)
+        losses.append(loss - sft_weight * lc / nc)
     return torch.stack(losses).mean()
 
 
@@ -105,12 +120,13 @@ def max_rel(grads: dict, reference: dict) -> float:
 
 def objectives(offsets: np.ndarray):
     """(name, objective, direct_loss kwargs, reference table offset): DPO with a reference away from the policy
-    (so the sigmoid is not at 0) and an SFT term, SimPO."""
-    from minitrain.training.objectives import DPO, SimPO
+    (so the sigmoid is not at 0) and an SFT term, SimPO, ORPO."""
+    from minitrain.training.objectives import DPO, ORPO, SimPO
 
     return [
         ("dpo", DPO(beta=0.5, sft_weight=0.3), dict(name="dpo", beta=0.5, sft_weight=0.3), offsets),
         ("simpo", SimPO(beta=2.0, gamma=0.5), dict(name="simpo", beta=2.0, gamma=0.5), None),
+        ("orpo", ORPO(beta=0.7), dict(name="orpo", beta=0.7), None),
     ]
 
 
@@ -156,6 +172,60 @@ def test_loss_and_gradients_equal_the_direct_per_pair_implementation(tmp_path, t
             assert max_rel(grads, want) < 1e-5, (name, packs, max_rel(grads, want))
 
 
+def test_each_dpo_loss_type_and_its_gradient_equal_the_direct_per_pair_formula(tmp_path, tiny_model_dir):
+    import torch
+
+    import train
+    from minitrain.training.data import load_data
+    from minitrain.training.distributed import World
+    from minitrain.training.model import build_model
+    from minitrain.training.objectives import DPO
+    from minitrain.training.reference import attach_reference
+
+    model_dir = tiny_model_dir("qwen2")
+    data = write_pairs(tmp_path / "pairs.jsonl", 6, seed=5)
+    pairs = read_pairs(data)
+    config = train.TrainConfig(data_path=str(data), model_name_or_path=str(model_dir), output_dir=str(tmp_path / "o"),
+                               batch_size=6, max_tokens_per_gpu=128, activation_checkpointing=False)
+    single = World(0, 0, 1, 1, torch.device("cpu"))
+    cache = load_data(config, single, vocab_size=10**6)
+    model = build_model(config, single)
+    probe = DPO()
+    attach_reference(probe, model, cache, config, single)
+    # Away from the policy, so that the margins spread over both sides of the hinge and of IPO's target.
+    table = probe.reference[cache.content_hash] + np.random.default_rng(6).normal(0, 3, (6, 2))
+    for loss_type, eps in (("sigmoid", 0.2), ("robust", 0.2), ("hinge", 0.0), ("ipo", 0.0)):
+        objective = DPO(beta=0.5, loss_type=loss_type, label_smoothing=eps, reference={cache.content_hash: table})
+        want_loss, want = direct_grads(model_dir, pairs, name="dpo", beta=0.5, reference=table, loss_type=loss_type,
+                                       label_smoothing=eps)
+        model.zero_grad(set_to_none=True)
+        packs = [np.array([4, 0]), np.array([], int), np.array([5, 1, 2, 3])]
+        sums = train.forward_backward(model, objective, cache, packs, 6, 1, single.device)
+        grads = {n: p.grad for n, p in model.lm.named_parameters()}
+        assert sums[0].item() / 6 == pytest.approx(want_loss, rel=1e-5, abs=1e-6), loss_type
+        assert max_rel(grads, want) < 1e-5, (loss_type, max_rel(grads, want))
+
+
+def test_the_default_dpo_loss_is_bit_identical_to_the_plain_sigmoid_and_smoothing_weighs_the_flipped_label():
+    import torch
+    import torch.nn.functional as F
+
+    from minitrain.training.objectives import DPO
+
+    rng = torch.Generator().manual_seed(0)
+    chosen, rejected = -20 * torch.rand(16, generator=rng), -20 * torch.rand(16, generator=rng)
+    ref = -20 * torch.rand(32, generator=rng, dtype=torch.float64)
+    pack = type("Pack", (), {"reference": ref, "trained": torch.full((32,), 5.0)})
+    losses = DPO(beta=0.3).pair_losses(chosen, rejected, pack)[0]
+    before = -F.logsigmoid(0.3 * (chosen - ref.float()[0::2]) - 0.3 * (rejected - ref.float()[1::2]))  # today's
+    assert torch.equal(losses, before)
+    margin = 0.3 * ((chosen - ref.float()[0::2]) - (rejected - ref.float()[1::2]))
+    smoothed = DPO(beta=0.3, label_smoothing=0.25).pair_losses(chosen, rejected, pack)[0]
+    torch.testing.assert_close(smoothed, 0.75 * before + 0.25 * -F.logsigmoid(-margin))
+    robust = DPO(beta=0.3, loss_type="robust", label_smoothing=0.0).pair_losses(chosen, rejected, pack)[0]
+    torch.testing.assert_close(robust, before)  # ε = 0: plain DPO
+
+
 def pair_grad_worker(model_dir: str, data_path: str, out_dir: str) -> None:
     """Under torchrun: the reference table and each objective's gradient on 2 FSDP2 ranks with skewed micro-steps."""
     import torch.distributed as dist
@@ -189,7 +259,8 @@ def pair_grad_worker(model_dir: str, data_path: str, out_dir: str) -> None:
         if world.is_main:
             want_loss, want = direct_grads(Path(model_dir), pairs, **kwargs)
             report[name] = {"loss": sums[0].item() / 8, "want_loss": want_loss, "max_rel": max_rel(grads, want),
-                            "names": sorted(grads) == sorted(want), "metrics": (sums[1:] / 8).tolist()}
+                            "names": sorted(grads) == sorted(want),
+                            "metrics": dict(zip(objective.metrics, (sums[1:] / 8).tolist()))}
     if world.is_main:
         Path(out_dir, "report.json").write_text(json.dumps(report))
     cleanup_distributed()
@@ -201,12 +272,15 @@ def test_two_ranks_with_skewed_micro_steps_give_the_direct_gradient(tmp_path, ti
     assert run.returncode == 0, run.stderr[-3000:]
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     assert report["table_max_rel"] < 1e-6
-    for name in ("dpo", "simpo"):
+    for name in ("dpo", "simpo", "orpo"):
         r = report[name]
         assert r["names"], name
         assert r["loss"] == pytest.approx(r["want_loss"], rel=1e-6), name
         assert r["max_rel"] < 1e-5, (name, r["max_rel"])
-        assert len(r["metrics"]) == 6
+        assert len(r["metrics"]) == (9 if name == "orpo" else 6)
+    orpo = report["orpo"]["metrics"]  # TRL's names; the loss is the NLL minus λ x the log-sigmoid of the odds
+    assert report["orpo"]["loss"] == pytest.approx(orpo["nll_loss"] - 0.7 * orpo["log_odds_ratio"], rel=1e-5)
+    assert orpo["rewards/chosen"] == pytest.approx(0.7 * orpo["logps/chosen"], rel=1e-5)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -334,6 +408,17 @@ def test_objective_and_data_must_match(tmp_path, capsys, tiny_model_dir):
     code, err = run_main([*base_args(tmp_path, model_dir, pairs), "--objective", "simpo", "--simpo-beta", "0"],
                          capsys)
     assert code == 2 and "--simpo-beta must be positive" in err, err
+    code, err = run_main([*base_args(tmp_path, model_dir, pairs), "--objective", "dpo", "--dpo-loss-type", "hinge",
+                          "--dpo-label-smoothing", "0.1"], capsys)
+    assert code == 2 and "--dpo-label-smoothing applies to --dpo-loss-type sigmoid and robust, not hinge" in err, err
+    code, err = run_main([*base_args(tmp_path, model_dir, pairs), "--objective", "dpo", "--dpo-loss-type", "robust",
+                          "--dpo-label-smoothing", "0.5"], capsys)
+    assert code == 2 and "--dpo-label-smoothing must be in [0, 0.5), got 0.5" in err, err
+    code, err = run_main([*base_args(tmp_path, model_dir, pairs), "--objective", "orpo", "--preference-sft-weight",
+                          "0.5"], capsys)
+    assert code == 2 and "orpo has its own NLL term" in err, err
+    code, err = run_main([*base_args(tmp_path, model_dir, samples), "--objective", "orpo"], capsys)
+    assert code == 2 and "holds samples, not preference pairs; --objective orpo needs" in err, err
 
 
 @pytest.mark.parametrize("row, message", [

@@ -37,8 +37,11 @@ not its packs, so a pack's size never weighs in). `DPO` and `SimPO` are preferen
     DPO    -log σ(β [(log π(c) - log π_ref(c)) - (log π(r) - log π_ref(r))]),  log π summed over a side's trained
            tokens; π_ref's log-probs are precomputed once by the initial model (reference.py) and read here
     SimPO  -log σ(β (log π(c) / |c| - log π(r) / |r|) - γ),  no reference, |x| = the side's trained tokens
+    ORPO   -log π(c) / |c| - λ log σ(log odds(c) - log odds(r)),  odds(x) = p / (1 - p), p = exp(log π(x) / |x|)
 
-plus, with --preference-sft-weight w, w x the chosen side's token-mean cross-entropy (per pair).
+plus, with --preference-sft-weight w (DPO, SimPO), w x the chosen side's token-mean cross-entropy (per pair). DPO's
+--dpo-loss-type picks TRL's loss of the log-ratio margin (sigmoid above; ipo, hinge, robust: see `DPO`).
+docs/objectives.md has every formula with its data format and a command.
 """
 
 from dataclasses import dataclass, field
@@ -57,10 +60,12 @@ from minitrain.training.data import (
     make_seq2seq_pack,
 )
 
-OBJECTIVES = ("sft", "dpo", "simpo")
+OBJECTIVES = ("sft", "dpo", "simpo", "orpo")
+DPO_LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust")
 LOSS_REDUCTIONS = ("tokens", "sequences")
 PREFERENCE_METRICS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
                       "logps/rejected")
+ORPO_METRICS = (*PREFERENCE_METRICS, "nll_loss", "log_odds_ratio", "log_odds_chosen")  # TRL's ORPO trainer's names
 
 
 @dataclass(frozen=True)
@@ -79,7 +84,7 @@ class SFT:
     def check(self, cache: TokenCache, path: str) -> None:
         if cache.pairs:
             raise DataError(f"{path}: holds preference pairs, which --objective sft cannot train; pass "
-                            f"--objective dpo or simpo, or a file of samples from process_data.py")
+                            f"--objective dpo, simpo or orpo, or a file of samples from process_data.py")
         if cache.seq2seq:
             raise DataError(f"{path}: holds encoder-decoder (source-target) samples, and the model is a causal LM; "
                             f"train them with the encoder-decoder model they were made for, or re-run "
@@ -201,7 +206,9 @@ def make_pair_pack(cache: TokenCache, indices: np.ndarray, reference: np.ndarray
         max_length=max(sizes),
     )
     seg = torch.from_numpy(segments[positions])
-    trained = torch.bincount(seg, minlength=2 * len(indices)).float()
+    # numpy, not torch.bincount: the memory estimate builds packs under FakeTensorMode, where a bincount's output
+    # shape is data-dependent and refused
+    trained = torch.from_numpy(np.bincount(segments[positions], minlength=2 * len(indices)).astype(np.float32))
     ref = None if reference is None else torch.from_numpy(np.ascontiguousarray(reference[indices]).reshape(-1))
     return PairPack(pack, seg, trained, ref, indices)
 
@@ -221,7 +228,9 @@ def sequence_logps(model: torch.nn.Module, pair_pack: PairPack) -> tuple[torch.T
 
 @dataclass
 class Preference:
-    """What DPO and SimPO share: pairs as units, their packs, their metrics; subclasses say the loss of a pair."""
+    """What DPO, SimPO and ORPO share: pairs as units, their packs, their metrics; subclasses say the loss of a pair
+    (`pair_losses`: the (P,) losses, the rewards of each side, the logps shown of each side, then the per-pair values
+    of any metrics past PREFERENCE_METRICS)."""
 
     beta: float
     sft_weight: float = 0.0
@@ -250,19 +259,32 @@ class Preference:
         if pack.num_pairs == 0:
             return graph, torch.zeros(len(self.metrics), device=graph.device)
         chosen, rejected = logps[0::2], logps[1::2]  # (P,)
-        losses, chosen_rewards, rejected_rewards, shown = self.pair_losses(chosen, rejected, pack)
+        losses, chosen_rewards, rejected_rewards, shown, *extra = self.pair_losses(chosen, rejected, pack)
         if self.sft_weight:
             losses = losses - self.sft_weight * chosen / pack.trained[0::2]  # chosen's token-mean CE
         metrics = torch.stack([
             chosen_rewards.sum(), rejected_rewards.sum(), (chosen_rewards > rejected_rewards).float().sum(),
-            (chosen_rewards - rejected_rewards).sum(), shown[0].sum(), shown[1].sum(),
+            (chosen_rewards - rejected_rewards).sum(), shown[0].sum(), shown[1].sum(), *(e.sum() for e in extra),
         ]).detach().float()
         return losses.sum() + graph, metrics
 
 
 @dataclass
 class DPO(Preference):
+    """DPO and TRL's variants of its loss (`loss_type`, TRL's DPOConfig.loss_type), of the log-ratio margin
+    l = (log π(c) - log π_ref(c)) - (log π(r) - log π_ref(r)), sums over each side's trained tokens:
+
+        sigmoid  -(1 - ε) log σ(β l) - ε log σ(-β l)              (ε = label_smoothing: cDPO; TRL < 0.29's form)
+        robust   (-(1 - ε) log σ(β l) + ε log σ(-β l)) / (1 - 2ε)  (Robust DPO, Chowdhury et al.)
+        hinge    max(0, 1 - β l)                                   (SLiC)
+        ipo      (l' - 1 / (2β))²,  l' = l with each side's log-ratio divided by its trained tokens (TRL normalises
+                 IPO's log-ratios by the completion length; IPO paper eq. 17 with τ = β)
+
+    The rewards reported are β x each side's summed log-ratio for every loss type, as TRL reports them."""
+
     beta: float = 0.1
+    loss_type: str = "sigmoid"
+    label_smoothing: float = 0.0
     name: str = "dpo"
     needs_reference: bool = True
 
@@ -272,7 +294,21 @@ class DPO(Preference):
         ref = pack.reference.to(chosen.dtype)
         chosen_rewards = self.beta * (chosen - ref[0::2])
         rejected_rewards = self.beta * (rejected - ref[1::2])
-        losses = -F.logsigmoid(chosen_rewards - rejected_rewards)
+        margin = chosen_rewards - rejected_rewards  # β l
+        eps = self.label_smoothing
+        if self.loss_type == "sigmoid":
+            losses = -F.logsigmoid(margin)
+            if eps:
+                losses = (1 - eps) * losses - eps * F.logsigmoid(-margin)
+        elif self.loss_type == "robust":
+            losses = (-(1 - eps) * F.logsigmoid(margin) + eps * F.logsigmoid(-margin)) / (1 - 2 * eps)
+        elif self.loss_type == "hinge":
+            losses = torch.relu(1 - margin)
+        elif self.loss_type == "ipo":
+            normalised = ((chosen - ref[0::2]) / pack.trained[0::2] - (rejected - ref[1::2]) / pack.trained[1::2])
+            losses = (normalised - 1 / (2 * self.beta)) ** 2
+        else:
+            raise ValueError(f"unknown DPO loss type {self.loss_type!r}; one of {', '.join(DPO_LOSS_TYPES)}")
         return losses, chosen_rewards.detach(), rejected_rewards.detach(), (chosen.detach(), rejected.detach())
 
 
@@ -292,9 +328,45 @@ class SimPO(Preference):
         return losses, chosen_rewards, rejected_rewards, (chosen_avg.detach(), rejected_avg.detach())
 
 
-def build_objective(config, hf_config=None) -> SFT | DPO | SimPO:
-    """The objective of `config` (its objective, dpo_beta, simpo_beta, simpo_gamma, preference_sft_weight) for the
-    model of `hf_config` (an encoder-decoder trains Seq2SeqSFT)."""
+def log1mexp(x: torch.Tensor) -> torch.Tensor:
+    """log(1 - exp(x)) for x < 0, without cancellation (Mächler 2012: log(-expm1(x)) near 0, log1p(-exp(x)) below
+    -log 2)."""
+    return torch.where(x < -0.6931471805599453, torch.log1p(-torch.exp(x)), torch.log(-torch.expm1(x)))
+
+
+@dataclass
+class ORPO(Preference):
+    """ORPO (Hong et al. 2024), reference-free: the chosen side's token-mean NLL plus λ (`beta`, TRL's name; its
+    default 0.1) x the odds-ratio loss of TRL's ORPOTrainer.odds_ratio_loss, on length-normalised log-probs:
+
+        log odds(x) = a(x) - log(1 - exp(a(x))),  a(x) = log π(x) / |x|
+        loss = -a(c) - λ log σ(log odds(c) - log odds(r))
+
+    Metrics as TRL's: rewards/* = λ a(x), logps/* = a(x), nll_loss, log_odds_ratio (log σ(...)), log_odds_chosen
+    (the log odds ratio itself). TRL's NLL differs in one way: it is the token mean over the micro-batch's chosen
+    prompts and replies together; here it is each pair's own mean over its reply's trained tokens (the tokens the
+    rest of the loss sees), so the step's loss does not depend on how its pairs are split into micro-steps."""
+
+    beta: float = 0.1
+    name: str = "orpo"
+    needs_reference: bool = False
+    metrics: tuple[str, ...] = ORPO_METRICS
+
+    def pair_losses(self, chosen, rejected, pack: PairPack):
+        chosen_avg, rejected_avg = chosen / pack.trained[0::2], rejected / pack.trained[1::2]  # a(c), a(r) < 0
+        log_odds = (chosen_avg - rejected_avg) - (log1mexp(chosen_avg) - log1mexp(rejected_avg))
+        ratio = F.logsigmoid(log_odds)
+        nll = -chosen_avg
+        losses = nll - self.beta * ratio
+        chosen_rewards, rejected_rewards = (self.beta * chosen_avg).detach(), (self.beta * rejected_avg).detach()
+        return (losses, chosen_rewards, rejected_rewards, (chosen_avg.detach(), rejected_avg.detach()), nll.detach(),
+                ratio.detach(), log_odds.detach())
+
+
+def build_objective(config, hf_config=None) -> SFT | DPO | SimPO | ORPO:
+    """The objective of `config` (its objective, dpo_beta, dpo_loss_type, dpo_label_smoothing, simpo_beta,
+    simpo_gamma, orpo_lambda, preference_sft_weight) for the model of `hf_config` (an encoder-decoder trains
+    Seq2SeqSFT)."""
     name = getattr(config, "objective", "sft")
     if hf_config is not None and getattr(hf_config, "is_encoder_decoder", False):
         if name != "sft":
@@ -304,7 +376,10 @@ def build_objective(config, hf_config=None) -> SFT | DPO | SimPO:
         return Seq2SeqSFT(getattr(config, "loss_reduction", "tokens"), pad_id=pad,
                           max_positions=getattr(hf_config, "max_position_embeddings", None))
     if name == "dpo":
-        return DPO(beta=config.dpo_beta, sft_weight=config.preference_sft_weight)
+        return DPO(beta=config.dpo_beta, loss_type=config.dpo_loss_type, label_smoothing=config.dpo_label_smoothing,
+                   sft_weight=config.preference_sft_weight)
     if name == "simpo":
         return SimPO(beta=config.simpo_beta, gamma=config.simpo_gamma, sft_weight=config.preference_sft_weight)
+    if name == "orpo":
+        return ORPO(beta=config.orpo_lambda)
     return SFT(getattr(config, "loss_reduction", "tokens"))
