@@ -359,17 +359,21 @@ def test_two_ranks_with_the_default_sharding_train_dpo_as_one_process_does(tmp_p
     assert (tmp_path / "two" / "checkpoints" / "step_5").is_dir()  # the final full state (the optimizer's too)
 
 
-def test_simpo_runs_end_to_end_without_a_reference(tmp_path, capsys, tiny_model_dir):
+@pytest.mark.parametrize("objective", ["simpo", "orpo"])
+def test_reference_free_objectives_run_end_to_end_without_a_reference(tmp_path, capsys, tiny_model_dir, objective):
     data = write_pairs(tmp_path / "pairs.jsonl", 4, seed=4, learnable=True)
     args = [
         "--data-path", str(data), "--model-name-or-path", str(tiny_model_dir("llama")),
-        "--output-dir", str(tmp_path / "out"), "--objective", "simpo", "--batch-size", "4",
-        "--max-tokens-per-gpu", "64", "--max-steps", "3", "--save-dtype", "float32",
+        "--output-dir", str(tmp_path / "out"), "--objective", objective, "--batch-size", "4",
+        "--max-tokens-per-gpu", "64", "--max-steps", "3", "--save-dtype", "float32", "--learning-rate", "5e-3",
     ]
     code, _ = run_main(args, capsys)
     assert code == 0
     records = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
     assert len(records) == 3 and "rewards/accuracies" in records[0]
+    if objective == "orpo":  # TRL's ORPO metric names; the chosen reply's NLL falls as it is learnt
+        assert {"nll_loss", "log_odds_ratio", "log_odds_chosen"} <= set(records[0])
+        assert records[-1]["nll_loss"] < records[0]["nll_loss"]
     assert not list((tmp_path / "out" / "token_cache").glob("*/reference_logps-*"))
 
 
