@@ -377,6 +377,18 @@ def test_reference_free_objectives_run_end_to_end_without_a_reference(tmp_path, 
     assert not list((tmp_path / "out" / "token_cache").glob("*/reference_logps-*"))
 
 
+def test_the_memory_estimate_runs_a_step_of_each_preference_objective(tiny_model_dir):
+    """The estimate builds its packs on fake tensors (torch.bincount there used to stop every preference run whose
+    activation checkpointing was decided by the estimate, the default)."""
+    from tests.test_memory import estimate_memory
+
+    for objective in ("dpo", "orpo"):
+        estimate, _ = estimate_memory(["--model-name-or-path", str(tiny_model_dir("llama")), "--world-size", "2",
+                                       "--max-tokens-per-gpu", "256", "--gpu-memory-gib", "1",
+                                       "--objective", objective])
+        assert estimate["objective"] == objective and estimate["peak_gib"] > 0
+
+
 def test_the_reference_table_is_keyed_by_the_model_files_and_the_device(tmp_path, tiny_model_dir):
     import os
     import shutil
@@ -432,13 +444,14 @@ def test_objective_and_data_must_match(tmp_path, capsys, tiny_model_dir):
       "rejected_labels": [-100, 8]}, "pairs.jsonl:2: rejected_labels[1] = 8 but rejected_input_ids[1] = 7"),
     ({"input_ids": [5, 6], "labels": [-100, 6]}, "pairs.jsonl:2: preference row has no 'chosen_input_ids' field"),
 ])
-def test_bad_pair_rows_name_file_and_line(tmp_path, capsys, tiny_model_dir, row, message):
+@pytest.mark.parametrize("objective", ["dpo", "orpo"])
+def test_bad_pair_rows_name_file_and_line(tmp_path, capsys, tiny_model_dir, row, message, objective):
     data = tmp_path / "pairs.jsonl"
     good = read_pairs(write_pairs(data, 1))[0]
     data.write_text(json.dumps(good) + "\n" + json.dumps(row) + "\n")
     from tests.test_train import base_args
 
-    code, err = run_main([*base_args(tmp_path, tiny_model_dir("llama"), data), "--objective", "dpo"], capsys)
+    code, err = run_main([*base_args(tmp_path, tiny_model_dir("llama"), data), "--objective", objective], capsys)
     assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
 
 
