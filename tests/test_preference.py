@@ -114,6 +114,39 @@ def direct_table(model_dir: Path, pairs: list[dict]) -> np.ndarray:
                           for side in ("chosen", "rejected")] for r in pairs])
 
 
+def reward_model_dir(tiny: Path, out: Path, pad_token_id: int | None = None) -> Path:
+    """A one-label sequence classifier saved from the tiny LM (its `score` head seeded), with its tokenizer; with
+    `pad_token_id`, the config's pad token (the scoring position skips trailing ones)."""
+    import shutil
+
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    shutil.copytree(tiny, out)
+    torch.manual_seed(7)
+    lm = AutoModelForSequenceClassification.from_pretrained(tiny, num_labels=1, dtype=torch.float32)
+    lm.config.pad_token_id = pad_token_id
+    (out / "model.safetensors").unlink()
+    lm.save_pretrained(out)
+    return out
+
+
+def direct_reward_grads(model_dir: Path, pairs: list[dict], center: float = 0.0) -> tuple[float, dict]:
+    """TRL's reward loss, each sequence scored alone by Hugging Face's own sequence-classification forward."""
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    lm = AutoModelForSequenceClassification.from_pretrained(model_dir, dtype=torch.float32)
+    losses = []
+    for row in pairs:
+        sc, sr = (lm(input_ids=torch.tensor([row[f"{side}_input_ids"]]), use_cache=False).logits[0, 0].double()
+                  for side in ("chosen", "rejected"))
+        losses.append(-torch.log(torch.sigmoid(sc - sr)) + center * (sc + sr) ** 2)
+    loss = torch.stack(losses).mean()
+    loss.backward()
+    return loss.item(), {n: p.grad.clone() for n, p in lm.named_parameters()}
+
+
 def max_rel(grads: dict, reference: dict) -> float:
     return max(((grads[n] - g).abs().max() / g.abs().max()).item() for n, g in reference.items())
 
@@ -206,6 +239,40 @@ def test_each_dpo_loss_type_and_its_gradient_equal_the_direct_per_pair_formula(t
         assert max_rel(grads, want) < 1e-5, (loss_type, max_rel(grads, want))
 
 
+def test_reward_loss_and_gradients_equal_hugging_faces_own_scores_per_pair(tmp_path, tiny_model_dir):
+    import torch
+
+    import train
+    from minitrain.training.data import load_data
+    from minitrain.training.distributed import World
+    from minitrain.training.model import build_model
+    from minitrain.training.objectives import Reward, build_objective
+
+    data = write_pairs(tmp_path / "pairs.jsonl", 6, seed=7)
+    pairs = read_pairs(data)
+    pad = pairs[0]["chosen_input_ids"][-1]  # a pad id that ends a sequence: its score is read one token earlier
+    model_dir = reward_model_dir(tiny_model_dir("qwen2"), tmp_path / "rm", pad_token_id=pad)
+    config = train.TrainConfig(data_path=str(data), model_name_or_path=str(model_dir), output_dir=str(tmp_path / "o"),
+                               batch_size=6, max_tokens_per_gpu=128, activation_checkpointing=False,
+                               objective="reward", reward_center_coefficient=0.05)
+    single = World(0, 0, 1, 1, torch.device("cpu"))
+    cache = load_data(config, single, vocab_size=10**6)
+    model = build_model(config, single)
+    from transformers import AutoConfig
+
+    objective = build_objective(config, AutoConfig.from_pretrained(model_dir))
+    assert isinstance(objective, Reward) and objective.pad_token_id == pad and objective.center_coefficient == 0.05
+    want_loss, want = direct_reward_grads(model_dir, pairs, center=0.05)
+    for packs in ([np.arange(6)], [np.array([4, 0]), np.array([], int), np.array([5, 1, 2, 3])]):
+        model.zero_grad(set_to_none=True)
+        sums = train.forward_backward(model, objective, cache, packs, 6, 1, single.device)
+        grads = {n: p.grad for n, p in model.lm.named_parameters()}
+        assert sums[0].item() / 6 == pytest.approx(want_loss, rel=1e-6), packs
+        assert sorted(grads) == sorted(want)
+        assert max_rel(grads, want) < 1e-5, (packs, max_rel(grads, want))
+        assert 0 <= sums[1].item() / 6 <= 1  # accuracy
+
+
 def test_the_default_dpo_loss_is_bit_identical_to_the_plain_sigmoid_and_smoothing_weighs_the_flipped_label():
     import torch
     import torch.nn.functional as F
@@ -226,7 +293,7 @@ def test_the_default_dpo_loss_is_bit_identical_to_the_plain_sigmoid_and_smoothin
     torch.testing.assert_close(robust, before)  # ε = 0: plain DPO
 
 
-def pair_grad_worker(model_dir: str, data_path: str, out_dir: str) -> None:
+def pair_grad_worker(model_dir: str, data_path: str, out_dir: str, reward_dir: str) -> None:
     """Under torchrun: the reference table and each objective's gradient on 2 FSDP2 ranks with skewed micro-steps."""
     import torch.distributed as dist
 
@@ -261,6 +328,21 @@ def pair_grad_worker(model_dir: str, data_path: str, out_dir: str) -> None:
             report[name] = {"loss": sums[0].item() / 8, "want_loss": want_loss, "max_rel": max_rel(grads, want),
                             "names": sorted(grads) == sorted(want),
                             "metrics": dict(zip(objective.metrics, (sums[1:] / 8).tolist()))}
+    from dataclasses import replace
+
+    from minitrain.training.objectives import Reward
+
+    model = build_model(replace(config, objective="reward", model_name_or_path=reward_dir), world)
+    objective = Reward(center_coefficient=0.05)
+    packs = [np.asarray(p, dtype=np.int64) for p in SKEWED[world.rank]]
+    sums = train.forward_backward(model, objective, cache, packs, 8, world.world_size, world.device)
+    dist.all_reduce(sums)
+    grads = {n: p.grad.full_tensor() for n, p in model.lm.named_parameters()}
+    if world.is_main:
+        want_loss, want = direct_reward_grads(Path(reward_dir), pairs, center=0.05)
+        report["reward"] = {"loss": sums[0].item() / 8, "want_loss": want_loss, "max_rel": max_rel(grads, want),
+                            "names": sorted(grads) == sorted(want),
+                            "metrics": dict(zip(objective.metrics, (sums[1:] / 8).tolist()))}
     if world.is_main:
         Path(out_dir, "report.json").write_text(json.dumps(report))
     cleanup_distributed()
@@ -268,16 +350,17 @@ def pair_grad_worker(model_dir: str, data_path: str, out_dir: str) -> None:
 
 def test_two_ranks_with_skewed_micro_steps_give_the_direct_gradient(tmp_path, tiny_model_dir):
     data = write_pairs(tmp_path / "pairs.jsonl", 8, seed=2)
-    run = torchrun([__file__, str(tiny_model_dir("llama")), str(data), str(tmp_path / "out")])
+    reward_dir = reward_model_dir(tiny_model_dir("llama"), tmp_path / "rm")  # tied embeddings, no pad token
+    run = torchrun([__file__, str(tiny_model_dir("llama")), str(data), str(tmp_path / "out"), str(reward_dir)])
     assert run.returncode == 0, run.stderr[-3000:]
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     assert report["table_max_rel"] < 1e-6
-    for name in ("dpo", "simpo", "orpo"):
+    for name in ("dpo", "simpo", "orpo", "reward"):
         r = report[name]
         assert r["names"], name
         assert r["loss"] == pytest.approx(r["want_loss"], rel=1e-6), name
         assert r["max_rel"] < 1e-5, (name, r["max_rel"])
-        assert len(r["metrics"]) == (9 if name == "orpo" else 6)
+        assert len(r["metrics"]) == {"orpo": 9, "reward": 3}.get(name, 6)
     orpo = report["orpo"]["metrics"]  # TRL's names; the loss is the NLL minus λ x the log-sigmoid of the odds
     assert report["orpo"]["loss"] == pytest.approx(orpo["nll_loss"] - 0.7 * orpo["log_odds_ratio"], rel=1e-5)
     assert orpo["rewards/chosen"] == pytest.approx(0.7 * orpo["logps/chosen"], rel=1e-5)
@@ -377,12 +460,42 @@ def test_reference_free_objectives_run_end_to_end_without_a_reference(tmp_path, 
     assert not list((tmp_path / "out" / "token_cache").glob("*/reference_logps-*"))
 
 
+def test_a_reward_model_trains_and_its_export_scores_pairs_as_the_live_model(tmp_path, capsys, tiny_model_dir):
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    data = write_pairs(tmp_path / "pairs.jsonl", 8, seed=3, learnable=True)
+    held = read_pairs(write_pairs(tmp_path / "held.jsonl", 3, seed=9, learnable=True))
+    out = tmp_path / "out"
+    args = [
+        "--data-path", str(data), "--model-name-or-path", str(tiny_model_dir("llama")),  # a causal LM: `score` is new
+        "--output-dir", str(out), "--objective", "reward", "--batch-size", "4", "--max-tokens-per-gpu", "64",
+        "--max-steps", "6", "--learning-rate", "5e-3", "--validation-data-path", str(tmp_path / "held.jsonl"),
+        "--eval-every-samples", "24", "--save-dtype", "float32",
+    ]
+    code, _ = run_main(args, capsys)
+    assert code == 0
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    first, last = records[0], records[-1]
+    assert {"accuracy", "margin", "mean_reward"} <= set(first) and first["pairs"] == 4
+    assert first["loss"] == pytest.approx(math.log(2), abs=0.05)  # a new head scores both sides about alike
+    assert last["loss"] < first["loss"] - 0.1 and last["accuracy"] == 1.0
+    # The export is a sequence classifier; scoring each held-out sequence alone gives the live model's margin.
+    rm = AutoModelForSequenceClassification.from_pretrained(out / "hf_format" / "samples_24", dtype=torch.float32)
+    assert rm.config.architectures[0].endswith("ForSequenceClassification") and rm.config.num_labels == 1
+    with torch.no_grad():
+        margins = [(rm(input_ids=torch.tensor([r["chosen_input_ids"]])).logits[0, 0]
+                    - rm(input_ids=torch.tensor([r["rejected_input_ids"]])).logits[0, 0]).item() for r in held]
+    assert last["validation_margin"] == pytest.approx(np.mean(margins), rel=1e-4, abs=1e-5)
+    assert last["validation_accuracy"] == pytest.approx(np.mean([m > 0 for m in margins]))
+
+
 def test_the_memory_estimate_runs_a_step_of_each_preference_objective(tiny_model_dir):
     """The estimate builds its packs on fake tensors (torch.bincount there used to stop every preference run whose
     activation checkpointing was decided by the estimate, the default)."""
     from tests.test_memory import estimate_memory
 
-    for objective in ("dpo", "orpo"):
+    for objective in ("dpo", "orpo", "reward"):
         estimate, _ = estimate_memory(["--model-name-or-path", str(tiny_model_dir("llama")), "--world-size", "2",
                                        "--max-tokens-per-gpu", "256", "--gpu-memory-gib", "1",
                                        "--objective", objective])
@@ -435,6 +548,11 @@ def test_objective_and_data_must_match(tmp_path, capsys, tiny_model_dir):
     assert code == 2 and "orpo has its own NLL term" in err, err
     code, err = run_main([*base_args(tmp_path, model_dir, samples), "--objective", "orpo"], capsys)
     assert code == 2 and "holds samples, not preference pairs; --objective orpo needs" in err, err
+    code, err = run_main([*base_args(tmp_path, model_dir, samples), "--objective", "reward"], capsys)
+    assert code == 2 and "holds samples, not preference pairs; --objective reward needs" in err, err
+    code, err = run_main([*base_args(tmp_path, model_dir, pairs), "--objective", "reward", "--lora",
+                          "--eval-metric", "rouge"], capsys)
+    assert code == 2 and "--lora is not supported with it yet" in err and "a reward model does not generate" in err
 
 
 @pytest.mark.parametrize("row, message", [
@@ -596,7 +714,7 @@ def test_bad_preference_rows_stop_the_run_naming_file_and_line(capsys, tmp_path,
 
 
 if __name__ == "__main__":
-    pair_grad_worker(*sys.argv[1:4])
+    pair_grad_worker(*sys.argv[1:5])
 
 
 def test_dpo_with_lora_takes_the_base_model_as_its_reference(tmp_path, capsys, tiny_model_dir):

@@ -62,7 +62,8 @@ class TrainConfig:
     # What is trained (minitrain/training/objectives.py, docs/objectives.md): sft on process_data.py's samples; dpo,
     # simpo or orpo on its preference pairs (--input-format preference), a pair packed whole into one micro-step.
     objective: str = flag("sft", "what is trained: sft on process_data.py's samples; dpo, simpo or orpo on its "
-                                 "preference pairs", choices=OBJECTIVES)
+                                 "preference pairs; reward: a score head (sequence classifier) on the same pairs",
+                          choices=OBJECTIVES)
     dpo_beta: float = flag(0.1, "DPO: beta of -log sigmoid(beta * (chosen - rejected log-ratio to the reference))")
     dpo_loss_type: str = flag("sigmoid", "DPO: TRL's loss of the log-ratio margin: sigmoid (DPO), ipo (on "
                                          "length-normalised log-ratios, as TRL), hinge (SLiC) or robust (Robust DPO)",
@@ -76,6 +77,8 @@ class TrainConfig:
     simpo_gamma: float = flag(0.5, "SimPO: the target margin gamma, outside beta as in the SimPO paper and TRL "
                                    "(torchllms puts it inside: its gamma x its beta is this)")
     preference_sft_weight: float = flag(0.0, "dpo/simpo: plus this times the chosen side's token-mean cross-entropy")
+    reward_center_coefficient: float = flag(0.0, "reward: plus this times (chosen score + rejected score)^2 per pair, "
+                                                 "TRL's center_rewards_coefficient (0 = off)")
     orpo_lambda: float = flag(0.1, "ORPO: lambda (TRL's beta) of the chosen side's token-mean NLL - lambda * "
                                    "log sigmoid(log odds ratio of chosen over rejected)")
     learning_rate: float = flag(1e-5, "peak learning rate")
@@ -285,6 +288,15 @@ def validate(config: TrainConfig, world_size: int, local_world_size: int, cuda: 
     if config.objective == "orpo" and config.preference_sft_weight:
         problems.append("--preference-sft-weight is for dpo and simpo; orpo has its own NLL term "
                         "(weigh the odds ratio with --orpo-lambda)")
+    if config.objective == "reward":
+        if config.reward_center_coefficient < 0:
+            problems.append(f"--reward-center-coefficient must be >= 0, got {config.reward_center_coefficient}")
+        if config.lora:
+            problems.append("--objective reward trains the whole model and its new score head; --lora is not "
+                            "supported with it yet")
+        if config.eval_metric is not None:
+            problems.append(f"--eval-metric {config.eval_metric} scores generated text; a reward model does not "
+                            f"generate (its validation reports loss, accuracy and margin)")
     if config.orpo_lambda < 0:
         problems.append(f"--orpo-lambda must be >= 0, got {config.orpo_lambda}")
     if not 0 <= config.dpo_label_smoothing < 0.5:

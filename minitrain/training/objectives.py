@@ -38,6 +38,7 @@ not its packs, so a pack's size never weighs in). `DPO` and `SimPO` are preferen
            tokens; π_ref's log-probs are precomputed once by the initial model (reference.py) and read here
     SimPO  -log σ(β (log π(c) / |c| - log π(r) / |r|) - γ),  no reference, |x| = the side's trained tokens
     ORPO   -log π(c) / |c| - λ log σ(log odds(c) - log odds(r)),  odds(x) = p / (1 - p), p = exp(log π(x) / |x|)
+    reward -log σ(s(c) - s(r)) [+ κ (s(c) + s(r))²],  s(x) the score head's value at x's last token (reward.py)
 
 plus, with --preference-sft-weight w (DPO, SimPO), w x the chosen side's token-mean cross-entropy (per pair). DPO's
 --dpo-loss-type picks TRL's loss of the log-ratio margin (sigmoid above; ipo, hinge, robust: see `DPO`).
@@ -60,7 +61,7 @@ from minitrain.training.data import (
     make_seq2seq_pack,
 )
 
-OBJECTIVES = ("sft", "dpo", "simpo", "orpo")
+OBJECTIVES = ("sft", "dpo", "simpo", "orpo", "reward")
 DPO_LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust")
 LOSS_REDUCTIONS = ("tokens", "sequences")
 PREFERENCE_METRICS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
@@ -363,7 +364,76 @@ class ORPO(Preference):
                 ratio.detach(), log_odds.detach())
 
 
-def build_objective(config, hf_config=None) -> SFT | DPO | SimPO | ORPO:
+@dataclass(frozen=True)
+class ScorePack:
+    """A reward micro-step: the pairs' row (PairPack) and each sequence's scoring position in it."""
+
+    pairs: PairPack
+    scoring: torch.Tensor  # (2P,) long; (1,) [0] for a dummy pack
+
+    @property
+    def num_pairs(self) -> int:
+        return self.pairs.num_pairs
+
+    def to(self, device: torch.device) -> "ScorePack":
+        return ScorePack(self.pairs.to(device), self.scoring.to(device))
+
+
+@dataclass
+class Reward:
+    """A reward model (TRL's RewardTrainer): a one-label score head on the LM's last hidden state (reward.py), trained
+    on pairs with -log σ(s(c) - s(r)), plus κ (s(c) + s(r))² with κ = center_coefficient (TRL's
+    center_rewards_coefficient) to keep the scores centred. Metrics as TRL's: accuracy (s(c) > s(r)), margin
+    (s(c) - s(r)), mean_reward (of both sides)."""
+
+    pad_token_id: int | None = None  # the scoring position skips trailing pad tokens, as Hugging Face's does
+    center_coefficient: float = 0.0
+    name: str = "reward"
+    unit: str = "pairs"
+    metrics: tuple[str, ...] = ("accuracy", "margin", "mean_reward")
+    needs_reference: bool = False
+    generates: bool = False  # a score head: no validation generations
+
+    def check(self, cache: TokenCache, path: str) -> None:
+        if not cache.pairs:
+            raise DataError(f"{path}: holds samples, not preference pairs; --objective reward needs "
+                            f"process_data.py --input-format preference output (chosen_*/rejected_* rows)")
+
+    def costs(self, cache: TokenCache) -> np.ndarray:
+        return cache.lengths
+
+    def step_units(self, cache: TokenCache, indices: np.ndarray) -> int:
+        return len(indices)
+
+    def pack(self, cache: TokenCache, indices: np.ndarray) -> ScorePack:
+        from minitrain.training.reward import scoring_positions
+
+        indices = np.asarray(indices, dtype=np.int64)
+        pairs = make_pair_pack(cache, indices)
+        if pairs.num_pairs == 0:
+            return ScorePack(pairs, torch.zeros(1, dtype=torch.long))
+        # From the cache, in numpy (the memory estimate runs this on fake tensors): the row is chosen_0, rejected_0, ...
+        ids = np.concatenate([cache.input_ids[int(cache.offsets[i]):int(cache.offsets[i + 1])] for i in indices])
+        sizes = [n for i in indices for n in (int(cache.chosen_lengths[i]),
+                                              int(cache.offsets[i + 1] - cache.offsets[i] - cache.chosen_lengths[i]))]
+        return ScorePack(pairs, torch.from_numpy(scoring_positions(ids, sizes, self.pad_token_id)))
+
+    def loss_sum(self, model: torch.nn.Module, pack: ScorePack, cache: TokenCache = None, indices=None,
+                 row_ce: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        p = pack.pairs.pack
+        scores = model(p.input_ids, p.position_ids, pack.scoring, p.cu_seq_lens, p.max_length)  # (2P,)
+        if pack.num_pairs == 0:  # a dummy pack: the same collectives, zero gradient
+            return scores.sum() * 0.0, torch.zeros(len(self.metrics), device=scores.device)
+        chosen, rejected = scores[0::2], scores[1::2]  # (P,)
+        losses = -F.logsigmoid(chosen - rejected)
+        if self.center_coefficient:
+            losses = losses + self.center_coefficient * (chosen + rejected) ** 2
+        metrics = torch.stack([(chosen > rejected).float().sum(), (chosen - rejected).sum(),
+                               ((chosen + rejected) / 2).sum()]).detach().float()
+        return losses.sum(), metrics
+
+
+def build_objective(config, hf_config=None) -> SFT | DPO | SimPO | ORPO | Reward:
     """The objective of `config` (its objective, dpo_beta, dpo_loss_type, dpo_label_smoothing, simpo_beta,
     simpo_gamma, orpo_lambda, preference_sft_weight) for the model of `hf_config` (an encoder-decoder trains
     Seq2SeqSFT)."""
@@ -382,4 +452,6 @@ def build_objective(config, hf_config=None) -> SFT | DPO | SimPO | ORPO:
         return SimPO(beta=config.simpo_beta, gamma=config.simpo_gamma, sft_weight=config.preference_sft_weight)
     if name == "orpo":
         return ORPO(beta=config.orpo_lambda)
+    if name == "reward":
+        return Reward(getattr(hf_config, "pad_token_id", None), config.reward_center_coefficient)
     return SFT(getattr(config, "loss_reduction", "tokens"))

@@ -543,8 +543,9 @@ def build_validator(config, objective, world: World, cache: TokenCache | None, h
         predictions = Predictions(prompts, cache.lines, tokenizer, config.max_tokens_per_gpu, config.eval_num_beams)
         scored = (f"; ROUGE on {len(prompts)} of them"
                   + (f" ({len(indices) - len(prompts)} have no prompt)" if len(prompts) < len(indices) else ""))
+    generations = config.num_eval_generations if getattr(objective, "generates", True) else 0  # reward: none
     validation_set = plan_validation_set(objective, cache, indices, config.max_tokens_per_gpu, world.world_size,
-                                         world.rank, config.num_eval_generations, config.eval_max_new_tokens, eos_ids,
+                                         world.rank, generations, config.eval_max_new_tokens, eos_ids,
                                          predictions)
     stopper = None
     if config.early_stopping_patience is not None:
