@@ -132,7 +132,8 @@ def reward_model_dir(tiny: Path, out: Path, pad_token_id: int | None = None) -> 
 
 
 def direct_reward_grads(model_dir: Path, pairs: list[dict], center: float = 0.0) -> tuple[float, dict]:
-    """TRL's reward loss, each sequence scored alone by Hugging Face's own sequence-classification forward."""
+    """TRL's reward loss, each sequence scored alone by Hugging Face's own sequence-classification forward (a row's
+    `margin` subtracted from the score difference, 0 without one)."""
     import torch
     from transformers import AutoModelForSequenceClassification
 
@@ -141,7 +142,7 @@ def direct_reward_grads(model_dir: Path, pairs: list[dict], center: float = 0.0)
     for row in pairs:
         sc, sr = (lm(input_ids=torch.tensor([row[f"{side}_input_ids"]]), use_cache=False).logits[0, 0].double()
                   for side in ("chosen", "rejected"))
-        losses.append(-torch.log(torch.sigmoid(sc - sr)) + center * (sc + sr) ** 2)
+        losses.append(-torch.log(torch.sigmoid(sc - sr - row.get("margin", 0.0))) + center * (sc + sr) ** 2)
     loss = torch.stack(losses).mean()
     loss.backward()
     return loss.item(), {n: p.grad.clone() for n, p in lm.named_parameters()}
@@ -250,6 +251,9 @@ def test_reward_loss_and_gradients_equal_hugging_faces_own_scores_per_pair(tmp_p
 
     data = write_pairs(tmp_path / "pairs.jsonl", 6, seed=7)
     pairs = read_pairs(data)
+    for k, margin in ((1, 0.75), (3, -0.5), (4, 2.0)):  # TRL's optional margin field; the other pairs have none
+        pairs[k]["margin"] = margin
+    data.write_text("".join(json.dumps(r) + "\n" for r in pairs))
     pad = pairs[0]["chosen_input_ids"][-1]  # a pad id that ends a sequence: its score is read one token earlier
     model_dir = reward_model_dir(tiny_model_dir("qwen2"), tmp_path / "rm", pad_token_id=pad)
     config = train.TrainConfig(data_path=str(data), model_name_or_path=str(model_dir), output_dir=str(tmp_path / "o"),
@@ -257,6 +261,7 @@ def test_reward_loss_and_gradients_equal_hugging_faces_own_scores_per_pair(tmp_p
                                objective="reward", reward_center_coefficient=0.05)
     single = World(0, 0, 1, 1, torch.device("cpu"))
     cache = load_data(config, single, vocab_size=10**6)
+    assert cache.margins.tolist() == [0.0, 0.75, 0.0, -0.5, 2.0, 0.0]
     model = build_model(config, single)
     from transformers import AutoConfig
 
@@ -561,6 +566,8 @@ def test_objective_and_data_must_match(tmp_path, capsys, tiny_model_dir):
     ({"chosen_input_ids": [5, 6], "chosen_labels": [-100, 6], "rejected_input_ids": [5, 7],
       "rejected_labels": [-100, 8]}, "pairs.jsonl:2: rejected_labels[1] = 8 but rejected_input_ids[1] = 7"),
     ({"input_ids": [5, 6], "labels": [-100, 6]}, "pairs.jsonl:2: preference row has no 'chosen_input_ids' field"),
+    ({"chosen_input_ids": [5, 6], "chosen_labels": [-100, 6], "rejected_input_ids": [5, 7],
+      "rejected_labels": [-100, 7], "margin": "big"}, "pairs.jsonl:2: `margin` must be a finite number, got 'big'"),
 ])
 @pytest.mark.parametrize("objective", ["dpo", "orpo"])
 def test_bad_pair_rows_name_file_and_line(tmp_path, capsys, tiny_model_dir, row, message, objective):
@@ -644,6 +651,24 @@ def test_each_row_form_gives_both_sides_with_only_the_final_reply_trained(capsys
     assert row["len"] == row["chosen_len"] + row["rejected_len"]
 
 
+def test_a_margin_field_passes_through_stage_1_and_into_the_cache(capsys, tmp_path, tokenizer_dir):
+    from minitrain.training.data import build_token_cache, cache_dir_for, open_token_cache
+    from tests.test_formats import write_csv
+    from tests.test_process_data import write_lines
+
+    rows = [{**ROW_FORMS["trl_text"], "margin": 1.5}, {"prompt": "Name a colour.", "chosen": "Blue.", "rejected": "7."}]
+    for name, writer in (("in.jsonl", write_lines), ("in.csv", write_csv)):  # a CSV cell holds the number as text
+        path = tmp_path / name
+        writer(path, rows)
+        code, _, err, out = preference_cli(capsys, tmp_path, tokenizer_dir("chatml"), path)
+        assert code == 0, err
+        written = [json.loads(line) for line in out.read_text().splitlines()]
+        assert written[0]["margin"] == 1.5 and "margin" not in written[1]
+    cache_dir = cache_dir_for(out, tmp_path / "cache")
+    build_token_cache(out, cache_dir)
+    assert open_token_cache(cache_dir).margins.tolist() == [1.5, 0.0]
+
+
 def test_csv_and_parquet_rows_give_the_jsonl_output_and_stage_2_reads_it(capsys, tmp_path, tokenizer_dir):
     from minitrain.training.data import (
         build_token_cache,
@@ -703,6 +728,8 @@ def test_bad_pairs_are_dropped_and_counted_with_their_line(capsys, tmp_path, tok
     ({"chosen": "Yes.", "rejected": "No."}, "in.jsonl:2: a text `chosen`/`rejected` needs a `prompt`"),
     ({"prompt": "Hi", "chosen": [{"role": "wizard", "content": "x"}], "rejected": "No."},
      "in.jsonl:2: chosen: messages[1] has unknown role 'wizard'"),
+    ({"prompt": "Hi", "chosen": "Yes.", "rejected": "No.", "margin": "a lot"},
+     "in.jsonl:2: `margin` must be a finite number, got 'a lot'"),
 ])
 def test_bad_preference_rows_stop_the_run_naming_file_and_line(capsys, tmp_path, tokenizer_dir, row, message):
     from tests.test_process_data import write_lines

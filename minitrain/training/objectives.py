@@ -38,7 +38,7 @@ not its packs, so a pack's size never weighs in). `DPO` and `SimPO` are preferen
            tokens; π_ref's log-probs are precomputed once by the initial model (reference.py) and read here
     SimPO  -log σ(β (log π(c) / |c| - log π(r) / |r|) - γ),  no reference, |x| = the side's trained tokens
     ORPO   -log π(c) / |c| - λ log σ(log odds(c) - log odds(r)),  odds(x) = p / (1 - p), p = exp(log π(x) / |x|)
-    reward -log σ(s(c) - s(r)) [+ κ (s(c) + s(r))²],  s(x) the score head's value at x's last token (reward.py)
+    reward -log σ(s(c) - s(r) - m) [+ κ (s(c) + s(r))²],  m the pair's margin field (0 without),  s(x) the score head's value at x's last token (reward.py)
 
 plus, with --preference-sft-weight w (DPO, SimPO), w x the chosen side's token-mean cross-entropy (per pair). DPO's
 --dpo-loss-type picks TRL's loss of the log-ratio margin (sigmoid above; ipo, hinge, robust: see `DPO`).
@@ -370,21 +370,23 @@ class ScorePack:
 
     pairs: PairPack
     scoring: torch.Tensor  # (2P,) long; (1,) [0] for a dummy pack
+    margins: torch.Tensor | None = None  # (P,) float64: the pairs' margin field, when the data has one
 
     @property
     def num_pairs(self) -> int:
         return self.pairs.num_pairs
 
     def to(self, device: torch.device) -> "ScorePack":
-        return ScorePack(self.pairs.to(device), self.scoring.to(device))
+        margins = None if self.margins is None else self.margins.to(device)
+        return ScorePack(self.pairs.to(device), self.scoring.to(device), margins)
 
 
 @dataclass
 class Reward:
     """A reward model (TRL's RewardTrainer): a one-label score head on the LM's last hidden state (reward.py), trained
-    on pairs with -log σ(s(c) - s(r)), plus κ (s(c) + s(r))² with κ = center_coefficient (TRL's
-    center_rewards_coefficient) to keep the scores centred. Metrics as TRL's: accuracy (s(c) > s(r)), margin
-    (s(c) - s(r)), mean_reward (of both sides)."""
+    on pairs with -log σ(s(c) - s(r) - m) (m: the pair's `margin` field, 0 without; TRL's optional margin), plus
+    κ (s(c) + s(r))² with κ = center_coefficient (TRL's center_rewards_coefficient) to keep the scores centred.
+    Metrics as TRL's: accuracy (s(c) > s(r)), margin (s(c) - s(r)), mean_reward (of both sides)."""
 
     pad_token_id: int | None = None  # the scoring position skips trailing pad tokens, as Hugging Face's does
     center_coefficient: float = 0.0
@@ -416,7 +418,9 @@ class Reward:
         ids = np.concatenate([cache.input_ids[int(cache.offsets[i]):int(cache.offsets[i + 1])] for i in indices])
         sizes = [n for i in indices for n in (int(cache.chosen_lengths[i]),
                                               int(cache.offsets[i + 1] - cache.offsets[i] - cache.chosen_lengths[i]))]
-        return ScorePack(pairs, torch.from_numpy(scoring_positions(ids, sizes, self.pad_token_id)))
+        margins = getattr(cache, "margins", None)
+        margins = None if margins is None else torch.from_numpy(np.ascontiguousarray(margins[indices]))
+        return ScorePack(pairs, torch.from_numpy(scoring_positions(ids, sizes, self.pad_token_id)), margins)
 
     def loss_sum(self, model: torch.nn.Module, pack: ScorePack, cache: TokenCache = None, indices=None,
                  row_ce: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -425,7 +429,10 @@ class Reward:
         if pack.num_pairs == 0:  # a dummy pack: the same collectives, zero gradient
             return scores.sum() * 0.0, torch.zeros(len(self.metrics), device=scores.device)
         chosen, rejected = scores[0::2], scores[1::2]  # (P,)
-        losses = -F.logsigmoid(chosen - rejected)
+        differences = chosen - rejected
+        if pack.margins is not None:
+            differences = differences - pack.margins.to(differences.dtype)
+        losses = -F.logsigmoid(differences)
         if self.center_coefficient:
             losses = losses + self.center_coefficient * (chosen + rejected) ** 2
         metrics = torch.stack([(chosen > rejected).float().sum(), (chosen - rejected).sum(),
