@@ -1,5 +1,5 @@
-"""Preference training (DPO and its loss types, SimPO, ORPO): exact loss over pairs, packed padding-free, on 1 and 2 processes; stage 1's
-preference rows.
+"""Preference training (DPO and its loss types, SimPO, ORPO, reward models): exact loss over pairs, packed
+padding-free, on 1 and 2 processes; stage 1's preference rows.
 
 The loss and gradients of train.py's own functions are compared with a direct per-pair implementation written
 here: a plain Hugging Face forward of each sequence alone, full logits, log-softmax, the formula of the paper.
