@@ -16,6 +16,7 @@ both sides). Output row, in input order:
 
     {"chosen_input_ids", "chosen_labels", "rejected_input_ids", "rejected_labels", "chosen_len", "rejected_len",
      "len" (both: the pair is packed whole), "num_loss_counted_tokens" (both)}
+    plus "margin" where the input row has one (TRL's reward-model margin: a number, or a CSV cell holding one)
 
 What stops the run (one line, FILE:LINE): a missing side, a side that is neither messages nor text, a text side
 without a prompt, anything a messages sample stops on. What drops a pair (counted, first lines printed): the
@@ -25,6 +26,7 @@ last message is not an assistant turn, a side with no trained token, a pair long
 """
 
 import dataclasses
+import math
 
 import orjson
 
@@ -81,6 +83,20 @@ def conversations(row: object, where: str) -> tuple[list, list] | tuple[str, str
     return chosen, rejected
 
 
+def pair_margin(row: dict, where: str) -> float | None:
+    """The row's optional `margin` (TRL's reward-model field) as a finite number, or a RunError naming FILE:LINE."""
+    value = row.get("margin")
+    if value is None or value == "":
+        return None
+    try:
+        margin = None if isinstance(value, bool) else float(value)
+    except (TypeError, ValueError):
+        margin = None
+    if margin is None or not math.isfinite(margin):
+        raise RunError(f"{where}: `margin` must be a finite number, got {value!r}")
+    return margin
+
+
 def final_turn_only(labels: list[int]) -> list[int]:
     """The labels with every trained run but the last masked."""
     last = max(i for i, label in enumerate(labels) if label != IGNORE)
@@ -114,12 +130,16 @@ class PreferenceEncoder:
     def _encode(self, lines: list[tuple[int, bytes]], chunk) -> None:
 
         batches = {side: [] for side in SIDES}  # messages rows for the encoder, keyed by the real line number
+        margins = {}  # line number -> the row's margin, where it has one
         for lineno, _, where, row in formats.rows_of(lines, self.input_name, self.spec, chunk):
             found = conversations(row, where)
             if isinstance(found[0], str):
                 chunk.drops.append((lineno, *found))
                 continue
-            extra = {k: v for k, v in row.items() if k not in ("prompt", *SIDES)}  # e.g. tools
+            margin = pair_margin(row, where)
+            if margin is not None:
+                margins[lineno] = margin
+            extra = {k: v for k, v in row.items() if k not in ("prompt", "margin", *SIDES)}  # e.g. tools
             for side, messages in zip(SIDES, found):
                 batches[side].append((lineno, orjson.dumps({**extra, "messages": messages})))
         encoded = {}
@@ -169,6 +189,8 @@ class PreferenceEncoder:
                 out.update({f"{side}_input_ids": ids[side], f"{side}_labels": labels[side],
                             f"{side}_len": len(ids[side])})
             out.update(len=total, num_loss_counted_tokens=sum(trained.values()))
+            if lineno in margins:
+                out["margin"] = margins[lineno]
             chunk.rows.append((lineno, orjson.dumps(out) + b"\n"))
             chunk.tokens += total
             chunk.trained += sum(trained.values())

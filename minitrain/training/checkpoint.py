@@ -71,7 +71,8 @@ FIXED_ON_RESUME = ("learning_rate", "weight_decay", "adam_beta1", "adam_beta2", 
 CHANGE_THE_RUN = (
     "model_name_or_path", "batch_size", "max_tokens_per_gpu", "seed", "num_warmup_steps", "lr_scheduler",
     "max_grad_norm", "validation_split", "loss_reduction", "objective", "dpo_beta", "simpo_beta", "simpo_gamma",
-    "preference_sft_weight",
+    "preference_sft_weight", "dpo_loss_type", "dpo_label_smoothing", "orpo_lambda",
+    "reward_center_coefficient",
     # Which evaluation early stopping and the best export follow: the saved best is of the saved metric.
     "early_stopping_metric",
     "lora", "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules", "lora_modules_to_save", "lora_init", "qlora",
@@ -95,7 +96,9 @@ FREE_ON_RESUME = (
 # Flags added after checkpoints already existed, with the value that reproduces how those checkpoints were trained:
 # a checkpoint without the key resumes as if it had been saved with that value.
 ADDED_LATER = {"loss_reduction": "tokens", "objective": "sft", "dpo_beta": 0.1, "simpo_beta": 2.0, "simpo_gamma": 0.5,
-               "preference_sft_weight": 0.0, "lora": False, **LORA_DEFAULTS, "eval_metric": None, "eval_num_beams": 1,
+               "preference_sft_weight": 0.0, "dpo_loss_type": "sigmoid", "dpo_label_smoothing": 0.0,
+               "orpo_lambda": 0.1, "reward_center_coefficient": 0.0, "lora": False, **LORA_DEFAULTS,
+               "eval_metric": None, "eval_num_beams": 1,
                "early_stopping_metric": "validation_loss"}
 
 # What trainer_state.json must hold for a run to resume from it.

@@ -17,7 +17,7 @@ from minitrain.training import attention, checkpoint, lora
 from minitrain.training.data import DataError
 from minitrain.training.mixture import parse_sources
 from minitrain.training.model import SHARDING_STRATEGIES
-from minitrain.training.objectives import LOSS_REDUCTIONS, OBJECTIVES
+from minitrain.training.objectives import DPO_LOSS_TYPES, LOSS_REDUCTIONS, OBJECTIVES
 from minitrain.training.run_log import TRACKERS, tracker_problem
 from minitrain.training.validation import EVAL_METRICS, LOSS, STOPPING_METRICS
 
@@ -59,11 +59,17 @@ class TrainConfig:
     max_tokens_per_gpu: int | str = flag(help="token budget of one rank's packed row, or auto: the longest row whose "
                                               "memory estimate fits 90%% of the device's memory (printed and saved)",
                                          type=lambda text: text if text == "auto" else int(text))
-    # What is trained (minitrain/training/objectives.py): sft on process_data.py's samples; dpo or simpo on its preference
-    # pairs (--input-format preference), a pair packed whole into one micro-step.
-    objective: str = flag("sft", "what is trained: sft on process_data.py's samples; dpo or simpo on its preference "
-                                 "pairs", choices=OBJECTIVES)
+    # What is trained (minitrain/training/objectives.py, docs/objectives.md): sft on process_data.py's samples; dpo,
+    # simpo or orpo on its preference pairs (--input-format preference), a pair packed whole into one micro-step.
+    objective: str = flag("sft", "what is trained: sft on process_data.py's samples; dpo, simpo or orpo on its "
+                                 "preference pairs; reward: a score head (sequence classifier) on the same pairs",
+                          choices=OBJECTIVES)
     dpo_beta: float = flag(0.1, "DPO: beta of -log sigmoid(beta * (chosen - rejected log-ratio to the reference))")
+    dpo_loss_type: str = flag("sigmoid", "DPO: TRL's loss of the log-ratio margin: sigmoid (DPO), ipo (on "
+                                         "length-normalised log-ratios, as TRL), hinge (SLiC) or robust (Robust DPO)",
+                              choices=DPO_LOSS_TYPES)
+    dpo_label_smoothing: float = flag(0.0, "DPO sigmoid (cDPO) and robust: the probability in [0, 0.5) that a "
+                                           "pair's preference label is flipped")
     # SimPO: torchllms' defaults are --simpo_beta 1.0 --simpo_gamma 1.0 for -log sigmoid(beta * (m - gamma)); the
     # same loss here is --simpo-beta beta --simpo-gamma beta*gamma. Ours are the paper's and TRL's form.
     simpo_beta: float = flag(2.0, "SimPO: beta of -log sigmoid(beta * m - gamma), m = the chosen minus the rejected "
@@ -71,6 +77,10 @@ class TrainConfig:
     simpo_gamma: float = flag(0.5, "SimPO: the target margin gamma, outside beta as in the SimPO paper and TRL "
                                    "(torchllms puts it inside: its gamma x its beta is this)")
     preference_sft_weight: float = flag(0.0, "dpo/simpo: plus this times the chosen side's token-mean cross-entropy")
+    reward_center_coefficient: float = flag(0.0, "reward: plus this times (chosen score + rejected score)^2 per pair, "
+                                                 "TRL's center_rewards_coefficient (0 = off)")
+    orpo_lambda: float = flag(0.1, "ORPO: lambda (TRL's beta) of the chosen side's token-mean NLL - lambda * "
+                                   "log sigmoid(log odds ratio of chosen over rejected)")
     learning_rate: float = flag(1e-5, "peak learning rate")
     num_warmup_steps: int = flag(0, "linear warmup up to the learning rate over this many steps")
     lr_scheduler: str = flag("constant", "after warmup: constant, linear to 0 or cosine to 0 over the training steps",
@@ -299,6 +309,25 @@ def validate(config: TrainConfig, world_size: int, local_world_size: int, cuda: 
             problems.append(f"--{name.replace('_', '-')} must be positive, got {getattr(config, name)}")
     if config.preference_sft_weight < 0:
         problems.append(f"--preference-sft-weight must be >= 0, got {config.preference_sft_weight}")
+    if config.objective == "orpo" and config.preference_sft_weight:
+        problems.append("--preference-sft-weight is for dpo and simpo; orpo has its own NLL term "
+                        "(weigh the odds ratio with --orpo-lambda)")
+    if config.objective == "reward":
+        if config.reward_center_coefficient < 0:
+            problems.append(f"--reward-center-coefficient must be >= 0, got {config.reward_center_coefficient}")
+        if config.lora:
+            problems.append("--objective reward trains the whole model and its new score head; --lora is not "
+                            "supported with it yet")
+        if config.eval_metric is not None:
+            problems.append(f"--eval-metric {config.eval_metric} scores generated text; a reward model does not "
+                            f"generate (its validation reports loss, accuracy and margin)")
+    if config.orpo_lambda < 0:
+        problems.append(f"--orpo-lambda must be >= 0, got {config.orpo_lambda}")
+    if not 0 <= config.dpo_label_smoothing < 0.5:
+        problems.append(f"--dpo-label-smoothing must be in [0, 0.5), got {config.dpo_label_smoothing}")
+    elif config.dpo_label_smoothing and config.dpo_loss_type not in ("sigmoid", "robust"):
+        problems.append(f"--dpo-label-smoothing applies to --dpo-loss-type sigmoid and robust, not "
+                        f"{config.dpo_loss_type}")
     if not config.learning_rate > 0:
         problems.append(f"--learning-rate must be positive, got {config.learning_rate}")
     if config.num_warmup_steps < 0:

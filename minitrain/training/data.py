@@ -36,7 +36,8 @@ import torch
 from minitrain import IGNORE, atomic  # noqa: F401 (IGNORE: stage 2 imports it from here)
 from minitrain.training.distributed import World, folder_owners, print0, raise_if_any_rank_failed
 
-CACHE_VERSION = 3  # 2: meta.json holds the content hash; 3: a one-byte trained mask instead of int32 labels
+CACHE_VERSION = 4  # 2: meta.json holds the content hash; 3: a one-byte trained mask instead of int32 labels;
+#                   4: pairs' margins (margins.npy)
 
 
 class DataError(ValueError):
@@ -55,6 +56,7 @@ class TokenCache:
     content_hash: str  # blake2b of input_ids and labels: the tokens themselves, for the resume check
     sources: np.ndarray | None = None  # (num_samples,) which --data-path file each sample is from (mixtures)
     chosen_lengths: np.ndarray | None = None  # (num_pairs,) int64 for a cache of preference pairs, else None
+    margins: np.ndarray | None = None  # (num_pairs,) float64: the pairs' `margin` field (reward models), if any has it
     source_lengths: np.ndarray | None = None  # (num_samples,) int64 for a cache of source-target samples, else None
     directory: Path | None = None  # where the cache lives (files keyed to it, e.g. reference log-probs, go here)
     writer: bool = True  # whether this rank writes the files that go beside it (one rank per copy of the folder)
@@ -139,6 +141,16 @@ def parse_pair_row(row: dict, where: str) -> tuple[np.ndarray, np.ndarray, np.nd
     return (*sides[0], *sides[1])
 
 
+def pair_margin(row: dict, where: str) -> float | None:
+    """A pair's optional `margin` (TRL's reward-model field), a finite number, or a DataError naming FILE:LINE."""
+    value = row.get("margin")
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not np.isfinite(value):
+        raise DataError(f"{where}: `margin` must be a finite number, got {value!r}; re-run process_data.py")
+    return float(value)
+
+
 def parse_seq2seq_row(row: dict, where: str) -> tuple[np.ndarray, np.ndarray]:
     """One encoder-decoder row -> (source ids, target ids) as int32 arrays; every target token is trained."""
     fix = "re-run process_data.py with the encoder-decoder model"
@@ -198,7 +210,7 @@ def parse_sequence(row: dict, where: str, prefix: str = "") -> tuple[np.ndarray,
 def build_token_cache(data_path: Path, cache_dir: Path) -> None:
     """Stream the JSONL once into flat binary files in a temporary folder, then rename it into place (atomic.py):
     a crash leaves only a hidden `.*.tmp-*` folder behind, never a cache that looks complete."""
-    offsets, trained, lines, skipped, chosen_lengths, source_lengths = [0], [], [], [], [], []
+    offsets, trained, lines, skipped, chosen_lengths, source_lengths, margins = [0], [], [], [], [], [], []
     kind, pairs = None, False  # the first row decides: a file of samples, preference pairs or source-target samples
     max_token_id = -1
     ids_hash, labels_hash = hashlib.blake2b(digest_size=16), hashlib.blake2b(digest_size=16)
@@ -239,6 +251,7 @@ def build_token_cache(data_path: Path, cache_dir: Path) -> None:
                     continue
                 if pairs:
                     chosen_lengths.append(len(chosen_ids))
+                    margins.append(pair_margin(row, where))
                 # Labels are the input ids or IGNORE (parse_sequence refuses anything else; a seq2seq sample's
                 # labels are its target ids, its input ids there): the mask says which.
                 input_ids.tofile(ids_out)
@@ -258,17 +271,23 @@ def build_token_cache(data_path: Path, cache_dir: Path) -> None:
         np.save(tmp / "lines.npy", np.asarray(lines, dtype=np.int64))
         if pairs:
             np.save(tmp / "chosen_lengths.npy", np.asarray(chosen_lengths, dtype=np.int64))
+        has_margins = any(m is not None for m in margins)
+        if has_margins:  # a pair without one: margin 0
+            margins = np.asarray([0.0 if m is None else m for m in margins], dtype=np.float64)
+            np.save(tmp / "margins.npy", margins)
         if kind == "seq2seq":
             np.save(tmp / "source_lengths.npy", np.asarray(source_lengths, dtype=np.int64))
         # The sample boundaries are in offsets; these two hashes pin down the tokens and labels within them.
         content_hash = hashlib.blake2b(ids_hash.digest() + labels_hash.digest(), digest_size=16)
         if pairs:  # where each pair's chosen side ends is part of the content too
             content_hash.update(np.asarray(chosen_lengths, dtype=np.int64).tobytes())
+        if has_margins:
+            content_hash.update(margins.tobytes())
         if kind == "seq2seq":  # and where each sample's source ends
             content_hash.update(np.asarray(source_lengths, dtype=np.int64).tobytes())
         content_hash = content_hash.hexdigest()
         meta = {"source": str(data_path), "max_token_id": max_token_id, "skipped_lines": skipped,
-                "content_hash": content_hash, "pairs": bool(pairs),
+                "content_hash": content_hash, "pairs": bool(pairs), "margins": has_margins,
                 "seq2seq": kind == "seq2seq"}
         (tmp / "meta.json").write_text(json.dumps(meta))
 
@@ -289,6 +308,7 @@ def open_token_cache(cache_dir: Path) -> TokenCache:
         skipped_lines=tuple(meta["skipped_lines"]),
         content_hash=meta["content_hash"],
         chosen_lengths=np.load(cache_dir / "chosen_lengths.npy") if meta.get("pairs") else None,
+        margins=np.load(cache_dir / "margins.npy") if meta.get("margins") else None,
         source_lengths=np.load(cache_dir / "source_lengths.npy") if meta.get("seq2seq") else None,
         directory=cache_dir,
     )

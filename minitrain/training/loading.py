@@ -64,7 +64,8 @@ def skeleton(auto, hf_config, attn: str, adapter) -> tuple[nn.Module, set[int]]:
     # A copy of the config: from_config records the twin's attention in the config it is given, which the live model
     # shares (--sequence-parallel-size's attention would silently become `attn` again).
     with torch.random.fork_rng(devices=[]), init_empty_weights(include_buffers=False):
-        twin = auto.from_config(copy.deepcopy(hf_config), dtype=torch.float32, attn_implementation=attn)
+        build = getattr(auto, "from_config", None) or auto._from_config  # an Auto class, or a reward's model class
+        twin = build(copy.deepcopy(hf_config), dtype=torch.float32, attn_implementation=attn)
     placeholders: dict[int, nn.Parameter] = {}  # id(meta parameter) -> its placeholder; tied ones stay tied
     for module in twin.modules():
         for name, param in list(module._parameters.items()):

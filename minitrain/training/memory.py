@@ -163,7 +163,14 @@ def simulate(config, rows: list[int], world_size: int, cuda: bool, make_optimize
         mesh = device_mesh(config.fsdp_sharding_strategy, world, shard_group_size, "cpu")  # before the fake mode
         # As on ranks > 0 of a run: built on the meta device, adapted and sharded there, then given (fake) storage
         with torch.device("meta"):
-            lm = families.auto_class(hf_config).from_config(hf_config, dtype=torch.float32, attn_implementation=attn)
+            if getattr(config, "objective", "sft") == "reward":  # the score head instead of the LM head
+                from minitrain.training import reward
+
+                lm = reward.score_class(hf_config)._from_config(reward.score_config(hf_config), dtype=torch.float32,
+                                                                attn_implementation=attn)
+            else:
+                lm = families.auto_class(hf_config).from_config(hf_config, dtype=torch.float32,
+                                                                attn_implementation=attn)
         model = assemble(lm, run, adapter, hf_config)
         # One rank unsharded runs without FSDP; FSDP over one rank holds the same weights, plus the gathered bf16
         # copies autocast would make.

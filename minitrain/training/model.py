@@ -12,7 +12,8 @@ adapter folder and the merged model). The objective (objectives.py) never learns
 the summed cross-entropy of the positions whose next token is trained (loss.py computes it through the LM head),
 plus the router's auxiliary loss of mixture-of-experts models that ask for it. What differs between families (logit
 transforms, where the blocks are, the attention kernel, Liger's entry point) lives in families.py, and so does the
-start-up probe build_model runs: the trainer's loss must be the model's own, or the run is refused.
+start-up probe build_model runs: the trainer's loss must be the model's own, or the run is refused. A reward run
+(--objective reward) builds the family's sequence classifier instead, with reward.PackedRewardModel as its root.
 """
 
 import torch
@@ -20,7 +21,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from minitrain.training import attention, families, loading, sequence_parallel
+from minitrain.training import attention, families, loading, reward, sequence_parallel
 from minitrain.training import seq2seq as seq2seq_model
 from minitrain.training.adapter import FullFineTuning
 from minitrain.training.distributed import World, all_gather, print0, raise_if_any_rank_failed, reshard
@@ -208,6 +209,10 @@ def build_model(config, world: World, adapter: FullFineTuning | None = None) -> 
     model_class = families.causal_lm_class(hf_config)
     attn = families.attention_implementation(model_class, world.device, config.attn_implementation, hf_config)
     auto = families.auto_class(hf_config)  # AutoModelForCausalLM, or AutoModelForSeq2SeqLM for T5, BART, ...
+    scores = getattr(config, "objective", "sft") == "reward"
+    if scores:  # the family's XForSequenceClassification, one label; a causal LM's folder leaves `score` new
+        auto, hf_config = reward.score_class(hf_config), reward.score_config(hf_config)
+    loaded_config = {"config": hf_config} if scores else {}
     seq2seq = hf_config.is_encoder_decoder
     sp_size = getattr(config, "sequence_parallel_size", 1)
     sp_problem = sequence_parallel.model_problem(hf_config, sp_size, world.world_size)
@@ -220,7 +225,7 @@ def build_model(config, world: World, adapter: FullFineTuning | None = None) -> 
     def load():
         try:
             return auto.from_pretrained(config.model_name_or_path, dtype=torch.float32, attn_implementation=attn,
-                                        **adapter.load_arguments(world.device))
+                                        **loaded_config, **adapter.load_arguments(world.device))
         except (OSError, ValueError) as e:
             raise ModelError(f"--model-name-or-path {config.model_name_or_path}: cannot load its weights "
                              f"({' '.join(str(e).split())[:300]})") from None
@@ -238,7 +243,8 @@ def build_model(config, world: World, adapter: FullFineTuning | None = None) -> 
     else:
         # No rank allocates anything until sharding; then each fills its shards (loading.py).
         with torch.device("meta"):
-            lm = auto.from_config(hf_config, dtype=torch.float32, attn_implementation=attn)
+            lm = (auto._from_config if scores else auto.from_config)(hf_config, dtype=torch.float32,
+                                                                       attn_implementation=attn)
     if config.use_liger_kernels and world.device.type == "cuda":
         apply_liger_model_kernels(lm)
     if sp_size > 1:
@@ -265,7 +271,11 @@ def build_model(config, world: World, adapter: FullFineTuning | None = None) -> 
             broadcast_from_rank0(lm, load, adapter, world)
     error = None
     try:  # refuses a loss that is not the model's own, or packed samples that are not isolated, in one line
-        if seq2seq:
+        if scores:
+            error_of_packing = reward.check_score_is_the_models_own(model, world.device, hf_config.pad_token_id,
+                                                                    hf_config.vocab_size)
+            probe = None
+        elif seq2seq:
             probe = seq2seq_model.check_loss_is_the_models_own(model, world.device)
         else:
             probe = families.check_loss_is_the_models_own(model, world.device, attn)
@@ -275,8 +285,13 @@ def build_model(config, world: World, adapter: FullFineTuning | None = None) -> 
         raise_if_any_rank_failed(error, ModelError)  # every rank stops together, each with the same line
     elif error is not None:
         raise error
-    packing = "" if seq2seq else f", packed vs per-sample {probe.packing_error:.1e}"
     reshard(model)  # the probe's no-grad forwards leave nothing gathered (root_unsharded already reshards)
+    if scores:
+        print0(f"start-up probe ({families.family(hf_config)}, {attn}): packed scores vs the model's own per sequence "
+               f"{error_of_packing:.1e}")
+        model.train()
+        return model
+    packing = "" if seq2seq else f", packed vs per-sample {probe.packing_error:.1e}"
     print0(f"start-up probe ({families.family(hf_config)}, {attn}): trainer loss {probe.trainer_loss:.6f}, the model's "
            f"own {probe.own_loss:.6f}{packing}")
     model.train()
@@ -301,6 +316,8 @@ def assemble(lm: nn.Module, config, adapter: FullFineTuning, hf_config, offload:
             block.compile(dynamic=True)  # each block's forward (dynamic: packs change length every micro-step)
     if hf_config.is_encoder_decoder:
         return Seq2SeqLM(lm, adapter)
+    if getattr(config, "objective", "sft") == "reward":
+        return reward.PackedRewardModel(lm, adapter)
     return PackedCausalLM(lm, adapter, config.use_liger_kernels)
 
 
@@ -356,9 +373,10 @@ def broadcast_from_rank0(lm, load, adapter, world: World) -> None:
             buffer.copy_(reference[name])
         dist.broadcast(buffer, src=0)
     # Every rank decodes with the checkpoint's own generation config, which from_config on ranks > 0 cannot know.
-    generation = [full.generation_config if world.is_main else None]
+    generation = [getattr(full, "generation_config", None) if world.is_main else None]  # none: a reward model's
     dist.broadcast_object_list(generation, src=0)
     lm.generation_config = generation[0]
+    del full
 
 
 def apply_liger_model_kernels(lm) -> None:

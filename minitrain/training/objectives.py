@@ -37,8 +37,12 @@ not its packs, so a pack's size never weighs in). `DPO` and `SimPO` are preferen
     DPO    -log σ(β [(log π(c) - log π_ref(c)) - (log π(r) - log π_ref(r))]),  log π summed over a side's trained
            tokens; π_ref's log-probs are precomputed once by the initial model (reference.py) and read here
     SimPO  -log σ(β (log π(c) / |c| - log π(r) / |r|) - γ),  no reference, |x| = the side's trained tokens
+    ORPO   -log π(c) / |c| - λ log σ(log odds(c) - log odds(r)),  odds(x) = p / (1 - p), p = exp(log π(x) / |x|)
+    reward -log σ(s(c) - s(r) - m) [+ κ (s(c) + s(r))²],  m the pair's margin field (0 without),  s(x) the score head's value at x's last token (reward.py)
 
-plus, with --preference-sft-weight w, w x the chosen side's token-mean cross-entropy (per pair).
+plus, with --preference-sft-weight w (DPO, SimPO), w x the chosen side's token-mean cross-entropy (per pair). DPO's
+--dpo-loss-type picks TRL's loss of the log-ratio margin (sigmoid above; ipo, hinge, robust: see `DPO`).
+docs/objectives.md has every formula with its data format and a command.
 """
 
 from dataclasses import dataclass, field
@@ -58,10 +62,12 @@ from minitrain.training.data import (
 )
 from minitrain.training.sequence_parallel import sum_over_row
 
-OBJECTIVES = ("sft", "dpo", "simpo")
+OBJECTIVES = ("sft", "dpo", "simpo", "orpo", "reward")
+DPO_LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust")
 LOSS_REDUCTIONS = ("tokens", "sequences")
 PREFERENCE_METRICS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
                       "logps/rejected")
+ORPO_METRICS = (*PREFERENCE_METRICS, "nll_loss", "log_odds_ratio", "log_odds_chosen")  # TRL's ORPO trainer's names
 
 
 @dataclass(frozen=True)
@@ -80,7 +86,7 @@ class SFT:
     def check(self, cache: TokenCache, path: str) -> None:
         if cache.pairs:
             raise DataError(f"{path}: holds preference pairs, which --objective sft cannot train; pass "
-                            f"--objective dpo or simpo, or a file of samples from process_data.py")
+                            f"--objective dpo, simpo or orpo, or a file of samples from process_data.py")
         if cache.seq2seq:
             raise DataError(f"{path}: holds encoder-decoder (source-target) samples, and the model is a causal LM; "
                             f"train them with the encoder-decoder model they were made for, or re-run "
@@ -202,7 +208,9 @@ def make_pair_pack(cache: TokenCache, indices: np.ndarray, reference: np.ndarray
         max_length=max(sizes),
     )
     seg = torch.from_numpy(segments[positions])
-    trained = torch.bincount(seg, minlength=2 * len(indices)).float()
+    # numpy, not torch.bincount: the memory estimate builds packs under FakeTensorMode, where a bincount's output
+    # shape is data-dependent and refused
+    trained = torch.from_numpy(np.bincount(segments[positions], minlength=2 * len(indices)).astype(np.float32))
     ref = None if reference is None else torch.from_numpy(np.ascontiguousarray(reference[indices]).reshape(-1))
     return PairPack(pack, seg, trained, ref, indices)
 
@@ -224,7 +232,9 @@ def sequence_logps(model: torch.nn.Module, pair_pack: PairPack) -> tuple[torch.T
 
 @dataclass
 class Preference:
-    """What DPO and SimPO share: pairs as units, their packs, their metrics; subclasses say the loss of a pair."""
+    """What DPO, SimPO and ORPO share: pairs as units, their packs, their metrics; subclasses say the loss of a pair
+    (`pair_losses`: the (P,) losses, the rewards of each side, the logps shown of each side, then the per-pair values
+    of any metrics past PREFERENCE_METRICS)."""
 
     beta: float
     sft_weight: float = 0.0
@@ -253,12 +263,12 @@ class Preference:
         if pack.num_pairs == 0:
             return graph, torch.zeros(len(self.metrics), device=graph.device)
         chosen, rejected = logps[0::2], logps[1::2]  # (P,)
-        losses, chosen_rewards, rejected_rewards, shown = self.pair_losses(chosen, rejected, pack)
+        losses, chosen_rewards, rejected_rewards, shown, *extra = self.pair_losses(chosen, rejected, pack)
         if self.sft_weight:
             losses = losses - self.sft_weight * chosen / pack.trained[0::2]  # chosen's token-mean CE
         metrics = torch.stack([
             chosen_rewards.sum(), rejected_rewards.sum(), (chosen_rewards > rejected_rewards).float().sum(),
-            (chosen_rewards - rejected_rewards).sum(), shown[0].sum(), shown[1].sum(),
+            (chosen_rewards - rejected_rewards).sum(), shown[0].sum(), shown[1].sum(), *(e.sum() for e in extra),
         ]).detach().float()
         # Sequence parallelism: the S ranks sharing the row hold the same pairs' losses; each counts 1 / S of them, so
         # the step's sums count every pair once (and the gradient, through sum_over_row's backward, too).
@@ -271,7 +281,20 @@ class Preference:
 
 @dataclass
 class DPO(Preference):
+    """DPO and TRL's variants of its loss (`loss_type`, TRL's DPOConfig.loss_type), of the log-ratio margin
+    l = (log π(c) - log π_ref(c)) - (log π(r) - log π_ref(r)), sums over each side's trained tokens:
+
+        sigmoid  -(1 - ε) log σ(β l) - ε log σ(-β l)              (ε = label_smoothing: cDPO; TRL < 0.29's form)
+        robust   (-(1 - ε) log σ(β l) + ε log σ(-β l)) / (1 - 2ε)  (Robust DPO, Chowdhury et al.)
+        hinge    max(0, 1 - β l)                                   (SLiC)
+        ipo      (l' - 1 / (2β))²,  l' = l with each side's log-ratio divided by its trained tokens (TRL normalises
+                 IPO's log-ratios by the completion length; IPO paper eq. 17 with τ = β)
+
+    The rewards reported are β x each side's summed log-ratio for every loss type, as TRL reports them."""
+
     beta: float = 0.1
+    loss_type: str = "sigmoid"
+    label_smoothing: float = 0.0
     name: str = "dpo"
     needs_reference: bool = True
 
@@ -281,7 +304,21 @@ class DPO(Preference):
         ref = pack.reference.to(chosen.dtype)
         chosen_rewards = self.beta * (chosen - ref[0::2])
         rejected_rewards = self.beta * (rejected - ref[1::2])
-        losses = -F.logsigmoid(chosen_rewards - rejected_rewards)
+        margin = chosen_rewards - rejected_rewards  # β l
+        eps = self.label_smoothing
+        if self.loss_type == "sigmoid":
+            losses = -F.logsigmoid(margin)
+            if eps:
+                losses = (1 - eps) * losses - eps * F.logsigmoid(-margin)
+        elif self.loss_type == "robust":
+            losses = (-(1 - eps) * F.logsigmoid(margin) + eps * F.logsigmoid(-margin)) / (1 - 2 * eps)
+        elif self.loss_type == "hinge":
+            losses = torch.relu(1 - margin)
+        elif self.loss_type == "ipo":
+            normalised = ((chosen - ref[0::2]) / pack.trained[0::2] - (rejected - ref[1::2]) / pack.trained[1::2])
+            losses = (normalised - 1 / (2 * self.beta)) ** 2
+        else:
+            raise ValueError(f"unknown DPO loss type {self.loss_type!r}; one of {', '.join(DPO_LOSS_TYPES)}")
         return losses, chosen_rewards.detach(), rejected_rewards.detach(), (chosen.detach(), rejected.detach())
 
 
@@ -301,9 +338,121 @@ class SimPO(Preference):
         return losses, chosen_rewards, rejected_rewards, (chosen_avg.detach(), rejected_avg.detach())
 
 
-def build_objective(config, hf_config=None) -> SFT | DPO | SimPO:
-    """The objective of `config` (its objective, dpo_beta, simpo_beta, simpo_gamma, preference_sft_weight) for the
-    model of `hf_config` (an encoder-decoder trains Seq2SeqSFT)."""
+def log1mexp(x: torch.Tensor) -> torch.Tensor:
+    """log(1 - exp(x)) for x < 0, without cancellation (Mächler 2012: log(-expm1(x)) near 0, log1p(-exp(x)) below
+    -log 2)."""
+    return torch.where(x < -0.6931471805599453, torch.log1p(-torch.exp(x)), torch.log(-torch.expm1(x)))
+
+
+@dataclass
+class ORPO(Preference):
+    """ORPO (Hong et al. 2024), reference-free: the chosen side's token-mean NLL plus λ (`beta`, TRL's name; its
+    default 0.1) x the odds-ratio loss of TRL's ORPOTrainer.odds_ratio_loss, on length-normalised log-probs:
+
+        log odds(x) = a(x) - log(1 - exp(a(x))),  a(x) = log π(x) / |x|
+        loss = -a(c) - λ log σ(log odds(c) - log odds(r))
+
+    Metrics as TRL's: rewards/* = λ a(x), logps/* = a(x), nll_loss, log_odds_ratio (log σ(...)), log_odds_chosen
+    (the log odds ratio itself). TRL's NLL differs in one way: it is the token mean over the micro-batch's chosen
+    prompts and replies together; here it is each pair's own mean over its reply's trained tokens (the tokens the
+    rest of the loss sees), so the step's loss does not depend on how its pairs are split into micro-steps."""
+
+    beta: float = 0.1
+    name: str = "orpo"
+    needs_reference: bool = False
+    metrics: tuple[str, ...] = ORPO_METRICS
+
+    def pair_losses(self, chosen, rejected, pack: PairPack):
+        chosen_avg, rejected_avg = chosen / pack.trained[0::2], rejected / pack.trained[1::2]  # a(c), a(r) < 0
+        log_odds = (chosen_avg - rejected_avg) - (log1mexp(chosen_avg) - log1mexp(rejected_avg))
+        ratio = F.logsigmoid(log_odds)
+        nll = -chosen_avg
+        losses = nll - self.beta * ratio
+        chosen_rewards, rejected_rewards = (self.beta * chosen_avg).detach(), (self.beta * rejected_avg).detach()
+        return (losses, chosen_rewards, rejected_rewards, (chosen_avg.detach(), rejected_avg.detach()), nll.detach(),
+                ratio.detach(), log_odds.detach())
+
+
+@dataclass(frozen=True)
+class ScorePack:
+    """A reward micro-step: the pairs' row (PairPack) and each sequence's scoring position in it."""
+
+    pairs: PairPack
+    scoring: torch.Tensor  # (2P,) long; (1,) [0] for a dummy pack
+    margins: torch.Tensor | None = None  # (P,) float64: the pairs' margin field, when the data has one
+
+    @property
+    def num_pairs(self) -> int:
+        return self.pairs.num_pairs
+
+    def to(self, device: torch.device) -> "ScorePack":
+        margins = None if self.margins is None else self.margins.to(device)
+        return ScorePack(self.pairs.to(device), self.scoring.to(device), margins)
+
+
+@dataclass
+class Reward:
+    """A reward model (TRL's RewardTrainer): a one-label score head on the LM's last hidden state (reward.py), trained
+    on pairs with -log σ(s(c) - s(r) - m) (m: the pair's `margin` field, 0 without; TRL's optional margin), plus
+    κ (s(c) + s(r))² with κ = center_coefficient (TRL's center_rewards_coefficient) to keep the scores centred.
+    Metrics as TRL's: accuracy (s(c) > s(r)), margin (s(c) - s(r)), mean_reward (of both sides)."""
+
+    pad_token_id: int | None = None  # the scoring position skips trailing pad tokens, as Hugging Face's does
+    center_coefficient: float = 0.0
+    name: str = "reward"
+    unit: str = "pairs"
+    metrics: tuple[str, ...] = ("accuracy", "margin", "mean_reward")
+    needs_reference: bool = False
+    generates: bool = False  # a score head: no validation generations
+
+    def check(self, cache: TokenCache, path: str) -> None:
+        if not cache.pairs:
+            raise DataError(f"{path}: holds samples, not preference pairs; --objective reward needs "
+                            f"process_data.py --input-format preference output (chosen_*/rejected_* rows)")
+
+    def costs(self, cache: TokenCache) -> np.ndarray:
+        return cache.lengths
+
+    def step_units(self, cache: TokenCache, indices: np.ndarray) -> int:
+        return len(indices)
+
+    def pack(self, cache: TokenCache, indices: np.ndarray) -> ScorePack:
+        from minitrain.training.reward import scoring_positions
+
+        indices = np.asarray(indices, dtype=np.int64)
+        pairs = make_pair_pack(cache, indices)
+        if pairs.num_pairs == 0:
+            return ScorePack(pairs, torch.zeros(1, dtype=torch.long))
+        # From the cache, in numpy (the memory estimate runs this on fake tensors): the row is chosen_0, rejected_0, ...
+        ids = np.concatenate([cache.input_ids[int(cache.offsets[i]):int(cache.offsets[i + 1])] for i in indices])
+        sizes = [n for i in indices for n in (int(cache.chosen_lengths[i]),
+                                              int(cache.offsets[i + 1] - cache.offsets[i] - cache.chosen_lengths[i]))]
+        margins = getattr(cache, "margins", None)
+        margins = None if margins is None else torch.from_numpy(np.ascontiguousarray(margins[indices]))
+        return ScorePack(pairs, torch.from_numpy(scoring_positions(ids, sizes, self.pad_token_id)), margins)
+
+    def loss_sum(self, model: torch.nn.Module, pack: ScorePack, cache: TokenCache = None, indices=None,
+                 row_ce: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        p = pack.pairs.pack
+        scores = model(p.input_ids, p.position_ids, pack.scoring, p.cu_seq_lens, p.max_length)  # (2P,)
+        if pack.num_pairs == 0:  # a dummy pack: the same collectives, zero gradient
+            return scores.sum() * 0.0, torch.zeros(len(self.metrics), device=scores.device)
+        chosen, rejected = scores[0::2], scores[1::2]  # (P,)
+        differences = chosen - rejected
+        if pack.margins is not None:
+            differences = differences - pack.margins.to(differences.dtype)
+        losses = -F.logsigmoid(differences)
+        if self.center_coefficient:
+            losses = losses + self.center_coefficient * (chosen + rejected) ** 2
+        metrics = torch.stack([(chosen > rejected).float().sum(), (chosen - rejected).sum(),
+                               ((chosen + rejected) / 2).sum()]).detach().float()
+        return losses.sum(), metrics
+
+
+def build_objective(config, hf_config=None) -> SFT | DPO | SimPO | ORPO | Reward:
+    """The objective of `config` (its objective, dpo_beta, dpo_loss_type, dpo_label_smoothing, simpo_beta,
+    simpo_gamma, orpo_lambda, preference_sft_weight) for the model of `hf_config` (an encoder-decoder trains
+    Seq2SeqSFT)."""
     name = getattr(config, "objective", "sft")
     if hf_config is not None and getattr(hf_config, "is_encoder_decoder", False):
         if name != "sft":
@@ -313,7 +462,12 @@ def build_objective(config, hf_config=None) -> SFT | DPO | SimPO:
         return Seq2SeqSFT(getattr(config, "loss_reduction", "tokens"), pad_id=pad,
                           max_positions=getattr(hf_config, "max_position_embeddings", None))
     if name == "dpo":
-        return DPO(beta=config.dpo_beta, sft_weight=config.preference_sft_weight)
+        return DPO(beta=config.dpo_beta, loss_type=config.dpo_loss_type, label_smoothing=config.dpo_label_smoothing,
+                   sft_weight=config.preference_sft_weight)
     if name == "simpo":
         return SimPO(beta=config.simpo_beta, gamma=config.simpo_gamma, sft_weight=config.preference_sft_weight)
+    if name == "orpo":
+        return ORPO(beta=config.orpo_lambda)
+    if name == "reward":
+        return Reward(getattr(hf_config, "pad_token_id", None), config.reward_center_coefficient)
     return SFT(getattr(config, "loss_reduction", "tokens"))

@@ -551,9 +551,10 @@ def build_validator(config, objective, world: World, cache: TokenCache | None, h
         predictions = Predictions(prompts, cache.lines, tokenizer, config.max_tokens_per_gpu, config.eval_num_beams)
         scored = (f"; ROUGE on {len(prompts)} of them"
                   + (f" ({len(indices) - len(prompts)} have no prompt)" if len(prompts) < len(indices) else ""))
+    generations = config.num_eval_generations if getattr(objective, "generates", True) else 0  # reward: none
     layout = sequence_parallel.data_layout(config, world.rank, world.world_size)  # SP groups share rows
     validation_set = plan_validation_set(objective, cache, indices, layout.row_tokens, layout.size,
-                                         layout.rank, config.num_eval_generations, config.eval_max_new_tokens, eos_ids,
+                                         layout.rank, generations, config.eval_max_new_tokens, eos_ids,
                                          predictions)
     stopper = None
     if config.early_stopping_patience is not None:
