@@ -88,5 +88,19 @@ def tiny_model_dir(tmp_path_factory, tokenizer_dir):
     return get
 
 
+def pytest_addoption(parser):
+    parser.addoption("--run-slow", action="store_true", help="also run the tests marked slow (CI does)")
+
+
 def pytest_configure(config):
     config.addinivalue_line("markers", "cuda: needs a CUDA GPU (`pytest -m cuda`); skipped without one")
+    config.addinivalue_line("markers", "slow: minutes long (the quickstart end to end); runs with --run-slow, as in CI")
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--run-slow"):
+        return
+    skip = pytest.mark.skip(reason="slow: pass --run-slow (CI does)")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
