@@ -9,8 +9,6 @@ The 2-process FSDP2 gradients of one model per block layout run in one torchrun 
 """
 
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
