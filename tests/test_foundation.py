@@ -3,6 +3,7 @@
 import subprocess
 import sys
 from collections import Counter
+from pathlib import Path
 
 import orjson
 import pytest
@@ -40,7 +41,7 @@ def test_materialize_reuses_the_folder(smollm2_model_dir):
 
 def test_default_model_cli_prints_the_folder(smollm2_model_dir):
     out = subprocess.run([sys.executable, "-m", "minitrain.tools.default_model"], capture_output=True, text=True, check=True,
-                         cwd=default_model.__file__.rsplit("/", 1)[0])
+                         cwd=Path(default_model.__file__).parents[2])  # the clone's root, as the README runs it
     assert out.stdout.strip() == str(smollm2_model_dir)
 
 
