@@ -56,13 +56,13 @@ def print_loss_curve(metrics_file: Path) -> None:
         print(f"first {losses[0]:.3f} -> last {losses[-1]:.3f}")
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--output-dir", type=Path, default=ROOT / "outputs" / "quickstart")
     parser.add_argument("--max-steps", type=int, default=12)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--nproc-per-node", type=int, default=2)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     out = args.output_dir.resolve()
     started = time.time()
 

@@ -88,5 +88,88 @@ def tiny_model_dir(tmp_path_factory, tokenizer_dir):
     return get
 
 
+# ---- 2-rank workers in one torchrun job for the whole session (tests/two_rank_server.py) ----
+
+
+class TwoRanks:
+    """run(module, worker, args) -> CompletedProcess-like (returncode, stdout, stderr) of `module.worker(*args)` on
+    both ranks of the session's 2-rank job, started on first use (and again after a worker failed)."""
+
+    def __init__(self, root: Path):
+        self.root, self.proc, self.requests, self.count, self.jobs = root, None, None, 0, 0
+
+    def _start(self) -> None:
+        import subprocess
+
+        from tests.test_train import TORCHRUN
+
+        self.jobs += 1
+        self.requests = self.root / f"job_{self.jobs}"
+        self.requests.mkdir()
+        self.log = open(self.root / f"job_{self.jobs}.log", "w")
+        env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+        self.proc = subprocess.Popen([*TORCHRUN, str(ROOT / "tests" / "two_rank_server.py"), str(self.requests)],
+                                     cwd=ROOT, env=env, stdout=self.log, stderr=subprocess.STDOUT,
+                                     start_new_session=True)
+        self.count = 0
+
+    def run(self, module: str, worker: str, args: list[str], timeout: float = 480):
+        import json
+        import subprocess
+        import time
+
+        if self.proc is None or self.proc.poll() is not None:
+            self._start()
+        n, self.count = self.count, self.count + 1
+        (self.requests / f"request_{n}.json.tmp").write_text(json.dumps({"module": module, "worker": worker,
+                                                                         "args": [str(a) for a in args]}))
+        (self.requests / f"request_{n}.json.tmp").rename(self.requests / f"request_{n}.json")
+        statuses = [self.requests / f"status_{n}.{rank}" for rank in (0, 1)]
+        deadline = time.monotonic() + timeout
+        while not all(s.exists() for s in statuses):
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                break
+            time.sleep(0.02)
+        texts = [s.read_text() if s.exists() else "no status" for s in statuses]
+        if texts == ["ok", "ok"]:
+            return subprocess.CompletedProcess(worker, 0, "", "")
+        self.stop()
+        log = (self.root / f"job_{self.jobs}.log").read_text()
+        return subprocess.CompletedProcess(worker, 1, "", "\n".join(texts) + "\n" + log[-6000:])
+
+    def stop(self) -> None:
+        from tests.test_train import kill_torchrun
+
+        if self.proc is not None and self.proc.poll() is None:
+            (self.requests / "request_stop").touch()
+            try:
+                self.proc.wait(30)
+            except Exception:  # noqa: BLE001
+                kill_torchrun(self.proc.pid)
+                self.proc.wait()
+        self.proc = None
+
+
+@pytest.fixture(scope="session")
+def two_ranks(tmp_path_factory):
+    ranks = TwoRanks(tmp_path_factory.mktemp("two_ranks"))
+    yield ranks
+    ranks.stop()
+
+
+def pytest_addoption(parser):
+    parser.addoption("--run-slow", action="store_true", help="also run the tests marked slow (CI does)")
+
+
 def pytest_configure(config):
     config.addinivalue_line("markers", "cuda: needs a CUDA GPU (`pytest -m cuda`); skipped without one")
+    config.addinivalue_line("markers", "slow: minutes long (the quickstart end to end); runs with --run-slow, as in CI")
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--run-slow"):
+        return
+    skip = pytest.mark.skip(reason="slow: pass --run-slow (CI does)")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)

@@ -17,6 +17,13 @@ from minitrain.training.data import (
 )
 from minitrain.training.model import PackedCausalLM
 from tests.test_train import write_data
+from tests.tiny_models import build_tiny_model
+
+# tests/test_cuda.py's bounds for bf16 on the GPU against fp32 each sample alone, on a model with trained-size logits
+# (the tiny fixtures' std ~0.2 logits keep every loss near ln V whatever attention does). Measured with bf16 weights on
+# CPU: per-token max 0.16, mean 0.04; gradients 0.022 of each tensor's norm. The control test below shows that a
+# sample attending to the previous one, or a boundary one token off, exceeds each bound several times over.
+BF16_PER_TOKEN_MAX, BF16_PER_TOKEN_MEAN, BF16_GRAD_REL = 0.5, 0.1, 0.06
 
 SYNCING = {"aten::_local_scalar_dense", "aten::nonzero", "aten::item", "aten::equal", "aten::is_nonzero"}
 
@@ -57,6 +64,63 @@ def cache(tmp_path):
     data = write_data(tmp_path / "data.jsonl", 6, vocab=700, seed=4)
     build_token_cache(data, tmp_path / "cache")
     return open_token_cache(tmp_path / "cache")
+
+
+@pytest.fixture(scope="module")
+def trained_qwen2_dir(tmp_path_factory, tokenizer_dir):
+    """Qwen2 (GQA) with trained-size logits (std ~6), the chatml tokenizer's vocabulary."""
+    return build_tiny_model("qwen2", tmp_path_factory.mktemp("trained"), tokenizer_dir("chatml"), trained_logits=True)
+
+
+def own_token_losses(lm, cache, indices) -> torch.Tensor:
+    """The model's own forward + plain cross-entropy, one sample at a time, each trained token's CE in pack order."""
+    out = []
+    for i in indices:
+        start, end = int(cache.offsets[i]), int(cache.offsets[i + 1])
+        ids = torch.from_numpy(cache.input_ids[start:end].astype(np.int64))[None]
+        labels = torch.from_numpy(cache.labels[start:end].astype(np.int64))[1:]
+        ce = F.cross_entropy(lm(input_ids=ids, use_cache=False).logits[0, :-1].float(), labels,
+                             ignore_index=IGNORE, reduction="none")
+        out.append(ce[labels != IGNORE])
+    return torch.cat(out)
+
+
+def grad_rel(got: dict, want: dict) -> float:
+    """The largest ||got - want|| / ||want|| over the parameters."""
+    return max(((got[n].float() - g).norm() / g.norm()).item() for n, g in want.items())
+
+
+def test_the_cuda_bounds_catch_cross_sample_attention_and_an_off_by_one_boundary(cache, trained_qwen2_dir,
+                                                                                  monkeypatch):
+    """The control for test_cuda.py's bounds, in fp32 through the stand-in kernel: correct boundaries give the
+    truth; one sequence for the whole pack (samples attend to earlier ones) or each inner boundary one token late
+    give per-token losses and gradients far outside the bf16 bounds."""
+    from transformers import AutoModelForCausalLM
+
+    monkeypatch.setattr(attention, "varlen_kernel", per_sample_sdpa())
+    lm = AutoModelForCausalLM.from_pretrained(trained_qwen2_dir, dtype=torch.float32,
+                                              attn_implementation=attention.VARLEN)
+    model = PackedCausalLM(lm)
+    pack = make_pack(cache, np.arange(6))
+    plain = AutoModelForCausalLM.from_pretrained(trained_qwen2_dir, dtype=torch.float32)
+    truth = own_token_losses(plain, cache, np.arange(6))
+    truth.sum().backward()
+    want = {n: p.grad for n, p in plain.named_parameters()}
+    late = pack.cu_seq_lens.clone()
+    late[1:-1] += 1
+    whole = torch.tensor([0, int(pack.cu_seq_lens[-1])], dtype=pack.cu_seq_lens.dtype)
+    for name, cu in (("right", pack.cu_seq_lens), ("one late", late), ("one sequence", whole)):
+        lm.zero_grad(set_to_none=True)
+        got = model(pack.input_ids, pack.position_ids, pack.positions, pack.targets, cu_seq_lens=cu,
+                    max_length=int(cu.diff().max()), per_token=True)
+        got.sum().backward()
+        diff = (got.detach() - truth.detach()).abs()
+        rel = grad_rel({n: p.grad for n, p in lm.named_parameters()}, want)
+        if name == "right":
+            assert diff.max() < 1e-4 and rel < 1e-5, (diff.max(), rel)
+        else:
+            assert diff.max() > 3 * BF16_PER_TOKEN_MAX and diff.mean() > 3 * BF16_PER_TOKEN_MEAN, (name, diff)
+            assert rel > 2 * BF16_GRAD_REL, (name, rel)
 
 
 def own_loss(lm, cache, indices) -> torch.Tensor:

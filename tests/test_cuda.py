@@ -9,14 +9,25 @@ import numpy as np
 import pytest
 import torch
 
-from tests.test_attention import cache, own_loss  # noqa: F401 (cache is a fixture)
+from tests.test_attention import (  # noqa: F401 (cache and trained_qwen2_dir are fixtures)
+    BF16_GRAD_REL,
+    BF16_PER_TOKEN_MAX,
+    BF16_PER_TOKEN_MEAN,
+    cache,
+    grad_rel,
+    own_loss,
+    own_token_losses,
+    trained_qwen2_dir,
+)
 from tests.test_train import ROOT, torchrun, write_data
 
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 CUDA = torch.device("cuda")
 
 
-def test_varlen_kernel_in_bf16_equals_each_sample_alone(cache, tiny_model_dir):  # noqa: F811
+def test_varlen_kernel_in_bf16_equals_each_sample_alone(cache, tiny_model_dir, trained_qwen2_dir):  # noqa: F811
+    """Per token and per gradient, on a model with trained-size logits: a sample attending to another, or a boundary
+    one token off, moves them far outside these bounds (tests/test_attention.py's control shows it on CPU)."""
     from transformers import AutoModelForCausalLM
 
     from minitrain.training import attention
@@ -33,6 +44,20 @@ def test_varlen_kernel_in_bf16_equals_each_sample_alone(cache, tiny_model_dir): 
                      max_length=pack.max_length)
         truth = own_loss(AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32), cache, np.arange(6))
     assert loss.item() == pytest.approx(truth.item(), rel=2e-2)  # bf16 against fp32, each sample alone
+
+    lm = AutoModelForCausalLM.from_pretrained(trained_qwen2_dir, dtype=torch.bfloat16,
+                                              attn_implementation=attention.VARLEN).to(CUDA)
+    model = PackedCausalLM(lm)
+    per_token = model(pack.input_ids, pack.position_ids, pack.positions, pack.targets, cu_seq_lens=pack.cu_seq_lens,
+                      max_length=pack.max_length, per_token=True)
+    per_token.float().sum().backward()
+    plain = AutoModelForCausalLM.from_pretrained(trained_qwen2_dir, dtype=torch.float32)
+    truth_tokens = own_token_losses(plain, cache, np.arange(6))
+    truth_tokens.sum().backward()
+    diff = (per_token.detach().float().cpu() - truth_tokens.detach()).abs()
+    assert diff.max() < BF16_PER_TOKEN_MAX and diff.mean() < BF16_PER_TOKEN_MEAN, diff
+    rel = grad_rel({n: p.grad.cpu() for n, p in lm.named_parameters()}, {n: p.grad for n, p in plain.named_parameters()})
+    assert rel < BF16_GRAD_REL, rel
 
 
 def test_liger_kernels_equal_the_chunked_loss(cache, tiny_model_dir):  # noqa: F811
@@ -57,22 +82,37 @@ def test_liger_kernels_equal_the_chunked_loss(cache, tiny_model_dir):  # noqa: F
 
 
 def test_bf16_training_is_within_bf16_tolerance_of_fp32(tmp_path, tiny_model_dir):
-    """bf16 compute on fp32 weights (FSDP2's policy on 2+ GPUs, autocast on one) against fp32 on the CPU."""
+    """bf16 compute on fp32 weights (FSDP2's policy on 2+ GPUs, autocast on one) against fp32 on the CPU. The
+    losses agree to bf16's precision; and with a learning rate of 1e-5 each weight's update (Adam's first steps move
+    a weight by ~lr) is far below bf16's resolution at these weights (~1e-4 at 0.02): with fp32 master weights the
+    update matches the CPU's, with bf16 master weights it would be 0 or a multiple of that resolution."""
+    from safetensors.torch import load_file
+
     data = write_data(tmp_path / "data.jsonl", 8, vocab=700, seed=3)
     args = ["--data-path", str(data), "--model-name-or-path", str(tiny_model_dir("llama")), "--batch-size", "4",
             "--max-tokens-per-gpu", "128", "--max-steps", "3", "--learning-rate", "1e-3"]
-    losses = {}
+    small = [*args[:-1], "1e-5", "--max-steps", "2", "--save-dtype", "float32"]
+    losses, updates = {}, {}
+    initial = load_file(tiny_model_dir("llama") / "model.safetensors")
     for name in ("cuda", "cpu"):
-        out = tmp_path / name
-        if name == "cuda" and torch.cuda.device_count() >= 2:
-            run = torchrun(["train.py", *args, "--output-dir", str(out), "--fsdp-sharding-strategy", "FULL_SHARD"])
-        else:
-            env = dict(os.environ, PYTHONPATH=str(ROOT), **({"CUDA_VISIBLE_DEVICES": ""} if name == "cpu" else {}))
-            run = subprocess.run([sys.executable, "train.py", *args, "--output-dir", str(out)], cwd=ROOT, env=env,
-                                 capture_output=True, text=True, timeout=600)
-        assert run.returncode == 0, run.stderr[-3000:]
-        losses[name] = [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+        for run_args, out in ((args, tmp_path / name), (small, tmp_path / f"{name}_small")):
+            if name == "cuda" and torch.cuda.device_count() >= 2:
+                run = torchrun(["train.py", *run_args, "--output-dir", str(out), "--fsdp-sharding-strategy",
+                                "FULL_SHARD"])
+            else:
+                env = dict(os.environ, PYTHONPATH=str(ROOT), **({"CUDA_VISIBLE_DEVICES": ""} if name == "cpu" else {}))
+                run = subprocess.run([sys.executable, "train.py", *run_args, "--output-dir", str(out)], cwd=ROOT,
+                                     env=env, capture_output=True, text=True, timeout=600)
+            assert run.returncode == 0, run.stderr[-3000:]
+        losses[name] = [json.loads(line)["loss"] for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+        final = load_file(tmp_path / f"{name}_small" / "hf_format" / "samples_8" / "model.safetensors")
+        updates[name] = torch.cat([(final[k] - initial[k]).flatten() for k in sorted(initial)])
     assert losses["cuda"] == pytest.approx(losses["cpu"], rel=3e-2)
+    cuda, cpu = updates["cuda"], updates["cpu"]
+    moved = cpu.abs() > 5e-6  # the weights the CPU run moved by about lr or more
+    assert moved.float().mean() > 0.5
+    close = ((cuda - cpu).abs() <= 0.25 * cpu.abs()) & moved
+    assert close.sum() >= 0.9 * moved.sum(), (close.sum().item(), moved.sum().item())
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")

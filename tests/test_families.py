@@ -465,9 +465,9 @@ def grad_worker(out_dir: str, data_path: str, *model_dirs: str) -> None:
     cleanup_distributed()
 
 
-def test_two_ranks_give_the_single_process_gradient_for_every_block_layout(zoo_dir, zoo_data, tmp_path):
+def test_two_ranks_give_the_single_process_gradient_for_every_block_layout(zoo_dir, zoo_data, tmp_path, two_ranks):
     dirs = [str(zoo_dir(a)) for a in GRAD_MODELS]
-    run = torchrun([__file__, str(tmp_path / "out"), str(zoo_data), *dirs], timeout=480)
+    run = two_ranks.run(__name__, "grad_worker", [tmp_path / "out", zoo_data, *dirs], timeout=480)
     assert run.returncode == 0, run.stderr[-3000:]
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     assert sorted(report) == sorted(GRAD_MODELS)

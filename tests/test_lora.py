@@ -1,8 +1,8 @@
 """LoRA (minitrain/training/lora.py) on CPU: exact at step 0, exact gradients across world sizes, exports that load in peft
 and transformers with the live model's logits, exact resume, and bad flags refused before any weights load.
 
-The 2-process checks run under `torchrun --nproc-per-node 2` (gloo): the gradient check runs this file as the
-torchrun script (`lora_worker`, like test_train's grad_worker) through train.py's own functions; the kill/resume
+The 2-process checks run under `torchrun --nproc-per-node 2` (gloo): the gradient check runs `lora_worker` in
+the session's 2-rank job (tests/two_rank_server.py, like test_train's grad_worker) through train.py's own functions; the kill/resume
 check runs train.py itself.
 """
 
@@ -17,7 +17,7 @@ import pytest
 
 from tests.test_resume import Job, metrics
 from tests.test_resume import run_main as run_main_with_output
-from tests.test_train import base_args, run_main, torchrun, write_data
+from tests.test_train import base_args, run_main, write_data
 
 ROOT = Path(__file__).resolve().parent.parent
 SKEWED = {0: [[0, 1, 2], [3], [4]], 1: [[5, 6, 7], [], []]}  # rank 1 runs two dummy packs
@@ -187,9 +187,9 @@ def lora_worker(model_dir: str, data_path: str, out_dir: str) -> None:
     cleanup_distributed()
 
 
-def test_two_ranks_give_the_single_process_adapter_gradients_and_whole_exports(tmp_path, tiny_model_dir):
+def test_two_ranks_give_the_single_process_adapter_gradients_and_whole_exports(tmp_path, tiny_model_dir, two_ranks):
     data = write_data(tmp_path / "data.jsonl", 8, vocab=700)
-    run = torchrun([__file__, str(tiny_model_dir("llama")), str(data), str(tmp_path / "out")])
+    run = two_ranks.run(__name__, "lora_worker", [tiny_model_dir("llama"), data, tmp_path / "out"])
     assert run.returncode == 0, run.stderr[-3000:]
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     # the 1-process reference is itself checked against transformers + peft + plain cross-entropy

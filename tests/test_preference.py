@@ -3,7 +3,7 @@ padding-free, on 1 and 2 processes; stage 1's preference rows.
 
 The loss and gradients of train.py's own functions are compared with a direct per-pair implementation written
 here: a plain Hugging Face forward of each sequence alone, full logits, log-softmax, the formula of the paper.
-The 2-process check runs this file as the torchrun script (see `pair_grad_worker`), like test_train.py's.
+The 2-process check runs `pair_grad_worker` in the session's 2-rank job (tests/two_rank_server.py).
 """
 
 import json
@@ -387,10 +387,10 @@ def pair_grad_worker(model_dir: str, data_path: str, out_dir: str, reward_dir: s
     cleanup_distributed()
 
 
-def test_two_ranks_with_skewed_micro_steps_give_the_direct_gradient(tmp_path, tiny_model_dir):
+def test_two_ranks_with_skewed_micro_steps_give_the_direct_gradient(tmp_path, tiny_model_dir, two_ranks):
     data = write_pairs(tmp_path / "pairs.jsonl", 8, seed=2)
     reward_dir = reward_model_dir(tiny_model_dir("llama"), tmp_path / "rm")  # tied embeddings, no pad token
-    run = torchrun([__file__, str(tiny_model_dir("llama")), str(data), str(tmp_path / "out"), str(reward_dir)])
+    run = two_ranks.run(__name__, "pair_grad_worker", [tiny_model_dir("llama"), data, tmp_path / "out", reward_dir])
     assert run.returncode == 0, run.stderr[-3000:]
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     assert report["table_max_rel"] < 1e-6

@@ -19,7 +19,7 @@ pytest.importorskip("bitsandbytes")
 
 from tests.test_lora import PEFT_PREFIX, SKEWED, lora_flags, peft_reference, per_sample_loss  # noqa: E402
 from tests.test_resume import metrics  # noqa: E402
-from tests.test_train import base_args, torchrun, write_data  # noqa: E402
+from tests.test_train import base_args, write_data  # noqa: E402
 
 def quantized_reference(model_dir: str, adapters: dict):
     """The 4-bit base as transformers loads it (NF4, double quantization, fp32 compute on CPU), with peft's LoRA
@@ -158,9 +158,10 @@ def qlora_worker(model_dir: str, data_path: str, out_dir: str) -> None:
     cleanup_distributed()
 
 
-def test_two_rank_qlora_gradients_are_the_4bit_models_own_and_exports_give_the_live_logits(tmp_path, tiny_model_dir):
+def test_two_rank_qlora_gradients_are_the_4bit_models_own_and_exports_give_the_live_logits(tmp_path, tiny_model_dir,
+                                                                                            two_ranks):
     data = write_data(tmp_path / "data.jsonl", 8, vocab=700)
-    run = torchrun([__file__, str(tiny_model_dir("llama")), str(data), str(tmp_path / "out")])
+    run = two_ranks.run(__name__, "qlora_worker", [tiny_model_dir("llama"), data, tmp_path / "out"])
     assert run.returncode == 0, run.stderr[-3000:]
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     for strategy in ("FULL_SHARD", "NO_SHARD"):

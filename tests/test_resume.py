@@ -4,9 +4,9 @@ One uninterrupted reference run, and one run in the same configuration that is i
 each time by re-running the same command (only the number of processes changes):
 
     1. 2 processes, killed (SIGKILL) in the middle of the save of step 4    -> step_3 is the newest complete one
-    2. 1 process resumes from step_3 (2 -> 1), SIGTERM after step 4: stops there with a checkpoint, exit 0
+    2. 1 process (the test's) resumes from step_3 (2 -> 1), SIGTERM after step 4: stops there with a checkpoint, exit 0
     3. 2 processes resume (1 -> 2), SIGUSR1 sent to rank 1 only after step 5: both ranks stop there, exit 0
-    4. 1 process resumes and finishes
+    4. 1 process (the test's) resumes and finishes
 
 The interrupted run must log the same steps, the same sample lines per step and the same losses as the reference,
 and end with the same weights. Incompatible flags, the keep-last-K option and a non-finite loss run in process.
@@ -126,7 +126,28 @@ def test_reference_run_keeps_the_newest_checkpoints_and_every_export(reference):
     assert lines == list(range(1, NUM_SAMPLES + 1))  # one epoch: every sample once
 
 
-def test_killed_and_signalled_run_resumes_to_the_reference_exactly(setup, reference):
+def stopped_in_process(args: list[str], signum: int, capsys, monkeypatch) -> str:
+    """train.main(args) in this process, `signum` delivered to it after the first step it runs (the handler has run
+    when os.kill returns); its stdout. KeyboardInterrupt (SIGINT not handled) fails the test."""
+    agreed, sent = checkpoint.StopSignals.agreed, []
+
+    def signalled_after_the_first_step(self, device):
+        if not sent:
+            sent.append(signum)
+            os.kill(os.getpid(), signum)
+        return agreed(self, device)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(checkpoint.StopSignals, "agreed", signalled_after_the_first_step)
+        try:
+            code, stdout, err = run_main(args, capsys)
+        except KeyboardInterrupt:
+            pytest.fail(f"{signal.Signals(signum).name} raised KeyboardInterrupt instead of stopping at a step boundary")
+    assert code == 0, err[-3000:]
+    return stdout
+
+
+def test_killed_and_signalled_run_resumes_to_the_reference_exactly(setup, reference, capsys, monkeypatch):
     root, data, model_dir = setup
     out = root / "interrupted"
     args = train_args(data, model_dir, out)
@@ -143,17 +164,9 @@ def test_killed_and_signalled_run_resumes_to_the_reference_exactly(setup, refere
     assert checkpoint.latest_checkpoint(saves) == saves / "step_2"
     assert [r["step"] for r in metrics(out)] == [1, 2, 3, 4]
 
-    # 2. The same command, one process: resumes from step_2 (saved by 2 ranks); SIGTERM, sent while the run waits
-    #    after its first step (tests/train_waiting_for_signal.py), stops it after step 3 with a checkpoint.
-    job = Job(args, root / "run2.log", nproc=None, env={"WAIT_FOR_SIGNAL_RANK": "0"},
-              script="tests/train_waiting_for_signal.py")
-    try:
-        job.wait_until(lambda: "waiting for a stop signal" in job.text())
-        job.proc.send_signal(signal.SIGTERM)
-        assert job.finish() == 0, job.text()[-3000:]
-    finally:
-        job.kill()
-    log = job.text()
+    # 2. The same command, one process (in this one): resumes from step_2 (saved by 2 ranks); SIGTERM, delivered
+    #    after its first step, stops it after step 3 with a checkpoint.
+    log = stopped_in_process(args, signal.SIGTERM, capsys, monkeypatch)
     assert f"removed {saves / '.step_4.tmp'}, a checkpoint whose save was interrupted" in log
     assert f"resumed from {saves / 'step_2'}: step 2, 8 samples seen; saved with world size 2" in log
     assert "metrics.jsonl: removed 2 lines logged after the checkpoint" in log
@@ -175,9 +188,10 @@ def test_killed_and_signalled_run_resumes_to_the_reference_exactly(setup, refere
     assert "stopped by SIGUSR1 after step 4" in log
     assert metrics(out)[-1]["step"] == 4 and checkpoint.latest_checkpoint(saves) == saves / "step_4"
 
-    # 4. The same command to the end.
-    job = Job(args, root / "run4.log", nproc=None)
-    assert job.finish() == 0, job.text()[-3000:]
+    # 4. The same command to the end (one process, this one).
+    code, stdout, err = run_main(args, capsys)
+    assert code == 0, err[-3000:]
+    assert f"resumed from {saves / 'step_4'}: step 4" in stdout
 
     expected, got = metrics(reference), metrics(out)
     assert [r["step"] for r in got] == list(range(1, STEPS + 1))  # none lost, none repeated
@@ -250,20 +264,7 @@ def test_sigint_stops_after_the_step_with_a_checkpoint_and_the_same_command_resu
     root, data, model_dir = setup
     out = tmp_path / "out"
     args = [*train_args(data, model_dir, out), "--max-steps", "2"]
-    agreed, sent = checkpoint.StopSignals.agreed, []
-
-    def interrupted_after_the_first_step(self, device):
-        if not sent:
-            sent.append(signal.SIGINT)
-            os.kill(os.getpid(), signal.SIGINT)  # handled synchronously: the handler has run when kill returns
-        return agreed(self, device)
-
-    monkeypatch.setattr(checkpoint.StopSignals, "agreed", interrupted_after_the_first_step)
-    try:
-        code, stdout, err = run_main(args, capsys)
-    except KeyboardInterrupt:
-        pytest.fail("SIGINT raised KeyboardInterrupt instead of stopping at the step boundary")
-    assert code == 0, err
+    stdout = stopped_in_process(args, signal.SIGINT, capsys, monkeypatch)
     assert "stopped by SIGINT after step 1; run the same command again to resume" in stdout
     assert checkpoint.latest_checkpoint(out / "checkpoints") == out / "checkpoints" / "step_1"
     assert [r["step"] for r in metrics(out)] == [1]

@@ -178,9 +178,9 @@ def grad_worker(model_dir: str, data_path: str, out_dir: str) -> None:
     cleanup_distributed()
 
 
-def test_two_ranks_with_skewed_micro_steps_give_the_single_process_gradient(tmp_path, tiny_model_dir):
+def test_two_ranks_with_skewed_micro_steps_give_the_single_process_gradient(tmp_path, tiny_model_dir, two_ranks):
     data = write_data(tmp_path / "data.jsonl", 8, vocab=700)
-    run = torchrun([__file__, str(tiny_model_dir("llama")), str(data), str(tmp_path / "out")])
+    run = two_ranks.run(__name__, "grad_worker", [tiny_model_dir("llama"), data, tmp_path / "out"])
     assert run.returncode == 0, run.stderr[-3000:]
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     for strategy in ("FULL_SHARD", "SHARD_GRAD_OP", "NO_SHARD", "HYBRID_SHARD"):

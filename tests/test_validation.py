@@ -1,6 +1,6 @@
 """validation.py: exact validation loss (1 and 2 processes), greedy generations, the split, early stopping, trackers.
 
-The 2-process check runs this file as the torchrun script (see `eval_worker`): FSDP2-sharded evaluation through
+The 2-process check runs `eval_worker` in the session's 2-rank job (tests/two_rank_server.py): FSDP2-sharded evaluation through
 train.py's own model setup, compared on rank 0 with a direct computation on the unsharded Hugging Face model.
 """
 
@@ -133,9 +133,10 @@ def eval_worker(model_dir: str, data_path: str, out_dir: str) -> None:
     cleanup_distributed()
 
 
-def test_sharded_validation_loss_and_generations_on_two_ranks_match_a_direct_computation(tmp_path, tiny_model_dir):
+def test_sharded_validation_loss_and_generations_on_two_ranks_match_a_direct_computation(tmp_path, tiny_model_dir,
+                                                                                           two_ranks):
     data = write_data(tmp_path / "data.jsonl", 12, vocab=700, seed=4)
-    run = torchrun([__file__, str(tiny_model_dir("llama")), str(data), str(tmp_path / "out")])
+    run = two_ranks.run(__name__, "eval_worker", [tiny_model_dir("llama"), data, tmp_path / "out"])
     assert run.returncode == 0, run.stderr[-3000:]
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     assert report["micro_steps"] > 1
