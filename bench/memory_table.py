@@ -1,7 +1,7 @@
 """The table of docs/memory.md: estimated peak memory per GPU (minitrain/training/memory.py, one training step on fake tensors)
 for Qwen2.5-0.5B/1.5B and Llama-3.1-8B/70B (tests/configs/, their published config.json) on 1, 8 and 64 GPUs, full
-fine-tuning and LoRA, at a few row lengths; each model/GPUs/adapter is simulated once at the first row length and
-twice as long, the other rows follow from the cost of a token (the peak is affine in the row length).
+fine-tuning and LoRA, at a few row lengths, each cell simulated on its own (the peak is affine in the row only within
+one phase of the step: a short row's peak can be the optimizer step's, so no cell is extrapolated).
 
     python bench/memory_table.py > table.md     # ~10 minutes on 2 CPU cores
 
@@ -32,15 +32,14 @@ def main() -> None:
         for gpus in GPUS:
             for adapter in ("full", "lora"):
                 started = time.perf_counter()
-                config = train.parse_args(["--estimate-memory", "--model-name-or-path", str(ROOT / "tests/configs" / name),
-                                           "--max-tokens-per-gpu", str(ROWS[0]), "--activation-checkpointing",
-                                           *(["--lora"] if adapter == "lora" else [])])
-                make_optimizer = lambda params: memory.run_optimizer(config)(params)  # noqa: E731
-                e = memory.estimate(config, gpus, GPU_GIB, True, make_optimizer, None, min(gpus, 8))
                 cells = []
                 for tokens in ROWS:
-                    peak = e.peak_gib + (tokens - ROWS[0]) * e.gib_per_token
-                    cells.append(f"{peak:.1f} {'yes' if peak <= GPU_GIB else '**no**'}")
+                    config = train.parse_args(["--estimate-memory", "--model-name-or-path",
+                                               str(ROOT / "tests/configs" / name), "--max-tokens-per-gpu", str(tokens),
+                                               "--activation-checkpointing", *(["--lora"] if adapter == "lora" else [])])
+                    e = memory.estimate(config, gpus, GPU_GIB, True, memory.run_optimizer(config), None,
+                                        min(gpus, 8), slope=False)
+                    cells.append(f"{e.peak_gib:.1f} {'yes' if e.peak_gib <= GPU_GIB else '**no**'}")
                 print(f"| {name} | {gpus} | {adapter} | " + " | ".join(cells) + " |", flush=True)
                 print(f"{name} {gpus} {adapter}: {time.perf_counter() - started:.0f} s", file=sys.stderr, flush=True)
 

@@ -117,3 +117,53 @@ def test_estimate_memory_needs_only_a_config_json_and_names_the_parts(tmp_path):
 
 if __name__ == "__main__":
     measure_worker(sys.argv[1], sys.argv[2])
+
+
+def test_the_longest_row_is_simulated_where_the_cost_of_a_token_was_measured_in_another_phase(monkeypatch):
+    """Two short rows whose peak is the optimizer step's (no row changes it) give too low a cost per token; the
+    longest row found from them must be simulated and the cost measured again, never returned unchecked."""
+    from types import SimpleNamespace
+
+    from minitrain.training import memory
+
+    def peak(tokens):  # GiB: the optimizer step's 20, or the backward's 10 + 1 per 1k tokens, whichever is higher
+        return max(20.0, 10.0 + tokens / 1024)
+
+    simulated = []
+
+    def simulate(config, rows, *args):
+        simulated.extend(rows)
+        return [(t, {"peak": peak(t) * memory.GIB, **{k: 0.0 for k in memory.PARTS}}) for t in rows]
+
+    monkeypatch.setattr(memory, "simulate", simulate)
+    config = SimpleNamespace(max_tokens_per_gpu=4096, fsdp_sharding_strategy="FULL_SHARD", activation_checkpointing=True,
+                             lora=False, qlora=False, objective="sft")
+    result = memory.estimate(config, 8, 70.0, True, None)
+    truth = (70.0 - 10.0) * 1024  # the longest row whose true peak fits 70 GiB
+    assert simulated[:2] == [4096, 8192] and len(simulated) > 2  # the two rows, then the found row checked
+    assert result.longest_row_that_fits is not None and peak(result.longest_row_that_fits) <= 70.0
+    assert result.longest_row_that_fits >= truth * 0.9  # and not needlessly short
+
+
+def test_max_tokens_per_gpu_auto_is_a_simulated_row_that_fits_and_close_to_the_longest(tiny_model_dir):
+    """--max-tokens-per-gpu auto on a device of G GiB: the row chosen was simulated to fit (1 - MARGIN) x G, and a row
+    a tenth longer does not fit."""
+    from dataclasses import replace
+
+    import train
+    from minitrain.training import memory
+
+    config = train.parse_args(["--estimate-memory", "--model-name-or-path", str(tiny_model_dir("llama")),
+                               "--max-tokens-per-gpu", "auto", "--activation-checkpointing", "--estimate-device", "cpu"])
+
+    def peak(tokens):
+        row = replace(config, max_tokens_per_gpu=tokens)
+        return memory.estimate(row, 2, None, False, memory.run_optimizer(row), slope=False).peak_gib
+
+    base, longer = peak(1024), peak(8192)
+    gib = (base + (longer - base) * (20_000 - 1024) / (8192 - 1024)) / (1 - memory.MARGIN)  # ~20k tokens fit
+    plan = memory.plan(config, 2, gib, False, memory.run_optimizer(config), with_fixes=False)
+    tokens = plan.max_tokens_per_gpu
+    assert isinstance(tokens, int) and tokens > 8192
+    assert peak(tokens) <= gib * (1 - memory.MARGIN)
+    assert peak(int(tokens * 1.1)) > gib * (1 - memory.MARGIN)

@@ -246,8 +246,45 @@ def estimate(config, world_size: int, gpu_memory_gib: float | None, cuda: bool, 
         objective=config.objective,
     )
     if gpu_memory_gib is not None and rest:
-        result.longest_row_that_fits = result.longest_row(gpu_memory_gib)
+        result.longest_row_that_fits = checked_longest_row(result, config, (t2, second["peak"] / GIB), world_size,
+                                                           cuda, make_optimizer, shard_group_size, local_world_size)
     return result
+
+
+def checked_longest_row(result: Estimate, config, measured: tuple[int, float], world_size: int, cuda: bool,
+                        make_optimizer, shard_group_size, local_world_size) -> int | None:
+    """The longest row that fits, every answer simulated: the peak is affine in the row only within one phase of the
+    step (a short row's peak may be the optimizer step's, which no row changes, so two short rows can give too low a
+    cost per token, or none). From the two rows measured, a candidate is extrapolated (or, with no measurable cost, a
+    row 8 times longer is tried), simulated, and the next candidate interpolated between the longest row that fit and
+    the shortest that did not (at most 3 more simulations). Returns the longest simulated row that fit, or None."""
+    budget = result.gpu_memory_gib
+    known = sorted([(result.max_tokens_per_gpu, result.peak_gib), measured])
+
+    def towards_budget(a, b) -> int | None:  # the secant through two (tokens, GiB) points, where it meets the budget
+        slope = (b[1] - a[1]) / (b[0] - a[0])
+        if slope <= 0:
+            return None
+        return int(a[0] + (budget - a[1]) / slope) // ROW_MULTIPLE * ROW_MULTIPLE
+
+    def next_candidate() -> int | None:
+        fitting = [k for k in known if k[1] <= budget]
+        failing = [k for k in known if k[1] > budget]
+        if fitting and failing:
+            return towards_budget(fitting[-1], failing[0])
+        if fitting:  # everything fits: further out along the last two points, or 8x out where they are level
+            return towards_budget(known[-2], known[-1]) or 8 * known[-1][0]
+        return towards_budget(known[0], known[1])  # nothing fits: below the shortest
+
+    for _ in range(3):
+        candidate = next_candidate()
+        if candidate is None or candidate < 1 or any(abs(candidate - t) < max(ROW_MULTIPLE, t // 50) for t, _ in known):
+            break
+        (tokens, stats), = simulate(config, [candidate], world_size, cuda, make_optimizer, shard_group_size,
+                                    local_world_size)
+        known = sorted([*known, (tokens, stats["peak"] / GIB)])
+    fitting = [t for t, peak in known if peak <= budget]
+    return fitting[-1] if fitting else None
 
 
 def fixes(config, estimate_now: Estimate, cuda: bool, make_optimizer, shard_group_size=None,
@@ -353,8 +390,12 @@ def plan(config, world_size: int, gpu_memory_gib: float, cuda: bool, make_optimi
     else:
         result = at(row, checkpointing)
     tokens, tokens_why = row, "asked for"
-    if auto_tokens:
-        longest = result.longest_row(budget)
+    if auto_tokens:  # checked by simulation, as --estimate-memory's longest row is
+        t = result.max_tokens_per_gpu
+        longest = checked_longest_row(replace(result, gpu_memory_gib=budget),
+                                      replace(config, max_tokens_per_gpu=t, activation_checkpointing=checkpointing),
+                                      (2 * t, result.peak_gib + t * result.gib_per_token), world_size, cuda,
+                                      make_optimizer, shard_group_size, local_world_size)
         if longest is None:
             raise EstimateError(f"--max-tokens-per-gpu auto: not even one token fits {1 - MARGIN:.0%} of {G:.1f} GiB "
                                 f"(estimate {result.peak_gib:.1f} GiB at {row} tokens); "
