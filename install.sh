@@ -29,11 +29,11 @@ fi
 if [ "${MINITRAIN_LATEST:-0}" = "1" ]; then
   echo "install.sh: MINITRAIN_LATEST=1, the newest releases within requirements*.txt (not the tested lock)"
   keep_torch=$(mktemp); trap 'rm -f "$keep_torch"' EXIT  # torch stays the one installed above (yours, or the lock's)
-  "$PY" -c "import torch; print('torch==' + torch.__version__)" > "$keep_torch"
+  "$PY" -c "from importlib.metadata import version; print('torch==' + version('torch'))" > "$keep_torch"
   pip_install --upgrade -c "$keep_torch" -r requirements.txt
   if [ "$dev" = "--dev" ]; then pip_install --upgrade -c "$keep_torch" -r requirements-dev.txt; fi
 else
-  have_torch=$("$PY" -c "import torch; print(torch.__version__.split('+')[0])")
+  have_torch=$("$PY" -c "from importlib.metadata import version; print(version('torch').split('+')[0])")
   skip='^torch=='
   [ "$have_torch" != "$lock_torch" ] && skip='^(torch|triton)=='
   echo "install.sh: installing $lock (torch $have_torch kept)"
