@@ -304,30 +304,7 @@ def validate(config: TrainConfig, world_size: int, local_world_size: int, cuda: 
             f"HYBRID_SHARD needs the same number of ranks on every node "
             f"({world_size} ranks, {local_world_size} per node), or --fsdp-shard-group-size"
         )
-    for name in ("dpo_beta", "simpo_beta"):
-        if not getattr(config, name) > 0:
-            problems.append(f"--{name.replace('_', '-')} must be positive, got {getattr(config, name)}")
-    if config.preference_sft_weight < 0:
-        problems.append(f"--preference-sft-weight must be >= 0, got {config.preference_sft_weight}")
-    if config.objective == "orpo" and config.preference_sft_weight:
-        problems.append("--preference-sft-weight is for dpo and simpo; orpo has its own NLL term "
-                        "(weigh the odds ratio with --orpo-lambda)")
-    if config.objective == "reward":
-        if config.reward_center_coefficient < 0:
-            problems.append(f"--reward-center-coefficient must be >= 0, got {config.reward_center_coefficient}")
-        if config.lora:
-            problems.append("--objective reward trains the whole model and its new score head; --lora is not "
-                            "supported with it yet")
-        if config.eval_metric is not None:
-            problems.append(f"--eval-metric {config.eval_metric} scores generated text; a reward model does not "
-                            f"generate (its validation reports loss, accuracy and margin)")
-    if config.orpo_lambda < 0:
-        problems.append(f"--orpo-lambda must be >= 0, got {config.orpo_lambda}")
-    if not 0 <= config.dpo_label_smoothing < 0.5:
-        problems.append(f"--dpo-label-smoothing must be in [0, 0.5), got {config.dpo_label_smoothing}")
-    elif config.dpo_label_smoothing and config.dpo_loss_type not in ("sigmoid", "robust"):
-        problems.append(f"--dpo-label-smoothing applies to --dpo-loss-type sigmoid and robust, not "
-                        f"{config.dpo_loss_type}")
+    problems += objective_problems(config)
     if not config.learning_rate > 0:
         problems.append(f"--learning-rate must be positive, got {config.learning_rate}")
     if config.num_warmup_steps < 0:
@@ -383,6 +360,36 @@ def validate(config: TrainConfig, world_size: int, local_world_size: int, cuda: 
     problems += lora.flag_problems(config, cuda, model_ok=not model_problems)
     if problems:
         raise ConfigError("; ".join(problems))
+
+
+def objective_problems(config: TrainConfig) -> list[str]:
+    """The objective's own flags (DPO, SimPO, ORPO, reward models)."""
+    problems = []
+    for name in ("dpo_beta", "simpo_beta"):
+        if not getattr(config, name) > 0:
+            problems.append(f"--{name.replace('_', '-')} must be positive, got {getattr(config, name)}")
+    if config.preference_sft_weight < 0:
+        problems.append(f"--preference-sft-weight must be >= 0, got {config.preference_sft_weight}")
+    if config.objective == "orpo" and config.preference_sft_weight:
+        problems.append("--preference-sft-weight is for dpo and simpo; orpo has its own NLL term "
+                        "(weigh the odds ratio with --orpo-lambda)")
+    if config.objective == "reward":
+        if config.reward_center_coefficient < 0:
+            problems.append(f"--reward-center-coefficient must be >= 0, got {config.reward_center_coefficient}")
+        if config.lora:
+            problems.append("--objective reward trains the whole model and its new score head; --lora is not "
+                            "supported with it yet")
+        if config.eval_metric is not None:
+            problems.append(f"--eval-metric {config.eval_metric} scores generated text; a reward model does not "
+                            f"generate (its validation reports loss, accuracy and margin)")
+    if config.orpo_lambda < 0:
+        problems.append(f"--orpo-lambda must be >= 0, got {config.orpo_lambda}")
+    if not 0 <= config.dpo_label_smoothing < 0.5:
+        problems.append(f"--dpo-label-smoothing must be in [0, 0.5), got {config.dpo_label_smoothing}")
+    elif config.dpo_label_smoothing and config.dpo_loss_type not in ("sigmoid", "robust"):
+        problems.append(f"--dpo-label-smoothing applies to --dpo-loss-type sigmoid and robust, not "
+                        f"{config.dpo_loss_type}")
+    return problems
 
 
 def validation_problems(config: TrainConfig) -> list[str]:
