@@ -55,16 +55,24 @@ def test_rank_0_holds_no_more_than_a_tenth_of_the_model_beyond_rank_1_while_buil
     n_params = sum(p.numel() for p in model.parameters())
     del model
     AutoTokenizer.from_pretrained(tokenizer_dir("chatml")).save_pretrained(model_dir)
-    out = tmp_path / "report"
-    run = torchrun([__file__, str(model_dir), str(out)], timeout=400)
-    assert run.returncode == 0, run.stderr[-3000:]
-    assert "rank 0 loads the whole model" not in run.stdout  # the per-rank path, not the fallback
-    rank0, rank1 = (json.loads(Path(f"{out}.{r}").read_text()) for r in (0, 1))
     fp32_bytes = 4 * n_params
-    assert rank0["parameters"] == n_params and 250e6 < n_params < 400e6
-    print(f"peak RSS by the end of build_model: rank 0 {rank0['peak_rss'] / 1e9:.2f} GB, rank 1 "
-          f"{rank1['peak_rss'] / 1e9:.2f} GB; fp32 model {fp32_bytes / 1e9:.2f} GB")
-    assert rank0["peak_rss"] - rank1["peak_rss"] <= 0.1 * fp32_bytes
+    # Peak RSS is noisy upwards (allocator arenas, file pages mapped around the slices read: 0.05-0.4 GB extra on
+    # either rank between identical runs here), never downwards; rank 0 holding the model would add 1.2 GB to every
+    # run. So up to 3 builds, each its own job, and the smallest excess must be within a tenth of the model.
+    excesses = []
+    for attempt in range(3):
+        out = tmp_path / f"report{attempt}"
+        run = torchrun([__file__, str(model_dir), str(out)], timeout=400)
+        assert run.returncode == 0, run.stderr[-3000:]
+        assert "rank 0 loads the whole model" not in run.stdout  # the per-rank path, not the fallback
+        rank0, rank1 = (json.loads(Path(f"{out}.{r}").read_text()) for r in (0, 1))
+        assert rank0["parameters"] == n_params and 250e6 < n_params < 400e6
+        print(f"peak RSS by the end of build_model: rank 0 {rank0['peak_rss'] / 1e9:.2f} GB, rank 1 "
+              f"{rank1['peak_rss'] / 1e9:.2f} GB; fp32 model {fp32_bytes / 1e9:.2f} GB")
+        excesses.append(rank0["peak_rss"] - rank1["peak_rss"])
+        if excesses[-1] <= 0.1 * fp32_bytes:
+            break
+    assert min(excesses) <= 0.1 * fp32_bytes, [e / 1e9 for e in excesses]
 
 
 EXPORT_CASES = {"full": ("llama", {}), "lora": ("llama", {"lora": True, "lora_init": "random", "lora_r": 4}),

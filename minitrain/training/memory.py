@@ -529,6 +529,11 @@ def estimate_main(config) -> int:
                          "asked for", [])
         else:
             found = plan_run(config, world_size, local, gib, cuda)
+            if found.estimate.longest_row_that_fits is None and found.estimate.fits:  # decided from one row: the
+                run = replace(config, max_tokens_per_gpu=found.max_tokens_per_gpu,  # longest row needs the cost
+                              activation_checkpointing=found.activation_checkpointing)  # of a token too
+                found = replace(found, estimate=estimate(run, world_size, gib, cuda, run_optimizer(config), group,
+                                                         local))
     except EstimateError as e:
         raise ConfigError(str(e)) from None
     print(f"activation checkpointing: {'on' if found.activation_checkpointing else 'off'} ({found.checkpointing_why})")
