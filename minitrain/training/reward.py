@@ -70,7 +70,8 @@ class PackedRewardModel(nn.Module):
                          max_length_k=max_length)
         out = self.lm.base_model(input_ids=input_ids, position_ids=position_ids, use_cache=False, **extra)
         hidden = out.last_hidden_state[0]  # (T, H)
-        return self.lm.score(hidden[scoring]).squeeze(-1).float()  # (S, H) -> (S,)
+        # a new tensor, not a view: FSDP2 drops its pre-backward hook on an in-place op applied to a returned view
+        return self.lm.score(hidden[scoring]).squeeze(-1).float().clone()  # (S, H) -> (S,)
 
     def pop_router_aux_sum(self) -> None:
         return None
