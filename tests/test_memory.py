@@ -147,6 +147,31 @@ def test_the_longest_row_is_simulated_where_the_cost_of_a_token_was_measured_in_
     assert result.longest_row_that_fits >= truth * 0.9  # and not needlessly short
 
 
+def test_a_candidate_just_over_the_budget_does_not_end_the_search_at_a_short_row(monkeypatch):
+    """The extrapolated row lands just over the budget (a small step in the peak the two short rows could not see);
+    the next candidate is next to it: the search must step below it, not return the short row it started from."""
+    from types import SimpleNamespace
+
+    from minitrain.training import memory
+
+    def peak(tokens):  # GiB: affine, plus 0.1 past 50k tokens (e.g. a buffer that appears only for long rows)
+        return 10.0 + tokens / 1024 + (0.1 if tokens > 50_000 else 0.0)
+
+    simulated = []
+
+    def simulate(config, rows, *args):
+        simulated.extend(rows)
+        return [(t, {"peak": peak(t) * memory.GIB, **{k: 0.0 for k in memory.PARTS}}) for t in rows]
+
+    monkeypatch.setattr(memory, "simulate", simulate)
+    config = SimpleNamespace(max_tokens_per_gpu=4096, fsdp_sharding_strategy="FULL_SHARD", activation_checkpointing=True,
+                             lora=False, qlora=False, objective="sft")
+    longest = memory.estimate(config, 8, 70.0, True, None).longest_row_that_fits
+    truth = (70.0 - 10.1) * 1024  # 61337 tokens
+    assert longest in simulated and peak(longest) <= 70.0
+    assert longest >= 0.95 * truth, (longest, simulated)
+
+
 def test_max_tokens_per_gpu_auto_is_a_simulated_row_that_fits_and_close_to_the_longest(tiny_model_dir):
     """--max-tokens-per-gpu auto on a device of G GiB: the row chosen was simulated to fit (1 - MARGIN) x G, and a row
     a tenth longer does not fit."""

@@ -359,7 +359,9 @@ def checked_longest_row(result: Estimate, config, measured: tuple[int, float], w
     step (a short row's peak may be the optimizer step's, which no row changes, so two short rows can give too low a
     cost per token, or none). From the two rows measured, a candidate is extrapolated (or, with no measurable cost, a
     row 8 times longer is tried), simulated, and the next candidate interpolated between the longest row that fit and
-    the shortest that did not (at most 3 more simulations). Returns the longest simulated row that fit, or None."""
+    the shortest that did not (at most 3 more simulations); a candidate next to a row that did not fit is moved one
+    step (1/50) below it, so a budget just under a simulated row does not end the search at a much shorter row.
+    Returns the longest simulated row that fit, or None."""
     budget = result.gpu_memory_gib
     known = sorted([(result.max_tokens_per_gpu, result.peak_gib), measured])
 
@@ -378,9 +380,16 @@ def checked_longest_row(result: Estimate, config, measured: tuple[int, float], w
             return towards_budget(known[-2], known[-1]) or 8 * known[-1][0]
         return towards_budget(known[0], known[1])  # nothing fits: below the shortest
 
+    def near(candidate: int) -> list:  # the simulated rows too close to `candidate` to tell apart
+        return [(t, peak) for t, peak in known if abs(candidate - t) < max(ROW_MULTIPLE, t // 50)]
+
     for _ in range(3):
         candidate = next_candidate()
-        if candidate is None or candidate < 1 or any(abs(candidate - t) < max(ROW_MULTIPLE, t // 50) for t, _ in known):
+        if candidate is not None and near(candidate) and any(peak > budget for _, peak in near(candidate)):
+            # next to a row that did not fit (the budget sits just under it): one step below that row instead
+            failed = min(t for t, peak in near(candidate) if peak > budget)
+            candidate = (failed - max(ROW_MULTIPLE, failed // 50)) // ROW_MULTIPLE * ROW_MULTIPLE
+        if candidate is None or candidate < 1 or near(candidate):
             break
         (tokens, stats), = simulate(config, [candidate], world_size, cuda, make_optimizer, shard_group_size,
                                     local_world_size)
