@@ -527,6 +527,10 @@ def test_flags_and_models_that_cannot_be_split_are_refused_in_one_line(tmp_path,
     assert code == 2 and len(err.strip().splitlines()) == 1
     assert ("--compile is not supported with --sequence-parallel-size 2 (untested: the compiled blocks around the "
             "all-to-all attention); drop --compile or use --sequence-parallel-size 1") in err
+    code, err = run_main([*base_args(tmp_path, tiny_model_dir("llama"), data), "--sequence-parallel-size", "2",
+                          "--objective", "reward"], capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert "--objective reward is not supported with --sequence-parallel-size 2" in err
 
     heads = T.LlamaConfig(num_attention_heads=6, num_key_value_heads=2, hidden_size=96)
     assert model_problem(heads, 4, 8) == ("--sequence-parallel-size 4: llama has 6 attention heads, not divisible by "

@@ -361,7 +361,8 @@ def validate(config: TrainConfig, world_size: int, local_world_size: int, cuda: 
 
 def sequence_parallel_problems(config, world_size: int) -> list[str]:
     """--sequence-parallel-size S: S divides the ranks; --compile is not supported with S > 1 (its compiled blocks
-    have never run the all-to-all attention; untested, so refused)."""
+    have never run the all-to-all attention; untested, so refused), nor reward models (their forward runs whole
+    rows)."""
     sp, problems = config.sequence_parallel_size, []
     if sp < 1 or world_size % sp:
         working = [s for s in range(1, world_size + 1) if world_size % s == 0]
@@ -370,6 +371,9 @@ def sequence_parallel_problems(config, world_size: int) -> list[str]:
     if sp > 1 and config.compile:
         problems.append(f"--compile is not supported with --sequence-parallel-size {sp} (untested: the compiled "
                         f"blocks around the all-to-all attention); drop --compile or use --sequence-parallel-size 1")
+    if sp > 1 and config.objective == "reward":
+        problems.append(f"--objective reward is not supported with --sequence-parallel-size {sp} (the score model's "
+                        f"rows are not split between ranks); use --sequence-parallel-size 1")
     return problems
 
 
