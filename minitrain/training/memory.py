@@ -12,6 +12,11 @@ config.json alone (no weights, no data file), on a fake process group of N ranks
        a row of T tokens through the run's objective (SFT: every position trained; DPO/SimPO: one pair of two T/2
        sides) -> backward -> the run's optimizer step, under PyTorch's FSDPMemTracker
 
+With --sequence-parallel-size S the row holds S x T tokens and the simulated rank is rank 0 of an S-rank group of the
+fake process group: its 1/S of the row, the all-to-alls and the attention over the whole row for H/S heads, as in
+the run (sequence_parallel.py). With --activation-offload (CUDA) the checkpointed blocks' saved inputs leave the
+device until the backward needs them (offloaded_block_inputs).
+
 The tracker's peak is the estimate, with its parts at that moment: parameters (sharded fp32 masters, gathered bf16
 copies, buffers), gradients, optimizer state, activations, temporary buffers (backward, the LM head's chunks) and
 communication buffers (all-gather, reduce-scatter). The peak of two row lengths gives the cost of one more token;
