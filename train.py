@@ -65,6 +65,7 @@ from minitrain.training.model import (
 from minitrain.training.objectives import build_objective
 from minitrain.training.reference import attach_reference
 from minitrain.training.run_log import RunLog
+from minitrain.training.teacher import attach_teachers, check_teacher
 from minitrain.training.validation import (
     ValidationError,
     Validator,
@@ -194,6 +195,8 @@ def setup(config: TrainConfig, world: World) -> Run:
                           "first block's position bias, training and evaluation) beyond torch.compile's recompile "
                           "limit, so it would run eager without saying so; drop --compile")
     objective = build_objective(config, hf_config)  # an encoder-decoder trains on padded source-target batches
+    if getattr(objective, "needs_teacher", False):  # distillation: the teacher's token ids must be the student's
+        check_teacher(config, hf_config, tokenizer)
     positions = getattr(objective, "max_positions", None)
     generates = config.eval_metric is not None or config.num_eval_generations > 0
     if positions is not None and generates and config.eval_max_new_tokens >= positions:
@@ -232,6 +235,10 @@ def setup(config: TrainConfig, world: World) -> Run:
     if world.is_main:
         checkpoint.tidy_output_dir(config.output_dir, config.fresh, resume, resumed_samples)
 
+    # Distillation: the teacher's top-k log-probs, computed by the teacher (loaded, run and freed before the student
+    # loads) or read from disk
+    table_caches = list({id(c): c for c in (cache, data.validation_cache) if c is not None}.values())
+    attach_teachers(objective, table_caches, config, world)
     model = build_model(config, world, lora.build_adapter(config))
     trainable = sum(p.numel() for p in model.adapter.trainable_parameters(model))
     total = sum(lora.logical_numel(p) for p in model.parameters())
@@ -239,7 +246,7 @@ def setup(config: TrainConfig, world: World) -> Run:
     print0(f"{model.adapter.name}: {trainable:,} of {total:,} parameters train ({100 * trainable / total:.2f}%){base}")
     # DPO: the reference log-probs, by the initial model (before a checkpoint's weights load; with LoRA, the base
     # model: the adapters are off), or read from disk
-    for reference_cache in {id(c): c for c in (cache, data.validation_cache) if c is not None}.values():
+    for reference_cache in table_caches:
         attach_reference(objective, model, reference_cache, config, world)
     optimizer, scheduler = build_optimizer(config, model.adapter.trainable_parameters(model), total_steps)
     if resume is not None:
@@ -314,6 +321,8 @@ def load_datasets(config: TrainConfig, world: World, hf_config, tokenizer, objec
         objective.check(source_cache, source.path)
     if len(caches) > 1 and caches[0].pairs:
         raise ConfigError("--data-path: mixtures of preference pairs are not supported yet; train on one file")
+    if len(caches) > 1 and getattr(objective, "needs_teacher", False):
+        raise ConfigError("--data-path: --objective distill does not support mixtures yet; train on one file")
     cache = concat_caches(caches)
     train_indices, held_out, validation_cache = None, None, None
     if config.validation_split is not None:

@@ -111,7 +111,8 @@ class Estimate:
 
 def synthetic_cache(objective, tokens: int):
     """A one-row stand-in for the token cache: one sample of `tokens` tokens, every next token trained (SFT's worst
-    case for the LM head), or one preference pair of two halves (DPO/SimPO); DPO's reference log-probs are zeros."""
+    case for the LM head), or one preference pair of two halves (DPO/SimPO); DPO's reference log-probs are zeros, a
+    distillation teacher's table a uniform top-k."""
     ids = np.ones(tokens, dtype=np.int64)
     half = max(1, tokens // 2)
     cache = types.SimpleNamespace(offsets=np.array([0, tokens]), input_ids=ids, labels=ids.copy(),
@@ -119,6 +120,10 @@ def synthetic_cache(objective, tokens: int):
                                   content_hash=f"memory-estimate-{tokens}", sources=None)
     if getattr(objective, "needs_reference", False):
         objective.reference[cache.content_hash] = np.zeros((1, 2))
+    if getattr(objective, "needs_teacher", False):
+        from minitrain.training.objectives import TeacherTable
+
+        objective.tables[cache.content_hash] = TeacherTable.synthetic(tokens - 1, objective.top_k)
     return cache
 
 

@@ -56,10 +56,13 @@ class PackedCausalLM(nn.Module):
         self.sequence_parallel: sequence_parallel.SequenceParallel | None = None
 
     def forward(self, input_ids, position_ids, positions, targets, row_weights=None, row_ce_out=None,
-                cu_seq_lens=None, max_length=None, per_token: bool = False) -> torch.Tensor:
+                cu_seq_lens=None, max_length=None, per_token: bool = False, teacher=None,
+                top_k: int | None = None) -> torch.Tensor:
         """The summed CE of the trained positions (each weighted by `row_weights` when given; `row_ce_out` receives
         each one's CE for metrics), or with `per_token` each one's CE, (N,) (for objectives that weigh positions
-        nonlinearly, e.g. DPO's per-sequence log-probs). Through forward either way, so FSDP's root hooks run."""
+        nonlinearly, e.g. DPO's per-sequence log-probs); with `teacher` (loss.TopKTeacher) the summed distillation
+        loss; with `top_k` (a distillation teacher's pass) the (N, k) ids and log-probs of each trained position's k
+        likeliest next tokens. Through forward either way, so FSDP's root hooks run."""
         # attention_mask=None + position_ids restarting at 0 + no KV cache: transformers builds a block-diagonal
         # mask (SDPA, eager), so no token attends to another sample of the pack. Variable-length kernels get the
         # samples' boundaries instead (attention.py), computed on the host once per pack.
@@ -80,6 +83,8 @@ class PackedCausalLM(nn.Module):
         out = self.lm.base_model(input_ids=input_ids, position_ids=position_ids, use_cache=False, **extra)
         hidden = out.last_hidden_state[0]  # (T, H)
         head = linear_head(self.lm.get_output_embeddings())
+        if top_k is not None:
+            return self.head_loss.top_k(head, hidden[positions], top_k)
         if positions.numel() == 0:
             # Dummy pack or nothing trained: still run the head on one position, times zero, so every parameter gets
             # a (zero) gradient and this rank issues the same FSDP collectives as the others.
@@ -96,7 +101,7 @@ class PackedCausalLM(nn.Module):
                                  "yet; set the config's output_router_logits to false or use --objective sft")
             return self.head_loss.per_row(head, hidden[positions], targets)  # (N, H) -> (N,)
         else:
-            loss = self.head_loss(head, hidden[positions], targets, row_weights, row_ce_out)  # (N, H) -> scalar
+            loss = self.head_loss(head, hidden[positions], targets, row_weights, row_ce_out, teacher)  # -> scalar
         if self.router_aux is not None:
             # The model adds coef * aux to its token-mean CE for each forward; weighting each pack's aux by its
             # trained tokens makes the step's loss (sum / step's trained tokens) exactly that for a one-pack step,

@@ -40,6 +40,10 @@ not its packs, so a pack's size never weighs in). `DPO` and `SimPO` are preferen
     ORPO   -log π(c) / |c| - λ log σ(log odds(c) - log odds(r)),  odds(x) = p / (1 - p), p = exp(log π(x) / |x|)
     reward -log σ(s(c) - s(r) - m) [+ κ (s(c) + s(r))²],  m the pair's margin field (0 without),  s(x) the score head's value at x's last token (reward.py)
 
+`Distill` (offline distillation) trains on samples as SFT does, with the same unit (trained tokens): each trained
+position's loss is (1 - α) CE + α T² KL(teacher's top-k || student, both renormalised over the top-k ids at
+temperature T) (loss.TopKTeacher), the teacher's top-k log-probs read from a table computed once (teacher.py).
+
 plus, with --preference-sft-weight w (DPO, SimPO), w x the chosen side's token-mean cross-entropy (per pair). DPO's
 --dpo-loss-type picks TRL's loss of the log-ratio margin (sigmoid above; ipo, hinge, robust: see `DPO`).
 docs/objectives.md has every formula with its data format and a command.
@@ -60,9 +64,10 @@ from minitrain.training.data import (
     make_pack,
     make_seq2seq_pack,
 )
+from minitrain.training.loss import TopKTeacher
 from minitrain.training.sequence_parallel import sum_over_row
 
-OBJECTIVES = ("sft", "dpo", "simpo", "orpo", "reward")
+OBJECTIVES = ("sft", "dpo", "simpo", "orpo", "reward", "distill")
 DPO_LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust")
 LOSS_REDUCTIONS = ("tokens", "sequences")
 PREFERENCE_METRICS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
@@ -152,6 +157,96 @@ class Seq2SeqSFT(SFT):
         loss = model(pack.input_ids, pack.attention_mask, pack.labels, pack.positions, pack.targets,
                      self.weights(pack, cache, indices), row_ce)
         return loss, torch.zeros(0, device=loss.device)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Offline distillation
+
+
+@dataclass(frozen=True)
+class TeacherTable:
+    """A teacher's k likeliest next tokens at every trained position of a cache (teacher.py writes it), rows in the
+    cache's order: sample i's trained positions, in order, are rows row_starts[i]:row_starts[i + 1]."""
+
+    ids: np.ndarray  # (trained tokens, k) int32, memory-mapped
+    logprobs: np.ndarray  # (trained tokens, k) float32: log-probs at T = 1 over the whole vocabulary, memory-mapped
+    row_starts: np.ndarray  # (num_samples + 1,) int64: 0, then the cumulative sum of cache.trained
+
+    @classmethod
+    def synthetic(cls, rows: int, k: int) -> "TeacherTable":
+        """A stand-in of one sample of `rows` trained positions (the memory estimate's)."""
+        return cls(np.tile(np.arange(k, dtype=np.int32), (rows, 1)), np.full((rows, k), -float(np.log(k)), np.float32),
+                   np.array([0, rows]))
+
+    def rows(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(ids, log-probs) of the samples `indices`' trained positions, in make_pack's order of targets."""
+        spans = [(int(self.row_starts[i]), int(self.row_starts[i + 1])) for i in indices]
+        k = self.ids.shape[1]
+        if not spans:
+            return np.zeros((0, k), np.int32), np.zeros((0, k), np.float32)
+        return (np.concatenate([self.ids[a:b] for a, b in spans]),
+                np.concatenate([self.logprobs[a:b] for a, b in spans]))
+
+
+@dataclass(frozen=True)
+class DistillPack(Pack):
+    """A packed row of samples (data.Pack) and the teacher's top-k at each of its targets."""
+
+    teacher_ids: torch.Tensor = None  # (N, k) long
+    teacher_logprobs: torch.Tensor = None  # (N, k) float32
+
+    def to(self, device: torch.device) -> "DistillPack":
+        return DistillPack(**vars(Pack.to(self, device)), teacher_ids=self.teacher_ids.to(device),
+                           teacher_logprobs=self.teacher_logprobs.to(device))
+
+
+@dataclass
+class Distill:
+    """Offline distillation on samples: per trained position (1 - α) CE + α T² KL(q || s), q the teacher's top-k
+    log-probs renormalised at temperature T, s the student's softmax at T renormalised over the same k ids
+    (loss.TopKTeacher says it exactly); the step's loss is the mean over its trained tokens, as SFT's. Metrics: `kl`
+    (KL(q || s), not times T²) and `ce`, each a mean over the trained tokens, so loss = α T² kl + (1 - α) ce."""
+
+    alpha: float = 0.5
+    temperature: float = 1.0
+    top_k: int = 16
+    name: str = "distill"
+    unit: str = "trained tokens"
+    metrics: tuple[str, ...] = ("kl", "ce")
+    needs_teacher: bool = True
+    # the teacher's table of each cache, by its content hash (teacher.attach_teachers fills it)
+    tables: dict = field(default_factory=dict)
+
+    def check(self, cache: TokenCache, path: str) -> None:
+        if cache.pairs or cache.seq2seq:
+            what = "preference pairs" if cache.pairs else "encoder-decoder (source-target) samples"
+            raise DataError(f"{path}: holds {what}; --objective distill trains a causal LM on samples (process_data.py "
+                            f"output of conversations or text)")
+
+    def costs(self, cache: TokenCache) -> np.ndarray:
+        return cache.lengths
+
+    def step_units(self, cache: TokenCache, indices: np.ndarray) -> int:
+        return int(cache.trained[indices].sum())
+
+    def pack(self, cache: TokenCache, indices: np.ndarray) -> DistillPack:
+        table = self.tables.get(cache.content_hash)
+        if table is None:
+            raise RuntimeError("distillation needs the teacher's table of this cache; teacher.attach_teachers() "
+                               "computes it")
+        indices = np.asarray(indices, dtype=np.int64)
+        pack = make_pack(cache, indices)
+        ids, logprobs = table.rows(indices)
+        return DistillPack(**vars(pack), teacher_ids=torch.from_numpy(ids.astype(np.int64)),
+                           teacher_logprobs=torch.from_numpy(logprobs.astype(np.float32)))
+
+    def loss_sum(self, model: torch.nn.Module, pack: DistillPack, cache: TokenCache, indices: np.ndarray,
+                 row_ce: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        sums = torch.zeros(2, device=pack.targets.device)
+        teacher = TopKTeacher(pack.teacher_ids, pack.teacher_logprobs, self.alpha, self.temperature, sums)
+        loss = model(pack.input_ids, pack.position_ids, pack.positions, pack.targets, None, row_ce, pack.cu_seq_lens,
+                     pack.max_length, teacher=teacher)
+        return loss, sums
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -449,9 +544,9 @@ class Reward:
         return losses.sum(), metrics
 
 
-def build_objective(config, hf_config=None) -> SFT | DPO | SimPO | ORPO | Reward:
+def build_objective(config, hf_config=None) -> SFT | DPO | SimPO | ORPO | Reward | Distill:
     """The objective of `config` (its objective, dpo_beta, dpo_loss_type, dpo_label_smoothing, simpo_beta,
-    simpo_gamma, orpo_lambda, preference_sft_weight) for the model of `hf_config` (an encoder-decoder trains
+    simpo_gamma, orpo_lambda, preference_sft_weight, distill_*) for the model of `hf_config` (an encoder-decoder trains
     Seq2SeqSFT)."""
     name = getattr(config, "objective", "sft")
     if hf_config is not None and getattr(hf_config, "is_encoder_decoder", False):
@@ -470,4 +565,6 @@ def build_objective(config, hf_config=None) -> SFT | DPO | SimPO | ORPO | Reward
         return ORPO(beta=config.orpo_lambda)
     if name == "reward":
         return Reward(getattr(hf_config, "pad_token_id", None), config.reward_center_coefficient)
+    if name == "distill":
+        return Distill(config.distill_alpha, config.distill_temperature, config.distill_top_k)
     return SFT(getattr(config, "loss_reduction", "tokens"))

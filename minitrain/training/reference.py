@@ -1,4 +1,8 @@
-"""DPO's reference log-probs: computed once, before the first step, by the initial model; never a second model.
+"""Tables a model computes once over a token cache, stored beside it and reused: DPO's reference log-probs (here)
+and distillation's teacher top-k (teacher.py, through the helpers here: model_key, reference_mode, sharded_pass,
+on_every_rank).
+
+DPO's reference log-probs: computed once, before the first step, by the initial model; never a second model.
 
 For every pair of a pair cache, log π_ref(chosen) and log π_ref(rejected) (each summed over the side's trained
 tokens) are computed by the model as it is before the first optimizer step — `model_name_or_path` as loaded, or,
@@ -37,11 +41,12 @@ VERSION = 1
 MODEL_FILES = (".json", ".safetensors", ".bin", ".pt", ".pth", ".gguf", ".model")
 
 
-def model_key(model_name_or_path: str, device_type: str, base_weights: str = "") -> str:
+def model_key(model_name_or_path: str, device_type: str, base_weights: str = "", extra: dict | None = None) -> str:
     """Identifies the reference model: a folder by its config (content) and weight files (name, size, mtime), and
-    how its weights are held (the adapter's base_weights: QLoRA's reference is the 4-bit base)."""
+    how its weights are held (the adapter's base_weights: QLoRA's reference is the 4-bit base); `extra`: what else
+    the table depends on (a teacher table's k)."""
     h = hashlib.blake2b(digest_size=8)
-    h.update(json.dumps({"version": VERSION, "device": device_type}).encode())
+    h.update(json.dumps({"version": VERSION, "device": device_type, **(extra or {})}).encode())
     if base_weights:
         h.update(base_weights.encode())
     path = Path(model_name_or_path)
@@ -81,18 +86,32 @@ def reference_mode(model: torch.nn.Module):
         model.train(was_training)
 
 
+def sharded_pass(cache: TokenCache, indices: np.ndarray, world: World, max_tokens: int,
+                 sequence_parallel_size: int = 1):
+    """This rank's share of the samples `indices`, one micro-step at a time, packed as one validation step
+    (plan_validation): every rank yields as often (empty shares where it has nothing left), so the model's forwards
+    stay collective. Yields (its sample indices, whether this rank writes their results: with sequence parallelism
+    the S ranks of a group share each row (of S x `max_tokens`) and the group's first writes)."""
+    sp = sequence_parallel_size
+    for micro in plan_validation(cache.lengths, indices, world.world_size // sp, max_tokens * sp):
+        yield np.asarray(micro[world.rank // sp], dtype=np.int64), world.rank % sp == 0
+
+
+def on_every_rank(ok: bool, world: World) -> bool:
+    """Collective: whether `ok` holds on every rank (so that all ranks take the same branch)."""
+    flag = torch.tensor([ok], dtype=torch.int32, device=world.device)
+    if dist.is_initialized():
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item())
+
+
 @torch.no_grad()
 def compute_reference_logps(model: torch.nn.Module, cache: TokenCache, world: World, max_tokens: int,
                             sequence_parallel_size: int = 1) -> np.ndarray:
-    """(num_pairs, 2) float64: the model's log-probs of each pair's chosen and rejected sides. Collective. With
-    sequence parallelism the S ranks of a group share each row (of S x `max_tokens`) and the group's first writes."""
-    sp = sequence_parallel_size
-    micro_steps = plan_validation(cache.lengths, np.arange(len(cache)), world.world_size // sp, max_tokens * sp)
-    writes = world.rank % sp == 0
+    """(num_pairs, 2) float64: the model's log-probs of each pair's chosen and rejected sides. Collective."""
     table = torch.zeros((len(cache), 2), dtype=torch.float64, device=world.device)
     with reference_mode(model):
-        for micro in micro_steps:
-            indices = np.asarray(micro[world.rank // sp], dtype=np.int64)
+        for indices, writes in sharded_pass(cache, np.arange(len(cache)), world, max_tokens, sequence_parallel_size):
             pack = make_pair_pack(cache, indices).to(world.device)
             with compute_autocast(model, world.device):
                 logps, _ = sequence_logps(model, pack)  # (2P,)
@@ -116,10 +135,7 @@ def attach_reference(objective, model: torch.nn.Module, cache: TokenCache, confi
         if table.shape != (len(cache), 2):
             table = None
     # Every rank must take the same branch (computing is collective): all use the file only if all can read it.
-    usable = torch.tensor([table is not None], dtype=torch.int32, device=world.device)
-    if dist.is_initialized():
-        dist.all_reduce(usable, op=dist.ReduceOp.MIN)
-    if usable.item():
+    if on_every_rank(table is not None, world):
         print0(f"reference log-probs: reused {path}")
     else:
         print0(f"reference log-probs: computing {len(cache)} pairs with the initial model")
