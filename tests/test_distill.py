@@ -205,9 +205,9 @@ def test_two_ranks_with_skewed_micro_steps_give_the_direct_gradient(tmp_path, ti
 # train.py as a user runs it: the table is built once, its size printed first; resume reads it and is exact
 
 
-def distill_args(data: Path, student: Path, teacher: Path, out: Path, steps: int) -> list[str]:
+def distill_args(data: Path, student: Path, teacher: Path, out: Path, steps: int, *extra: str) -> list[str]:
     return [
-        "--data-path", str(data), "--model-name-or-path", str(student), "--output-dir", str(out),
+        *extra, "--data-path", str(data), "--model-name-or-path", str(student), "--output-dir", str(out),
         "--objective", "distill", "--teacher-model", str(teacher), "--distill-top-k", str(K),
         "--distill-alpha", str(ALPHA), "--distill-temperature", str(T), "--batch-size", "4",
         "--max-tokens-per-gpu", "64", "--max-steps", str(steps), "--learning-rate", "1e-2",
@@ -221,33 +221,41 @@ def test_the_table_is_built_once_and_a_resumed_run_reads_it_and_continues_exactl
 
     student, teacher = tiny_model_dir("llama"), tiny_model_dir("qwen2")
     data = write_data(tmp_path / "data.jsonl", 16, vocab=700, seed=5)
+    validation = write_data(tmp_path / "validation.jsonl", 4, vocab=700, seed=6)  # a second cache, a second table
+    evaluate = ("--validation-data-path", str(validation), "--eval-every-samples", "8", "--num-eval-generations", "0")
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    code, out, err = run_main(distill_args(data, student, teacher, straight, 4), capsys)
+    code, out, err = run_main(distill_args(data, student, teacher, straight, 4, *evaluate), capsys)
     assert code == 0, err[-3000:]
     trained = sum(len([t for t in r["labels"][1:] if t != -100]) for r in read_rows(data))
     size_line = (f"teacher top-k: {K} log-probs (float32) + {K} token ids (int32) = {8 * K} bytes per trained token; "
                  f"{trained:,} trained tokens: ")
-    # the size first, then the teacher's pass, then the student (the two are never in memory together)
+    # the sizes first, then the teacher's pass (one load for both caches), then the student: never both in memory
     assert size_line in out and out.index(size_line) < out.index("teacher: loading") < out.index("teacher top-k: wrote")
-    assert out.index("teacher top-k: wrote") < out.index("parameters train")
+    assert out.count("bytes per trained token") == 2 and out.count("teacher: loading") == 1
+    assert out.rindex("teacher top-k: wrote") < out.index("parameters train")
 
-    code, out, err = run_main(distill_args(data, student, teacher, resumed, 2), capsys)
+    code, out, err = run_main(distill_args(data, student, teacher, resumed, 2, *evaluate), capsys)
     assert code == 0, err[-3000:]
-    [table] = list((resumed / "token_cache").glob("*/teacher_topk-*"))
-    written = {f.name: f.stat().st_mtime_ns for f in table.iterdir()}
-    assert {"ids.npy", "logprobs.npy", "meta.json"} == set(written)
-    code = train.main(distill_args(data, student, teacher, resumed, 4))  # the same command, two more steps
+    tables = sorted((resumed / "token_cache").glob("*/teacher_topk-*"))
+    assert len(tables) == 2
+    written = {f: f.stat().st_mtime_ns for table in tables for f in table.iterdir()}
+    assert {f.name for f in written} == {"ids.npy", "logprobs.npy", "meta.json"}
+    code = train.main(distill_args(data, student, teacher, resumed, 4, *evaluate))  # the same command, 2 more steps
     out = capsys.readouterr().out
     assert code == 0
-    assert "resumed from" in out and f"teacher top-k: reused {table}" in out
+    assert "resumed from" in out and all(f"teacher top-k: reused {table}" in out for table in tables)
     assert "teacher: loading" not in out and "computing" not in out and "bytes per trained token" not in out
-    assert {f.name: f.stat().st_mtime_ns for f in table.iterdir()} == written
+    assert {f: f.stat().st_mtime_ns for f in written} == written
 
     want, got = metrics(straight), metrics(resumed)
     assert [r["step"] for r in got] == [1, 2, 3, 4]
     assert [r["sample_lines"] for r in got] == [r["sample_lines"] for r in want]
-    for key in ("loss", "kl", "ce"):
-        assert [r[key] for r in got] == pytest.approx([r[key] for r in want], rel=1e-6), key
+    for key in ("loss", "kl", "ce", "validation_loss", "validation_kl", "validation_ce"):
+        values = [r[key] for r in want if key in r]
+        assert len(values) == (4 if key in ("loss", "kl", "ce") else 2)  # evaluated after steps 2 and 4
+        assert [r[key] for r in got if key in r] == pytest.approx(values, rel=1e-6), key
+    assert got[-1]["validation_loss"] == pytest.approx(
+        ALPHA * T**2 * got[-1]["validation_kl"] + (1 - ALPHA) * got[-1]["validation_ce"], rel=1e-6)
     assert got[0]["loss"] == pytest.approx(ALPHA * T**2 * got[0]["kl"] + (1 - ALPHA) * got[0]["ce"], rel=1e-6)
     final, reference = weights(resumed / "hf_format" / "samples_16"), weights(straight / "hf_format" / "samples_16")
     assert final.keys() == reference.keys()

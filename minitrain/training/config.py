@@ -375,7 +375,7 @@ def validate(config: TrainConfig, world_size: int, local_world_size: int, cuda: 
 
 
 def objective_problems(config: TrainConfig) -> list[str]:
-    """The objective's own flags (DPO, SimPO, ORPO, reward models)."""
+    """The objective's own flags (DPO, SimPO, ORPO, reward models, distillation)."""
     problems = []
     for name in ("dpo_beta", "simpo_beta"):
         if not getattr(config, name) > 0:

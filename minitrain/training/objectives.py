@@ -566,5 +566,5 @@ def build_objective(config, hf_config=None) -> SFT | DPO | SimPO | ORPO | Reward
     if name == "reward":
         return Reward(getattr(hf_config, "pad_token_id", None), config.reward_center_coefficient)
     if name == "distill":
-        return Distill(config.distill_alpha, config.distill_temperature, config.distill_top_k)
+        return Distill(alpha=config.distill_alpha, temperature=config.distill_temperature, top_k=config.distill_top_k)
     return SFT(getattr(config, "loss_reduction", "tokens"))

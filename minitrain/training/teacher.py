@@ -180,7 +180,7 @@ def compute_table(model, cache: TokenCache, k: int, max_tokens: int, world: Worl
         if out is not None:
             for array in out:
                 array.flush()
-            del out
+            del out, array  # unmapped before the folder is renamed into place
             meta = {"version": VERSION, "teacher": teacher, "top_k": k, "rows": rows,
                     "content_hash": cache.content_hash}
             (folder / "meta.json").write_text(json.dumps(meta))
