@@ -72,7 +72,7 @@ CHANGE_THE_RUN = (
     "model_name_or_path", "batch_size", "max_tokens_per_gpu", "seed", "num_warmup_steps", "lr_scheduler",
     "max_grad_norm", "validation_split", "loss_reduction", "objective", "dpo_beta", "simpo_beta", "simpo_gamma",
     "preference_sft_weight", "dpo_loss_type", "dpo_label_smoothing", "orpo_lambda",
-    "reward_center_coefficient",
+    "reward_center_coefficient", "kto_beta", "kto_desirable_weight", "kto_undesirable_weight",
     # Which evaluation early stopping and the best export follow: the saved best is of the saved metric.
     "early_stopping_metric",
     "lora", "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules", "lora_modules_to_save", "lora_init", "qlora",
@@ -97,7 +97,8 @@ FREE_ON_RESUME = (
 # a checkpoint without the key resumes as if it had been saved with that value.
 ADDED_LATER = {"loss_reduction": "tokens", "objective": "sft", "dpo_beta": 0.1, "simpo_beta": 2.0, "simpo_gamma": 0.5,
                "preference_sft_weight": 0.0, "dpo_loss_type": "sigmoid", "dpo_label_smoothing": 0.0,
-               "orpo_lambda": 0.1, "reward_center_coefficient": 0.0, "lora": False, **LORA_DEFAULTS,
+               "orpo_lambda": 0.1, "reward_center_coefficient": 0.0, "kto_beta": 0.1,
+               "kto_desirable_weight": 1.0, "kto_undesirable_weight": 1.0, "lora": False, **LORA_DEFAULTS,
                "eval_metric": None, "eval_num_beams": 1,
                "early_stopping_metric": "validation_loss"}
 
