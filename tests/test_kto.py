@@ -168,7 +168,10 @@ def test_a_step_of_one_kind_leaves_the_other_kinds_means_out():
 
 
 def kto_grad_worker(model_dir: str, data_path: str, out_dir: str) -> None:
-    """Under torchrun: the reference table and KTO's loss and gradient on 2 FSDP2 ranks with skewed micro-steps."""
+    """Under torchrun: the reference table and KTO's loss and gradient on 2 FSDP2 ranks with skewed micro-steps, with
+    FULL_SHARD and with SHARD_GRAD_OP (which keeps the modules gathered after the no-grad KL pass)."""
+    from dataclasses import replace
+
     import torch.distributed as dist
 
     import train
@@ -180,29 +183,35 @@ def kto_grad_worker(model_dir: str, data_path: str, out_dir: str) -> None:
 
     world = init_distributed("auto")
     config = train.TrainConfig(data_path=data_path, model_name_or_path=model_dir, output_dir=out_dir, batch_size=8,
-                               max_tokens_per_gpu=64, fsdp_sharding_strategy="FULL_SHARD", objective="kto")
+                               max_tokens_per_gpu=64, objective="kto")
     cache = load_data(config, world, vocab_size=10**6)
     rows = read_rows(Path(data_path))
-    model = build_model(config, world)
-    objective = KTO(beta=BETA, desirable_weight=W_D, undesirable_weight=W_U)
-    attach_reference(objective, model, cache, config, world)  # both ranks compute half of each column
-    table = objective.reference[cache.content_hash]
-    shifted = table + np.stack([np.random.default_rng(1).normal(0, 3, 8), np.full(8, -1.5)], axis=1)
-    objective.reference[cache.content_hash] = shifted
-    packs = [np.asarray(p, dtype=np.int64) for p in SKEWED[world.rank]]
-    sums = train.forward_backward(model, objective, cache, packs, 8, world.world_size, world.device)
-    dist.all_reduce(sums)
-    grads = {n: p.grad.full_tensor() for n, p in model.lm.named_parameters()}
-    if world.is_main:
-        import torch
-        from transformers import AutoModelForCausalLM
+    rng = np.random.default_rng(1)  # KL terms around 1.5 that differ: each rank's own mean is not the step's
+    offsets = np.stack([rng.normal(0, 3, 8), rng.normal(-1.5, 1.0, 8)], axis=1)
+    report = {}
+    for strategy in ("FULL_SHARD", "SHARD_GRAD_OP"):
+        model = build_model(replace(config, fsdp_sharding_strategy=strategy), world)
+        objective = KTO(beta=BETA, desirable_weight=W_D, undesirable_weight=W_U)
+        attach_reference(objective, model, cache, config, world)  # both ranks compute half of each column
+        table = objective.reference[cache.content_hash]
+        objective.reference[cache.content_hash] = table + offsets
+        packs = [np.asarray(p, dtype=np.int64) for p in SKEWED[world.rank]]
+        sums = train.forward_backward(model, objective, cache, packs, 8, world.world_size, world.device)
+        dist.all_reduce(sums)
+        grads = {n: p.grad.full_tensor() for n, p in model.lm.named_parameters()}
+        if world.is_main:
+            import torch
+            from transformers import AutoModelForCausalLM
 
-        lm = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-        want_table = direct_table(lm, rows)
-        want_loss, want, want_metrics = direct_grads(Path(model_dir), rows, shifted)
-        report = {"table_max_rel": float(np.max(np.abs(table / want_table - 1))), "loss": sums[0].item() / 8,
-                  "want_loss": want_loss, "max_rel": max_rel(grads, want), "names": sorted(grads) == sorted(want),
-                  "metrics": objective.means(sums[1:].tolist(), 8), "want_metrics": want_metrics}
+            if not report:
+                lm = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+                report["table_max_rel"] = float(np.max(np.abs(table / direct_table(lm, rows) - 1)))
+                want_loss, want, want_metrics = direct_grads(Path(model_dir), rows, table + offsets)
+                report.update(want_loss=want_loss, want_metrics=want_metrics)
+            report[strategy] = {"loss": sums[0].item() / 8, "max_rel": max_rel(grads, want),
+                                "names": sorted(grads) == sorted(want),
+                                "metrics": objective.means(sums[1:].tolist(), 8)}
+    if world.is_main:
         Path(out_dir, "report.json").write_text(json.dumps(report))
     cleanup_distributed()
 
@@ -213,11 +222,13 @@ def test_two_ranks_with_skewed_micro_steps_give_the_direct_loss_and_gradient(tmp
     assert run.returncode == 0, run.stderr[-3000:]
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     assert report["table_max_rel"] < 1e-6
-    assert report["names"]
-    assert report["loss"] == pytest.approx(report["want_loss"], rel=1e-6)
-    assert report["max_rel"] < 1e-5, report["max_rel"]
     assert report["want_metrics"]["kl"] > 0.5  # the KL term is live (the reference's KL column was moved down)
-    assert report["metrics"] == pytest.approx(report["want_metrics"], rel=1e-5, abs=1e-6)
+    for strategy in ("FULL_SHARD", "SHARD_GRAD_OP"):
+        r = report[strategy]
+        assert r["names"], strategy
+        assert r["loss"] == pytest.approx(report["want_loss"], rel=1e-6), strategy
+        assert r["max_rel"] < 1e-5, (strategy, r["max_rel"])
+        assert r["metrics"] == pytest.approx(report["want_metrics"], rel=1e-5, abs=1e-6), strategy
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -297,6 +308,10 @@ def test_kto_refuses_what_it_cannot_train_in_one_line(tmp_path, capsys, tiny_mod
     assert code == 2 and "holds preference pairs; --objective kto needs" in err and len(err.splitlines()) == 1, err
     code, err = run_main([*base_args(tmp_path, model_dir, data), "--objective", "dpo"], capsys)
     assert code == 2 and "holds labelled (KTO) samples, not preference pairs" in err, err
+    other = write_kto(tmp_path / "other.jsonl", 4, seed=1)
+    code, err = run_main([*base_args(tmp_path, model_dir, data), "--objective", "kto", "--data-path", str(data),
+                          str(other)], capsys)
+    assert code == 2 and "mixtures of labelled (KTO) samples are not supported yet" in err, err
     same = tmp_path / "same.jsonl"
     row = read_rows(data)[0]
     same.write_text((json.dumps(row) + "\n") * 3)

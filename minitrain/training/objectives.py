@@ -71,7 +71,7 @@ from minitrain.training.data import (
     make_pack,
     make_seq2seq_pack,
 )
-from minitrain.training.distributed import compute_autocast, reshard
+from minitrain.training.distributed import compute_autocast
 from minitrain.training.sequence_parallel import sum_over_row
 
 OBJECTIVES = ("sft", "dpo", "simpo", "orpo", "reward", "kto")
@@ -521,7 +521,8 @@ class KTO:
                     totals[1] += pack.num_pairs
         finally:
             model.train(was_training)
-        reshard(model)  # a no-grad forward leaves SHARD_GRAD_OP's modules gathered (distributed.reshard)
+        # No reshard here: SHARD_GRAD_OP's modules stay gathered after this no-grad forward, and the step's forward
+        # that follows uses them as they are, its backward resharding them (tests/test_kto.py runs both strategies)
         if dist.is_initialized():
             dist.all_reduce(totals)
         self.kl = max(totals[0].item() / totals[1].item(), 0.0)
