@@ -62,7 +62,7 @@ from minitrain.training.model import (
     ModelError,
     build_model,
 )
-from minitrain.training.objectives import build_objective
+from minitrain.training.objectives import build_objective, metric_means, metric_sums
 from minitrain.training.reference import attach_reference
 from minitrain.training.run_log import RunLog
 from minitrain.training.teacher import attach_teachers, check_teacher
@@ -116,7 +116,8 @@ def count_total_steps(config: TrainConfig, planner: MultipackPlanner) -> int | N
 def forward_backward(model, objective, cache: TokenCache, packs: list[np.ndarray], step_units: int,
                      world_size: int, device: torch.device, source_ce: torch.Tensor | None = None) -> torch.Tensor:
     """Accumulate the gradient of this step's loss over this rank's micro-steps; return the local sums,
-    (1 + len(objective.metrics),): the loss sum, then the sum of each of the objective's metrics.
+    (1 + metric_sums(objective),): the loss sum, then the sum of each of the objective's metrics (or `sums`).
+    Collective when the objective has a `begin_step` (KTO's KL estimate over the step, run first).
 
     The step's loss is  L = (1 / N) * sum over every rank, micro-step and unit of the objective's loss,
     with N = `step_units`, the units (SFT: trained tokens or samples; DPO/SimPO: pairs) of the WHOLE step (all
@@ -130,15 +131,18 @@ def forward_backward(model, objective, cache: TokenCache, packs: list[np.ndarray
     `source_ce` (a mixture's metrics, not the loss): each file's CE sum over this rank's trained tokens is added.
     """
     scale = world_size / step_units
-    local_sums = torch.zeros(1 + len(objective.metrics), device=device)
+    begin_step = getattr(objective, "begin_step", None)  # KTO: the step's KL estimate, before any of its losses
+    if begin_step is not None:
+        begin_step(model, cache, packs, device)
+    local_sums = torch.zeros(1 + metric_sums(objective), device=device)
     for indices in packs:
         pack = objective.pack(cache, indices).to(device)
         rows = None if source_ce is None else torch.zeros(len(pack.targets), device=device)
         with compute_autocast(model, device):
-            loss_sum, metric_sums = objective.loss_sum(model, pack, cache, indices, rows)
+            loss_sum, sums = objective.loss_sum(model, pack, cache, indices, rows)
         (loss_sum * scale).backward()
         local_sums[0] += loss_sum.detach()
-        local_sums[1:] += metric_sums
+        local_sums[1:] += sums
         if rows is not None and len(indices):
             of_target = cache.sources[np.asarray(indices, dtype=np.int64)][pack.sample_of_target]
             source_ce.index_add_(0, torch.from_numpy(of_target).to(device), rows)
@@ -319,8 +323,9 @@ def load_datasets(config: TrainConfig, world: World, hf_config, tokenizer, objec
     caches = [load_data(config, world, hf_config.vocab_size, path=s.path, writer=writer) for s in sources]
     for source, source_cache in zip(sources, caches):
         objective.check(source_cache, source.path)
-    if len(caches) > 1 and caches[0].pairs:
-        raise ConfigError("--data-path: mixtures of preference pairs are not supported yet; train on one file")
+    if len(caches) > 1 and (caches[0].pairs or caches[0].unpaired):
+        what = "preference pairs" if caches[0].pairs else "labelled (KTO) samples"
+        raise ConfigError(f"--data-path: mixtures of {what} are not supported yet; train on one file")
     if len(caches) > 1 and getattr(objective, "needs_teacher", False):
         raise ConfigError("--data-path: --objective distill does not support mixtures yet; train on one file")
     cache = concat_caches(caches)
@@ -385,7 +390,8 @@ def loop(run: Run, stop: StopSignals) -> None:
             if router_aux is not None:
                 dist.all_reduce(router_aux)
         # the loss includes router_aux_loss_coef x router_aux_loss where there is one
-        loss, *metrics = (value / step_units for value in sums.tolist())
+        loss, *metrics = sums.tolist()
+        loss, metrics = loss / step_units, metric_means(run.objective, metrics, step_units)
         grad_norm = clip_gradients(run.model, config.max_grad_norm)
         if not (math.isfinite(loss) and math.isfinite(grad_norm)):
             raise TrainingError(
@@ -411,7 +417,7 @@ def loop(run: Run, stop: StopSignals) -> None:
             "tokens": step_tokens,
             "trained_tokens": int(cache.trained[all_indices].sum()),
             **({"pairs": step_units} if cache.pairs else {}),
-            **dict(zip(run.objective.metrics, metrics)),  # the objective's, e.g. DPO's rewards/chosen
+            **metrics,  # the objective's, e.g. DPO's rewards/chosen
             "micro_steps": plan.num_micro_steps,
             "packing_utilisation": step_tokens / (plan.num_micro_steps * world.world_size * config.max_tokens_per_gpu),
             **padding_record(cache, plan.micro_batches, step_tokens),

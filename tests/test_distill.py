@@ -295,6 +295,7 @@ def test_a_teacher_with_another_vocabulary_is_refused_in_one_line_before_any_wei
 
 
 def test_what_distillation_does_not_support_is_refused_in_one_line(tmp_path, capsys, tiny_model_dir):
+    from tests.test_kto import write_kto
     from tests.test_preference import write_pairs
     from tests.test_resume import run_main
 
@@ -303,6 +304,7 @@ def test_what_distillation_does_not_support_is_refused_in_one_line(tmp_path, cap
     args = distill_args(data, student, teacher, tmp_path / "out", 1)
     without_teacher = [a for i, a in enumerate(args) if "--teacher-model" not in args[max(0, i - 1) : i + 1]]
     pairs = write_pairs(tmp_path / "pairs.jsonl", 2)
+    labelled = write_kto(tmp_path / "kto.jsonl", 4)
     second = write_data(tmp_path / "second.jsonl", 4, vocab=700, seed=1)
     for case, message in (
         (without_teacher, "--objective distill needs --teacher-model PATH"),
@@ -314,6 +316,7 @@ def test_what_distillation_does_not_support_is_refused_in_one_line(tmp_path, cap
         ([*args, "--teacher-model", str(tmp_path / "none")], f"--teacher-model {tmp_path / 'none'}: no such model"),
         ([*args, "--data-path", str(pairs)], (f"{pairs}: holds preference pairs; --objective distill trains a causal "
                                              f"LM on samples")),
+        ([*args, "--data-path", str(labelled)], f"{labelled}: holds labelled (KTO) samples, some undesirable"),
         ([*args, "--data-path", str(data), str(second)], "--objective distill does not support mixtures yet"),
     ):
         code, out, err = run_main(case, capsys)

@@ -73,6 +73,7 @@ CHANGE_THE_RUN = (
     "max_grad_norm", "validation_split", "loss_reduction", "objective", "dpo_beta", "simpo_beta", "simpo_gamma",
     "preference_sft_weight", "dpo_loss_type", "dpo_label_smoothing", "orpo_lambda",
     "reward_center_coefficient", "teacher_model", "distill_top_k", "distill_alpha", "distill_temperature",
+    "kto_beta", "kto_desirable_weight", "kto_undesirable_weight",
     # Which evaluation early stopping and the best export follow: the saved best is of the saved metric.
     "early_stopping_metric",
     "lora", "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules", "lora_modules_to_save", "lora_init", "qlora",
@@ -98,7 +99,8 @@ FREE_ON_RESUME = (
 ADDED_LATER = {"loss_reduction": "tokens", "objective": "sft", "dpo_beta": 0.1, "simpo_beta": 2.0, "simpo_gamma": 0.5,
                "preference_sft_weight": 0.0, "dpo_loss_type": "sigmoid", "dpo_label_smoothing": 0.0,
                "orpo_lambda": 0.1, "reward_center_coefficient": 0.0, "teacher_model": None, "distill_top_k": 16,
-               "distill_alpha": 0.5, "distill_temperature": 1.0, "lora": False, **LORA_DEFAULTS,
+               "distill_alpha": 0.5, "distill_temperature": 1.0, "kto_beta": 0.1,
+               "kto_desirable_weight": 1.0, "kto_undesirable_weight": 1.0, "lora": False, **LORA_DEFAULTS,
                "eval_metric": None, "eval_num_beams": 1,
                "early_stopping_metric": "validation_loss"}
 

@@ -60,11 +60,12 @@ class TrainConfig:
                                               "memory estimate fits 90%% of the device's memory (printed and saved)",
                                          type=lambda text: text if text == "auto" else int(text))
     # What is trained (minitrain/training/objectives.py, docs/objectives.md): sft on process_data.py's samples; dpo,
-    # simpo or orpo on its preference pairs (--input-format preference), a pair packed whole into one micro-step.
+    # simpo or orpo on its preference pairs (--input-format preference), a pair packed whole into one micro-step;
+    # kto on its labelled samples (--input-format unpaired).
     objective: str = flag("sft", "what is trained: sft on process_data.py's samples; dpo, simpo or orpo on its "
                                  "preference pairs; reward: a score head (sequence classifier) on the same pairs; "
-                                 "distill: samples, learning a teacher's top-k next-token log-probs (--teacher-model)",
-                          choices=OBJECTIVES)
+                                 "kto on its labelled (unpaired) samples; distill: samples, learning a teacher's "
+                                 "top-k next-token log-probs (--teacher-model)", choices=OBJECTIVES)
     dpo_beta: float = flag(0.1, "DPO: beta of -log sigmoid(beta * (chosen - rejected log-ratio to the reference))")
     dpo_loss_type: str = flag("sigmoid", "DPO: TRL's loss of the log-ratio margin: sigmoid (DPO), ipo (on "
                                          "length-normalised log-ratios, as TRL), hinge (SLiC) or robust (Robust DPO)",
@@ -91,6 +92,11 @@ class TrainConfig:
                                      "(1 - alpha) x cross-entropy")
     distill_temperature: float = flag(1.0, "distill: the temperature T of both distributions in the KL (the table "
                                            "holds T = 1 log-probs, so any T reuses it)")
+    kto_beta: float = flag(0.1, "KTO: beta of 1 - sigmoid(beta * (log-ratio to the reference - KL estimate)) (TRL's "
+                                "KTOConfig.beta)")
+    kto_desirable_weight: float = flag(1.0, "KTO: the weight of a desirable sample's loss (TRL's desirable_weight)")
+    kto_undesirable_weight: float = flag(1.0, "KTO: the weight of an undesirable sample's loss (TRL's "
+                                              "undesirable_weight)")
     learning_rate: float = flag(1e-5, "peak learning rate")
     num_warmup_steps: int = flag(0, "linear warmup up to the learning rate over this many steps")
     lr_scheduler: str = flag("constant", "after warmup: constant, linear to 0 or cosine to 0 over the training steps",
@@ -377,7 +383,7 @@ def validate(config: TrainConfig, world_size: int, local_world_size: int, cuda: 
 def objective_problems(config: TrainConfig) -> list[str]:
     """The objective's own flags (DPO, SimPO, ORPO, reward models, distillation)."""
     problems = []
-    for name in ("dpo_beta", "simpo_beta"):
+    for name in ("dpo_beta", "simpo_beta", "kto_beta"):
         if not getattr(config, name) > 0:
             problems.append(f"--{name.replace('_', '-')} must be positive, got {getattr(config, name)}")
     if config.preference_sft_weight < 0:
@@ -394,6 +400,7 @@ def objective_problems(config: TrainConfig) -> list[str]:
         if config.eval_metric is not None:
             problems.append(f"--eval-metric {config.eval_metric} scores generated text; a reward model does not "
                             f"generate (its validation reports loss, accuracy and margin)")
+    problems += kto_problems(config)
     if config.orpo_lambda < 0:
         problems.append(f"--orpo-lambda must be >= 0, got {config.orpo_lambda}")
     problems += distill_problems(config)
@@ -427,6 +434,20 @@ def distill_problems(config: TrainConfig) -> list[str]:
     for name, asked in unsupported.items():
         if asked:
             problems.append(f"--objective distill does not support {name} yet; drop it")
+    return problems
+
+
+def kto_problems(config: TrainConfig) -> list[str]:
+    """KTO's weights, and what it does not support yet."""
+    problems = [f"--{name.replace('_', '-')} must be >= 0, got {getattr(config, name)}"
+                for name in ("kto_desirable_weight", "kto_undesirable_weight") if not getattr(config, name) >= 0]
+    if config.objective != "kto":
+        return problems
+    if config.preference_sft_weight:
+        problems.append("--preference-sft-weight is for dpo and simpo; kto has no SFT term")
+    if config.sequence_parallel_size > 1:
+        problems.append(f"--objective kto does not support --sequence-parallel-size {config.sequence_parallel_size} "
+                        f"yet (its KL pass over the step is not split); use --sequence-parallel-size 1")
     return problems
 
 

@@ -117,6 +117,7 @@ def synthetic_cache(objective, tokens: int):
     half = max(1, tokens // 2)
     cache = types.SimpleNamespace(offsets=np.array([0, tokens]), input_ids=ids, labels=ids.copy(),
                                   trained=np.array([tokens - 1]), chosen_lengths=np.array([half]),
+                                  desirable=np.array([True]),  # KTO: one sample (its KL pass is a no-grad forward)
                                   content_hash=f"memory-estimate-{tokens}", sources=None)
     if getattr(objective, "needs_reference", False):
         objective.reference[cache.content_hash] = np.zeros((1, 2))

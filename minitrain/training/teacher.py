@@ -146,7 +146,7 @@ def block_table(model, cache: TokenCache, indices: np.ndarray, row_starts: np.nd
     rows = int(row_starts[indices[-1] + 1]) - first
     ids = torch.zeros((rows, k), dtype=torch.int64, device=world.device)
     logprobs = torch.zeros((rows, k), dtype=torch.float32, device=world.device)
-    for mine, _ in sharded_pass(cache, indices, world, max_tokens):
+    for mine, _ in sharded_pass(cache.lengths, indices, world, max_tokens):
         pack = make_pack(cache, mine).to(world.device)
         with compute_autocast(model, world.device):
             top_ids, top_logprobs = model(pack.input_ids, pack.position_ids, pack.positions, pack.targets,
