@@ -5,9 +5,10 @@ with FSDP2 on torchrun.
         --batch-size 128 --max-tokens-per-gpu 16384 --max-epochs 3
 
 Reads top to bottom: the config (one dataclass; its fields are the flags) -> main() -> train(): data (token cache
-+ planner) -> model (minitrain/training/model.py: meta build, adapter, FSDP2, weights broadcast from rank 0) -> the loop:
-plan the step -> the objective's forward/backward over this rank's micro-steps -> clip -> optimizer step -> log ->
-the validator and the checkpointer, which decide for themselves whether this step is theirs.
++ planner) -> model (minitrain/training/model.py: meta build, adapter, FSDP2, each rank reads its shards of the
+weights, or of a resume's checkpoint when it holds every weight) -> the loop: plan the step -> the objective's
+forward/backward over this rank's micro-steps -> clip -> optimizer step -> log -> the validator and the
+checkpointer, which decide for themselves whether this step is theirs.
 
 The loss of a step (minitrain/training/objectives.py says what a unit is; SFT: a trained token; DPO, SimPO: a pair):
 
@@ -25,6 +26,7 @@ import signal
 import sys
 import time
 from dataclasses import asdict, dataclass, replace
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -35,7 +37,7 @@ from minitrain import atomic
 from minitrain.config_file import (
     ConfigFileError,
 )
-from minitrain.training import checkpoint, families, lora, sequence_parallel
+from minitrain.training import checkpoint, families, lora, reference, sequence_parallel
 from minitrain.training.checkpoint import (
     Checkpointer,
     CheckpointError,
@@ -227,30 +229,37 @@ def setup(config: TrainConfig, world: World) -> Run:
         state.data += f", {mixture.fingerprint()}"
     # Rank 0 chooses the checkpoint and checks it; every rank loads that one (a rank that looked for itself could
     # find another, e.g. one whose save completed while the others were looking).
-    resume, resumed_samples, error = None, 0, None
+    resume, resumed_samples, holds_weights, error = None, 0, False, None
     if world.is_main:
         resume = checkpoint.find_resume_point(config.output_dir, config.resume_from, config.fresh)
         try:
             resumed_samples = 0 if resume is None else checkpoint.check_resumable(resume, asdict(config), state.data)
+            holds_weights = resume is not None and checkpoint.holds_every_weight(resume)
         except CheckpointError as e:
             error = e
     raise_if_any_rank_failed(error, CheckpointError)
-    resume, resumed_samples = all_gather((resume, resumed_samples))[0]
+    resume, resumed_samples, holds_weights = all_gather((resume, resumed_samples, holds_weights))[0]
     if world.is_main:
         checkpoint.tidy_output_dir(config.output_dir, config.fresh, resume, resumed_samples)
 
     # Distillation: the teacher's top-k log-probs, computed by the teacher (loaded, run and freed before the student
     # loads) or read from disk
-    table_caches = list({id(c): c for c in (cache, data.validation_cache) if c is not None}.values())
-    attach_teachers(objective, table_caches, config, world)
-    model = build_model(config, world, lora.build_adapter(config))
+    caches = list({id(c): c for c in (cache, data.validation_cache) if c is not None}.values())
+    attach_teachers(objective, caches, config, world)
+    # A resume from a checkpoint that holds every weight reads none from the model folder (build_model decides),
+    # unless DPO's or KTO's reference table is missing: it is computed with the initial weights.
+    adapter = lora.build_adapter(config)
+    weights = None
+    if holds_weights and reference.tables_on_disk(objective, caches, config, world, adapter.base_weights):
+        weights = partial(checkpoint.load_weights, resume)
+    model = build_model(config, world, adapter, weights)
     trainable = sum(p.numel() for p in model.adapter.trainable_parameters(model))
     total = sum(lora.logical_numel(p) for p in model.parameters())
     base = f"; {model.adapter.base_weights}" if model.adapter.base_weights else ""
     print0(f"{model.adapter.name}: {trainable:,} of {total:,} parameters train ({100 * trainable / total:.2f}%){base}")
     # DPO: the reference log-probs, by the initial model (before a checkpoint's weights load; with LoRA, the base
     # model: the adapters are off), or read from disk
-    for reference_cache in table_caches:
+    for reference_cache in caches:
         attach_reference(objective, model, reference_cache, config, world)
     optimizer, scheduler = build_optimizer(config, model.adapter.trainable_parameters(model), total_steps)
     if resume is not None:
@@ -350,7 +359,8 @@ def load_datasets(config: TrainConfig, world: World, hf_config, tokenizer, objec
 
 def restore(resume: Path, model, optimizer, scheduler, validator, state: RunState, world: World) -> None:
     """The model, optimizer, scheduler, validator and counters of checkpoint `resume`."""
-    saved = checkpoint.load(resume, model, optimizer, scheduler)
+    loaded = getattr(model, "weights_from_checkpoint", False)  # build_model read the checkpoint's weights already
+    saved = checkpoint.load(resume, model, optimizer, scheduler, weights=not loaded)
     state.step, state.samples_seen = saved["step"], saved["samples_seen"]
     state.last_export_samples = saved["last_export_samples"]
     state.source_samples = saved.get("source_samples")

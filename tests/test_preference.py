@@ -445,7 +445,9 @@ def test_dpo_starts_at_log_2_learns_the_pairs_and_reuses_its_reference_on_resume
     assert len(tables) == 1
     written = tables[0].stat().st_mtime_ns
 
-    # Resume for two more steps: the table is read, not recomputed.
+    # Resume for two more steps: the table is read, not recomputed, and the model is the checkpoint's alone.
+    import numpy as np
+
     import train
 
     capsys.readouterr()
@@ -453,10 +455,19 @@ def test_dpo_starts_at_log_2_learns_the_pairs_and_reuses_its_reference_on_resume
     stdout = capsys.readouterr().out
     assert code == 0
     assert "resumed from" in stdout and f"reference log-probs: reused {tables[0]}" in stdout
-    assert "computing" not in stdout
+    assert "computing" not in stdout and "weights: the checkpoint's; none is read" in stdout
     assert tables[0].stat().st_mtime_ns == written
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == list(range(1, 13))
+
+    # Without its table a resume reads the initial weights to compute it again (the checkpoint's are trained ones):
+    # the same table as the first run's.
+    table = np.load(tables[0])
+    tables[0].unlink()
+    code = train.main(dpo_args(tmp_path, model_dir, data, 13))
+    stdout = capsys.readouterr().out
+    assert code == 0 and "reference log-probs: computing" in stdout and "weights: the checkpoint's" not in stdout
+    assert np.array_equal(np.load(tables[0]), table)
 
     from minitrain.tools import plot_run
 

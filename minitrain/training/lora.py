@@ -121,6 +121,7 @@ class LoRA(FullFineTuning):
     merged model. Loading, sharding and trainable_parameters (what requires grad) are full fine-tuning's."""
 
     name = "lora"
+    checkpoint_holds_weights = False  # the adapters only: a resume reads the frozen base from the model folder
 
     def __init__(self, config):
         self.config = config

@@ -18,9 +18,10 @@ folder) and the model (its config and weight files, by name, size and modificati
 
     <output-dir>/token_cache/<data cache>/reference_logps-<key>.npy       (KTO: reference_logps-kto-<key>.npy)
 
-A later run or a resumed one finds it and reads it instead of recomputing. Resuming needs no special case: the
-table is attached in setup() after the model is built and BEFORE a checkpoint's weights are loaded into it, so
-even a recomputation uses the initial weights.
+A later run or a resumed one finds it and reads it instead of recomputing. The table is attached in setup() after
+the model is built and BEFORE a checkpoint's weights are loaded into it, so even a recomputation uses the initial
+weights; a resume builds its model from the checkpoint alone (reading no weight of the model folder) only when
+`tables_on_disk` finds every table it needs.
 """
 
 import hashlib
@@ -36,6 +37,7 @@ import torch.distributed as dist
 from minitrain import atomic
 from minitrain.training.data import TokenCache
 from minitrain.training.distributed import World, compute_autocast, print0, reshard
+from minitrain.training.families import ModelError
 from minitrain.training.objectives import make_pair_pack, sequence_logps
 from minitrain.training.validation import plan_validation
 
@@ -136,21 +138,40 @@ def compute_reference_logps(model: torch.nn.Module, cache: TokenCache, world: Wo
     return table.cpu().numpy()
 
 
+def read_table(cache: TokenCache, path: Path) -> np.ndarray | None:
+    """The table of `cache` saved at `path`, or None when there is none of its shape."""
+    if not path.is_file():
+        return None
+    table = np.load(path)
+    return table if table.shape == (len(cache), 2) else None
+
+
+def tables_on_disk(objective, caches: list[TokenCache], config, world: World, base_weights: str = "") -> bool:
+    """Collective: whether every rank can read the reference table of each of `caches` that `objective` needs
+    (True for objectives without a reference): a resume may then build its model from the checkpoint alone, without
+    the initial weights a missing table is computed with."""
+    if not getattr(objective, "needs_reference", False):
+        return True
+    key = model_key(config.model_name_or_path, world.device.type, base_weights)
+    tag = getattr(objective, "reference_tag", "")
+    return on_every_rank(all(read_table(c, reference_file(c, key, tag)) is not None for c in caches), world)
+
+
 def attach_reference(objective, model: torch.nn.Module, cache: TokenCache, config, world: World) -> None:
     """Give `objective` the reference log-probs of `cache`: read from its file, or computed now and written there.
-    Collective; a no-op for objectives without a reference (SimPO, SFT)."""
+    Collective; a no-op for objectives without a reference (SimPO, SFT). A model built from a resume's checkpoint
+    (model.weights_from_checkpoint) holds trained weights, not the initial ones: it never computes a table."""
     if not getattr(objective, "needs_reference", False) or cache.content_hash in objective.reference:
         return
     path = reference_file(cache, model_key(config.model_name_or_path, world.device.type, model.adapter.base_weights),
                           getattr(objective, "reference_tag", ""))
-    table = None
-    if path.is_file():
-        table = np.load(path)
-        if table.shape != (len(cache), 2):
-            table = None
+    table = read_table(cache, path)
     # Every rank must take the same branch (computing is collective): all use the file only if all can read it.
     if on_every_rank(table is not None, world):
         print0(f"reference log-probs: reused {path}")
+    elif getattr(model, "weights_from_checkpoint", False):
+        raise ModelError(f"{path}: gone since this resume found it, and the model holds the checkpoint's weights, "
+                         f"not the initial ones it is computed with; run the same command again")
     else:
         print0(f"reference log-probs: computing {len(cache)} {objective.unit} with the initial model")
         table = compute_reference_logps(model, cache, world, config.max_tokens_per_gpu,
