@@ -134,7 +134,7 @@ def simulate(config, rows: list[int], world_size: int, cuda: bool, make_optimize
     from torch.testing._internal.distributed.fake_pg import FakeStore
     from transformers import AutoConfig
 
-    from minitrain.training import attention, families, lora
+    from minitrain.training import attention, families, lora, reward
     from minitrain.training.distributed import World
     from minitrain.training.model import assemble, device_mesh, shard_model
     from minitrain.training.objectives import build_objective
@@ -163,14 +163,8 @@ def simulate(config, rows: list[int], world_size: int, cuda: bool, make_optimize
         mesh = device_mesh(config.fsdp_sharding_strategy, world, shard_group_size, "cpu")  # before the fake mode
         # As on ranks > 0 of a run: built on the meta device, adapted and sharded there, then given (fake) storage
         with torch.device("meta"):
-            if getattr(config, "objective", "sft") == "reward":  # the score head instead of the LM head
-                from minitrain.training import reward
-
-                lm = reward.score_class(hf_config)._from_config(reward.score_config(hf_config), dtype=torch.float32,
-                                                                attn_implementation=attn)
-            else:
-                lm = families.auto_class(hf_config).from_config(hf_config, dtype=torch.float32,
-                                                                attn_implementation=attn)
+            auto, built_config = reward.model_class(config, hf_config)  # a reward model: the score head, no LM head
+            lm = reward.from_config(auto, built_config, dtype=torch.float32, attn_implementation=attn)
         model = assemble(lm, run, adapter, hf_config)
         # One rank unsharded runs without FSDP; FSDP over one rank holds the same weights, plus the gathered bf16
         # copies autocast would make.
