@@ -716,6 +716,26 @@ def test_bad_pair_rows_name_file_and_line(tmp_path, capsys, tiny_model_dir, obje
     assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
 
 
+def test_train_py_stops_on_a_bad_pair_row_with_one_line_on_stderr(tmp_path, tiny_model_dir):
+    """As a user runs it (a fresh process): nothing else on stderr before the line (the memory estimate's module
+    tracker printed a torch warning there in every run)."""
+    import os
+    import subprocess
+
+    data = tmp_path / "pairs.jsonl"
+    good = read_pairs(write_pairs(data, 1))[0]
+    data.write_text(json.dumps(good) + "\n" + json.dumps(BAD_PAIR_ROWS["empty_side"][0]) + "\n")
+    from tests.test_train import ROOT, base_args
+
+    run = subprocess.run([sys.executable, "train.py", *base_args(tmp_path, tiny_model_dir("llama"), data),
+                          "--objective", "reward"], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert run.returncode == 2, run.stderr[-3000:]
+    assert run.stderr.strip().splitlines() == [
+        f"train.py: error: {data}:2: 'rejected_input_ids' must be a non-empty list of integers (flat, no booleans); "
+        f"re-run process_data.py to produce input_ids/labels/len rows"], run.stderr
+
+
 def test_a_pair_with_a_side_that_trains_nothing_is_dropped_and_counted(tmp_path):
     from minitrain.training.data import (
         build_token_cache,

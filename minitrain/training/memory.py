@@ -26,6 +26,7 @@ reason --max-tokens-per-gpu auto keeps MARGIN of the device free; QLoRA's 4-bit 
 (the base's block linears counted at 4.5 bits per weight, whole on every rank, instead of sharded fp32).
 """
 
+import contextlib
 import json
 import types
 from dataclasses import dataclass, replace
@@ -183,7 +184,7 @@ def simulate(config, rows: list[int], world_size: int, cuda: bool, make_optimize
                     step(model, objective, pack, cache, indices, optimizer)
                     continue
                 tracker.reset_mod_stats()  # each tracked step on its own
-                with tracker:
+                with tracker, quiet_module_tracking():
                     step(model, objective, pack, cache, indices, optimizer)
                 snapshot = next(iter(tracker.get_tracker_snapshot("peak").values()))
                 parts = dict.fromkeys(PARTS, 0)
@@ -196,6 +197,24 @@ def simulate(config, rows: list[int], world_size: int, cuda: bool, make_optimize
             return results
     finally:
         dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def quiet_module_tracking():
+    """torch's module tracker (under FSDPMemTracker) warns "The module hierarchy tracking maybe be messed up" when a
+    module starts while one of the same name is still running (seen: modules named `Func` inside each block's
+    attention). It files memory by module, which the estimate does not read (only the totals). The warning, printed
+    before anything else, made a run that stops on a bad data row say two lines instead of one; torch also replaces
+    warnings.formatwarning as it warns. Both are kept to this step."""
+    import warnings
+
+    formatwarning = warnings.formatwarning
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The module hierarchy tracking maybe be messed up")
+        try:
+            yield
+        finally:
+            warnings.formatwarning = formatwarning
 
 
 def step(model, objective, pack, cache, indices, optimizer) -> None:
