@@ -208,9 +208,10 @@ def build_model(config, world: World, adapter: FullFineTuning | None = None) -> 
     hf_config = AutoConfig.from_pretrained(config.model_name_or_path)
     model_class = families.causal_lm_class(hf_config)
     attn = families.attention_implementation(model_class, world.device, config.attn_implementation, hf_config)
-    # AutoModelForCausalLM, AutoModelForSeq2SeqLM for T5, BART, ..., or a reward model's XForSequenceClassification
-    auto, hf_config = reward.model_class(config, hf_config)
+    auto = families.auto_class(hf_config)  # AutoModelForCausalLM, or AutoModelForSeq2SeqLM for T5, BART, ...
     scores = getattr(config, "objective", "sft") == "reward"
+    if scores:  # the family's XForSequenceClassification, one label; a causal LM's folder leaves `score` new
+        auto, hf_config = reward.score_class(hf_config), reward.score_config(hf_config)
     loaded_config = {"config": hf_config} if scores else {}
     seq2seq = hf_config.is_encoder_decoder
     sp_size = getattr(config, "sequence_parallel_size", 1)
@@ -242,7 +243,8 @@ def build_model(config, world: World, adapter: FullFineTuning | None = None) -> 
     else:
         # No rank allocates anything until sharding; then each fills its shards (loading.py).
         with torch.device("meta"):
-            lm = reward.from_config(auto, hf_config, dtype=torch.float32, attn_implementation=attn)
+            lm = (auto._from_config if scores else auto.from_config)(hf_config, dtype=torch.float32,
+                                                                       attn_implementation=attn)
     if config.use_liger_kernels and world.device.type == "cuda":
         apply_liger_model_kernels(lm)
     if sp_size > 1:
