@@ -394,9 +394,6 @@ def objective_problems(config: TrainConfig) -> list[str]:
     if config.objective == "reward":
         if config.reward_center_coefficient < 0:
             problems.append(f"--reward-center-coefficient must be >= 0, got {config.reward_center_coefficient}")
-        if config.lora:
-            problems.append("--objective reward trains the whole model and its new score head; --lora is not "
-                            "supported with it yet")
         if config.eval_metric is not None:
             problems.append(f"--eval-metric {config.eval_metric} scores generated text; a reward model does not "
                             f"generate (its validation reports loss, accuracy and margin)")

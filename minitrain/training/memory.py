@@ -26,6 +26,7 @@ reason --max-tokens-per-gpu auto keeps MARGIN of the device free; QLoRA's 4-bit 
 (the base's block linears counted at 4.5 bits per weight, whole on every rank, instead of sharded fp32).
 """
 
+import contextlib
 import json
 import types
 from dataclasses import dataclass, replace
@@ -140,7 +141,7 @@ def simulate(config, rows: list[int], world_size: int, cuda: bool, make_optimize
     from torch.testing._internal.distributed.fake_pg import FakeStore
     from transformers import AutoConfig
 
-    from minitrain.training import attention, families, lora
+    from minitrain.training import attention, families, lora, reward
     from minitrain.training.distributed import World
     from minitrain.training.model import assemble, device_mesh, shard_model
     from minitrain.training.objectives import build_objective
@@ -169,14 +170,8 @@ def simulate(config, rows: list[int], world_size: int, cuda: bool, make_optimize
         mesh = device_mesh(config.fsdp_sharding_strategy, world, shard_group_size, "cpu")  # before the fake mode
         # As on ranks > 0 of a run: built on the meta device, adapted and sharded there, then given (fake) storage
         with torch.device("meta"):
-            if getattr(config, "objective", "sft") == "reward":  # the score head instead of the LM head
-                from minitrain.training import reward
-
-                lm = reward.score_class(hf_config)._from_config(reward.score_config(hf_config), dtype=torch.float32,
-                                                                attn_implementation=attn)
-            else:
-                lm = families.auto_class(hf_config).from_config(hf_config, dtype=torch.float32,
-                                                                attn_implementation=attn)
+            auto, built_config = reward.model_class(config, hf_config)  # a reward model: the score head, no LM head
+            lm = reward.from_config(auto, built_config, dtype=torch.float32, attn_implementation=attn)
         model = assemble(lm, run, adapter, hf_config)
         # One rank unsharded runs without FSDP; FSDP over one rank holds the same weights, plus the gathered bf16
         # copies autocast would make.
@@ -195,7 +190,7 @@ def simulate(config, rows: list[int], world_size: int, cuda: bool, make_optimize
                     step(model, objective, pack, cache, indices, optimizer)
                     continue
                 tracker.reset_mod_stats()  # each tracked step on its own
-                with tracker:
+                with tracker, quiet_module_tracking():
                     step(model, objective, pack, cache, indices, optimizer)
                 snapshot = next(iter(tracker.get_tracker_snapshot("peak").values()))
                 parts = dict.fromkeys(PARTS, 0)
@@ -208,6 +203,24 @@ def simulate(config, rows: list[int], world_size: int, cuda: bool, make_optimize
             return results
     finally:
         dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def quiet_module_tracking():
+    """torch's module tracker (under FSDPMemTracker) warns "The module hierarchy tracking maybe be messed up" when a
+    module starts while one of the same name is still running (seen: modules named `Func` inside each block's
+    attention). It files memory by module, which the estimate does not read (only the totals). The warning, printed
+    before anything else, made a run that stops on a bad data row say two lines instead of one; torch also replaces
+    warnings.formatwarning as it warns. Both are kept to this step."""
+    import warnings
+
+    formatwarning = warnings.formatwarning
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The module hierarchy tracking maybe be messed up")
+        try:
+            yield
+        finally:
+            warnings.formatwarning = formatwarning
 
 
 def step(model, objective, pack, cache, indices, optimizer) -> None:
