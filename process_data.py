@@ -18,7 +18,8 @@ that crosses from untrained into trained text (a BPE merge across the separator)
 trained token never carries prompt text.
 
 Preference rows ({"chosen", "rejected"} or {"prompt", "chosen", "rejected"}, for DPO/SimPO) become pair rows:
-see minitrain/prepare/preference.py.
+see minitrain/prepare/preference.py. Labelled rows ({"prompt", "completion", "label"} or {"messages", "label"}, for
+KTO) become samples with their `label`: see minitrain/prepare/unpaired.py.
 
 Encoder-decoder models (T5, BART, ...: the config's is_encoder_decoder) take pair rows only and write seq2seq rows
 (minitrain/prepare/seq2seq_rows.py): {"input_ids": tokenizer(--source-prefix + source) with its special tokens, "labels":

@@ -5,9 +5,10 @@ with FSDP2 on torchrun.
         --batch-size 128 --max-tokens-per-gpu 16384 --max-epochs 3
 
 Reads top to bottom: the config (one dataclass; its fields are the flags) -> main() -> train(): data (token cache
-+ planner) -> model (minitrain/training/model.py: meta build, adapter, FSDP2, weights broadcast from rank 0) -> the loop:
-plan the step -> the objective's forward/backward over this rank's micro-steps -> clip -> optimizer step -> log ->
-the validator and the checkpointer, which decide for themselves whether this step is theirs.
++ planner) -> model (minitrain/training/model.py: meta build, adapter, FSDP2, each rank reads its shards of the
+weights, or of a resume's checkpoint when it holds every weight) -> the loop: plan the step -> the objective's
+forward/backward over this rank's micro-steps -> clip -> optimizer step -> log -> the validator and the
+checkpointer, which decide for themselves whether this step is theirs.
 
 The loss of a step (minitrain/training/objectives.py says what a unit is; SFT: a trained token; DPO, SimPO: a pair):
 
@@ -25,6 +26,7 @@ import signal
 import sys
 import time
 from dataclasses import asdict, dataclass, replace
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -35,7 +37,7 @@ from minitrain import atomic
 from minitrain.config_file import (
     ConfigFileError,
 )
-from minitrain.training import checkpoint, families, lora, sequence_parallel
+from minitrain.training import checkpoint, families, lora, reference, sequence_parallel
 from minitrain.training.checkpoint import (
     Checkpointer,
     CheckpointError,
@@ -62,9 +64,10 @@ from minitrain.training.model import (
     ModelError,
     build_model,
 )
-from minitrain.training.objectives import build_objective
+from minitrain.training.objectives import build_objective, metric_means, metric_sums
 from minitrain.training.reference import attach_reference
 from minitrain.training.run_log import RunLog
+from minitrain.training.teacher import attach_teachers, check_teacher
 from minitrain.training.validation import (
     ValidationError,
     Validator,
@@ -115,7 +118,8 @@ def count_total_steps(config: TrainConfig, planner: MultipackPlanner) -> int | N
 def forward_backward(model, objective, cache: TokenCache, packs: list[np.ndarray], step_units: int,
                      world_size: int, device: torch.device, source_ce: torch.Tensor | None = None) -> torch.Tensor:
     """Accumulate the gradient of this step's loss over this rank's micro-steps; return the local sums,
-    (1 + len(objective.metrics),): the loss sum, then the sum of each of the objective's metrics.
+    (1 + metric_sums(objective),): the loss sum, then the sum of each of the objective's metrics (or `sums`).
+    Collective when the objective has a `begin_step` (KTO's KL estimate over the step, run first).
 
     The step's loss is  L = (1 / N) * sum over every rank, micro-step and unit of the objective's loss,
     with N = `step_units`, the units (SFT: trained tokens or samples; DPO/SimPO: pairs) of the WHOLE step (all
@@ -129,15 +133,18 @@ def forward_backward(model, objective, cache: TokenCache, packs: list[np.ndarray
     `source_ce` (a mixture's metrics, not the loss): each file's CE sum over this rank's trained tokens is added.
     """
     scale = world_size / step_units
-    local_sums = torch.zeros(1 + len(objective.metrics), device=device)
+    begin_step = getattr(objective, "begin_step", None)  # KTO: the step's KL estimate, before any of its losses
+    if begin_step is not None:
+        begin_step(model, cache, packs, device)
+    local_sums = torch.zeros(1 + metric_sums(objective), device=device)
     for indices in packs:
         pack = objective.pack(cache, indices).to(device)
         rows = None if source_ce is None else torch.zeros(len(pack.targets), device=device)
         with compute_autocast(model, device):
-            loss_sum, metric_sums = objective.loss_sum(model, pack, cache, indices, rows)
+            loss_sum, sums = objective.loss_sum(model, pack, cache, indices, rows)
         (loss_sum * scale).backward()
         local_sums[0] += loss_sum.detach()
-        local_sums[1:] += metric_sums
+        local_sums[1:] += sums
         if rows is not None and len(indices):
             of_target = cache.sources[np.asarray(indices, dtype=np.int64)][pack.sample_of_target]
             source_ce.index_add_(0, torch.from_numpy(of_target).to(device), rows)
@@ -194,6 +201,8 @@ def setup(config: TrainConfig, world: World) -> Run:
                           "first block's position bias, training and evaluation) beyond torch.compile's recompile "
                           "limit, so it would run eager without saying so; drop --compile")
     objective = build_objective(config, hf_config)  # an encoder-decoder trains on padded source-target batches
+    if getattr(objective, "needs_teacher", False):  # distillation: the teacher's token ids must be the student's
+        check_teacher(config, hf_config, tokenizer)
     positions = getattr(objective, "max_positions", None)
     generates = config.eval_metric is not None or config.num_eval_generations > 0
     if positions is not None and generates and config.eval_max_new_tokens >= positions:
@@ -220,26 +229,37 @@ def setup(config: TrainConfig, world: World) -> Run:
         state.data += f", {mixture.fingerprint()}"
     # Rank 0 chooses the checkpoint and checks it; every rank loads that one (a rank that looked for itself could
     # find another, e.g. one whose save completed while the others were looking).
-    resume, resumed_samples, error = None, 0, None
+    resume, resumed_samples, holds_weights, error = None, 0, False, None
     if world.is_main:
         resume = checkpoint.find_resume_point(config.output_dir, config.resume_from, config.fresh)
         try:
             resumed_samples = 0 if resume is None else checkpoint.check_resumable(resume, asdict(config), state.data)
+            holds_weights = resume is not None and checkpoint.holds_every_weight(resume)
         except CheckpointError as e:
             error = e
     raise_if_any_rank_failed(error, CheckpointError)
-    resume, resumed_samples = all_gather((resume, resumed_samples))[0]
+    resume, resumed_samples, holds_weights = all_gather((resume, resumed_samples, holds_weights))[0]
     if world.is_main:
         checkpoint.tidy_output_dir(config.output_dir, config.fresh, resume, resumed_samples)
 
-    model = build_model(config, world, lora.build_adapter(config))
+    # Distillation: the teacher's top-k log-probs, computed by the teacher (loaded, run and freed before the student
+    # loads) or read from disk
+    caches = list({id(c): c for c in (cache, data.validation_cache) if c is not None}.values())
+    attach_teachers(objective, caches, config, world)
+    # A resume from a checkpoint that holds every weight reads none from the model folder (build_model decides),
+    # unless DPO's or KTO's reference table is missing: it is computed with the initial weights.
+    adapter = lora.build_adapter(config)
+    weights = None
+    if holds_weights and reference.tables_on_disk(objective, caches, config, world, adapter.base_weights):
+        weights = partial(checkpoint.load_weights, resume)
+    model = build_model(config, world, adapter, weights)
     trainable = sum(p.numel() for p in model.adapter.trainable_parameters(model))
     total = sum(lora.logical_numel(p) for p in model.parameters())
     base = f"; {model.adapter.base_weights}" if model.adapter.base_weights else ""
     print0(f"{model.adapter.name}: {trainable:,} of {total:,} parameters train ({100 * trainable / total:.2f}%){base}")
     # DPO: the reference log-probs, by the initial model (before a checkpoint's weights load; with LoRA, the base
     # model: the adapters are off), or read from disk
-    for reference_cache in {id(c): c for c in (cache, data.validation_cache) if c is not None}.values():
+    for reference_cache in caches:
         attach_reference(objective, model, reference_cache, config, world)
     optimizer, scheduler = build_optimizer(config, model.adapter.trainable_parameters(model), total_steps)
     if resume is not None:
@@ -312,8 +332,11 @@ def load_datasets(config: TrainConfig, world: World, hf_config, tokenizer, objec
     caches = [load_data(config, world, hf_config.vocab_size, path=s.path, writer=writer) for s in sources]
     for source, source_cache in zip(sources, caches):
         objective.check(source_cache, source.path)
-    if len(caches) > 1 and caches[0].pairs:
-        raise ConfigError("--data-path: mixtures of preference pairs are not supported yet; train on one file")
+    if len(caches) > 1 and (caches[0].pairs or caches[0].unpaired):
+        what = "preference pairs" if caches[0].pairs else "labelled (KTO) samples"
+        raise ConfigError(f"--data-path: mixtures of {what} are not supported yet; train on one file")
+    if len(caches) > 1 and getattr(objective, "needs_teacher", False):
+        raise ConfigError("--data-path: --objective distill does not support mixtures yet; train on one file")
     cache = concat_caches(caches)
     train_indices, held_out, validation_cache = None, None, None
     if config.validation_split is not None:
@@ -336,7 +359,8 @@ def load_datasets(config: TrainConfig, world: World, hf_config, tokenizer, objec
 
 def restore(resume: Path, model, optimizer, scheduler, validator, state: RunState, world: World) -> None:
     """The model, optimizer, scheduler, validator and counters of checkpoint `resume`."""
-    saved = checkpoint.load(resume, model, optimizer, scheduler)
+    loaded = getattr(model, "weights_from_checkpoint", False)  # build_model read the checkpoint's weights already
+    saved = checkpoint.load(resume, model, optimizer, scheduler, weights=not loaded)
     state.step, state.samples_seen = saved["step"], saved["samples_seen"]
     state.last_export_samples = saved["last_export_samples"]
     state.source_samples = saved.get("source_samples")
@@ -376,7 +400,8 @@ def loop(run: Run, stop: StopSignals) -> None:
             if router_aux is not None:
                 dist.all_reduce(router_aux)
         # the loss includes router_aux_loss_coef x router_aux_loss where there is one
-        loss, *metrics = (value / step_units for value in sums.tolist())
+        loss, *metrics = sums.tolist()
+        loss, metrics = loss / step_units, metric_means(run.objective, metrics, step_units)
         grad_norm = clip_gradients(run.model, config.max_grad_norm)
         if not (math.isfinite(loss) and math.isfinite(grad_norm)):
             raise TrainingError(
@@ -402,7 +427,7 @@ def loop(run: Run, stop: StopSignals) -> None:
             "tokens": step_tokens,
             "trained_tokens": int(cache.trained[all_indices].sum()),
             **({"pairs": step_units} if cache.pairs else {}),
-            **dict(zip(run.objective.metrics, metrics)),  # the objective's, e.g. DPO's rewards/chosen
+            **metrics,  # the objective's, e.g. DPO's rewards/chosen
             "micro_steps": plan.num_micro_steps,
             "packing_utilisation": step_tokens / (plan.num_micro_steps * world.world_size * config.max_tokens_per_gpu),
             **padding_record(cache, plan.micro_batches, step_tokens),

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tests.test_preference import read_pairs, reward_model_dir, reward_pair_loss, write_pairs
 from tests.test_resume import Job, metrics
 from tests.test_resume import run_main as run_main_with_output
 from tests.test_train import base_args, run_main, write_data
@@ -439,6 +440,214 @@ def test_killed_two_rank_run_resumes_on_one_process_to_the_same_losses(tmp_path,
     assert a.keys() == b.keys()
     for name in a:  # float32 rounding of reductions in another order, through 4 Adam steps of lr 1e-2
         assert (a[name] - b[name]).abs().max().item() < 1e-5, name
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Reward models (--objective reward --lora): adapters on the base, the new score head a fully trained copy (peft's
+# SEQ_CLS modules_to_save); the truth is transformers' one-label sequence classifier with peft's own LoRA layers,
+# each sequence scored alone, TRL's loss per pair.
+
+
+def peft_reward_reference(model_dir, trainable: dict, quantization=None):
+    """The one-label sequence classifier as transformers loads it from `model_dir` (4-bit when `quantization` is a
+    BitsAndBytesConfig), with peft's LoRA (all-linear, r 4, alpha 8, no dropout, task SEQ_CLS: the score head wrapped
+    in a trained copy) whose trainable tensors are set to `trainable` ({name in the trainer's model: tensor}, every
+    trainable tensor, the score copy included)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForSequenceClassification
+
+    quantized = {} if quantization is None else {"quantization_config": quantization, "device_map": {"": "cpu"}}
+    base = AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=1, dtype=torch.float32,
+                                                              **quantized)
+    peft = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules="all-linear",
+                                           task_type="SEQ_CLS"))
+    params = dict(peft.named_parameters())
+    assert sorted(n for n, p in params.items() if p.requires_grad) == sorted(PEFT_PREFIX + n for n in trainable)
+    with torch.no_grad():
+        for name, value in trainable.items():
+            params[PEFT_PREFIX + name].copy_(value)
+    return peft
+
+
+def scores(lm, pairs: list[dict]) -> list[list[float]]:
+    """[[s(chosen), s(rejected)] of each pair]: each sequence alone through the classifier's own forward."""
+    import torch
+
+    with torch.no_grad():
+        return [[lm(input_ids=torch.tensor([row[f"{side}_input_ids"]])).logits[0, 0].item()
+                 for side in ("chosen", "rejected")] for row in pairs]
+
+
+def reward_lora_config(data, model_dir, out, **overrides):
+    import train
+
+    # lora-init random: B starts non-zero, so both factors have a gradient to compare
+    flags = {"batch_size": 6, "max_tokens_per_gpu": 128, "activation_checkpointing": False, "objective": "reward",
+             "reward_center_coefficient": 0.05, "lora": True, "lora_r": 4, "lora_alpha": 8.0, "lora_dropout": 0.0,
+             "lora_init": "random", "save_dtype": "float32"}
+    return train.TrainConfig(data_path=str(data), model_name_or_path=str(model_dir), output_dir=str(out),
+                             **{**flags, **overrides})
+
+
+def test_reward_lora_loss_and_gradients_equal_peft_on_hugging_faces_classifier_per_pair(tmp_path, tiny_model_dir):
+    import torch
+    from transformers import AutoConfig
+
+    import train
+    from minitrain.training.data import load_data
+    from minitrain.training.distributed import World
+    from minitrain.training.lora import build_adapter
+    from minitrain.training.model import build_model
+    from minitrain.training.objectives import build_objective
+
+    data = write_pairs(tmp_path / "pairs.jsonl", 6, seed=7)
+    pairs = read_pairs(data)
+    for k, margin in ((1, 0.75), (4, -0.5)):
+        pairs[k]["margin"] = margin
+    data.write_text("".join(json.dumps(r) + "\n" for r in pairs))
+    pad = pairs[0]["chosen_input_ids"][-1]  # a pad id that ends a sequence: its score is read one token earlier
+    model_dir = reward_model_dir(tiny_model_dir("qwen2"), tmp_path / "rm", pad_token_id=pad)
+    config = reward_lora_config(data, model_dir, tmp_path / "o")
+    single = World(0, 0, 1, 1, torch.device("cpu"))
+    cache = load_data(config, single, vocab_size=10**6)
+    model = build_model(config, single, build_adapter(config))
+    objective = build_objective(config, AutoConfig.from_pretrained(model_dir))
+    trainable = {n: p.detach().clone() for n, p in model.lm.named_parameters() if p.requires_grad}
+    # the adapters, and the score head trained in full (a copy; peft keeps the original frozen beside it)
+    assert all(".lora_A." in n or ".lora_B." in n for n in trainable if n != "score.modules_to_save.default.weight")
+    assert len(trainable) == 2 * 7 * 2 + 1
+    truth = peft_reward_reference(model_dir, trainable)
+    want_loss = reward_pair_loss(truth, pairs, center=0.05)
+    want_loss.backward()
+    want = {n.removeprefix(PEFT_PREFIX): p.grad for n, p in truth.named_parameters() if p.requires_grad}
+    assert min(g.abs().max().item() for g in want.values()) > 0  # every trainable tensor has a gradient to compare
+    for packs in ([np.arange(6)], [np.array([4, 0]), np.array([], int), np.array([5, 1, 2, 3])]):
+        model.zero_grad(set_to_none=True)
+        sums = train.forward_backward(model, objective, cache, packs, 6, 1, single.device)
+        grads = {n: p.grad for n, p in model.lm.named_parameters() if p.grad is not None}
+        assert sums[0].item() / 6 == pytest.approx(want_loss.item(), rel=1e-6), packs
+        assert sorted(grads) == sorted(want)  # nothing frozen has a gradient
+        rel = max(((grads[n] - g).abs().max() / g.abs().max()).item() for n, g in want.items())
+        assert rel < 1e-5, (packs, rel)
+
+
+def test_a_reward_model_with_lora_trains_and_both_exports_score_pairs_as_the_live_model(tmp_path, tiny_model_dir,
+                                                                                       capsys):
+    import torch
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    from transformers import AutoModelForSequenceClassification
+
+    model_dir = tiny_model_dir("llama")  # a causal LM: the score head is new, and trains in full beside the adapters
+    data = write_pairs(tmp_path / "pairs.jsonl", 8, seed=3, learnable=True)
+    held = read_pairs(write_pairs(tmp_path / "held.jsonl", 3, seed=9, learnable=True))
+    out = tmp_path / "out"
+    run = run_in_process([
+        "--data-path", str(data), "--model-name-or-path", str(model_dir), "--output-dir", str(out),
+        "--objective", "reward", "--batch-size", "4", "--max-tokens-per-gpu", "64", "--max-steps", "6",
+        "--learning-rate", "5e-3", "--validation-data-path", str(tmp_path / "held.jsonl"), "--eval-every-samples",
+        "24", "--save-dtype", "float32", *lora_flags("--lora-dropout", "0")])
+    records = metrics(out)
+    assert records[-1]["loss"] < records[0]["loss"] - 0.1 and records[-1]["accuracy"] == 1.0
+    final = out / "hf_format" / "samples_24"
+    run.model.eval()
+    live = scores(run.model.lm, held)
+    head = run.model.lm.score
+    assert (head.modules_to_save["default"].weight - head.original_module.weight).abs().max() > 1e-3  # it trained
+    # The merged export: a plain one-label sequence classifier that scores each pair as the live model.
+    merged = AutoModelForSequenceClassification.from_pretrained(final, dtype=torch.float32)
+    assert merged.config.architectures[0].endswith("ForSequenceClassification") and merged.config.num_labels == 1
+    assert not any("lora" in k or "modules_to_save" in k for k in merged.state_dict())
+    assert np.abs(np.array(scores(merged, held)) - live).max() < LOGITS_TOLERANCE
+    margins = [c - r for c, r in live]
+    assert records[-1]["validation_margin"] == pytest.approx(np.mean(margins), rel=1e-4, abs=1e-5)
+    base = AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=1, dtype=torch.float32)
+    base.score.weight.data.copy_(merged.score.weight)  # the trained head alone does not give the live scores:
+    assert np.abs(np.array(scores(base, held)) - live).max() > 1e-3  # the adapters changed the base
+    # The adapter folder: PEFT's, with the trained score head; on the base (whose score head is new) it scores as
+    # the live model.
+    adapter_config = json.loads((final / "adapter" / "adapter_config.json").read_text())
+    assert adapter_config["task_type"] == "SEQ_CLS" and "score" in adapter_config["modules_to_save"]
+    assert any(".score." in k for k in load_file(final / "adapter" / "adapter_model.safetensors"))
+    base = AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=1, dtype=torch.float32)
+    adapter = PeftModel.from_pretrained(base, final / "adapter")
+    assert np.abs(np.array(scores(adapter, held)) - live).max() < LOGITS_TOLERANCE
+
+
+def reward_lora_worker(model_dir: str, data_path: str, out_dir: str) -> None:
+    """Under torchrun: reward + LoRA on 2 FSDP2 ranks with skewed micro-steps (gradients of the adapters and the
+    score copy against peft's per-pair truth), then one step and the export each rank writes its shards of."""
+    import torch
+    import torch.distributed as dist
+    from torch.distributed.tensor import DTensor
+    from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+
+    import train
+    from minitrain.training.checkpoint import save_export
+    from minitrain.training.data import load_data
+    from minitrain.training.distributed import cleanup_distributed, init_distributed
+    from minitrain.training.lora import build_adapter
+    from minitrain.training.model import build_model
+    from minitrain.training.objectives import build_objective
+
+    world = init_distributed("auto")
+    config = reward_lora_config(data_path, model_dir, out_dir, fsdp_sharding_strategy="FULL_SHARD", batch_size=8)
+    cache = load_data(config, world, vocab_size=10**6)
+    pairs = read_pairs(Path(data_path))
+    model = build_model(config, world, build_adapter(config))
+    objective = build_objective(config, AutoConfig.from_pretrained(model_dir))
+    full = lambda p: p.full_tensor() if isinstance(p, DTensor) else p  # noqa: E731
+    trainable = {n: full(p).detach().clone() for n, p in model.lm.named_parameters() if p.requires_grad}
+    packs = [np.asarray(p, dtype=np.int64) for p in SKEWED[world.rank]]
+    sums = train.forward_backward(model, objective, cache, packs, 8, world.world_size, world.device)
+    dist.all_reduce(sums)
+    grads = {n: full(p.grad) for n, p in model.lm.named_parameters() if p.grad is not None}
+    report = {"sharded_export": bool(getattr(model, "sharded_export", False))}
+    if world.is_main:
+        truth = peft_reward_reference(model_dir, trainable)
+        loss = reward_pair_loss(truth, pairs, center=0.05)
+        loss.backward()
+        want = {n.removeprefix(PEFT_PREFIX): p.grad for n, p in truth.named_parameters() if p.requires_grad}
+        report.update(loss=sums[0].item() / 8, want_loss=loss.item(), names=sorted(grads) == sorted(want),
+                      max_rel=max(((grads[n] - g).abs().max() / g.abs().max()).item() for n, g in want.items()))
+    torch.optim.SGD(model.adapter.trainable_parameters(model), lr=0.5).step()
+    saved = save_export(model, AutoTokenizer.from_pretrained(model_dir), config, world, samples_seen=8)
+    pack = objective.pack(cache, np.arange(4))
+    p = pack.pairs.pack
+    model.eval()
+    with torch.no_grad():  # through FSDP, every rank: the live model's scores of the 8 sequences of pairs 0-3
+        live = model(p.input_ids, p.position_ids, pack.scoring, p.cu_seq_lens, p.max_length).tolist()
+    if world.is_main:
+        from peft import PeftModel
+
+        merged = AutoModelForSequenceClassification.from_pretrained(saved, dtype=torch.float32)
+        base = AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=1, dtype=torch.float32)
+        adapter = PeftModel.from_pretrained(base, saved / "adapter")
+        flat = lambda s: [x for pair in s for x in pair]  # noqa: E731
+        base = AutoModelForSequenceClassification.from_pretrained(model_dir, dtype=torch.float32)
+        report.update(merged_diff=float(np.abs(np.subtract(flat(scores(merged, pairs[:4])), live)).max()),
+                      adapter_diff=float(np.abs(np.subtract(flat(scores(adapter, pairs[:4])), live)).max()),
+                      moved=float(np.abs(np.subtract(flat(scores(base, pairs[:4])), live)).max()))
+        Path(out_dir, "report.json").write_text(json.dumps(report))
+    cleanup_distributed()
+
+
+def test_reward_lora_on_two_ranks_gives_the_per_pair_gradients_and_sharded_exports(tmp_path, tiny_model_dir,
+                                                                                   two_ranks):
+    data = write_pairs(tmp_path / "pairs.jsonl", 8, seed=2)
+    rows = read_pairs(data)
+    rows[3]["margin"] = 1.25
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    model_dir = reward_model_dir(tiny_model_dir("llama"), tmp_path / "rm")  # tied embeddings, score in the file
+    run = two_ranks.run(__name__, "reward_lora_worker", [model_dir, data, tmp_path / "out"])
+    assert run.returncode == 0, run.stderr[-3000:]
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["sharded_export"]  # each rank read its shards, and wrote them
+    assert report["names"] and report["loss"] == pytest.approx(report["want_loss"], rel=1e-6)
+    assert report["max_rel"] < 1e-5, report["max_rel"]
+    assert report["moved"] > 1e-3  # the step changed the scores: the comparisons below mean something
+    assert report["merged_diff"] < LOGITS_TOLERANCE and report["adapter_diff"] < LOGITS_TOLERANCE, report
 
 
 if __name__ == "__main__":

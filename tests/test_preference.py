@@ -159,19 +159,26 @@ def reward_model_dir(tiny: Path, out: Path, pad_token_id: int | None = None) -> 
     return out
 
 
-def direct_reward_grads(model_dir: Path, pairs: list[dict], center: float = 0.0) -> tuple[float, dict]:
-    """TRL's reward loss, each sequence scored alone by Hugging Face's own sequence-classification forward (a row's
-    `margin` subtracted from the score difference, 0 without one)."""
+def reward_pair_loss(lm, pairs: list[dict], center: float = 0.0):
+    """TRL's reward loss, the mean over the pairs, each sequence scored alone by the model's own sequence-
+    classification forward (a row's `margin` subtracted from the score difference, 0 without one)."""
     import torch
-    from transformers import AutoModelForSequenceClassification
 
-    lm = AutoModelForSequenceClassification.from_pretrained(model_dir, dtype=torch.float32)
     losses = []
     for row in pairs:
         sc, sr = (lm(input_ids=torch.tensor([row[f"{side}_input_ids"]]), use_cache=False).logits[0, 0].double()
                   for side in ("chosen", "rejected"))
         losses.append(-torch.log(torch.sigmoid(sc - sr - row.get("margin", 0.0))) + center * (sc + sr) ** 2)
-    loss = torch.stack(losses).mean()
+    return torch.stack(losses).mean()
+
+
+def direct_reward_grads(model_dir: Path, pairs: list[dict], center: float = 0.0) -> tuple[float, dict]:
+    """reward_pair_loss of Hugging Face's own sequence classifier from `model_dir`, and its gradients."""
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    lm = AutoModelForSequenceClassification.from_pretrained(model_dir, dtype=torch.float32)
+    loss = reward_pair_loss(lm, pairs, center)
     loss.backward()
     return loss.item(), {n: p.grad.clone() for n, p in lm.named_parameters()}
 
@@ -367,6 +374,8 @@ def pair_grad_worker(model_dir: str, data_path: str, out_dir: str, reward_dir: s
                             "names": sorted(grads) == sorted(want),
                             "metrics": dict(zip(objective.metrics, (sums[1:] / 8).tolist())),
                             "want_metrics": None if want_metrics is None else [float(m) for m in want_metrics]}
+        if name == "dpo":  # TRL's other loss types, on the same sharded model and reference
+            report.update(dpo_loss_types(model, objective.reference, cache, kwargs["reference"], model_dir, pairs, world))
     from dataclasses import replace
 
     from minitrain.training.objectives import Reward
@@ -387,8 +396,39 @@ def pair_grad_worker(model_dir: str, data_path: str, out_dir: str, reward_dir: s
     cleanup_distributed()
 
 
+DPO_LOSS_TYPES = (("sigmoid", 0.2), ("robust", 0.2), ("hinge", 0.0), ("ipo", 0.0))  # (loss type, label smoothing)
+
+
+def dpo_loss_types(model, reference: dict, cache, table: np.ndarray, model_dir: str, pairs: list[dict], world) -> dict:
+    """Under torchrun: each DPO loss type's step loss and gradient on the ranks' skewed micro-steps; on rank 0 the
+    report of each against direct_grads (TRL's formula per pair), else {}."""
+    import torch.distributed as dist
+
+    import train
+    from minitrain.training.objectives import DPO
+
+    report = {}
+    for loss_type, eps in DPO_LOSS_TYPES:
+        objective = DPO(beta=0.5, loss_type=loss_type, label_smoothing=eps, reference=reference)
+        model.zero_grad(set_to_none=True)
+        packs = [np.asarray(p, dtype=np.int64) for p in SKEWED[world.rank]]
+        sums = train.forward_backward(model, objective, cache, packs, 8, world.world_size, world.device)
+        dist.all_reduce(sums)
+        grads = {n: p.grad.full_tensor() for n, p in model.lm.named_parameters()}
+        if world.is_main:
+            want_loss, want, _ = direct_grads(Path(model_dir), pairs, name="dpo", beta=0.5, reference=table,
+                                              loss_type=loss_type, label_smoothing=eps)
+            report[f"dpo_{loss_type}"] = {"loss": sums[0].item() / 8, "want_loss": want_loss,
+                                          "max_rel": max_rel(grads, want), "names": sorted(grads) == sorted(want)}
+    return report
+
+
 def test_two_ranks_with_skewed_micro_steps_give_the_direct_gradient(tmp_path, tiny_model_dir, two_ranks):
     data = write_pairs(tmp_path / "pairs.jsonl", 8, seed=2)
+    rows = read_pairs(data)
+    for k, margin in ((1, 0.75), (6, -1.5)):  # the reward model's optional margins (the other objectives ignore them)
+        rows[k]["margin"] = margin
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     reward_dir = reward_model_dir(tiny_model_dir("llama"), tmp_path / "rm")  # tied embeddings, no pad token
     run = two_ranks.run(__name__, "pair_grad_worker", [tiny_model_dir("llama"), data, tmp_path / "out", reward_dir])
     assert run.returncode == 0, run.stderr[-3000:]
@@ -402,6 +442,11 @@ def test_two_ranks_with_skewed_micro_steps_give_the_direct_gradient(tmp_path, ti
         assert len(r["metrics"]) == {"orpo": 9, "reward": 3}.get(name, 6)
         if name != "reward":  # TRL's definitions, written in the test (ORPO: its first 6, CPO-style averages)
             assert list(r["metrics"].values())[:6] == pytest.approx(r["want_metrics"], rel=1e-5, abs=1e-6), name
+    for loss_type, _ in DPO_LOSS_TYPES:  # each of TRL's DPO loss types (with label smoothing where it has one)
+        r = report[f"dpo_{loss_type}"]
+        assert r["names"], loss_type
+        assert r["loss"] == pytest.approx(r["want_loss"], rel=1e-5, abs=1e-6), loss_type
+        assert r["max_rel"] < 1e-5, (loss_type, r["max_rel"])
     orpo = report["orpo"]["metrics"]  # TRL's names; the loss is the NLL minus λ x the log-sigmoid of the odds
     assert report["orpo"]["loss"] == pytest.approx(orpo["nll_loss"] - 0.7 * orpo["log_odds_ratio"], rel=1e-5)
     assert orpo["rewards/chosen"] == pytest.approx(0.7 * orpo["logps/chosen"], rel=1e-5)
@@ -445,7 +490,9 @@ def test_dpo_starts_at_log_2_learns_the_pairs_and_reuses_its_reference_on_resume
     assert len(tables) == 1
     written = tables[0].stat().st_mtime_ns
 
-    # Resume for two more steps: the table is read, not recomputed.
+    # Resume for two more steps: the table is read, not recomputed, and the model is the checkpoint's alone.
+    import numpy as np
+
     import train
 
     capsys.readouterr()
@@ -453,10 +500,19 @@ def test_dpo_starts_at_log_2_learns_the_pairs_and_reuses_its_reference_on_resume
     stdout = capsys.readouterr().out
     assert code == 0
     assert "resumed from" in stdout and f"reference log-probs: reused {tables[0]}" in stdout
-    assert "computing" not in stdout
+    assert "computing" not in stdout and "weights: the checkpoint's; none is read" in stdout
     assert tables[0].stat().st_mtime_ns == written
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == list(range(1, 13))
+
+    # Without its table a resume reads the initial weights to compute it again (the checkpoint's are trained ones):
+    # the same table as the first run's.
+    table = np.load(tables[0])
+    tables[0].unlink()
+    code = train.main(dpo_args(tmp_path, model_dir, data, 13))
+    stdout = capsys.readouterr().out
+    assert code == 0 and "reference log-probs: computing" in stdout and "weights: the checkpoint's" not in stdout
+    assert np.array_equal(np.load(tables[0]), table)
 
     from minitrain.tools import plot_run
 
@@ -531,6 +587,51 @@ def test_a_reward_model_trains_and_its_export_scores_pairs_as_the_live_model(tmp
     assert last["validation_accuracy"] == pytest.approx(np.mean([m > 0 for m in margins]))
 
 
+RESUMED = {  # a DPO loss type with label smoothing, ORPO, a reward model (margins, centring), and one with LoRA
+    "dpo_robust": ["--objective", "dpo", "--dpo-loss-type", "robust", "--dpo-label-smoothing", "0.1"],
+    "orpo": ["--objective", "orpo"],
+    "reward": ["--objective", "reward", "--reward-center-coefficient", "0.05"],
+    "reward_lora": ["--objective", "reward", "--lora", "--lora-r", "4", "--lora-dropout", "0.3"],  # dropout: RNG
+}
+TIMINGS = ("tokens_per_s", "peak_memory_gb", "step_time_s", "elapsed_s")
+
+
+@pytest.mark.parametrize("name", sorted(RESUMED))
+def test_a_run_stopped_and_resumed_gives_the_uninterrupted_steps_and_weights(tmp_path, capsys, tiny_model_dir, name):
+    """Same world size (tests/test_resume.py runs the kill and the world-size changes): the resumed run logs the
+    uninterrupted run's steps bit for bit, its losses and metrics too, and ends with the same weights."""
+    import torch
+    from safetensors.torch import load_file
+
+    import train
+    from tests.test_resume import metrics
+
+    data = write_pairs(tmp_path / "pairs.jsonl", 12, seed=5, learnable=True)
+    rows = read_pairs(data)
+    rows[2]["margin"], rows[7]["margin"] = 0.5, -1.0  # the reward model's; the others ignore them
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+    def args(out: str, steps: int) -> list[str]:
+        return ["--data-path", str(data), "--model-name-or-path", str(tiny_model_dir("llama")), "--output-dir",
+                str(tmp_path / out), "--batch-size", "4", "--max-tokens-per-gpu", "64", "--max-steps", str(steps),
+                "--learning-rate", "5e-3", "--save-dtype", "float32", "--no-activation-checkpointing", *RESUMED[name]]
+
+    assert run_main(args("reference", 4), capsys)[0] == 0
+    assert run_main(args("resumed", 2), capsys)[0] == 0
+    code = train.main(args("resumed", 4))
+    assert code == 0 and "resumed from" in capsys.readouterr().out
+    expected, got = metrics(tmp_path / "reference"), metrics(tmp_path / "resumed")
+    assert [r["step"] for r in got] == [1, 2, 3, 4]
+    assert [{k: v for k, v in r.items() if k not in TIMINGS} for r in got] == \
+        [{k: v for k, v in r.items() if k not in TIMINGS} for r in expected]  # bit for bit: losses, metrics, lines
+    assert len({r["loss"] for r in expected}) == 4  # it trained: the steps differ
+    folder = "hf_format/samples_16" + ("/adapter" if "lora" in name else "")
+    file = "adapter_model.safetensors" if "lora" in name else "model.safetensors"
+    a, b = (load_file(tmp_path / run / folder / file) for run in ("reference", "resumed"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert any("score" in k for k in a) == name.startswith("reward")  # a reward model's export holds its head
+
+
 def test_the_memory_estimate_runs_a_step_of_each_preference_objective(tiny_model_dir):
     """The estimate builds its packs on fake tensors (torch.bincount there used to stop every preference run whose
     activation checkpointing was decided by the estimate, the default)."""
@@ -591,22 +692,32 @@ def test_objective_and_data_must_match(tmp_path, capsys, tiny_model_dir):
     assert code == 2 and "holds samples, not preference pairs; --objective orpo needs" in err, err
     code, err = run_main([*base_args(tmp_path, model_dir, samples), "--objective", "reward"], capsys)
     assert code == 2 and "holds samples, not preference pairs; --objective reward needs" in err, err
-    code, err = run_main([*base_args(tmp_path, model_dir, pairs), "--objective", "reward", "--lora",
-                          "--eval-metric", "rouge"], capsys)
-    assert code == 2 and "--lora is not supported with it yet" in err and "a reward model does not generate" in err
+    code, err = run_main([*base_args(tmp_path, model_dir, pairs), "--objective", "reward", "--eval-metric", "rouge"],
+                         capsys)
+    assert code == 2 and "a reward model does not generate" in err and len(err.strip().splitlines()) == 1, err
 
 
-@pytest.mark.parametrize("row, message", [
-    ({"chosen_input_ids": [5, 6], "chosen_labels": [-100, 6], "rejected_input_ids": [5, 7]},
-     "pairs.jsonl:2: preference row has no 'rejected_labels' field"),
-    ({"chosen_input_ids": [5, 6], "chosen_labels": [-100, 6], "rejected_input_ids": [5, 7],
-      "rejected_labels": [-100, 8]}, "pairs.jsonl:2: rejected_labels[1] = 8 but rejected_input_ids[1] = 7"),
-    ({"input_ids": [5, 6], "labels": [-100, 6]}, "pairs.jsonl:2: preference row has no 'chosen_input_ids' field"),
-    ({"chosen_input_ids": [5, 6], "chosen_labels": [-100, 6], "rejected_input_ids": [5, 7],
-      "rejected_labels": [-100, 7], "margin": "big"}, "pairs.jsonl:2: `margin` must be a finite number, got 'big'"),
+BAD_PAIR_ROWS = {
+    "missing_label": ({"chosen_input_ids": [5, 6], "chosen_labels": [-100, 6], "rejected_input_ids": [5, 7]},
+                      "pairs.jsonl:2: preference row has no 'rejected_labels' field"),
+    "wrong_label": ({"chosen_input_ids": [5, 6], "chosen_labels": [-100, 6], "rejected_input_ids": [5, 7],
+                     "rejected_labels": [-100, 8]}, "pairs.jsonl:2: rejected_labels[1] = 8 but rejected_input_ids[1] = 7"),
+    "not_a_pair": ({"input_ids": [5, 6], "labels": [-100, 6]},
+                   "pairs.jsonl:2: preference row has no 'chosen_input_ids' field"),
+    "empty_side": ({"chosen_input_ids": [5, 6], "chosen_labels": [-100, 6], "rejected_input_ids": [],
+                    "rejected_labels": []}, "pairs.jsonl:2: 'rejected_input_ids' must be a non-empty list of integers"),
+    "bad_margin": ({"chosen_input_ids": [5, 6], "chosen_labels": [-100, 6], "rejected_input_ids": [5, 7],
+                    "rejected_labels": [-100, 7], "margin": "big"},
+                   "pairs.jsonl:2: `margin` must be a finite number, got 'big'"),
+}
+
+
+@pytest.mark.parametrize("objective, case", [
+    *((objective, case) for objective in ("dpo", "orpo") for case in BAD_PAIR_ROWS),
+    *(("reward", case) for case in ("missing_label", "empty_side", "bad_margin")),
 ])
-@pytest.mark.parametrize("objective", ["dpo", "orpo"])
-def test_bad_pair_rows_name_file_and_line(tmp_path, capsys, tiny_model_dir, row, message, objective):
+def test_bad_pair_rows_name_file_and_line(tmp_path, capsys, tiny_model_dir, objective, case):
+    row, message = BAD_PAIR_ROWS[case]
     data = tmp_path / "pairs.jsonl"
     good = read_pairs(write_pairs(data, 1))[0]
     data.write_text(json.dumps(good) + "\n" + json.dumps(row) + "\n")
@@ -614,6 +725,26 @@ def test_bad_pair_rows_name_file_and_line(tmp_path, capsys, tiny_model_dir, row,
 
     code, err = run_main([*base_args(tmp_path, tiny_model_dir("llama"), data), "--objective", objective], capsys)
     assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_train_py_stops_on_a_bad_pair_row_with_one_line_on_stderr(tmp_path, tiny_model_dir):
+    """As a user runs it (a fresh process): nothing else on stderr before the line (the memory estimate's module
+    tracker printed a torch warning there in every run)."""
+    import os
+    import subprocess
+
+    data = tmp_path / "pairs.jsonl"
+    good = read_pairs(write_pairs(data, 1))[0]
+    data.write_text(json.dumps(good) + "\n" + json.dumps(BAD_PAIR_ROWS["empty_side"][0]) + "\n")
+    from tests.test_train import ROOT, base_args
+
+    run = subprocess.run([sys.executable, "train.py", *base_args(tmp_path, tiny_model_dir("llama"), data),
+                          "--objective", "reward"], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert run.returncode == 2, run.stderr[-3000:]
+    assert run.stderr.strip().splitlines() == [
+        f"train.py: error: {data}:2: 'rejected_input_ids' must be a non-empty list of integers (flat, no booleans); "
+        f"re-run process_data.py to produce input_ids/labels/len rows"], run.stderr
 
 
 def test_a_pair_with_a_side_that_trains_nothing_is_dropped_and_counted(tmp_path):

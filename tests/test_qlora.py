@@ -21,15 +21,19 @@ from tests.test_lora import PEFT_PREFIX, SKEWED, lora_flags, peft_reference, per
 from tests.test_resume import metrics  # noqa: E402
 from tests.test_train import base_args, write_data  # noqa: E402
 
-def quantized_reference(model_dir: str, adapters: dict):
-    """The 4-bit base as transformers loads it (NF4, double quantization, fp32 compute on CPU), with peft's LoRA
-    layers set to `adapters` ({name in the Hugging Face model: tensor})."""
+def nf4():
+    """QLoRA's quantization as the trainer asks transformers for it on CPU (NF4, double quantization, fp32 compute)."""
     import torch
     from transformers import BitsAndBytesConfig
 
-    quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                                      bnb_4bit_compute_dtype=torch.float32, bnb_4bit_quant_storage=torch.float32)
-    return standard_layout(peft_reference(model_dir, adapters, quantization))
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=torch.float32, bnb_4bit_quant_storage=torch.float32)
+
+
+def quantized_reference(model_dir: str, adapters: dict):
+    """The 4-bit base as transformers loads it, with peft's LoRA layers set to `adapters` ({name in the Hugging Face
+    model: tensor})."""
+    return standard_layout(peft_reference(model_dir, adapters, nf4()))
 
 
 def standard_layout(model):
@@ -184,6 +188,63 @@ def test_two_rank_qlora_gradients_are_the_4bit_models_own_and_exports_give_the_l
     assert report["restored"] and report["changed_by_step"]
     keys = report["checkpoint_model_keys"]
     assert len(keys) == 2 * 7 * 2 and all(".lora_A." in k or ".lora_B." in k for k in keys), keys[:4]
+
+
+def test_reward_qlora_is_the_4bit_classifiers_own_loss_and_its_exports_score_as_the_live_model(tmp_path,
+                                                                                                 tiny_model_dir):
+    """--objective reward --lora --qlora on one process: the adapters on the 4-bit base and the score head (kept in
+    full precision by transformers) trained in full; loss and gradients against transformers' 4-bit classifier with
+    peft's layers, per pair; then one step, and both exports score as the live model."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+
+    import train
+    from minitrain.training.checkpoint import save_export
+    from minitrain.training.data import load_data
+    from minitrain.training.distributed import World
+    from minitrain.training.lora import build_adapter, is_4bit
+    from minitrain.training.model import build_model
+    from minitrain.training.objectives import build_objective
+    from tests.test_lora import peft_reward_reference, reward_lora_config, scores
+    from tests.test_preference import read_pairs, reward_model_dir, reward_pair_loss, write_pairs
+
+    data = write_pairs(tmp_path / "pairs.jsonl", 6, seed=7)
+    pairs = read_pairs(data)
+    model_dir = reward_model_dir(tiny_model_dir("llama"), tmp_path / "rm")
+    config = reward_lora_config(data, model_dir, tmp_path / "o", qlora=True)
+    single = World(0, 0, 1, 1, torch.device("cpu"))
+    cache = load_data(config, single, vocab_size=10**6)
+    model = build_model(config, single, build_adapter(config))
+    objective = build_objective(config, AutoConfig.from_pretrained(model_dir))
+    params = dict(model.lm.named_parameters())
+    assert sum(is_4bit(p) for p in params.values()) == 7 * 2  # the blocks' linear layers; the score head is not
+    trainable = {n: p.detach().clone() for n, p in params.items() if p.requires_grad}
+    assert "score.modules_to_save.default.weight" in trainable
+    truth = standard_layout(peft_reward_reference(model_dir, trainable, nf4()))
+    want_loss = reward_pair_loss(truth, pairs, center=0.05)
+    want_loss.backward()
+    want = {n.removeprefix(PEFT_PREFIX): p.grad for n, p in truth.named_parameters() if p.requires_grad}
+    packs = [np.array([4, 0]), np.array([], int), np.array([5, 1, 2, 3])]
+    sums = train.forward_backward(model, objective, cache, packs, 6, 1, single.device)
+    grads = {n: p.grad for n, p in params.items() if p.grad is not None}
+    assert sums[0].item() / 6 == pytest.approx(want_loss.item(), rel=1e-5)
+    assert sorted(grads) == sorted(want)
+    assert max(((grads[n] - g).abs().max() / g.abs().max()).item() for n, g in want.items()) < 1e-5
+    torch.optim.SGD(model.adapter.trainable_parameters(model), lr=0.5).step()
+    saved = save_export(model, AutoTokenizer.from_pretrained(model_dir), config, single, samples_seen=6)
+    model.eval()
+    live = np.array(scores(standard_layout(model.lm), pairs))
+    merged = AutoModelForSequenceClassification.from_pretrained(saved, dtype=torch.float32)  # plain fp32
+    adapter = PeftModel.from_pretrained(standard_layout(
+        AutoModelForSequenceClassification.from_pretrained(model_dir, quantization_config=nf4(),
+                                                           device_map={"": "cpu"}, dtype=torch.float32)),
+        saved / "adapter")
+    original = AutoModelForSequenceClassification.from_pretrained(model_dir, dtype=torch.float32)
+    assert not any("lora" in k or "absmax" in k for k in merged.state_dict())
+    assert np.abs(np.array(scores(merged, pairs)) - live).max() < 1e-5
+    assert np.abs(np.array(scores(standard_layout(adapter), pairs)) - live).max() < 1e-5
+    assert np.abs(np.array(scores(original, pairs)) - live).max() > 1e-3  # the checks above mean something
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -9,7 +9,8 @@ each time by re-running the same command (only the number of processes changes):
     4. 1 process (the test's) resumes and finishes
 
 The interrupted run must log the same steps, the same sample lines per step and the same losses as the reference,
-and end with the same weights. Incompatible flags, the keep-last-K option and a non-finite loss run in process.
+and end with the same weights; its model folder loses its weights after run 1, since a resume reads none of them
+(the checkpoint holds them all). Incompatible flags, the keep-last-K option and a non-finite loss run in process.
 """
 
 import json
@@ -148,8 +149,11 @@ def stopped_in_process(args: list[str], signum: int, capsys, monkeypatch) -> str
 
 
 def test_killed_and_signalled_run_resumes_to_the_reference_exactly(setup, reference, capsys, monkeypatch):
+    import shutil
+
     root, data, model_dir = setup
     out = root / "interrupted"
+    model_dir = Path(shutil.copytree(model_dir, root / "interrupted_model"))  # its weights go away after run 1
     args = train_args(data, model_dir, out)
     saves = out / "checkpoints"
 
@@ -163,10 +167,13 @@ def test_killed_and_signalled_run_resumes_to_the_reference_exactly(setup, refere
     assert sorted(p.name for p in saves.iterdir()) == [".step_4.tmp", "step_2"]
     assert checkpoint.latest_checkpoint(saves) == saves / "step_2"
     assert [r["step"] for r in metrics(out)] == [1, 2, 3, 4]
+    # Every resume below builds the model from its checkpoint alone: the model folder keeps no weights.
+    without_weights(model_dir)
 
     # 2. The same command, one process (in this one): resumes from step_2 (saved by 2 ranks); SIGTERM, delivered
     #    after its first step, stops it after step 3 with a checkpoint.
     log = stopped_in_process(args, signal.SIGTERM, capsys, monkeypatch)
+    assert f"weights: the checkpoint's; none is read from {model_dir}" in log
     assert f"removed {saves / '.step_4.tmp'}, a checkpoint whose save was interrupted" in log
     assert f"resumed from {saves / 'step_2'}: step 2, 8 samples seen; saved with world size 2" in log
     assert "metrics.jsonl: removed 2 lines logged after the checkpoint" in log
@@ -184,6 +191,7 @@ def test_killed_and_signalled_run_resumes_to_the_reference_exactly(setup, refere
     finally:
         job.kill()
     log = job.text()
+    assert f"weights: the checkpoint's; none is read from {model_dir}" in log  # into 2 ranks' shards
     assert f"resumed from {saves / 'step_3'}: step 3" in log
     assert "stopped by SIGUSR1 after step 4" in log
     assert metrics(out)[-1]["step"] == 4 and checkpoint.latest_checkpoint(saves) == saves / "step_4"
@@ -554,3 +562,96 @@ def test_running_a_finished_run_again_rewrites_nothing(setup, tmp_path, capsys):
     assert code == 0, err
     assert "resumed from" in out and "saved" not in out  # nothing left to train, so nothing to save
     assert {p.name: (p / checkpoint.COMPLETE).stat().st_mtime_ns for p in saves.iterdir()} == before
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# A resume reads no weight of the model folder: a full fine-tuning checkpoint holds them all
+
+
+def without_weights(model_dir: Path) -> Path:
+    """Move the folder's *.safetensors away (beside it); its config, generation config and tokenizer stay."""
+    away = model_dir.with_name(model_dir.name + ".weights")
+    away.mkdir()
+    for path in model_dir.glob("*.safetensors*"):
+        path.rename(away / path.name)
+    assert not list(model_dir.glob("*.safetensors*")) and (model_dir / "config.json").is_file()
+    return away
+
+
+def no_weights_case(case: str, root: Path, data: Path, model_dir: Path, tokenizer_dir) -> tuple[Path, Path, list]:
+    """(model folder, data, extra flags) of a case: SFT on the tied Llama; a reward model from the same causal LM
+    folder (its `score` head is not in the folder: from_pretrained initialises it); BART (final_logits_bias, a
+    persistent buffer) on seq2seq rows."""
+    import shutil
+
+    from tests.test_preference import write_pairs
+    from tests.test_seq2seq import write_rows
+    from tests.tiny_models import build_tiny_seq2seq
+
+    if case == "bart":
+        model = build_tiny_seq2seq("bart", root, tokenizer_dir("chatml"))
+        return model, write_rows(root / "rows.jsonl", NUM_SAMPLES, vocab=700), []
+    model = Path(shutil.copytree(model_dir, root / "model"))
+    if case == "reward":
+        return model, write_pairs(root / "pairs.jsonl", NUM_SAMPLES), ["--objective", "reward"]
+    return model, data, []
+
+
+@pytest.mark.parametrize("case", ["sft", "reward", "bart"])
+def test_a_resume_reads_no_weight_of_the_model_folder_and_continues_bit_for_bit(setup, capsys, tmp_path,
+                                                                               tokenizer_dir, case):
+    """A full fine-tuning checkpoint holds every weight, so a resume builds the model from it alone: the model
+    folder's safetensors may be gone. The buffers it does not hold (rotary inv_freq) are computed from the config as
+    from_pretrained computes them, tied weights stay tied: the resumed step's loss and gradient norm equal the
+    uninterrupted run's bit for bit (the checkpoint's weights through the model's forward), and so does the export
+    after it, file for file (its update used the restored optimizer state; the tokenizer and config files still come
+    from the model folder)."""
+    _, data, model_dir = setup
+    model, data, extra = no_weights_case(case, tmp_path, data, model_dir, tokenizer_dir)
+    whole, resumed = tmp_path / "whole", tmp_path / "resumed"
+    steps = ["--max-steps", "2", "--checkpoint-every-steps", "1", "--no-activation-checkpointing", *extra]
+    code, _, err = run_main([*train_args(data, model, whole), *steps], capsys)
+    assert code == 0, err[-3000:]
+    without_weights(model)
+    args = [*train_args(data, model, resumed), *steps, "--resume-from", str(whole / "checkpoints" / "step_1")]
+    code, out, err = run_main(args, capsys)
+    assert code == 0, err[-3000:]
+    assert f"weights: the checkpoint's; none is read from {model}" in out
+    expected, got = metrics(whole)[1:], metrics(resumed)
+    assert [r["step"] for r in got] == [2]
+    assert [(r["loss"], r["grad_norm"]) for r in got] == [(r["loss"], r["grad_norm"]) for r in expected]
+    exported, reference_export = resumed / "hf_format" / "samples_8", whole / "hf_format" / "samples_8"
+    names = sorted(p.name for p in reference_export.iterdir())
+    assert sorted(p.name for p in exported.iterdir()) == names and "tokenizer.json" in names
+    for name in names:
+        if name != "training_config.json":  # the run's flags: another --output-dir and --resume-from
+            assert (exported / name).read_bytes() == (reference_export / name).read_bytes(), name
+
+
+def test_a_model_whose_weights_do_not_all_train_reads_them_from_its_folder_on_resume(tmp_path, tokenizer_dir,
+                                                                                   capsys):
+    """Marian's sinusoidal position tables never train, so no checkpoint holds them: the resume's model is loaded
+    from the folder as on a first start (the checkpoint then replaces what trains), and says why."""
+    import torch
+    from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
+
+    from minitrain.training.adapter import FullFineTuning
+    from minitrain.training.distributed import World
+    from minitrain.training.model import build_model
+    from tests.test_seq2seq import config_for
+    from tests.tiny_models import seq2seq_zoo
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir("chatml"))
+    folder = tmp_path / "marian"
+    torch.manual_seed(0)
+    AutoModelForSeq2SeqLM.from_config(seq2seq_zoo(len(tokenizer))["marian"]).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    filled = []  # what the checkpoint would have filled
+    config = config_for(folder, tmp_path / "unused.jsonl", tmp_path / "out")
+    model = build_model(config, World(0, 0, 1, 1, torch.device("cpu")), FullFineTuning(), filled.append)
+    assert not filled and not model.weights_from_checkpoint
+    assert f"note: model.encoder.embed_positions.weight, model.decoder.embed_positions.weight never train, so no " \
+           f"checkpoint holds them: they are read from {folder}" in capsys.readouterr().out
+    own = AutoModelForSeq2SeqLM.from_pretrained(folder, dtype=torch.float32).state_dict()
+    for name, tensor in model.lm.state_dict().items():
+        assert torch.equal(tensor, own[name]), name

@@ -3,6 +3,8 @@
 Formats, detected from the keys (JSONL) or columns (CSV header, Parquet schema) of a file's first row, or forced
 with --input-format. When a row fits several, the first below wins (the detected format is printed):
 
+    unpaired   {"prompt", "completion", "label"},            one completion, desirable (label true) or not (KTO;
+               {"messages", "label"}                         see minitrain/prepare/unpaired.py)
     messages   {"messages": [...], ...}                      conversations through the chat template
     preference {"chosen", "rejected"}, {"prompt", "chosen",  a chosen and a rejected reply (DPO, SimPO; see
                "rejected"}                                   minitrain/prepare/preference.py)
@@ -27,7 +29,7 @@ from pathlib import Path
 
 import orjson
 
-KINDS = ("messages", "preference", "pairs", "text")
+KINDS = ("messages", "preference", "unpaired", "pairs", "text")
 DEFAULT_PAIRS = (("source", "target"), ("text", "target"), ("prompt", "completion"))
 
 
@@ -75,6 +77,8 @@ class InputSpec:
 def detect(keys: Iterable[str], columns: Columns) -> Format | None:
     """The format a row with these keys has, or None when it fits none."""
     keys = set(keys)
+    if "label" in keys and ("messages" in keys or {"prompt", "completion"} <= keys):
+        return Format("unpaired")
     if "messages" in keys:
         return Format("messages")
     if {"chosen", "rejected"} <= keys:
@@ -93,14 +97,15 @@ def forced(kind: str, keys: Iterable[str], columns: Columns) -> Format:
         keys = set(keys)
         source, target = next(((s, t) for s, t in columns.pairs if s in keys and t in keys), columns.pairs[0])
         return Format("pairs", source=source, target=target)
-    if kind == "preference":
-        return Format("preference")
+    if kind in ("preference", "unpaired"):
+        return Format(kind)
     return Format("text", text=columns.text) if kind == "text" else Format("messages")
 
 
 def expected_keys(columns: Columns) -> str:
     pairs = ", ".join(f"{s}/{t}" for s, t in columns.pairs)
-    return f"`messages`, `chosen`/`rejected`, a pair ({pairs}) or `{columns.text}`"
+    return (f"`messages`, `chosen`/`rejected`, a `label` with `prompt`/`completion` or `messages`, a pair ({pairs}) "
+            f"or `{columns.text}`")
 
 
 # ---- one row (worker side) ----
@@ -142,6 +147,8 @@ def check_format(row: object, where: str, spec: "InputSpec") -> None:
     if spec.forced or not isinstance(row, dict):
         return
     found = detect(row, spec.columns)
+    if spec.fmt.kind == "unpaired" and "label" not in row:
+        return  # the labelled rows' own check says that the label is missing (unpaired.row_label)
     if found is not None and found != spec.fmt:
         raise RunError(
             f"{where}: the row is {found.describe()} but the file is {spec.fmt.describe()} (from {spec.origin}); "

@@ -18,7 +18,7 @@ from pathlib import Path
 import orjson
 
 from minitrain import IGNORE, atomic
-from minitrain.prepare import formats, mask_report, preference, seq2seq_rows
+from minitrain.prepare import formats, mask_report, preference, seq2seq_rows, unpaired
 from minitrain.prepare.encode import Chunk, Encoder
 from minitrain.prepare.formats import Columns, InputSpec, RunError
 
@@ -68,10 +68,12 @@ class Config:
 def make_encoder(model: str, input_name: str, max_tokens: int | None, on_too_long: str, spec: InputSpec,
                  seq2seq: seq2seq_rows.Settings = seq2seq_rows.Settings()):
     """The file's encoder: an encoder-decoder model's (minitrain/prepare/seq2seq_rows.py); for causal LMs, preference rows have
-    their own (minitrain/prepare/preference.py), which runs an Encoder per side."""
+    their own (minitrain/prepare/preference.py), which runs an Encoder per side, and labelled KTO rows theirs
+    (minitrain/prepare/unpaired.py)."""
     if model_type := seq2seq_rows.encoder_decoder_type(model):
         return seq2seq_rows.Seq2SeqEncoder(model, model_type, input_name, on_too_long, spec, seq2seq)
-    kind = preference.PreferenceEncoder if spec.fmt.kind == "preference" else Encoder
+    kind = {"preference": preference.PreferenceEncoder, "unpaired": unpaired.UnpairedEncoder}.get(spec.fmt.kind,
+                                                                                                  Encoder)
     return kind(model, input_name, max_tokens, on_too_long, spec)
 
 
@@ -448,7 +450,8 @@ def row_parts(row: dict) -> list[tuple[str, list[int], list[int]]]:
 def row_counts(row: dict) -> str:
     if "target_len" in row:
         return f"{row['len']} source tokens, {row['target_len']} target tokens trained"
-    return f"{row['len']} tokens, {row['num_loss_counted_tokens']} trained"
+    label = "" if "label" not in row else ", desirable" if row["label"] else ", undesirable"  # KTO's rows
+    return f"{row['len']} tokens, {row['num_loss_counted_tokens']} trained{label}"
 
 
 class _NoProgress:

@@ -15,6 +15,9 @@ class FullFineTuning:
     name = "full"
     base_weights = ""  # as loaded
     loads_on_every_rank = False  # each rank reads its shards' slices of the files (loading.py; build_model)
+    # A full-state checkpoint holds what trains: here every weight, so a resume reads none from the model folder
+    # (build_model's checkpoint_weights)
+    checkpoint_holds_weights = True
 
     def load_arguments(self, device: torch.device) -> dict:
         """Extra from_pretrained arguments for the base model (QLoRA's quantization): none."""

@@ -22,6 +22,9 @@ The contract:
   data order. The model and optimizer shards are resharded by torch.distributed.checkpoint on load, so a run saved
   on 2 ranks resumes on 1 (or 8). RNG states are restored only on the same world size (they are per rank).
   Loading never unpickles arbitrary objects: RNG states are tensors and numbers (torch.load(weights_only=True)).
+- A checkpoint holds what trains. A full fine-tuning one holds every weight (holds_every_weight), so a resume builds
+  the model from it alone, reading no weight of the model folder (build_model's checkpoint_weights: load_weights,
+  then load(..., weights=False)); LoRA's and QLoRA's hold the adapters, and their frozen base is read from the folder.
 - One trajectory per output folder: resuming from step k deletes the checkpoints after k and moves the exports
   after k's samples aside, so neither pruning nor the next restart mistakes another trajectory's state for this
   one's. A first start (or --fresh) sets every earlier export aside.
@@ -72,7 +75,8 @@ CHANGE_THE_RUN = (
     "model_name_or_path", "batch_size", "max_tokens_per_gpu", "seed", "num_warmup_steps", "lr_scheduler",
     "max_grad_norm", "validation_split", "loss_reduction", "objective", "dpo_beta", "simpo_beta", "simpo_gamma",
     "preference_sft_weight", "dpo_loss_type", "dpo_label_smoothing", "orpo_lambda",
-    "reward_center_coefficient",
+    "reward_center_coefficient", "teacher_model", "distill_top_k", "distill_alpha", "distill_temperature",
+    "kto_beta", "kto_desirable_weight", "kto_undesirable_weight",
     # Which evaluation early stopping and the best export follow: the saved best is of the saved metric.
     "early_stopping_metric",
     "lora", "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules", "lora_modules_to_save", "lora_init", "qlora",
@@ -97,7 +101,9 @@ FREE_ON_RESUME = (
 # a checkpoint without the key resumes as if it had been saved with that value.
 ADDED_LATER = {"loss_reduction": "tokens", "objective": "sft", "dpo_beta": 0.1, "simpo_beta": 2.0, "simpo_gamma": 0.5,
                "preference_sft_weight": 0.0, "dpo_loss_type": "sigmoid", "dpo_label_smoothing": 0.0,
-               "orpo_lambda": 0.1, "reward_center_coefficient": 0.0, "lora": False, **LORA_DEFAULTS,
+               "orpo_lambda": 0.1, "reward_center_coefficient": 0.0, "teacher_model": None, "distill_top_k": 16,
+               "distill_alpha": 0.5, "distill_temperature": 1.0, "kto_beta": 0.1,
+               "kto_desirable_weight": 1.0, "kto_undesirable_weight": 1.0, "lora": False, **LORA_DEFAULTS,
                "eval_metric": None, "eval_num_beams": 1,
                "early_stopping_metric": "validation_loss"}
 
@@ -352,13 +358,24 @@ def trained_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> t
         optimizer_state = get_optimizer_state_dict(model, optimizer, options=options)
     else:
         model_state, optimizer_state = get_state_dict(model, optimizer, options=options)
+    return without_frozen(model, model_state), optimizer_state
+
+
+def trained_weights(model: torch.nn.Module) -> dict:
+    """The model part of trained_state (no optimizer state, none initialised)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return without_frozen(model, get_model_state_dict(model, options=StateDictOptions(ignore_frozen_params=True)))
+
+
+def without_frozen(model: torch.nn.Module, model_state: dict) -> dict:
     frozen = {canonical_key(n) for n, p in model.named_parameters(remove_duplicate=False) if not p.requires_grad}
 
     def of_frozen(key: str) -> bool:  # the key itself, or any of its dotted prefixes, is a frozen parameter's name
         parts = key.split(".")
         return any(".".join(parts[:i]) in frozen for i in range(1, len(parts) + 1))
 
-    return {k: v for k, v in model_state.items() if not of_frozen(k)}, optimizer_state
+    return {k: v for k, v in model_state.items() if not of_frozen(k)}
 
 
 def canonical_key(key: str) -> str:
@@ -367,25 +384,51 @@ def canonical_key(key: str) -> str:
     return key.replace("_checkpoint_wrapped_module.", "").replace("_orig_mod.", "")
 
 
-def load(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler) -> dict:
-    """Restore model, optimizer, LR scheduler and (same world size only) RNG states; return the trainer state."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+def holds_every_weight(path: Path) -> bool:
+    """Whether checkpoint `path` holds every weight of its model, so that a resume needs none of the model folder's:
+    saved by full fine-tuning, whose checkpoints hold what trains, which is every weight except those a model
+    freezes itself (build_model checks those). LoRA's and QLoRA's hold the adapters; their base is the folder's."""
+    saved, _ = read_saved_run(path)
+    return not saved["lora"] and not saved["qlora"]
 
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    world_size = dist.get_world_size() if dist.is_initialized() else 1
-    # trained_state gives tensors laid out for THIS world size; dcp.load fills them from however it was saved.
-    model_state, optimizer_state = trained_state(model, optimizer)  # as saved
-    state = {"model": model_state, "optimizer": optimizer_state}
+
+def load_weights(path: Path, model: torch.nn.Module) -> None:
+    """Collective: only the weights of checkpoint `path` into `model` (materialised, as build_model does for a
+    resume that reads no weight of the model folder); load(..., weights=False) then restores the rest."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    state = {"model": trained_weights(model)}
+    read_state(path, state, "this model")
+    set_model_state_dict(model, state["model"], options=StateDictOptions(ignore_frozen_params=True))
+
+
+def read_state(path: Path, state: dict, into: str) -> None:
+    """dcp.load: fill the tensors of `state` (laid out for THIS world size) from however checkpoint `path` saved
+    them; a CheckpointError in one line when it cannot."""
+    import torch.distributed.checkpoint as dcp
+
     try:
         with single_process_is_intended():
             dcp.load(state, checkpoint_id=path)
     except (OSError, RuntimeError, ValueError) as e:  # e.g. another model's shapes
         reason = " ".join(str(e).split())[:500]
-        raise CheckpointError(f"cannot load {path} into this model and optimizer: {reason}") from None
+        raise CheckpointError(f"cannot load {path} into {into}: {reason}") from None
+
+
+def load(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler,
+         weights: bool = True) -> dict:
+    """Restore model (unless `weights` is False: load_weights did), optimizer, LR scheduler and (same world size
+    only) RNG states; return the trainer state."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    world_size = dist.get_world_size() if dist.is_initialized() else 1
+    model_state, optimizer_state = trained_state(model, optimizer)  # as saved
+    state = {"model": model_state, "optimizer": optimizer_state} if weights else {"optimizer": optimizer_state}
+    read_state(path, state, "this model and optimizer")
     # Not strict: the frozen parameters (LoRA's base weights) are not in the checkpoint; dcp.load has already
     # refused a checkpoint that lacks any trained one.
-    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"],
+    set_state_dict(model, optimizer, model_state_dict=state.get("model", {}), optim_state_dict=state["optimizer"],
                    options=StateDictOptions(ignore_frozen_params=True, strict=False))
     trainer_state = read_json(path / "trainer_state.json")
     scheduler.load_state_dict(trainer_state["scheduler"])

@@ -60,10 +60,12 @@ class TrainConfig:
                                               "memory estimate fits 90%% of the device's memory (printed and saved)",
                                          type=lambda text: text if text == "auto" else int(text))
     # What is trained (minitrain/training/objectives.py, docs/objectives.md): sft on process_data.py's samples; dpo,
-    # simpo or orpo on its preference pairs (--input-format preference), a pair packed whole into one micro-step.
+    # simpo or orpo on its preference pairs (--input-format preference), a pair packed whole into one micro-step;
+    # kto on its labelled samples (--input-format unpaired).
     objective: str = flag("sft", "what is trained: sft on process_data.py's samples; dpo, simpo or orpo on its "
-                                 "preference pairs; reward: a score head (sequence classifier) on the same pairs",
-                          choices=OBJECTIVES)
+                                 "preference pairs; reward: a score head (sequence classifier) on the same pairs; "
+                                 "kto on its labelled (unpaired) samples; distill: samples, learning a teacher's "
+                                 "top-k next-token log-probs (--teacher-model)", choices=OBJECTIVES)
     dpo_beta: float = flag(0.1, "DPO: beta of -log sigmoid(beta * (chosen - rejected log-ratio to the reference))")
     dpo_loss_type: str = flag("sigmoid", "DPO: TRL's loss of the log-ratio margin: sigmoid (DPO), ipo (on "
                                          "length-normalised log-ratios, as TRL), hinge (SLiC) or robust (Robust DPO)",
@@ -81,6 +83,20 @@ class TrainConfig:
                                                  "TRL's center_rewards_coefficient (0 = off)")
     orpo_lambda: float = flag(0.1, "ORPO: lambda (TRL's beta) of the chosen side's token-mean NLL - lambda * "
                                    "log sigmoid(log odds ratio of chosen over rejected)")
+    # Offline distillation (docs/objectives.md#distillation): the teacher's top-k, computed once beside the cache.
+    teacher_model: str | None = flag(None, "distill: the teacher's Hugging Face folder; it must have the student's "
+                                           "tokenizer and vocabulary size")
+    distill_top_k: int = flag(16, "distill: k, how many of the teacher's likeliest next tokens are stored per trained "
+                                  "token (8 x k bytes) and matched by the student")
+    distill_alpha: float = flag(0.5, "distill: each token's loss is alpha x T^2 x KL(teacher top-k || student) + "
+                                     "(1 - alpha) x cross-entropy")
+    distill_temperature: float = flag(1.0, "distill: the temperature T of both distributions in the KL (the table "
+                                           "holds T = 1 log-probs, so any T reuses it)")
+    kto_beta: float = flag(0.1, "KTO: beta of 1 - sigmoid(beta * (log-ratio to the reference - KL estimate)) (TRL's "
+                                "KTOConfig.beta)")
+    kto_desirable_weight: float = flag(1.0, "KTO: the weight of a desirable sample's loss (TRL's desirable_weight)")
+    kto_undesirable_weight: float = flag(1.0, "KTO: the weight of an undesirable sample's loss (TRL's "
+                                              "undesirable_weight)")
     learning_rate: float = flag(1e-5, "peak learning rate")
     num_warmup_steps: int = flag(0, "linear warmup up to the learning rate over this many steps")
     lr_scheduler: str = flag("constant", "after warmup: constant, linear to 0 or cosine to 0 over the training steps",
@@ -104,7 +120,8 @@ class TrainConfig:
     keep_last_n_checkpoints: int | None = flag(2, "keep only the newest N full-state checkpoints (default 2; exports "
                                                   "are never deleted by this)")
     keep_last_n_exports: int | None = flag(None, "delete older hf_format exports (default: keep all)")
-    cache_dir: str | None = flag(None, "where the token cache and DPO reference tables go (default: <output-dir>/"
+    cache_dir: str | None = flag(None, "where the token cache, DPO reference and distillation teacher tables go "
+                                       "(default: <output-dir>/"
                                        "token_cache); a node-local disk is fine: each node then builds its own copy "
                                        "once")
     resume_from: str | None = flag(None, "a checkpoints/step_<N> folder (default: the newest in --output-dir)")
@@ -199,7 +216,8 @@ class TrainConfig:
             self.data_path = [self.data_path]
         # "~" is the shell's, so a config file's "~/models/x" means what it says on the command line
         self.data_path = [os.path.expanduser(p) for p in self.data_path]
-        for name in ("model_name_or_path", "output_dir", "validation_data_path", "resume_from", "cache_dir"):
+        for name in ("model_name_or_path", "output_dir", "validation_data_path", "resume_from", "cache_dir",
+                     "teacher_model"):
             if getattr(self, name) is not None:
                 setattr(self, name, os.path.expanduser(getattr(self, name)))
 
@@ -378,9 +396,9 @@ def sequence_parallel_problems(config, world_size: int) -> list[str]:
 
 
 def objective_problems(config: TrainConfig) -> list[str]:
-    """The objective's own flags (DPO, SimPO, ORPO, reward models)."""
+    """The objective's own flags (DPO, SimPO, ORPO, reward models, distillation)."""
     problems = []
-    for name in ("dpo_beta", "simpo_beta"):
+    for name in ("dpo_beta", "simpo_beta", "kto_beta"):
         if not getattr(config, name) > 0:
             problems.append(f"--{name.replace('_', '-')} must be positive, got {getattr(config, name)}")
     if config.preference_sft_weight < 0:
@@ -391,19 +409,57 @@ def objective_problems(config: TrainConfig) -> list[str]:
     if config.objective == "reward":
         if config.reward_center_coefficient < 0:
             problems.append(f"--reward-center-coefficient must be >= 0, got {config.reward_center_coefficient}")
-        if config.lora:
-            problems.append("--objective reward trains the whole model and its new score head; --lora is not "
-                            "supported with it yet")
         if config.eval_metric is not None:
             problems.append(f"--eval-metric {config.eval_metric} scores generated text; a reward model does not "
                             f"generate (its validation reports loss, accuracy and margin)")
+    problems += kto_problems(config)
     if config.orpo_lambda < 0:
         problems.append(f"--orpo-lambda must be >= 0, got {config.orpo_lambda}")
+    problems += distill_problems(config)
     if not 0 <= config.dpo_label_smoothing < 0.5:
         problems.append(f"--dpo-label-smoothing must be in [0, 0.5), got {config.dpo_label_smoothing}")
     elif config.dpo_label_smoothing and config.dpo_loss_type not in ("sigmoid", "robust"):
         problems.append(f"--dpo-label-smoothing applies to --dpo-loss-type sigmoid and robust, not "
                         f"{config.dpo_loss_type}")
+    return problems
+
+
+def distill_problems(config: TrainConfig) -> list[str]:
+    """--objective distill's flags, and what it does not support yet (each refused, not silently changed)."""
+    if config.objective != "distill":
+        if config.teacher_model is None:
+            return []
+        return [(f"--teacher-model is for --objective distill (this run's is {config.objective}); drop it or pass "
+                 f"--objective distill")]
+    if config.teacher_model is None:
+        return [("--objective distill needs --teacher-model PATH: the teacher's Hugging Face folder, with the "
+                 "student's tokenizer")]
+    problems = model_path_problems(config.teacher_model, "--teacher-model")
+    if config.distill_top_k < 1:
+        problems.append(f"--distill-top-k must be >= 1, got {config.distill_top_k}")
+    if not 0 <= config.distill_alpha <= 1:
+        problems.append(f"--distill-alpha must be in [0, 1], got {config.distill_alpha}")
+    if not config.distill_temperature > 0:
+        problems.append(f"--distill-temperature must be positive, got {config.distill_temperature}")
+    unsupported = {"--lora": config.lora, "--sequence-parallel-size > 1": config.sequence_parallel_size > 1,
+                   "--loss-reduction sequences": config.loss_reduction == "sequences"}
+    for name, asked in unsupported.items():
+        if asked:
+            problems.append(f"--objective distill does not support {name} yet; drop it")
+    return problems
+
+
+def kto_problems(config: TrainConfig) -> list[str]:
+    """KTO's weights, and what it does not support yet."""
+    problems = [f"--{name.replace('_', '-')} must be >= 0, got {getattr(config, name)}"
+                for name in ("kto_desirable_weight", "kto_undesirable_weight") if not getattr(config, name) >= 0]
+    if config.objective != "kto":
+        return problems
+    if config.preference_sft_weight:
+        problems.append("--preference-sft-weight is for dpo and simpo; kto has no SFT term")
+    if config.sequence_parallel_size > 1:
+        problems.append(f"--objective kto does not support --sequence-parallel-size {config.sequence_parallel_size} "
+                        f"yet (its KL pass over the step is not split); use --sequence-parallel-size 1")
     return problems
 
 
@@ -444,11 +500,11 @@ def validation_problems(config: TrainConfig) -> list[str]:
     return problems + ([tracker] if tracker else [])
 
 
-def model_path_problems(name: str) -> list[str]:
+def model_path_problems(name: str, flag: str = "--model-name-or-path") -> list[str]:
     path = Path(name)
     if path.is_dir():
-        return [] if (path / "config.json").is_file() else [f"--model-name-or-path {name}: folder has no config.json"]
-    missing = [f"--model-name-or-path {name}: no such model folder; pass a saved Hugging Face model folder"]
+        return [] if (path / "config.json").is_file() else [f"{flag} {name}: folder has no config.json"]
+    missing = [f"{flag} {name}: no such model folder; pass a saved Hugging Face model folder"]
     if name.startswith(("/", ".", "~")) or name.count("/") != 1:
         return missing  # a filesystem path, not an "org/name" hub id
     from transformers import AutoConfig

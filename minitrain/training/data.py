@@ -16,6 +16,12 @@ rejected_labels rows) gives a cache of PAIRS: sample i is the pair's chosen sequ
 `chosen_lengths[i]` tokens of chosen, so a pair's length is the planner's cost of both sequences and a pair can never
 be split across micro-steps or ranks. The shift stays inside each sequence (objectives.make_pair_pack).
 
+Unpaired data for KTO (process_data.py on prompt/completion/label or messages/label rows: input_ids/labels/len rows
+with a boolean `label`, true = desirable) gives a cache of LABELLED samples: `desirable[i]` is the label,
+`prompt_lengths[i]` where the sample's completion starts (its first token trained after the shift) and
+`prompt_hashes[i]` a hash of the tokens before it, so that the objective can pair each prompt with another prompt's
+completion (objectives.KTO).
+
 Encoder-decoder data (process_data.py with a T5/BART model: rows with `target_len`, input_ids = the source, labels =
 the target) gives a cache of SOURCE-TARGET samples: sample i is its source (`source_lengths[i]` tokens, labels
 IGNORE) followed by its target (labels = the target ids, every one trained, no shift: the decoder's input is the
@@ -36,8 +42,9 @@ import torch
 from minitrain import IGNORE, atomic  # noqa: F401 (IGNORE: stage 2 imports it from here)
 from minitrain.training.distributed import World, folder_owners, print0, raise_if_any_rank_failed
 
-CACHE_VERSION = 4  # 2: meta.json holds the content hash; 3: a one-byte trained mask instead of int32 labels;
-#                   4: pairs' margins (margins.npy)
+CACHE_VERSION = 5  # 2: meta.json holds the content hash; 3: a one-byte trained mask instead of int32 labels;
+#                   4: pairs' margins (margins.npy); 5: KTO's labelled samples (desirable, prompt_lengths,
+#                   prompt_hashes)
 
 
 class DataError(ValueError):
@@ -58,6 +65,9 @@ class TokenCache:
     chosen_lengths: np.ndarray | None = None  # (num_pairs,) int64 for a cache of preference pairs, else None
     margins: np.ndarray | None = None  # (num_pairs,) float64: the pairs' `margin` field (reward models), if any has it
     source_lengths: np.ndarray | None = None  # (num_samples,) int64 for a cache of source-target samples, else None
+    desirable: np.ndarray | None = None  # (num_samples,) bool for a cache of labelled (KTO) samples, else None
+    prompt_lengths: np.ndarray | None = None  # (num_samples,) int64, labelled samples: where the completion starts
+    prompt_hashes: np.ndarray | None = None  # (num_samples,) uint64, labelled samples: a hash of the prompt's tokens
     directory: Path | None = None  # where the cache lives (files keyed to it, e.g. reference log-probs, go here)
     writer: bool = True  # whether this rank writes the files that go beside it (one rank per copy of the folder)
 
@@ -68,6 +78,11 @@ class TokenCache:
     @property
     def seq2seq(self) -> bool:
         return self.source_lengths is not None
+
+    @property
+    def unpaired(self) -> bool:
+        """Labelled samples (KTO): each a prompt and a completion that is desirable or not."""
+        return self.desirable is not None
 
     def padded_tokens(self, indices: np.ndarray) -> int:
         """What a micro-batch of these source-target samples costs, padded: samples x (longest source + longest
@@ -106,11 +121,34 @@ def cache_dir_for(data_path: Path, cache_root: Path) -> Path:
     return cache_root / f"{data_path.name}-{stat.st_size}-{stat.st_mtime_ns}-v{CACHE_VERSION}"
 
 
-ROW_KINDS = {"samples": "samples", "pairs": "preference pairs", "seq2seq": "encoder-decoder (source-target) samples"}
+ROW_KINDS = {"samples": "samples", "pairs": "preference pairs", "seq2seq": "encoder-decoder (source-target) samples",
+             "unpaired": "labelled (KTO) samples"}
 
 
 def row_kind_of(row: dict) -> str:
-    return "pairs" if "chosen_input_ids" in row else "seq2seq" if "target_len" in row else "samples"
+    if "chosen_input_ids" in row:
+        return "pairs"
+    return "seq2seq" if "target_len" in row else "unpaired" if "label" in row else "samples"
+
+
+def sample_label(row: dict, where: str) -> bool:
+    """A labelled sample's `label` (true: desirable), a JSON boolean, or a DataError naming FILE:LINE."""
+    if "label" not in row:
+        raise DataError(f"{where}: a row without a 'label' field in a file of labelled (KTO) samples; every row "
+                        f"needs \"label\": true or false; re-run process_data.py")
+    if not isinstance(row["label"], bool):
+        raise DataError(f"{where}: 'label' must be true or false, got {row['label']!r}; re-run process_data.py")
+    return row["label"]
+
+
+def completion_start(labels: np.ndarray) -> int:
+    """Where a labelled sample's completion starts: its first token trained after the shift (labels[0] never is)."""
+    return 1 + int(np.flatnonzero(labels[1:] != IGNORE)[0])
+
+
+def prompt_hash(input_ids: np.ndarray) -> int:
+    return int.from_bytes(hashlib.blake2b(np.ascontiguousarray(input_ids, dtype=np.int32).tobytes(),
+                                          digest_size=8).digest(), "little")
 
 
 PAIR_KEYS = ("chosen_input_ids", "chosen_labels", "rejected_input_ids", "rejected_labels")
@@ -211,6 +249,7 @@ def build_token_cache(data_path: Path, cache_dir: Path) -> None:
     """Stream the JSONL once into flat binary files in a temporary folder, then rename it into place (atomic.py):
     a crash leaves only a hidden `.*.tmp-*` folder behind, never a cache that looks complete."""
     offsets, trained, lines, skipped, chosen_lengths, source_lengths, margins = [0], [], [], [], [], [], []
+    desirable, prompt_lengths, prompt_hashes = [], [], []  # labelled (KTO) samples
     kind, pairs = None, False  # the first row decides: a file of samples, preference pairs or source-target samples
     max_token_id = -1
     ids_hash, labels_hash = hashlib.blake2b(digest_size=16), hashlib.blake2b(digest_size=16)
@@ -227,7 +266,8 @@ def build_token_cache(data_path: Path, cache_dir: Path) -> None:
                 row_kind = row_kind_of(row)
                 if kind is None:
                     kind, pairs = row_kind, row_kind == "pairs"
-                if row_kind != kind and kind != "pairs":  # in a pairs file: say what is missing
+                missing_label = kind == "unpaired" and row_kind == "samples"  # sample_label says so below
+                if row_kind != kind and kind != "pairs" and not missing_label:  # in a pairs file: say what is missing
                     raise DataError(f"{where}: a row of {ROW_KINDS[row_kind]} in a file of {ROW_KINDS[kind]} (line 1 "
                                     f"is one); one kind of row per file")
                 if kind == "seq2seq":
@@ -246,12 +286,18 @@ def build_token_cache(data_path: Path, cache_dir: Path) -> None:
                 else:
                     input_ids, labels = parse_sequence(row, where)
                     n_trained = int((labels[1:] != IGNORE).sum())  # after the shift, labels[0] is never predicted
+                    label = sample_label(row, where) if kind == "unpaired" else None
                 if n_trained == 0:
                     skipped.append(line_no)
                     continue
                 if pairs:
                     chosen_lengths.append(len(chosen_ids))
                     margins.append(pair_margin(row, where))
+                if kind == "unpaired":
+                    start = completion_start(labels)
+                    desirable.append(label)
+                    prompt_lengths.append(start)
+                    prompt_hashes.append(prompt_hash(input_ids[:start]))
                 # Labels are the input ids or IGNORE (parse_sequence refuses anything else; a seq2seq sample's
                 # labels are its target ids, its input ids there): the mask says which.
                 input_ids.tofile(ids_out)
@@ -277,6 +323,10 @@ def build_token_cache(data_path: Path, cache_dir: Path) -> None:
             np.save(tmp / "margins.npy", margins)
         if kind == "seq2seq":
             np.save(tmp / "source_lengths.npy", np.asarray(source_lengths, dtype=np.int64))
+        if kind == "unpaired":
+            np.save(tmp / "desirable.npy", np.asarray(desirable, dtype=bool))
+            np.save(tmp / "prompt_lengths.npy", np.asarray(prompt_lengths, dtype=np.int64))
+            np.save(tmp / "prompt_hashes.npy", np.asarray(prompt_hashes, dtype=np.uint64))
         # The sample boundaries are in offsets; these two hashes pin down the tokens and labels within them.
         content_hash = hashlib.blake2b(ids_hash.digest() + labels_hash.digest(), digest_size=16)
         if pairs:  # where each pair's chosen side ends is part of the content too
@@ -285,10 +335,12 @@ def build_token_cache(data_path: Path, cache_dir: Path) -> None:
             content_hash.update(margins.tobytes())
         if kind == "seq2seq":  # and where each sample's source ends
             content_hash.update(np.asarray(source_lengths, dtype=np.int64).tobytes())
+        if kind == "unpaired":  # and each sample's label (where its completion starts follows from the labels)
+            content_hash.update(np.asarray(desirable, dtype=bool).tobytes())
         content_hash = content_hash.hexdigest()
         meta = {"source": str(data_path), "max_token_id": max_token_id, "skipped_lines": skipped,
                 "content_hash": content_hash, "pairs": bool(pairs), "margins": has_margins,
-                "seq2seq": kind == "seq2seq"}
+                "seq2seq": kind == "seq2seq", "unpaired": kind == "unpaired"}
         (tmp / "meta.json").write_text(json.dumps(meta))
 
 
@@ -310,6 +362,8 @@ def open_token_cache(cache_dir: Path) -> TokenCache:
         chosen_lengths=np.load(cache_dir / "chosen_lengths.npy") if meta.get("pairs") else None,
         margins=np.load(cache_dir / "margins.npy") if meta.get("margins") else None,
         source_lengths=np.load(cache_dir / "source_lengths.npy") if meta.get("seq2seq") else None,
+        **({name: np.load(cache_dir / f"{name}.npy") for name in ("desirable", "prompt_lengths", "prompt_hashes")}
+           if meta.get("unpaired") else {}),
         directory=cache_dir,
     )
 

@@ -18,6 +18,9 @@ Where each tensor of the sharded model comes from:
   from_pretrained would initialise at random) makes `plan_problem` say so, and build_model falls back to rank 0's
   load and broadcast, as it does for folders without safetensors (GGUF, .bin) and for checkpoints whose names
   transformers converts on load (e.g. per-expert MoE weights fused into one tensor).
+
+A resume whose checkpoint holds every weight reads none of the files: build_model materialises the model
+(`materialise`, ties kept), takes its buffers from the skeleton (`copy_buffers`) and its weights from the checkpoint.
 """
 
 import copy
@@ -148,3 +151,36 @@ def load_shards(lm: nn.Module, twin: nn.Module, placeholders: set[int], files: d
             for local, where, key in items:
                 part = f.get_slice(key)[where]  # only these rows are read
                 local.copy_(part.to(device).to(local.dtype))  # cast on the device
+
+
+def materialise(module: nn.Module, device: torch.device) -> None:
+    """module.to_empty(device=device), its tied parameters still one tensor: in one process to_empty gives each name
+    of a tied weight a tensor of its own (under FSDP2 the shards stay tied by themselves)."""
+    first: dict[int, tuple[nn.Module, str]] = {}
+    ties = []
+    for owner in module.modules():
+        for name, param in owner.named_parameters(recurse=False):
+            if id(param) in first:
+                ties.append((owner, name, *first[id(param)]))
+            else:
+                first[id(param)] = (owner, name)
+    module.to_empty(device=device)
+    for owner, name, tied_owner, tied_name in ties:
+        if getattr(owner, name) is not getattr(tied_owner, tied_name):
+            setattr(owner, name, getattr(tied_owner, tied_name))
+
+
+@torch.no_grad()
+def copy_buffers(lm: nn.Module, twin: nn.Module) -> list[str]:
+    """Every buffer of `lm` (materialised) from its namesake in the skeleton: what from_pretrained computes rather
+    than reads (rotary `inv_freq`, ...). Returns the non-persistent buffers the skeleton lacks (nothing else would
+    set them; the persistent ones are in a checkpoint's state)."""
+    known = dict(twin.named_buffers())
+    persistent = set(lm.state_dict())
+    lacking = []
+    for name, buffer in lm.named_buffers():
+        if name in known and known[name].shape == buffer.shape:
+            buffer.copy_(known[name])
+        elif name not in persistent:
+            lacking.append(name)
+    return lacking

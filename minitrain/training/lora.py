@@ -11,6 +11,8 @@ covers everything here under FSDP2, so there is no LoRA layer of our own:
   dropped: PackedCausalLM runs the injected model's decoder directly, as for full fine-tuning. The adapters'
   initial values depend only on --seed (a forked RNG), so 1 process and rank 0 of N (whose copy is broadcast into
   the shards) start from the same adapters.
+- reward models (--objective reward): peft's task SEQ_CLS, which puts the `score` head in modules_to_save, so the new
+  head trains in full (a copy; the original stays frozen) and both exports carry it.
 - trainable parameters: the adapters (and --lora-modules-to-save's copies); everything else has requires_grad off,
   so it gets no gradient and no optimizer state, and the full-state checkpoint holds only what trains.
 - export_state (collective): the full tensor of every trainable parameter, gathered from its shards on every
@@ -22,7 +24,8 @@ covers everything here under FSDP2, so there is no LoRA layer of our own:
       the merged model (config.json, model.safetensors): the base reloaded from --model-name-or-path, the
                  adapters set into it with set_peft_model_state_dict and folded in with merge_and_unload in fp32,
                  then cast to --save-dtype; `AutoModelForCausalLM.from_pretrained(samples_<N>)` (or
-                 AutoModelForSeq2SeqLM for T5, BART, ...) loads it
+                 AutoModelForSeq2SeqLM for T5, BART, ..., AutoModelForSequenceClassification for a reward model)
+                 loads it
       plus the tokenizer and the run's flags, as for full fine-tuning.
 
 --qlora (CUDA only) puts the base's linear layers in 4-bit NF4 first: class QLoRA below.
@@ -44,7 +47,7 @@ import torch
 from torch import nn
 
 from minitrain import atomic
-from minitrain.training import families
+from minitrain.training import reward
 from minitrain.training.adapter import FullFineTuning
 from minitrain.training.distributed import World, raise_if_any_rank_failed, reshard
 from minitrain.training.export import tied_duplicates, write_hf_files, write_hf_folder_sharded
@@ -89,17 +92,26 @@ def listed(names: list[str] | None) -> list[str]:
     return [n for item in names or [] for n in item.split(",") if n]
 
 
+def task_type(config, hf_config) -> str:
+    """peft's task type of the run: SEQ_CLS for a reward model (peft then adds the new `score` head to
+    modules_to_save: a trained copy beside the frozen original, saved in the adapter folder and swapped in on merge),
+    SEQ_2_SEQ_LM for an encoder-decoder, CAUSAL_LM otherwise."""
+    if getattr(config, "objective", "sft") == "reward":
+        return "SEQ_CLS"
+    return "SEQ_2_SEQ_LM" if getattr(hf_config, "is_encoder_decoder", False) else "CAUSAL_LM"
+
+
 def lora_config(config):
     from peft import LoraConfig
     from transformers import AutoConfig
 
-    seq2seq = getattr(AutoConfig.from_pretrained(config.model_name_or_path), "is_encoder_decoder", False)
     targets = listed(config.lora_target_modules) or [ALL_LINEAR]
     return LoraConfig(
         r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
         target_modules=ALL_LINEAR if targets == [ALL_LINEAR] else targets,
         modules_to_save=listed(config.lora_modules_to_save) or None,
-        init_lora_weights=INITS[config.lora_init], task_type="SEQ_2_SEQ_LM" if seq2seq else "CAUSAL_LM",
+        init_lora_weights=INITS[config.lora_init],
+        task_type=task_type(config, AutoConfig.from_pretrained(config.model_name_or_path)),
         base_model_name_or_path=str(config.model_name_or_path),
     )
 
@@ -121,6 +133,7 @@ class LoRA(FullFineTuning):
     merged model. Loading, sharding and trainable_parameters (what requires grad) are full fine-tuning's."""
 
     name = "lora"
+    checkpoint_holds_weights = False  # the adapters only: a resume reads the frozen base from the model folder
 
     def __init__(self, config):
         self.config = config
@@ -240,17 +253,25 @@ class LoRA(FullFineTuning):
 
     def peft_twin(self, device: str):
         """A PeftModel with this run's LoRA layout on `device`: "meta" (no memory: a writer of adapter folders) or
-        "cpu" (the base weights loaded from --model-name-or-path, fp32)."""
+        "cpu" (the base weights loaded from --model-name-or-path, fp32). A reward model's score head is new there:
+        initialised on a forked RNG (an export draws nothing from the run's stream), its trained copy replaces it, and
+        transformers' load report (which the run's own load printed at the start) is not repeated at every export."""
         from transformers import AutoConfig
+        from transformers.utils import logging as hf_logging
 
         path = self.config.model_name_or_path
-        hf_config = AutoConfig.from_pretrained(path)
-        auto = families.auto_class(hf_config)
+        auto, hf_config = reward.model_class(self.config, AutoConfig.from_pretrained(path))
         if device == "meta":
             with torch.device("meta"):
-                base = auto.from_config(hf_config, dtype=torch.float32)
+                base = reward.from_config(auto, hf_config, dtype=torch.float32)
         else:
-            base = auto.from_pretrained(path, dtype=torch.float32)
+            verbosity = hf_logging.get_verbosity()
+            hf_logging.set_verbosity_error()
+            try:
+                with torch.random.fork_rng(devices=[]):
+                    base = auto.from_pretrained(path, config=hf_config, dtype=torch.float32)
+            finally:
+                hf_logging.set_verbosity(verbosity)
         return inject(base, self.peft_config, self.config.seed)
 
     def write_adapter_folder(self, state: dict, dtype: torch.dtype, folder: Path) -> None:
@@ -412,9 +433,9 @@ def module_problems(config) -> list[str]:
     copy of the model (the same module tree training builds)."""
     from transformers import AutoConfig
 
-    hf_config = AutoConfig.from_pretrained(config.model_name_or_path)
+    auto, hf_config = reward.model_class(config, AutoConfig.from_pretrained(config.model_name_or_path))
     with torch.device("meta"):
-        lm = families.auto_class(hf_config).from_config(hf_config)
+        lm = reward.from_config(auto, hf_config)
     names = [name for name, _ in lm.named_modules()]
     matches = lambda key: [n for n in names if n == key or n.endswith("." + key)]  # noqa: E731  (peft's rule)
     problems = []
@@ -445,7 +466,8 @@ def module_problems(config) -> list[str]:
         problems.append(f"--lora-modules-to-save {' '.join(missing)}: no module of {lm.config.model_type} is named "
                         f"so; e.g. {top}")
     if config.qlora:
-        head = lm.get_output_embeddings()  # transformers keeps the LM head in full precision
+        # transformers keeps the LM head (a reward model's score head) in full precision
+        head = lm.get_output_embeddings() if lm.get_output_embeddings() is not None else getattr(lm, "score", None)
         four_bit = [m for m in listed(config.lora_modules_to_save) for n in matches(m)
                     if any(isinstance(x, nn.Linear) and x is not head for x in modules[n].modules())]
         if four_bit:

@@ -3,9 +3,11 @@ tensor, and one chunk of them at a time.
 
 model.PackedCausalLM calls it with the hidden states of the positions whose next token is trained and the model's
 own logit transform (families.py: Granite's scaling, Gemma-2's softcap, ...); it returns the SUM of their
-cross-entropies (or, for DPO/SimPO, each one's). Dividing by the step's count happens in train.py, where the whole
-step is known.
+cross-entropies (or, for DPO/SimPO, each one's; for distillation, each one's CE and KL to a teacher's top-k, see
+TopKTeacher). Dividing by the step's count happens in train.py, where the whole step is known.
 """
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -14,6 +16,38 @@ from torch import nn
 from minitrain.training.families import LogitTransform
 
 IDENTITY = LogitTransform()  # most families: CE of the head's logits as they are
+
+
+@dataclass
+class TopKTeacher:
+    """Distillation's targets at the trained positions, and what the loss of each position becomes:
+
+        (1 - alpha) CE + alpha T² KL(q || s),  q_i = exp(l_i / T) / sum_{j in S} exp(l_j / T),
+                                               s_i = exp(z_i / T) / sum_{j in S} exp(z_j / T),  i in S
+
+    S the teacher's k likeliest next tokens (`ids`), l their teacher log-probs at T = 1 over the whole vocabulary
+    (`logprobs`; renormalised over S at temperature T, the vocabulary's normaliser cancels), z the student's logits
+    (its own transform); s is the student's softmax at temperature T renormalised over S, in which the student's
+    normaliser over the vocabulary cancels too. T² keeps the KL's gradient on the scale of the CE's as T changes
+    (Hinton et al. 2015). `sums` (2,) receives (sum of KL, sum of CE) over the rows, for the metrics."""
+
+    ids: torch.Tensor  # (N, k) long
+    logprobs: torch.Tensor  # (N, k) float32
+    alpha: float
+    temperature: float
+    sums: torch.Tensor  # (2,) float32
+
+
+def _topk_kl(logits: torch.Tensor, teacher: TopKTeacher, rows: slice) -> tuple[torch.Tensor, torch.Tensor]:
+    """(KL(q || s) of each row of this chunk, (c,); s - q, (c, k): T x d KL / d logits at the teacher's ids)."""
+    t = teacher.temperature
+    student = logits.gather(1, teacher.ids[rows]) / t  # (c, k)
+    log_s = student - student.logsumexp(-1, keepdim=True)
+    scaled = teacher.logprobs[rows].float() / t
+    log_q = scaled - scaled.logsumexp(-1, keepdim=True)
+    q = log_q.exp()
+    kl = torch.where(q > 0, q * (log_q - log_s), 0.0).sum(-1)
+    return kl, log_s.exp() - q
 
 
 class _LinearCrossEntropySum(torch.autograd.Function):
@@ -27,7 +61,7 @@ class _LinearCrossEntropySum(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, row_weights, row_ce_out, chunk_rows: int, with_grad: bool,
-                scale: float, softcap: float | None):
+                scale: float, softcap: float | None, teacher: TopKTeacher | None = None):
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         grad_hidden = torch.empty_like(hidden) if with_grad else None
         grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if with_grad else None
@@ -45,8 +79,14 @@ class _LinearCrossEntropySum(torch.autograd.Function):
                 logits = capped * softcap
             lse = torch.logsumexp(logits, dim=-1)  # (c,)
             ce = lse - logits.gather(1, t[:, None]).squeeze(1)  # (c,)
+            rows = ce
+            if teacher is not None:  # distillation: (1 - alpha) CE + alpha T² KL
+                a, temp = teacher.alpha, teacher.temperature
+                kl, kl_grad = _topk_kl(logits, teacher, slice(start, start + chunk_rows))
+                rows = (1 - a) * ce + (a * temp * temp) * kl
+                teacher.sums += torch.stack([kl.sum(), ce.sum()]).detach()
             w = None if row_weights is None else row_weights[start : start + chunk_rows]
-            total += (ce if w is None else ce * w).sum()
+            total += (rows if w is None else rows * w).sum()
             if row_ce_out is not None:
                 row_ce_out[start : start + chunk_rows] = ce
             if not with_grad:
@@ -54,6 +94,8 @@ class _LinearCrossEntropySum(torch.autograd.Function):
             # d(sum of w * CE)/d(logits) = w * (softmax(logits) - one_hot(target)), built in place over the logits
             dlogits = logits.sub_(lse[:, None]).exp_()
             dlogits[torch.arange(len(t), device=t.device), t] -= 1.0
+            if teacher is not None:  # d(alpha T² KL)/d(logits at the teacher's ids) = alpha T (s - q)
+                dlogits.mul_(1 - a).scatter_add_(1, teacher.ids[start : start + chunk_rows], (a * temp) * kl_grad)
             if w is not None:
                 dlogits.mul_(w[:, None])
             if softcap is not None:  # d(cap * tanh(x / cap))/dx = 1 - tanh(x / cap)^2
@@ -77,18 +119,36 @@ class _LinearCrossEntropySum(torch.autograd.Function):
             grad_hidden * grad_total.to(grad_hidden.dtype),
             (grad_weight * grad_total).to(weight_dtype),
             None if grad_bias is None else (grad_bias * grad_total).to(bias_dtype),
-            None, None, None, None, None, None, None,
+            None, None, None, None, None, None, None, None,
         )
 
 
 def chunked_ce_sum(hidden, weight, bias, targets, chunk_rows: int = 1024, row_weights=None, row_ce_out=None,
-                   transform: LogitTransform = IDENTITY) -> torch.Tensor:
+                   transform: LogitTransform = IDENTITY, teacher: TopKTeacher | None = None) -> torch.Tensor:
     """(N, H) hidden, (V, H) weight, (V,) bias or None, (N,) targets -> sum of cross-entropy of the transformed
     logits, memory-safe. `row_weights` (N,) float32: the sum of row_weights * CE instead (per-sequence means, see
-    objectives.py). `row_ce_out` (N,) float32: filled with each row's CE (no gradient; for per-file metrics)."""
+    objectives.py). `row_ce_out` (N,) float32: filled with each row's CE (no gradient; for per-file metrics).
+    `teacher`: each row's loss is distillation's (TopKTeacher) instead of its CE."""
     with_grad = torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in (hidden, weight, bias))
     return _LinearCrossEntropySum.apply(hidden, weight, bias, targets, row_weights, row_ce_out, chunk_rows, with_grad,
-                                        transform.scale, transform.softcap)
+                                        transform.scale, transform.softcap, teacher)
+
+
+@torch.no_grad()
+def chunked_topk_logprobs(hidden, weight, bias, k: int, chunk_rows: int = 1024,
+                          transform: LogitTransform = IDENTITY) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, H) hidden -> the k likeliest next tokens of each row by the transformed logits: (N, k) ids (long) and
+    their log-probs over the whole vocabulary (float32), one (chunk_rows x V) block of logits at a time (a
+    distillation teacher's table, see teacher.py)."""
+    ids = torch.empty((hidden.shape[0], k), dtype=torch.long, device=hidden.device)
+    logprobs = torch.empty((hidden.shape[0], k), dtype=torch.float32, device=hidden.device)
+    for start in range(0, hidden.shape[0], chunk_rows):
+        logits = _transformed(F.linear(hidden[start : start + chunk_rows], weight, bias).float(), transform.scale,
+                              transform.softcap)[0]
+        top = logits.topk(k, dim=-1)
+        ids[start : start + chunk_rows] = top.indices
+        logprobs[start : start + chunk_rows] = top.values - logits.logsumexp(-1, keepdim=True)
+    return ids, logprobs
 
 
 class _LinearCrossEntropyPerRow(torch.autograd.Function):
@@ -185,10 +245,12 @@ class HeadCrossEntropy(nn.Module):
             )
 
     def forward(self, head: nn.Linear, hidden: torch.Tensor, targets: torch.Tensor, row_weights=None,
-                row_ce_out=None) -> torch.Tensor:
+                row_ce_out=None, teacher: TopKTeacher | None = None) -> torch.Tensor:
         """(N, H) hidden states, (N,) targets -> summed cross-entropy (weighted by `row_weights` when given);
-        `row_ce_out` receives each row's CE (not with Liger, whose kernel gives only the sum: left NaN)."""
-        if self.liger_loss is not None:
+        `row_ce_out` receives each row's CE (not with Liger, whose kernel gives only the sum: left NaN). With
+        `teacher`, distillation's loss (TopKTeacher), always on the chunked kernel: Liger's fused cross-entropy
+        keeps no logits to read the teacher's ids from."""
+        if self.liger_loss is not None and teacher is None:
             assert row_weights is None, "train.py refuses --loss-reduction sequences with --use-liger-kernels"
             if row_ce_out is not None:
                 row_ce_out.fill_(float("nan"))
@@ -197,7 +259,11 @@ class HeadCrossEntropy(nn.Module):
                 hidden, bias = hidden * scale, None if bias is None else bias * scale
             return self.liger_loss(head.weight, hidden, targets, bias)
         return chunked_ce_sum(hidden, head.weight, head.bias, targets, self.chunk_rows, row_weights, row_ce_out,
-                              self.transform)
+                              self.transform, teacher)
+
+    def top_k(self, head: nn.Linear, hidden: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(N, H) hidden states -> (N, k) ids and log-probs of each row's k likeliest next tokens (no gradient)."""
+        return chunked_topk_logprobs(hidden, head.weight, head.bias, k, self.chunk_rows, self.transform)
 
     def per_row(self, head: nn.Linear, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """(N, H) hidden states, (N,) targets -> (N,) cross-entropy of each row (always the chunked kernel: Liger's

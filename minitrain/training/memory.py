@@ -31,9 +31,9 @@ reason --max-tokens-per-gpu auto keeps MARGIN of the device free; QLoRA's 4-bit 
 (the base's block linears counted at 4.5 bits per weight, whole on every rank, instead of sharded fp32).
 """
 
+import contextlib
 import json
 import types
-from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -130,14 +130,20 @@ class Estimate:
 
 def synthetic_cache(objective, tokens: int):
     """A one-row stand-in for the token cache: one sample of `tokens` tokens, every next token trained (SFT's worst
-    case for the LM head), or one preference pair of two halves (DPO/SimPO); DPO's reference log-probs are zeros."""
+    case for the LM head), or one preference pair of two halves (DPO/SimPO); DPO's reference log-probs are zeros, a
+    distillation teacher's table a uniform top-k."""
     ids = np.ones(tokens, dtype=np.int64)
     half = max(1, tokens // 2)
     cache = types.SimpleNamespace(offsets=np.array([0, tokens]), input_ids=ids, labels=ids.copy(),
                                   trained=np.array([tokens - 1]), chosen_lengths=np.array([half]),
+                                  desirable=np.array([True]),  # KTO: one sample (its KL pass is a no-grad forward)
                                   content_hash=f"memory-estimate-{tokens}", sources=None)
     if getattr(objective, "needs_reference", False):
         objective.reference[cache.content_hash] = np.zeros((1, 2))
+    if getattr(objective, "needs_teacher", False):
+        from minitrain.training.objectives import TeacherTable
+
+        objective.tables[cache.content_hash] = TeacherTable.synthetic(tokens - 1, objective.top_k)
     return cache
 
 
@@ -185,9 +191,7 @@ def simulate(config, rows: list[int], world_size: int, cuda: bool, make_optimize
         shard_model(model, config.fsdp_sharding_strategy, world, mesh, cuda)
         indices = np.array([0])
         caches = [synthetic_cache(objective, tokens * split) for tokens in [min(rows), *rows]]  # S ranks share a row
-        # Each row's trained positions, real (a rank of a sequence-parallel group reads its share of them)
-        trained = [getattr(pack, "pack", pack).positions.numpy() for pack in (objective.pack(c, indices)
-                                                                               for c in caches)]
+        trained = [host_positions(objective, c, indices) if split > 1 else None for c in caches]
         with FakeTensorMode(allow_non_fake_inputs=True), offloaded_block_inputs(model, offload):
             model.to_empty(device="cpu")
             model.train()
@@ -202,7 +206,7 @@ def simulate(config, rows: list[int], world_size: int, cuda: bool, make_optimize
                     step(model, objective, pack, cache, indices, optimizer)
                     continue
                 tracker.reset_mod_stats()  # each tracked step on its own
-                with tracker:
+                with tracker, quiet_module_tracking():
                     step(model, objective, pack, cache, indices, optimizer)
                 snapshot = next(iter(tracker.get_tracker_snapshot("peak").values()))
                 parts = dict.fromkeys(PARTS, 0)
@@ -217,13 +221,20 @@ def simulate(config, rows: list[int], world_size: int, cuda: bool, make_optimize
         dist.destroy_process_group()
 
 
+def host_positions(objective, cache, indices) -> np.ndarray:
+    """The trained positions of `cache`'s row as the objective packs it, on the host (a rank of a sequence-parallel
+    group reads its share of them; fake tensors hold no values)."""
+    pack = objective.pack(cache, indices)
+    return getattr(pack, "pack", pack).positions.numpy()
+
+
 def simulated_model(run, hf_config, adapter, cuda: bool, world_size: int, split: int):
     """The run's training module on the meta device, as on ranks > 0 of a run: built from the config, its attention
     the run's (split S ways by heads with sequence parallelism), adapted and checkpointed (model.assemble). Call with
     the fake process group initialized (a sequence-parallel group is one of its groups)."""
     import torch.distributed as dist
 
-    from minitrain.training import attention, families, sequence_parallel
+    from minitrain.training import attention, families, reward, sequence_parallel
     from minitrain.training.model import assemble
 
     problem = sequence_parallel.model_problem(hf_config, split, world_size)
@@ -237,13 +248,8 @@ def simulated_model(run, hf_config, adapter, cuda: bool, world_size: int, split:
         # implementation (and a name without "flash", which transformers would try to fetch from the hub)
         attn = attention.VARLEN
     with torch.device("meta"):
-        if getattr(run, "objective", "sft") == "reward":  # the score head instead of the LM head
-            from minitrain.training import reward
-
-            lm = reward.score_class(hf_config)._from_config(reward.score_config(hf_config), dtype=torch.float32,
-                                                            attn_implementation=attn)
-        else:
-            lm = families.auto_class(hf_config).from_config(hf_config, dtype=torch.float32, attn_implementation=attn)
+        auto, built_config = reward.model_class(run, hf_config)  # a reward model: the score head, no LM head
+        lm = reward.from_config(auto, built_config, dtype=torch.float32, attn_implementation=attn)
     if split > 1:
         try:
             sequence_parallel.use_on(lm)
@@ -268,7 +274,7 @@ class KnownRowSplit(SequenceParallel):
         return int(first), int(last)
 
 
-@contextmanager
+@contextlib.contextmanager
 def offloaded_block_inputs(model, offload: bool):
     """--activation-offload on fake tensors. In the run, transformers wraps each checkpointed block's checkpoint
     call in save_on_cpu: what the block saves for its recompute (its inputs: hidden states, RoPE's cos and sin)
@@ -307,6 +313,24 @@ def offloaded_block_inputs(model, offload: bool):
     finally:
         for handle in handles:
             handle.remove()
+
+
+@contextlib.contextmanager
+def quiet_module_tracking():
+    """torch's module tracker (under FSDPMemTracker) warns "The module hierarchy tracking maybe be messed up" when a
+    module starts while one of the same name is still running (seen: modules named `Func` inside each block's
+    attention). It files memory by module, which the estimate does not read (only the totals). The warning, printed
+    before anything else, made a run that stops on a bad data row say two lines instead of one; torch also replaces
+    warnings.formatwarning as it warns. Both are kept to this step."""
+    import warnings
+
+    formatwarning = warnings.formatwarning
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The module hierarchy tracking maybe be messed up")
+        try:
+            yield
+        finally:
+            warnings.formatwarning = formatwarning
 
 
 def step(model, objective, pack, cache, indices, optimizer) -> None:

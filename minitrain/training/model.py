@@ -2,6 +2,7 @@
 
     meta device -> adapter.apply -> activation checkpointing -> fully_shard per block and root
     -> each rank reads its shards' slices of the safetensors (loading.py; other formats: rank 0's weights broadcast)
+    (a resume from a checkpoint that holds every weight: each rank reads its shards from the checkpoint instead)
     (QLoRA: every rank loads its own 4-bit copy, which FSDP2 leaves whole; it shards the rest; no broadcast)
 
 The model adapter is the seam for *what trains and what an export holds*: `FullFineTuning` here (every weight
@@ -56,10 +57,13 @@ class PackedCausalLM(nn.Module):
         self.sequence_parallel: sequence_parallel.SequenceParallel | None = None
 
     def forward(self, input_ids, position_ids, positions, targets, row_weights=None, row_ce_out=None,
-                cu_seq_lens=None, max_length=None, per_token: bool = False) -> torch.Tensor:
+                cu_seq_lens=None, max_length=None, per_token: bool = False, teacher=None,
+                top_k: int | None = None) -> torch.Tensor:
         """The summed CE of the trained positions (each weighted by `row_weights` when given; `row_ce_out` receives
         each one's CE for metrics), or with `per_token` each one's CE, (N,) (for objectives that weigh positions
-        nonlinearly, e.g. DPO's per-sequence log-probs). Through forward either way, so FSDP's root hooks run."""
+        nonlinearly, e.g. DPO's per-sequence log-probs); with `teacher` (loss.TopKTeacher) the summed distillation
+        loss; with `top_k` (a distillation teacher's pass) the (N, k) ids and log-probs of each trained position's k
+        likeliest next tokens. Through forward either way, so FSDP's root hooks run."""
         # attention_mask=None + position_ids restarting at 0 + no KV cache: transformers builds a block-diagonal
         # mask (SDPA, eager), so no token attends to another sample of the pack. Variable-length kernels get the
         # samples' boundaries instead (attention.py), computed on the host once per pack.
@@ -80,6 +84,8 @@ class PackedCausalLM(nn.Module):
         out = self.lm.base_model(input_ids=input_ids, position_ids=position_ids, use_cache=False, **extra)
         hidden = out.last_hidden_state[0]  # (T, H)
         head = linear_head(self.lm.get_output_embeddings())
+        if top_k is not None:
+            return self.head_loss.top_k(head, hidden[positions], top_k)
         if positions.numel() == 0:
             # Dummy pack or nothing trained: still run the head on one position, times zero, so every parameter gets
             # a (zero) gradient and this rank issues the same FSDP collectives as the others.
@@ -96,7 +102,7 @@ class PackedCausalLM(nn.Module):
                                  "yet; set the config's output_router_logits to false or use --objective sft")
             return self.head_loss.per_row(head, hidden[positions], targets)  # (N, H) -> (N,)
         else:
-            loss = self.head_loss(head, hidden[positions], targets, row_weights, row_ce_out)  # (N, H) -> scalar
+            loss = self.head_loss(head, hidden[positions], targets, row_weights, row_ce_out, teacher)  # -> scalar
         if self.router_aux is not None:
             # The model adds coef * aux to its token-mean CE for each forward; weighting each pack's aux by its
             # trained tokens makes the step's loss (sum / step's trained tokens) exactly that for a one-pack step,
@@ -199,9 +205,15 @@ def available_host_memory() -> int:
     return 0
 
 
-def build_model(config, world: World, adapter: FullFineTuning | None = None) -> PackedCausalLM:
+def build_model(config, world: World, adapter: FullFineTuning | None = None,
+                checkpoint_weights=None) -> PackedCausalLM:
     """The training model for `config` (model_name_or_path, use_liger_kernels, activation_checkpointing,
-    fsdp_sharding_strategy): FSDP2-sharded on every rank under torchrun, a plain module in one process."""
+    fsdp_sharding_strategy): FSDP2-sharded on every rank under torchrun, a plain module in one process.
+
+    `checkpoint_weights(model)` (a resume whose checkpoint holds every trained weight) fills the materialised model
+    instead of the model folder's weights, which are then not read at all, when the checkpoint holds every weight:
+    the adapter trains the whole model and no parameter is frozen (Pegasus' and Marian's sinusoidal positions are).
+    `model.weights_from_checkpoint` says whether it did."""
     from transformers import AutoConfig
 
     adapter = adapter or FullFineTuning()
@@ -230,7 +242,14 @@ def build_model(config, world: World, adapter: FullFineTuning | None = None) -> 
             raise ModelError(f"--model-name-or-path {config.model_name_or_path}: cannot load its weights "
                              f"({' '.join(str(e).split())[:300]})") from None
 
+    def empty():
+        with torch.device("meta"):
+            return (auto._from_config if scores else auto.from_config)(hf_config, dtype=torch.float32,
+                                                                         attn_implementation=attn)
+
     every_rank = adapter.loads_on_every_rank  # QLoRA: each rank loads and quantizes on its own device
+    lm = empty() if checkpoint_weights is not None and adapter.checkpoint_holds_weights else None
+    from_checkpoint = lm is not None and every_weight_trains(lm, config.model_name_or_path)
     if every_rank:
         lm, error = None, None
         try:
@@ -238,13 +257,11 @@ def build_model(config, world: World, adapter: FullFineTuning | None = None) -> 
         except ModelError as e:
             error = e
         raise_if_any_rank_failed(error, ModelError)  # every rank stops with the same line
-    elif world.world_size == 1:
+    elif world.world_size == 1 and not from_checkpoint:
         lm = load().to(world.device)
-    else:
+    elif lm is None:
         # No rank allocates anything until sharding; then each fills its shards (loading.py).
-        with torch.device("meta"):
-            lm = (auto._from_config if scores else auto.from_config)(hf_config, dtype=torch.float32,
-                                                                       attn_implementation=attn)
+        lm = empty()
     if config.use_liger_kernels and world.device.type == "cuda":
         apply_liger_model_kernels(lm)
     if sp_size > 1:
@@ -262,15 +279,26 @@ def build_model(config, world: World, adapter: FullFineTuning | None = None) -> 
     if world.world_size > 1:
         mesh = device_mesh(config.fsdp_sharding_strategy, world, getattr(config, "fsdp_shard_group_size", None))
         shard_model(model, config.fsdp_sharding_strategy, world, mesh)  # every_rank: each keeps its shard of its load
-    if world.world_size > 1 and not every_rank:
+    model.weights_from_checkpoint = from_checkpoint
+    if from_checkpoint:
+        model.sharded_export = fill_from_checkpoint(model, checkpoint_weights, config, auto, hf_config, attn, world)
+    elif world.world_size > 1 and not every_rank:
         model.to_empty(device=world.device)
         # Exports follow the loading: the names that read per rank are the files' names, so each rank writes its
         # shards under them; a folder loaded by rank 0 is exported by rank 0, as before.
         model.sharded_export = load_per_rank(config, lm, auto, hf_config, attn, adapter, world)
         if not model.sharded_export:
             broadcast_from_rank0(lm, load, adapter, world)
-    error = None
-    try:  # refuses a loss that is not the model's own, or packed samples that are not isolated, in one line
+    start_up_probe(model, hf_config, attn, scores, world)
+    model.train()
+    return model
+
+
+def start_up_probe(model, hf_config, attn: str, scores: bool, world: World) -> None:
+    """Collective: refuses, on every rank with the same line, a loss that is not the model's own or packed samples
+    that are not isolated (a reward model: scores); prints what it measured."""
+    error, seq2seq = None, hf_config.is_encoder_decoder
+    try:
         if scores:
             error_of_packing = reward.check_score_is_the_models_own(model, world.device, hf_config.pad_token_id,
                                                                     hf_config.vocab_size)
@@ -289,13 +317,10 @@ def build_model(config, world: World, adapter: FullFineTuning | None = None) -> 
     if scores:
         print0(f"start-up probe ({families.family(hf_config)}, {attn}): packed scores vs the model's own per sequence "
                f"{error_of_packing:.1e}")
-        model.train()
-        return model
+        return
     packing = "" if seq2seq else f", packed vs per-sample {probe.packing_error:.1e}"
     print0(f"start-up probe ({families.family(hf_config)}, {attn}): trainer loss {probe.trainer_loss:.6f}, the model's "
            f"own {probe.own_loss:.6f}{packing}")
-    model.train()
-    return model
 
 
 def assemble(lm: nn.Module, config, adapter: FullFineTuning, hf_config, offload: bool = False) -> PackedCausalLM:
@@ -321,11 +346,19 @@ def assemble(lm: nn.Module, config, adapter: FullFineTuning, hf_config, offload:
     return PackedCausalLM(lm, adapter, config.use_liger_kernels)
 
 
+def every_weight_trains(lm, model_name_or_path: str) -> bool:
+    """Whether every parameter of `lm` trains, so that a full fine-tuning checkpoint holds them all (it leaves the
+    frozen out); if not, says that the model folder's weights are read."""
+    frozen = [name for name, param in lm.named_parameters() if not param.requires_grad]
+    if frozen:
+        print0(f"note: {', '.join(frozen[:3])} never train, so no checkpoint holds them: they are read from "
+               f"{model_name_or_path} with the other weights, which the checkpoint then replaces")
+    return not frozen
+
+
 def load_per_rank(config, lm, auto, hf_config, attn: str, adapter, world: World) -> bool:
     """Collective: each rank fills its own shards from the model folder's safetensors (loading.py); False, with a
     printed note, when they cannot be read that way on some rank (the caller then falls back to rank 0's load)."""
-    from transformers import GenerationConfig
-
     problem, twin, placeholders, files = None, None, set(), None
     try:
         files = loading.weight_files(config.model_name_or_path)
@@ -339,14 +372,55 @@ def load_per_rank(config, lm, auto, hf_config, attn: str, adapter, world: World)
                f"it into the shards ({problems[0]})")
         return False
     loading.load_shards(lm, twin, placeholders, files, adapter, world.device)
-    # Every rank generates its share of the validation predictions: all decode with the checkpoint's own generation
-    # config (generation_config.json: mBART's forced language, pad and suppressed tokens, ...), as from_pretrained
-    # would read it.
+    read_generation_config(lm, config.model_name_or_path)
+    return True
+
+
+def read_generation_config(lm, model_name_or_path: str) -> None:
+    """The model folder's generation_config.json (mBART's forced language, pad and suppressed tokens, ...), as
+    from_pretrained would read it, for a model built from its config: every rank decodes its share of the
+    validation predictions with it, and exports save it."""
+    from transformers import GenerationConfig
+
     try:
-        lm.generation_config = GenerationConfig.from_pretrained(config.model_name_or_path)
+        lm.generation_config = GenerationConfig.from_pretrained(model_name_or_path)
     except OSError:
         pass  # none saved: from_config's, from the model's config
-    return True
+
+
+def fill_from_checkpoint(model, checkpoint_weights, config, auto, hf_config, attn: str, world: World) -> bool:
+    """Collective: the model (on the meta device) materialised and filled without reading any weight of the model
+    folder: the buffers a checkpoint does not hold as from_pretrained computes them (the skeleton's: rotary
+    `inv_freq`, ...), then every weight by `checkpoint_weights(model)`. Returns whether exports are written per rank,
+    as they would be had the folder's safetensors been read per rank (their headers decide; no weight is read)."""
+    lm, adapter = model.lm, model.adapter
+    loading.materialise(model, world.device)
+    twin, placeholders, error = None, set(), None
+    try:
+        twin, placeholders = loading.skeleton(auto, hf_config, attn, adapter)
+        lacking = loading.copy_buffers(lm, twin)
+        if lacking:
+            error = ModelError(f"model type {families.family(hf_config)!r}: its buffers {', '.join(lacking[:3])} are "
+                               f"neither in the checkpoint nor computed from its config, so this resume cannot build "
+                               f"it from the checkpoint alone; please report it")
+    except (OSError, ValueError, RuntimeError) as e:
+        error = ModelError(f"model type {families.family(hf_config)!r}: cannot build it from its config "
+                           f"({' '.join(str(e).split())[:300]})")
+    if world.world_size > 1:
+        raise_if_any_rank_failed(error, ModelError)  # every rank stops with the same line
+    elif error is not None:
+        raise error
+    checkpoint_weights(model)
+    read_generation_config(lm, config.model_name_or_path)
+    print0(f"weights: the checkpoint's; none is read from {config.model_name_or_path}")
+    if world.world_size == 1:
+        return False
+    problem = None
+    try:
+        problem = loading.plan_problem(lm, twin, placeholders, loading.weight_files(config.model_name_or_path), adapter)
+    except (OSError, ValueError, RuntimeError) as e:
+        problem = " ".join(str(e).split())[:300]
+    return not any(p is not None for p in all_gather(problem))
 
 
 def broadcast_from_rank0(lm, load, adapter, world: World) -> None:

@@ -24,7 +24,9 @@ An objective is a small object with these members:
                     trained position's plain CE (a mixture's per-file losses)
 
 The loop all-reduces the metric sums with the loss sum and divides both by step_units, so a metric is the exact
-mean over the step's units too (SFT has none: its records hold only the loss).
+mean over the step's units too (SFT has none: its records hold only the loss). An objective whose metrics are means
+over other counts (KTO's over its desirable or undesirable samples) says what it sums (`sums`) and how the step's
+sums become its metrics (`means(sums, step_units)`); metric_sums and metric_means are the loop's view of both.
 
 `Seq2SeqSFT` is SFT for encoder-decoder models (T5, BART, ...): the same loss over a source-target cache's target
 tokens, on padded micro-batches whose planner cost is their padded size (costs are (source, target) pairs).
@@ -42,6 +44,18 @@ not its packs, so a pack's size never weighs in). `DPO` and `SimPO` are preferen
 
 plus, with --preference-sft-weight w (DPO, SimPO), w x the chosen side's token-mean cross-entropy (per pair). DPO's
 --dpo-loss-type picks TRL's loss of the log-ratio margin (sigmoid above; ipo, hinge, robust: see `DPO`).
+
+`Distill` (offline distillation) trains on samples as SFT does, with the same unit (trained tokens): each trained
+position's loss is (1 - α) CE + α T² KL(teacher's top-k || student, both renormalised over the top-k ids at
+temperature T) (loss.TopKTeacher), the teacher's top-k log-probs read from a table computed once (teacher.py).
+
+`KTO` trains labelled, unpaired samples (a prompt and a completion, desirable or not; the unit is a sample):
+
+    KTO    desirable w_d (1 - σ(β (r - z))), undesirable w_u (1 - σ(β (z - r))),  r = log π(y|x) - log π_ref(y|x),
+           z = max(0, the step's mean of log π(y'|x) - log π_ref(y'|x)) without gradient, y' another prompt's
+           completion (kto.py); computed before the step's losses by `begin_step(model, cache, packs, device)`,
+           which the loop calls (collectively) when an objective has one
+
 docs/objectives.md has every formula with its data format and a command.
 """
 
@@ -49,8 +63,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
+from minitrain.training import kto
 from minitrain.training.data import (
     IGNORE,
     DataError,
@@ -60,14 +76,18 @@ from minitrain.training.data import (
     make_pack,
     make_seq2seq_pack,
 )
+from minitrain.training.distributed import compute_autocast
+from minitrain.training.loss import TopKTeacher
 from minitrain.training.sequence_parallel import sum_over_row
 
-OBJECTIVES = ("sft", "dpo", "simpo", "orpo", "reward")
+OBJECTIVES = ("sft", "dpo", "simpo", "orpo", "reward", "kto", "distill")
 DPO_LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust")
 LOSS_REDUCTIONS = ("tokens", "sequences")
 PREFERENCE_METRICS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
                       "logps/rejected")
 ORPO_METRICS = (*PREFERENCE_METRICS, "nll_loss", "log_odds_ratio", "log_odds_chosen")  # TRL's ORPO trainer's names
+KTO_METRICS = ("kl", "rewards/chosen", "rewards/rejected", "rewards/margins", "logps/chosen", "logps/rejected")
+KTO_SUMS = ("kl", "rewards/chosen", "rewards/rejected", "logps/chosen", "logps/rejected", "desirable", "undesirable")
 
 
 @dataclass(frozen=True)
@@ -91,6 +111,9 @@ class SFT:
             raise DataError(f"{path}: holds encoder-decoder (source-target) samples, and the model is a causal LM; "
                             f"train them with the encoder-decoder model they were made for, or re-run "
                             f"process_data.py with this model")
+        if cache.unpaired:  # training on the undesirable completions would be the opposite of their label
+            raise DataError(f"{path}: holds labelled (KTO) samples, desirable or not, which --objective sft cannot "
+                            f"train; pass --objective kto, or a file of samples without `label`s")
 
     def costs(self, cache: TokenCache) -> np.ndarray:
         return cache.lengths
@@ -155,13 +178,105 @@ class Seq2SeqSFT(SFT):
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# Offline distillation
+
+
+@dataclass(frozen=True)
+class TeacherTable:
+    """A teacher's k likeliest next tokens at every trained position of a cache (teacher.py writes it), rows in the
+    cache's order: sample i's trained positions, in order, are rows row_starts[i]:row_starts[i + 1]."""
+
+    ids: np.ndarray  # (trained tokens, k) int32, memory-mapped
+    logprobs: np.ndarray  # (trained tokens, k) float32: log-probs at T = 1 over the whole vocabulary, memory-mapped
+    row_starts: np.ndarray  # (num_samples + 1,) int64: 0, then the cumulative sum of cache.trained
+
+    @classmethod
+    def synthetic(cls, rows: int, k: int) -> "TeacherTable":
+        """A stand-in of one sample of `rows` trained positions (the memory estimate's)."""
+        return cls(np.tile(np.arange(k, dtype=np.int32), (rows, 1)), np.full((rows, k), -float(np.log(k)), np.float32),
+                   np.array([0, rows]))
+
+    def rows(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(ids, log-probs) of the samples `indices`' trained positions, in make_pack's order of targets."""
+        spans = [(int(self.row_starts[i]), int(self.row_starts[i + 1])) for i in indices]
+        k = self.ids.shape[1]
+        if not spans:
+            return np.zeros((0, k), np.int32), np.zeros((0, k), np.float32)
+        return (np.concatenate([self.ids[a:b] for a, b in spans]),
+                np.concatenate([self.logprobs[a:b] for a, b in spans]))
+
+
+@dataclass(frozen=True)
+class DistillPack(Pack):
+    """A packed row of samples (data.Pack) and the teacher's top-k at each of its targets."""
+
+    teacher_ids: torch.Tensor = None  # (N, k) long
+    teacher_logprobs: torch.Tensor = None  # (N, k) float32
+
+    def to(self, device: torch.device) -> "DistillPack":
+        return DistillPack(**vars(Pack.to(self, device)), teacher_ids=self.teacher_ids.to(device),
+                           teacher_logprobs=self.teacher_logprobs.to(device))
+
+
+@dataclass
+class Distill:
+    """Offline distillation on samples: per trained position (1 - α) CE + α T² KL(q || s), q the teacher's top-k
+    log-probs renormalised at temperature T, s the student's softmax at T renormalised over the same k ids
+    (loss.TopKTeacher says it exactly); the step's loss is the mean over its trained tokens, as SFT's. Metrics: `kl`
+    (KL(q || s), not times T²) and `ce`, each a mean over the trained tokens, so loss = α T² kl + (1 - α) ce."""
+
+    alpha: float = 0.5
+    temperature: float = 1.0
+    top_k: int = 16
+    name: str = "distill"
+    unit: str = "trained tokens"
+    metrics: tuple[str, ...] = ("kl", "ce")
+    needs_teacher: bool = True
+    # the teacher's table of each cache, by its content hash (teacher.attach_teachers fills it)
+    tables: dict = field(default_factory=dict)
+
+    def check(self, cache: TokenCache, path: str) -> None:
+        if cache.pairs or cache.seq2seq or cache.unpaired:
+            what = ("preference pairs" if cache.pairs else "labelled (KTO) samples, some undesirable" if cache.unpaired
+                    else "encoder-decoder (source-target) samples")
+            raise DataError(f"{path}: holds {what}; --objective distill trains a causal LM on samples (process_data.py "
+                            f"output of conversations or text)")
+
+    def costs(self, cache: TokenCache) -> np.ndarray:
+        return cache.lengths
+
+    def step_units(self, cache: TokenCache, indices: np.ndarray) -> int:
+        return int(cache.trained[indices].sum())
+
+    def pack(self, cache: TokenCache, indices: np.ndarray) -> DistillPack:
+        table = self.tables.get(cache.content_hash)
+        if table is None:
+            raise RuntimeError("distillation needs the teacher's table of this cache; teacher.attach_teachers() "
+                               "computes it")
+        indices = np.asarray(indices, dtype=np.int64)
+        pack = make_pack(cache, indices)
+        ids, logprobs = table.rows(indices)
+        return DistillPack(**vars(pack), teacher_ids=torch.from_numpy(ids.astype(np.int64)),
+                           teacher_logprobs=torch.from_numpy(logprobs.astype(np.float32)))
+
+    def loss_sum(self, model: torch.nn.Module, pack: DistillPack, cache: TokenCache, indices: np.ndarray,
+                 row_ce: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        sums = torch.zeros(2, device=pack.targets.device)
+        teacher = TopKTeacher(pack.teacher_ids, pack.teacher_logprobs, self.alpha, self.temperature, sums)
+        loss = model(pack.input_ids, pack.position_ids, pack.positions, pack.targets, None, row_ce, pack.cu_seq_lens,
+                     pack.max_length, teacher=teacher)
+        return loss, sums
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # Preference pairs
 
 
 @dataclass(frozen=True)
 class PairPack:
     """One micro-step's pairs packed padding-free in one row: chosen_0, rejected_0, chosen_1, ... each sequence's
-    positions restarting at 0, the label shift inside each sequence."""
+    positions restarting at 0, the label shift inside each sequence. (KTO packs its samples the same way, one
+    sequence per sample: `pairs` are then the samples, and each has one sequence.)"""
 
     pack: Pack  # the row and its trained positions
     segments: torch.Tensor  # (N,) long: the sequence (2 * pair + 0 chosen / 1 rejected) of each trained position
@@ -182,18 +297,27 @@ class PairPack:
 def make_pair_pack(cache: TokenCache, indices: np.ndarray, reference: np.ndarray | None = None) -> PairPack:
     """The pairs `indices` of a pair cache in one row (an empty `indices`: make_pack's dummy pack, no pairs)."""
     indices = np.asarray(indices, dtype=np.int64)
-    if len(indices) == 0:
-        return PairPack(make_pack(cache, indices), torch.zeros(0, dtype=torch.long), torch.zeros(0), None, indices)
-    ids, pos, targets, segments = [], [], [], []
-    for k, i in enumerate(indices):
+    sequences = []
+    for i in indices:
         start, end = int(cache.offsets[i]), int(cache.offsets[i + 1])
         split = start + int(cache.chosen_lengths[i])
-        for side, (a, b) in enumerate(((start, split), (split, end))):
-            labels = cache.labels[a:b]
-            ids.append(cache.input_ids[a:b])
-            pos.append(np.arange(b - a))
-            targets.append(np.append(labels[1:], IGNORE))  # shift inside the sequence
-            segments.append(np.full(b - a, 2 * k + side))
+        sequences += [(cache.input_ids[a:b], cache.labels[a:b]) for a, b in ((start, split), (split, end))]
+    ref = None if reference is None or not len(indices) else np.ascontiguousarray(reference[indices]).reshape(-1)
+    return pack_sequences(cache, sequences, indices, 2, ref)
+
+
+def pack_sequences(cache: TokenCache, sequences: list[tuple[np.ndarray, np.ndarray]], units: np.ndarray,
+                   per_unit: int, reference: np.ndarray | None = None) -> PairPack:
+    """`per_unit` sequences (input_ids, labels) of each of the units `units` in one row, each sequence its own (the
+    shift inside it); no units: make_pack's dummy pack."""
+    if len(units) == 0:
+        return PairPack(make_pack(cache, units), torch.zeros(0, dtype=torch.long), torch.zeros(0), None, units)
+    ids, pos, targets, segments = [], [], [], []
+    for k, (seq_ids, labels) in enumerate(sequences):
+        ids.append(seq_ids)
+        pos.append(np.arange(len(seq_ids)))
+        targets.append(np.append(labels[1:], IGNORE))  # shift inside the sequence
+        segments.append(np.full(len(seq_ids), k))
     targets, segments = np.concatenate(targets), np.concatenate(segments)
     positions = np.flatnonzero(targets != IGNORE)
     sizes = [len(p) for p in pos]
@@ -203,28 +327,29 @@ def make_pair_pack(cache: TokenCache, indices: np.ndarray, reference: np.ndarray
         positions=torch.from_numpy(positions),
         targets=torch.from_numpy(targets[positions].astype(np.int64)),
         num_tokens=len(targets),
-        sample_of_target=segments[positions] // 2,  # the pair
-        cu_seq_lens=torch.from_numpy(np.cumsum([0, *sizes]).astype(np.int32)),  # each side its own sequence
+        sample_of_target=segments[positions] // per_unit,  # the unit
+        cu_seq_lens=torch.from_numpy(np.cumsum([0, *sizes]).astype(np.int32)),  # each sequence on its own
         max_length=max(sizes),
     )
     seg = torch.from_numpy(segments[positions])
     # numpy, not torch.bincount: the memory estimate builds packs under FakeTensorMode, where a bincount's output
     # shape is data-dependent and refused
-    trained = torch.from_numpy(np.bincount(segments[positions], minlength=2 * len(indices)).astype(np.float32))
-    ref = None if reference is None else torch.from_numpy(np.ascontiguousarray(reference[indices]).reshape(-1))
-    return PairPack(pack, seg, trained, ref, indices)
+    trained = torch.from_numpy(np.bincount(segments[positions], minlength=len(sequences)).astype(np.float32))
+    ref = None if reference is None else torch.from_numpy(np.ascontiguousarray(reference, dtype=np.float64))
+    return PairPack(pack, seg, trained, ref, units)
 
 
 def sequence_logps(model: torch.nn.Module, pair_pack: PairPack) -> tuple[torch.Tensor, torch.Tensor]:
-    """(log-prob of each sequence summed over its trained tokens, (2P,) with gradient; a zero-valued scalar that
-    carries the model's graph, to add to the loss so a pack without pairs still runs every parameter's backward)."""
+    """(log-prob of each sequence summed over its trained tokens, (2P,) (KTO: (P,)) with gradient; a zero-valued
+    scalar that carries the model's graph, to add to the loss so a pack without pairs still runs every parameter's
+    backward)."""
     p = pair_pack.pack
     boundaries = dict(cu_seq_lens=p.cu_seq_lens, max_length=p.max_length)
     if pair_pack.num_pairs == 0:  # a dummy pack: the same forward/backward collectives, zero gradient
         return torch.zeros(0, device=p.input_ids.device), model(p.input_ids, p.position_ids, p.positions, p.targets,
                                                                  **boundaries)
     ce = model(p.input_ids, p.position_ids, p.positions, p.targets, per_token=True, **boundaries)  # (N,)
-    logps = torch.zeros(2 * pair_pack.num_pairs, dtype=ce.dtype, device=ce.device).index_add(0, pair_pack.segments, -ce)
+    logps = torch.zeros(len(pair_pack.trained), dtype=ce.dtype, device=ce.device).index_add(0, pair_pack.segments, -ce)
     # Sequence parallelism: each rank summed the positions of its slice of the row; the group's sums are the row's.
     logps = sum_over_row(logps, getattr(model, "sequence_parallel", None))
     return logps, torch.zeros((), device=ce.device)
@@ -245,7 +370,8 @@ class Preference:
 
     def check(self, cache: TokenCache, path: str) -> None:
         if not cache.pairs:
-            raise DataError(f"{path}: holds samples, not preference pairs; --objective {self.name} needs "
+            what = "labelled (KTO) samples" if cache.unpaired else "samples"
+            raise DataError(f"{path}: holds {what}, not preference pairs; --objective {self.name} needs "
                             f"process_data.py --input-format preference output (chosen_*/rejected_* rows)")
 
     def costs(self, cache: TokenCache) -> np.ndarray:
@@ -373,6 +499,178 @@ class ORPO(Preference):
                 ratio.detach(), log_odds.detach())
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# KTO: labelled, unpaired samples
+
+
+@dataclass(frozen=True)
+class KTOPack:
+    """A KTO micro-step: its samples' own sequences (prompt + completion), one per sample, in one row."""
+
+    sequences: PairPack  # `reference`: (P,) float64, the reference model's log-prob of each sample's completion
+    desirable: torch.Tensor  # (P,) bool: each sample's label
+
+    @property
+    def num_samples(self) -> int:
+        return self.sequences.num_pairs
+
+    @property
+    def targets(self) -> torch.Tensor:
+        return self.sequences.pack.targets
+
+    def to(self, device: torch.device) -> "KTOPack":
+        return KTOPack(self.sequences.to(device), self.desirable.to(device))
+
+
+@dataclass
+class KTO:
+    """KTO (Ethayarajh et al. 2024) as TRL's KTOTrainer (loss_type "kto") defines it, on labelled samples. With
+    r(x, y) = log π(y|x) - log π_ref(y|x) (sums over the completion's trained tokens; π_ref precomputed once by the
+    initial model, reference.py) and the step's KL estimate
+
+        z = max(0, mean over the step's samples of (log π(y'|x) - log π_ref(y'|x))),  no gradient,
+
+    y' the completion of another prompt's sample (kto.py: a fixed function of the data), a sample's loss is
+
+        desirable    w_d (1 - σ(β (r - z)))        w_d = desirable_weight
+        undesirable  w_u (1 - σ(β (z - r)))        w_u = undesirable_weight
+
+    and the step's loss their mean over its samples. TRL estimates z over each micro-batch (its per-device means,
+    averaged over the devices); here z is over the whole optimizer step, in one no-grad pass over the step's KL
+    sequences before its losses (`begin_step`, collective), so the step's loss and gradient do not depend on how it
+    is split into ranks and micro-steps. Metrics as TRL's: kl (z), rewards/chosen and logps/chosen (means over the
+    step's desirable samples of β r and log π(y|x)), rewards/rejected and logps/rejected (over its undesirable
+    ones), rewards/margins (chosen minus rejected); a mean without samples is left out of the step's record."""
+
+    beta: float = 0.1
+    desirable_weight: float = 1.0
+    undesirable_weight: float = 1.0
+    max_tokens: int | None = None  # a KL sequence must fit a row (check)
+    name: str = "kto"
+    unit: str = "samples"
+    needs_reference: bool = True
+    reference_tag: str = "kto"  # its reference table (own and KL log-probs) is not DPO's: its own file name
+    metrics: tuple[str, ...] = KTO_METRICS
+    sums: tuple[str, ...] = KTO_SUMS  # what loss_sum adds up per sample; `means` turns the step's sums into metrics
+    # the reference log-probs (num_samples, 2) of each cache, by content hash: [own completion, KL sequence]
+    reference: dict = field(default_factory=dict)
+    kl: float = 0.0  # the current step's z, set by begin_step before its losses
+    partners: dict = field(default_factory=dict)  # kto.kl_partners of each cache, by content hash
+
+    def check(self, cache: TokenCache, path: str) -> None:
+        if not cache.unpaired:
+            what = "preference pairs" if cache.pairs else "samples without a desirable/undesirable label"
+            raise DataError(f"{path}: holds {what}; --objective kto needs process_data.py output of labelled rows "
+                            f"(prompt/completion/label or messages/label, --input-format unpaired)")
+        partners = self.partners_of(cache, path)
+        if self.max_tokens is not None and (error := kto.too_long(cache, partners, path, self.max_tokens)):
+            raise error
+
+    def partners_of(self, cache: TokenCache, path: str = "") -> np.ndarray:
+        if cache.content_hash not in self.partners:
+            self.partners[cache.content_hash] = kto.kl_partners(cache, path)
+        return self.partners[cache.content_hash]
+
+    def costs(self, cache: TokenCache) -> np.ndarray:
+        """A micro-step's row holds its samples, and then (begin_step) their KL sequences: the longer of the two."""
+        return np.maximum(cache.lengths, kto.kl_lengths(cache, self.partners_of(cache)))
+
+    def step_units(self, cache: TokenCache, indices: np.ndarray) -> int:
+        return len(indices)
+
+    def pack(self, cache: TokenCache, indices: np.ndarray) -> KTOPack:
+        indices = np.asarray(indices, dtype=np.int64)
+        table = self.reference.get(cache.content_hash)
+        sequences = pack_sequences(cache, [kto.own_sequence(cache, i) for i in indices], indices, 1,
+                                   None if table is None else table[indices, 0])
+        return KTOPack(sequences, torch.from_numpy(np.asarray(cache.desirable[indices], dtype=bool)))
+
+    def kl_pack(self, cache: TokenCache, indices: np.ndarray) -> PairPack:
+        """The KL sequences of the samples `indices` in one row (reference: their column of the table)."""
+        indices = np.asarray(indices, dtype=np.int64)
+        partners, table = self.partners_of(cache), self.reference.get(cache.content_hash)
+        return pack_sequences(cache, [kto.kl_sequence(cache, i, partners[i]) for i in indices], indices, 1,
+                              None if table is None else table[indices, 1])
+
+    def reference_passes(self, cache: TokenCache) -> list:
+        """The reference table's columns (reference.py): each sample's own sequence, then its KL sequence."""
+        return [(cache.lengths, lambda c, i: self.pack(c, i).sequences, 1),
+                (kto.kl_lengths(cache, self.partners_of(cache)), self.kl_pack, 1)]
+
+    @torch.no_grad()
+    def begin_step(self, model: torch.nn.Module, cache: TokenCache, packs: list[np.ndarray],
+                   device: torch.device) -> None:
+        """z for the step whose micro-steps on this rank are `packs`: the policy's log-probs of their KL sequences
+        (eval mode: no dropout), minus the reference's, averaged over the step's samples on every rank. Collective:
+        every rank runs the same number of packs (dummy ones included)."""
+        if cache.content_hash not in self.reference:
+            raise RuntimeError("KTO needs the reference log-probs of this cache; reference.attach() computes them")
+        totals = torch.zeros(2, dtype=torch.float64, device=device)  # sum of log-ratios, samples
+        was_training = model.training
+        model.eval()
+        try:
+            for indices in packs:
+                pack = self.kl_pack(cache, indices).to(device)
+                with compute_autocast(model, device):
+                    logps, _ = sequence_logps(model, pack)
+                if pack.num_pairs:
+                    totals[0] += (logps.double() - pack.reference).sum()
+                    totals[1] += pack.num_pairs
+        finally:
+            model.train(was_training)
+        # No reshard here: SHARD_GRAD_OP's modules stay gathered after this no-grad forward, and the step's forward
+        # that follows uses them as they are, its backward resharding them (tests/test_kto.py runs both strategies)
+        if dist.is_initialized():
+            dist.all_reduce(totals)
+        self.kl = max(totals[0].item() / totals[1].item(), 0.0)
+
+    def loss_sum(self, model: torch.nn.Module, pack: KTOPack, cache: TokenCache = None, indices=None,
+                 row_ce: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        logps, graph = sequence_logps(model, pack.sequences)
+        if pack.num_samples == 0:
+            return graph, torch.zeros(len(self.sums), device=graph.device)
+        if pack.sequences.reference is None:
+            raise RuntimeError("KTO needs the reference log-probs of this cache; reference.attach() computes them")
+        ratios = logps - pack.sequences.reference.to(logps.dtype)  # r
+        z = torch.tensor(self.kl, dtype=logps.dtype, device=logps.device)
+        desirable = pack.desirable
+        losses = torch.where(desirable, self.desirable_weight * torch.sigmoid(-self.beta * (ratios - z)),
+                             self.undesirable_weight * torch.sigmoid(-self.beta * (z - ratios)))  # 1 - σ(x) = σ(-x)
+        rewards, chosen = (self.beta * ratios).detach(), desirable.to(logps.dtype)
+        rejected = 1 - chosen
+        sums = torch.stack([z * pack.num_samples, (rewards * chosen).sum(), (rewards * rejected).sum(),
+                            (logps.detach() * chosen).sum(), (logps.detach() * rejected).sum(), chosen.sum(),
+                            rejected.sum()]).detach().float()
+        return losses.sum() + graph, sums
+
+    def means(self, sums: list[float], units: float) -> dict[str, float]:
+        """The step's metrics from its sums (KTO_SUMS, all ranks): TRL's means over the desirable or the undesirable
+        samples; one without samples is left out."""
+        kl, chosen_rewards, rejected_rewards, chosen_logps, rejected_logps, chosen, rejected = sums
+        out = {"kl": kl / units}
+        if chosen:
+            out.update({"rewards/chosen": chosen_rewards / chosen, "logps/chosen": chosen_logps / chosen})
+        if rejected:
+            out.update({"rewards/rejected": rejected_rewards / rejected, "logps/rejected": rejected_logps / rejected})
+        if chosen and rejected:
+            out["rewards/margins"] = out["rewards/chosen"] - out["rewards/rejected"]
+        return {name: out[name] for name in self.metrics if name in out}
+
+
+def metric_sums(objective) -> int:
+    """How many sums an objective's loss_sum returns besides the loss (its metrics', or KTO's `sums`)."""
+    return len(getattr(objective, "sums", objective.metrics))
+
+
+def metric_means(objective, sums: list[float], units: float) -> dict[str, float]:
+    """The metrics of a step (or a validation set) from its sums over all ranks: each sum over the units, or the
+    objective's own `means` (KTO: means over its desirable or undesirable samples)."""
+    means = getattr(objective, "means", None)
+    if means is not None:
+        return means(sums, units)
+    return {name: value / units for name, value in zip(objective.metrics, sums)}
+
+
 @dataclass(frozen=True)
 class ScorePack:
     """A reward micro-step: the pairs' row (PairPack) and each sequence's scoring position in it."""
@@ -407,7 +705,8 @@ class Reward:
 
     def check(self, cache: TokenCache, path: str) -> None:
         if not cache.pairs:
-            raise DataError(f"{path}: holds samples, not preference pairs; --objective reward needs "
+            what = "labelled (KTO) samples" if cache.unpaired else "samples"
+            raise DataError(f"{path}: holds {what}, not preference pairs; --objective reward needs "
                             f"process_data.py --input-format preference output (chosen_*/rejected_* rows)")
 
     def costs(self, cache: TokenCache) -> np.ndarray:
@@ -449,10 +748,10 @@ class Reward:
         return losses.sum(), metrics
 
 
-def build_objective(config, hf_config=None) -> SFT | DPO | SimPO | ORPO | Reward:
+def build_objective(config, hf_config=None) -> SFT | DPO | SimPO | ORPO | Reward | KTO | Distill:
     """The objective of `config` (its objective, dpo_beta, dpo_loss_type, dpo_label_smoothing, simpo_beta,
-    simpo_gamma, orpo_lambda, preference_sft_weight) for the model of `hf_config` (an encoder-decoder trains
-    Seq2SeqSFT)."""
+    simpo_gamma, orpo_lambda, preference_sft_weight, kto_*, distill_*) for the model of `hf_config` (an
+    encoder-decoder trains Seq2SeqSFT)."""
     name = getattr(config, "objective", "sft")
     if hf_config is not None and getattr(hf_config, "is_encoder_decoder", False):
         if name != "sft":
@@ -470,4 +769,10 @@ def build_objective(config, hf_config=None) -> SFT | DPO | SimPO | ORPO | Reward
         return ORPO(beta=config.orpo_lambda)
     if name == "reward":
         return Reward(getattr(hf_config, "pad_token_id", None), config.reward_center_coefficient)
+    if name == "kto":
+        budget = config.max_tokens_per_gpu if isinstance(config.max_tokens_per_gpu, int) else None
+        return KTO(beta=config.kto_beta, desirable_weight=config.kto_desirable_weight,
+                   undesirable_weight=config.kto_undesirable_weight, max_tokens=budget)
+    if name == "distill":
+        return Distill(alpha=config.distill_alpha, temperature=config.distill_temperature, top_k=config.distill_top_k)
     return SFT(getattr(config, "loss_reduction", "tokens"))

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from minitrain.training import attention
+from minitrain.training import attention, families
 from minitrain.training.adapter import FullFineTuning
 from minitrain.training.families import ModelError, family
 
@@ -23,6 +23,21 @@ def score_config(hf_config):
     hf_config = copy.deepcopy(hf_config)
     hf_config.num_labels = 1
     return hf_config
+
+
+def model_class(config, hf_config) -> tuple[type, object]:
+    """(The Hugging Face class a run of `config` trains, the config it is built with): the family's one-label
+    sequence classifier for --objective reward (a causal LM's folder leaves its `score` head new), else the causal LM
+    (or encoder-decoder) Auto class of families.auto_class, with `hf_config` as it is."""
+    if getattr(config, "objective", "sft") == "reward":
+        return score_class(hf_config), score_config(hf_config)
+    return families.auto_class(hf_config), hf_config
+
+
+def from_config(model_class: type, hf_config, **kwargs) -> nn.Module:
+    """`model_class` with fresh weights from `hf_config`: an Auto class's from_config, a model class's _from_config."""
+    build = getattr(model_class, "from_config", None) or model_class._from_config
+    return build(hf_config, **kwargs)
 
 
 def score_class(hf_config) -> type:
@@ -50,12 +65,18 @@ def scoring_positions(input_ids: np.ndarray, sizes: list[int], pad_token_id: int
     return np.asarray(out, dtype=np.int64)
 
 
+def linear_head(head: nn.Module | None) -> nn.Module | None:
+    """The layer of a `score` head: the head itself, or under LoRA the original layer inside peft's
+    ModulesToSaveWrapper (which runs a trained copy of it and keeps the original frozen)."""
+    return getattr(head, "original_module", head)
+
+
 class PackedRewardModel(nn.Module):
     """A sequence classifier over packed rows: forward(row, scoring positions) -> each sequence's score, (S,)."""
 
     def __init__(self, lm: nn.Module, adapter: "FullFineTuning | None" = None):
         super().__init__()
-        if not isinstance(getattr(lm, "score", None), nn.Linear):
+        if not isinstance(linear_head(getattr(lm, "score", None)), nn.Linear):
             raise ModelError(f"model type {family(lm.config)!r}: its sequence classifier has no nn.Linear `score` "
                              f"head; --objective reward cannot train it")
         self.lm = lm

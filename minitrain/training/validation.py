@@ -36,6 +36,7 @@ from minitrain.training.distributed import (
     reshard,
     root_unsharded,
 )
+from minitrain.training.objectives import metric_means, metric_sums
 from sampler import pack_step
 
 # The validation split must not move when --seed changes, so runs with different seeds are compared on the same
@@ -123,7 +124,10 @@ def validation_loss(model, objective, cache: TokenCache, packs: list[np.ndarray]
     """(the objective's mean loss over the whole set, its units (e.g. trained tokens), the mean of each of its
     metrics over the set). Collective: every rank passes its own packs, and all ranks have the same number of them
     (see plan_validation)."""
-    totals = torch.zeros(2 + len(objective.metrics), dtype=torch.float64, device=device)  # (loss, units, metrics)
+    begin_step = getattr(objective, "begin_step", None)  # KTO: the KL estimate, here over the whole set
+    if begin_step is not None:
+        begin_step(model, cache, packs, device)
+    totals = torch.zeros(2 + metric_sums(objective), dtype=torch.float64, device=device)  # (loss, units, metrics)
     # Sequence parallelism: the S ranks of a group share each pack (each sums its slice's losses), so each counts
     # 1 / S of its units
     split = getattr(model, "sequence_parallel", None)
@@ -131,14 +135,14 @@ def validation_loss(model, objective, cache: TokenCache, packs: list[np.ndarray]
     for indices in packs:
         pack = objective.pack(cache, indices).to(device)
         with compute_autocast(model, device):
-            loss_sum, metric_sums = objective.loss_sum(model, pack, cache, indices)
+            loss_sum, pack_sums = objective.loss_sum(model, pack, cache, indices)
         totals[0] += loss_sum.double()
         totals[1] += objective.step_units(cache, indices) / sharing
-        totals[2:] += metric_sums.double()
+        totals[2:] += pack_sums.double()
     if dist.is_initialized():
         dist.all_reduce(totals)
-    loss_sum, units, *metric_sums = totals.tolist()
-    return loss_sum / units, int(units), {name: m / units for name, m in zip(objective.metrics, metric_sums)}
+    loss_sum, units, *sums = totals.tolist()
+    return loss_sum / units, int(units), metric_means(objective, sums, units)
 
 
 def pad_token_id(lm, eos_token_ids: list[int]) -> int:

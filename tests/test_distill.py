@@ -1,0 +1,337 @@
+"""Offline distillation (--objective distill --teacher-model PATH): the teacher's top-k table, the loss and its
+gradients on 1 and 2 processes, resume, refusals.
+
+The truth is written here from the formulas, one sample at a time: a plain Hugging Face forward of the teacher and
+the student on each sample alone, full logits; the teacher's top-k by its log-softmax; both distributions at
+temperature T over the whole vocabulary, then renormalised over the teacher's top-k ids; per trained token
+α T² KL(teacher || student) + (1 - α) CE, the mean over the trained tokens. The 2-process check runs
+`distill_grad_worker` in the session's 2-rank job (tests/two_rank_server.py).
+"""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.test_preference import SKEWED, max_rel
+from tests.test_train import write_data
+
+K, ALPHA, T = 8, 0.7, 2.0  # T != 1, so a loss without T² (or without the temperature) is caught
+SMALL_BLOCK = 40  # trained tokens per block of the teacher pass: several blocks, each summed over the ranks
+
+
+def read_rows(path: Path) -> list[dict]:
+    return [json.loads(line) for line in Path(path).read_text().splitlines()]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The direct implementation
+
+
+def trained_logits(lm, row: dict):
+    """(the model's logits at the sample's trained positions (float64), their targets): the sample alone."""
+    import torch
+
+    logits = lm(input_ids=torch.tensor([row["input_ids"]]), use_cache=False).logits[0, :-1].double()
+    targets = torch.tensor(row["labels"][1:])
+    trained = targets != -100
+    return logits[trained], targets[trained]
+
+
+def direct_topk(teacher_dir: Path, rows: list[dict], k: int = K):
+    """The teacher's k likeliest next tokens at every trained position, in the data's order: (ids, log-probs at T = 1
+    over the whole vocabulary), (trained tokens, k)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    lm = AutoModelForCausalLM.from_pretrained(teacher_dir, dtype=torch.float32).eval()
+    ids, logprobs = [], []
+    with torch.no_grad():
+        for row in rows:
+            top = torch.log_softmax(trained_logits(lm, row)[0], dim=-1).topk(k, dim=-1)
+            ids.append(top.indices)
+            logprobs.append(top.values)
+    return torch.cat(ids).numpy(), torch.cat(logprobs).numpy()
+
+
+def direct_grads(student_dir: Path, teacher_dir: Path, rows: list[dict], alpha: float = ALPHA,
+                 temperature: float = T, k: int = K):
+    """(the step's loss, its gradients, the mean KL and CE) by the formulas, sample by sample."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    teacher = AutoModelForCausalLM.from_pretrained(teacher_dir, dtype=torch.float32).eval()
+    student = AutoModelForCausalLM.from_pretrained(student_dir, dtype=torch.float32)
+    losses, kls, ces = [], [], []
+    for row in rows:
+        with torch.no_grad():
+            teacher_logits = trained_logits(teacher, row)[0]
+        ids = torch.log_softmax(teacher_logits, dim=-1).topk(k, dim=-1).indices  # the teacher's top-k
+        logits, targets = trained_logits(student, row)
+        # each distribution at temperature T over the whole vocabulary, then renormalised over the k ids
+        teacher_t = torch.log_softmax(teacher_logits / temperature, dim=-1).gather(1, ids)
+        log_q = teacher_t - torch.logsumexp(teacher_t, dim=-1, keepdim=True)
+        student_t = torch.log_softmax(logits / temperature, dim=-1).gather(1, ids)
+        log_s = student_t - torch.logsumexp(student_t, dim=-1, keepdim=True)
+        kl = (log_q.exp() * (log_q - log_s)).sum(-1)
+        ce = -torch.log_softmax(logits, dim=-1).gather(1, targets[:, None]).squeeze(1)
+        losses.append(alpha * temperature**2 * kl + (1 - alpha) * ce)
+        kls.append(kl.detach())
+        ces.append(ce.detach())
+    loss = torch.cat(losses).mean()
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in student.named_parameters()}
+    return loss.item(), grads, torch.cat(kls).mean().item(), torch.cat(ces).mean().item()
+
+
+def distill_config(data: Path, student: Path, teacher: Path, out: Path, **overrides):
+    import train
+
+    return train.TrainConfig(data_path=str(data), model_name_or_path=str(student), output_dir=str(out), batch_size=8,
+                             max_tokens_per_gpu=128, objective="distill", teacher_model=str(teacher), distill_top_k=K,
+                             distill_alpha=ALPHA, distill_temperature=T, **overrides)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# One process: the table, and train.py's forward_backward == the direct implementation however the step is split
+
+
+def test_the_table_and_the_loss_and_gradients_equal_the_direct_implementation(tmp_path, tiny_model_dir, monkeypatch):
+    import torch
+
+    import train
+    from minitrain.training import teacher as teacher_module
+    from minitrain.training.data import load_data
+    from minitrain.training.distributed import World
+    from minitrain.training.model import build_model
+    from minitrain.training.objectives import Distill, build_objective
+
+    student, teacher = tiny_model_dir("qwen2"), tiny_model_dir("llama")  # an untied LM head learns from a tied one
+    data = write_data(tmp_path / "data.jsonl", 6, vocab=700, seed=3)
+    rows = read_rows(data)
+    config = distill_config(data, student, teacher, tmp_path / "o", activation_checkpointing=False)
+    single = World(0, 0, 1, 1, torch.device("cpu"))
+    cache = load_data(config, single, vocab_size=10**6)
+    objective = build_objective(config)
+    assert isinstance(objective, Distill) and (objective.alpha, objective.temperature, objective.top_k) == (ALPHA, T, K)
+    monkeypatch.setattr(teacher_module, "BLOCK_BYTES", SMALL_BLOCK * teacher_module.bytes_per_token(K))
+    assert len(teacher_module.blocks(cache.trained, SMALL_BLOCK)) > 2
+    teacher_module.attach_teachers(objective, [cache], config, single)
+    table = objective.tables[cache.content_hash]
+    want_ids, want_logprobs = direct_topk(teacher, rows)
+    assert table.ids.shape == (int(cache.trained.sum()), K) and table.ids.dtype == np.int32
+    np.testing.assert_array_equal(table.ids, want_ids)
+    np.testing.assert_allclose(table.logprobs, want_logprobs, rtol=0, atol=1e-5)
+
+    want_loss, want, want_kl, want_ce = direct_grads(student, teacher, rows)
+    assert want_kl > 1e-4  # the teacher and the student differ: the KL term is there to be checked
+    model = build_model(config, single)
+    units = int(cache.trained.sum())
+    for packs in ([np.arange(6)], [np.array([4, 0]), np.array([], int), np.array([5, 1, 2, 3])]):
+        model.zero_grad(set_to_none=True)
+        sums = train.forward_backward(model, objective, cache, packs, units, 1, single.device)
+        grads = {n: p.grad for n, p in model.lm.named_parameters()}
+        assert sums[0].item() / units == pytest.approx(want_loss, rel=1e-6), packs
+        assert sorted(grads) == sorted(want)
+        assert max_rel(grads, want) < 1e-5, (packs, max_rel(grads, want))
+        assert objective.metrics == ("kl", "ce")
+        assert (sums[1:] / units).tolist() == pytest.approx([want_kl, want_ce], rel=1e-5), packs
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Two processes, skewed micro-steps
+
+
+def distill_grad_worker(student: str, teacher: str, data_path: str, out_dir: str) -> None:
+    """Under torchrun: the table (both ranks compute, in several blocks; rank 0 writes, rank 1 reads it) and the
+    gradient on 2 FSDP2 ranks with skewed micro-steps (rank 1 runs two dummy packs)."""
+    import torch.distributed as dist
+
+    import train
+    from minitrain.training import teacher as teacher_module
+    from minitrain.training.data import load_data
+    from minitrain.training.distributed import cleanup_distributed, init_distributed
+    from minitrain.training.model import build_model
+    from minitrain.training.objectives import build_objective
+
+    world = init_distributed("auto")
+    config = distill_config(Path(data_path), Path(student), Path(teacher), Path(out_dir),
+                            fsdp_sharding_strategy="FULL_SHARD")  # + activation checkpointing
+    cache = load_data(config, world, vocab_size=10**6)
+    objective = build_objective(config)
+    block_bytes = teacher_module.BLOCK_BYTES
+    teacher_module.BLOCK_BYTES = SMALL_BLOCK * teacher_module.bytes_per_token(K)
+    try:
+        teacher_module.attach_teachers(objective, [cache], config, world)
+    finally:
+        teacher_module.BLOCK_BYTES = block_bytes
+    table = objective.tables[cache.content_hash]
+    model = build_model(config, world)
+    packs = [np.asarray(p, dtype=np.int64) for p in SKEWED[world.rank]]
+    units = int(cache.trained.sum())
+    sums = train.forward_backward(model, objective, cache, packs, units, world.world_size, world.device)
+    dist.all_reduce(sums)
+    grads = {n: p.grad.full_tensor() for n, p in model.lm.named_parameters()}
+    if world.is_main:
+        rows = read_rows(Path(data_path))
+        want_ids, want_logprobs = direct_topk(Path(teacher), rows)
+        want_loss, want, want_kl, want_ce = direct_grads(Path(student), Path(teacher), rows)
+        report = {"ids": bool(np.array_equal(table.ids, want_ids)),
+                  "logprobs": float(np.abs(table.logprobs - want_logprobs).max()),
+                  "blocks": len(teacher_module.blocks(cache.trained, SMALL_BLOCK)),
+                  "loss": sums[0].item() / units, "want_loss": want_loss, "max_rel": max_rel(grads, want),
+                  "names": sorted(grads) == sorted(want), "metrics": (sums[1:] / units).tolist(),
+                  "want_metrics": [want_kl, want_ce]}
+        Path(out_dir, "report.json").write_text(json.dumps(report))
+    cleanup_distributed()
+
+
+def test_two_ranks_with_skewed_micro_steps_give_the_direct_gradient(tmp_path, tiny_model_dir, two_ranks):
+    data = write_data(tmp_path / "data.jsonl", 8, vocab=700, seed=4)
+    run = two_ranks.run(__name__, "distill_grad_worker", [tiny_model_dir("llama"), tiny_model_dir("qwen2"), data,
+                                                          tmp_path / "out"])
+    assert run.returncode == 0, run.stderr[-3000:]
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["blocks"] > 2
+    assert report["ids"] and report["logprobs"] < 1e-5
+    assert report["names"]
+    assert report["loss"] == pytest.approx(report["want_loss"], rel=1e-6)
+    assert report["max_rel"] < 1e-5, report["max_rel"]
+    assert report["metrics"] == pytest.approx(report["want_metrics"], rel=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# train.py as a user runs it: the table is built once, its size printed first; resume reads it and is exact
+
+
+def distill_args(data: Path, student: Path, teacher: Path, out: Path, steps: int, *extra: str) -> list[str]:
+    return [
+        *extra, "--data-path", str(data), "--model-name-or-path", str(student), "--output-dir", str(out),
+        "--objective", "distill", "--teacher-model", str(teacher), "--distill-top-k", str(K),
+        "--distill-alpha", str(ALPHA), "--distill-temperature", str(T), "--batch-size", "4",
+        "--max-tokens-per-gpu", "64", "--max-steps", str(steps), "--learning-rate", "1e-2",
+        "--save-dtype", "float32", "--no-activation-checkpointing",
+    ]
+
+
+def test_the_table_is_built_once_and_a_resumed_run_reads_it_and_continues_exactly(tmp_path, capsys, tiny_model_dir):
+    import train
+    from tests.test_resume import metrics, run_main, weights
+
+    student, teacher = tiny_model_dir("llama"), tiny_model_dir("qwen2")
+    data = write_data(tmp_path / "data.jsonl", 16, vocab=700, seed=5)
+    validation = write_data(tmp_path / "validation.jsonl", 4, vocab=700, seed=6)  # a second cache, a second table
+    evaluate = ("--validation-data-path", str(validation), "--eval-every-samples", "8", "--num-eval-generations", "0")
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    code, out, err = run_main(distill_args(data, student, teacher, straight, 4, *evaluate), capsys)
+    assert code == 0, err[-3000:]
+    trained = sum(len([t for t in r["labels"][1:] if t != -100]) for r in read_rows(data))
+    size_line = (f"teacher top-k: {K} log-probs (float32) + {K} token ids (int32) = {8 * K} bytes per trained token; "
+                 f"{trained:,} trained tokens: ")
+    # the sizes first, then the teacher's pass (one load for both caches), then the student: never both in memory
+    assert size_line in out and out.index(size_line) < out.index("teacher: loading") < out.index("teacher top-k: wrote")
+    assert out.count("bytes per trained token") == 2 and out.count("teacher: loading") == 1
+    assert out.rindex("teacher top-k: wrote") < out.index("parameters train")
+
+    code, out, err = run_main(distill_args(data, student, teacher, resumed, 2, *evaluate), capsys)
+    assert code == 0, err[-3000:]
+    tables = sorted((resumed / "token_cache").glob("*/teacher_topk-*"))
+    assert len(tables) == 2
+    written = {f: f.stat().st_mtime_ns for table in tables for f in table.iterdir()}
+    assert {f.name for f in written} == {"ids.npy", "logprobs.npy", "meta.json"}
+    code = train.main(distill_args(data, student, teacher, resumed, 4, *evaluate))  # the same command, 2 more steps
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "resumed from" in out and all(f"teacher top-k: reused {table}" in out for table in tables)
+    assert "teacher: loading" not in out and "computing" not in out and "bytes per trained token" not in out
+    assert {f: f.stat().st_mtime_ns for f in written} == written
+
+    want, got = metrics(straight), metrics(resumed)
+    assert [r["step"] for r in got] == [1, 2, 3, 4]
+    assert [r["sample_lines"] for r in got] == [r["sample_lines"] for r in want]
+    for key in ("loss", "kl", "ce", "validation_loss", "validation_kl", "validation_ce"):
+        values = [r[key] for r in want if key in r]
+        assert len(values) == (4 if key in ("loss", "kl", "ce") else 2)  # evaluated after steps 2 and 4
+        assert [r[key] for r in got if key in r] == pytest.approx(values, rel=1e-6), key
+    assert got[-1]["validation_loss"] == pytest.approx(
+        ALPHA * T**2 * got[-1]["validation_kl"] + (1 - ALPHA) * got[-1]["validation_ce"], rel=1e-6)
+    assert got[0]["loss"] == pytest.approx(ALPHA * T**2 * got[0]["kl"] + (1 - ALPHA) * got[0]["ce"], rel=1e-6)
+    final, reference = weights(resumed / "hf_format" / "samples_16"), weights(straight / "hf_format" / "samples_16")
+    assert final.keys() == reference.keys()
+    for name, tensor in reference.items():
+        assert (final[name] - tensor).abs().max().item() < 1e-6, name
+    halfway = weights(resumed / "hf_format" / "samples_8")["model.norm.weight"]
+    assert (reference["model.norm.weight"] - halfway).abs().max().item() > 1e-4  # the comparison means something
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Refusals: one line, before any weight loads
+
+
+def test_a_teacher_with_another_vocabulary_is_refused_in_one_line_before_any_weights_load(
+        tmp_path, capsys, tiny_model_dir, tokenizer_dir):
+    import shutil
+
+    from tests.test_resume import run_main
+    from tests.tiny_models import build_tiny_model
+
+    student = tiny_model_dir("llama")
+    data = write_data(tmp_path / "data.jsonl", 4, vocab=700)
+    other = build_tiny_model("qwen2", tmp_path / "other", tokenizer_dir("llama3"))  # another tokenizer
+    padded = tmp_path / "padded"  # the student's tokenizer, but logits over more ids (a padded embedding)
+    shutil.copytree(tiny_model_dir("qwen2"), padded)
+    config = json.loads((padded / "config.json").read_text())
+    (padded / "config.json").write_text(json.dumps({**config, "vocab_size": config["vocab_size"] + 64}))
+    for teacher, message in (
+        (other, f"--teacher-model {other}: its tokenizer is not the student's ({student}): "),
+        (padded, (f"--teacher-model {padded}: its logits cover {config['vocab_size'] + 64} ids (config.json "
+                 f"vocab_size), the student's {config['vocab_size']}; ")),
+    ):
+        code, out, err = run_main(distill_args(data, student, teacher, tmp_path / "out", 1), capsys)
+        assert code == 2 and len(err.strip().splitlines()) == 1, err
+        assert message in err, err
+        assert "start-up probe" not in out and "teacher: loading" not in out  # no weights loaded
+
+
+def test_what_distillation_does_not_support_is_refused_in_one_line(tmp_path, capsys, tiny_model_dir):
+    from tests.test_kto import write_kto
+    from tests.test_preference import write_pairs
+    from tests.test_resume import run_main
+
+    student, teacher = tiny_model_dir("llama"), tiny_model_dir("qwen2")
+    data = write_data(tmp_path / "data.jsonl", 4, vocab=700)
+    args = distill_args(data, student, teacher, tmp_path / "out", 1)
+    without_teacher = [a for i, a in enumerate(args) if "--teacher-model" not in args[max(0, i - 1) : i + 1]]
+    pairs = write_pairs(tmp_path / "pairs.jsonl", 2)
+    labelled = write_kto(tmp_path / "kto.jsonl", 4)
+    second = write_data(tmp_path / "second.jsonl", 4, vocab=700, seed=1)
+    for case, message in (
+        (without_teacher, "--objective distill needs --teacher-model PATH"),
+        ([*args, "--objective", "sft"], "--teacher-model is for --objective distill (this run's is sft)"),
+        ([*args, "--lora"], "--objective distill does not support --lora yet; drop it"),
+        ([*args, "--loss-reduction", "sequences"], "does not support --loss-reduction sequences yet"),
+        ([*args, "--distill-alpha", "1.5"], "--distill-alpha must be in [0, 1], got 1.5"),
+        ([*args, "--distill-temperature", "0"], "--distill-temperature must be positive, got 0.0"),
+        ([*args, "--teacher-model", str(tmp_path / "none")], f"--teacher-model {tmp_path / 'none'}: no such model"),
+        ([*args, "--data-path", str(pairs)], (f"{pairs}: holds preference pairs; --objective distill trains a causal "
+                                             f"LM on samples")),
+        ([*args, "--data-path", str(labelled)], f"{labelled}: holds labelled (KTO) samples, some undesirable"),
+        ([*args, "--data-path", str(data), str(second)], "--objective distill does not support mixtures yet"),
+    ):
+        code, out, err = run_main(case, capsys)
+        assert code == 2 and len(err.strip().splitlines()) == 1, err
+        assert message in err, (message, err)
+        assert "start-up probe" not in out and "teacher: loading" not in out
+
+
+def test_the_memory_estimate_runs_a_distillation_step(tmp_path, tiny_model_dir):
+    """The estimate (run at start-up on CUDA, or when checkpointing is auto) simulates a step of the objective on fake
+    tensors, a stand-in teacher table included."""
+    from minitrain.training import memory
+
+    data = tmp_path / "unused.jsonl"
+    config = distill_config(data, tiny_model_dir("llama"), tiny_model_dir("qwen2"), tmp_path / "o",
+                            activation_checkpointing=False)
+    estimate = memory.estimate(config, 2, None, False, memory.run_optimizer(config), slope=False)
+    assert estimate.objective == "distill" and estimate.peak_gib > 0
