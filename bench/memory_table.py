@@ -4,9 +4,15 @@ fine-tuning and LoRA, at a few row lengths, each cell simulated on its own (the 
 one phase of the step: a short row's peak can be the optimizer step's, so no cell is extrapolated).
 
     python bench/memory_table.py > table.md     # ~10 minutes on 2 CPU cores
+    python bench/memory_table.py --sequence-parallel > sp.md     # long rows: about an hour on 2 loaded cores
 
 Defaults of a run: FULL_SHARD, bf16 compute on fp32 masters (CUDA), AdamW, SFT, activation checkpointing on,
 variable-length attention.
+
+--sequence-parallel: Llama-3.1-8B and 70B, full fine-tuning, with --sequence-parallel-size S (S ranks share each row,
+the all-to-all attention simulated), with and without --activation-offload: the peak at the goal row (8B: 128k
+tokens, 70B: 32k) and the longest row whose estimate fits what --max-tokens-per-gpu auto fills (90% of 80 GB), found
+and checked by simulation (memory.checked_longest_row: every row it returns was simulated).
 """
 
 import sys
@@ -25,7 +31,35 @@ ROWS = (4096, 8192, 32768)
 GPU_GIB = 80 * 10**9 / 2**30  # an "80 GB" GPU: 74.5 GiB
 
 
+# (model, GPUs, S, goal row): S = the GPUs of a node (8), or the GPU count where the heads allow it
+SP_CELLS = (("llama-3.1-8b", 8, 8, 131072), ("llama-3.1-8b", 64, 8, 131072), ("llama-3.1-70b", 64, 8, 32768),
+            ("llama-3.1-70b", 64, 64, 32768), ("llama-3.1-70b", 32, 8, 32768))
+
+
+def sequence_parallel_table() -> None:
+    budget = GPU_GIB * (1 - memory.MARGIN)
+    print("| model | GPUs | S | offload | peak at the goal row | longest row (tokens per GPU x S) |")
+    print("|---|---|---|---|---|---|")
+    for name, gpus, split, goal in SP_CELLS:
+        for offload in (False, True):
+            started = time.perf_counter()
+            config = train.parse_args(["--estimate-memory", "--model-name-or-path", str(ROOT / "tests/configs" / name),
+                                       "--max-tokens-per-gpu", str(goal // split), "--activation-checkpointing",
+                                       "--sequence-parallel-size", str(split),
+                                       *(["--activation-offload"] if offload else [])])
+            e = memory.estimate(config, gpus, budget, True, memory.run_optimizer(config), None, min(gpus, 8))
+            longest = e.longest_row_that_fits
+            row = "none" if longest is None else f"{longest} x {split} = {longest * split:,}"
+            print(f"| {name} | {gpus} | {split} | {'yes' if offload else 'no'} | {goal:,} tokens: "
+                  f"{e.peak_gib:.1f} GiB | {row} |", flush=True)
+            print(f"{name} {gpus} S={split} offload={offload}: {time.perf_counter() - started:.0f} s", file=sys.stderr,
+                  flush=True)
+
+
 def main() -> None:
+    if "--sequence-parallel" in sys.argv:
+        sequence_parallel_table()
+        return
     print("| model | GPUs | adapter | " + " | ".join(f"{t} tokens" for t in ROWS) + " |")
     print("|---|---|---|" + "---|" * len(ROWS))
     for name in MODELS:

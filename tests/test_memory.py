@@ -106,7 +106,9 @@ def test_estimate_is_within_20_percent_of_a_real_two_rank_cpu_run(tmp_path):
 def test_estimate_memory_needs_only_a_config_json_and_names_the_parts(tmp_path):
     model_dir = write_config(tmp_path / "llama-170m", LLAMA_170M)
     estimate, text = estimate_memory(["--model-name-or-path", str(model_dir), "--world-size", "4",
-                                      "--max-tokens-per-gpu", "512", "--gpu-memory-gib", "2", "--lora"])
+                                      "--max-tokens-per-gpu", "512", "--gpu-memory-gib", "2", "--lora",
+                                      "--sequence-parallel-size", "2"])
+    assert estimate["sequence_parallel_size"] == 2 and "(rows of 2 x 512 = 1024 tokens)" in text
     assert set(estimate["parts"]) == {"parameters", "gradients", "optimizer_state", "activations", "temporary",
                                       "communication"}
     assert estimate["world_size"] == 4 and estimate["max_tokens_per_gpu"] == 512 and estimate["adapter"] == "lora"
@@ -145,6 +147,31 @@ def test_the_longest_row_is_simulated_where_the_cost_of_a_token_was_measured_in_
     assert result.longest_row_that_fits >= truth * 0.9  # and not needlessly short
 
 
+def test_a_candidate_just_over_the_budget_does_not_end_the_search_at_a_short_row(monkeypatch):
+    """The extrapolated row lands just over the budget (a small step in the peak the two short rows could not see);
+    the next candidate is next to it: the search must step below it, not return the short row it started from."""
+    from types import SimpleNamespace
+
+    from minitrain.training import memory
+
+    def peak(tokens):  # GiB: affine, plus 0.1 past 50k tokens (e.g. a buffer that appears only for long rows)
+        return 10.0 + tokens / 1024 + (0.1 if tokens > 50_000 else 0.0)
+
+    simulated = []
+
+    def simulate(config, rows, *args):
+        simulated.extend(rows)
+        return [(t, {"peak": peak(t) * memory.GIB, **{k: 0.0 for k in memory.PARTS}}) for t in rows]
+
+    monkeypatch.setattr(memory, "simulate", simulate)
+    config = SimpleNamespace(max_tokens_per_gpu=4096, fsdp_sharding_strategy="FULL_SHARD", activation_checkpointing=True,
+                             lora=False, qlora=False, objective="sft")
+    longest = memory.estimate(config, 8, 70.0, True, None).longest_row_that_fits
+    truth = (70.0 - 10.1) * 1024  # 61337 tokens
+    assert longest in simulated and peak(longest) <= 70.0
+    assert longest >= 0.95 * truth, (longest, simulated)
+
+
 def test_max_tokens_per_gpu_auto_is_a_simulated_row_that_fits_and_close_to_the_longest(tiny_model_dir):
     """--max-tokens-per-gpu auto on a device of G GiB: the row chosen was simulated to fit (1 - MARGIN) x G, and a row
     a tenth longer does not fit."""
@@ -167,3 +194,54 @@ def test_max_tokens_per_gpu_auto_is_a_simulated_row_that_fits_and_close_to_the_l
     assert isinstance(tokens, int) and tokens > 8192
     assert peak(tokens) <= gib * (1 - memory.MARGIN)
     assert peak(int(tokens * 1.1)) > gib * (1 - memory.MARGIN)
+
+
+# A Llama whose step at long rows is mostly its per-token buffers (2 layers, a small vocabulary): simulations of a
+# second or two
+SMALL = {**LLAMA_170M, "hidden_size": 256, "intermediate_size": 688, "num_hidden_layers": 2, "num_attention_heads": 8,
+         "num_key_value_heads": 1, "vocab_size": 512}
+
+
+def small_config(tmp_path, *flags):
+    import train
+
+    model_dir = write_config(tmp_path / "llama-small", SMALL)
+    return train.parse_args(["--estimate-memory", "--model-name-or-path", str(model_dir), "--activation-checkpointing",
+                             *flags])
+
+
+def test_sequence_parallelism_lets_auto_take_rows_s_times_longer(tmp_path):
+    """--max-tokens-per-gpu auto with S = 2 on a device whose budget one GPU fills with a row of 8192 tokens (CUDA
+    estimate: bf16, the variable-length kernel): each GPU still takes nearly 8192 tokens, so rows of about twice that
+    train, which one GPU cannot hold."""
+    from dataclasses import replace
+
+    from minitrain.training import memory
+
+    config = small_config(tmp_path, "--max-tokens-per-gpu", "auto")
+    whole = replace(config, max_tokens_per_gpu=8192)
+    (_, at_8k), (_, at_16k) = memory.simulate(whole, [8192, 16384], 2, True, memory.run_optimizer(whole))
+    budget = at_8k["peak"] / GIB
+    assert at_16k["peak"] / GIB > budget  # without sequence parallelism a row of 16384 tokens does not fit
+    split = replace(config, sequence_parallel_size=2)
+    plan = memory.plan(split, 2, budget / (1 - memory.MARGIN), True, memory.run_optimizer(split), with_fixes=False)
+    tokens = plan.max_tokens_per_gpu
+    assert plan.estimate.sequence_parallel_size == 2 and plan.estimate.max_tokens_per_gpu == tokens
+    assert plan.estimate.peak_gib <= budget  # simulated at the chosen row
+    assert 0.85 * 8192 <= tokens <= 8192, tokens  # the split attention's buffers cost a little: rows of ~2 x 8192
+
+
+def test_activation_offload_takes_the_checkpointed_inputs_off_the_gpu(tmp_path):
+    """--activation-offload (CUDA estimate): at the peak, the activations left on the GPU shrink by the blocks' saved
+    inputs, layers x tokens x hidden x 2 bytes (bf16), which live in host memory until the backward needs them."""
+    from dataclasses import replace
+
+    from minitrain.training import memory
+
+    config = small_config(tmp_path, "--max-tokens-per-gpu", "32768")
+    kept, offloaded = (memory.estimate(replace(config, activation_offload=offload), 2, None, True,
+                                       memory.run_optimizer(config), slope=False) for offload in (False, True))
+    inputs = SMALL["num_hidden_layers"] * 32768 * SMALL["hidden_size"] * 2 / GIB
+    assert offloaded.activation_offload and not kept.activation_offload
+    assert kept.parts["activations"] - offloaded.parts["activations"] == pytest.approx(inputs, rel=0.05)
+    assert kept.peak_gib - offloaded.peak_gib > 0.8 * inputs

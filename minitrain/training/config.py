@@ -296,10 +296,7 @@ def validate(config: TrainConfig, world_size: int, local_world_size: int, cuda: 
     problems += model_problems
     sp = config.sequence_parallel_size
     groups = world_size // sp if sp >= 1 and world_size % sp == 0 else world_size
-    if sp < 1 or world_size % sp:
-        working = [s for s in range(1, world_size + 1) if world_size % s == 0]
-        problems.append(f"--sequence-parallel-size {sp} must divide the {world_size} ranks; use one of "
-                        f"{', '.join(map(str, working))}")
+    problems += sequence_parallel_problems(config, world_size)
     if config.batch_size < groups:
         ranks = f"{groups} data-parallel groups" if sp > 1 else f"{world_size} ranks"
         problems.append(
@@ -378,6 +375,24 @@ def validate(config: TrainConfig, world_size: int, local_world_size: int, cuda: 
     problems += lora.flag_problems(config, cuda, model_ok=not model_problems)
     if problems:
         raise ConfigError("; ".join(problems))
+
+
+def sequence_parallel_problems(config, world_size: int) -> list[str]:
+    """--sequence-parallel-size S: S divides the ranks; --compile is not supported with S > 1 (its compiled blocks
+    have never run the all-to-all attention; untested, so refused), nor reward models (their forward runs whole
+    rows)."""
+    sp, problems = config.sequence_parallel_size, []
+    if sp < 1 or world_size % sp:
+        working = [s for s in range(1, world_size + 1) if world_size % s == 0]
+        problems.append(f"--sequence-parallel-size {sp} must divide the {world_size} ranks; use one of "
+                        f"{', '.join(map(str, working))}")
+    if sp > 1 and config.compile:
+        problems.append(f"--compile is not supported with --sequence-parallel-size {sp} (untested: the compiled "
+                        f"blocks around the all-to-all attention); drop --compile or use --sequence-parallel-size 1")
+    if sp > 1 and config.objective == "reward":
+        problems.append(f"--objective reward is not supported with --sequence-parallel-size {sp} (the score model's "
+                        f"rows are not split between ranks); use --sequence-parallel-size 1")
+    return problems
 
 
 def objective_problems(config: TrainConfig) -> list[str]:

@@ -12,6 +12,11 @@ config.json alone (no weights, no data file), on a fake process group of N ranks
        a row of T tokens through the run's objective (SFT: every position trained; DPO/SimPO: one pair of two T/2
        sides) -> backward -> the run's optimizer step, under PyTorch's FSDPMemTracker
 
+With --sequence-parallel-size S the row holds S x T tokens and the simulated rank is rank 0 of an S-rank group of the
+fake process group: its 1/S of the row, the all-to-alls and the attention over the whole row for H/S heads, as in
+the run (sequence_parallel.py). With --activation-offload (CUDA) the checkpointed blocks' saved inputs leave the
+device until the backward needs them (offloaded_block_inputs).
+
 The tracker's peak is the estimate, with its parts at that moment: parameters (sharded fp32 masters, gathered bf16
 copies, buffers), gradients, optimizer state, activations, temporary buffers (backward, the LM head's chunks) and
 communication buffers (all-gather, reduce-scatter). The peak of two row lengths gives the cost of one more token;
@@ -29,10 +34,12 @@ reason --max-tokens-per-gpu auto keeps MARGIN of the device free; QLoRA's 4-bit 
 import contextlib
 import json
 import types
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
+
+from minitrain.training.sequence_parallel import SequenceParallel
 
 GIB = 2**30
 MARGIN = 0.10  # --max-tokens-per-gpu auto: the estimate fits (1 - MARGIN) of the device's memory
@@ -67,6 +74,8 @@ class Estimate:
     activation_checkpointing: bool
     adapter: str
     objective: str
+    sequence_parallel_size: int = 1  # S ranks share each row of S x max_tokens_per_gpu tokens
+    activation_offload: bool = False  # the checkpointed blocks' inputs in host memory (CUDA)
 
     @property
     def fits(self) -> bool:
@@ -81,19 +90,27 @@ class Estimate:
             return None
         return int(tokens) // ROW_MULTIPLE * ROW_MULTIPLE or int(tokens)
 
+    def rows(self, tokens_per_gpu: int) -> str:
+        """`tokens_per_gpu` as the row it makes: with S > 1, "T tokens per GPU (rows of S x T = R tokens)"."""
+        S = self.sequence_parallel_size
+        return f"{tokens_per_gpu} tokens per GPU" + (f" (rows of {S} x {tokens_per_gpu} = {S * tokens_per_gpu} "
+                                                     f"tokens)" if S > 1 else "")
+
     def describe(self) -> str:
         width = max(map(len, PARTS))
+        offload = ", offloaded to host" if self.activation_offload and self.activation_checkpointing else ""
+        split = f", sequence parallel over {self.sequence_parallel_size}" if self.sequence_parallel_size > 1 else ""
         what = (f"{self.adapter}, {self.objective}, {self.strategy}, activation checkpointing "
-                f"{'on' if self.activation_checkpointing else 'off'}, {self.world_size} GPUs, "
-                f"{self.max_tokens_per_gpu} tokens per GPU")
+                f"{'on' if self.activation_checkpointing else 'off'}{offload}, {self.world_size} GPUs{split}, "
+                f"{self.rows(self.max_tokens_per_gpu)}")
         lines = [f"estimated peak per GPU: {self.peak_gib:.1f} GiB ({what})"]
         lines += [f"  {name:<{width}} {self.parts[name]:8.2f} GiB" for name in PARTS]
         if self.gpu_memory_gib is not None:
             verdict = "fits" if self.fits else "does NOT fit"
             longest = self.longest_row_that_fits
             lines.append(f"{verdict} in {self.gpu_memory_gib:g} GiB; longest row that fits: "
-                         f"{longest if longest is not None else 'none'} tokens "
-                         f"({self.gib_per_token * 1024:.3f} GiB per 1k tokens)")
+                         f"{self.rows(longest) if longest is not None else 'none'} "
+                         f"({self.gib_per_token * 1024:.3f} GiB per 1k tokens per GPU)")
         return "\n".join(lines)
 
     def json_line(self) -> str:
@@ -103,7 +120,8 @@ class Estimate:
                            "longest_row_that_fits": self.longest_row_that_fits,
                            "gpu_memory_gib": self.gpu_memory_gib, "fsdp_sharding_strategy": self.strategy,
                            "activation_checkpointing": self.activation_checkpointing, "adapter": self.adapter,
-                           "objective": self.objective})
+                           "objective": self.objective, "sequence_parallel_size": self.sequence_parallel_size,
+                           "activation_offload": self.activation_offload})
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -131,61 +149,59 @@ def synthetic_cache(objective, tokens: int):
 
 def simulate(config, rows: list[int], world_size: int, cuda: bool, make_optimizer,
              shard_group_size: int | None = None, local_world_size: int | None = None) -> list[tuple[int, dict]]:
-    """[(row tokens, {part: bytes at the peak, "peak": bytes})] for each row length of `rows`: one training step of
-    the run `config` describes, on `world_size` fake ranks (cuda: bf16 compute on fp32 masters, as on GPUs; else
-    fp32), after a warm-up step. `make_optimizer(params)` builds the run's optimizer. Needs a process without a
-    process group; leaves it without one."""
+    """[(tokens per GPU, {part: bytes at the peak, "peak": bytes})] for each `rows` entry (tokens per GPU): one
+    training step of the run `config` describes, on `world_size` fake ranks (cuda: bf16 compute on fp32 masters, as
+    on GPUs; else fp32), after a warm-up step. With --sequence-parallel-size S the row holds S x the tokens, split
+    between the S ranks of a group as in the run (sequence_parallel.py: each rank its 1/S of the row, the
+    all-to-alls around attention, every rank attending over the whole row for H/S heads); rank 0's peak is the
+    estimate. `make_optimizer(params)` builds the run's optimizer. Needs a process without a process group; leaves
+    it without one."""
     import torch.distributed as dist
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker
     from torch.testing._internal.distributed.fake_pg import FakeStore
     from transformers import AutoConfig
 
-    from minitrain.training import attention, families, lora, reward
+    from minitrain.training import lora
     from minitrain.training.distributed import World
-    from minitrain.training.model import assemble, device_mesh, shard_model
+    from minitrain.training.model import device_mesh, shard_model
     from minitrain.training.objectives import build_objective
 
     hf_config = AutoConfig.from_pretrained(config.model_name_or_path)
     if hf_config.is_encoder_decoder:
         raise EstimateError(f"--estimate-memory covers causal LMs; {hf_config.model_type} is an encoder-decoder")
-    device = torch.device("cuda" if cuda else "cpu")
-    attn = families.attention_implementation(families.causal_lm_class(hf_config), device, config.attn_implementation,
-                                             hf_config)
-    if attn in attention.WITH_BOUNDARIES:
-        # flash-attn's kernels and PyTorch's varlen kernel keep O(T) memory alike; varlen_attn has a fake-tensor
-        # implementation (and a name without "flash", which transformers would try to fetch from the hub)
-        attn = attention.VARLEN
+    split = max(1, getattr(config, "sequence_parallel_size", 1))
     adapter = lora.build_adapter(config)
     if adapter.name == "qlora":
         adapter = lora.LoRA(config)  # on fake tensors as LoRA; its base is re-counted in 4-bit (qlora_parameters)
     objective = build_objective(config, hf_config)
     # Liger's kernels and torch.compile do not run on fake tensors; the step runs eager (compile only saves memory)
     run = replace(config, use_liger_kernels=False, compile=False)
+    # --activation-offload: on CUDA only, as in the run (on CPU the activations already live in host memory)
+    offload = bool(getattr(config, "activation_offload", False) and config.activation_checkpointing and cuda)
     world = World(0, 0, world_size, local_world_size or min(world_size, 8), torch.device("cpu"))
     if dist.is_initialized():
         raise EstimateError("the memory estimate needs a process of its own (it runs a fake process group)")
     dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=world_size)
     try:
         mesh = device_mesh(config.fsdp_sharding_strategy, world, shard_group_size, "cpu")  # before the fake mode
-        # As on ranks > 0 of a run: built on the meta device, adapted and sharded there, then given (fake) storage
-        with torch.device("meta"):
-            auto, built_config = reward.model_class(config, hf_config)  # a reward model: the score head, no LM head
-            lm = reward.from_config(auto, built_config, dtype=torch.float32, attn_implementation=attn)
-        model = assemble(lm, run, adapter, hf_config)
+        model = simulated_model(run, hf_config, adapter, cuda, world_size, split)
         # One rank unsharded runs without FSDP; FSDP over one rank holds the same weights, plus the gathered bf16
         # copies autocast would make.
         shard_model(model, config.fsdp_sharding_strategy, world, mesh, cuda)
-        with FakeTensorMode(allow_non_fake_inputs=True):
+        indices = np.array([0])
+        caches = [synthetic_cache(objective, tokens * split) for tokens in [min(rows), *rows]]  # S ranks share a row
+        trained = [host_positions(objective, c, indices) if split > 1 else None for c in caches]
+        with FakeTensorMode(allow_non_fake_inputs=True), offloaded_block_inputs(model, offload):
             model.to_empty(device="cpu")
             model.train()
             optimizer = make_optimizer(adapter.trainable_parameters(model))
             tracker = FSDPMemTracker(model, optimizer)
             results = []
-            for i, tokens in enumerate([min(rows), *rows]):
-                cache = synthetic_cache(objective, tokens)
-                indices = np.array([0])
+            for i, (tokens, cache, positions) in enumerate(zip([min(rows), *rows], caches, trained)):
                 pack = objective.pack(cache, indices)
+                if split > 1:
+                    model.sequence_parallel = replace(model.sequence_parallel, trained=positions)
                 if i == 0:  # warm-up: AdamW's state is created in the first step, as in a run
                     step(model, objective, pack, cache, indices, optimizer)
                     continue
@@ -203,6 +219,100 @@ def simulate(config, rows: list[int], world_size: int, cuda: bool, make_optimize
             return results
     finally:
         dist.destroy_process_group()
+
+
+def host_positions(objective, cache, indices) -> np.ndarray:
+    """The trained positions of `cache`'s row as the objective packs it, on the host (a rank of a sequence-parallel
+    group reads its share of them; fake tensors hold no values)."""
+    pack = objective.pack(cache, indices)
+    return getattr(pack, "pack", pack).positions.numpy()
+
+
+def simulated_model(run, hf_config, adapter, cuda: bool, world_size: int, split: int):
+    """The run's training module on the meta device, as on ranks > 0 of a run: built from the config, its attention
+    the run's (split S ways by heads with sequence parallelism), adapted and checkpointed (model.assemble). Call with
+    the fake process group initialized (a sequence-parallel group is one of its groups)."""
+    import torch.distributed as dist
+
+    from minitrain.training import attention, families, reward, sequence_parallel
+    from minitrain.training.model import assemble
+
+    problem = sequence_parallel.model_problem(hf_config, split, world_size)
+    if problem is not None:
+        raise EstimateError(problem)
+    device = torch.device("cuda" if cuda else "cpu")
+    attn = families.attention_implementation(families.causal_lm_class(hf_config), device, run.attn_implementation,
+                                             hf_config)
+    if attn in attention.WITH_BOUNDARIES:
+        # flash-attn's kernels and PyTorch's varlen kernel keep O(T) memory alike; varlen_attn has a fake-tensor
+        # implementation (and a name without "flash", which transformers would try to fetch from the hub)
+        attn = attention.VARLEN
+    with torch.device("meta"):
+        auto, built_config = reward.model_class(run, hf_config)  # a reward model: the score head, no LM head
+        lm = reward.from_config(auto, built_config, dtype=torch.float32, attn_implementation=attn)
+    if split > 1:
+        try:
+            sequence_parallel.use_on(lm)
+        except sequence_parallel.SequenceParallelError as e:
+            raise EstimateError(str(e)) from None
+    model = assemble(lm, run, adapter, hf_config)  # offload is simulated by offloaded_block_inputs
+    if split > 1:  # rank 0's group: ranks 0 .. S-1 (a group of its own, never the run's cached groups)
+        group = dist.new_group(list(range(split)))
+        model.sequence_parallel = KnownRowSplit(split, 0, group, varlen=cuda)
+    return model
+
+
+@dataclass(frozen=True)
+class KnownRowSplit(SequenceParallel):
+    """Rank 0 of a sequence-parallel group on fake tensors, which hold no values to find its share of the row's
+    trained positions in: the synthetic row's positions, known on the host (`trained`, set for each row)."""
+
+    trained: np.ndarray | None = field(default=None, compare=False)
+
+    def slice_of(self, positions, start: int, end: int) -> tuple[int, int]:
+        first, last = np.searchsorted(self.trained, [start, end])
+        return int(first), int(last)
+
+
+@contextlib.contextmanager
+def offloaded_block_inputs(model, offload: bool):
+    """--activation-offload on fake tensors. In the run, transformers wraps each checkpointed block's checkpoint
+    call in save_on_cpu: what the block saves for its recompute (its inputs: hidden states, RoPE's cos and sin)
+    is copied to host memory and freed on the GPU, and copied back when the backward recomputes the block. The
+    simulation's tensors all live on one fake device, so the same saved tensors are kept as their shapes only
+    (host memory is not the GPU's) and allocated again when the backward unpacks them: the same saved-tensor
+    hooks, around the same call (a block's forward hooks run outside its checkpoint)."""
+    if not offload:
+        yield
+        return
+    from minitrain.training.model import decoder_blocks
+
+    def pack(tensor):
+        return tensor.size(), tensor.stride(), tensor.dtype, tensor.device
+
+    def unpack(saved):
+        size, stride, dtype, device = saved
+        return torch.empty_strided(size, stride, dtype=dtype, device=device)
+
+    entered = []
+
+    def enter(module, args, kwargs):
+        hooks = torch.autograd.graph.saved_tensors_hooks(pack, unpack)
+        hooks.__enter__()
+        entered.append(hooks)
+
+    def leave(module, args, kwargs, output):
+        entered.pop().__exit__(None, None, None)
+
+    handles = []
+    for block in decoder_blocks(model.lm):
+        handles.append(block.register_forward_pre_hook(enter, with_kwargs=True))
+        handles.append(block.register_forward_hook(leave, with_kwargs=True, always_call=True))
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 @contextlib.contextmanager
@@ -262,7 +372,9 @@ def estimate(config, world_size: int, gpu_memory_gib: float | None, cuda: bool, 
         gib_per_token=per_token, strategy=config.fsdp_sharding_strategy,
         activation_checkpointing=bool(config.activation_checkpointing),
         adapter="qlora" if config.lora and config.qlora else "lora" if config.lora else "full",
-        objective=config.objective,
+        objective=config.objective, sequence_parallel_size=max(1, getattr(config, "sequence_parallel_size", 1)),
+        activation_offload=bool(getattr(config, "activation_offload", False) and config.activation_checkpointing
+                                and cuda),
     )
     if gpu_memory_gib is not None and rest:
         result.longest_row_that_fits = checked_longest_row(result, config, (t2, second["peak"] / GIB), world_size,
@@ -276,7 +388,9 @@ def checked_longest_row(result: Estimate, config, measured: tuple[int, float], w
     step (a short row's peak may be the optimizer step's, which no row changes, so two short rows can give too low a
     cost per token, or none). From the two rows measured, a candidate is extrapolated (or, with no measurable cost, a
     row 8 times longer is tried), simulated, and the next candidate interpolated between the longest row that fit and
-    the shortest that did not (at most 3 more simulations). Returns the longest simulated row that fit, or None."""
+    the shortest that did not (at most 3 more simulations); a candidate next to a row that did not fit is moved one
+    step (1/50) below it, so a budget just under a simulated row does not end the search at a much shorter row.
+    Returns the longest simulated row that fit, or None."""
     budget = result.gpu_memory_gib
     known = sorted([(result.max_tokens_per_gpu, result.peak_gib), measured])
 
@@ -295,9 +409,16 @@ def checked_longest_row(result: Estimate, config, measured: tuple[int, float], w
             return towards_budget(known[-2], known[-1]) or 8 * known[-1][0]
         return towards_budget(known[0], known[1])  # nothing fits: below the shortest
 
+    def near(candidate: int) -> list:  # the simulated rows too close to `candidate` to tell apart
+        return [(t, peak) for t, peak in known if abs(candidate - t) < max(ROW_MULTIPLE, t // 50)]
+
     for _ in range(3):
         candidate = next_candidate()
-        if candidate is None or candidate < 1 or any(abs(candidate - t) < max(ROW_MULTIPLE, t // 50) for t, _ in known):
+        if candidate is not None and near(candidate) and any(peak > budget for _, peak in near(candidate)):
+            # next to a row that did not fit (the budget sits just under it): one step below that row instead
+            failed = min(t for t, peak in near(candidate) if peak > budget)
+            candidate = (failed - max(ROW_MULTIPLE, failed // 50)) // ROW_MULTIPLE * ROW_MULTIPLE
+        if candidate is None or candidate < 1 or near(candidate):
             break
         (tokens, stats), = simulate(config, [candidate], world_size, cuda, make_optimizer, shard_group_size,
                                     local_world_size)
@@ -309,13 +430,16 @@ def checked_longest_row(result: Estimate, config, measured: tuple[int, float], w
 def fixes(config, estimate_now: Estimate, cuda: bool, make_optimizer, shard_group_size=None,
           local_world_size=None) -> list[tuple[str, Estimate]]:
     """What would make a run that does not fit fit, each with its own estimate: FULL_SHARD, activation
-    checkpointing, a shorter row, LoRA, twice the GPUs (the changes this run has not made already)."""
+    checkpointing, a shorter row, activation offload (CUDA), LoRA, twice the GPUs (the changes this run has not made
+    already)."""
     G, N = estimate_now.gpu_memory_gib, estimate_now.world_size
     tried = []
     if config.fsdp_sharding_strategy != "FULL_SHARD":
         tried.append(("--fsdp-sharding-strategy FULL_SHARD", replace(config, fsdp_sharding_strategy="FULL_SHARD"), N))
     if not config.activation_checkpointing:
         tried.append(("--activation-checkpointing", replace(config, activation_checkpointing=True), N))
+    if cuda and config.activation_checkpointing and not getattr(config, "activation_offload", False):
+        tried.append(("--activation-offload", replace(config, activation_offload=True), N))
     if not config.lora:
         tried.append(("--lora", replace(config, lora=True), N))
     tried.append((f"{2 * N} GPUs", config, 2 * N))
@@ -516,7 +640,7 @@ def estimate_main(config) -> int:
     longest row that fits; the last line is JSON."""
     import time
 
-    from minitrain.training.config import ConfigError, model_path_problems
+    from minitrain.training.config import ConfigError, model_path_problems, sequence_parallel_problems
     from minitrain.training.distributed import world_from_env
     from minitrain.training.model import SHARDING_STRATEGIES
 
@@ -534,6 +658,7 @@ def estimate_main(config) -> int:
     group = config.fsdp_shard_group_size
     if group is not None and (group < 1 or world_size % group):
         problems.append(f"--fsdp-shard-group-size {group} must divide --world-size {world_size}")
+    problems += sequence_parallel_problems(config, world_size)
     if config.max_tokens_per_gpu is None:
         problems.append("--max-tokens-per-gpu: give the row length to estimate (or auto)")
     if problems:

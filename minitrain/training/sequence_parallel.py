@@ -61,9 +61,17 @@ class SequenceParallel:
     size: int  # S, ranks sharing a row
     rank: int  # this rank's slice of the row, 0 .. S - 1
     group: object  # the group's ProcessGroup
+    varlen: bool = False  # the variable-length kernel off CUDA too: the memory estimate's fake CPU tensors stand
+    # for CUDA ones (memory.py), so attention must take the kernel's O(T) memory, not a dense T x T mask
 
     def shard(self, input_ids, position_ids, positions, cu_seq_lens, max_length) -> "LocalRow":
         return shard_row(self, input_ids, position_ids, positions, cu_seq_lens, max_length)
+
+    def slice_of(self, positions: torch.Tensor, start: int, end: int) -> tuple[int, int]:
+        """[first, last): the entries of the sorted trained `positions` (flatnonzero) within [start, end)."""
+        bounds = torch.tensor([start, end], device=positions.device, dtype=positions.dtype)
+        first, last = torch.searchsorted(positions, bounds).tolist()
+        return first, last
 
 
 @dataclass(frozen=True)
@@ -148,6 +156,7 @@ class Row:
     group: object
     cu_seq_lens: torch.Tensor  # (samples + 1,) int32, the padded row's boundaries (the padding is a sequence)
     max_length: int
+    varlen: bool = False  # SequenceParallel.varlen
 
 
 @dataclass(frozen=True)
@@ -176,15 +185,14 @@ def shard_row(sp: SequenceParallel, input_ids, position_ids, positions, cu_seq_l
         max_length = max(max_length, pad)
     local = (total + pad) // sp.size
     start = sp.rank * local
-    bounds = torch.tensor([start, start + local], device=positions.device, dtype=positions.dtype)
-    first, last = torch.searchsorted(positions, bounds).tolist()  # positions are sorted (flatnonzero)
+    first, last = sp.slice_of(positions, start, start + local)
     return LocalRow(
         input_ids=input_ids[:, start : start + local],
         position_ids=position_ids[:, start : start + local],
         positions=positions[first:last] - start,
         first=first,
         last=last,
-        row=Row(sp.size, sp.group, cu_seq_lens, max_length),
+        row=Row(sp.size, sp.group, cu_seq_lens, max_length, sp.varlen),
     )
 
 
@@ -249,17 +257,19 @@ def to_tokens(x: torch.Tensor, size: int, group) -> torch.Tensor:
 
 def attend(query, key, value, row: Row, scale: float | None, window: int | None) -> torch.Tensor:
     """(T, h, D) x (T, h_kv, D) x (T, h_kv, D) -> (T, h, D), causal within each sequence of the row: PyTorch's
-    variable-length kernel on CUDA; on CPU, SDPA with the row's block-diagonal causal mask."""
+    variable-length kernel on CUDA (or where the row asks for it); on CPU, SDPA with the row's block-diagonal causal
+    mask."""
     gqa = key.shape[1] != query.shape[1]
-    if query.is_cuda:
+    if query.is_cuda or row.varlen:
         from minitrain.training.attention import varlen_kernel
 
         return varlen_kernel(query, key, value, row.cu_seq_lens, row.max_length, scale,
                              (-1, 0) if window is None else (window - 1, 0), gqa)
     total = query.shape[0]
-    lengths = row.cu_seq_lens.diff().long()
-    sequence = torch.repeat_interleave(torch.arange(len(lengths), device=query.device), lengths)  # (T,)
     index = torch.arange(total, device=query.device)
+    # (T,) each token's sequence: the boundaries at or before it (no data-dependent shape, so the memory estimate's
+    # fake tensors run it too)
+    sequence = torch.searchsorted(row.cu_seq_lens[1:].to(index.dtype), index, right=True)
     mask = (sequence[:, None] == sequence[None, :]) & (index[:, None] >= index[None, :])  # (T, T)
     if window is not None:
         mask &= index[:, None] - index[None, :] < window
