@@ -531,6 +531,12 @@ def test_flags_and_models_that_cannot_be_split_are_refused_in_one_line(tmp_path,
                           "--objective", "reward"], capsys)
     assert code == 2 and len(err.strip().splitlines()) == 1
     assert "--objective reward is not supported with --sequence-parallel-size 2" in err
+    # --estimate-memory refuses what the run would (its own check of the flags, before any simulation)
+    code, err = run_main(["--estimate-memory", "--estimate-device", "cpu", "--world-size", "4",
+                          *base_args(tmp_path, tiny_model_dir("llama"), data), "--sequence-parallel-size", "2",
+                          "--objective", "kto"], capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert "--objective kto does not support --sequence-parallel-size 2 yet" in err
 
     heads = T.LlamaConfig(num_attention_heads=6, num_key_value_heads=2, hidden_size=96)
     assert model_problem(heads, 4, 8) == ("--sequence-parallel-size 4: llama has 6 attention heads, not divisible by "

@@ -640,7 +640,12 @@ def estimate_main(config) -> int:
     longest row that fits; the last line is JSON."""
     import time
 
-    from minitrain.training.config import ConfigError, model_path_problems, sequence_parallel_problems
+    from minitrain.training.config import (
+        ConfigError,
+        model_path_problems,
+        objective_problems,
+        sequence_parallel_problems,
+    )
     from minitrain.training.distributed import world_from_env
     from minitrain.training.model import SHARDING_STRATEGIES
 
@@ -658,7 +663,7 @@ def estimate_main(config) -> int:
     group = config.fsdp_shard_group_size
     if group is not None and (group < 1 or world_size % group):
         problems.append(f"--fsdp-shard-group-size {group} must divide --world-size {world_size}")
-    problems += sequence_parallel_problems(config, world_size)
+    problems += sequence_parallel_problems(config, world_size) + objective_problems(config)
     if config.max_tokens_per_gpu is None:
         problems.append("--max-tokens-per-gpu: give the row length to estimate (or auto)")
     if problems:
