@@ -15,6 +15,10 @@ sys.path.insert(0, str(ROOT))  # top-level modules (process_data, sampler, train
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing in the tests may reach a model hub
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# One intra-op thread, as torchrun gives each worker: on the tiny models here a second thread buys nothing, and where
+# the cores are shared (torchrun jobs beside the test process, other jobs on a CI machine) OpenMP threads waiting on
+# each other cost many times the work: the T5 ROUGE test took 150 s with the default threads, 40 s with one (load 5).
+os.environ.setdefault("OMP_NUM_THREADS", "1")  # before torch is imported; subprocesses inherit it
 
 
 # ---- chat-template tokenizers (builders in tests/chat_templates.py) ----
@@ -72,6 +76,10 @@ def smollm2_model_dir() -> Path:
 # ---- tiny random models (builder in tests/tiny_models.py) ----
 
 from tests.tiny_models import build_tiny_model  # noqa: E402
+
+import torch  # noqa: E402 (tests/tiny_models.py imported it; set again in case a plugin imported torch first)
+
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 
 @pytest.fixture(scope="session")
