@@ -189,6 +189,14 @@ def two_ranks(tmp_path_factory):
     ranks.stop()
 
 
+@pytest.fixture(scope="module")
+def four_ranks(tmp_path_factory):
+    """A 4-rank job (tests/two_rank_server.py) for one test file's 4-rank checks, ended with the file."""
+    ranks = TwoRanks(tmp_path_factory.mktemp("four_ranks"), nproc=4)
+    yield ranks
+    ranks.stop()
+
+
 def pytest_addoption(parser):
     parser.addoption("--run-slow", action="store_true", help="also run the tests marked slow (CI does)")
 
