@@ -15,6 +15,10 @@ sys.path.insert(0, str(ROOT))  # top-level modules (process_data, sampler, train
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing in the tests may reach a model hub
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# One intra-op thread, as torchrun gives each worker: on the tiny models here a second thread buys nothing, and where
+# the cores are shared (torchrun jobs beside the test process, other jobs on a CI machine) OpenMP threads waiting on
+# each other cost many times the work: the T5 ROUGE test took 150 s with the default threads, 40 s with one (load 5).
+os.environ.setdefault("OMP_NUM_THREADS", "1")  # before torch is imported; subprocesses inherit it
 
 
 # ---- chat-template tokenizers (builders in tests/chat_templates.py) ----
@@ -73,6 +77,10 @@ def smollm2_model_dir() -> Path:
 
 from tests.tiny_models import build_tiny_model  # noqa: E402
 
+import torch  # noqa: E402 (tests/tiny_models.py imported it; set again in case a plugin imported torch first)
+
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory, tokenizer_dir):
@@ -93,10 +101,12 @@ def tiny_model_dir(tmp_path_factory, tokenizer_dir):
 
 class TwoRanks:
     """run(module, worker, args) -> CompletedProcess-like (returncode, stdout, stderr) of `module.worker(*args)` on
-    both ranks of the session's 2-rank job, started on first use (and again after a worker failed)."""
+    both ranks of the session's 2-rank job, started on first use (and again after a worker failed). `nproc` other
+    than 2: a job of that many ranks, for a test's own use (stop it when done)."""
 
-    def __init__(self, root: Path):
+    def __init__(self, root: Path, nproc: int = 2):
         self.root, self.proc, self.requests, self.count, self.jobs = root, None, None, 0, 0
+        self.nproc = nproc
 
     def _start(self) -> None:
         import subprocess
@@ -108,7 +118,8 @@ class TwoRanks:
         self.requests.mkdir()
         self.log = open(self.root / f"job_{self.jobs}.log", "w")
         env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
-        self.proc = subprocess.Popen([*TORCHRUN, str(ROOT / "tests" / "two_rank_server.py"), str(self.requests)],
+        launcher = [*TORCHRUN[:-1], str(self.nproc)]  # TORCHRUN ends with --nproc-per-node 2
+        self.proc = subprocess.Popen([*launcher, str(ROOT / "tests" / "two_rank_server.py"), str(self.requests)],
                                      cwd=ROOT, env=env, stdout=self.log, stderr=subprocess.STDOUT,
                                      start_new_session=True)
         self.count = 0
@@ -124,14 +135,14 @@ class TwoRanks:
         (self.requests / f"request_{n}.json.tmp").write_text(json.dumps({"module": module, "worker": worker,
                                                                          "args": [str(a) for a in args]}))
         (self.requests / f"request_{n}.json.tmp").rename(self.requests / f"request_{n}.json")
-        statuses = [self.requests / f"status_{n}.{rank}" for rank in (0, 1)]
+        statuses = [self.requests / f"status_{n}.{rank}" for rank in range(self.nproc)]
         deadline = time.monotonic() + timeout
         while not all(s.exists() for s in statuses):
             if self.proc.poll() is not None or time.monotonic() > deadline:
                 break
             time.sleep(0.02)
         texts = [s.read_text() if s.exists() else "no status" for s in statuses]
-        if texts == ["ok", "ok"]:
+        if texts == ["ok"] * self.nproc:
             return subprocess.CompletedProcess(worker, 0, "", "")
         self.stop()
         log = (self.root / f"job_{self.jobs}.log").read_text()
@@ -139,6 +150,24 @@ class TwoRanks:
             # a full run, not reproduced alone): the worker once more, in a fresh job; a worker's own error is final
             return self.run(module, worker, args, timeout, retry=False)
         return subprocess.CompletedProcess(worker, 1, "", log[-6000:] + "\nstatuses: " + " | ".join(texts))
+
+    def train(self, argv: list, out_dir: Path, timeout: float = 480):
+        """train.py's main(argv) on every rank of the job, as `torchrun --nproc-per-node 2 train.py ARGV` runs it
+        less the launch (tests/two_rank_server.py's train_main): CompletedProcess-like with the first non-zero exit
+        code of the ranks (else 0) and their stdout and stderr, rank 0's first. A failed worker (an exception out of
+        main) is returned as `run` returns it."""
+        import json
+        import subprocess
+
+        prefix = Path(out_dir) / "train_main"
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+        run = self.run("tests.two_rank_server", "train_main", [prefix, *argv], timeout)
+        if run.returncode != 0:
+            return run
+        ranks = [json.loads(Path(f"{prefix}.{rank}.json").read_text()) for rank in range(self.nproc)]
+        code = next((r["code"] for r in ranks if r["code"]), 0)
+        return subprocess.CompletedProcess(["train.py", *argv], code, "".join(r["stdout"] for r in ranks),
+                                           "".join(r["stderr"] for r in ranks))
 
     def stop(self) -> None:
         from tests.test_train import kill_torchrun
@@ -156,6 +185,14 @@ class TwoRanks:
 @pytest.fixture(scope="session")
 def two_ranks(tmp_path_factory):
     ranks = TwoRanks(tmp_path_factory.mktemp("two_ranks"))
+    yield ranks
+    ranks.stop()
+
+
+@pytest.fixture(scope="module")
+def four_ranks(tmp_path_factory):
+    """A 4-rank job (tests/two_rank_server.py) for one test file's 4-rank checks, ended with the file."""
+    ranks = TwoRanks(tmp_path_factory.mktemp("four_ranks"), nproc=4)
     yield ranks
     ranks.stop()
 

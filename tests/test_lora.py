@@ -414,6 +414,7 @@ def test_killed_two_rank_run_resumes_on_one_process_to_the_same_losses(tmp_path,
         return ["--data-path", str(data), "--model-name-or-path", str(model_dir), "--output-dir", str(out),
                 "--batch-size", "4", "--max-tokens-per-gpu", "64", "--max-steps", "4", "--learning-rate", "1e-2",
                 "--checkpoint-every-steps", "2", "--save-dtype", "float32", "--fsdp-sharding-strategy", "FULL_SHARD",
+                "--no-activation-checkpointing",  # auto's choice here, without a memory-estimate process per rank
                 *lora_flags("--lora-dropout", "0", "--lora-export", "adapter")]
 
     assert run_main(args(tmp_path / "reference"), capsys)[0] == 0  # uninterrupted, one process

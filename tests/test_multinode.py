@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from minitrain.training import checkpoint
-from tests.test_resume import Job, metrics
+from tests.test_resume import metrics
 from tests.test_train import kill_torchrun, write_data
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -84,11 +84,11 @@ def setup(tmp_path_factory, tiny_model_dir):
     return root, data, tiny_model_dir("llama")
 
 
-def test_two_nodes_match_one_node_and_resume_exactly_after_both_are_killed(setup):
+def test_two_nodes_match_one_node_and_resume_exactly_after_both_are_killed(setup, two_ranks):
     root, data, model_dir = setup
-    reference = root / "reference"
-    job = Job(train_args(data, model_dir, reference), root / "reference.log", nproc=2)
-    assert job.finish() == 0, job.text()[-3000:]
+    reference = root / "reference"  # one node, 2 ranks: train.py's main on the session's shared 2-rank job
+    run = two_ranks.train(train_args(data, model_dir, reference), root / "reference_run")
+    assert run.returncode == 0, run.stderr[-3000:]
 
     out = root / "shared"
     args = [*train_args(data, model_dir, out), "--async-save"]  # full state written in the background (CUDA's default)

@@ -6,7 +6,6 @@ target tokens), computed here sample by sample; rows are written by this file (s
 """
 
 import json
-import subprocess
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -14,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.test_train import ROOT, torchrun
+from tests.test_train import ROOT
 from tests.tiny_models import build_tiny_seq2seq, seq2seq_zoo
 
 BATCH = 8
@@ -220,21 +219,27 @@ def test_padded_planning_fits_the_budget_groups_similar_lengths_and_covers_every
         MultipackPlanner(np.array([[900, 200]]), 1, 1024, 1)  # 1,100 tokens alone
 
 
-def run_train(args: list[str]) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "train.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
+def run_train(args: list[str], capsys) -> tuple[int, str]:
+    """train.py's main(args) in this process (the command line is what these tests are about, not a new interpreter
+    importing torch): its exit code and stderr."""
+    import train
+
+    capsys.readouterr()
+    code = train.main(args)
+    return code, capsys.readouterr().err
 
 
-def test_train_cli_step_loss_is_the_models_own_and_the_export_loads_and_generates(tmp_path, seq2seq_dir):
+def test_train_cli_step_loss_is_the_models_own_and_the_export_loads_and_generates(tmp_path, seq2seq_dir, capsys):
     import torch
     from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
 
     model_dir = seq2seq_dir("t5")
     data = write_rows(tmp_path / "rows.jsonl", 24, vocab=700, seed=2)
     out = tmp_path / "out"
-    run = run_train(["--data-path", str(data), "--model-name-or-path", str(model_dir), "--output-dir", str(out),
-                     "--batch-size", "8", "--max-tokens-per-gpu", "128", "--max-steps", "3", "--learning-rate", "1e-3",
-                     "--save-dtype", "float32"])
-    assert run.returncode == 0, run.stderr[-3000:]
+    code, err = run_train(["--data-path", str(data), "--model-name-or-path", str(model_dir), "--output-dir", str(out),
+                           "--batch-size", "8", "--max-tokens-per-gpu", "128", "--max-steps", "3", "--learning-rate",
+                           "1e-3", "--save-dtype", "float32"], capsys)
+    assert code == 0, err[-3000:]
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     rows = rows_of(data)
     lm = AutoModelForSeq2SeqLM.from_pretrained(model_dir, dtype=torch.float32)
@@ -269,7 +274,7 @@ def test_train_cli_step_loss_is_the_models_own_and_the_export_loads_and_generate
     assert len(texts) == 2 and all(isinstance(t, str) for t in texts)
 
 
-def test_lora_trains_only_adapters_on_t5_and_exports_a_seq2seq_adapter(tmp_path, seq2seq_dir):
+def test_lora_trains_only_adapters_on_t5_and_exports_a_seq2seq_adapter(tmp_path, seq2seq_dir, capsys):
     import torch
     from peft import PeftModel
     from transformers import AutoModelForSeq2SeqLM
@@ -277,10 +282,10 @@ def test_lora_trains_only_adapters_on_t5_and_exports_a_seq2seq_adapter(tmp_path,
     model_dir = seq2seq_dir("t5")
     data = write_rows(tmp_path / "rows.jsonl", 16, vocab=700, seed=3)
     out = tmp_path / "out"
-    run = run_train(["--data-path", str(data), "--model-name-or-path", str(model_dir), "--output-dir", str(out),
-                     "--batch-size", "8", "--max-tokens-per-gpu", "128", "--max-steps", "2", "--learning-rate", "1e-2",
-                     "--lora", "--lora-r", "4", "--save-dtype", "float32"])
-    assert run.returncode == 0, run.stderr[-3000:]
+    code, err = run_train(["--data-path", str(data), "--model-name-or-path", str(model_dir), "--output-dir", str(out),
+                           "--batch-size", "8", "--max-tokens-per-gpu", "128", "--max-steps", "2", "--learning-rate",
+                           "1e-2", "--lora", "--lora-r", "4", "--save-dtype", "float32"], capsys)
+    assert code == 0, err[-3000:]
     export = out / "hf_format" / "samples_16"
     adapter_config = json.loads((export / "adapter" / "adapter_config.json").read_text())
     assert adapter_config["task_type"] == "SEQ_2_SEQ_LM"
@@ -344,20 +349,20 @@ def example_task(tmp_path: Path, train_rows: int, valid_rows: int) -> tuple[Path
     return tmp_path / "tiny-t5", *paths
 
 
-def test_rouge_of_a_t5_run_is_rouge_score_on_its_saved_predictions_on_1_and_2_processes(tmp_path, capsys):
+def test_rouge_of_a_t5_run_is_rouge_score_on_its_saved_predictions_on_1_and_2_processes(tmp_path, capsys, two_ranks):
     from rouge_score import rouge_scorer
 
     import train
 
     model, train_rows, valid_rows = example_task(tmp_path, 640, 24)
-    args = ["train.py", "--data-path", str(train_rows), "--validation-data-path", str(valid_rows),
+    args = ["--data-path", str(train_rows), "--validation-data-path", str(valid_rows),
             "--model-name-or-path", str(model), "--batch-size", "32", "--max-tokens-per-gpu", "1024",
             "--learning-rate", "3e-3", "--num-warmup-steps", "5", "--max-steps", "30", "--eval-every-samples", "480",
             "--eval-metric", "rouge", "--num-eval-generations", "0", "--early-stopping-metric", "rougeL",
             "--early-stopping-patience", "5",
             "--save-dtype", "float32"]
-    assert train.main([*args[1:], "--output-dir", str(tmp_path / "one")]) == 0, capsys.readouterr().err[-3000:]
-    two = torchrun([*args, "--output-dir", str(tmp_path / "two")], timeout=300)
+    assert train.main([*args, "--output-dir", str(tmp_path / "one")]) == 0, capsys.readouterr().err[-3000:]
+    two = two_ranks.train([*args, "--output-dir", str(tmp_path / "two")], tmp_path)  # the shared 2-rank job
     assert two.returncode == 0, two.stderr[-3000:]
     scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL", "rougeLsum"], use_stemmer=True)
     for out in ("one", "two"):

@@ -12,13 +12,10 @@
 
 import json
 import shutil
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 
-from tests.test_train import ROOT
 from tests.tiny_models import build_tiny_seq2seq
 
 
@@ -151,13 +148,16 @@ def test_a_pad_less_config_and_an_over_long_generation_are_refused_in_one_line(t
     assert code == 2 and "--eval-max-new-tokens 600: the decoder has 512 positions" in err, err
 
 
-def test_stage_1_refuses_limits_beyond_the_models_positions(tmp_path, bart_dir):
+def test_stage_1_refuses_limits_beyond_the_models_positions(tmp_path, bart_dir, capsys):
+    import process_data
+
     data = tmp_path / "in.jsonl"
     data.write_text(json.dumps({"source": "a b", "target": "c"}) + "\n")
-    run = subprocess.run([sys.executable, "process_data.py", "--input-file", str(data), "--output-file",
-                          str(tmp_path / "out.jsonl"), "--model-name-or-path", str(bart_dir), "--num-workers", "1",
-                          "--max-source-tokens", "64", "--max-target-tokens", "600"],
-                         cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert run.returncode == 2 and "Traceback" not in run.stderr, run.stderr[-1500:]
-    assert "--max-target-tokens 600 is more than bart's 512 positions" in run.stderr
+    with pytest.raises(SystemExit) as exit_:  # in this process: a traceback (any other exception) fails the test
+        process_data.main(["--input-file", str(data), "--output-file", str(tmp_path / "out.jsonl"),
+                           "--model-name-or-path", str(bart_dir), "--num-workers", "1", "--max-source-tokens", "64",
+                           "--max-target-tokens", "600"])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and "Traceback" not in err, err[-1500:]
+    assert "--max-target-tokens 600 is more than bart's 512 positions" in err
     assert not (tmp_path / "out.jsonl").exists()

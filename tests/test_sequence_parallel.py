@@ -1,8 +1,8 @@
 """Sequence parallelism (minitrain/training/sequence_parallel.py) on CPU with gloo: S = 2 ranks sharing each packed row
 against one process holding the whole row.
 
-One torchrun launch per world size runs every scenario of `sp_worker` (each launch costs seconds of imports) and
-writes one JSON report that the tests read:
+One job per world size (the session's shared 2-rank job, a 4-rank job for this file: each launch costs seconds of
+imports) runs every scenario of `sp_worker` and writes one JSON report that the tests read:
 
     kernel      the all-to-all attention function == SDPA with the row's block-diagonal mask, outputs and gradients,
                 for 2 and 1 key/value heads (1 < S: replicated)
@@ -16,8 +16,6 @@ writes one JSON report that the tests read:
 """
 
 import json
-import os
-import subprocess
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -26,7 +24,6 @@ import numpy as np
 import pytest
 
 from tests.test_preference import write_pairs
-from tests.test_train import ROOT, kill_torchrun
 
 LONG = 70  # tokens of the long samples: more than MAX_TOKENS, which one rank holds, at most 2 x MAX_TOKENS
 MAX_TOKENS = 48
@@ -42,20 +39,6 @@ def write_long_data(path: Path, num_samples: int, vocab: int, seed: int = 0) -> 
             ids = rng.integers(3, vocab, n).tolist()
             f.write(json.dumps({"input_ids": ids, "labels": [-100] * prompt + ids[prompt:], "len": n}) + "\n")
     return path
-
-
-def torchrun_n(nproc: int, args: list[str], timeout: int = 600) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc), *args]
-    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
-    with subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                          start_new_session=True) as proc:
-        try:
-            stdout, stderr = proc.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            kill_torchrun(proc.pid)
-            proc.communicate()
-            raise
-    return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -420,15 +403,15 @@ def sp_worker(model_dir: str, data_path: str, pairs_path: str, out_dir: str, sce
 
 
 @pytest.fixture(scope="module")
-def two_rank_report(tmp_path_factory, tiny_model_dir):
+def two_rank_report(tmp_path_factory, tiny_model_dir, two_ranks):
     tmp = tmp_path_factory.mktemp("sp2")
     data = write_long_data(tmp / "data.jsonl", 16, vocab=700)
     pairs = write_pairs(tmp / "pairs.jsonl", 12, seed=2)
     mixture = write_long_data(tmp / "more.jsonl", 8, vocab=700, seed=9)
     out = tmp / "out"
-    run = torchrun_n(2, [__file__, str(tiny_model_dir("llama")), str(data), str(pairs), str(out),
-                         "kernel,row,zoo,sft,sft_sequences,lora,dpo,simpo,memory", str(mixture),
-                         str(memory_model_dir(tmp))])
+    run = two_ranks.run(__name__, "sp_worker", [tiny_model_dir("llama"), data, pairs, out,
+                                                "kernel,row,zoo,sft,sft_sequences,lora,dpo,simpo,memory", mixture,
+                                                memory_model_dir(tmp)], timeout=600)
     assert run.returncode == 0, run.stderr[-4000:]
     return json.loads((out / "report.json").read_text())
 
@@ -492,10 +475,10 @@ def test_two_ranks_sharing_rows_train_as_one_process(two_rank_report, name):
         assert r["source_ce_rel"] < 1e-5, r
 
 
-def test_four_ranks_in_two_groups_train_as_one_process(tmp_path, tiny_model_dir):
+def test_four_ranks_in_two_groups_train_as_one_process(tmp_path, tiny_model_dir, four_ranks):
     data = write_long_data(tmp_path / "data.jsonl", 16, vocab=700)
     out = tmp_path / "out"
-    run = torchrun_n(4, [__file__, str(tiny_model_dir("llama")), str(data), str(data), str(out), "sft", str(data)])
+    run = four_ranks.run(__name__, "sp_worker", [tiny_model_dir("llama"), data, data, out, "sft", data], timeout=600)
     assert run.returncode == 0, run.stderr[-4000:]
     r = json.loads((out / "report.json").read_text())["sft"]
     assert max(r["loss_rel"]) < 1e-5 and max(r["grad_rel"]) < 1e-5, r
@@ -582,7 +565,7 @@ def test_a_sample_longer_than_the_row_names_both_flags(tmp_path, capsys, tiny_mo
 
 
 def cli_args(data: Path, model_dir: Path, out: Path, steps: int) -> list[str]:
-    return ["train.py", "--data-path", str(data), "--model-name-or-path", str(model_dir), "--output-dir", str(out),
+    return ["--data-path", str(data), "--model-name-or-path", str(model_dir), "--output-dir", str(out),
             "--batch-size", "8", "--max-tokens-per-gpu", str(MAX_TOKENS), "--sequence-parallel-size", "2",
             "--max-steps", str(steps), "--checkpoint-every-steps", "1", "--learning-rate", "1e-3",
             "--validation-split", "0.25", "--eval-every-samples", "8", "--num-eval-generations", "1",
@@ -594,19 +577,21 @@ def losses(out: Path) -> list[tuple[int, float, float]]:
     return [(r["step"], r["loss"], r.get("validation_loss")) for r in records]
 
 
-def test_the_command_line_trains_long_rows_and_resumes_on_another_world_size(tmp_path, tiny_model_dir):
+def test_the_command_line_trains_long_rows_and_resumes_on_another_world_size(tmp_path, tiny_model_dir, two_ranks,
+                                                                              four_ranks):
     """2 ranks (one group) train 2 steps; 4 ranks (two groups, same S) resume for a third: the same losses as 4
-    ranks straight through. Rows longer than --max-tokens-per-gpu train, and validation and generation run."""
+    ranks straight through. Rows longer than --max-tokens-per-gpu train, and validation and generation run.
+    train.py's main(argv) runs on the ranks of a 2-rank and a 4-rank job (conftest's TwoRanks.train)."""
     model_dir = tiny_model_dir("llama")
     data = write_long_data(tmp_path / "data.jsonl", 32, vocab=700, seed=3)
     stopped, straight = tmp_path / "stopped", tmp_path / "straight"
-    first = torchrun_n(2, cli_args(data, model_dir, stopped, 2))
+    first = two_ranks.train(cli_args(data, model_dir, stopped, 2), tmp_path / "first")
     assert first.returncode == 0, first.stderr[-4000:]
     assert "sequence parallelism: 2 ranks share each row" in first.stdout
-    resumed = torchrun_n(4, cli_args(data, model_dir, stopped, 3))
+    resumed = four_ranks.train(cli_args(data, model_dir, stopped, 3), tmp_path / "resumed")
     assert resumed.returncode == 0, resumed.stderr[-4000:]
     assert "resumed from" in resumed.stdout and "saved with world size 2" in resumed.stdout
-    reference = torchrun_n(4, cli_args(data, model_dir, straight, 3))
+    reference = four_ranks.train(cli_args(data, model_dir, straight, 3), tmp_path / "reference")
     assert reference.returncode == 0, reference.stderr[-4000:]
     got, want = losses(stopped), losses(straight)
     assert [s for s, _, _ in got] == [1, 2, 3] == [s for s, _, _ in want]

@@ -1,8 +1,10 @@
 """train.py end to end on CPU: exact gradients across world sizes, overfitting, checkpoints, bad input.
 
-The 2-process checks run under `torchrun --nproc-per-node 2` (gloo) as a user would. The gradient check runs this
-file as the torchrun script (see `grad_worker`): it calls train.py's own functions, so it tests the code that
-production runs, and compares a 2-rank FSDP2 step with skewed micro-steps against 1 process x 1 micro-step.
+The 2-process checks run on the 2 ranks (gloo) of the session's shared torchrun job (tests/two_rank_server.py): the
+command-line checks run train.py's main(argv) there, as `torchrun --nproc-per-node 2 train.py ARGV` would less the
+launch (which tests/test_resume.py, tests/test_quickstart.py and others still run for real); the gradient check
+(`grad_worker`) calls train.py's own functions, so it tests the code that production runs, and compares a 2-rank FSDP2
+step with skewed micro-steps against 1 process x 1 micro-step.
 """
 
 import json
@@ -202,19 +204,19 @@ def test_two_ranks_with_skewed_micro_steps_give_the_single_process_gradient(tmp_
 # The command line as a user runs it
 
 
-def test_torchrun_overfits_logs_every_step_and_saves_loadable_checkpoints(tmp_path, tiny_model_dir):
+def test_torchrun_overfits_logs_every_step_and_saves_loadable_checkpoints(tmp_path, tiny_model_dir, two_ranks):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model_dir = tiny_model_dir("qwen2")
     data = write_data(tmp_path / "data.jsonl", 4, vocab=700, seed=1)
     out = tmp_path / "out"
     args = [
-        "train.py", "--data-path", str(data), "--model-name-or-path", str(model_dir), "--output-dir", str(out),
+        "--data-path", str(data), "--model-name-or-path", str(model_dir), "--output-dir", str(out),
         "--batch-size", "4", "--max-tokens-per-gpu", "64", "--max-steps", "30", "--learning-rate", "1e-2",
         "--num-warmup-steps", "3", "--lr-scheduler", "cosine", "--min-samples-per-checkpoint", "50",
         "--fsdp-sharding-strategy", "FULL_SHARD", "--save-dtype", "bfloat16", "--no-activation-checkpointing",
     ]
-    run = torchrun(args)
+    run = two_ranks.train(args, tmp_path)  # train.py's main on both ranks of the shared torchrun job
     assert run.returncode == 0, run.stderr[-3000:]
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == list(range(1, 31))
@@ -368,12 +370,14 @@ def test_non_finite_loss_stops_before_the_optimizer_step_naming_it(tmp_path, cap
     assert not (tmp_path / "out" / "hf_format").exists()
 
 
-def test_bad_data_under_torchrun_stops_every_rank_cleanly(tmp_path, tiny_model_dir):
+def test_bad_data_under_torchrun_stops_every_rank_cleanly(tmp_path, tiny_model_dir, two_ranks):
     data = tmp_path / "data.jsonl"
     rows = [{"input_ids": [5, 6, 7], "labels": [-100, 6, 7]}, {"input_ids": [5]}]
     data.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    run = torchrun(["train.py", *base_args(tmp_path, tiny_model_dir("llama"), data)], timeout=120)
-    assert run.returncode != 0
+    # checkpointing given: no memory-estimate process per rank (auto: other 2-rank CLI runs), not what this tests
+    run = two_ranks.train([*base_args(tmp_path, tiny_model_dir("llama"), data), "--no-activation-checkpointing"],
+                          tmp_path, timeout=120)
+    assert run.returncode == 2  # main's own error exit on both ranks (an exception out of main fails the worker)
     for rank in (0, 1):
         assert f"[rank {rank}] train.py: error: {data}:2: row has no 'labels' field" in run.stderr
     assert 'train.py", line' not in run.stderr  # no traceback from our processes (torchrun prints its own summary)

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.test_train import torchrun, write_data
+from tests.test_train import write_data
 
 CAP = 64  # tokens per pack: the validation samples (10..39 tokens) need several packs
 
@@ -249,7 +249,7 @@ def test_a_validation_split_is_never_trained_on_and_is_evaluated_at_the_end(tmp_
     assert not (out / "generations.jsonl").exists()
 
 
-def test_torchrun_evaluates_exactly_generates_and_stops_early_on_two_ranks(tmp_path, tiny_model_dir):
+def test_torchrun_evaluates_exactly_generates_and_stops_early_on_two_ranks(tmp_path, tiny_model_dir, two_ranks):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -257,13 +257,14 @@ def test_torchrun_evaluates_exactly_generates_and_stops_early_on_two_ranks(tmp_p
 
     data = write_data(tmp_path / "data.jsonl", 12, vocab=700, seed=8)
     out = tmp_path / "out"
-    run = torchrun([
-        "train.py", "--data-path", str(data), "--model-name-or-path", str(tiny_model_dir("llama")),
+    run = two_ranks.train([  # train.py's main on both ranks of the shared torchrun job
+        "--data-path", str(data), "--model-name-or-path", str(tiny_model_dir("llama")),
         "--output-dir", str(out), "--batch-size", "4", "--max-tokens-per-gpu", "64", "--max-steps", "5",
         "--learning-rate", "1e-2", "--fsdp-sharding-strategy", "FULL_SHARD", "--save-dtype", "float32",
         "--validation-split", "0.34", "--eval-every-samples", "4", "--num-eval-generations", "2",
         "--eval-max-new-tokens", "4", "--early-stopping-patience", "1", "--early-stopping-min-delta", "100",
-    ])
+        "--no-activation-checkpointing",  # what auto gives here, without a memory-estimate process per rank
+    ], tmp_path)
     assert run.returncode == 0, run.stderr[-3000:]
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if "validation_loss" in r] == [1, 2]  # the second evaluation stops the run

@@ -48,3 +48,27 @@ def serve(requests: Path) -> None:
 
 if __name__ == "__main__":
     serve(Path(sys.argv[1]))
+
+
+def train_main(out_prefix: str, *argv: str) -> None:
+    """train.py's main(argv) on this rank, as `torchrun --nproc-per-node 2 train.py ARGV` runs it less the launch (two
+    interpreters importing torch and transformers, a rendezvous): its exit code, stdout and stderr go to
+    OUT_PREFIX.<rank>.json (conftest's TwoRanks.train). An exception main lets out fails the worker, as it would
+    fail the process."""
+    import contextlib
+    import io
+    import os
+
+    import train
+
+    out, err = io.StringIO(), io.StringIO()
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                code = train.main(list(argv))
+            except SystemExit as e:  # what sys.exit(main()) and argparse's own exit give the process
+                code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    finally:
+        print(out.getvalue() + err.getvalue(), file=sys.stderr, flush=True)  # the job's log, as torchrun's would
+    Path(f"{out_prefix}.{os.environ['RANK']}.json").write_text(
+        json.dumps({"code": code, "stdout": out.getvalue(), "stderr": err.getvalue()}))
