@@ -146,8 +146,9 @@ class TwoRanks:
             return subprocess.CompletedProcess(worker, 0, "", "")
         self.stop()
         log = (self.root / f"job_{self.jobs}.log").read_text()
-        if retry and "no status" in texts:  # the shared job died or hung before this worker reported (seen once in
-            # a full run, not reproduced alone): the worker once more, in a fresh job; a worker's own error is final
+        if retry and all(t == "no status" for t in texts):  # the shared job died or hung before this worker
+            # reported (seen once in a full run, not reproduced alone): the worker once more, in a fresh job; a
+            # worker's own error (on any rank) is final
             return self.run(module, worker, args, timeout, retry=False)
         return subprocess.CompletedProcess(worker, 1, "", log[-6000:] + "\nstatuses: " + " | ".join(texts))
 

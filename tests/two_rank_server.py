@@ -53,8 +53,9 @@ if __name__ == "__main__":
 def train_main(out_prefix: str, *argv: str) -> None:
     """train.py's main(argv) on this rank, as `torchrun --nproc-per-node 2 train.py ARGV` runs it less the launch (two
     interpreters importing torch and transformers, a rendezvous): its exit code, stdout and stderr go to
-    OUT_PREFIX.<rank>.json (conftest's TwoRanks.train). An exception main lets out fails the worker, as it would
-    fail the process."""
+    OUT_PREFIX.<rank>.json (conftest's TwoRanks.train). An exception main lets out fails the worker at once, as it
+    would end the process: main's cleanup is not the barrier the other workers' is (that rank would wait there while
+    the others wait in a collective of the run), so this rank exits and torchrun stops the job."""
     import contextlib
     import io
     import os
@@ -62,6 +63,7 @@ def train_main(out_prefix: str, *argv: str) -> None:
     import train
 
     out, err = io.StringIO(), io.StringIO()
+    train.cleanup_distributed = lambda: None  # the barrier comes below, once main has returned
     try:
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
             try:
@@ -69,6 +71,8 @@ def train_main(out_prefix: str, *argv: str) -> None:
             except SystemExit as e:  # what sys.exit(main()) and argparse's own exit give the process
                 code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
     finally:
+        train.cleanup_distributed = distributed.cleanup_distributed
         print(out.getvalue() + err.getvalue(), file=sys.stderr, flush=True)  # the job's log, as torchrun's would
+    dist.barrier()
     Path(f"{out_prefix}.{os.environ['RANK']}.json").write_text(
         json.dumps({"code": code, "stdout": out.getvalue(), "stderr": err.getvalue()}))
