@@ -205,6 +205,10 @@ def pytest_addoption(parser):
 def pytest_configure(config):
     config.addinivalue_line("markers", "cuda: needs a CUDA GPU (`pytest -m cuda`); skipped without one")
     config.addinivalue_line("markers", "slow: minutes long (the quickstart end to end); runs with --run-slow, as in CI")
+    # `make test` runs pytest-xdist with --dist loadgroup: tests go to the workers one at a time, except that a file
+    # whose module fixture trains (its setup would run again on each worker) marks itself as one group.
+    config.addinivalue_line("markers", "xdist_group(name): with pytest-xdist's --dist loadgroup, one worker runs "
+                                       "the group's tests")
 
 
 def pytest_collection_modifyitems(config, items):
