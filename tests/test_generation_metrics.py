@@ -15,7 +15,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.test_train import torchrun
 
 WORDS = "the cat sat on a mat and the dog ran to the park with a red ball".split()
 # Replies of words that are one token each (with or without a leading space) of the test tokenizer: a few steps
@@ -133,11 +132,11 @@ def test_rouge_in_the_metrics_is_rouge_score_of_the_saved_predictions_which_the_
     assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 10_000
 
 
-def test_two_ranks_give_the_same_predictions_and_rouge_as_one(pairs_run):
+def test_two_ranks_give_the_same_predictions_and_rouge_as_one(pairs_run, two_ranks):
     # 5 validation prompts of 52..68 tokens, at most 2 per batch (160 tokens): rank 0 generates 3 in 2 batches, rank
     # 1 generates 2 in 1 batch and runs a dummy one.
     out = pairs_run.root / "two_ranks"
-    run = torchrun(["train.py", *pairs_run.args, "--output-dir", str(out)])
+    run = two_ranks.train([*pairs_run.args, "--output-dir", str(out)], pairs_run.root / "two_ranks_run")  # shared job
     assert run.returncode == 0, run.stderr[-3000:]
     one, two = records_of(pairs_run.out), records_of(out)
     assert len(one) == len(two) and sum("validation_rougeL" in r for r in one) == 2

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.test_train import run_main, torchrun
+from tests.test_train import run_main
 
 VOCAB = 250  # token ids drawn below this (the tiny models' vocabulary is the chatml fixture tokenizer's, larger)
 SKEWED = {0: [[0, 1, 2], [3], [4]], 1: [[5, 6, 7], [], []]}  # rank 1 runs two dummy packs
@@ -520,7 +520,8 @@ def test_dpo_starts_at_log_2_learns_the_pairs_and_reuses_its_reference_on_resume
 
 
 @pytest.mark.parametrize("adapter", ["full", "lora"])
-def test_two_ranks_with_the_default_sharding_train_dpo_as_one_process_does(tmp_path, capsys, tiny_model_dir, adapter):
+def test_two_ranks_with_the_default_sharding_train_dpo_as_one_process_does(tmp_path, capsys, tiny_model_dir, adapter,
+                                                                           two_ranks):
     """train.py under torchrun with --fsdp-sharding-strategy SHARD_GRAD_OP (the default until FULL_SHARD; it keeps
     parameters gathered after a forward): the reference pass before the first step must leave the shards to the optimizer (and,
     with LoRA, the adapters trainable), or the model never moves. The losses of 2 ranks are 1 process's."""
@@ -530,7 +531,7 @@ def test_two_ranks_with_the_default_sharding_train_dpo_as_one_process_does(tmp_p
     args = [*dpo_args(tmp_path, model_dir, data, 5), *extra, "--fsdp-sharding-strategy", "SHARD_GRAD_OP"]
     code, _ = run_main([*args, "--output-dir", str(tmp_path / "one")], capsys)
     assert code == 0
-    run = torchrun(["train.py", *args, "--output-dir", str(tmp_path / "two")])
+    run = two_ranks.train([*args, "--output-dir", str(tmp_path / "two")], tmp_path / "two_run")  # the shared job
     assert run.returncode == 0, run.stderr[-3000:]
     one, two = ([json.loads(line) for line in (tmp_path / out / "metrics.jsonl").read_text().splitlines()]
                 for out in ("one", "two"))
