@@ -245,3 +245,38 @@ def test_activation_offload_takes_the_checkpointed_inputs_off_the_gpu(tmp_path):
     assert offloaded.activation_offload and not kept.activation_offload
     assert kept.parts["activations"] - offloaded.parts["activations"] == pytest.approx(inputs, rel=0.05)
     assert kept.peak_gib - offloaded.peak_gib > 0.8 * inputs
+
+
+def test_a_step_is_simulated_once_per_process_and_anything_that_changes_it_simulates_again(tmp_path, monkeypatch):
+    """memory.simulate keeps what it simulated (in-process runs and --max-tokens-per-gpu auto plan the same step
+    again): the same step, with only where the run writes, its schedule and its seed changed, is not simulated again
+    and gives the same parts; a field that changes the step (LoRA's rank), a changed config.json
+    or an optimizer of the caller's own simulate anew."""
+    import json
+    from dataclasses import replace
+
+    import torch
+
+    from minitrain.training import memory
+
+    calls = []
+    step = memory.simulate_step
+    monkeypatch.setattr(memory, "simulate_step", lambda *args: calls.append(args[1:3]) or step(*args))
+    monkeypatch.setattr(memory, "SIMULATED", {})
+    config = small_config(tmp_path, "--max-tokens-per-gpu", "256", "--lora")
+
+    def peak(c, make_optimizer=None):
+        (_, parts), = memory.simulate(c, [256], 2, False, make_optimizer or memory.run_optimizer(c))
+        return parts
+
+    first = peak(config)
+    again = peak(replace(config, output_dir=str(tmp_path / "elsewhere"), seed=7, max_steps=99, learning_rate=1.0))
+    assert again == first and len(calls) == 1
+    again["peak"] = 0  # a caller changing its copy changes nothing kept
+    assert peak(config) == first and len(calls) == 1
+    assert peak(replace(config, lora_r=64))["peak"] > first["peak"] and len(calls) == 2
+    own = peak(config, make_optimizer=lambda params: torch.optim.SGD(params, lr=0.1))  # no state: less memory
+    assert own["peak"] < first["peak"] and len(calls) == 3  # a caller's optimizer is never kept
+    folder = Path(config.model_name_or_path)
+    (folder / "config.json").write_text(json.dumps({**SMALL, "hidden_size": 512, "intermediate_size": 1376}))
+    assert peak(config)["peak"] > first["peak"] and len(calls) == 4

@@ -32,6 +32,7 @@ reason --max-tokens-per-gpu auto keeps MARGIN of the device free; QLoRA's 4-bit 
 """
 
 import contextlib
+import copy
 import json
 import types
 from dataclasses import dataclass, field, replace
@@ -147,8 +148,71 @@ def synthetic_cache(objective, tokens: int):
     return cache
 
 
+# What a simulated step cannot depend on: where the run reads and writes, how long it runs, its schedule, its
+# evaluation, its seed (fake tensors hold no values), and the flags given separately. Every other field (those added
+# later too) is part of a simulation's key.
+NOT_IN_THE_STEP = frozenset({
+    "data_path", "output_dir", "cache_dir", "resume_from", "fresh", "allow_config_change", "batch_size", "max_epochs",
+    "max_steps", "max_samples", "min_samples_per_checkpoint", "checkpoint_every_steps", "checkpoint_every_minutes",
+    "async_save", "keep_last_n_checkpoints", "keep_last_n_exports", "learning_rate", "num_warmup_steps",
+    "lr_scheduler", "seed", "save_dtype", "lora_export", "distributed_timeout_minutes", "validation_data_path",
+    "validation_split", "eval_every_samples", "num_eval_generations", "eval_max_new_tokens", "eval_metric",
+    "eval_num_beams", "early_stopping_patience", "early_stopping_metric", "early_stopping_min_delta", "tracker",
+    "estimate_memory", "world_size", "gpu_memory_gib", "estimate_device",
+})
+SIMULATED: dict = {}  # a simulation's key -> its result: a process that plans the same step again reads it here
+
+
+@dataclass(frozen=True)
+class RunOptimizer:
+    """The run's own optimizer for a list of params (AdamW over fp32 masters, as optim.build_optimizer makes it for
+    `config`): a simulation with it is known by `config` alone, so it is simulated once per process."""
+
+    config: object
+
+    def __call__(self, params):
+        from minitrain.training.optim import build_optimizer
+
+        return build_optimizer(self.config, params, None)[0]
+
+
+def run_optimizer(config) -> RunOptimizer:
+    return RunOptimizer(config)
+
+
+def simulation_key(config, rows, world_size, cuda, make_optimizer, shard_group_size, local_world_size):
+    """What simulate's result is a function of (the model's config.json as loaded, every field of the run's config
+    and of its optimizer's that can change the step, the rows, the world), or None when the optimizer is not the
+    run's own (a caller's function: never reused)."""
+    from dataclasses import fields
+
+    from transformers import AutoConfig
+
+    if not isinstance(make_optimizer, RunOptimizer):
+        return None
+
+    def step_fields(c) -> str:
+        return repr([(f.name, getattr(c, f.name)) for f in fields(c) if f.name not in NOT_IN_THE_STEP])
+
+    return (AutoConfig.from_pretrained(config.model_name_or_path).to_json_string(), step_fields(config),
+            step_fields(make_optimizer.config), tuple(rows), world_size, cuda, shard_group_size, local_world_size)
+
+
 def simulate(config, rows: list[int], world_size: int, cuda: bool, make_optimizer,
              shard_group_size: int | None = None, local_world_size: int | None = None) -> list[tuple[int, dict]]:
+    """simulate_step's result, read from SIMULATED when this process simulated the same step before (tests and
+    --max-tokens-per-gpu auto plan the same step again; a simulation takes seconds, more for big models)."""
+    key = simulation_key(config, rows, world_size, cuda, make_optimizer, shard_group_size, local_world_size)
+    if key is None or key not in SIMULATED:
+        result = simulate_step(config, rows, world_size, cuda, make_optimizer, shard_group_size, local_world_size)
+        if key is None:
+            return result
+        SIMULATED[key] = result
+    return copy.deepcopy(SIMULATED[key])
+
+
+def simulate_step(config, rows: list[int], world_size: int, cuda: bool, make_optimizer,
+                  shard_group_size: int | None = None, local_world_size: int | None = None) -> list[tuple[int, dict]]:
     """[(tokens per GPU, {part: bytes at the peak, "peak": bytes})] for each `rows` entry (tokens per GPU): one
     training step of the run `config` describes, on `world_size` fake ranks (cuda: bf16 compute on fp32 masters, as
     on GPUs; else fp32), after a warm-up step. With --sequence-parallel-size S the row holds S x the tokens, split
@@ -567,13 +631,6 @@ def does_not_fit(plan_: Plan) -> str:
 
 # ----------------------------------------------------------------------------------------------------------------
 # What train.py asks: the plan of a run before any weight loads, and --estimate-memory
-
-
-def run_optimizer(config):
-    """The run's own optimizer (AdamW over fp32 masters, as optim.build_optimizer makes it) for a list of params."""
-    from minitrain.training.optim import build_optimizer
-
-    return lambda params: build_optimizer(config, params, None)[0]
 
 
 def plan_run(config, world_size: int, local_world_size: int, gpu_memory_gib: float, cuda: bool) -> Plan:
