@@ -63,6 +63,7 @@ def plan_worker(out_prefix: str, gib_rank0: str, gib_rank1: str, *argv: str) -> 
     1's, as ranks on nodes with different free memory or GPUs would): what the run trained with (the config after
     train.start resolved it) and the estimate processes this rank started, to OUT_PREFIX.plan.<rank>.json."""
     import os
+    from pathlib import Path
 
     import train
     from minitrain.training import memory
@@ -89,20 +90,19 @@ def plan_worker(out_prefix: str, gib_rank0: str, gib_rank1: str, *argv: str) -> 
         train_main(out_prefix, *argv)
     finally:
         train.start, memory.device_memory_gib, memory.run_isolated = start, device_memory_gib, run_isolated
-    with open(f"{out_prefix}.plan.{rank}.json", "w") as f:
-        json.dump({"seen": seen, "isolated": isolated}, f)
+    Path(f"{out_prefix}.plan.{rank}.json").write_text(json.dumps({"seen": seen, "isolated": isolated}))
 
 
 def plan_run(two_ranks, tmp_path, gib: tuple[float, float], argv: list[str], timeout: float = 240):
     """plan_worker on the shared 2-rank job: (the run, [rank 0's main output, rank 1's], [each rank's plan record])."""
+    from pathlib import Path
+
     prefix = tmp_path / "main"
-    started = time.monotonic()
     run = two_ranks.run(__name__, "plan_worker", [prefix, *map(repr, gib), *argv], timeout=timeout)
-    run.wall_s = time.monotonic() - started
     if run.returncode != 0:
         return run, None, None
-    mains = [json.loads(open(f"{prefix}.{rank}.json").read()) for rank in (0, 1)]
-    plans = [json.loads(open(f"{prefix}.plan.{rank}.json").read()) for rank in (0, 1)]
+    mains = [json.loads(Path(f"{prefix}.{rank}.json").read_text()) for rank in (0, 1)]
+    plans = [json.loads(Path(f"{prefix}.plan.{rank}.json").read_text()) for rank in (0, 1)]
     return run, mains, plans
 
 
