@@ -24,7 +24,8 @@ the longest row that fits G GiB follows from it (the peak is affine in T: activa
 linearly; on CUDA attention is the variable-length kernel, O(T), never a dense T x T mask).
 
 Fake tensors allocate nothing, so 70B on 64 fake ranks runs on a laptop CPU in about a minute. The fake process
-group must be the only one of its process: train.py runs the estimate in a process of its own (run_isolated).
+group must be the only one of its process: train.py runs the estimate in a process of its own (run_isolated), on rank 0
+alone, whose plan every rank applies (plan_for_run).
 
 What it does not see: the CUDA caching allocator's fragmentation and the CUDA context (~0.5-1 GiB), which is one
 reason --max-tokens-per-gpu auto keeps MARGIN of the device free; QLoRA's 4-bit base is modelled from LoRA's step
