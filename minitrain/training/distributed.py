@@ -4,6 +4,7 @@ single-process answer) outside torchrun, so `python train.py` runs the same code
     world = init_distributed("auto")     # gpt-fast's maybe_init_dist / nanochat's compute_init
     print0("only rank 0 prints this")
     raise_if_any_rank_failed(error, DataError)   # the one "did any rank fail" agreement
+    value = decided_on_rank0(decide, ConfigError)  # rank 0's decide() on every rank (or its error on every rank)
     with compute_autocast(model, world.device): ...
     cleanup_distributed()
     owners = folder_owners(out, world)    # which rank's copy of a folder each rank sees (shared or node-local)
@@ -104,6 +105,32 @@ def raise_if_any_rank_failed(error: BaseException | None, error_type: type[Excep
     failed = [m for m in messages if m is not None]
     if failed:
         raise error_type(failed[0])
+
+
+def decided_on_rank0(decide, error_type: type[Exception]):
+    """Collective on the patient group: rank 0 alone calls decide() and every rank returns its (picklable) value, so
+    that a decision that depends on the rank's machine (its free memory, its GPU) is the same on every rank, and is
+    paid for once. If decide() raises on rank 0, every rank raises: rank 0 its own exception, the others `error_type`
+    with its message, so that each stops with the same line and none waits for a value that never comes.
+
+    The other ranks wait here for as long as decide() takes (PATIENT_TIMEOUT: a 70B model's memory simulation takes
+    minutes, past NCCL's default 10). decide() itself runs outside every collective; decide() in one process."""
+    if not dist.is_initialized():
+        return decide()
+    if dist.get_rank() != 0:
+        received = [None]
+        dist.broadcast_object_list(received, src=0, group=_patient_group)
+        value, error = received[0]
+        if error is not None:
+            raise error_type(error)
+        return value
+    try:
+        value = decide()
+    except BaseException as e:
+        dist.broadcast_object_list([(None, str(e) or type(e).__name__)], src=0, group=_patient_group)
+        raise
+    dist.broadcast_object_list([(value, None)], src=0, group=_patient_group)
+    return value
 
 
 def all_gather(value) -> list:

@@ -24,7 +24,8 @@ the longest row that fits G GiB follows from it (the peak is affine in T: activa
 linearly; on CUDA attention is the variable-length kernel, O(T), never a dense T x T mask).
 
 Fake tensors allocate nothing, so 70B on 64 fake ranks runs on a laptop CPU in about a minute. The fake process
-group must be the only one of its process: train.py runs the estimate in a process of its own (run_isolated).
+group must be the only one of its process: train.py runs the estimate in a process of its own (run_isolated), on rank 0
+alone, whose plan every rank applies (plan_for_run).
 
 What it does not see: the CUDA caching allocator's fragmentation and the CUDA context (~0.5-1 GiB), which is one
 reason --max-tokens-per-gpu auto keeps MARGIN of the device free; QLoRA's 4-bit base is modelled from LoRA's step
@@ -642,12 +643,30 @@ def plan_run(config, world_size: int, local_world_size: int, gpu_memory_gib: flo
 def plan_for_run(config, world, hf_config) -> str:
     """Before any weight loads: on CUDA, or when activation checkpointing or --max-tokens-per-gpu is auto, estimate a
     step's peak memory per device; set the auto values in `config` (so they are printed and saved); on CUDA, stop a
-    run that will not fit, in one line with the fixes. Returns why checkpointing is on or off."""
+    run that will not fit, in one line with the fixes. Returns why checkpointing is on or off.
+
+    Under torchrun rank 0 alone decides (decide_for_run, with rank 0's memory figure: its GPU, or its node's available
+    memory shared by the node's ranks, and rank 0's view of the resume point) and every rank applies its values
+    (distributed.decided_on_rank0): ranks that read different memory figures would otherwise pack different rows and
+    disagree in the collectives, and one estimate process runs per job, not one per rank. If rank 0's plan fails,
+    every rank stops with its one line."""
+    from minitrain.training.config import ConfigError
+    from minitrain.training.distributed import decided_on_rank0
+
+    decided = decided_on_rank0(lambda: decide_for_run(config, world, hf_config), ConfigError)
+    config.activation_checkpointing, config.max_tokens_per_gpu, why = decided
+    return why
+
+
+def decide_for_run(config, world, hf_config) -> tuple:
+    """plan_for_run's decision on this rank, printed here: (activation checkpointing, max tokens per GPU, why
+    checkpointing is on or off); `config` is left as it is. Raises ConfigError for a run that cannot go on."""
     from minitrain.training import checkpoint
     from minitrain.training.config import ConfigError
     from minitrain.training.distributed import print0
     from minitrain.training.model import checkpointing_needed
 
+    config = replace(config)  # the decision is returned, applied by every rank
     auto_tokens = config.max_tokens_per_gpu == "auto"
     if auto_tokens:  # a resumed run keeps the budget its checkpoint was trained with
         resume = checkpoint.find_resume_point(config.output_dir, config.resume_from, config.fresh)
@@ -658,15 +677,15 @@ def plan_for_run(config, world, hf_config) -> str:
             auto_tokens = False
     cuda = world.device.type == "cuda"
     if not (cuda or auto_tokens or config.activation_checkpointing is None):
-        return "asked for"
+        return config.activation_checkpointing, config.max_tokens_per_gpu, "asked for"
     if hf_config.is_encoder_decoder:  # the estimator covers causal LMs
         if auto_tokens:
             raise ConfigError(f"--max-tokens-per-gpu auto: the memory estimate covers causal LMs, not "
                               f"{hf_config.model_type}; give a number")
+        why = "asked for"
         if config.activation_checkpointing is None:
             config.activation_checkpointing, why = checkpointing_needed(hf_config, config.max_tokens_per_gpu, world)
-            return why
-        return "asked for"
+        return config.activation_checkpointing, config.max_tokens_per_gpu, why
     gib = device_memory_gib(world.device, world.local_world_size)
     args = (config, world.world_size, world.local_world_size, gib, cuda)
     try:  # the estimate's fake process group must be alone in its process: under torchrun, a process of its own
@@ -678,18 +697,18 @@ def plan_for_run(config, world, hf_config) -> str:
         if auto_tokens:
             raise ConfigError(f"--max-tokens-per-gpu auto: {why}; give a number") from None
         print0(f"note: {why}; the run goes on without it")
+        checkpointing_why = "asked for"
         if config.activation_checkpointing is None:
             config.activation_checkpointing, checkpointing_why = checkpointing_needed(
                 hf_config, config.max_tokens_per_gpu, world)
-            return checkpointing_why
-        return "asked for"
+        return config.activation_checkpointing, config.max_tokens_per_gpu, checkpointing_why
     config.activation_checkpointing, config.max_tokens_per_gpu = found.activation_checkpointing, found.max_tokens_per_gpu
     print0(found.estimate.describe())
     if auto_tokens:
         print0(f"--max-tokens-per-gpu {config.max_tokens_per_gpu} ({found.tokens_why})")
     if cuda and not found.estimate.fits:
         raise ConfigError(does_not_fit(found))
-    return found.checkpointing_why
+    return config.activation_checkpointing, config.max_tokens_per_gpu, found.checkpointing_why
 
 
 def estimate_main(config) -> int:

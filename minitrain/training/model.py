@@ -181,7 +181,7 @@ ACTIVATION_BYTES = 60
 def checkpointing_needed(hf_config, tokens_per_rank: int, world: World) -> tuple[bool, str]:
     """Whether a packed row's activations need recomputation: on when they would take more than half the memory
     free to this rank (the GPU's, or the machine's shared by the ranks on it). Checkpointing costs ~25% more compute,
-    so it is off when memory allows."""
+    so it is off when memory allows. A run asks on rank 0 only (memory.plan_for_run): every rank applies its answer."""
     layers = getattr(hf_config, "num_hidden_layers", None) or getattr(hf_config, "n_layer", 0)
     if getattr(hf_config, "is_encoder_decoder", False):
         # A padded micro-batch's tokens are split between the stacks (sources through the encoder, targets through the
