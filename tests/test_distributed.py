@@ -70,7 +70,7 @@ def plan_worker(out_prefix: str, gib_rank0: str, gib_rank1: str, *argv: str) -> 
     from tests.two_rank_server import train_main
 
     rank = os.environ["RANK"]
-    gib = float((gib_rank0, gib_rank1)[int(rank)])
+    gib = (gib_rank0, gib_rank1)[int(rank)]
     seen, isolated = {}, []
     start, device_memory_gib, run_isolated = train.start, memory.device_memory_gib, memory.run_isolated
 
@@ -82,10 +82,12 @@ def plan_worker(out_prefix: str, gib_rank0: str, gib_rank1: str, *argv: str) -> 
 
     def counted(function, *args):
         isolated.append(function.__name__)
+        if gib == "fails":  # this rank's plan fails as an estimate that fits nothing does (seconds of simulations)
+            raise memory.EstimateError("--max-tokens-per-gpu auto: not even one token fits (this rank's plan)")
         return run_isolated(function, *args)
 
     train.start, memory.run_isolated = recorded_start, counted
-    memory.device_memory_gib = lambda device, local_world_size: gib
+    memory.device_memory_gib = lambda device, local_world_size: 1.0 if gib == "fails" else float(gib)
     try:
         train_main(out_prefix, *argv)
     finally:
@@ -93,12 +95,12 @@ def plan_worker(out_prefix: str, gib_rank0: str, gib_rank1: str, *argv: str) -> 
     Path(f"{out_prefix}.plan.{rank}.json").write_text(json.dumps({"seen": seen, "isolated": isolated}))
 
 
-def plan_run(two_ranks, tmp_path, gib: tuple[float, float], argv: list[str], timeout: float = 240):
+def plan_run(two_ranks, tmp_path, gib: tuple, argv: list[str], timeout: float = 240):
     """plan_worker on the shared 2-rank job: (the run, [rank 0's main output, rank 1's], [each rank's plan record])."""
     from pathlib import Path
 
     prefix = tmp_path / "main"
-    run = two_ranks.run(__name__, "plan_worker", [prefix, *map(repr, gib), *argv], timeout=timeout)
+    run = two_ranks.run(__name__, "plan_worker", [prefix, *map(str, gib), *argv], timeout=timeout)
     if run.returncode != 0:
         return run, None, None
     mains = [json.loads(Path(f"{prefix}.{rank}.json").read_text()) for rank in (0, 1)]
@@ -134,18 +136,19 @@ def test_every_rank_trains_with_rank_0s_memory_plan_and_one_estimate_process_run
 
 
 def test_a_memory_plan_that_fails_on_rank_0_stops_every_rank_with_its_line(tmp_path, tiny_model_dir, two_ranks):
-    """--max-tokens-per-gpu auto where rank 0's memory figure holds not even one token (rank 1's would hold plenty):
-    both ranks stop at once with rank 0's one line, no traceback, and rank 1 does not wait for rank 0 (as it would, in
-    the next collective, had it planned its own run)."""
+    """--max-tokens-per-gpu auto where rank 0's plan fails (not even one token fits; rank 1's memory would hold
+    plenty): both ranks stop at once with rank 0's one line, no traceback, and rank 1 does not wait for rank 0 (as it
+    would, in the next collective, had it planned its own run). That line itself, from a real estimate, is
+    test_memory's."""
     from tests.test_train import base_args, write_data
 
     data = write_data(tmp_path / "data.jsonl", 4, vocab=700, seed=1)
     argv = [*base_args(tmp_path, tiny_model_dir("llama"), data), "--max-tokens-per-gpu", "auto",
             "--activation-checkpointing"]
-    run, mains, plans = plan_run(two_ranks, tmp_path, (1e-6, 1000.0), argv, timeout=120)
+    run, mains, plans = plan_run(two_ranks, tmp_path, ("fails", 1000.0), argv, timeout=120)
     assert run.returncode == 0, run.stderr[-3000:]
     assert [m["code"] for m in mains] == [2, 2]
-    line = "train.py: error: --max-tokens-per-gpu auto: not even one token fits 90% of 0.0 GiB"
+    line = "train.py: error: --max-tokens-per-gpu auto: not even one token fits (this rank's plan)"
     for rank in (0, 1):
         lines = mains[rank]["stderr"].strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith(f"[rank {rank}] {line}"), mains[rank]["stderr"]

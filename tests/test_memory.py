@@ -280,3 +280,19 @@ def test_a_step_is_simulated_once_per_process_and_anything_that_changes_it_simul
     folder = Path(config.model_name_or_path)
     (folder / "config.json").write_text(json.dumps({**SMALL, "hidden_size": 512, "intermediate_size": 1376}))
     assert peak(config)["peak"] > first["peak"] and len(calls) == 4
+
+
+def test_auto_tokens_where_not_even_one_token_fits_is_one_line_with_the_fixes(tiny_model_dir):
+    """--max-tokens-per-gpu auto on a device too small for any row: plan raises one line naming the estimate and each
+    fix with its own estimate (train.py prints it and stops; on 2 ranks every rank stops with rank 0's line:
+    test_distributed)."""
+    import train
+    from minitrain.training import memory
+
+    config = train.parse_args(["--estimate-memory", "--model-name-or-path", str(tiny_model_dir("llama")),
+                               "--max-tokens-per-gpu", "auto", "--activation-checkpointing", "--estimate-device", "cpu"])
+    with pytest.raises(memory.EstimateError) as e:
+        memory.plan(config, 2, 1e-6, False, memory.run_optimizer(config))
+    line = str(e.value)
+    assert line.startswith("--max-tokens-per-gpu auto: not even one token fits 90% of 0.0 GiB (estimate ")
+    assert "\n" not in line and "--lora: " in line and "4 GPUs: " in line, line
