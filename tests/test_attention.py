@@ -195,7 +195,8 @@ def test_compiled_blocks_train_with_the_eager_losses(tmp_path, capsys, tiny_mode
         out = tmp_path / name
         code = train.main(["--data-path", str(data), "--model-name-or-path", str(tiny_model_dir("llama")),
                            "--output-dir", str(out), "--batch-size", "4", "--max-tokens-per-gpu", "128",
-                           "--max-steps", "3", "--learning-rate", "1e-3", "--save-dtype", "float32", *extra])
+                           "--max-steps", "3", "--learning-rate", "1e-3", "--save-dtype", "float32",
+                           "--no-activation-checkpointing", *extra])  # auto's choice here, without its estimate
         assert code == 0, capsys.readouterr().err
         losses[name] = [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert losses["compiled"] == pytest.approx(losses["eager"], rel=1e-5)

@@ -43,17 +43,31 @@ def build_worker(model_dir: str, out: str) -> None:
     cleanup_distributed()
 
 
-def test_rank_0_holds_no_more_than_a_tenth_of_the_model_beyond_rank_1_while_building(tmp_path, tokenizer_dir):
+def write_checkpoint(model_dir: Path, llama: dict) -> int:
+    """A bf16 Llama checkpoint of config `llama` in `model_dir` (config.json and model.safetensors, the tensors and
+    file save_pretrained writes: tied weights once), without building it: the model on the meta device gives the
+    names and shapes, each tensor is a constant (building loads no values that matter; HF's random init of 300M
+    parameters cost more than writing them). Returns the model's parameter count."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(LlamaConfig(**llama), dtype=torch.bfloat16)
+    tied = set(model.all_tied_weights_keys)
+    model_dir.mkdir(parents=True)
+    save_file({name: torch.full(t.shape, 0.02, dtype=t.dtype) for name, t in model.state_dict().items()
+               if name not in tied}, model_dir / "model.safetensors", metadata={"format": "pt"})
+    model.config.architectures = [type(model).__name__]
+    model.config.save_pretrained(model_dir)  # dtype bfloat16: bf16 on disk; trained in fp32
+    return sum(p.numel() for p in model.parameters())
+
+
+def test_rank_0_holds_no_more_than_a_tenth_of_the_model_beyond_rank_1_while_building(tmp_path, tokenizer_dir):
+    from transformers import AutoTokenizer
 
     model_dir = tmp_path / "llama300m"
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        model = AutoModelForCausalLM.from_config(LlamaConfig(**LLAMA_300M), dtype=torch.bfloat16)
-    model.save_pretrained(model_dir)  # bf16 on disk; trained in fp32
-    n_params = sum(p.numel() for p in model.parameters())
-    del model
+    n_params = write_checkpoint(model_dir, LLAMA_300M)
     AutoTokenizer.from_pretrained(tokenizer_dir("chatml")).save_pretrained(model_dir)
     fp32_bytes = 4 * n_params
     # Peak RSS is noisy upwards (allocator arenas, file pages mapped around the slices read: 0.05-0.4 GB extra on

@@ -9,13 +9,12 @@ be within 20% of it.
 
 import json
 import resource
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from tests.test_train import ROOT, torchrun
+from tests.test_train import torchrun
 
 GIB = 2**30
 TOKENS = 1024
@@ -81,33 +80,41 @@ def write_config(folder: Path, config: dict) -> Path:
     return folder
 
 
-def estimate_memory(args: list[str], timeout: int = 300) -> tuple[dict, str]:
-    """train.py --estimate-memory ARGS: (its last line, parsed as JSON; its whole output)."""
-    run = subprocess.run([sys.executable, "train.py", "--estimate-memory", *args], cwd=ROOT, capture_output=True,
-                         text=True, timeout=timeout, env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"})
-    assert run.returncode == 0, run.stderr[-3000:]
-    return json.loads(run.stdout.strip().splitlines()[-1]), run.stdout
+def estimate_memory(args: list[str], capsys) -> tuple[dict, str]:
+    """train.py --estimate-memory ARGS, its main() in this process (no interpreter start-up: the estimate makes its
+    fake process group and removes it, and needs a process of its own only under torchrun): (its last line, parsed
+    as JSON; its whole output). The test process is left without a process group."""
+    import torch
+
+    import train
+
+    capsys.readouterr()
+    code = train.main(["--estimate-memory", *args])
+    out, err = capsys.readouterr()
+    assert code == 0, err[-3000:]
+    assert not torch.distributed.is_initialized()
+    return json.loads(out.strip().splitlines()[-1]), out
 
 
-def test_estimate_is_within_20_percent_of_a_real_two_rank_cpu_run(tmp_path):
+def test_estimate_is_within_20_percent_of_a_real_two_rank_cpu_run(tmp_path, capsys):
     model_dir = write_config(tmp_path / "llama-170m", LLAMA_170M)
     out = tmp_path / "measured"
     run = torchrun([__file__, str(model_dir), str(out)], timeout=240)
     assert run.returncode == 0, run.stderr[-3000:]
     measured = [json.loads(Path(f"{out}.{rank}").read_text())["peak_bytes"] / GIB for rank in (0, 1)]
     estimate, text = estimate_memory(["--model-name-or-path", str(model_dir), "--world-size", "2",
-                                      "--estimate-device", "cpu", *FLAGS])
+                                      "--estimate-device", "cpu", *FLAGS], capsys)
     print(f"\nestimate {estimate['peak_gib']:.3f} GiB per rank, measured {measured[0]:.3f} / {measured[1]:.3f} GiB\n"
           f"{text}")
     for peak in measured:
         assert estimate["peak_gib"] == pytest.approx(peak, rel=0.20), (estimate, measured)
 
 
-def test_estimate_memory_needs_only_a_config_json_and_names_the_parts(tmp_path):
+def test_estimate_memory_needs_only_a_config_json_and_names_the_parts(tmp_path, capsys):
     model_dir = write_config(tmp_path / "llama-170m", LLAMA_170M)
     estimate, text = estimate_memory(["--model-name-or-path", str(model_dir), "--world-size", "4",
                                       "--max-tokens-per-gpu", "512", "--gpu-memory-gib", "2", "--lora",
-                                      "--sequence-parallel-size", "2"])
+                                      "--sequence-parallel-size", "2"], capsys)
     assert estimate["sequence_parallel_size"] == 2 and "(rows of 2 x 512 = 1024 tokens)" in text
     assert set(estimate["parts"]) == {"parameters", "gradients", "optimizer_state", "activations", "temporary",
                                       "communication"}

@@ -633,15 +633,15 @@ def test_a_run_stopped_and_resumed_gives_the_uninterrupted_steps_and_weights(tmp
     assert any("score" in k for k in a) == name.startswith("reward")  # a reward model's export holds its head
 
 
-def test_the_memory_estimate_runs_a_step_of_each_preference_objective(tiny_model_dir):
+def test_the_memory_estimate_runs_a_step_of_each_preference_objective(tiny_model_dir, capsys):
     """The estimate builds its packs on fake tensors (torch.bincount there used to stop every preference run whose
-    activation checkpointing was decided by the estimate, the default)."""
+    activation checkpointing was decided by the estimate, the default). Each objective's step runs in every estimate
+    (no --gpu-memory-gib: the row and the cost of a token, without the search for the longest row that fits)."""
     from tests.test_memory import estimate_memory
 
-    for objective in ("dpo", "orpo", "reward"):
+    for objective in ("dpo", "orpo", "reward", "kto"):
         estimate, _ = estimate_memory(["--model-name-or-path", str(tiny_model_dir("llama")), "--world-size", "2",
-                                       "--max-tokens-per-gpu", "256", "--gpu-memory-gib", "1",
-                                       "--objective", objective])
+                                       "--max-tokens-per-gpu", "256", "--objective", objective], capsys)
         assert estimate["objective"] == objective and estimate["peak_gib"] > 0
 
 
