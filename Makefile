@@ -16,18 +16,18 @@ quickstart: venv
 	PYTHON=$(PYTHON) bash install.sh
 	$(PYTHON) quickstart.py
 
-# On every core (pytest-xdist): tests go to workers one by one, a file whose module fixture trains (xdist_group)
-# as a whole. PYTEST_FLAGS="-n 0" runs it in one process.
+# On every core (pytest-xdist): whole files go to the workers (a module fixture is set up once), the longest first
+# (tests/conftest.py's LONGEST_FIRST). PYTEST_FLAGS="-n 0" runs it in one process.
 test: venv
 	PYTHON=$(PYTHON) bash install.sh --dev
-	$(PYTHON) -m pytest tests -q -n auto --dist loadgroup $(PYTEST_FLAGS)
+	$(PYTHON) -m pytest tests -q -n auto --dist loadfile --no-loadscope-reorder $(PYTEST_FLAGS)
 
 # The suite on the newest releases that requirements*.txt allow, in its own environment (.venv-latest), so that we
 # meet a new release before our users do. It never touches the lock.
 test-latest:
 	rm -rf .venv-latest && $(PYTHON) -m venv .venv-latest
 	MINITRAIN_LATEST=1 PYTHON=.venv-latest/bin/python bash install.sh --dev
-	.venv-latest/bin/python -m pytest tests -q -n auto --dist loadgroup
+	.venv-latest/bin/python -m pytest tests -q -n auto --dist loadfile --no-loadscope-reorder
 
 # Re-resolve the locks (pip-tools; run on Linux x86-64, Python 3.11, with pip seeing torch's CPU build). The pins after
 # -P are held back on purpose; install.sh and docs/install.md say why.

@@ -205,13 +205,22 @@ def pytest_addoption(parser):
 def pytest_configure(config):
     config.addinivalue_line("markers", "cuda: needs a CUDA GPU (`pytest -m cuda`); skipped without one")
     config.addinivalue_line("markers", "slow: minutes long (the quickstart end to end); runs with --run-slow, as in CI")
-    # `make test` runs pytest-xdist with --dist loadgroup: tests go to the workers one at a time, except that a file
-    # whose module fixture trains (its setup would run again on each worker) marks itself as one group.
-    config.addinivalue_line("markers", "xdist_group(name): with pytest-xdist's --dist loadgroup, one worker runs "
-                                       "the group's tests")
+
+
+# The files that take longest (measured: CPU seconds of a whole run), first. `make test` gives whole files to its
+# workers (pytest-xdist --dist loadfile, so that a module fixture is set up once) in this order: the long files start
+# at once and the short ones fill in at the end, instead of a long file starting last on one worker.
+LONGEST_FIRST = ("test_quickstart.py", "test_memory.py", "test_resume.py", "test_sequence_parallel.py",
+                 "test_preference.py", "test_loading.py", "test_multinode.py", "test_lora.py", "test_distributed.py",
+                 "test_seq2seq.py", "test_attention.py", "test_families.py")
 
 
 def pytest_collection_modifyitems(config, items):
+    def rank(item) -> int:
+        name = item.path.name
+        return LONGEST_FIRST.index(name) if name in LONGEST_FIRST else len(LONGEST_FIRST)
+
+    items.sort(key=rank)  # stable: within a file, and among the other files, the order is pytest's
     if config.getoption("--run-slow"):
         return
     skip = pytest.mark.skip(reason="slow: pass --run-slow (CI does)")

@@ -28,7 +28,6 @@ from minitrain.training import checkpoint
 from tests.test_train import kill_torchrun, torchrun_workers, write_data
 
 ROOT = Path(__file__).resolve().parent.parent
-pytestmark = pytest.mark.xdist_group("resume")  # its module fixtures train: one worker runs the file
 STEPS = 6
 NUM_SAMPLES = 24  # 4 per step: one epoch
 

@@ -24,7 +24,6 @@ import numpy as np
 import pytest
 
 from tests.test_preference import write_pairs
-pytestmark = pytest.mark.xdist_group("sequence_parallel")  # its module fixtures train: one worker runs the file
 
 LONG = 70  # tokens of the long samples: more than MAX_TOKENS, which one rank holds, at most 2 x MAX_TOKENS
 MAX_TOKENS = 48
