@@ -165,6 +165,17 @@ class Chunk:
     error: str | None = None  # a RunError message: the run stops
 
 
+def encode_lines(encode, lines: list[tuple[int, bytes]]) -> Chunk:
+    """Every stage-1 encoder's encode_chunk: a Chunk that `encode(lines, chunk)` fills; a RunError (a problem of the
+    whole run, not of one row) becomes the chunk's error, which the parent prints in one line and stops on."""
+    chunk = Chunk()
+    try:
+        encode(lines, chunk)
+    except RunError as e:
+        chunk.error = str(e)
+    return chunk
+
+
 class Encoder:
     """Turns samples into rows for one tokenizer. Built once per worker process."""
 
@@ -321,15 +332,10 @@ class Encoder:
         raise MaskError("; ".join(reasons))
 
     def encode_chunk(self, lines: list[tuple[int, bytes]]) -> Chunk:
-        chunk = Chunk()
-        self.methods = chunk.methods
-        try:
-            self._encode(lines, chunk)
-        except RunError as e:
-            chunk.error = str(e)
-        return chunk
+        return encode_lines(self._encode, lines)
 
     def _encode(self, lines: list[tuple[int, bytes]], chunk: Chunk) -> None:
+        self.methods = chunk.methods  # the masking methods count into this chunk
         texts, pending = [], []  # chat renders to batch-tokenize, and what to do with each
         raw_pairs = []  # (line number, raw pair text, its trained character spans)
         fmt = self.spec.fmt

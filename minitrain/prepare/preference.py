@@ -38,6 +38,7 @@ from minitrain.prepare.encode import (
     Chunk,
     Encoder,
     check_messages,
+    encode_lines,
 )
 from minitrain.prepare.formats import Format, InputSpec, RunError
 
@@ -118,14 +119,8 @@ class PreferenceEncoder:
         self.encoder = Encoder(model, input_name, max_tokens, "drop", messages)
         self.tokenizer, self.template = self.encoder.tokenizer, self.encoder.template
 
-    def encode_chunk(self, lines: list[tuple[int, bytes]]):
-
-        chunk = Chunk()
-        try:
-            self._encode(lines, chunk)
-        except RunError as e:
-            chunk.error = str(e)
-        return chunk
+    def encode_chunk(self, lines: list[tuple[int, bytes]]) -> Chunk:
+        return encode_lines(self._encode, lines)
 
     def _encode(self, lines: list[tuple[int, bytes]], chunk) -> None:
 

@@ -24,7 +24,7 @@ from pathlib import Path
 import orjson
 
 from minitrain.prepare import formats
-from minitrain.prepare.encode import DROP_EMPTY_TARGET, Chunk
+from minitrain.prepare.encode import DROP_EMPTY_TARGET, Chunk, encode_lines
 from minitrain.prepare.formats import InputSpec, RunError
 
 DROP_SOURCE_TOO_LONG = "source longer than --max-source-tokens"
@@ -134,14 +134,8 @@ class Seq2SeqEncoder:
                                f"(max_position_embeddings): a longer {side} cannot run; pass --max-{side}-tokens "
                                f"{positions} or less")
 
-    def encode_chunk(self, lines: list[tuple[int, bytes]]):
-
-        chunk = Chunk()
-        try:
-            self._encode(lines, chunk)
-        except RunError as e:
-            chunk.error = str(e)
-        return chunk
+    def encode_chunk(self, lines: list[tuple[int, bytes]]) -> Chunk:
+        return encode_lines(self._encode, lines)
 
     def _encode(self, lines: list[tuple[int, bytes]], chunk) -> None:
 

@@ -28,7 +28,7 @@ import orjson
 
 from minitrain import IGNORE
 from minitrain.prepare import formats
-from minitrain.prepare.encode import DROP_NO_TRAINED, Chunk, Encoder, check_messages
+from minitrain.prepare.encode import DROP_NO_TRAINED, Chunk, Encoder, check_messages, encode_lines
 from minitrain.prepare.formats import Format, InputSpec, RunError
 from minitrain.prepare.preference import final_turn_only
 
@@ -93,12 +93,7 @@ class UnpairedEncoder:
         self.tokenizer, self.template = self.encoder.tokenizer, self.encoder.template
 
     def encode_chunk(self, lines: list[tuple[int, bytes]]) -> Chunk:
-        chunk = Chunk()
-        try:
-            self._encode(lines, chunk)
-        except RunError as e:
-            chunk.error = str(e)
-        return chunk
+        return encode_lines(self._encode, lines)
 
     def _encode(self, lines: list[tuple[int, bytes]], chunk: Chunk) -> None:
         batch, labels = [], {}  # messages rows for the encoder, and each line's label
