@@ -35,9 +35,10 @@ def write_data(path: Path, num_samples: int, vocab: int, seed: int = 0) -> Path:
     return path
 
 
-def torchrun(args: list[str], timeout: int = 240) -> subprocess.CompletedProcess:
-    """Run torchrun in its own process group, so a timeout kills its workers too (no orphans holding the CPU)."""
-    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+def torchrun(args: list[str], timeout: int = 240, env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run torchrun in its own process group, so a timeout kills its workers too (no orphans holding the CPU); `env`:
+    variables added to this process's."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", **(env or {}))
     cmd = [*TORCHRUN, *args]
     with subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                           start_new_session=True) as proc:
