@@ -272,11 +272,12 @@ def test_sigint_stops_after_the_step_with_a_checkpoint_and_the_same_command_resu
     root, data, model_dir = setup
     out = tmp_path / "out"
     args = [*train_args(data, model_dir, out), "--max-steps", "2"]
+    handler = signal.getsignal(signal.SIGINT)  # Python's default_int_handler, or SIG_IGN when started in the background
     stdout = stopped_in_process(args, signal.SIGINT, capsys, monkeypatch)
     assert "stopped by SIGINT after step 1; run the same command again to resume" in stdout
     assert checkpoint.latest_checkpoint(out / "checkpoints") == out / "checkpoints" / "step_1"
     assert [r["step"] for r in metrics(out)] == [1]
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler is given back
+    assert signal.getsignal(signal.SIGINT) is handler  # the handler is given back
     code, stdout, err = run_main(args, capsys)
     assert code == 0, err
     assert f"resumed from {out / 'checkpoints' / 'step_1'}: step 1" in stdout
