@@ -87,7 +87,7 @@ _MAY_NEED_TORCH = False  # its encoder failed, with torch hidden, naming torch
 
 def init_worker(model: str, input_name: str, max_tokens: int | None, on_too_long: str, spec: InputSpec,
                 seq2seq: seq2seq_rows.Settings, without_torch: bool = False) -> None:
-    global _ENCODER, _INIT_ERROR, _WITHOUT_TORCH, _MAY_NEED_TORCH
+    global _ENCODER, _INIT_ERROR, _MAY_NEED_TORCH
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one thread per worker: the pool is the parallelism
     if without_torch and "torch" not in sys.modules:
         hide_torch()
