@@ -3,8 +3,11 @@
 The check against reality: a random Llama of ~170M parameters built from its config, FULL_SHARD on 2 gloo ranks on
 this CPU (fp32, sdpa, no activation checkpointing), two training steps of one 1024-token row through train.py's own
 forward_backward, clipping and optimizer step. Each rank's resident-memory growth from just before its shards are
-allocated to its peak is the measured peak; `train.py --estimate-memory --estimate-device cpu` for the same flags must
-be within 20% of it.
+allocated to its peak is the measured peak, with glibc's mmap threshold fixed at 64 KiB (every tensor its own mapping,
+returned when freed) so that it is the memory that was live, which is what the estimate counts; `train.py
+--estimate-memory --estimate-device cpu` for the same flags must be at least it and at most 5% over it. (With glibc's
+default the ranks also hold what the allocator keeps: 2.65 / 2.70 GiB here, against 2.19 / 2.19 GiB live and the
+estimate's 2.23.)
 """
 
 import json
@@ -96,18 +99,18 @@ def estimate_memory(args: list[str], capsys) -> tuple[dict, str]:
     return json.loads(out.strip().splitlines()[-1]), out
 
 
-def test_estimate_is_within_20_percent_of_a_real_two_rank_cpu_run(tmp_path, capsys):
+def test_estimate_is_the_live_memory_of_a_real_two_rank_cpu_run_or_at_most_5_percent_over(tmp_path, capsys):
     model_dir = write_config(tmp_path / "llama-170m", LLAMA_170M)
     out = tmp_path / "measured"
-    run = torchrun([__file__, str(model_dir), str(out)], timeout=240)
+    run = torchrun([__file__, str(model_dir), str(out)], timeout=240, env={"MALLOC_MMAP_THRESHOLD_": "65536"})
     assert run.returncode == 0, run.stderr[-3000:]
     measured = [json.loads(Path(f"{out}.{rank}").read_text())["peak_bytes"] / GIB for rank in (0, 1)]
     estimate, text = estimate_memory(["--model-name-or-path", str(model_dir), "--world-size", "2",
                                       "--estimate-device", "cpu", *FLAGS], capsys)
     print(f"\nestimate {estimate['peak_gib']:.3f} GiB per rank, measured {measured[0]:.3f} / {measured[1]:.3f} GiB\n"
           f"{text}")
-    for peak in measured:
-        assert estimate["peak_gib"] == pytest.approx(peak, rel=0.20), (estimate, measured)
+    for peak in measured:  # never under the live memory (auto would take rows that do not fit), at most 5% over
+        assert peak <= estimate["peak_gib"] <= 1.05 * peak, (estimate, measured)
 
 
 def test_estimate_memory_needs_only_a_config_json_and_names_the_parts(tmp_path, capsys):
