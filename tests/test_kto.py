@@ -1,4 +1,5 @@
-"""KTO (--objective kto): exact loss and gradients on 1 and 2 processes, exact resume, stage 1's labelled rows.
+"""KTO (--objective kto): exact loss and gradients on 1 and 2 processes, exact resume, LoRA's reference (the base
+model), stage 1's labelled rows.
 
 The truth is written here from TRL's definitions (KTOTrainer, loss_type "kto"): a plain Hugging Face forward of each
 sequence alone, full logits, log-softmax; the KL sequence of each sample built here from its own rule (the prompt of
@@ -288,6 +289,28 @@ def test_kto_trains_and_a_resumed_run_equals_the_uninterrupted_one(tmp_path, cap
     final_whole, final_resumed = (weights(p / "hf_format" / export) for p in (tmp_path / "whole", out))
     assert final_whole.keys() == final_resumed.keys()
     assert all(torch.equal(final_whole[n], final_resumed[n]) for n in final_whole)
+
+
+def test_kto_with_lora_takes_the_base_model_as_its_reference_for_both_sequences(tmp_path, capsys, tiny_model_dir):
+    """With LoRA the reference is the base model, adapters off (reference.py's hook, as for DPO): with adapters that
+    start away from zero (--lora-init random) the table of each sample's own and KL sequence must still be the base
+    model's own log-probs (direct_table, computed here), while the policy's first rewards are already off zero."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model_dir = tiny_model_dir("llama")
+    data = write_kto(tmp_path / "kto.jsonl", 8, seed=5, learnable=True)
+    out = tmp_path / "out"
+    args = [*kto_args(data, model_dir, out, 2), "--lora", "--lora-init", "random", "--lora-r", "4"]
+    code, err = run_main(args, capsys)
+    assert code == 0, err
+    [table] = list((out / "token_cache").glob("*/reference_logps-kto-*.npy"))
+    lm = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    np.testing.assert_allclose(np.load(table), direct_table(lm, read_rows(data)), rtol=1e-5, atol=1e-5)
+    first = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
+    assert max(abs(first["rewards/chosen"]), abs(first["rewards/rejected"])) > 1e-3, first  # adapters on: not 0
+    export = f"samples_{json.loads((out / 'metrics.jsonl').read_text().splitlines()[-1])['samples_seen']}"
+    assert (out / "hf_format" / export / "adapter" / "adapter_config.json").is_file()
 
 
 # ---------------------------------------------------------------------------------------------------------------
