@@ -3,12 +3,13 @@ one 2-rank job, as two hosts would.
 
     1. Sharing one --output-dir, they train the same steps with the same losses as one node with 2 processes; killed
        with SIGKILL (both agents and their workers) during an asynchronous save, the same two commands resume
-       exactly from the previous checkpoint.
+       exactly from the previous checkpoint, with the model folder's weights gone (built from the checkpoint alone).
     2. Each node given its own --output-dir (as when a path names a node-local disk): every rank stops at start in
        one line naming the node that cannot see rank 0's folder, instead of hanging or aborting in a collective.
 """
 
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -18,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from minitrain.training import checkpoint
-from tests.test_resume import metrics
+from tests.test_resume import metrics, without_weights
 from tests.test_train import kill_torchrun, write_data
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -92,6 +93,7 @@ def test_two_nodes_match_one_node_and_resume_exactly_after_both_are_killed(setup
     assert run.returncode == 0, run.stderr[-3000:]
 
     out = root / "shared"
+    model_dir = Path(shutil.copytree(model_dir, root / "shared_model"))  # its weights go away after run 1
     args = [*train_args(data, model_dir, out), "--async-save"]  # full state written in the background (CUDA's default)
     saves = out / "checkpoints"
     # Killed as the save of step 4 is under way (its background write started, COMPLETE not yet written; rank 0 would
@@ -113,11 +115,14 @@ def test_two_nodes_match_one_node_and_resume_exactly_after_both_are_killed(setup
     steps = [r["step"] for r in metrics(out)]
     assert steps == list(range(1, len(steps) + 1)) and len(steps) >= 4
 
+    # The resume builds the model from the checkpoint alone, on both nodes: the model folder keeps no weights.
+    without_weights(model_dir)
     nodes = two_nodes("run2", root, [args, args])
     codes = finish(nodes)
     logs = "".join(node.text() for node in nodes)
     assert codes == [0, 0], logs[-3000:]
     assert f"resumed from {saves / 'step_2'}: step 2, 8 samples seen" in logs
+    assert f"weights: the checkpoint's; none is read from {model_dir}" in logs
 
     expected, got = metrics(reference), metrics(out)
     assert [r["step"] for r in got] == list(range(1, STEPS + 1))
