@@ -163,5 +163,33 @@ def test_the_export_every_rank_writes_equals_rank_0s_for_full_lora_merged_and_t5
     assert "adapter" in report["lora"]["files"]
 
 
+def cut_short(model_dir: Path, folder: Path) -> Path:
+    """A copy of the model folder whose model.safetensors lost its second half (an interrupted download or copy)."""
+    import shutil
+
+    shutil.copytree(model_dir, folder)
+    weights = folder / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) // 2])
+    return folder
+
+
+def test_a_weights_file_cut_short_stops_every_rank_with_one_line_naming_it(tmp_path, capsys, tiny_model_dir,
+                                                                           two_ranks):
+    from tests.test_train import base_args, run_main, write_data
+
+    damaged = cut_short(tiny_model_dir("llama"), tmp_path / "cut")
+    data = write_data(tmp_path / "data.jsonl", 8, vocab=200)
+    want = (f"train.py: error: --model-name-or-path {damaged}: model.safetensors cannot be read (Error while "
+            f"deserializing header: incomplete metadata, file not fully covered): the file is damaged or incomplete")
+    code, err = run_main(base_args(tmp_path / "one", damaged, data), capsys)  # one process: from_pretrained's read
+    assert code == 2 and want in err and len(err.strip().splitlines()) == 1, err
+    # 2 ranks: each rank's own read of the header, the same line on both (naming where it was read), no traceback
+    run = two_ranks.train(base_args(tmp_path / "two", damaged, data), tmp_path / "two")
+    assert run.returncode == 2 and "Traceback" not in run.stderr, run.stderr[-3000:]
+    lines = [line for line in run.stderr.splitlines() if line.strip()]
+    assert len(lines) == 2 and all(want in line and "(read on rank" in line for line in lines), lines
+
+
 if __name__ == "__main__":
     build_worker(sys.argv[1], sys.argv[2])

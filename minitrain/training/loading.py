@@ -48,6 +48,22 @@ def weight_files(model_name_or_path: str) -> dict[str, Path] | None:
     return None
 
 
+def unreadable(model_name_or_path: str) -> str | None:
+    """One line naming the first .safetensors file of a model folder that safetensors cannot open (cut short by an
+    interrupted download or copy, or not a safetensors file), with the fix; None when every one opens."""
+    from safetensors import SafetensorError, safe_open
+
+    for path in sorted(Path(model_name_or_path).glob("*.safetensors")):
+        try:
+            with safe_open(path, framework="pt"):
+                pass
+        except (SafetensorError, OSError) as e:
+            return (f"--model-name-or-path {model_name_or_path}: {path.name} cannot be read "
+                    f"({' '.join(str(e).split())[:200]}): the file is damaged or incomplete (an interrupted download "
+                    f"or copy?): copy or download it again")
+    return None
+
+
 def file_shapes(files: dict[str, Path]) -> dict[str, tuple[int, ...]]:
     from safetensors import safe_open
 

@@ -17,6 +17,8 @@ start-up probe build_model runs: the trainer's loss must be the model's own, or 
 (--objective reward) builds the family's sequence classifier instead, with reward.PackedRewardModel as its root.
 """
 
+import socket
+
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -235,12 +237,15 @@ def build_model(config, world: World, adapter: FullFineTuning | None = None,
                          f"with attention masks: use --attn-implementation auto (sdpa) or eager")
 
     def load():
+        from safetensors import SafetensorError
+
         try:
             return auto.from_pretrained(config.model_name_or_path, dtype=torch.float32, attn_implementation=attn,
                                         **loaded_config, **adapter.load_arguments(world.device))
-        except (OSError, ValueError) as e:
-            raise ModelError(f"--model-name-or-path {config.model_name_or_path}: cannot load its weights "
-                             f"({' '.join(str(e).split())[:300]})") from None
+        except (OSError, ValueError, SafetensorError) as e:
+            raise ModelError(loading.unreadable(config.model_name_or_path)
+                             or f"--model-name-or-path {config.model_name_or_path}: cannot load its weights "
+                                f"({' '.join(str(e).split())[:300]})") from None
 
     def empty():
         with torch.device("meta"):
@@ -359,14 +364,24 @@ def every_weight_trains(lm, model_name_or_path: str) -> bool:
 def load_per_rank(config, lm, auto, hf_config, attn: str, adapter, world: World) -> bool:
     """Collective: each rank fills its own shards from the model folder's safetensors (loading.py); False, with a
     printed note, when they cannot be read that way on some rank (the caller then falls back to rank 0's load)."""
-    problem, twin, placeholders, files = None, None, set(), None
+    from safetensors import SafetensorError
+
+    problem, twin, placeholders, files, damaged = None, None, set(), None, None
     try:
         files = loading.weight_files(config.model_name_or_path)
         twin, placeholders = loading.skeleton(auto, hf_config, attn, adapter)
         problem = loading.plan_problem(lm, twin, placeholders, files, adapter)
+    except SafetensorError as e:  # a file cut short or not safetensors: this rank cannot load it, and rank 0's load
+        # would fail alike where it sees the same file (a node-local copy may differ: the line names where it was read)
+        damaged = (f"{loading.unreadable(config.model_name_or_path) or ' '.join(str(e).split())[:300]} "
+                   f"(read on rank {world.rank}, host {socket.gethostname()})")
     except (OSError, ValueError, RuntimeError) as e:
         problem = " ".join(str(e).split())[:300]
-    problems = [p for p in all_gather(problem) if p is not None]
+    found = all_gather((problem, damaged))
+    damaged = next((d for _, d in found if d is not None), None)
+    if damaged is not None:
+        raise ModelError(damaged)  # on every rank, the first damaged file's line
+    problems = [p for p, _ in found if p is not None]
     if problems:
         print0(f"note: --model-name-or-path {config.model_name_or_path}: rank 0 loads the whole model and broadcasts "
                f"it into the shards ({problems[0]})")
@@ -415,10 +430,12 @@ def fill_from_checkpoint(model, checkpoint_weights, config, auto, hf_config, att
     print0(f"weights: the checkpoint's; none is read from {config.model_name_or_path}")
     if world.world_size == 1:
         return False
+    from safetensors import SafetensorError
+
     problem = None
     try:
         problem = loading.plan_problem(lm, twin, placeholders, loading.weight_files(config.model_name_or_path), adapter)
-    except (OSError, ValueError, RuntimeError) as e:
+    except (OSError, ValueError, RuntimeError, SafetensorError) as e:  # the export is then gathered by rank 0
         problem = " ".join(str(e).split())[:300]
     return not any(p is not None for p in all_gather(problem))
 
