@@ -325,6 +325,83 @@ def test_what_distillation_does_not_support_is_refused_in_one_line(tmp_path, cap
         assert "start-up probe" not in out and "teacher: loading" not in out
 
 
+def teacher_memory_worker(student: str, teacher_dir: str, out: str) -> None:
+    """Each rank's peak memory in a real teacher pass: the teacher as teacher.load_teacher builds it (per-rank loading
+    of its weights, FSDP2 over both ranks), in reference mode (eval, no gradients), one forward of a row of
+    max_tokens_per_gpu tokens taking every next token's top-k (teacher.block_table's call) under FSDPMemTracker on real
+    tensors. Rank 0 writes both peaks (bytes) to OUT/teacher_memory.json."""
+    import torch
+    from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker
+
+    from minitrain.training import memory, teacher
+    from minitrain.training.data import make_pack
+    from minitrain.training.distributed import cleanup_distributed, init_distributed
+    from minitrain.training.objectives import SFT
+    from minitrain.training.reference import reference_mode
+
+    world = init_distributed("gloo")
+    config = distill_config(Path(out) / "unused.jsonl", Path(student), Path(teacher_dir), Path(out) / "o",
+                            activation_checkpointing=False)
+    model = teacher.load_teacher(config, world)
+    pack = make_pack(memory.synthetic_cache(SFT(), config.max_tokens_per_gpu), np.array([0]))
+    tracker = FSDPMemTracker(model)
+    with reference_mode(model), torch.no_grad(), tracker:
+        model(pack.input_ids, pack.position_ids, pack.positions, pack.targets, cu_seq_lens=pack.cu_seq_lens,
+              max_length=pack.max_length, top_k=config.distill_top_k)
+    peak = torch.tensor([next(iter(tracker.get_tracker_snapshot("peak").values()))["Total"]], dtype=torch.int64)
+    peaks = [torch.zeros_like(peak) for _ in range(world.world_size)]
+    torch.distributed.all_gather(peaks, peak)
+    if world.is_main:
+        (Path(out) / "teacher_memory.json").write_text(json.dumps([int(p) for p in peaks]))
+    cleanup_distributed()
+
+
+def test_the_teacher_pass_estimate_is_the_measured_peak_of_a_real_two_rank_teacher_pass(tmp_path, tiny_model_dir,
+                                                                                          two_ranks):
+    """memory.simulate_teacher_pass (fake tensors, a fake process group) against the peak of a real teacher pass on
+    2 ranks (teacher_memory_worker, in the session's 2-rank job)."""
+    from minitrain.training import memory
+
+    student, teacher_dir = tiny_model_dir("llama"), tiny_model_dir("qwen2")
+    run = two_ranks.run(__name__, "teacher_memory_worker", [student, teacher_dir, tmp_path])
+    assert run.returncode == 0, run.stderr[-3000:]
+    measured = json.loads((tmp_path / "teacher_memory.json").read_text())
+    config = distill_config(tmp_path / "unused.jsonl", student, teacher_dir, tmp_path / "o",
+                            activation_checkpointing=False)
+    simulated = memory.simulate_teacher_pass(config, config.max_tokens_per_gpu, 2, False)
+    print(f"teacher pass: simulated {simulated:,.0f} bytes, measured {measured}")
+    for peak in measured:
+        assert simulated == pytest.approx(peak, rel=0.02), (simulated, measured)
+
+
+def test_the_estimate_stops_a_run_whose_teacher_pass_does_not_fit_though_its_step_does(tmp_path, capsys):
+    """--estimate-memory for distillation from config.json files alone: a 2-block Llama of 170M's shapes as the
+    teacher of the small Llama, on 2 GPUs. Its step needs ~0.05 GiB, the teacher's pass (the vocabulary's embedding
+    and LM head gathered) ~0.74 GiB: on 0.6 GiB the run does not fit, the line naming the teacher's pass and what
+    would help, each with its own estimate; on 1 GiB it fits."""
+    from minitrain.training import memory
+    from tests.test_memory import LLAMA_170M, SMALL, estimate_memory, write_config
+
+    student = write_config(tmp_path / "student", SMALL)
+    teacher = write_config(tmp_path / "teacher", {**LLAMA_170M, "num_hidden_layers": 2})
+    args = ["--model-name-or-path", str(student), "--objective", "distill", "--teacher-model", str(teacher),
+            "--world-size", "2", "--max-tokens-per-gpu", "1024", "--estimate-device", "cpu",
+            "--activation-checkpointing"]
+    import train
+
+    config = train.parse_args(["--estimate-memory", *args])
+    truth = memory.simulate_teacher_pass(config, 1024, 2, False) / memory.GIB
+    tight, text = estimate_memory([*args, "--gpu-memory-gib", "0.6"], capsys)
+    assert tight["teacher_pass_gib"] == round(truth, 3) and tight["peak_gib"] < 0.1 < 0.6 < truth, (tight, truth)
+    assert "the teacher's top-k pass, before the student is built: 0.7 GiB per GPU" in text
+    assert "does NOT fit (the teacher's pass does not) in 0.6 GiB" in text
+    assert (f"this run will not fit: the teacher's top-k pass (before training) needs an estimated {truth:.2f} GiB per "
+            f"GPU (FULL_SHARD, 1024 tokens per GPU, 2 GPUs) > the device's 0.6 GiB") in text
+    assert "would fit or help: --max-tokens-per-gpu 512: " in text and "; 4 GPUs: " in text
+    roomy, text = estimate_memory([*args, "--gpu-memory-gib", "1"], capsys)
+    assert roomy["teacher_pass_gib"] == round(truth, 3) and "fits in 1 GiB" in text and "will not fit" not in text
+
+
 def test_the_memory_estimate_runs_a_distillation_step(tmp_path, tiny_model_dir):
     """The estimate (run at start-up on CUDA, or when checkpointing is auto) simulates a step of the objective on fake
     tensors, a stand-in teacher table included."""

@@ -78,10 +78,18 @@ class Estimate:
     objective: str
     sequence_parallel_size: int = 1  # S ranks share each row of S x max_tokens_per_gpu tokens
     activation_offload: bool = False  # the checkpointed blocks' inputs in host memory (CUDA)
+    # distillation: the peak of the teacher's top-k pass, which runs before the student is built (never with it)
+    teacher_pass_gib: float | None = None
+
+    @property
+    def step_fits(self) -> bool:
+        return self.gpu_memory_gib is None or self.peak_gib <= self.gpu_memory_gib
 
     @property
     def fits(self) -> bool:
-        return self.gpu_memory_gib is None or self.peak_gib <= self.gpu_memory_gib
+        """The training step fits, and so does the teacher's pass where there is one."""
+        return self.step_fits and (self.gpu_memory_gib is None or self.teacher_pass_gib is None
+                                   or self.teacher_pass_gib <= self.gpu_memory_gib)
 
     def longest_row(self, budget_gib: float) -> int | None:
         """The longest row (a multiple of ROW_MULTIPLE, or what is left under it) whose peak fits `budget_gib`."""
@@ -107,8 +115,11 @@ class Estimate:
                 f"{self.rows(self.max_tokens_per_gpu)}")
         lines = [f"estimated peak per GPU: {self.peak_gib:.1f} GiB ({what})"]
         lines += [f"  {name:<{width}} {self.parts[name]:8.2f} GiB" for name in PARTS]
+        if self.teacher_pass_gib is not None:
+            lines.append(f"the teacher's top-k pass, before the student is built: {self.teacher_pass_gib:.1f} GiB per "
+                         f"GPU at its peak")
         if self.gpu_memory_gib is not None:
-            verdict = "fits" if self.fits else "does NOT fit"
+            verdict = "fits" if self.fits else "does NOT fit" + (" (the teacher's pass does not)" if self.step_fits else "")
             longest = self.longest_row_that_fits
             lines.append(f"{verdict} in {self.gpu_memory_gib:g} GiB; longest row that fits: "
                          f"{self.rows(longest) if longest is not None else 'none'} "
@@ -123,7 +134,9 @@ class Estimate:
                            "gpu_memory_gib": self.gpu_memory_gib, "fsdp_sharding_strategy": self.strategy,
                            "activation_checkpointing": self.activation_checkpointing, "adapter": self.adapter,
                            "objective": self.objective, "sequence_parallel_size": self.sequence_parallel_size,
-                           "activation_offload": self.activation_offload})
+                           "activation_offload": self.activation_offload,
+                           **({"teacher_pass_gib": round(self.teacher_pass_gib, 3)}
+                              if self.teacher_pass_gib is not None else {})})
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -284,6 +297,60 @@ def simulate_step(config, rows: list[int], world_size: int, cuda: bool, make_opt
             return results
     finally:
         dist.destroy_process_group()
+
+
+def simulate_teacher_pass(config, tokens: int, world_size: int, cuda: bool, shard_group_size: int | None = None,
+                          local_world_size: int | None = None) -> float:
+    """Rank 0's peak bytes in distillation's teacher pass (teacher.py), which runs before the student is built: the
+    teacher (--teacher-model) built as teacher.load_teacher builds it (a student with every training option that
+    changes nothing in a forward off: FSDP2-sharded fp32 masters, bf16 compute on CUDA), in eval mode, one forward
+    of a row of `tokens` tokens, every next token's top-k taken (the chunked head of loss.py), no gradients, no
+    optimizer. Needs a process without a process group; leaves it without one."""
+    import torch.distributed as dist
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+    from transformers import AutoConfig
+
+    from minitrain.training.adapter import FullFineTuning
+    from minitrain.training.data import make_pack
+    from minitrain.training.distributed import World
+    from minitrain.training.model import device_mesh, shard_model
+    from minitrain.training.objectives import SFT
+
+    hf_config = AutoConfig.from_pretrained(config.teacher_model)
+    as_student = replace(config, model_name_or_path=config.teacher_model, objective="sft", lora=False, qlora=False,
+                         activation_checkpointing=False, activation_offload=False, compile=False,
+                         sequence_parallel_size=1, use_liger_kernels=False)
+    world = World(0, 0, world_size, local_world_size or min(world_size, 8), torch.device("cpu"))
+    if dist.is_initialized():
+        raise EstimateError("the memory estimate needs a process of its own (it runs a fake process group)")
+    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=world_size)
+    try:
+        mesh = device_mesh(as_student.fsdp_sharding_strategy, world, shard_group_size, "cpu")
+        model = simulated_model(as_student, hf_config, FullFineTuning(), cuda, world_size, 1)
+        shard_model(model, as_student.fsdp_sharding_strategy, world, mesh, cuda)
+        pack = make_pack(synthetic_cache(SFT(), tokens), np.array([0]))
+        with FakeTensorMode(allow_non_fake_inputs=True):
+            model.to_empty(device="cpu")
+            model.eval()
+            tracker = FSDPMemTracker(model)
+            with tracker, quiet_module_tracking(), torch.no_grad():
+                model(pack.input_ids, pack.position_ids, pack.positions, pack.targets, cu_seq_lens=pack.cu_seq_lens,
+                      max_length=pack.max_length, top_k=config.distill_top_k)
+            return float(next(iter(tracker.get_tracker_snapshot("peak").values()))["Total"])
+    finally:
+        dist.destroy_process_group()
+
+
+def with_teacher_pass(plan_: "Plan", config, world_size: int, cuda: bool, shard_group_size=None,
+                      local_world_size=None) -> "Plan":
+    """`plan_` with its estimate's teacher_pass_gib at the plan's row, for distillation with a teacher; else as it is."""
+    if getattr(config, "objective", "sft") != "distill" or not getattr(config, "teacher_model", None):
+        return plan_
+    run = replace(config, max_tokens_per_gpu=plan_.max_tokens_per_gpu)
+    peak = simulate_teacher_pass(run, plan_.max_tokens_per_gpu, world_size, cuda, shard_group_size, local_world_size)
+    return replace(plan_, estimate=replace(plan_.estimate, teacher_pass_gib=peak / GIB))
 
 
 def host_positions(objective, cache, indices) -> np.ndarray:
@@ -624,6 +691,14 @@ def plan(config, world_size: int, gpu_memory_gib: float, cuda: bool, make_optimi
 def does_not_fit(plan_: Plan) -> str:
     """The one line a run that will not fit stops with."""
     e = plan_.estimate
+    if e.step_fits:  # the teacher's pass does not
+        return (f"this run will not fit: the teacher's top-k pass (before training) needs an estimated "
+                f"{e.teacher_pass_gib:.2f} GiB per GPU ({e.strategy}, {e.max_tokens_per_gpu} tokens per GPU, "
+                f"{e.world_size} GPUs) > the device's {e.gpu_memory_gib:g} GiB (its fp32 weights are sharded over the "
+                f"GPUs; its activations and logits grow with the row); would fit or help: "
+                + "; ".join(f"{label}: {f.teacher_pass_gib:.2f} GiB"
+                            f"{'' if f.teacher_pass_gib <= e.gpu_memory_gib else ' (still too much)'}"
+                            for label, f in plan_.fixes))
     return (f"this run will not fit: estimated peak {e.peak_gib:.1f} GiB per GPU ({e.strategy}, activation "
             f"checkpointing {'on' if e.activation_checkpointing else 'off'}, {e.max_tokens_per_gpu} tokens per GPU, "
             f"{e.adapter}, {e.world_size} GPUs) > the device's {e.gpu_memory_gib:.1f} GiB; would fit or help: "
@@ -635,9 +710,30 @@ def does_not_fit(plan_: Plan) -> str:
 
 
 def plan_run(config, world_size: int, local_world_size: int, gpu_memory_gib: float, cuda: bool) -> Plan:
-    """plan() with the run's optimizer; module-level so that it can run in a process of its own."""
-    return plan(config, world_size, gpu_memory_gib, cuda, run_optimizer(config), config.fsdp_shard_group_size,
-                local_world_size)
+    """plan() with the run's optimizer, and distillation's teacher pass; module-level so that it can run in a process
+    of its own."""
+    group = config.fsdp_shard_group_size
+    found = plan(config, world_size, gpu_memory_gib, cuda, run_optimizer(config), group, local_world_size)
+    return teacher_pass_fixes(with_teacher_pass(found, config, world_size, cuda, group, local_world_size), config,
+                              cuda, group, local_world_size)
+
+
+def teacher_pass_fixes(plan_: Plan, config, cuda: bool, shard_group_size=None, local_world_size=None) -> Plan:
+    """A plan whose step fits but whose teacher pass does not, with what would help, each with the teacher pass's
+    estimate there: half the row (its activations and logits), twice the GPUs (its weights' shards)."""
+    e = plan_.estimate
+    if e.fits or not e.step_fits:
+        return plan_
+    found = []
+    for label, tokens, world_size in ((f"--max-tokens-per-gpu {e.max_tokens_per_gpu // 2}", e.max_tokens_per_gpu // 2,
+                                       e.world_size), (f"{2 * e.world_size} GPUs", e.max_tokens_per_gpu,
+                                                       2 * e.world_size)):
+        if tokens < 1:
+            continue
+        peak = simulate_teacher_pass(replace(config, max_tokens_per_gpu=tokens), tokens, world_size, cuda,
+                                     shard_group_size, local_world_size)
+        found.append((label, replace(e, max_tokens_per_gpu=tokens, world_size=world_size, teacher_pass_gib=peak / GIB)))
+    return replace(plan_, fixes=found)
 
 
 def plan_for_run(config, world, hf_config) -> str:
@@ -750,15 +846,17 @@ def estimate_main(config) -> int:
         if gib is None:  # no verdict: the estimate at the asked row, and the cost of a token
             run = replace(config, activation_checkpointing=bool(config.activation_checkpointing))
             result = estimate(run, world_size, None, cuda, run_optimizer(config), group, local)
-            found = Plan(result, result.activation_checkpointing, "asked for", result.max_tokens_per_gpu,
-                         "asked for", [])
+            found = with_teacher_pass(Plan(result, result.activation_checkpointing, "asked for",
+                                           result.max_tokens_per_gpu, "asked for", []), config, world_size, cuda,
+                                      group, local)
         else:
             found = plan_run(config, world_size, local, gib, cuda)
             if found.estimate.longest_row_that_fits is None and found.estimate.fits:  # decided from one row: the
                 run = replace(config, max_tokens_per_gpu=found.max_tokens_per_gpu,  # longest row needs the cost
                               activation_checkpointing=found.activation_checkpointing)  # of a token too
-                found = replace(found, estimate=estimate(run, world_size, gib, cuda, run_optimizer(config), group,
-                                                         local))
+                found = replace(found, estimate=replace(
+                    estimate(run, world_size, gib, cuda, run_optimizer(config), group, local),
+                    teacher_pass_gib=found.estimate.teacher_pass_gib))
     except EstimateError as e:
         raise ConfigError(str(e)) from None
     print(f"activation checkpointing: {'on' if found.activation_checkpointing else 'off'} ({found.checkpointing_why})")
