@@ -325,6 +325,18 @@ def test_what_distillation_does_not_support_is_refused_in_one_line(tmp_path, cap
         assert "start-up probe" not in out and "teacher: loading" not in out
 
 
+def test_a_teacher_weights_file_cut_short_is_one_line_naming_the_teacher_flag(tmp_path, capsys, tiny_model_dir):
+    from tests.test_loading import cut_short
+    from tests.test_resume import run_main
+
+    student = tiny_model_dir("llama")
+    damaged = cut_short(tiny_model_dir("qwen2"), tmp_path / "teacher")
+    data = write_data(tmp_path / "data.jsonl", 4, vocab=700)
+    code, _, err = run_main(distill_args(data, student, damaged, tmp_path / "out", 1), capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert f"train.py: error: --teacher-model {damaged}: model.safetensors cannot be read" in err, err
+
+
 def teacher_memory_worker(student: str, teacher_dir: str, out: str) -> None:
     """Each rank's peak memory in a real teacher pass: the teacher as teacher.load_teacher builds it (per-rank loading
     of its weights, FSDP2 over both ranks), in reference mode (eval, no gradients), one forward of a row of
@@ -359,7 +371,8 @@ def teacher_memory_worker(student: str, teacher_dir: str, out: str) -> None:
 def test_the_teacher_pass_estimate_is_the_measured_peak_of_a_real_two_rank_teacher_pass(tmp_path, tiny_model_dir,
                                                                                           two_ranks):
     """memory.simulate_teacher_pass (fake tensors, a fake process group) against the peak of a real teacher pass on
-    2 ranks (teacher_memory_worker, in the session's 2-rank job)."""
+    2 ranks (teacher_memory_worker, in the session's 2-rank job; the forward only, so without the table block's
+    buffers, which the estimate of a run adds). Without no_grad the simulation gives 2.7 MB."""
     from minitrain.training import memory
 
     student, teacher_dir = tiny_model_dir("llama"), tiny_model_dir("qwen2")
@@ -368,7 +381,7 @@ def test_the_teacher_pass_estimate_is_the_measured_peak_of_a_real_two_rank_teach
     measured = json.loads((tmp_path / "teacher_memory.json").read_text())
     config = distill_config(tmp_path / "unused.jsonl", student, teacher_dir, tmp_path / "o",
                             activation_checkpointing=False)
-    simulated = memory.simulate_teacher_pass(config, config.max_tokens_per_gpu, 2, False)
+    simulated = memory.simulate_teacher_pass(config, config.max_tokens_per_gpu, 2, False, block_rows=0)
     print(f"teacher pass: simulated {simulated:,.0f} bytes, measured {measured}")
     for peak in measured:
         assert simulated == pytest.approx(peak, rel=0.02), (simulated, measured)
@@ -377,8 +390,9 @@ def test_the_teacher_pass_estimate_is_the_measured_peak_of_a_real_two_rank_teach
 def test_the_estimate_stops_a_run_whose_teacher_pass_does_not_fit_though_its_step_does(tmp_path, capsys):
     """--estimate-memory for distillation from config.json files alone: a 2-block Llama of 170M's shapes (hidden 1024)
     as the teacher of a 2-block Llama of hidden 256, one vocabulary of 32k, on 2 GPUs. The step needs ~0.35 GiB, the
-    teacher's pass ~0.74 GiB (its embedding and LM head gathered): on 0.6 GiB the run does not fit, the line naming
-    the teacher's pass and what would help, each with its own estimate; on 1 GiB it fits."""
+    teacher's pass ~1.1 GiB (its embedding and LM head gathered, and a whole table block's buffers, 0.375 GiB): on
+    0.9 GiB the run does not fit, the line naming the teacher's pass and what would help, each with its own estimate
+    (a warning in a run: the pass runs only when its table is not on disk yet); on 1.5 GiB it fits."""
     from minitrain.training import memory
     from tests.test_memory import LLAMA_170M, SMALL, estimate_memory, write_config
 
@@ -391,15 +405,18 @@ def test_the_estimate_stops_a_run_whose_teacher_pass_does_not_fit_though_its_ste
 
     config = train.parse_args(["--estimate-memory", *args])
     truth = memory.simulate_teacher_pass(config, 1024, 2, False) / memory.GIB
-    tight, text = estimate_memory([*args, "--gpu-memory-gib", "0.6"], capsys)
-    assert tight["teacher_pass_gib"] == round(truth, 3) and tight["peak_gib"] < 0.6 < truth, (tight, truth)
-    assert "the teacher's top-k pass, before the student is built: 0.7 GiB per GPU" in text
-    assert "does NOT fit (the teacher's pass) in 0.6 GiB" in text
-    assert (f"this run will not fit: the teacher's top-k pass (before training) needs an estimated {truth:.2f} GiB per "
-            f"GPU (FULL_SHARD, 1024 tokens per GPU, 2 GPUs) > the device's 0.6 GiB") in text
+    forward = memory.simulate_teacher_pass(config, 1024, 2, False, block_rows=0) / memory.GIB
+    assert truth - forward == pytest.approx(1.5 * 256 / 1024, abs=1e-3)  # a whole block: 256 MiB of table, as int64
+    tight, text = estimate_memory([*args, "--gpu-memory-gib", "0.9"], capsys)
+    assert tight["teacher_pass_gib"] == round(truth, 3) and tight["peak_gib"] < 0.9 < truth, (tight, truth)
+    assert f"the teacher's top-k pass, before the student is built: {truth:.1f} GiB per GPU" in text
+    assert "does NOT fit (the teacher's pass) in 0.9 GiB; longest row whose step fits: " in text
+    assert (f"the teacher's top-k pass (run before training when its table is not on disk yet) needs an estimated "
+            f"{truth:.2f} GiB per GPU (FULL_SHARD, 1024 tokens per GPU, 2 GPUs) > the device's 0.9 GiB") in text
     assert "would fit or help: --max-tokens-per-gpu 512: " in text and "; 4 GPUs: " in text
-    roomy, text = estimate_memory([*args, "--gpu-memory-gib", "1"], capsys)
-    assert roomy["teacher_pass_gib"] == round(truth, 3) and "fits in 1 GiB" in text and "will not fit" not in text
+    assert "this run will not fit" not in text  # the step fits
+    roomy, text = estimate_memory([*args, "--gpu-memory-gib", "1.5"], capsys)
+    assert roomy["teacher_pass_gib"] == round(truth, 3) and "fits in 1.5 GiB" in text and "needs an" not in text
 
 
 def test_the_memory_estimate_runs_a_distillation_step(tmp_path, tiny_model_dir):

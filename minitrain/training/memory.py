@@ -37,6 +37,7 @@ import copy
 import json
 import types
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -121,7 +122,8 @@ class Estimate:
         if self.gpu_memory_gib is not None:
             verdict = "fits" if self.fits else "does NOT fit" + (" (the teacher's pass)" if self.step_fits else "")
             longest = self.longest_row_that_fits
-            lines.append(f"{verdict} in {self.gpu_memory_gib:g} GiB; longest row that fits: "
+            row = "longest row whose step fits" if self.step_fits and not self.fits else "longest row that fits"
+            lines.append(f"{verdict} in {self.gpu_memory_gib:g} GiB; {row}: "
                          f"{self.rows(longest) if longest is not None else 'none'} "
                          f"({self.gib_per_token * 1024:.3f} GiB per 1k tokens per GPU)")
         return "\n".join(lines)
@@ -309,12 +311,14 @@ def simulate_step(config, rows: list[int], world_size: int, cuda: bool, make_opt
 
 
 def simulate_teacher_pass(config, tokens: int, world_size: int, cuda: bool, shard_group_size: int | None = None,
-                          local_world_size: int | None = None) -> float:
+                          local_world_size: int | None = None, block_rows: int | None = None) -> float:
     """Rank 0's peak bytes in distillation's teacher pass (teacher.py), which runs before the student is built: the
     teacher (--teacher-model) built as teacher.load_teacher builds it (a student with every training option that
     changes nothing in a forward off: FSDP2-sharded fp32 masters, bf16 compute on CUDA), in eval mode, one forward
     of a row of `tokens` tokens, every next token's top-k taken (the chunked head of loss.py), no gradients, no
-    optimizer. Needs a process without a process group; leaves it without one."""
+    optimizer, beside the device buffers of the table block it fills (block_table's (rows, k) int64 ids and float32
+    log-probs; `block_rows` rows, by default a whole block of teacher.BLOCK_BYTES, the most a block holds). Needs a
+    process without a process group; leaves it without one."""
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker
     from transformers import AutoConfig
@@ -324,7 +328,10 @@ def simulate_teacher_pass(config, tokens: int, world_size: int, cuda: bool, shar
     from minitrain.training.distributed import World
     from minitrain.training.model import device_mesh, shard_model
     from minitrain.training.objectives import SFT
+    from minitrain.training.teacher import BLOCK_BYTES, bytes_per_token
 
+    k = config.distill_top_k
+    block_rows = BLOCK_BYTES // bytes_per_token(k) if block_rows is None else block_rows
     hf_config = AutoConfig.from_pretrained(config.teacher_model)
     as_student = replace(config, model_name_or_path=config.teacher_model, objective="sft", lora=False, qlora=False,
                          activation_checkpointing=False, activation_offload=False, compile=False,
@@ -340,8 +347,10 @@ def simulate_teacher_pass(config, tokens: int, world_size: int, cuda: bool, shar
             model.eval()
             tracker = FSDPMemTracker(model)
             with tracker, quiet_module_tracking(), torch.no_grad():
+                block = [torch.zeros((block_rows, k), dtype=dtype) for dtype in (torch.int64, torch.float32)]
                 model(pack.input_ids, pack.position_ids, pack.positions, pack.targets, cu_seq_lens=pack.cu_seq_lens,
-                      max_length=pack.max_length, top_k=config.distill_top_k)
+                      max_length=pack.max_length, top_k=k)
+                del block
             return float(next(iter(tracker.get_tracker_snapshot("peak").values()))["Total"])
 
 
@@ -350,6 +359,8 @@ def with_teacher_pass(plan_: "Plan", config, world_size: int, cuda: bool, shard_
     """`plan_` with its estimate's teacher_pass_gib at the plan's row, for distillation with a teacher; else as is."""
     if getattr(config, "objective", "sft") != "distill" or not getattr(config, "teacher_model", None):
         return plan_
+    if not (Path(config.teacher_model) / "config.json").is_file():
+        return plan_  # nothing to simulate: the run stops at teacher.check_teacher, which says why
     run = replace(config, max_tokens_per_gpu=plan_.max_tokens_per_gpu)
     try:
         peak = simulate_teacher_pass(run, plan_.max_tokens_per_gpu, world_size, cuda, shard_group_size,
@@ -699,20 +710,26 @@ def plan(config, world_size: int, gpu_memory_gib: float, cuda: bool, make_optimi
 
 
 def does_not_fit(plan_: Plan) -> str:
-    """The one line a run that will not fit stops with."""
+    """The one line a run whose step will not fit stops with."""
     e = plan_.estimate
-    if e.step_fits:  # the teacher's pass does not
-        return (f"this run will not fit: the teacher's top-k pass (before training) needs an estimated "
-                f"{e.teacher_pass_gib:.2f} GiB per GPU ({e.strategy}, {e.max_tokens_per_gpu} tokens per GPU, "
-                f"{e.world_size} GPUs) > the device's {e.gpu_memory_gib:g} GiB (its fp32 weights are sharded over the "
-                f"GPUs; its activations and logits grow with the row); would fit or help: "
-                + "; ".join(f"{label}: {f.teacher_pass_gib:.2f} GiB"
-                            f"{'' if f.teacher_pass_gib <= e.gpu_memory_gib else ' (still too much)'}"
-                            for label, f in plan_.fixes))
     return (f"this run will not fit: estimated peak {e.peak_gib:.1f} GiB per GPU ({e.strategy}, activation "
             f"checkpointing {'on' if e.activation_checkpointing else 'off'}, {e.max_tokens_per_gpu} tokens per GPU, "
             f"{e.adapter}, {e.world_size} GPUs) > the device's {e.gpu_memory_gib:.1f} GiB; would fit or help: "
             f"{fixes_line(plan_.fixes)}")
+
+
+def teacher_pass_warning(plan_: Plan) -> str:
+    """The one line for a run whose step fits but whose teacher pass does not. A warning, not a refusal: the pass
+    runs only when the teacher's table is not on disk yet (a resumed run, or another alpha or temperature on the same
+    data, reads it), which the plan, made before the data is read, cannot tell."""
+    e = plan_.estimate
+    return (f"the teacher's top-k pass (run before training when its table is not on disk yet) needs an estimated "
+            f"{e.teacher_pass_gib:.2f} GiB per GPU ({e.strategy}, {e.max_tokens_per_gpu} tokens per GPU, "
+            f"{e.world_size} GPUs) > the device's {e.gpu_memory_gib:g} GiB (its fp32 weights are sharded over the "
+            f"GPUs; its activations and logits grow with the row); would fit or help: "
+            + "; ".join(f"{label}: {f.teacher_pass_gib:.2f} GiB"
+                        f"{'' if f.teacher_pass_gib <= e.gpu_memory_gib else ' (still too much)'}"
+                        for label, f in plan_.fixes))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -812,8 +829,10 @@ def decide_for_run(config, world, hf_config) -> tuple:
     print0(found.estimate.describe())
     if auto_tokens:
         print0(f"--max-tokens-per-gpu {config.max_tokens_per_gpu} ({found.tokens_why})")
-    if cuda and not found.estimate.fits:
+    if cuda and not found.estimate.step_fits:
         raise ConfigError(does_not_fit(found))
+    if cuda and not found.estimate.fits:
+        print0(f"warning: {teacher_pass_warning(found)}")
     return config.activation_checkpointing, config.max_tokens_per_gpu, found.checkpointing_why
 
 
@@ -873,7 +892,7 @@ def estimate_main(config) -> int:
     print(f"--max-tokens-per-gpu {found.max_tokens_per_gpu} ({found.tokens_why})")
     print(found.estimate.describe())
     if found.fixes:
-        print(does_not_fit(found))
+        print(does_not_fit(found) if not found.estimate.step_fits else teacher_pass_warning(found))
     print(f"(estimated in {time.perf_counter() - started:.0f} s on fake tensors, {world_size} fake ranks)")
     print(found.estimate.json_line(), flush=True)
     return 0

@@ -39,7 +39,7 @@ from minitrain.training.distributed import (
     raise_if_any_rank_failed,
     reshard,
 )
-from minitrain.training.model import build_model
+from minitrain.training.model import ModelError, build_model
 from minitrain.training.objectives import TeacherTable
 from minitrain.training.reference import (
     model_key,
@@ -220,7 +220,11 @@ def load_teacher(config, world: World):
     as_student = replace(config, model_name_or_path=config.teacher_model, objective="sft", lora=False, qlora=False,
                          activation_checkpointing=False, activation_offload=False, compile=False,
                          sequence_parallel_size=1)
-    return build_model(as_student, world)
+    try:
+        return build_model(as_student, world)
+    except ModelError as e:  # its lines name the folder by the student's flag: this folder is --teacher-model's
+        raise ModelError(str(e).replace(f"--model-name-or-path {config.teacher_model}",
+                                        f"--teacher-model {config.teacher_model}")) from None
 
 
 def attach_teachers(objective, caches: list[TokenCache], config, world: World) -> None:
