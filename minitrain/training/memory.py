@@ -316,7 +316,7 @@ def simulate_teacher_pass(config, tokens: int, world_size: int, cuda: bool, shar
     teacher (--teacher-model) built as teacher.load_teacher builds it (a student with every training option that
     changes nothing in a forward off: FSDP2-sharded fp32 masters, bf16 compute on CUDA), in eval mode, one forward
     of a row of `tokens` tokens, every next token's top-k taken (the chunked head of loss.py), no gradients, no
-    optimizer, beside the device buffers of the table block it fills (block_table's (rows, k) int64 ids and float32
+    optimizer, beside the device buffers of the table block it fills (block_table's (rows, k) int32 ids and float32
     log-probs; `block_rows` rows, by default a whole block of teacher.BLOCK_BYTES, the most a block holds). Needs a
     process without a process group; leaves it without one."""
     from torch._subclasses.fake_tensor import FakeTensorMode
@@ -347,7 +347,7 @@ def simulate_teacher_pass(config, tokens: int, world_size: int, cuda: bool, shar
             model.eval()
             tracker = FSDPMemTracker(model)
             with tracker, quiet_module_tracking(), torch.no_grad():
-                block = [torch.zeros((block_rows, k), dtype=dtype) for dtype in (torch.int64, torch.float32)]
+                block = [torch.zeros((block_rows, k), dtype=dtype) for dtype in (torch.int32, torch.float32)]
                 model(pack.input_ids, pack.position_ids, pack.positions, pack.targets, cu_seq_lens=pack.cu_seq_lens,
                       max_length=pack.max_length, top_k=k)
                 del block

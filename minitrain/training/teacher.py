@@ -144,7 +144,7 @@ def block_table(model, cache: TokenCache, indices: np.ndarray, row_starts: np.nd
     """Collective: the (ids, log-probs) rows of the samples `indices` (consecutive), each computed by one rank."""
     first = int(row_starts[indices[0]])
     rows = int(row_starts[indices[-1] + 1]) - first
-    ids = torch.zeros((rows, k), dtype=torch.int64, device=world.device)
+    ids = torch.zeros((rows, k), dtype=torch.int32, device=world.device)  # what the table stores (ids < 2**31)
     logprobs = torch.zeros((rows, k), dtype=torch.float32, device=world.device)
     for mine, _ in sharded_pass(cache.lengths, indices, world, max_tokens):
         pack = make_pack(cache, mine).to(world.device)
@@ -154,11 +154,11 @@ def block_table(model, cache: TokenCache, indices: np.ndarray, row_starts: np.nd
         if len(mine):  # the pack's targets are its samples' trained positions, sample by sample
             where = np.concatenate([np.arange(row_starts[i], row_starts[i + 1]) for i in mine]) - first
             where = torch.from_numpy(where).to(world.device)
-            ids[where], logprobs[where] = top_ids, top_logprobs.float()
+            ids[where], logprobs[where] = top_ids.to(ids.dtype), top_logprobs.float()
     if dist.is_initialized():
         dist.all_reduce(ids)
         dist.all_reduce(logprobs)
-    return ids.cpu().numpy().astype(np.int32), logprobs.cpu().numpy()
+    return ids.cpu().numpy(), logprobs.cpu().numpy()
 
 
 @torch.no_grad()
