@@ -16,7 +16,7 @@ import resource
 import sys
 from pathlib import Path
 
-from tests.test_train import torchrun
+from tests.test_train import LIVE_MEMORY_ENV, torchrun
 
 LLAMA_300M = dict(vocab_size=32000, hidden_size=1024, intermediate_size=4096, num_hidden_layers=16,
                   num_attention_heads=16, num_key_value_heads=16, tie_word_embeddings=True, max_position_embeddings=512)
@@ -71,13 +71,10 @@ def test_rank_0_holds_no_more_than_a_tenth_of_the_model_beyond_rank_1_while_buil
     n_params = write_checkpoint(model_dir, LLAMA_300M)
     AutoTokenizer.from_pretrained(tokenizer_dir("chatml")).save_pretrained(model_dir)
     fp32_bytes = 4 * n_params
-    # Peak RSS counts what the allocator keeps, not only what is live: with glibc's default (a threshold for mmap that
-    # moves with the allocations), identical runs here differed by -0.2 to +0.8 GB between the ranks, and a run with
-    # rank 0 loading the whole model (+0.8 GB on rank 0 when measured as below) once showed rank 1 higher. With the
-    # threshold fixed at 64 KiB every tensor is its own mapping, returned when freed, so the peak is the live memory:
+    # Peak RSS as live memory (LIVE_MEMORY_ENV): with glibc's default, identical runs here differed by -0.2 to +0.8 GB
+    # between the ranks, and a run with rank 0 loading the whole model once showed rank 1 higher. As measured here:
     # 1.53 / 1.51 GB in three runs (excess 0.017 GB each), and 2.32 / 1.52 GB with rank 0 loading the whole model.
-    run = torchrun([__file__, str(model_dir), str(tmp_path / "report")], timeout=400,
-                   env={"MALLOC_MMAP_THRESHOLD_": "65536"})
+    run = torchrun([__file__, str(model_dir), str(tmp_path / "report")], timeout=400, env=LIVE_MEMORY_ENV)
     assert run.returncode == 0, run.stderr[-3000:]
     assert "rank 0 loads the whole model" not in run.stdout  # the per-rank path, not the fallback
     rank0, rank1 = (json.loads(Path(f"{tmp_path / 'report'}.{r}").read_text()) for r in (0, 1))

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_train import torchrun
+from tests.test_train import LIVE_MEMORY_ENV, torchrun
 
 GIB = 2**30
 TOKENS = 1024
@@ -102,7 +102,7 @@ def estimate_memory(args: list[str], capsys) -> tuple[dict, str]:
 def test_estimate_is_the_live_memory_of_a_real_two_rank_cpu_run_or_at_most_5_percent_over(tmp_path, capsys):
     model_dir = write_config(tmp_path / "llama-170m", LLAMA_170M)
     out = tmp_path / "measured"
-    run = torchrun([__file__, str(model_dir), str(out)], timeout=240, env={"MALLOC_MMAP_THRESHOLD_": "65536"})
+    run = torchrun([__file__, str(model_dir), str(out)], timeout=240, env=LIVE_MEMORY_ENV)
     assert run.returncode == 0, run.stderr[-3000:]
     measured = [json.loads(Path(f"{out}.{rank}").read_text())["peak_bytes"] / GIB for rank in (0, 1)]
     estimate, text = estimate_memory(["--model-name-or-path", str(model_dir), "--world-size", "2",
@@ -132,15 +132,12 @@ if __name__ == "__main__":
     measure_worker(sys.argv[1], sys.argv[2])
 
 
-def test_the_longest_row_is_simulated_where_the_cost_of_a_token_was_measured_in_another_phase(monkeypatch):
-    """Two short rows whose peak is the optimizer step's (no row changes it) give too low a cost per token; the
-    longest row found from them must be simulated and the cost measured again, never returned unchecked."""
+def estimate_on_70_gib(monkeypatch, peak) -> tuple:
+    """memory.estimate of a 4096-token row on 8 GPUs of 70 GiB (the longest-row search included), every simulated
+    row's peak `peak(tokens)` GiB instead of a simulation: (the estimate, the rows simulated, in order)."""
     from types import SimpleNamespace
 
     from minitrain.training import memory
-
-    def peak(tokens):  # GiB: the optimizer step's 20, or the backward's 10 + 1 per 1k tokens, whichever is higher
-        return max(20.0, 10.0 + tokens / 1024)
 
     simulated = []
 
@@ -151,7 +148,16 @@ def test_the_longest_row_is_simulated_where_the_cost_of_a_token_was_measured_in_
     monkeypatch.setattr(memory, "simulate", simulate)
     config = SimpleNamespace(max_tokens_per_gpu=4096, fsdp_sharding_strategy="FULL_SHARD", activation_checkpointing=True,
                              lora=False, qlora=False, objective="sft")
-    result = memory.estimate(config, 8, 70.0, True, None)
+    return memory.estimate(config, 8, 70.0, True, None), simulated
+
+
+def test_the_longest_row_is_simulated_where_the_cost_of_a_token_was_measured_in_another_phase(monkeypatch):
+    """Two short rows whose peak is the optimizer step's (no row changes it) give too low a cost per token; the
+    longest row found from them must be simulated and the cost measured again, never returned unchecked."""
+    def peak(tokens):  # GiB: the optimizer step's 20, or the backward's 10 + 1 per 1k tokens, whichever is higher
+        return max(20.0, 10.0 + tokens / 1024)
+
+    result, simulated = estimate_on_70_gib(monkeypatch, peak)
     truth = (70.0 - 10.0) * 1024  # the longest row whose true peak fits 70 GiB
     assert simulated[:2] == [4096, 8192] and len(simulated) > 2  # the two rows, then the found row checked
     assert result.longest_row_that_fits is not None and peak(result.longest_row_that_fits) <= 70.0
@@ -161,23 +167,11 @@ def test_the_longest_row_is_simulated_where_the_cost_of_a_token_was_measured_in_
 def test_a_candidate_just_over_the_budget_does_not_end_the_search_at_a_short_row(monkeypatch):
     """The extrapolated row lands just over the budget (a small step in the peak the two short rows could not see);
     the next candidate is next to it: the search must step below it, not return the short row it started from."""
-    from types import SimpleNamespace
-
-    from minitrain.training import memory
-
     def peak(tokens):  # GiB: affine, plus 0.1 past 50k tokens (e.g. a buffer that appears only for long rows)
         return 10.0 + tokens / 1024 + (0.1 if tokens > 50_000 else 0.0)
 
-    simulated = []
-
-    def simulate(config, rows, *args):
-        simulated.extend(rows)
-        return [(t, {"peak": peak(t) * memory.GIB, **{k: 0.0 for k in memory.PARTS}}) for t in rows]
-
-    monkeypatch.setattr(memory, "simulate", simulate)
-    config = SimpleNamespace(max_tokens_per_gpu=4096, fsdp_sharding_strategy="FULL_SHARD", activation_checkpointing=True,
-                             lora=False, qlora=False, objective="sft")
-    longest = memory.estimate(config, 8, 70.0, True, None).longest_row_that_fits
+    result, simulated = estimate_on_70_gib(monkeypatch, peak)
+    longest = result.longest_row_that_fits
     truth = (70.0 - 10.1) * 1024  # 61337 tokens
     assert longest in simulated and peak(longest) <= 70.0
     assert longest >= 0.95 * truth, (longest, simulated)

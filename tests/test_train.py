@@ -35,6 +35,12 @@ def write_data(path: Path, num_samples: int, vocab: int, seed: int = 0) -> Path:
     return path
 
 
+# For a test that reads peak resident memory as the memory a run held: glibc's mmap threshold fixed at 64 KiB gives
+# every tensor its own mapping, returned when freed, so the peak is what was live, not what the allocator kept (with
+# glibc's moving threshold identical runs here differed by up to 0.8 GB; test_loading.py, test_memory.py).
+LIVE_MEMORY_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536"}
+
+
 def torchrun(args: list[str], timeout: int = 240, env: dict | None = None) -> subprocess.CompletedProcess:
     """Run torchrun in its own process group, so a timeout kills its workers too (no orphans holding the CPU); `env`:
     variables added to this process's."""

@@ -335,7 +335,7 @@ def simulate_teacher_pass(config, tokens: int, world_size: int, cuda: bool, shar
     hf_config = AutoConfig.from_pretrained(config.teacher_model)
     as_student = replace(config, model_name_or_path=config.teacher_model, objective="sft", lora=False, qlora=False,
                          activation_checkpointing=False, activation_offload=False, compile=False,
-                         sequence_parallel_size=1, use_liger_kernels=False)
+                         sequence_parallel_size=1, use_liger_kernels=False, max_tokens_per_gpu=tokens)
     world = World(0, 0, world_size, local_world_size or min(world_size, 8), torch.device("cpu"))
     with fake_process_group(world_size):
         mesh = device_mesh(as_student.fsdp_sharding_strategy, world, shard_group_size, "cpu")
@@ -361,9 +361,8 @@ def with_teacher_pass(plan_: "Plan", config, world_size: int, cuda: bool, shard_
         return plan_
     if not (Path(config.teacher_model) / "config.json").is_file():
         return plan_  # nothing to simulate: the run stops at teacher.check_teacher, which says why
-    run = replace(config, max_tokens_per_gpu=plan_.max_tokens_per_gpu)
     try:
-        peak = simulate_teacher_pass(run, plan_.max_tokens_per_gpu, world_size, cuda, shard_group_size,
+        peak = simulate_teacher_pass(config, plan_.max_tokens_per_gpu, world_size, cuda, shard_group_size,
                                      local_world_size)
     except EstimateError:
         raise
@@ -757,8 +756,7 @@ def teacher_pass_fixes(plan_: Plan, config, cuda: bool, shard_group_size=None, l
                                                        2 * e.world_size)):
         if tokens < 1:
             continue
-        peak = simulate_teacher_pass(replace(config, max_tokens_per_gpu=tokens), tokens, world_size, cuda,
-                                     shard_group_size, local_world_size)
+        peak = simulate_teacher_pass(config, tokens, world_size, cuda, shard_group_size, local_world_size)
         found.append((label, replace(e, max_tokens_per_gpu=tokens, world_size=world_size, teacher_pass_gib=peak / GIB)))
     return replace(plan_, fixes=found)
 

@@ -22,6 +22,7 @@ import socket
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from safetensors import SafetensorError
 from torch import nn
 
 from minitrain.training import attention, families, loading, reward, sequence_parallel
@@ -237,8 +238,6 @@ def build_model(config, world: World, adapter: FullFineTuning | None = None,
                          f"with attention masks: use --attn-implementation auto (sdpa) or eager")
 
     def load():
-        from safetensors import SafetensorError
-
         try:
             return auto.from_pretrained(config.model_name_or_path, dtype=torch.float32, attn_implementation=attn,
                                         **loaded_config, **adapter.load_arguments(world.device))
@@ -364,8 +363,6 @@ def every_weight_trains(lm, model_name_or_path: str) -> bool:
 def load_per_rank(config, lm, auto, hf_config, attn: str, adapter, world: World) -> bool:
     """Collective: each rank fills its own shards from the model folder's safetensors (loading.py); False, with a
     printed note, when they cannot be read that way on some rank (the caller then falls back to rank 0's load)."""
-    from safetensors import SafetensorError
-
     problem, twin, placeholders, files, damaged = None, None, set(), None, None
     try:
         files = loading.weight_files(config.model_name_or_path)
@@ -421,17 +418,12 @@ def fill_from_checkpoint(model, checkpoint_weights, config, auto, hf_config, att
     except (OSError, ValueError, RuntimeError) as e:
         error = ModelError(f"model type {families.family(hf_config)!r}: cannot build it from its config "
                            f"({' '.join(str(e).split())[:300]})")
-    if world.world_size > 1:
-        raise_if_any_rank_failed(error, ModelError)  # every rank stops with the same line
-    elif error is not None:
-        raise error
+    raise_if_any_rank_failed(error, ModelError)  # every rank stops with the same line
     checkpoint_weights(model)
     read_generation_config(lm, config.model_name_or_path)
     print0(f"weights: the checkpoint's; none is read from {config.model_name_or_path}")
     if world.world_size == 1:
         return False
-    from safetensors import SafetensorError
-
     problem = None
     try:
         problem = loading.plan_problem(lm, twin, placeholders, loading.weight_files(config.model_name_or_path), adapter)
