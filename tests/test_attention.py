@@ -205,11 +205,12 @@ def test_compiled_blocks_train_with_the_eager_losses(tmp_path, capsys, tiny_mode
 def test_activation_checkpointing_is_on_only_when_a_rows_activations_would_not_fit(monkeypatch):
     from types import SimpleNamespace
 
+    from minitrain.training import distributed
     from minitrain.training import model as model_module
     from minitrain.training.distributed import World
 
     world = World(0, 0, 2, 2, torch.device("cpu"))
-    monkeypatch.setattr(model_module, "available_host_memory", lambda: 16 * 2**30)  # 8 GiB free per rank
+    monkeypatch.setattr(distributed, "available_host_memory", lambda: 16 * 2**30)  # 8 GiB free per rank
     small = SimpleNamespace(num_hidden_layers=30, hidden_size=576)  # SmolLM2-135M
     big = SimpleNamespace(num_hidden_layers=32, hidden_size=4096)  # an 8B model
     on, why = model_module.checkpointing_needed(small, 1024, world)

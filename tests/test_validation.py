@@ -95,11 +95,13 @@ def eval_worker(model_dir: str, data_path: str, out_dir: str) -> None:
     import torch
     from transformers import AutoModelForCausalLM
 
+    from torch.distributed.tensor import DTensor
+
     import train
-    from minitrain.training import validation
+    from minitrain.training import distributed, validation
     from minitrain.training.data import load_data
     from minitrain.training.distributed import cleanup_distributed, init_distributed
-    from minitrain.training.model import build_model
+    from minitrain.training.model import build_model, decoder_blocks
     from minitrain.training.objectives import SFT
 
     d = init_distributed("auto")
@@ -110,8 +112,18 @@ def eval_worker(model_dir: str, data_path: str, out_dir: str) -> None:
     model = build_model(config, d)
     evaluator = validation.plan_validation_set(SFT(), cache, val_idx, CAP, d.world_size, d.rank, num_generations=2,
                                                max_new_tokens=5, eos_token_ids=[])
-    result = evaluator.evaluate(model, d.device)
-    resharded = all(isinstance(p, torch.distributed.tensor.DTensor) for p in model.parameters())
+    # Whether the first block's weights were back in shards when each forward reached the final norm
+    first, seen = decoder_blocks(model.lm)[0], []
+    model.lm.model.norm.register_forward_pre_hook(lambda *_: seen.append(isinstance(next(first.parameters()), DTensor)))
+    result = evaluator.evaluate(model, d.device)  # the whole model fits in this machine's memory: gathered once
+    gathered_once, seen[:] = list(seen), []
+    free_memory, distributed.free_memory = distributed.free_memory, lambda device, local_world_size: 0
+    try:
+        blockwise = evaluator.evaluate(model, d.device)  # nothing fits: each block gathers in its forward
+    finally:
+        distributed.free_memory = free_memory
+    per_forward, seen[:] = list(seen), []
+    resharded = all(isinstance(p, DTensor) for p in model.parameters())
     # A training forward/backward afterwards: every rank still issues the same collectives.
     packs = [np.arange(2 * d.rank, 2 * d.rank + 2)]
     after = train.forward_backward(model, SFT(), cache, packs, int(cache.trained[:4].sum()), d.world_size, d.device)
@@ -128,6 +140,10 @@ def eval_worker(model_dir: str, data_path: str, out_dir: str) -> None:
             "direct_replies": [direct_greedy(lm, p.prompt, 5) for p in evaluator.prompts],
             "resharded": resharded,
             "training": model.training,
+            "blockwise": [blockwise.loss, blockwise.replies],
+            "gathered_once": gathered_once,
+            "per_forward": per_forward,
+            "training_forward": seen,
         }
         Path(out_dir, "report.json").write_text(json.dumps(report))
     cleanup_distributed()
@@ -144,6 +160,14 @@ def test_sharded_validation_loss_and_generations_on_two_ranks_match_a_direct_com
     assert report["loss"] == pytest.approx(report["direct_loss"], rel=1e-6)
     assert report["replies"] == report["direct_replies"]
     assert report["resharded"] and report["training"]
+    # Where the whole model fits, an evaluation all-gathers it once: no forward (validation batch or generated token)
+    # reshards a block. Where it does not, every forward gathers and reshards each block, with the same results. The
+    # training forward after either reshards after each block again.
+    forwards = report["micro_steps"] + 2 * 5
+    assert len(report["gathered_once"]) == len(report["per_forward"]) == forwards
+    assert not any(report["gathered_once"]) and all(report["per_forward"])
+    assert report["blockwise"] == [report["loss"], report["replies"]]
+    assert report["training_forward"] == [True]
 
 
 # ---------------------------------------------------------------------------------------------------------------

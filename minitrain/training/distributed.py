@@ -212,8 +212,9 @@ def compute_autocast(model: torch.nn.Module, device: torch.device):
 def root_unsharded(model: torch.nn.Module):
     """The FSDP2 root's own parameters (embeddings, final norm, LM head) all-gathered while the Hugging Face model
     inside it runs outside the root's forward (generate, the start-up probe's own forward); the blocks gather theirs
-    in their hooks. Afterwards every module is back in shards, so training goes on with the memory it had. Call it
-    after a forward of the root (FSDP2's lazy init). A plain module: nothing to do."""
+    in their hooks. Afterwards every module is back in shards, so training goes on with the memory it had (inside
+    gathered_once, at its end). Call it after a forward of the root (FSDP2's lazy init). A plain module: nothing to
+    do."""
     from torch.distributed.fsdp import FSDPModule
 
     if not isinstance(model, FSDPModule):
@@ -223,7 +224,67 @@ def root_unsharded(model: torch.nn.Module):
     try:
         yield
     finally:
+        if not getattr(model, "_gathered_once", False):
+            reshard(model)
+
+
+@contextmanager
+def gathered_once(model: torch.nn.Module):
+    """For a no-grad stretch that runs the model many times (the start-up probe's forwards, an evaluation: its
+    validation batches and generate's one forward per token): where the whole unsharded model takes at most half the
+    memory free on every rank, each FSDP2 module keeps its parameters, once gathered, until the stretch ends, so that
+    the model is all-gathered once and not once per forward (per generated token); otherwise (a model too large for
+    one device) each block gathers in its forward and frees after it, as in training. Afterwards every module is back
+    in shards. Collective; nested, the outer one decides. A plain module, or modules that keep their parameters after
+    forward anyway (SHARD_GRAD_OP, NO_SHARD): nothing to do."""
+    from torch.distributed.fsdp import FSDPModule
+
+    if (not isinstance(model, FSDPModule) or getattr(model, "_gathered_once", False)
+            or not getattr(model, "reshards_after_forward", False) or not whole_model_fits(model)):
+        yield
+        return
+    modules = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    model._gathered_once = True
+    for m in modules:
+        m.set_reshard_after_forward(False, recurse=False)
+    try:
+        yield
+    finally:
+        for m in modules:
+            m.set_reshard_after_forward(True, recurse=False)
+        model._gathered_once = False
         reshard(model)
+
+
+def whole_model_fits(model: torch.nn.Module) -> bool:
+    """Collective: whether the whole model, all-gathered in its compute dtype (bf16 under FSDP's mixed precision on
+    CUDA), takes at most half the memory free on every rank (the GPU's, or the machine's shared by its ranks)."""
+    from torch.distributed.tensor import DTensor
+
+    params = [p for p in model.parameters() if isinstance(p, DTensor)]
+    if not params:
+        return False
+    device = params[0].device
+    need = sum(p.numel() * (2 if device.type == "cuda" else p.element_size()) for p in params)
+    fits = torch.tensor([int(need <= free_memory(device, world_from_env()[3]) // 2)], device=device)
+    dist.all_reduce(fits, op=dist.ReduceOp.MIN)
+    return bool(fits.item())
+
+
+def free_memory(device: torch.device, local_world_size: int) -> int:
+    """Bytes this rank can still allocate: the GPU's free memory and what PyTorch's allocator holds unused, or the
+    machine's available memory shared by the ranks on it."""
+    if device.type == "cuda":
+        return (torch.cuda.mem_get_info(device)[0] + torch.cuda.memory_reserved(device)
+                - torch.cuda.memory_allocated(device))
+    return available_host_memory() // local_world_size
+
+
+def available_host_memory() -> int:
+    for line in open("/proc/meminfo"):
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) * 1024
+    return 0
 
 
 def reshard(model: torch.nn.Module) -> None:

@@ -263,7 +263,7 @@ def probe_row(vocab_size: int, device: torch.device):
 @torch.no_grad()
 def probe(model: nn.Module, device: torch.device) -> ProbeResult:
     """Run the probe on `model` (a PackedCausalLM, FSDP-sharded or not; collective under FSDP: every rank runs it)."""
-    from minitrain.training.distributed import compute_autocast, root_unsharded
+    from minitrain.training.distributed import compute_autocast, gathered_once, root_unsharded
     from minitrain.training.sequence_parallel import plain_attention, sum_over_row
 
     lm = model.lm
@@ -271,7 +271,7 @@ def probe(model: nn.Module, device: torch.device) -> ProbeResult:
     was_training = model.training
     model.eval()  # no dropout, no router jitter: both sides deterministic
     try:
-        with compute_autocast(model, device):
+        with compute_autocast(model, device), gathered_once(model):
             # The root's first forward must be the root's own (FSDP2's lazy init); then its parameters (embeddings,
             # final norm, head) are all-gathered for the Hugging Face forward inside it.
             trainer_sum = model(ids, pos, positions, targets).float()

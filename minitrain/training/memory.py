@@ -294,7 +294,8 @@ def simulate_step(config, rows: list[int], world_size: int, cuda: bool, make_opt
                 if split > 1:
                     model.sequence_parallel = replace(model.sequence_parallel, trained=positions)
                 if i == 0:  # warm-up: AdamW's state is created in the first step, as in a run
-                    step(model, objective, pack, cache, indices, optimizer)
+                    with quiet_module_tracking():
+                        step(model, objective, pack, cache, indices, optimizer)
                     continue
                 tracker.reset_mod_stats()  # each tracked step on its own
                 with tracker, quiet_module_tracking():
@@ -473,12 +474,15 @@ def quiet_module_tracking():
     module starts while one of the same name is still running (seen: modules named `Func` inside each block's
     attention). It files memory by module, which the estimate does not read (only the totals). The warning, printed
     before anything else, made a run that stops on a bad data row say two lines instead of one; torch also replaces
-    warnings.formatwarning as it warns. Both are kept to this step."""
+    warnings.formatwarning as it warns. FSDP2's "returned a view tensor" (OPT's blocks, on the fake tensors) is the
+    real run's to give, if it reaches a step: a family the start-up probe refuses gave it before its one line. All
+    are kept to this step."""
     import warnings
 
     formatwarning = warnings.formatwarning
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="The module hierarchy tracking maybe be messed up")
+        warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
         try:
             yield
         finally:
@@ -630,7 +634,7 @@ def device_memory_gib(device: torch.device, local_world_size: int) -> float:
     """What one rank may use: its GPU's total memory, or on CPU the machine's available memory shared by its ranks."""
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).total_memory / GIB
-    from minitrain.training.model import available_host_memory
+    from minitrain.training.distributed import available_host_memory
 
     return available_host_memory() / local_world_size / GIB
 

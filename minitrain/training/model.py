@@ -28,7 +28,7 @@ from torch import nn
 from minitrain.training import attention, families, loading, reward, sequence_parallel
 from minitrain.training import seq2seq as seq2seq_model
 from minitrain.training.adapter import FullFineTuning
-from minitrain.training.distributed import World, all_gather, print0, raise_if_any_rank_failed, reshard
+from minitrain.training.distributed import World, all_gather, free_memory, print0, raise_if_any_rank_failed, reshard
 from minitrain.training.families import (  # train.py catches ModelError imported from here
     ModelError,
     decoder_blocks,
@@ -174,6 +174,7 @@ def shard_model(model: PackedCausalLM, strategy: str, world: World, mesh=None, c
     for block in decoder_blocks(model.lm):
         fully_shard(block, mesh=mesh, reshard_after_forward=reshard, mp_policy=mp, ignored_params=whole)
     fully_shard(model, mesh=mesh, reshard_after_forward=reshard, mp_policy=mp, ignored_params=whole)
+    model.reshards_after_forward = reshard  # distributed.root_unsharded turns it off for a no-grad stretch
 
 
 # Activations kept for the backward per layer and token, per hidden unit, without checkpointing (fp32; measured on
@@ -193,19 +194,9 @@ def checkpointing_needed(hf_config, tokens_per_rank: int, world: World) -> tuple
         layers = max(layers, decoder or 0)
     hidden = getattr(hf_config, "hidden_size", None) or getattr(hf_config, "n_embd", 0)
     need = layers * tokens_per_rank * hidden * ACTIVATION_BYTES
-    if world.device.type == "cuda":
-        free = torch.cuda.mem_get_info(world.device)[0]
-    else:
-        free = available_host_memory() // world.local_world_size
+    free = free_memory(world.device, world.local_world_size)
     verdict = need > free // 2
     return verdict, f"activations ~{need / 2**30:.1f} GiB per rank, {free / 2**30:.1f} GiB free"
-
-
-def available_host_memory() -> int:
-    for line in open("/proc/meminfo"):
-        if line.startswith("MemAvailable:"):
-            return int(line.split()[1]) * 1024
-    return 0
 
 
 def build_model(config, world: World, adapter: FullFineTuning | None = None,

@@ -32,6 +32,7 @@ from minitrain.training.data import IGNORE, TokenCache
 from minitrain.training.distributed import (
     World,
     compute_autocast,
+    gathered_once,
     print0,
     reshard,
     root_unsharded,
@@ -197,9 +198,10 @@ def generate_replies(model, batches: list[list[np.ndarray]], max_new_tokens: int
     A causal LM's output is its prompt and the reply; an encoder-decoder's, the decoder's tokens from its start token.
     Collective: every rank passes the same number of batches.
 
-    Under FSDP2 every rank runs generate on its sharded model: the blocks all-gather their weights in their own
-    forward hooks; the root's (embeddings, final norm, LM head) are all-gathered here, because generate calls the
-    Hugging Face model inside the root, not the root itself. `synced_gpus` keeps every rank stepping until all are
+    Under FSDP2 every rank runs generate on its sharded model: the root's weights (embeddings, final norm, LM head)
+    are all-gathered here, because generate calls the Hugging Face model inside the root, not the root itself; the
+    blocks' are gathered once for all tokens where the whole model fits, else in each block's forward, once per
+    token (gathered_once). `synced_gpus` keeps every rank stepping until all are
     done, so no rank waits in a collective that another never reaches. Call it after validation_loss: the root's
     first forward must be a forward of the root.
     """
@@ -216,7 +218,7 @@ def generate_replies(model, batches: list[list[np.ndarray]], max_new_tokens: int
     config = GenerationConfig(do_sample=False, num_beams=num_beams, max_new_tokens=max_new_tokens,
                               eos_token_id=eos_token_ids or None, pad_token_id=pad_id, **NEUTRAL_DECODING)
     replies = []
-    with root_unsharded(model), generation_attention(lm):
+    with gathered_once(model), root_unsharded(model), generation_attention(lm):
         for prompts in batches:
             ids, mask = (t.to(device) for t in padded(prompts, pad_id, left=not encoder_decoder))
             with compute_autocast(model, device):
@@ -347,7 +349,8 @@ class ValidationSet:
         model.eval()  # no dropout
         devices = [device] if device.type == "cuda" else []
         try:
-            with torch.random.fork_rng(devices=devices):
+            # one all-gather of the whole model for the whole evaluation where it fits (root_unsharded)
+            with torch.random.fork_rng(devices=devices), gathered_once(model):
                 loss, tokens, metrics = validation_loss(model, self.objective, self.cache, self.packs, device)
                 replies, predictions = [], []
                 if self.prompts:
