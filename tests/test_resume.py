@@ -1,6 +1,6 @@
 """Exact resume and fault tolerance, driven through `train.py` as a user runs it (torchrun, 2 gloo processes, CPU).
 
-One uninterrupted reference run, and one run in the same configuration that is interrupted three ways and resumed
+One uninterrupted reference run (train.py's main on the 2 ranks of the session's shared job), and one run in the same configuration that is interrupted three ways and resumed
 each time by re-running the same command (only the number of processes changes):
 
     1. 2 processes, killed (SIGKILL) in the middle of the save of step 4    -> step_3 is the newest complete one
@@ -101,12 +101,13 @@ def setup(tmp_path_factory, tiny_model_dir):
 
 
 @pytest.fixture(scope="module")
-def reference(setup):
-    """The uninterrupted run: 2 processes, 6 steps."""
+def reference(setup, two_ranks):
+    """The uninterrupted run: 2 processes, 6 steps; train.py's main on the session's shared 2-rank job (the
+    interrupted runs are the ones launched with torchrun, since they are killed and signalled)."""
     root, data, model_dir = setup
     out = root / "reference"
-    job = Job(train_args(data, model_dir, out), root / "reference.log", nproc=2)
-    assert job.finish() == 0, job.text()[-3000:]
+    run = two_ranks.train(train_args(data, model_dir, out), root / "reference_run")
+    assert run.returncode == 0, run.stderr[-3000:]
     return out
 
 
