@@ -29,10 +29,10 @@ def peak_rss() -> int:
 def build_worker(model_dir: str, out: str) -> None:
     import torch
 
+    from minitrain.training import model as model_module
     from minitrain.training.adapter import FullFineTuning
     from minitrain.training.config import TrainConfig
     from minitrain.training.distributed import cleanup_distributed, init_distributed, print0
-    from minitrain.training import model as model_module
     from minitrain.training.model import build_model
 
     world = init_distributed("gloo")

@@ -1,7 +1,8 @@
 """Exact resume and fault tolerance, driven through `train.py` as a user runs it (torchrun, 2 gloo processes, CPU).
 
-One uninterrupted reference run (train.py's main on the 2 ranks of the session's shared job), and one run in the same configuration that is interrupted three ways and resumed
-each time by re-running the same command (only the number of processes changes):
+One uninterrupted reference run (train.py's main on the 2 ranks of the session's shared job), and one run in the
+same configuration that is interrupted three ways and resumed each time by re-running the same command (only the
+number of processes changes):
 
     1. 2 processes, killed (SIGKILL) in the middle of the save of step 4    -> step_3 is the newest complete one
     2. 1 process (the test's) resumes from step_3 (2 -> 1), SIGTERM after step 4: stops there with a checkpoint, exit 0

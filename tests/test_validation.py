@@ -93,9 +93,8 @@ def test_validation_loss_and_generations_match_a_direct_computation_in_one_proce
 
 def eval_worker(model_dir: str, data_path: str, out_dir: str) -> None:
     import torch
-    from transformers import AutoModelForCausalLM
-
     from torch.distributed.tensor import DTensor
+    from transformers import AutoModelForCausalLM
 
     import train
     from minitrain.training import distributed, validation
@@ -112,22 +111,29 @@ def eval_worker(model_dir: str, data_path: str, out_dir: str) -> None:
     model = build_model(config, d)
     evaluator = validation.plan_validation_set(SFT(), cache, val_idx, CAP, d.world_size, d.rank, num_generations=2,
                                                max_new_tokens=5, eos_token_ids=[])
-    # Whether the first block's weights were back in shards when each forward reached the final norm
-    first, seen = decoder_blocks(model.lm)[0], []
+    # Whether the first block's weights were back in shards when each forward reached the final norm, and the root's
+    # (embeddings, norm, head) when the root's forward returned
+    first, seen, root_seen = decoder_blocks(model.lm)[0], [], []
     model.lm.model.norm.register_forward_pre_hook(lambda *_: seen.append(isinstance(next(first.parameters()), DTensor)))
+    model.register_forward_hook(lambda *_: root_seen.append(isinstance(model.lm.model.embed_tokens.weight, DTensor)))
     result = evaluator.evaluate(model, d.device)  # the whole model fits in this machine's memory: gathered once
     gathered_once, seen[:] = list(seen), []
-    free_memory, distributed.free_memory = distributed.free_memory, lambda device, local_world_size: 0
+    free_memory = distributed.free_memory
+    if d.rank == 0:  # nothing fits on rank 0 alone: every rank gathers each block in its forward
+        distributed.free_memory = lambda device, local_world_size: 0
     try:
-        blockwise = evaluator.evaluate(model, d.device)  # nothing fits: each block gathers in its forward
+        blockwise = evaluator.evaluate(model, d.device)
     finally:
         distributed.free_memory = free_memory
-    per_forward, seen[:] = list(seen), []
+    per_forward, seen[:], root_seen[:] = list(seen), [], []
     resharded = all(isinstance(p, DTensor) for p in model.parameters())
-    # A training forward/backward afterwards: every rank still issues the same collectives.
+    # A training forward/backward afterwards: every rank still issues the same collectives, and reshards each
+    # module after its forward again.
     packs = [np.arange(2 * d.rank, 2 * d.rank + 2)]
     after = train.forward_backward(model, SFT(), cache, packs, int(cache.trained[:4].sum()), d.world_size, d.device)
     torch.distributed.all_reduce(after)
+    views = [None] * d.world_size
+    torch.distributed.all_gather_object(views, [gathered_once, per_forward, seen, root_seen])
     if d.is_main:
         lm = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
         report = {
@@ -141,9 +147,7 @@ def eval_worker(model_dir: str, data_path: str, out_dir: str) -> None:
             "resharded": resharded,
             "training": model.training,
             "blockwise": [blockwise.loss, blockwise.replies],
-            "gathered_once": gathered_once,
-            "per_forward": per_forward,
-            "training_forward": seen,
+            "ranks": views,
         }
         Path(out_dir, "report.json").write_text(json.dumps(report))
     cleanup_distributed()
@@ -161,13 +165,15 @@ def test_sharded_validation_loss_and_generations_on_two_ranks_match_a_direct_com
     assert report["replies"] == report["direct_replies"]
     assert report["resharded"] and report["training"]
     # Where the whole model fits, an evaluation all-gathers it once: no forward (validation batch or generated token)
-    # reshards a block. Where it does not, every forward gathers and reshards each block, with the same results. The
-    # training forward after either reshards after each block again.
+    # reshards a block. Where it does not (on rank 0 only: every rank takes rank 0's choice), every forward gathers
+    # and reshards each block, with the same results. The training forward after either reshards after each block
+    # and after the root again.
     forwards = report["micro_steps"] + 2 * 5
-    assert len(report["gathered_once"]) == len(report["per_forward"]) == forwards
-    assert not any(report["gathered_once"]) and all(report["per_forward"])
+    for gathered_once, per_forward, training_block, training_root in report["ranks"]:
+        assert len(gathered_once) == len(per_forward) == forwards
+        assert not any(gathered_once) and all(per_forward)
+        assert training_block == [True] and training_root == [True]
     assert report["blockwise"] == [report["loss"], report["replies"]]
-    assert report["training_forward"] == [True]
 
 
 # ---------------------------------------------------------------------------------------------------------------

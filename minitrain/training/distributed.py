@@ -212,9 +212,9 @@ def compute_autocast(model: torch.nn.Module, device: torch.device):
 def root_unsharded(model: torch.nn.Module):
     """The FSDP2 root's own parameters (embeddings, final norm, LM head) all-gathered while the Hugging Face model
     inside it runs outside the root's forward (generate, the start-up probe's own forward); the blocks gather theirs
-    in their hooks. Afterwards every module is back in shards, so training goes on with the memory it had (inside
-    gathered_once, at its end). Call it after a forward of the root (FSDP2's lazy init). A plain module: nothing to
-    do."""
+    in their hooks. Afterwards every module is back in shards, so training goes on with the memory it had (inside a
+    gathered_once that keeps the weights gathered, at its end). Call it after a forward of the root (FSDP2's lazy
+    init). A plain module: nothing to do."""
     from torch.distributed.fsdp import FSDPModule
 
     if not isinstance(model, FSDPModule):
@@ -224,27 +224,29 @@ def root_unsharded(model: torch.nn.Module):
     try:
         yield
     finally:
-        if not getattr(model, "_gathered_once", False):
+        if getattr(model, "_gathered_once", None) != "kept":
             reshard(model)
 
 
 @contextmanager
 def gathered_once(model: torch.nn.Module):
-    """For a no-grad stretch that runs the model many times (the start-up probe's forwards, an evaluation: its
-    validation batches and generate's one forward per token): where the whole unsharded model takes at most half the
-    memory free on every rank, each FSDP2 module keeps its parameters, once gathered, until the stretch ends, so that
-    the model is all-gathered once and not once per forward (per generated token); otherwise (a model too large for
-    one device) each block gathers in its forward and frees after it, as in training. Afterwards every module is back
-    in shards. Collective; nested, the outer one decides. A plain module, or modules that keep their parameters after
-    forward anyway (SHARD_GRAD_OP, NO_SHARD): nothing to do."""
+    """For a no-grad stretch that runs the model many times (the start-up probe's forwards, DPO's and KTO's reference
+    pass, distillation's teacher pass, an evaluation: its validation batches and generate's one forward per token):
+    where the whole unsharded model takes at most half the memory free on every rank, each FSDP2 module keeps its
+    parameters, once gathered, until the stretch ends, so that the model is all-gathered once and not once per
+    forward (per generated token); otherwise (a model too large for one device) each block gathers in its forward
+    and frees after it, as in training. Afterwards every module is back in shards and reshards after its forward
+    again. Collective; nested, the outer one's choice holds. A plain module, or modules that keep their parameters
+    after forward anyway (SHARD_GRAD_OP, NO_SHARD): nothing to do."""
     from torch.distributed.fsdp import FSDPModule
 
-    if (not isinstance(model, FSDPModule) or getattr(model, "_gathered_once", False)
-            or not getattr(model, "reshards_after_forward", False) or not whole_model_fits(model)):
+    if (not isinstance(model, FSDPModule) or getattr(model, "_gathered_once", None)
+            or not getattr(model, "reshards_after_forward", False)):
         yield
         return
-    modules = [m for m in model.modules() if isinstance(m, FSDPModule)]
-    model._gathered_once = True
+    keep = whole_model_fits(model)
+    modules = [m for m in model.modules() if isinstance(m, FSDPModule)] if keep else []
+    model._gathered_once = "kept" if keep else "declined"
     for m in modules:
         m.set_reshard_after_forward(False, recurse=False)
     try:
@@ -252,8 +254,9 @@ def gathered_once(model: torch.nn.Module):
     finally:
         for m in modules:
             m.set_reshard_after_forward(True, recurse=False)
-        model._gathered_once = False
-        reshard(model)
+        model._gathered_once = None
+        if keep:
+            reshard(model)
 
 
 def whole_model_fits(model: torch.nn.Module) -> bool:

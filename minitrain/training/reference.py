@@ -36,7 +36,7 @@ import torch.distributed as dist
 
 from minitrain import atomic
 from minitrain.training.data import TokenCache
-from minitrain.training.distributed import World, compute_autocast, print0, reshard
+from minitrain.training.distributed import World, compute_autocast, gathered_once, print0, reshard
 from minitrain.training.families import ModelError
 from minitrain.training.objectives import make_pair_pack, sequence_logps
 from minitrain.training.validation import plan_validation
@@ -120,7 +120,7 @@ def compute_reference_logps(model: torch.nn.Module, cache: TokenCache, world: Wo
     # (each unit's cost, its pack of `width` sequences per unit, width): DPO's one pass over the pairs
     passes = passes(cache) if passes is not None else [(cache.lengths, make_pair_pack, 2)]
     columns = []
-    with reference_mode(model):
+    with reference_mode(model), gathered_once(model):
         for costs, make, width in passes:
             column = torch.zeros((len(cache), width), dtype=torch.float64, device=world.device)
             for indices, writes in sharded_pass(costs, np.arange(len(cache)), world, max_tokens,

@@ -35,6 +35,7 @@ from minitrain.training.data import DataError, TokenCache, make_pack
 from minitrain.training.distributed import (
     World,
     compute_autocast,
+    gathered_once,
     print0,
     raise_if_any_rank_failed,
     reshard,
@@ -167,7 +168,8 @@ def compute_table(model, cache: TokenCache, k: int, max_tokens: int, world: Worl
     cache folder's writer."""
     row_starts = np.concatenate([[0], np.cumsum(cache.trained)]).astype(np.int64)
     rows = int(row_starts[-1])
-    with (atomic.atomic_folder(path) if cache.writer else nullcontext()) as folder, reference_mode(model):
+    with (atomic.atomic_folder(path) if cache.writer else nullcontext()) as folder, reference_mode(model), \
+            gathered_once(model):
         out = None
         if folder is not None:
             out = [np.lib.format.open_memmap(folder / name, mode="w+", dtype=dtype, shape=(rows, k))
