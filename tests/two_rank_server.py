@@ -39,7 +39,9 @@ def serve(requests: Path) -> None:
             getattr(importlib.import_module(job["module"]), job["worker"])(*job["args"])
         except BaseException:  # noqa: BLE001 (reported to the test, then this job ends)
             status = traceback.format_exc()
-        (requests / f"status_{n}.{world.rank}").write_text(status)
+        # written whole, then renamed into place: the test reads it as soon as it exists
+        (requests / f"status_{n}.{world.rank}.tmp").write_text(status)
+        (requests / f"status_{n}.{world.rank}.tmp").rename(requests / f"status_{n}.{world.rank}")
         if status != "ok":
             sys.exit(1)
         n += 1
