@@ -174,7 +174,7 @@ def shard_model(model: PackedCausalLM, strategy: str, world: World, mesh=None, c
     for block in decoder_blocks(model.lm):
         fully_shard(block, mesh=mesh, reshard_after_forward=reshard, mp_policy=mp, ignored_params=whole)
     fully_shard(model, mesh=mesh, reshard_after_forward=reshard, mp_policy=mp, ignored_params=whole)
-    model.reshards_after_forward = reshard  # distributed.root_unsharded turns it off for a no-grad stretch
+    model.reshards_after_forward = reshard  # distributed.gathered_once turns it off for a no-grad stretch
 
 
 # Activations kept for the backward per layer and token, per hidden unit, without checkpointing (fp32; measured on
