@@ -280,6 +280,17 @@ def test_a_checkpoint_that_fails_mid_write_leaves_no_folder(tmp_path, tiny_model
 # Schedule and stop conditions (pure functions)
 
 
+def test_importing_train_leaves_the_collector_on_and_the_imports_out_of_its_collections():
+    """train.py pauses the garbage collector while torch and transformers load, then freezes what they allocated (see
+    its imports): collection must be on again afterwards, or every cycle a run makes would stay in memory."""
+    import gc
+
+    import train  # noqa: F401 (imported by other tests in this process already, or here: either way it ran)
+
+    assert gc.isenabled()
+    assert gc.get_freeze_count() > 100_000  # torch and transformers' objects (~1M)
+
+
 def test_lr_warms_up_linearly_then_follows_the_schedule_to_zero():
     from train import lr_multiplier
 
