@@ -165,9 +165,9 @@ def test_sharded_validation_loss_and_generations_on_two_ranks_match_a_direct_com
     assert report["replies"] == report["direct_replies"]
     assert report["resharded"] and report["training"]
     # Where the whole model fits, an evaluation all-gathers it once: no forward (validation batch or generated token)
-    # reshards a block. Where it does not (on rank 0 only: every rank takes rank 0's choice), every forward gathers
-    # and reshards each block, with the same results. The training forward after either reshards after each block
-    # and after the root again.
+    # reshards a block. Where it does not (on rank 0 only: every rank takes the choice of the one shortest of memory),
+    # every forward gathers and reshards each block, with the same results. The training forward after either reshards
+    # after each block and after the root again.
     forwards = report["micro_steps"] + 2 * 5
     for gathered_once, per_forward, training_block, training_root in report["ranks"]:
         assert len(gathered_once) == len(per_forward) == forwards
