@@ -66,8 +66,8 @@ def measure_worker(model_dir: str, out: str) -> None:
             buffer.copy_(torch.ones_like(buffer) / (1 + torch.arange(buffer.numel()).reshape(buffer.shape)))
     optimizer, _ = train.build_optimizer(config, model.adapter.trainable_parameters(model), None)
     objective = SFT()
-    # The first step creates AdamW's state (a row of 64 tokens, as the estimate's warm-up step takes its shortest
-    # row: the peak afterwards was 2 MB higher than after a first step of TOKENS, never lower); the second is measured.
+    # The first step creates AdamW's state (a row of 64 tokens: the peak afterwards was 2 MB higher than after a first
+    # step of TOKENS, never lower; the estimate creates it with an optimizer step alone); the second is measured.
     for tokens in (64, TOKENS):
         cache = memory.synthetic_cache(objective, tokens)
         train.forward_backward(model, objective, cache, [np.array([0])], tokens - 1, world.world_size, world.device)

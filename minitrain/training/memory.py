@@ -8,7 +8,7 @@ config.json alone (no weights, no data file), on a fake process group of N ranks
 
     model built from its config in FakeTensorMode -> the run's adapter, activation checkpointing (model.assemble)
     -> fully_shard with the run's strategy, mesh and mixed precision (model.shard_model)
-    -> a warm-up step (so AdamW's state exists, as from the second step of a run on), then per row length:
+    -> AdamW's state created (an optimizer step on zero gradients: as from a run's second step on), then per row:
        a row of T tokens through the run's objective (SFT: every position trained; DPO/SimPO: one pair of two T/2
        sides) -> backward -> the run's optimizer step, under PyTorch's FSDPMemTracker
 
@@ -247,11 +247,11 @@ def simulate_step(config, rows: list[int], world_size: int, cuda: bool, make_opt
                   shard_group_size: int | None = None, local_world_size: int | None = None) -> list[tuple[int, dict]]:
     """[(tokens per GPU, {part: bytes at the peak, "peak": bytes})] for each `rows` entry (tokens per GPU): one
     training step of the run `config` describes, on `world_size` fake ranks (cuda: bf16 compute on fp32 masters, as
-    on GPUs; else fp32), after a warm-up step. With --sequence-parallel-size S the row holds S x the tokens, split
-    between the S ranks of a group as in the run (sequence_parallel.py: each rank its 1/S of the row, the
-    all-to-alls around attention, every rank attending over the whole row for H/S heads); rank 0's peak is the
-    estimate. `make_optimizer(params)` builds the run's optimizer. Needs a process without a process group; leaves
-    it without one."""
+    on GPUs; else fp32), once AdamW's state exists (create_optimizer_state). With --sequence-parallel-size S the
+    row holds S x the tokens, split between the S ranks of a group as in the run (sequence_parallel.py: each rank its
+    1/S of the row, the all-to-alls around attention, every rank attending over the whole row for H/S heads); rank
+    0's peak is the estimate. `make_optimizer(params)` builds the run's optimizer. Needs a process without a process
+    group; leaves it without one."""
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker
     from transformers import AutoConfig
@@ -281,22 +281,19 @@ def simulate_step(config, rows: list[int], world_size: int, cuda: bool, make_opt
         # copies autocast would make.
         shard_model(model, config.fsdp_sharding_strategy, world, mesh, cuda)
         indices = np.array([0])
-        caches = [synthetic_cache(objective, tokens * split) for tokens in [min(rows), *rows]]  # S ranks share a row
+        caches = [synthetic_cache(objective, tokens * split) for tokens in rows]  # S ranks share a row
         trained = [host_positions(objective, c, indices) if split > 1 else None for c in caches]
         with FakeTensorMode(allow_non_fake_inputs=True), offloaded_block_inputs(model, offload):
             model.to_empty(device="cpu")
             model.train()
             optimizer = make_optimizer(adapter.trainable_parameters(model))
             tracker = FSDPMemTracker(model, optimizer)
+            create_optimizer_state(optimizer)
             results = []
-            for i, (tokens, cache, positions) in enumerate(zip([min(rows), *rows], caches, trained)):
+            for tokens, cache, positions in zip(rows, caches, trained):
                 pack = objective.pack(cache, indices)
                 if split > 1:
                     model.sequence_parallel = replace(model.sequence_parallel, trained=positions)
-                if i == 0:  # warm-up: AdamW's state is created in the first step, as in a run
-                    with quiet_module_tracking():
-                        step(model, objective, pack, cache, indices, optimizer)
-                    continue
                 tracker.reset_mod_stats()  # each tracked step on its own
                 with tracker, quiet_module_tracking():
                     step(model, objective, pack, cache, indices, optimizer)
@@ -487,6 +484,18 @@ def quiet_module_tracking():
             yield
         finally:
             warnings.formatwarning = formatwarning
+
+
+def create_optimizer_state(optimizer) -> None:
+    """AdamW's state, as a run's first step leaves it for every later one: an optimizer step on zero gradients, then
+    the gradients freed. Only the state persists from a run's first step to its second (the forward's and backward's
+    buffers are freed by then), so a simulated step after this one is a run's second step, at the cost of an optimizer
+    step rather than a whole training step (under fake tensors a step's cost is per operation, not per token)."""
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            p.grad = torch.zeros_like(p)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
 
 
 def step(model, objective, pack, cache, indices, optimizer) -> None:
