@@ -39,6 +39,7 @@ def train_args(data: Path, model_dir: Path, out: Path) -> list[str]:
         "--batch-size", "4", "--max-tokens-per-gpu", "64", "--max-steps", str(STEPS), "--learning-rate", "1e-3",
         "--num-warmup-steps", "2", "--lr-scheduler", "cosine", "--min-samples-per-checkpoint", "8",
         "--checkpoint-every-steps", "2", "--keep-last-n-checkpoints", "2", "--save-dtype", "float32",
+        "--no-activation-checkpointing",  # auto's choice here, without a memory-estimate process per run
     ]
 
 
