@@ -7,6 +7,7 @@ independent of the trainer: the 4-bit model as transformers and peft load it, on
 cross-entropy. tests/test_cuda.py runs `train.py --lora --qlora` end to end on a GPU.
 """
 
+import importlib.util
 import json
 import sys
 from dataclasses import replace
@@ -15,11 +16,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-pytest.importorskip("bitsandbytes")
+from tests.test_lora import PEFT_PREFIX, SKEWED, lora_flags, peft_reference, per_sample_loss
+from tests.test_resume import metrics
+from tests.test_train import base_args, write_data
 
-from tests.test_lora import PEFT_PREFIX, SKEWED, lora_flags, peft_reference, per_sample_loss  # noqa: E402
-from tests.test_resume import metrics  # noqa: E402
-from tests.test_train import base_args, write_data  # noqa: E402
+# found, not imported, at collection: importing bitsandbytes costs ~1.8 CPU-s, in every test process that collects
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None, reason="bitsandbytes not installed")
 
 def nf4():
     """QLoRA's quantization as the trainer asks transformers for it on CPU (NF4, double quantization, fp32 compute)."""
