@@ -6,9 +6,10 @@ dict (the writer for folders loaded by rank 0, and what every export was before)
 logits of from_pretrained, for full fine-tuning, LoRA's merged model and an encoder-decoder (T5).
 
 On 2 ranks with a random Llama of ~300M parameters, once build_model has the weights in place (where its start-up
-probe would begin: it is left out; no optimizer state), rank 0's peak resident memory exceeds rank 1's by at most a tenth of the fp32 model's
-size (with rank 0 loading the whole model and broadcasting it: 0.67x). The worker is this file run under torchrun,
-through build_model, with glibc's mmap threshold fixed so that peak resident memory is the memory that was live.
+probe would begin: it is left out; no optimizer state), rank 0's peak resident memory exceeds rank 1's by at most a
+tenth of the fp32 model's size (with rank 0 loading the whole model and broadcasting it: 0.67x). The worker is this
+file run under torchrun, through build_model, with glibc's mmap threshold fixed so that peak resident memory is the
+memory that was live.
 """
 
 import json
