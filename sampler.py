@@ -220,6 +220,19 @@ def _refine(sizes, bin_of, loads, cap, max_rounds):
 
 
 @njit(cache=True)
+def _above(ascending, prefix, x):
+    """(count, sum) of the sizes in `ascending` (sorted, with its prefix sums) that are > x: a binary search."""
+    lo, hi = 0, ascending.shape[0]
+    while lo < hi:  # the first index whose size is > x
+        mid = (lo + hi) // 2
+        if ascending[mid] <= x:
+            lo = mid + 1
+        else:
+            hi = mid
+    return ascending.shape[0] - lo, prefix[-1] - prefix[lo]
+
+
+@njit(cache=True)
 def _min_bins(sizes, cap):
     """Martello-Toth L2 lower bound on the bins of capacity `cap` that `sizes` (longest first) need.
 
@@ -228,24 +241,52 @@ def _min_bins(sizes, cap):
     """
     ascending = sizes[::-1].copy()
     prefix = np.zeros(ascending.shape[0] + 1, np.int64)
-    prefix[1:] = np.cumsum(ascending)
+    for i in range(ascending.shape[0]):
+        prefix[i + 1] = prefix[i] + ascending[i]
     n, total = ascending.shape[0], prefix[-1]
-
-    def above(x):  # (count, sum) of sizes > x
-        i = np.searchsorted(ascending, x, side="right")
-        return n - i, total - prefix[i]
-
-    num_big, sum_big = above(cap // 2)
+    num_big, sum_big = _above(ascending, prefix, cap // 2)
     best = max(num_big, (total + cap - 1) // cap)
     for j in range(n - num_big):  # every threshold k that is the size of a small sample
         k = ascending[j]
-        num_alone, sum_alone = above(cap - k)
+        num_alone, sum_alone = _above(ascending, prefix, cap - k)
         num_open, sum_open = num_big - num_alone, sum_big - sum_alone
-        num_ge_k, sum_ge_k = above(k - 1)
+        num_ge_k, sum_ge_k = _above(ascending, prefix, k - 1)
         small = sum_ge_k - sum_big  # samples in [k, cap/2]
         spill = small - (num_open * cap - sum_open)
         best = max(best, num_big + max(0, (spill + cap - 1) // cap))
     return best
+
+
+@njit(cache=True)
+def _order_longest_first(keys):
+    """Indices of `keys` from largest to smallest, ties in index order: np.argsort(-keys, kind="stable"), as a
+    merge sort of its own (compiling numba's np.argsort cost every process ~1 s on its first step)."""
+    n, run = keys.shape[0], 32
+    order, key = np.arange(n), keys.copy()
+    for lo in range(0, n, run):  # runs of 32 by insertion: a later entry passes only strictly smaller ones
+        for i in range(lo + 1, min(lo + run, n)):
+            k, o, j = key[i], order[i], i
+            while j > lo and key[j - 1] < k:
+                key[j], order[j] = key[j - 1], order[j - 1]
+                j -= 1
+            key[j], order[j] = k, o
+    merged_order, merged_key = np.empty(n, np.int64), np.empty(n, keys.dtype)
+    width = run
+    while width < n:  # then merges of neighbouring runs, the left run's entry first on ties
+        for lo in range(0, n, 2 * width):
+            mid, hi = min(lo + width, n), min(lo + 2 * width, n)
+            i, j = lo, mid
+            for k in range(lo, hi):
+                if j >= hi or (i < mid and key[i] >= key[j]):
+                    merged_order[k], merged_key[k] = order[i], key[i]
+                    i += 1
+                else:
+                    merged_order[k], merged_key[k] = order[j], key[j]
+                    j += 1
+        order, merged_order = merged_order, order
+        key, merged_key = merged_key, key
+        width *= 2
+    return order
 
 
 @njit(cache=True)
@@ -256,20 +297,20 @@ def _pack_step(lengths, num_ranks, cap):
     positions[offsets[p]:offsets[p + 1]] of `lengths`, in their original order.
     """
     n = lengths.shape[0]
-    order = np.argsort(-lengths, kind="mergesort")  # stable: ties keep shuffled order
+    order = _order_longest_first(lengths)  # stable: ties keep shuffled order
     sizes = lengths[order]
     num_micro = (_min_bins(sizes, cap) + num_ranks - 1) // num_ranks
     while True:  # ends at the latest when every sample has its own bin
         num_bins = num_micro * num_ranks
         bin_of, loads = _lpt(sizes, num_bins)
-        if loads.max() <= cap:
+        if loads[np.argmax(loads)] <= cap:  # argmax is compiled for _refine already; loads.max() would be one more
             break
         bin_of, loads, fits = _best_fit(sizes, num_bins, cap)
         if fits:
             break
         bin_of, loads = _lpt(sizes, num_bins)
         _refine(sizes, bin_of, loads, cap, REPAIR_ROUNDS)
-        if loads.max() <= cap:
+        if loads[np.argmax(loads)] <= cap:
             break
         num_micro += 1
     if num_ranks > 1:  # balance only matters between the ranks of a micro-step
@@ -277,12 +318,12 @@ def _pack_step(lengths, num_ranks, cap):
 
     # Heaviest bins first; consecutive groups of num_ranks bins form one micro-step. Empty bins sort
     # last, so a trailing micro-step with no samples at all is dropped.
-    bin_order = np.argsort(-loads, kind="mergesort")
+    bin_order = _order_longest_first(loads)
     pack_of_bin = np.empty(num_bins, np.int64)
-    pack_of_bin[bin_order] = np.arange(num_bins)
     used = 0
-    for b in range(num_bins):
-        if loads[b] > 0:
+    for p in range(num_bins):
+        pack_of_bin[bin_order[p]] = p
+        if loads[p] > 0:
             used += 1
     num_packs = (used + num_ranks - 1) // num_ranks * num_ranks
 
@@ -292,7 +333,8 @@ def _pack_step(lengths, num_ranks, cap):
     offsets = np.zeros(num_packs + 1, np.int64)
     for i in range(n):
         offsets[pack_of[i] + 1] += 1
-    offsets = np.cumsum(offsets)
+    for p in range(num_packs):
+        offsets[p + 1] += offsets[p]
     fill = offsets[:-1].copy()
     positions = np.empty(n, np.int64)
     for i in range(n):

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sampler import FIX_TOO_LONG, MultipackPlanner, SamplerError, _min_bins, pack_step
+from sampler import FIX_TOO_LONG, MultipackPlanner, SamplerError, _min_bins, _order_longest_first, pack_step
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
 import bench_sampler  # noqa: E402  (bench/ is not a package)
@@ -114,6 +114,16 @@ def test_deterministic_for_a_seed_and_different_across_seeds_and_epochs():
     first_steps = [np.sort(np.concatenate(a.plan(e * a.steps_per_epoch).micro_batches[0])) for e in range(3)]
     assert not np.array_equal(first_steps[0], first_steps[1])
     assert not np.array_equal(first_steps[1], first_steps[2])
+
+
+def test_the_packing_order_is_numpys_stable_descending_sort():
+    """sampler's own merge sort (runs of 32 by insertion, then merges) against np.argsort(-x, kind="stable"):
+    lengths with many ties (equal samples must keep their shuffled order), every size around the runs' edges."""
+    rng = np.random.default_rng(5)
+    for n in [*range(0, 70), 95, 96, 97, 128, 129, 1000, 4099]:
+        for high in (2, 5, 10_000):
+            keys = rng.integers(1, high, n).astype(np.int64)
+            assert np.array_equal(_order_longest_first(keys), np.argsort(-keys, kind="stable")), (n, high)
 
 
 def test_world_sizes_1_to_64():
