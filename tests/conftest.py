@@ -205,6 +205,24 @@ def pytest_addoption(parser):
 def pytest_configure(config):
     config.addinivalue_line("markers", "cuda: needs a CUDA GPU (`pytest -m cuda`); skipped without one")
     config.addinivalue_line("markers", "slow: minutes long (the quickstart end to end); runs with --run-slow, as in CI")
+    if not hasattr(config, "workerinput"):  # the controller of the workers (or the only test process)
+        import threading
+
+        threading.Thread(target=compile_sampler, daemon=True).start()
+
+
+def compile_sampler() -> None:
+    """Compile sampler.py's numba kernels into its cache (__pycache__) while the workers start and collect: on a fresh
+    clone every process that packs a step before the cache exists compiles them itself (3.7 CPU-s each; at the start
+    of CI that was each worker and each rank of the first runs). A failure here is left to the tests to show."""
+    try:
+        import numpy as np
+
+        import sampler
+
+        sampler.pack_step(np.array([3, 1, 2], dtype=np.int64), 2, 4)
+    except Exception:  # noqa: BLE001
+        pass
 
 
 # The files that take longest (measured: CPU seconds of a whole run), first. `make test` gives whole files to its
