@@ -262,6 +262,51 @@ def test_the_start_up_probe_refuses_a_logit_transform_it_does_not_know(tmp_path,
     assert "Traceback" not in err and not (tmp_path / "out" / "metrics.jsonl").exists()
 
 
+def test_varlen_attention_on_a_family_whose_layers_drop_the_row_boundaries_is_refused_by_the_probe(zoo_dir):
+    """Falcon's layers do not hand the model's extra keywords (the pack's cu_seq_lens) to the attention function: on
+    CUDA minitrain's variable-length kernel (auto without flash-attn) would get no sample boundaries. The start-up
+    probe stops it in one line with the fix, not a KeyError traceback (the check runs before the kernel, so on CPU)."""
+    from transformers import AutoModelForCausalLM
+
+    from minitrain.training import attention, families
+    from minitrain.training.families import ModelError
+    from minitrain.training.model import PackedCausalLM
+
+    lm = AutoModelForCausalLM.from_pretrained(zoo_dir("falcon"), dtype=torch.float32,
+                                              attn_implementation=attention.VARLEN)
+    with pytest.raises(ModelError) as e:
+        families.check_loss_is_the_models_own(PackedCausalLM(lm), torch.device("cpu"), attention.VARLEN)
+    assert str(e.value) == (
+        "model type 'falcon': FalconAttention does not hand the model's extra keywords to its attention function, so "
+        "the packed row's sample boundaries never reach minitrain_varlen; pass --attn-implementation sdpa")
+
+
+def test_estimate_memory_of_a_step_fake_tensors_cannot_run_here_is_one_line(tmp_path, capsys):
+    """--estimate-memory plans for GPUs from a config.json on any machine. Where the simulated step cannot run here
+    (Gemma-2's flex attention has no backward on CPU; Falcon's layers drop the row's boundaries), one line names the
+    model type and the reason, instead of a traceback; Falcon with the fix the line gives is estimated."""
+    import train
+    from tests.tiny_models import zoo_configs
+
+    for arch, cls, reason in (
+            ("gemma2", "Gemma2ForCausalLM", "(NotImplementedError: FlexAttention does not support backward on CPU."),
+            ("falcon", "FalconForCausalLM", "(RowBoundariesLost: FalconAttention does not hand the model's extra")):
+        config = zoo_configs(256)[arch]
+        config.architectures = [cls]
+        config.save_pretrained(tmp_path / arch)
+        capsys.readouterr()
+        code = train.main(["--estimate-memory", "--model-name-or-path", str(tmp_path / arch), "--world-size", "2",
+                           "--max-tokens-per-gpu", "256"])
+        err = capsys.readouterr().err
+        lines = [line for line in err.splitlines() if line.strip()]
+        assert code == 2 and len(lines) == 1 and "Traceback" not in err, err
+        assert lines[0].startswith(f"train.py: error: --estimate-memory: the memory estimate cannot simulate {arch} "
+                                   f"{reason}") and "size the run yourself" in lines[0], lines
+    code = train.main(["--estimate-memory", "--model-name-or-path", str(tmp_path / "falcon"), "--world-size", "2",
+                       "--max-tokens-per-gpu", "256", "--attn-implementation", "sdpa"])
+    assert code == 0 and json.loads(capsys.readouterr().out.strip().splitlines()[-1])["peak_gib"] > 0
+
+
 def test_an_unknown_block_layout_is_refused_in_one_line():
     from torch import nn
 

@@ -34,8 +34,17 @@ def varlen_kernel(query, key, value, cu_seq, max_len: int, scale: float | None, 
                        enable_gqa=enable_gqa)
 
 
+class RowBoundariesLost(ValueError):
+    """The family's layers drop the model's extra keywords on the way to its attention function (Falcon): the packed
+    row's sample boundaries never reach the variable-length kernel."""
+
+
 def varlen_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, **kwargs):
     """transformers' attention-function signature: (1, H, T, D) query/key/value -> ((1, T, H, D), None)."""
+    if "cu_seq_lens_q" not in kwargs:  # minitrain's forward passed them (model.py): the layers dropped them
+        raise RowBoundariesLost(f"{type(module).__name__} does not hand the model's extra keywords to its attention "
+                                f"function, so the packed row's sample boundaries never reach {VARLEN}; pass "
+                                f"--attn-implementation sdpa")
     if attention_mask is not None or query.shape[0] != 1:
         raise ValueError(f"{VARLEN} runs on one packed row without an attention mask")
     if dropout:

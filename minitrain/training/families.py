@@ -300,11 +300,12 @@ def probe(model: nn.Module, device: torch.device) -> ProbeResult:
 
 def run_probe(probe_fn, model: nn.Module, device: torch.device, what: str) -> ProbeResult:
     """probe_fn(model, device), or a ModelError in one line naming the family when the probe itself fails."""
+    from minitrain.training.attention import RowBoundariesLost
     from minitrain.training.sequence_parallel import SequenceParallelError
 
     try:
         return probe_fn(model, device)
-    except SequenceParallelError as e:  # a family whose attention cannot be split between ranks
+    except (SequenceParallelError, RowBoundariesLost) as e:  # attention that cannot get the row's boundaries
         raise ModelError(f"model type {family(model.lm.config)!r}: {e}") from None
     except (TypeError, ValueError, RuntimeError, NotImplementedError, AttributeError, IndexError) as e:
         reason = " ".join(str(e).split())[:300]

@@ -827,7 +827,7 @@ def decide_for_run(config, world, hf_config) -> tuple:
     except EstimateError as e:
         raise ConfigError(str(e)) from None
     except Exception as e:  # noqa: BLE001 (a model whose step fake tensors cannot run: e.g. MoE grouped_mm on CPU)
-        why = f"the memory estimate cannot simulate {hf_config.model_type} ({' '.join(str(e).split())[:200]})"
+        why = cannot_simulate(hf_config.model_type, e)
         if auto_tokens:
             raise ConfigError(f"--max-tokens-per-gpu auto: {why}; give a number") from None
         print0(f"note: {why}; the run goes on without it")
@@ -845,6 +845,11 @@ def decide_for_run(config, world, hf_config) -> tuple:
     if cuda and not found.estimate.fits:
         print0(f"warning: {teacher_pass_warning(found)}")
     return config.activation_checkpointing, config.max_tokens_per_gpu, found.checkpointing_why
+
+
+def cannot_simulate(model_type: str, error: Exception) -> str:
+    reason = " ".join(str(error).split())[:200]
+    return f"the memory estimate cannot simulate {model_type} ({type(error).__name__}: {reason})"
 
 
 def estimate_main(config) -> int:
@@ -899,6 +904,13 @@ def estimate_main(config) -> int:
                     teacher_pass_gib=found.estimate.teacher_pass_gib))
     except EstimateError as e:
         raise ConfigError(str(e)) from None
+    except Exception as e:  # noqa: BLE001 (a step fake tensors cannot run here: Gemma-2's flex attention on CPU, ...)
+        from transformers import AutoConfig
+
+        model_type = AutoConfig.from_pretrained(config.model_name_or_path).model_type
+        raise ConfigError(f"--estimate-memory: {cannot_simulate(model_type, e)}; size the run yourself "
+                          f"(--max-tokens-per-gpu N, --activation-checkpointing or --no-activation-checkpointing)"
+                          ) from None
     print(f"activation checkpointing: {'on' if found.activation_checkpointing else 'off'} ({found.checkpointing_why})")
     print(f"--max-tokens-per-gpu {found.max_tokens_per_gpu} ({found.tokens_why})")
     print(found.estimate.describe())
