@@ -20,6 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch.distributed as dist  # noqa: E402
 
+from minitrain import atomic  # noqa: E402
 from minitrain.training import distributed  # noqa: E402
 
 
@@ -40,8 +41,7 @@ def serve(requests: Path) -> None:
         except BaseException:  # noqa: BLE001 (reported to the test, then this job ends)
             status = traceback.format_exc()
         # written whole, then renamed into place: the test reads it as soon as it exists
-        (requests / f"status_{n}.{world.rank}.tmp").write_text(status)
-        (requests / f"status_{n}.{world.rank}.tmp").rename(requests / f"status_{n}.{world.rank}")
+        atomic.write_text(requests / f"status_{n}.{world.rank}", status)
         if status != "ok":
             sys.exit(1)
         n += 1

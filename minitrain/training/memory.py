@@ -848,6 +848,7 @@ def decide_for_run(config, world, hf_config) -> tuple:
 
 
 def cannot_simulate(model_type: str, error: Exception) -> str:
+    """The one-line reason a simulation failed (a run goes on without it; --estimate-memory stops)."""
     reason = " ".join(str(error).split())[:200]
     return f"the memory estimate cannot simulate {model_type} ({type(error).__name__}: {reason})"
 
