@@ -388,16 +388,16 @@ def test_the_teacher_pass_estimate_is_the_measured_peak_of_a_real_two_rank_teach
 
 
 def test_the_estimate_stops_a_run_whose_teacher_pass_does_not_fit_though_its_step_does(tmp_path, capsys):
-    """--estimate-memory for distillation from config.json files alone: a 2-block Llama of 170M's shapes (hidden 1024)
-    as the teacher of a 2-block Llama of hidden 256, one vocabulary of 32k, on 2 GPUs. The step needs ~0.35 GiB, the
-    teacher's pass ~1.0 GiB (its embedding and LM head gathered, and a whole table block's buffers, 0.25 GiB): on
-    0.9 GiB the run does not fit, the line naming the teacher's pass and what would help, each with its own estimate
-    (a warning in a run: the pass runs only when its table is not on disk yet); on 1.5 GiB it fits."""
+    """--estimate-memory for distillation from config.json files alone: a 2-block Llama of the 156M's shapes (hidden
+    1024) as the teacher of a 2-block Llama of hidden 256, one vocabulary of 32k, on 2 GPUs. The step needs ~0.35
+    GiB, the teacher's pass ~1.0 GiB (its embedding and LM head gathered, and a whole table block's buffers, 0.25
+    GiB): on 0.9 GiB the run does not fit, the line naming the teacher's pass and what would help, each with its own
+    estimate (a warning in a run: the pass runs only when its table is not on disk yet); on 1.5 GiB it fits."""
     from minitrain.training import memory
-    from tests.test_memory import LLAMA_170M, SMALL, estimate_memory, write_config
+    from tests.test_memory import LLAMA_156M, SMALL, estimate_memory, write_config
 
     student = write_config(tmp_path / "student", {**SMALL, "vocab_size": 32000})
-    teacher = write_config(tmp_path / "teacher", {**LLAMA_170M, "num_hidden_layers": 2})
+    teacher = write_config(tmp_path / "teacher", {**LLAMA_156M, "num_hidden_layers": 2})
     args = ["--model-name-or-path", str(student), "--objective", "distill", "--teacher-model", str(teacher),
             "--world-size", "2", "--max-tokens-per-gpu", "1024", "--estimate-device", "cpu",
             "--activation-checkpointing"]

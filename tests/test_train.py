@@ -38,8 +38,8 @@ def write_data(path: Path, num_samples: int, vocab: int, seed: int = 0) -> Path:
 # For a test that reads peak resident memory as the memory a run held: glibc's mmap threshold fixed at 64 KiB gives
 # every tensor its own mapping, returned when freed, so the peak is what was live, not what the allocator kept (with
 # glibc's moving threshold identical runs here differed by up to 0.8 GB; test_loading.py, test_memory.py). MKL keeps
-# the work buffers of its matrix products for reuse (22 MiB after a 1024-token step of the 170M Llama, growing with
-# the rows); MKL_DISABLE_FAST_MM returns them too.
+# the work buffers of its matrix products for reuse (about 22 MiB after a 1024-token step of the 156M Llama);
+# MKL_DISABLE_FAST_MM returns them too.
 LIVE_MEMORY_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536", "MKL_DISABLE_FAST_MM": "1"}
 
 
