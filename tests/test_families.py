@@ -288,10 +288,11 @@ def test_estimate_memory_of_a_step_fake_tensors_cannot_run_here_is_one_line(tmp_
     import train
     from tests.tiny_models import zoo_configs
 
+    configs = zoo_configs(256)
     for arch, cls, reason in (
             ("gemma2", "Gemma2ForCausalLM", "(NotImplementedError: FlexAttention does not support backward on CPU."),
             ("falcon", "FalconForCausalLM", "(RowBoundariesLost: FalconAttention does not hand the model's extra")):
-        config = zoo_configs(256)[arch]
+        config = configs[arch]
         config.architectures = [cls]
         config.save_pretrained(tmp_path / arch)
         capsys.readouterr()

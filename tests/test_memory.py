@@ -45,7 +45,6 @@ def measure_worker(model_dir: str, out: str) -> None:
     """One rank: the run's model path (model.assemble, device_mesh, shard_model) with random weights, then two steps
     of train.py's loop body, the second on one row of TOKENS tokens, every position trained."""
     import numpy as np
-    import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
     import train
@@ -71,8 +70,9 @@ def measure_worker(model_dir: str, out: str) -> None:
             buffer.copy_(torch.ones_like(buffer) / (1 + torch.arange(buffer.numel()).reshape(buffer.shape)))
     optimizer, _ = train.build_optimizer(config, model.adapter.trainable_parameters(model), None)
     objective = SFT()
-    # The first step creates AdamW's state (a row of 64 tokens: the peak afterwards was 2 MB higher than after a first
-    # step of TOKENS, never lower; the estimate creates it with an optimizer step alone); the second is measured.
+    # The first step creates AdamW's state (a row of 64 tokens: with the 156M the peak afterwards was 2 MB higher than
+    # after a first step of TOKENS, never lower; the estimate creates it with an optimizer step alone); the second is
+    # measured.
     for tokens in (64, TOKENS):
         cache = memory.synthetic_cache(objective, tokens)
         train.forward_backward(model, objective, cache, [np.array([0])], tokens - 1, world.world_size, world.device)
@@ -94,8 +94,6 @@ def estimate_memory(args: list[str], capsys) -> tuple[dict, str]:
     """train.py --estimate-memory ARGS, its main() in this process (no interpreter start-up: the estimate makes its
     fake process group and removes it, and needs a process of its own only under torchrun): (its last line, parsed
     as JSON; its whole output). The test process is left without a process group."""
-    import torch
-
     import train
 
     capsys.readouterr()
@@ -269,8 +267,6 @@ def test_a_step_is_simulated_once_per_process_and_anything_that_changes_it_simul
     or an optimizer of the caller's own simulate anew."""
     import json
     from dataclasses import replace
-
-    import torch
 
     from minitrain.training import memory
 
