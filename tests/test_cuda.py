@@ -19,6 +19,7 @@ from tests.test_attention import (  # noqa: F401 (cache and trained_qwen2_dir ar
     own_token_losses,
     trained_qwen2_dir,
 )
+from tests.test_families import check_liger_against_plain, liger_against_plain, zoo_dir  # noqa: F401 (a fixture)
 from tests.test_train import ROOT, torchrun, write_data
 
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
@@ -60,25 +61,12 @@ def test_varlen_kernel_in_bf16_equals_each_sample_alone(cache, tiny_model_dir, t
     assert rel < BF16_GRAD_REL, rel
 
 
-def test_liger_kernels_equal_the_chunked_loss(cache, tiny_model_dir):  # noqa: F811
-    from transformers import AutoModelForCausalLM
-
-    from minitrain.training.data import make_pack
-    from minitrain.training.model import PackedCausalLM, apply_liger_model_kernels
-
-    model_dir = tiny_model_dir("llama")
-    pack = make_pack(cache, np.arange(6)).to(CUDA)
-    losses, grads = {}, {}
-    for liger in (False, True):
-        lm = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(CUDA)
-        if liger:
-            apply_liger_model_kernels(lm)
-        loss = PackedCausalLM(lm, use_liger=liger)(pack.input_ids, pack.position_ids, pack.positions, pack.targets)
-        loss.backward()
-        losses[liger], grads[liger] = loss.item(), {n: p.grad for n, p in lm.named_parameters()}
-    assert losses[True] == pytest.approx(losses[False], rel=1e-4)
-    for name, g in grads[False].items():
-        assert torch.allclose(grads[True][name], g, rtol=1e-3, atol=1e-5), name
+def test_liger_kernels_take_the_models_softcap_and_scaling_in_compiled_triton(zoo_dir):  # noqa: F811
+    """tests/test_families.py's Liger check (there under Triton's interpreter) with Liger's compiled kernels: Llama,
+    Granite's division, Cohere's multiplication and Gemma-2's softcap; loss and every gradient against the model's own
+    forward + plain cross-entropy, on models with trained-size logits."""
+    archs = ["llama", "gemma2", "granite", "cohere"]
+    check_liger_against_plain(liger_against_plain([str(zoo_dir(a)) for a in archs], "cuda"), archs)
 
 
 def test_bf16_training_is_within_bf16_tolerance_of_fp32(tmp_path, tiny_model_dir):

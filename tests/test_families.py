@@ -394,39 +394,62 @@ def test_liger_entry_points_get_only_the_arguments_they_take(zoo_dir):
     assert {"llama", "gemma", "gemma2", "gemma3", "granite", "mixtral"} <= set(with_entry)
 
 
-LIGER_SCRIPT = r"""
-import json, sys
-import torch, torch.nn.functional as F
-from transformers import AutoModelForCausalLM
-from minitrain.training.model import PackedCausalLM
-out = {}
-for path in sys.argv[1:]:
-    lm = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="eager")
-    g = torch.Generator().manual_seed(2)
-    ids = torch.randint(3, lm.config.vocab_size, (1, 24), generator=g)
-    pos = torch.cat([torch.arange(10), torch.arange(14)])[None]
-    positions = torch.tensor([2, 3, 4, 5, 8, 13, 14, 20, 21, 22])
-    targets = ids[0, positions + 1]
-    r = {}
-    for name, liger in (("chunked", False), ("liger", True)):
-        model = PackedCausalLM(lm, use_liger=liger, chunk_rows=4)
-        if liger:
-            r["accum_dtype"] = str(model.head_loss.liger_loss.accum_dtype)
-            r["softcap"] = model.head_loss.liger_loss.softcap
+def liger_against_plain(paths: list[str], device: str) -> dict:
+    """For each model folder: the loss and every gradient of a packed micro-batch (two samples) through minitrain's
+    chunked head and through Liger's fused kernel, each against the model's own forward + plain cross-entropy (its
+    logit transform included), and what minitrain passed Liger (accumulation dtype, softcap). On the CPU only under
+    Triton's interpreter (LIGER_SCRIPT); on a GPU, compiled Triton (tests/test_cuda.py)."""
+    from transformers import AutoModelForCausalLM
+
+    from minitrain.training.model import PackedCausalLM
+
+    out = {}
+    for path in paths:
+        lm = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="eager").to(device)
+        g = torch.Generator().manual_seed(2)
+        ids = torch.randint(3, lm.config.vocab_size, (1, 24), generator=g).to(device)
+        pos = torch.cat([torch.arange(10), torch.arange(14)])[None].to(device)
+        positions = torch.tensor([2, 3, 4, 5, 8, 13, 14, 20, 21, 22], device=device)
+        targets = ids[0, positions + 1]
+        r = {}
+        for name, liger in (("chunked", False), ("liger", True)):
+            model = PackedCausalLM(lm, use_liger=liger, chunk_rows=4)
+            if liger:
+                r["accum_dtype"] = str(model.head_loss.liger_loss.accum_dtype)
+                r["softcap"] = model.head_loss.liger_loss.softcap
+            lm.zero_grad(set_to_none=True)
+            loss = model(ids, pos, positions, targets)
+            loss.backward()
+            r[name] = (loss.item(), {n: p.grad.clone() for n, p in lm.named_parameters()})
         lm.zero_grad(set_to_none=True)
-        loss = model(ids, pos, positions, targets)
-        loss.backward()
-        r[name] = (loss.item(), {n: p.grad.clone() for n, p in lm.named_parameters()})
-    lm.zero_grad(set_to_none=True)
-    logits = lm(input_ids=ids, position_ids=pos, use_cache=False).logits[0]  # the model's own, transform included
-    plain = F.cross_entropy(logits[positions], targets, reduction="sum")
-    plain.backward()
-    grads = {n: p.grad.clone() for n, p in lm.named_parameters()}
-    rel = lambda a: max(((a[n] - g).abs().max() / g.abs().max().clamp_min(1e-12)).item() for n, g in grads.items())
-    out[lm.config.model_type] = {"plain": plain.item(), "chunked": r["chunked"][0], "liger": r["liger"][0],
-                                 "chunked_grad_rel": rel(r["chunked"][1]), "liger_grad_rel": rel(r["liger"][1]),
-                                 "accum_dtype": r["accum_dtype"], "softcap": r["softcap"]}
-print(json.dumps(out))
+        logits = lm(input_ids=ids, position_ids=pos, use_cache=False).logits[0]  # the model's own, transform included
+        plain = F.cross_entropy(logits[positions], targets, reduction="sum")
+        plain.backward()
+        grads = {n: p.grad.clone() for n, p in lm.named_parameters()}
+
+        def rel(a):
+            return max(((a[n] - g).abs().max() / g.abs().max().clamp_min(1e-12)).item() for n, g in grads.items())
+
+        out[lm.config.model_type] = {"plain": plain.item(), "chunked": r["chunked"][0], "liger": r["liger"][0],
+                                     "chunked_grad_rel": rel(r["chunked"][1]), "liger_grad_rel": rel(r["liger"][1]),
+                                     "accum_dtype": r["accum_dtype"], "softcap": r["softcap"]}
+    return out
+
+
+def check_liger_against_plain(report: dict, archs: list[str]) -> None:
+    assert sorted(report) == sorted(archs)
+    for arch, r in report.items():
+        assert r["chunked"] == pytest.approx(r["plain"], rel=1e-5), arch
+        assert r["liger"] == pytest.approx(r["plain"], rel=1e-5), arch
+        assert r["chunked_grad_rel"] < 1e-4 and r["liger_grad_rel"] < 1e-4, (arch, r)
+        assert r["accum_dtype"] == "torch.float32"
+        assert r["softcap"] == (30.0 if arch == "gemma2" else None), arch
+
+
+LIGER_SCRIPT = """
+import json, sys
+from tests.test_families import liger_against_plain
+print(json.dumps(liger_against_plain(sys.argv[1:], "cpu")))
 """
 
 
@@ -437,14 +460,7 @@ def test_liger_fused_ce_takes_the_models_softcap_and_scaling(zoo_dir):
     forward + plain cross-entropy."""
     paths = [str(zoo_dir(a)) for a in ("gemma2", "granite", "cohere")]
     stdout = liger_interpreter.run(LIGER_SCRIPT, *paths)
-    report = json.loads(stdout.strip().splitlines()[-1])
-    assert sorted(report) == ["cohere", "gemma2", "granite"]
-    for arch, r in report.items():
-        assert r["chunked"] == pytest.approx(r["plain"], rel=1e-5), arch
-        assert r["liger"] == pytest.approx(r["plain"], rel=1e-5), arch
-        assert r["chunked_grad_rel"] < 1e-4 and r["liger_grad_rel"] < 1e-4, (arch, r)
-        assert r["accum_dtype"] == "torch.float32"
-        assert r["softcap"] == (30.0 if arch == "gemma2" else None), arch
+    check_liger_against_plain(json.loads(stdout.strip().splitlines()[-1]), ["cohere", "gemma2", "granite"])
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -88,9 +88,9 @@ def test_a_mixture_run_logs_each_files_samples_and_its_exact_loss(tmp_path, caps
             logits = lm(input_ids=ids, use_cache=False).logits[0, :-1]
         sums[source] += torch.nn.functional.cross_entropy(logits, labels, ignore_index=IGNORE, reduction="sum").item()
         counts[source] += int((labels != IGNORE).sum())
+    assert counts[0] and counts[1], records[0]["sample_lines"]  # step 1 trains on both files (seeded draw)
     for source, name in ((0, "a.jsonl"), (1, "b.jsonl")):
-        if counts[source]:
-            assert records[0][f"loss/{name}"] == pytest.approx(sums[source] / counts[source], rel=1e-5)
+        assert records[0][f"loss/{name}"] == pytest.approx(sums[source] / counts[source], rel=1e-5)
     total = (sums[0] + sums[1]) / (counts[0] + counts[1])
     assert records[0]["loss"] == pytest.approx(total, rel=1e-5)
 

@@ -80,7 +80,7 @@ def test_validation_loss_and_generations_match_a_direct_computation_in_one_proce
     assert result.loss == pytest.approx(direct_validation_loss(lm, cache, val_idx), rel=1e-6)
     prompts = evaluator.prompts
     assert [p.index for p in prompts] == list(val_idx[:2])
-    for p, reply in zip(prompts, result.replies):
+    for p, reply in zip(prompts, result.replies, strict=True):  # two prompts, two replies
         assert reply == direct_greedy(lm, p.prompt, 5)
         start = int(cache.offsets[p.index])
         first = int(np.flatnonzero(cache.labels[start : int(cache.offsets[p.index + 1])] != -100)[0])
