@@ -50,6 +50,7 @@ import typing
 from pathlib import Path
 
 from minitrain.config_file import (
+    CommandLineError,
     ConfigFileError,
     config_path_from_argv,
     read_config_file,
@@ -75,7 +76,11 @@ def parse_args(argv: list[str] | None = None) -> Config:
             print(f"{PROG}: error: {e}", file=sys.stderr)
             sys.exit(2)
     p = flags.parser(description=__doc__.split("\n\n")[0])
-    args = p.parse_args(argv)
+    try:
+        args = p.parse_args(argv)
+    except CommandLineError as e:
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        sys.exit(2)
     problems = []
     for flag in ("max_sample_num_tokens", "max_source_tokens", "max_target_tokens"):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
@@ -90,8 +95,9 @@ def parse_args(argv: list[str] | None = None) -> Config:
         problems.append("--source-column and --target-column must differ")
     if args.chat_template is not None and args.chat_template_name is not None:
         problems.append("--chat-template and --chat-template-name exclude each other")
-    if problems:
-        p.error("; ".join(problems))
+    if problems:  # all of them, in one line
+        print(f"{PROG}: error: {'; '.join(problems)}", file=sys.stderr)
+        sys.exit(2)
     values = vars(args)
     del values["config"]  # its values are in the others
     return Config(**values, config_file=None if path is None else Path(path))

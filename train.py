@@ -43,6 +43,7 @@ import torch.distributed as dist
 
 from minitrain import atomic
 from minitrain.config_file import (
+    CommandLineError,
     ConfigFileError,
 )
 from minitrain.training import checkpoint, families, lora, reference, sequence_parallel
@@ -523,7 +524,7 @@ def main(argv: list[str] | None = None) -> int:
     prefix = f"[rank {rank}] " if world_size > 1 else ""
     try:
         config = parse_args(argv)
-    except ConfigFileError as e:
+    except (ConfigFileError, CommandLineError) as e:
         print(f"{prefix}train.py: error: {e}", file=sys.stderr, flush=True)
         return 2
     if config.estimate_memory:

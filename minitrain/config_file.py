@@ -5,9 +5,10 @@ axolotl and torchtune recipes (YAML) and training-wizard configs (TOML) have the
     fsdp_sharding_strategy: FULL_SHARD               use-liger-kernels = true
 
 Flags given on the command line override the file. An unknown key is a one-line error naming the file, the key and
-the closest valid one; so is a value of the wrong type.
+the closest valid one; so is a value of the wrong type. The command line's own errors are one line too (`Parser`).
 """
 
+import argparse
 import difflib
 import re
 import tomllib
@@ -18,6 +19,20 @@ import yaml
 
 class ConfigFileError(ValueError):
     """A config file that cannot be used; the message names the file, the key and the fix."""
+
+
+class CommandLineError(ValueError):
+    """A command line argparse refuses (an unknown flag, a value of the wrong type or not among the choices, a required
+    flag missing); the message names it and points to --help."""
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse for both stages, whose errors are one line like every other error of minitrain's: raised as
+    CommandLineError for the entry point to print as `PROG: error: what; see PROG --help` (exit code 2, and under
+    torchrun with the rank), instead of the whole usage (some 60 lines for train.py) before the error."""
+
+    def error(self, message: str):
+        raise CommandLineError(f"{message}; see {self.prog} --help")
 
 
 def config_path_from_argv(argv: list[str]) -> str | None:

@@ -458,6 +458,29 @@ def test_cli_bad_json_is_one_line_error_without_traceback(tmp_path, tokenizer_di
     assert not out.exists() and list(tmp_path.iterdir()) == [data]  # no output, no temp file
 
 
+def test_what_argparse_refuses_and_the_flag_checks_are_one_line(capsys, tmp_path, tokenizer_dir):
+    """An unknown flag, a value not among the choices or of the wrong type, a required flag missing, and this stage's
+    own checks of the flags (all of them together): one line and exit code 2, in this process, nothing written."""
+    data = write_lines(tmp_path / "in.jsonl", [{"messages": CONVERSATIONS["single"]}])
+    cases = [
+        (["--logging-level", "INFO"], "unrecognized arguments: --logging-level INFO; see process_data.py --help"),
+        (["--on-too-long", "wrap"], "argument --on-too-long: invalid choice: 'wrap' (choose from"),
+        (["--seed", "one"], "argument --seed: invalid int value: 'one'; see process_data.py --help"),
+        (["--num-printed-samples", "-1", "--source-column", "q"],
+         "--num-printed-samples must be 0 or more; --source-column and --target-column go together"),
+    ]
+    for flags, message in cases:
+        code, _, stderr, out = run_main(capsys, tmp_path, tokenizer_dir("chatml"), data, *flags)
+        assert code == 2 and stderr.count("\n") == 1 and stderr.startswith("process_data.py: error: "), stderr
+        assert message in stderr, stderr
+    with pytest.raises(SystemExit) as e:
+        process_data.main(["--input-file", str(data)])
+    stderr = capsys.readouterr().err
+    assert e.value.code == 2 and stderr.count("\n") == 1, stderr
+    assert "the following arguments are required: --output-file, --model-name-or-path" in stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl"]
+
+
 BAD_LINES = {
     "not_json": (b"{messages: 1}", "malformed JSON"),
     "no_messages": ({"conversation": []}, "no non-empty `messages` list"),

@@ -350,6 +350,57 @@ def test_every_flag_problem_is_reported_together(tmp_path, capsys, monkeypatch):
     assert not (tmp_path / "out").exists()  # nothing happened before validation
 
 
+def test_what_argparse_refuses_is_one_line_too_on_every_rank(tmp_path, capsys, monkeypatch):
+    """An unknown flag, a value not among the choices or of the wrong type, a required flag missing: one line naming
+    it and --help, exit code 2 (argparse alone prints the whole usage first: 66 lines), with the rank under torchrun."""
+    args = base_args(tmp_path, tmp_path / "no-model", tmp_path / "missing.jsonl")
+    cases = [
+        ([*args, "--logging-level", "INFO"], "unrecognized arguments: --logging-level INFO"),
+        ([*args, "--lr-scheduler", "sideways"], "argument --lr-scheduler: invalid choice: 'sideways' (choose from"),
+        ([*args, "--batch-size", "four"], "argument --batch-size: invalid int value: 'four'"),
+        (args[2:], "the following arguments are required: --data-path"),
+    ]
+    for argv, message in cases:
+        code, err = run_main(argv, capsys)
+        assert code == 2 and err.count("\n") == 1 and err.startswith("train.py: error: "), err
+        assert message in err and err.endswith("; see train.py --help\n"), err
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    code, err = run_main(cases[0][0], capsys)
+    assert code == 2 and err.startswith("[rank 1] train.py: error: unrecognized arguments: --logging-level") and \
+        err.count("\n") == 1, err
+    assert not (tmp_path / "out").exists()
+
+
+def test_mini_trainers_readme_commands_parse_unchanged_and_its_other_flags_are_one_line(tmp_path, capsys):
+    """The README promise: mini_trainer's README commands for both stages (its Readme.md, 2026) run here as written,
+    each flag meaning what it means there; a flag of its that minitrain does not have is refused in one line."""
+    import process_data
+    import train
+
+    stage_1 = ["--input-file", "data_with_messages_format.jsonl", "--output-file", "tokenized_data.jsonl",
+               "--model-name-or-path", "Qwen/Qwen2.5-1.5B-instruct", "--max-sample-num-tokens", "32768"]
+    config = process_data.parse_args(stage_1)
+    assert (str(config.input_file), str(config.output_file), config.model_name_or_path,
+            config.max_sample_num_tokens) == ("data_with_messages_format.jsonl", "tokenized_data.jsonl",
+                                              "Qwen/Qwen2.5-1.5B-instruct", 32768)
+    stage_2 = ["--output-dir", "./experiment_checkpoints_loggin_etc/", "--data-path", "./tokenized_data.jsonl",
+               "--model-name-or-path", "Qwen/Qwen2.5-1.5B-instruct", "--min-samples-per-checkpoint", "10000",
+               "--num-warmup-steps", "20", "--max-tokens-per-gpu", "60000", "--batch-size", "128",
+               "--use-liger-kernels", "--seed", "893", "--fsdp-sharding-strategy", "FULL_SHARD",
+               "--learning-rate", "6e-6"]
+    config = train.parse_args(stage_2)
+    assert (config.output_dir, config.data_path, config.model_name_or_path, config.min_samples_per_checkpoint,
+            config.num_warmup_steps, config.max_tokens_per_gpu, config.batch_size, config.use_liger_kernels,
+            config.seed, config.fsdp_sharding_strategy, config.learning_rate) == (
+        "./experiment_checkpoints_loggin_etc/", ["./tokenized_data.jsonl"], "Qwen/Qwen2.5-1.5B-instruct", 10000, 20,
+        60000, 128, True, 893, "FULL_SHARD", 6e-6)
+    for extra, message in ((["--orthogonal-subspace-learning"], "unrecognized arguments"),
+                           (["--lr-scheduler", "constant_with_warmup"], "invalid choice: 'constant_with_warmup'")):
+        code, err = run_main([*stage_2, *extra], capsys)
+        assert code == 2 and err.count("\n") == 1 and message in err, err
+
+
 def test_model_folder_without_tokenizer_is_a_clear_error(tmp_path, capsys, tiny_model_dir):
     model_dir = tmp_path / "no-tokenizer"
     model_dir.mkdir()

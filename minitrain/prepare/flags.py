@@ -6,6 +6,7 @@ import dataclasses
 from pathlib import Path
 
 from minitrain import flag_table
+from minitrain.config_file import Parser
 from minitrain.prepare import formats
 from minitrain.prepare.pipeline import Config
 
@@ -13,9 +14,9 @@ PROG = "process_data.py"
 DESCRIPTION = "Stage 1: turn conversations, prompt/target pairs or raw text into training rows with exact masks."
 
 
-def parser(description: str = DESCRIPTION) -> argparse.ArgumentParser:
+def parser(description: str = DESCRIPTION) -> Parser:
     defaults = Config(Path(), Path(), "")
-    p = argparse.ArgumentParser(prog=PROG, description=description)
+    p = Parser(prog=PROG, description=description)
     p.add_argument("--config", help="a YAML or TOML file of these flags (keys are flag names); command-line flags win")
     p.add_argument("--report", type=Path, help="write an HTML mask report here: conversations with trained tokens "
                                                "highlighted, drop reasons, the length histogram")

@@ -12,7 +12,7 @@ from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 
 from minitrain import flag_table
-from minitrain.config_file import config_path_from_argv, read_config_file
+from minitrain.config_file import Parser, config_path_from_argv, read_config_file
 from minitrain.training import attention, checkpoint, lora
 from minitrain.training.data import DataError
 from minitrain.training.mixture import parse_sources
@@ -236,7 +236,7 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
     path = config_path_from_argv(argv)
     from_file = read_config_file(path, hints) if path else {}
     estimating = "--estimate-memory" in argv  # needs neither data nor an output folder
-    p = argparse.ArgumentParser(prog="train.py", description=DESCRIPTION)
+    p = Parser(prog="train.py", description=DESCRIPTION)
     p.add_argument("--config", help=CONFIG_HELP)
     for f in fields(TrainConfig):
         name, kind, kwargs = "--" + f.name.replace("_", "-"), hints[f.name], dict(f.metadata)
