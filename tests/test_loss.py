@@ -138,3 +138,35 @@ def test_liger_fused_ce_equals_chunked_and_plain_ce(tiny_model_dir):
     assert r["chunked_grad_rel"] < 1e-5 and r["liger_grad_rel"] < 1e-4
     assert r["chunked_masked"] == 0.0 and r["liger_masked"] == 0.0
     assert r["chunked_masked_grad"] == 0.0 and r["liger_masked_grad"] == 0.0
+
+
+def test_no_tensor_of_the_loss_holds_every_tokens_logits():
+    """README: the loss never builds a full tokens x vocab logits tensor. Every tensor the trainer's forward and
+    backward make (each operation's output, seen by a dispatch mode) on a row of 2,500 trained tokens has at most one
+    chunk's rows (1,024, the trainer's default) x vocab elements; the model's own forward, for contrast, makes the
+    whole 2,500 x vocab one under the same mode."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_leaves
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    class Largest(TorchDispatchMode):
+        numel = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            sizes = [t.numel() for t in tree_leaves(out) if isinstance(t, torch.Tensor)]
+            self.numel = max([self.numel, *sizes])
+            return out
+
+    vocab, tokens = 4096, 2500
+    torch.manual_seed(0)
+    lm = LlamaForCausalLM(LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                      num_attention_heads=2, num_key_value_heads=1))
+    ids = torch.randint(0, vocab, (1, tokens))
+    pos, positions = torch.arange(tokens)[None], torch.arange(tokens - 1)
+    with Largest() as trainer:
+        PackedCausalLM(lm)(ids, pos, positions, ids[0, 1:]).backward()
+    assert 0 < trainer.numel <= 1024 * vocab < tokens * vocab, trainer.numel
+    with Largest() as own, torch.no_grad():
+        lm(input_ids=ids, use_cache=False)
+    assert own.numel >= tokens * vocab  # the mode sees a whole-row logits tensor where one is made

@@ -340,11 +340,15 @@ def test_every_flag_problem_is_reported_together(tmp_path, capsys, monkeypatch):
         "--data-path", str(tmp_path / "missing.jsonl"), "--model-name-or-path", str(tmp_path / "no-model"),
         "--output-dir", str(tmp_path / "out"), "--batch-size", "2", "--max-tokens-per-gpu", "64",
         "--fsdp-sharding-strategy", "ZERO3", "--distributed-backend", "nccl", "--lr-scheduler", "cosine",
+        "--use-liger-kernels", "--loss-reduction", "sequences",
     ], capsys)
     assert code == 2 and len(err.strip().splitlines()) == 1
     for message in (
         "missing.jsonl: no such file", "no-model: no such model folder", "--batch-size 2 is smaller than the 4 ranks",
         "'ZERO3' is unknown", "nccl needs CUDA", "--lr-scheduler cosine decays over the whole run",
+        # Liger's fused loss gives only the sum: with it a sequence mean would silently be a token mean
+        "--loss-reduction sequences weighs each token by its sample and runs on the chunked loss; drop "
+        "--use-liger-kernels or use --loss-reduction tokens", "--use-liger-kernels needs a GPU",
     ):
         assert message in err
     assert not (tmp_path / "out").exists()  # nothing happened before validation
