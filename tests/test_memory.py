@@ -307,3 +307,38 @@ def test_auto_tokens_where_not_even_one_token_fits_is_one_line_with_the_fixes(ti
     line = str(e.value)
     assert line.startswith("--max-tokens-per-gpu auto: not even one token fits 90% of 0.0 GiB (estimate ")
     assert "\n" not in line and "--lora: " in line and "4 GPUs: " in line, line
+
+
+def test_on_cuda_a_run_that_will_not_fit_stops_in_one_line_with_each_fix_and_its_estimate(tmp_path, monkeypatch):
+    """docs/memory.md: on CUDA, before any weight loads, a run whose step will not fit its GPU stops in one line
+    naming the estimate and each fix with its own estimate (here 4/5 of the step's peak is the GPU's memory: the line
+    says which fixes fit and which are still too much)."""
+    from dataclasses import replace
+
+    from transformers import AutoConfig
+
+    import train
+    from minitrain.training import memory
+    from minitrain.training.config import ConfigError
+    from minitrain.training.distributed import World
+
+    model_dir = write_config(tmp_path / "llama-small", {**SMALL, "num_hidden_layers": 1})  # 1 block: quicker
+    config = train.parse_args(["--estimate-memory", "--model-name-or-path", str(model_dir), "--max-tokens-per-gpu",
+                               "8192", "--no-activation-checkpointing"])
+
+    def peak(changed, world_size=1) -> float:
+        return memory.estimate(changed, world_size, None, True, memory.run_optimizer(changed), slope=False).peak_gib
+
+    gib = 0.8 * peak(config)
+    monkeypatch.setattr(memory, "device_memory_gib", lambda device, local_world_size: gib)  # the GPU's memory
+    with pytest.raises(ConfigError) as e:
+        memory.decide_for_run(config, World(0, 0, 1, 1, torch.device("cuda")), AutoConfig.from_pretrained(model_dir))
+    line = str(e.value)
+    assert "\n" not in line and line.startswith(
+        f"this run will not fit: estimated peak {peak(config):.1f} GiB per GPU (FULL_SHARD, activation checkpointing "
+        f"off, 8192 tokens per GPU, full, 1 GPUs) > the device's {gib:.1f} GiB; would fit or help: "), line
+    fixes = (("--activation-checkpointing", replace(config, activation_checkpointing=True), 1),
+             ("--lora", replace(config, lora=True), 1), ("2 GPUs", config, 2))
+    for label, changed, world_size in fixes:
+        fix = peak(changed, world_size)
+        assert f"{label}: {fix:.1f} GiB{'' if fix <= gib else ' (still too much)'}" in line, (label, line)
