@@ -69,3 +69,14 @@ def test_the_readme_is_a_front_page():
     size = len((ROOT / "README.md").read_text())
     assert size <= README_LIMIT, (
         f"README.md has {size:,} characters, over the {README_LIMIT:,} of a front page; move the depth into docs/")
+
+
+def test_the_readmes_causal_families_are_the_ones_the_family_tests_accept():
+    """README's list of causal LM families 'each checked on CPU against the model's own forward' is exactly the zoo
+    tests/test_families.py checks and accepts (tests/tiny_models.py: ZOO less REFUSED), in its order."""
+    from tests.tiny_models import REFUSED, ZOO
+
+    text = " ".join((ROOT / "README.md").read_text().split())
+    listed = re.search(r"Causal LMs, each checked on CPU against the model's own forward and cross-entropy: (.+?) \(",
+                       text).group(1)
+    assert re.split(r", | and ", listed) == [a for a in ZOO if a not in REFUSED]
