@@ -486,6 +486,25 @@ def test_four_ranks_in_two_groups_train_as_one_process(tmp_path, tiny_model_dir,
     assert r["longest_row"] > MAX_TOKENS
 
 
+def test_hybrid_shard_with_two_replicas_of_two_shards_gives_one_processs_gradient(tmp_path, tiny_model_dir,
+                                                                                 four_ranks):
+    """HYBRID_SHARD with --fsdp-shard-group-size 2 on 4 ranks (as 2 nodes of 2 GPUs: sharded within each pair,
+    replicated across the pairs), in this file's 4-rank job (no other test has 4 ranks): a 2 x 2 mesh, every
+    parameter replicated on one dimension and sharded on the other, and the step's loss, gradients (within 1e-6 of
+    each tensor's largest) and norm those of one process holding the whole step."""
+    from tests.test_train import write_data
+
+    data = write_data(tmp_path / "data.jsonl", 8, vocab=700)
+    run = four_ranks.run("tests.test_train", "hybrid_grad_worker", [tiny_model_dir("llama"), data, tmp_path / "out"])
+    assert run.returncode == 0, run.stderr[-4000:]
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["mesh"] == [[2, 2], ["replicate", "shard"]]
+    assert report["placements"] == ["(Replicate(), Shard(dim=0))"], report["placements"]
+    r = report["HYBRID_SHARD"]
+    assert r["names"] and r["loss"] == pytest.approx(report["reference_loss"], rel=1e-6)
+    assert r["max_rel"] < 1e-6 and r["norm"] == pytest.approx(report["reference_norm"], rel=2e-6), r
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Refusals, before any weights load
 

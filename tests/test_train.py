@@ -91,6 +91,72 @@ def kill_torchrun(torchrun_pid: int) -> None:
 SKEWED = {0: [[0, 1, 2], [3], [4]], 1: [[5, 6, 7], [], []]}  # rank 1 runs two dummy packs
 
 
+def reference_step(config, cache, step_trained: int, device, report: dict):
+    """One process, one micro-step holding the step's 8 samples: (the model, its gradients); its loss and gradient
+    norm go into `report`."""
+    import train
+    from minitrain.training.distributed import World
+    from minitrain.training.model import build_model
+    from minitrain.training.objectives import SFT
+
+    reference = build_model(config, World(0, 0, 1, 1, device))
+    ref_sum = train.forward_backward(reference, SFT(), cache, [np.arange(8)], step_trained, 1, device)
+    report["reference_loss"] = ref_sum.item() / step_trained
+    grads = {n: p.grad for n, p in reference.lm.named_parameters()}
+    report["reference_norm"] = train.clip_gradients(reference, 0)
+    return reference, grads
+
+
+def sharded_step(config, world, cache, packs: list, step_trained: int, ref_grads: dict | None):
+    """The same step on every rank of `world`, this rank's micro-steps `packs`: (the model, on the rank with
+    `ref_grads` its loss, largest relative gradient difference per tensor, gradient norm, same names)."""
+    import torch.distributed as dist
+
+    import train
+    from minitrain.training.model import build_model
+    from minitrain.training.objectives import SFT
+
+    model = build_model(config, world)
+    packs = [np.asarray(p, dtype=np.int64) for p in packs]
+    local_sum = train.forward_backward(model, SFT(), cache, packs, step_trained, world.world_size, world.device)
+    dist.all_reduce(local_sum)
+    grads = {n: p.grad.full_tensor() for n, p in model.lm.named_parameters()}
+    norm = train.clip_gradients(model, 0)
+    if ref_grads is None:
+        return model, None
+    rel = {n: ((grads[n] - g).abs().max() / g.abs().max()).item() for n, g in ref_grads.items()}
+    return model, {"loss": local_sum.item() / step_trained, "max_rel": max(rel.values()),
+                   "names": sorted(grads) == sorted(ref_grads), "norm": norm}
+
+
+SKEWED_4 = {0: [[0, 1], [2]], 1: [[3], []], 2: [[4, 5, 6], []], 3: [[7], []]}  # 4 ranks, dummy packs on three
+
+
+def hybrid_grad_worker(model_dir: str, data_path: str, out_dir: str) -> None:
+    """HYBRID_SHARD on 4 ranks with --fsdp-shard-group-size 2 (2 replicas x 2 shards, as 2 nodes of 2 GPUs): the
+    mesh and each parameter's placements, and the step's loss, gradients and norm against one process's."""
+    import train
+    from minitrain.training.data import load_data
+    from minitrain.training.distributed import cleanup_distributed, init_distributed
+
+    d = init_distributed("auto")
+    config = train.TrainConfig(data_path=data_path, model_name_or_path=model_dir, output_dir=out_dir, batch_size=8,
+                               max_tokens_per_gpu=256, save_dtype="float32", activation_checkpointing=False,
+                               fsdp_sharding_strategy="HYBRID_SHARD", fsdp_shard_group_size=2)
+    cache = load_data(config, d, vocab_size=10**6)
+    step_trained = int(cache.trained[:8].sum())
+    report = {}
+    ref_grads = reference_step(config, cache, step_trained, d.device, report)[1] if d.is_main else None
+    model, report["HYBRID_SHARD"] = sharded_step(config, d, cache, SKEWED_4[d.rank], step_trained, ref_grads)
+    if d.is_main:
+        weight = next(model.lm.parameters())
+        report["mesh"] = [list(weight.device_mesh.shape), list(weight.device_mesh.mesh_dim_names)]
+        report["placements"] = sorted({str(p.placements) for p in model.lm.parameters()})
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+        Path(out_dir, "report.json").write_text(json.dumps(report))
+    cleanup_distributed()
+
+
 def grad_worker(model_dir: str, data_path: str, out_dir: str) -> None:
     import torch
     import torch.distributed as dist
@@ -104,7 +170,6 @@ def grad_worker(model_dir: str, data_path: str, out_dir: str) -> None:
     from minitrain.training.checkpoint import save_export
     from minitrain.training.data import load_data, make_pack
     from minitrain.training.distributed import (
-        World,
         cleanup_distributed,
         init_distributed,
     )
@@ -124,28 +189,11 @@ def grad_worker(model_dir: str, data_path: str, out_dir: str) -> None:
     step_trained = int(cache.trained[:8].sum())
     report = {}
     if d.is_main:  # reference: one process, one micro-step holding the whole step
-        single = World(0, 0, 1, 1, d.device)
-        reference = build_model(config, single)
-        ref_sum = train.forward_backward(reference, SFT(), cache, [np.arange(8)], step_trained, 1, d.device)
-        ref_grads = {n: p.grad for n, p in reference.lm.named_parameters()}
-        report["reference_loss"] = ref_sum.item() / step_trained
-        report["reference_norm"] = train.clip_gradients(reference, 0)
+        reference, ref_grads = reference_step(config, cache, step_trained, d.device, report)
     for strategy in SHARDING_STRATEGIES:
         cfg = replace(config, fsdp_sharding_strategy=strategy, activation_checkpointing=strategy == "FULL_SHARD")
-        model = build_model(cfg, d)
-        packs = [np.asarray(p, dtype=np.int64) for p in SKEWED[d.rank]]
-        local_sum = train.forward_backward(model, SFT(), cache, packs, step_trained, d.world_size, d.device)
-        dist.all_reduce(local_sum)
-        grads = {n: p.grad.full_tensor() for n, p in model.lm.named_parameters()}
-        norm = train.clip_gradients(model, 0)
-        if d.is_main:
-            rel = {n: ((grads[n] - g).abs().max() / g.abs().max()).item() for n, g in ref_grads.items()}
-            report[strategy] = {
-                "loss": local_sum.item() / step_trained,
-                "max_rel": max(rel.values()),
-                "names": sorted(grads) == sorted(ref_grads),
-                "norm": norm,
-            }
+        model, entry = sharded_step(cfg, d, cache, SKEWED[d.rank], step_trained, ref_grads if d.is_main else None)
+        report[strategy] = entry
     # Checkpoint of the last model after one optimizer step: reload it and compare with the trained model.
     torch.optim.SGD(model.parameters(), lr=0.5).step()
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
@@ -169,6 +217,7 @@ def grad_worker(model_dir: str, data_path: str, out_dir: str) -> None:
     # --loss-reduction sequences: the mean over the step's 8 samples of each sample's token mean, on 2 ranks with
     # skewed micro-steps, against the model's own forward + plain cross-entropy one sample at a time.
     sharded = build_model(replace(config, fsdp_sharding_strategy="FULL_SHARD"), d)
+    packs = [np.asarray(p, dtype=np.int64) for p in SKEWED[d.rank]]
     local_sum = train.forward_backward(sharded, SFT("sequences"), cache, packs, 8, d.world_size, d.device)
     dist.all_reduce(local_sum)
     grads = {n: p.grad.full_tensor() for n, p in sharded.lm.named_parameters()}
