@@ -342,3 +342,41 @@ def test_on_cuda_a_run_that_will_not_fit_stops_in_one_line_with_each_fix_and_its
     for label, changed, world_size in fixes:
         fix = peak(changed, world_size)
         assert f"{label}: {fix:.1f} GiB{'' if fix <= gib else ' (still too much)'}" in line, (label, line)
+
+
+def test_a_resumed_auto_run_keeps_its_checkpoints_row_and_plans_nothing(tmp_path, tiny_model_dir, monkeypatch,
+                                                                        capsys):
+    """docs/memory.md: --max-tokens-per-gpu auto is decided once; a resumed run keeps the value its checkpoint was
+    trained with (a re-plan on a machine with other free memory would pack other rows, which the resume refuses).
+    The resumed run takes the checkpoint's 3072 without simulating a step; the same run started --fresh simulates
+    (here a stand-in that only counts and fails, so it stops)."""
+    from transformers import AutoConfig
+
+    import train
+    from minitrain.training import memory
+    from minitrain.training.config import ConfigError
+    from minitrain.training.distributed import World
+    from tests.test_train import base_args, write_data
+
+    model_dir = tiny_model_dir("llama")
+    saved = tmp_path / "out" / "checkpoints" / "step_2"  # base_args' output folder
+    saved.mkdir(parents=True)
+    (saved / "COMPLETE").write_text("")
+    (saved / "training_config.json").write_text(json.dumps({"max_tokens_per_gpu": 3072}))
+    argv = [*base_args(tmp_path, model_dir, write_data(tmp_path / "data.jsonl", 4, vocab=700)),
+            "--max-tokens-per-gpu", "auto", "--activation-checkpointing"]
+    calls = []
+
+    def simulate_step(config, rows, *args):
+        calls.append(rows)
+        raise RuntimeError("a simulation was asked for")
+
+    monkeypatch.setattr(memory, "simulate_step", simulate_step)
+    monkeypatch.setattr(memory, "SIMULATED", {})
+    cpu, hf_config = World(0, 0, 1, 1, torch.device("cpu")), AutoConfig.from_pretrained(model_dir)
+    capsys.readouterr()
+    assert memory.decide_for_run(train.parse_args(argv), cpu, hf_config) == (True, 3072, "asked for")
+    assert f"--max-tokens-per-gpu auto: 3072, as saved in {saved}" in capsys.readouterr().out and calls == []
+    with pytest.raises(ConfigError, match="--max-tokens-per-gpu auto: "):
+        memory.decide_for_run(train.parse_args([*argv, "--fresh"]), cpu, hf_config)
+    assert calls  # the fresh start planned
