@@ -627,3 +627,34 @@ def test_the_command_line_trains_long_rows_and_resumes_on_another_world_size(tmp
 
 if __name__ == "__main__":
     sp_worker(*sys.argv[1:])
+
+
+def test_a_run_resumes_with_another_sequence_parallel_size_to_the_same_losses(tmp_path, tiny_model_dir, two_ranks):
+    """docs/sequence_parallel.md: a run resumes with another S. 2 ranks train 3 steps without sequence parallelism
+    (S = 1: two data-parallel groups); from its step-2 checkpoint, 2 ranks with S = 2 (one group sharing each row)
+    train the third: its loss and validation loss are the first run's. The rows fit one rank, so both S train them."""
+    rng = np.random.default_rng(5)
+    data = tmp_path / "data.jsonl"
+    with open(data, "w") as f:
+        for _ in range(32):
+            n = int(rng.integers(10, MAX_TOKENS))
+            prompt = int(rng.integers(2, n // 2))
+            ids = rng.integers(3, 700, n).tolist()
+            f.write(json.dumps({"input_ids": ids, "labels": [-100] * prompt + ids[prompt:], "len": n}) + "\n")
+    model_dir = tiny_model_dir("llama")
+
+    def args(out: Path, steps: int, size: int) -> list[str]:
+        flags = cli_args(data, model_dir, out, steps)
+        flags[flags.index("--sequence-parallel-size") + 1] = str(size)
+        return [*flags, "--no-activation-checkpointing"]
+
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    first = two_ranks.train(args(straight, 3, 1), tmp_path / "first")
+    assert first.returncode == 0 and "sequence parallelism" not in first.stdout, first.stderr[-4000:]
+    step_2 = straight / "checkpoints" / "step_2"
+    run = two_ranks.train([*args(resumed, 3, 2), "--resume-from", str(step_2)], tmp_path / "second")
+    assert run.returncode == 0, run.stderr[-4000:]
+    assert f"resumed from {step_2}" in run.stdout, run.stdout[-3000:]
+    assert "sequence parallelism: 2 ranks share each row" in run.stdout
+    (step, loss, validation), = losses(resumed)
+    assert step == 3 and losses(straight)[2] == (3, pytest.approx(loss, rel=1e-5), pytest.approx(validation, rel=1e-5))
