@@ -11,8 +11,9 @@ imports) runs every scenario of `sp_worker` and writes one JSON report that the 
                 split, the row is odd so it is padded): each trained position's CE == the model's own forward on each
                 sample alone (no leakage, the boundary token's label included), and the gradient == one process's
     sft, ...    train.forward_backward on FSDP2-sharded models with rows longer than --max-tokens-per-gpu, two optimizer
-                steps: per-step loss and gradients == one process's (SFT both reductions, LoRA, DPO, SimPO), DPO's
-                reference table, validation loss, greedy generation (which runs without sequence parallelism)
+                steps: per-step loss and gradients == one process's (SFT both reductions, LoRA, DPO, SimPO; every
+                sharding strategy), DPO's reference table, validation loss, greedy generation (which runs without
+                sequence parallelism)
 """
 
 import json
@@ -371,8 +372,11 @@ def sp_worker(model_dir: str, data_path: str, pairs_path: str, out_dir: str, sce
         "sft": (SFT(), {}),
         "sft_sequences": (SFT("sequences"), dict(activation_checkpointing=True)),
         "lora": (SFT(), dict(lora=True, lora_dropout=0.0, lora_init="random", fsdp_sharding_strategy="SHARD_GRAD_OP")),
-        "dpo": (DPO(beta=0.5), dict(data_path=[pairs_path], max_tokens_per_gpu=24)),
-        "simpo": (SimPO(), dict(data_path=[pairs_path], max_tokens_per_gpu=24, activation_checkpointing=True)),
+        # every sharding strategy with S > 1: FULL_SHARD above, SHARD_GRAD_OP (LoRA), HYBRID_SHARD, NO_SHARD
+        "dpo": (DPO(beta=0.5), dict(data_path=[pairs_path], max_tokens_per_gpu=24,
+                                    fsdp_sharding_strategy="HYBRID_SHARD")),
+        "simpo": (SimPO(), dict(data_path=[pairs_path], max_tokens_per_gpu=24, activation_checkpointing=True,
+                                fsdp_sharding_strategy="NO_SHARD")),
     }
     for name, (objective, changes) in cases.items():
         if name not in scenarios.split(","):
