@@ -466,6 +466,21 @@ def dpo_args(tmp_path, model_dir, data, steps: int) -> list[str]:
     ]
 
 
+@pytest.mark.parametrize("flags, loss", [
+    (["--dpo-loss-type", "ipo", "--dpo-beta", "0.25"], 4.0),  # (0 - 1 / (2 x 0.25))^2
+    (["--dpo-loss-type", "hinge"], 1.0),  # max(0, 1 - 0)
+], ids=["ipo", "hinge"])
+def test_the_dpo_loss_type_flags_pick_their_loss(tmp_path, capsys, tiny_model_dir, flags, loss):
+    """--dpo-loss-type and --dpo-beta through the command line: at step 1 the policy is the reference, every
+    log-ratio margin 0, and each loss type's formula (objectives.md, TRL's) at a margin of 0 is the step's loss
+    (sigmoid's log 2 is the test below; robust and label smoothing are log 2 there too, so not told apart here)."""
+    data = write_pairs(tmp_path / "pairs.jsonl", 10, seed=3)
+    code, err = run_main([*dpo_args(tmp_path, tiny_model_dir("llama"), data, 1), *flags], capsys)
+    assert code == 0, err[-2000:]
+    first = json.loads((tmp_path / "out" / "metrics.jsonl").read_text().splitlines()[0])
+    assert first["loss"] == pytest.approx(loss, rel=1e-6)
+
+
 def test_dpo_starts_at_log_2_learns_the_pairs_and_reuses_its_reference_on_resume(tmp_path, capsys, tiny_model_dir):
     model_dir = tiny_model_dir("llama")
     data = write_pairs(tmp_path / "pairs.jsonl", 10, seed=3, learnable=True)  # 8 train, 2 validation
