@@ -454,6 +454,35 @@ def test_mini_trainers_readme_commands_parse_unchanged_and_its_other_flags_are_o
         assert code == 2 and err.count("\n") == 1 and message in err, err
 
 
+def test_loss_reduction_sequences_from_the_command_line_is_the_mean_of_each_samples_mean(tmp_path, capsys,
+                                                                                          tiny_model_dir):
+    """--loss-reduction sequences through train.py's command line on a causal LM: step 1's logged loss is the mean
+    over its samples of each sample's token-mean cross-entropy, from the model's own forward one sample at a time
+    (the samples train 8-36 tokens each, so the token mean differs)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model_dir = tiny_model_dir("llama")
+    data = write_data(tmp_path / "data.jsonl", 8, vocab=700, seed=4)
+    code, err = run_main([*base_args(tmp_path, model_dir, data), "--loss-reduction", "sequences",
+                          "--save-dtype", "float32", "--no-activation-checkpointing"], capsys)
+    assert code == 0, err[-2000:]
+    first = json.loads((tmp_path / "out" / "metrics.jsonl").read_text().splitlines()[0])
+    rows = [json.loads(line) for line in data.read_text().splitlines()]
+    lm = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    sums, counts = [], []
+    for line in first["sample_lines"]:
+        row = rows[line - 1]
+        labels = torch.tensor(row["labels"][1:])
+        with torch.no_grad():
+            logits = lm(input_ids=torch.tensor([row["input_ids"]]), use_cache=False).logits[0, :-1]
+        sums.append(torch.nn.functional.cross_entropy(logits, labels, ignore_index=-100, reduction="sum").item())
+        counts.append(int((labels != -100).sum()))
+    assert len(counts) == 4 and len(set(counts)) > 1, counts
+    assert first["loss"] == pytest.approx(np.mean([s / n for s, n in zip(sums, counts)]), rel=1e-6)
+    assert first["loss"] != pytest.approx(sum(sums) / sum(counts), rel=1e-3)  # not the token mean
+
+
 def test_model_folder_without_tokenizer_is_a_clear_error(tmp_path, capsys, tiny_model_dir):
     model_dir = tmp_path / "no-tokenizer"
     model_dir.mkdir()
