@@ -50,16 +50,16 @@ def exported_models(folder: Path, base_dir: Path):
 PEFT_PREFIX = "base_model.model."
 
 
-def peft_reference(model_dir: str, adapters: dict, quantization=None):
+def peft_reference(model_dir: str, adapters: dict, quantization=None, alpha: float = 8):
     """The base as transformers loads it (4-bit when `quantization` is a BitsAndBytesConfig), with peft's own LoRA
-    layers (all-linear, r 4, alpha 8, no dropout) set to `adapters` ({name in the trainer's model: tensor})."""
+    layers (all-linear, r 4, `alpha`, no dropout) set to `adapters` ({name in the trainer's model: tensor})."""
     import torch
     from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
     from transformers import AutoModelForCausalLM
 
     quantized = {} if quantization is None else {"quantization_config": quantization, "device_map": {"": "cpu"}}
     base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, **quantized)
-    peft = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules="all-linear"))
+    peft = get_peft_model(base, LoraConfig(r=4, lora_alpha=alpha, lora_dropout=0.0, target_modules="all-linear"))
     state = {k.replace(".default.", "."): v for k, v in adapters.items()}
     loaded = set_peft_model_state_dict(peft, {PEFT_PREFIX + k: v for k, v in state.items()})
     assert not loaded.unexpected_keys
@@ -284,6 +284,31 @@ def test_step_zero_is_the_base_model_and_only_adapters_train(tiny_model_dir, tmp
     assert trainable and all(".lora_A." in n or ".lora_B." in n for n in trainable)
     assert len(trainable) == 2 * 7 * 2  # A and B of q k v o gate up down in both blocks
     assert all(p.ndim == 2 and 16 in p.shape for n, p in model.lm.named_parameters() if n in trainable)  # r 16
+
+
+def test_lora_alpha_scales_the_adapters_as_peft_does(tiny_model_dir, tmp_path):
+    """--lora-alpha 32 with --lora-r 4: the scale alpha / r = 8 (lora.md), so the logits are peft's with the same
+    adapter values and alpha 32 (the other LoRA tests use alpha 8, peft's own default, where a trainer that ignored
+    the flag would pass); peft's at alpha 8 differ."""
+    import torch
+
+    import train
+    from minitrain.training.data import load_data, make_pack
+    from minitrain.training.distributed import World
+    from minitrain.training.lora import build_adapter
+    from minitrain.training.model import build_model
+
+    model_dir = tiny_model_dir("llama")
+    single = World(0, 0, 1, 1, torch.device("cpu"))
+    config = train.TrainConfig(str(write_data(tmp_path / "data.jsonl", 4, vocab=700)), str(model_dir), str(tmp_path),
+                               batch_size=4, max_tokens_per_gpu=256, lora=True, lora_r=4, lora_alpha=32.0,
+                               lora_dropout=0.0, lora_init="random")  # B non-zero: the scale shows in the logits
+    pack = make_pack(load_data(config, single, vocab_size=10**6), np.arange(4))
+    model = build_model(config, single, build_adapter(config)).eval()
+    adapters = {n: p.detach() for n, p in model.lm.named_parameters() if p.requires_grad}
+    ours = logits(model.lm, pack)
+    assert torch.allclose(ours, logits(peft_reference(str(model_dir), adapters, alpha=32), pack), atol=1e-5)
+    assert not torch.allclose(ours, logits(peft_reference(str(model_dir), adapters, alpha=8), pack), atol=1e-3)
 
 
 def run_in_process(args: list[str]):
