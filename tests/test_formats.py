@@ -293,6 +293,27 @@ def test_text_csv_and_parquet_equal_jsonl_and_print_masks(capsys, tmp_path, toke
     assert outputs["t.csv"] == outputs["t.jsonl"] == outputs["t.parquet"]
 
 
+def test_a_run_without_a_chat_template_removes_an_earlier_runs_template_beside_the_rows(capsys, tmp_path,
+                                                                                       tokenizer_dir):
+    """docs/data.md: the chat template a run used is saved beside its rows for train.py to put into every export; a
+    later run to the same output that uses none (text rows, a tokenizer without a template: a base model's) removes
+    it, so the old template never goes with rows made without it."""
+    from minitrain.prepare.pipeline import template_sidecar
+
+    chats = write_lines(tmp_path / "chats.jsonl", [{"messages": [{"role": "user", "content": "Hi"},
+                                                                 {"role": "assistant", "content": "Hello."}]}])
+    code, _, stderr, out = run_main(capsys, tmp_path, tokenizer_dir("chatml"), chats)
+    assert code == 0 and template_sidecar(out).is_file(), stderr
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir("chatml"))
+    tokenizer.chat_template = None
+    tokenizer.save_pretrained(tmp_path / "base-model")
+    assert AutoTokenizer.from_pretrained(tmp_path / "base-model").chat_template is None
+    text = write_lines(tmp_path / "text.jsonl", [{"text": "Just a document."}])
+    code, _, stderr, out = run_main(capsys, tmp_path, tmp_path / "base-model", text)
+    assert code == 0 and not template_sidecar(out).exists(), stderr
+    assert "labels" in orjson.loads(out.read_bytes().splitlines()[0])  # the text run's rows are there
+
+
 def test_printed_raw_pair_shows_its_mask(capsys, tmp_path, tokenizer_dir):
     data = write_lines(tmp_path / "in.jsonl", [{"source": "Capital of France?", "target": "Paris."}])
     code, stdout, stderr, _ = run_main(capsys, tmp_path, tokenizer_dir("chatml"), data, "--pair-rendering", "raw", "--mask-marker", "@@")
