@@ -612,3 +612,22 @@ def test_two_optimizer_steps_are_adamw_on_matrices_only_with_clipping_computed_h
         assert moved > 1e-4, name  # every parameter took the two updates
         worst = max(worst, (trained_weights[name] - p.detach()).abs().max().item() / moved)
     assert worst < 1e-3, worst  # the trainer's weights are this update's, to float32 rounding of the gradients
+
+
+def test_max_grad_norm_clips_to_its_value_and_0_leaves_the_gradients_and_logs_their_norm(tiny_model_dir):
+    """--max-grad-norm (train.clip_gradients): the norm returned is the global L2 norm of every gradient (computed
+    here from the gradients), 0 leaves the gradients as they are, and a limit of half the norm halves every one."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    import train
+
+    lm = AutoModelForCausalLM.from_pretrained(tiny_model_dir("llama"), dtype=torch.float32)
+    ids = torch.randint(3, 700, (1, 24), generator=torch.Generator().manual_seed(0))
+    lm(input_ids=ids, labels=ids, use_cache=False).loss.backward()
+    grads = {n: p.grad.clone() for n, p in lm.named_parameters()}
+    norm = torch.sqrt(sum((g.double() ** 2).sum() for g in grads.values())).item()
+    assert train.clip_gradients(lm, 0) == pytest.approx(norm, rel=1e-6)
+    assert all(torch.equal(p.grad, grads[n]) for n, p in lm.named_parameters())  # 0: no clipping
+    assert train.clip_gradients(lm, norm / 2) == pytest.approx(norm, rel=1e-6)  # the norm before clipping
+    assert all(torch.allclose(p.grad, grads[n] / 2, rtol=1e-5, atol=0) for n, p in lm.named_parameters())
