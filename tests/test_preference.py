@@ -481,6 +481,33 @@ def test_the_dpo_loss_type_flags_pick_their_loss(tmp_path, capsys, tiny_model_di
     assert first["loss"] == pytest.approx(loss, rel=1e-6)
 
 
+@pytest.mark.parametrize("name, flags, truth", [
+    ("simpo", ["--simpo-beta", "3", "--simpo-gamma", "1.5"], dict(beta=3.0, gamma=1.5)),
+    ("simpo", ["--preference-sft-weight", "0.4"], dict(beta=2.0, gamma=0.5, sft_weight=0.4)),  # the defaults
+    ("orpo", ["--orpo-lambda", "0.4"], dict(beta=0.4)),
+], ids=["simpo", "simpo-sft-weight", "orpo"])
+def test_the_simpo_and_orpo_flags_give_their_papers_loss(tmp_path, capsys, tiny_model_dir, name, flags, truth):
+    """--simpo-beta, --simpo-gamma, --preference-sft-weight and --orpo-lambda through the command line: step 1's
+    loss is the papers' loss (direct_loss: the model's own forward, one sequence at a time) of the step's pairs at
+    the flags' values, before any update."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model_dir = tiny_model_dir("llama")
+    data = write_pairs(tmp_path / "pairs.jsonl", 4, seed=7)
+    code, err = run_main(["--data-path", str(data), "--model-name-or-path", str(model_dir), "--output-dir",
+                          str(tmp_path / "out"), "--objective", name, "--batch-size", "2", "--max-tokens-per-gpu",
+                          "64", "--max-steps", "1", "--save-dtype", "float32", "--no-activation-checkpointing",
+                          *flags], capsys)
+    assert code == 0, err[-2000:]
+    first = json.loads((tmp_path / "out" / "metrics.jsonl").read_text().splitlines()[0])
+    rows = [json.loads(line) for line in data.read_text().splitlines()]
+    lm = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    with torch.no_grad():
+        want = direct_loss(lm, [rows[line - 1] for line in first["sample_lines"]], name=name, **truth).item()
+    assert len(first["sample_lines"]) == 2 and first["loss"] == pytest.approx(want, rel=1e-5)
+
+
 def test_dpo_starts_at_log_2_learns_the_pairs_and_reuses_its_reference_on_resume(tmp_path, capsys, tiny_model_dir):
     model_dir = tiny_model_dir("llama")
     data = write_pairs(tmp_path / "pairs.jsonl", 10, seed=3, learnable=True)  # 8 train, 2 validation
