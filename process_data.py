@@ -69,18 +69,23 @@ def parse_args(argv: list[str] | None = None) -> Config:
     over the defaults."""
     argv = sys.argv[1:] if argv is None else list(argv)
     path = config_path_from_argv(argv)
-    if path is not None:
-        try:
-            argv = config_as_flags(read_config_file(path, config_types())) + argv  # later flags win
-        except ConfigFileError as e:
-            print(f"{PROG}: error: {e}", file=sys.stderr)
-            sys.exit(2)
-    p = flags.parser(description=__doc__.split("\n\n")[0])
     try:
-        args = p.parse_args(argv)
-    except CommandLineError as e:
+        if path is not None:
+            argv = config_as_flags(read_config_file(path, config_types())) + argv  # later flags win
+        args = flags.parser(description=__doc__.split("\n\n")[0]).parse_args(argv)
+        problems = flag_problems(args)
+        if problems:
+            raise CommandLineError("; ".join(problems))  # all of them, in one line
+    except (ConfigFileError, CommandLineError) as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         sys.exit(2)
+    values = vars(args)
+    del values["config"]  # its values are in the others
+    return Config(**values, config_file=None if path is None else Path(path))
+
+
+def flag_problems(args) -> list[str]:
+    """What is wrong with the parsed flags beyond what argparse checks, every problem (reported together)."""
     problems = []
     for flag in ("max_sample_num_tokens", "max_source_tokens", "max_target_tokens"):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
@@ -95,12 +100,7 @@ def parse_args(argv: list[str] | None = None) -> Config:
         problems.append("--source-column and --target-column must differ")
     if args.chat_template is not None and args.chat_template_name is not None:
         problems.append("--chat-template and --chat-template-name exclude each other")
-    if problems:  # all of them, in one line
-        print(f"{PROG}: error: {'; '.join(problems)}", file=sys.stderr)
-        sys.exit(2)
-    values = vars(args)
-    del values["config"]  # its values are in the others
-    return Config(**values, config_file=None if path is None else Path(path))
+    return problems
 
 
 def config_types() -> dict[str, type]:

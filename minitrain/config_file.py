@@ -22,8 +22,8 @@ class ConfigFileError(ValueError):
 
 
 class CommandLineError(ValueError):
-    """A command line argparse refuses (an unknown flag, a value of the wrong type or not among the choices, a required
-    flag missing); the message names it and points to --help."""
+    """A command line that cannot be used: one argparse refuses (an unknown flag, a value of the wrong type or not
+    among the choices, a required flag missing; the message points to --help) or a stage's own check of the flags."""
 
 
 class Parser(argparse.ArgumentParser):

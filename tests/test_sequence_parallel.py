@@ -30,12 +30,12 @@ LONG = 70  # tokens of the long samples: more than MAX_TOKENS, which one rank ho
 MAX_TOKENS = 48
 
 
-def write_long_data(path: Path, num_samples: int, vocab: int, seed: int = 0) -> Path:
-    """Samples of 10-40 tokens and, every fourth, one of LONG tokens (longer than one rank's budget)."""
+def write_long_data(path: Path, num_samples: int, vocab: int, seed: int = 0, long: bool = True) -> Path:
+    """Samples of 10-40 tokens and, every fourth (with `long`), one of LONG tokens (longer than one rank's budget)."""
     rng = np.random.default_rng(seed)
     with open(path, "w") as f:
         for i in range(num_samples):
-            n = LONG if i % 4 == 1 else int(rng.integers(10, 40))
+            n = LONG if long and i % 4 == 1 else int(rng.integers(10, 40))
             prompt = int(rng.integers(2, n // 2))
             ids = rng.integers(3, vocab, n).tolist()
             f.write(json.dumps({"input_ids": ids, "labels": [-100] * prompt + ids[prompt:], "len": n}) + "\n")
@@ -637,14 +637,7 @@ def test_a_run_resumes_with_another_sequence_parallel_size_to_the_same_losses(tm
     """docs/sequence_parallel.md: a run resumes with another S. 2 ranks train 3 steps without sequence parallelism
     (S = 1: two data-parallel groups); from its step-2 checkpoint, 2 ranks with S = 2 (one group sharing each row)
     train the third: its loss and validation loss are the first run's. The rows fit one rank, so both S train them."""
-    rng = np.random.default_rng(5)
-    data = tmp_path / "data.jsonl"
-    with open(data, "w") as f:
-        for _ in range(32):
-            n = int(rng.integers(10, MAX_TOKENS))
-            prompt = int(rng.integers(2, n // 2))
-            ids = rng.integers(3, 700, n).tolist()
-            f.write(json.dumps({"input_ids": ids, "labels": [-100] * prompt + ids[prompt:], "len": n}) + "\n")
+    data = write_long_data(tmp_path / "data.jsonl", 32, vocab=700, seed=5, long=False)
     model_dir = tiny_model_dir("llama")
 
     def args(out: Path, steps: int, size: int) -> list[str]:
