@@ -9,6 +9,20 @@ import time
 from tests.test_train import torchrun
 
 
+def align_ranks() -> None:
+    """Wait, on torchrun's own store (a patient one), until both ranks are here: under load one rank's start-up took
+    over 0.6 s longer than the other's, and gloo's connection of the two timed out inside init_process_group."""
+    import os
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
+                          timeout=timedelta(seconds=60))
+    store.set(f"aligned/{os.environ['RANK']}", "1")
+    store.wait([f"aligned/{rank}" for rank in range(int(os.environ["WORLD_SIZE"]))])
+
+
 def patient_worker(out: str) -> None:
     import torch.distributed as dist
 
@@ -18,6 +32,7 @@ def patient_worker(out: str) -> None:
         raise_if_any_rank_failed,
     )
 
+    align_ranks()  # a rank arriving 0.6 s after the other would time out in the group's own set-up
     world = init_distributed("gloo", timeout_minutes=0.01)  # 0.6 s for the training group's collectives
     report = {}
     start = time.monotonic()
