@@ -419,13 +419,17 @@ def test_the_estimate_stops_a_run_whose_teacher_pass_does_not_fit_though_its_ste
     assert roomy["teacher_pass_gib"] == round(truth, 3) and "fits in 1.5 GiB" in text and "needs an" not in text
 
 
-def test_the_memory_estimate_runs_a_distillation_step(tmp_path, tiny_model_dir):
+def test_the_memory_estimate_runs_a_distillation_step(tmp_path, tiny_model_dir, monkeypatch):
     """The estimate (run at start-up on CUDA, or when checkpointing is auto) simulates a step of the objective on fake
-    tensors, a stand-in teacher table included."""
+    tensors, a stand-in teacher table included: the student trains (AdamW's state is the student's, counted in the
+    test), the teacher is not in the step."""
     from minitrain.training import memory
+    from tests.test_memory import adamw_state_bytes, simulated_parts
 
     data = tmp_path / "unused.jsonl"
-    config = distill_config(data, tiny_model_dir("llama"), tiny_model_dir("qwen2"), tmp_path / "o",
-                            activation_checkpointing=False)
+    student, teacher = tiny_model_dir("llama"), tiny_model_dir("qwen2")
+    config = distill_config(data, student, teacher, tmp_path / "o", activation_checkpointing=False)
+    steps = simulated_parts(monkeypatch)
     estimate = memory.estimate(config, 2, None, False, memory.run_optimizer(config), slope=False)
-    assert estimate.objective == "distill" and estimate.peak_gib > 0
+    assert estimate.objective == "distill" and estimate.peak_gib > 0 and len(steps) == 1
+    assert steps[0]["optimizer_state"] == adamw_state_bytes(student, 2) != adamw_state_bytes(teacher, 2)

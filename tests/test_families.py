@@ -281,11 +281,13 @@ def test_varlen_attention_on_a_family_whose_layers_drop_the_row_boundaries_is_re
         "the packed row's sample boundaries never reach minitrain_varlen; pass --attn-implementation sdpa")
 
 
-def test_estimate_memory_of_a_step_fake_tensors_cannot_run_here_is_one_line(tmp_path, capsys):
+def test_estimate_memory_of_a_step_fake_tensors_cannot_run_here_is_one_line(tmp_path, capsys, monkeypatch):
     """--estimate-memory plans for GPUs from a config.json on any machine. Where the simulated step cannot run here
     (Gemma-2's flex attention has no backward on CPU; Falcon's layers drop the row's boundaries), one line names the
-    model type and the reason, instead of a traceback; Falcon with the fix the line gives is estimated."""
+    model type and the reason, instead of a traceback; Falcon with the fix the line gives is estimated, AdamW's state
+    in its step being that of Falcon's parameters."""
     import train
+    from tests.test_memory import adamw_state_bytes, simulated_parts
     from tests.tiny_models import zoo_configs
 
     configs = zoo_configs(256)
@@ -303,9 +305,12 @@ def test_estimate_memory_of_a_step_fake_tensors_cannot_run_here_is_one_line(tmp_
         assert code == 2 and len(lines) == 1 and "Traceback" not in err, err
         assert lines[0].startswith(f"train.py: error: --estimate-memory: the memory estimate cannot simulate {arch} "
                                    f"{reason}") and "size the run yourself" in lines[0], lines
+    steps = simulated_parts(monkeypatch)
     code = train.main(["--estimate-memory", "--model-name-or-path", str(tmp_path / "falcon"), "--world-size", "2",
                        "--max-tokens-per-gpu", "256", "--attn-implementation", "sdpa"])
-    assert code == 0 and json.loads(capsys.readouterr().out.strip().splitlines()[-1])["peak_gib"] > 0
+    assert code == 0 and json.loads(capsys.readouterr().out.strip().splitlines()[-1])["peak_gib"] > 0 and steps
+    state = adamw_state_bytes(tmp_path / "falcon", 2)  # Falcon's own parameters, counted here
+    assert [parts["optimizer_state"] for parts in steps] == [state] * len(steps)
 
 
 def test_an_unknown_block_layout_is_refused_in_one_line():

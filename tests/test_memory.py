@@ -104,6 +104,39 @@ def estimate_memory(args: list[str], capsys) -> tuple[dict, str]:
     return json.loads(out.strip().splitlines()[-1]), out
 
 
+def adamw_state_bytes(model_dir, world_size: int, classifier: bool = False) -> int:
+    """AdamW's state on rank 0 of a FULL_SHARD run of the model in `model_dir` (the causal LM, or with `classifier`
+    the 1-label sequence classifier a reward model is), counted here from the model built on the meta device: two fp32
+    tensors the size of each parameter's rank-0 shard (FSDP2 gives rank 0 the first ceil(rows / world_size) rows)
+    and a 4-byte step per parameter."""
+    import math
+
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    config = AutoConfig.from_pretrained(model_dir, **({"num_labels": 1} if classifier else {}))
+    with torch.device("meta"):
+        model = (AutoModelForSequenceClassification if classifier else AutoModelForCausalLM).from_config(config)
+    params = list(model.parameters())
+    return sum(8 * math.ceil(p.shape[0] / world_size) * (p.numel() // p.shape[0]) + 4 for p in params)
+
+
+def simulated_parts(monkeypatch) -> list:
+    """Every step memory.simulate_step simulates from now on, as the exact bytes of its parts (the estimate's JSON
+    rounds to the MiB): a list that fills as they run."""
+    from minitrain.training import memory
+
+    seen, simulate_step = [], memory.simulate_step
+
+    def recorded(*args):
+        result = simulate_step(*args)
+        seen.extend(parts for _, parts in result)
+        return result
+
+    monkeypatch.setattr(memory, "SIMULATED", {})  # an earlier test's step simulated again, not read back
+    monkeypatch.setattr(memory, "simulate_step", recorded)
+    return seen
+
+
 @pytest.mark.skipif(not torch.backends.mkl.is_available(),
                     reason="the measured peak needs MKL's buffer cache off (MKL_DISABLE_FAST_MM); this torch's matrix "
                     "products use another library, whose kept buffers the peak would count")

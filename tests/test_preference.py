@@ -675,16 +675,23 @@ def test_a_run_stopped_and_resumed_gives_the_uninterrupted_steps_and_weights(tmp
     assert any("score" in k for k in a) == name.startswith("reward")  # a reward model's export holds its head
 
 
-def test_the_memory_estimate_runs_a_step_of_each_preference_objective(tiny_model_dir, capsys):
+def test_the_memory_estimate_runs_a_step_of_each_preference_objective(tiny_model_dir, capsys, monkeypatch):
     """The estimate builds its packs on fake tensors (torch.bincount there used to stop every preference run whose
     activation checkpointing was decided by the estimate, the default). Each objective's step runs in every estimate
-    (no --gpu-memory-gib: the row and the cost of a token, without the search for the longest row that fits)."""
-    from tests.test_memory import estimate_memory
+    (no --gpu-memory-gib: the row and the cost of a token, without the search for the longest row that fits), on the
+    model the objective trains: AdamW's state in each simulated step is that of the causal LM (DPO, ORPO, KTO: the
+    reference's log-probabilities are a table, not a second model) or of the 1-label classifier (reward), counted in
+    the test."""
+    from tests.test_memory import adamw_state_bytes, estimate_memory, simulated_parts
 
+    model_dir = tiny_model_dir("llama")
     for objective in ("dpo", "orpo", "reward", "kto"):
-        estimate, _ = estimate_memory(["--model-name-or-path", str(tiny_model_dir("llama")), "--world-size", "2",
+        steps = simulated_parts(monkeypatch)
+        estimate, _ = estimate_memory(["--model-name-or-path", str(model_dir), "--world-size", "2",
                                        "--max-tokens-per-gpu", "256", "--objective", objective], capsys)
-        assert estimate["objective"] == objective and estimate["peak_gib"] > 0
+        assert estimate["objective"] == objective and estimate["peak_gib"] > 0 and steps
+        state = adamw_state_bytes(model_dir, 2, classifier=objective == "reward")
+        assert [parts["optimizer_state"] for parts in steps] == [state] * len(steps), objective
 
 
 def test_the_reference_table_is_keyed_by_the_model_files_and_the_device(tmp_path, tiny_model_dir):
