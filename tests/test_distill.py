@@ -325,6 +325,33 @@ def test_what_distillation_does_not_support_is_refused_in_one_line(tmp_path, cap
         assert "start-up probe" not in out and "teacher: loading" not in out
 
 
+def test_a_table_its_disk_cannot_hold_is_refused_in_one_line_before_the_teacher_loads(tmp_path, capsys,
+                                                                                         tiny_model_dir, monkeypatch):
+    """docs/objectives.md: the table's size is printed before it is built, and a disk without room for it stops
+    the run in one line naming the size, the free space and the fixes; no teacher weight loads, no table is left."""
+    import shutil
+    from collections import namedtuple
+
+    from tests.test_resume import run_main
+
+    data = write_data(tmp_path / "data.jsonl", 8, vocab=700, seed=5)
+    trained = sum(len([t for t in r["labels"][1:] if t != -100]) for r in read_rows(data))
+    size = trained * 8 * K  # K float32 log-probs and K int32 ids per trained token
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(2**40, 2**40 - size + 1, size - 1))
+    out = tmp_path / "out"
+    code, stdout, err = run_main(distill_args(data, tiny_model_dir("llama"), tiny_model_dir("qwen2"), out, 1), capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    assert (f"--objective distill: the teacher's table needs {size / 2**30:.2f} GiB in " in err
+            and f"and {(size - 1) / 2**30:.2f} GiB are free; free some space, put the cache on a larger disk "
+                "(--cache-dir) or lower --distill-top-k" in err), err
+    assert f"{trained:,} trained tokens: " in stdout and "teacher: loading" not in stdout
+    assert not list(out.glob("token_cache/*/teacher_topk-*"))
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(2**40, 2**40 - size, size))  # room for it exactly
+    code, stdout, err = run_main(distill_args(data, tiny_model_dir("llama"), tiny_model_dir("qwen2"), out, 1), capsys)
+    assert code == 0 and "teacher top-k: wrote" in stdout, err[-2000:]
+
+
 def test_a_teacher_weights_file_cut_short_is_one_line_naming_the_teacher_flag(tmp_path, capsys, tiny_model_dir):
     from tests.test_loading import cut_short
     from tests.test_resume import run_main

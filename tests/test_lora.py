@@ -286,6 +286,37 @@ def test_step_zero_is_the_base_model_and_only_adapters_train(tiny_model_dir, tmp
     assert all(p.ndim == 2 and 16 in p.shape for n, p in model.lm.named_parameters() if n in trainable)  # r 16
 
 
+def test_lora_init_gaussian_starts_at_the_base_model_with_peft_s_gaussian_a(tiny_model_dir, tmp_path):
+    """--lora-init gaussian (lora.md): B starts at zero, so step 0 is the base model exactly, and A is drawn from
+    N(0, 1/r) (peft's "gaussian"), where the default draws it Kaiming-uniform within 1/sqrt(fan_in). With r 4 the
+    two differ clearly: a standard deviation of 0.25 against at most 1/8 (fan_in 64) or 1/sqrt(128)."""
+    import torch
+
+    import train
+    from minitrain.training.data import load_data, make_pack
+    from minitrain.training.distributed import World
+    from minitrain.training.lora import build_adapter
+    from minitrain.training.model import build_model
+
+    data = write_data(tmp_path / "data.jsonl", 4, vocab=700)
+    single = World(0, 0, 1, 1, torch.device("cpu"))
+    config = train.TrainConfig(str(data), str(tiny_model_dir("llama")), str(tmp_path), batch_size=4,
+                               max_tokens_per_gpu=256, lora=True, lora_r=4)
+    pack = make_pack(load_data(config, single, vocab_size=10**6), np.arange(4))
+    base = logits(build_model(replace(config, lora=False), single).lm.eval(), pack)
+    for init in ("gaussian", "default"):
+        model = build_model(replace(config, lora_init=init), single, build_adapter(replace(config, lora_init=init)))
+        assert torch.equal(logits(model.lm.eval(), pack), base), init  # B = 0: the base model's logits exactly
+        a = {n: p.detach() for n, p in model.lm.named_parameters() if ".lora_A." in n}
+        assert len(a) == 7 * 2 and all(not p.detach().any() for n, p in model.lm.named_parameters() if ".lora_B." in n)
+        if init == "gaussian":
+            values = torch.cat([w.flatten() for w in a.values()])  # 14 matrices, 4,096 draws
+            assert values.numel() == 4096 and values.mean().abs() < 0.02
+            assert values.std().item() == pytest.approx(1 / 4, rel=0.05)
+        else:
+            assert all(w.abs().max() <= w.shape[1] ** -0.5 for w in a.values())
+
+
 def test_lora_alpha_scales_the_adapters_as_peft_does(tiny_model_dir, tmp_path):
     """--lora-alpha 32 with --lora-r 4: the scale alpha / r = 8 (lora.md), so the logits are peft's with the same
     adapter values and alpha 32 (the other LoRA tests use alpha 8, peft's own default, where a trainer that ignored
