@@ -265,6 +265,38 @@ def test_the_table_is_built_once_and_a_resumed_run_reads_it_and_continues_exactl
     assert (reference["model.norm.weight"] - halfway).abs().max().item() > 1e-4  # the comparison means something
 
 
+def test_another_k_builds_its_own_table_and_another_alpha_or_temperature_reuses_it(tmp_path, capsys, tiny_model_dir):
+    """teacher.py: the table is keyed by the teacher's files, k and the device type, not by --distill-alpha or
+    --distill-temperature. Runs sharing one --cache-dir: another alpha and temperature reuse the table; another k
+    builds a second table of k columns, leaving the first as it was."""
+    import numpy as np
+
+    from tests.test_resume import run_main
+
+    student, teacher = tiny_model_dir("llama"), tiny_model_dir("qwen2")
+    data = write_data(tmp_path / "data.jsonl", 8, vocab=700, seed=5)
+    cache = tmp_path / "cache"
+
+    def run(name: str, *flags: str) -> str:
+        args = distill_args(data, student, teacher, tmp_path / name, 1) + ["--cache-dir", str(cache), *flags]
+        code, out, err = run_main(args, capsys)  # the flags after distill_args' own win
+        assert code == 0, err[-3000:]
+        return out
+
+    assert "teacher top-k: wrote" in run("first")
+    (table,) = cache.glob("*/teacher_topk-*")
+    written = {f: f.stat().st_mtime_ns for f in table.iterdir()}
+    out = run("other_alpha_and_t", "--distill-alpha", "0.3", "--distill-temperature", "1.0")
+    assert f"teacher top-k: reused {table}" in out and "teacher: loading" not in out
+    out = run("other_k", "--distill-top-k", str(K + 4))
+    assert "teacher: loading" in out and "teacher top-k: wrote" in out
+    tables = set(cache.glob("*/teacher_topk-*"))
+    assert len(tables) == 2 and table in tables
+    (other,) = tables - {table}
+    assert np.load(other / "ids.npy").shape[1] == K + 4 and np.load(table / "ids.npy").shape[1] == K
+    assert {f: f.stat().st_mtime_ns for f in table.iterdir()} == written
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Refusals: one line, before any weight loads
 
