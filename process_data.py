@@ -68,8 +68,9 @@ def parse_args(argv: list[str] | None = None) -> Config:
     """The flags, over the values of --config FILE (YAML or TOML, keys are the flag names; minitrain/config_file.py),
     over the defaults."""
     argv = sys.argv[1:] if argv is None else list(argv)
-    path = config_path_from_argv(argv)
+    path = None
     try:
+        path = config_path_from_argv(argv)
         if path is not None:
             argv = config_as_flags(read_config_file(path, config_types())) + argv  # later flags win
         args = flags.parser(description=__doc__.split("\n\n")[0]).parse_args(argv)

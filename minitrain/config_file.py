@@ -17,6 +17,9 @@ from pathlib import Path
 import yaml
 
 
+YAML_FLOAT_AS_TEXT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+
+
 class ConfigFileError(ValueError):
     """A config file that cannot be used; the message names the file, the key and the fix."""
 
@@ -36,23 +39,42 @@ class Parser(argparse.ArgumentParser):
 
 
 def config_path_from_argv(argv: list[str]) -> str | None:
-    """The value of --config in `argv` (`--config F` or `--config=F`), without parsing the other flags."""
+    """The value of --config in `argv` (`--config F` or `--config=F`), without parsing the other flags. A second
+    --config, or one abbreviated (argparse would take `--conf F` and the file would be silently ignored), is a
+    CommandLineError."""
+    found = []
     for i, arg in enumerate(argv):
+        if arg == "--":
+            break
+        name = arg.split("=", 1)[0]
         if arg == "--config" and i + 1 < len(argv):
-            return argv[i + 1]
-        if arg.startswith("--config="):
-            return arg.split("=", 1)[1]
-    return None
+            found.append(argv[i + 1])
+        elif arg.startswith("--config="):
+            found.append(arg.split("=", 1)[1])
+        elif len(name) > 3 and "--config".startswith(name) and name != "--config":
+            raise CommandLineError(f"{name}: spell the flag out as --config (an abbreviated --config is not read)")
+    if len(found) > 1:
+        raise CommandLineError(f"--config is given {len(found)} times; give one file (merge the others into it, or "
+                               f"pass their values as flags)")
+    return found[0] if found else None
 
 
-def read_config_file(path: str, types: dict[str, type]) -> dict:
-    """{field name: value} from the file, checked against `types` ({field name: the flag's value type})."""
+def read_config_file(path: str, types: dict[str, type], choices: dict[str, tuple] | None = None,
+                     converters: dict | None = None) -> dict:
+    """{field name: value} from the file, checked against `types` ({field name: the flag's value type}), `choices`
+    ({field name: the values the flag takes}, as argparse checks them on the command line; a file's values become
+    defaults, which argparse never checks) and `converters` ({field name: the flag's own type function}, for a flag
+    whose text takes more than its type: `auto` for an int)."""
     file = Path(path)
     try:
-        text = file.read_text()
+        text = file.read_text(encoding="utf-8")
     except OSError as e:
         reason = e.strerror or e
         raise ConfigFileError(f"{path}: cannot read it ({reason}); pass an existing YAML or TOML file") from None
+    except UnicodeDecodeError as e:
+        line = text_line(file.read_bytes(), e.start)
+        raise ConfigFileError(f"{path}:{line}: not UTF-8 text (byte 0x{e.object[e.start]:02x}); save the file as "
+                              f"UTF-8") from None
     try:
         if file.suffix == ".toml":
             raw = tomllib.loads(text)
@@ -75,8 +97,24 @@ def read_config_file(path: str, types: dict[str, type]) -> dict:
             close = difflib.get_close_matches(name, list(types), n=1)
             hint = f"; did you mean {close[0].replace('_', '-')!r}?" if close else "; see --help for the flags"
             raise ConfigFileError(f"{path}: unknown key {key!r}{hint}")
-        values[name] = checked(path, key, value, types[name])
+        convert = (converters or {}).get(name)
+        if convert is not None and isinstance(value, str):
+            try:
+                values[name] = convert(value)
+            except ValueError:
+                raise ConfigFileError(f"{path}: {key!r} cannot be {value!r}; see --help for its values") from None
+        else:
+            values[name] = checked(path, key, value, types[name])
+        allowed = (choices or {}).get(name)
+        if allowed and values[name] is not None and values[name] not in allowed:
+            raise ConfigFileError(f"{path}: {key!r} must be one of {', '.join(map(str, allowed))}, got {value!r}; "
+                                  f"fix the value in the file")
     return values
+
+
+def text_line(data: bytes, offset: int) -> int:
+    """The 1-based line of byte `offset` in `data`."""
+    return data.count(b"\n", 0, offset) + 1
 
 
 def checked(path: str, key: str, value, kind: type):
@@ -85,6 +123,8 @@ def checked(path: str, key: str, value, kind: type):
         return None
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if kind is float and isinstance(value, str) and YAML_FLOAT_AS_TEXT.fullmatch(value):
+        return float(value)  # YAML 1.1 reads 1e-5 (no dot) as text: what the command line reads as 1e-05
     if kind is list:
         if isinstance(value, str):
             return [value]

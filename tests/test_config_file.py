@@ -45,10 +45,17 @@ def test_toml_config_equals_the_same_flags_on_the_command_line(tmp_path):
     ("e.toml", "seed = \n", "e.toml:1: not valid TOML"),
     ("f.json", "{}", "f.json: unknown config file type '.json'; use .yaml, .yml or .toml"),
     ("g.yaml", "- 1\n- 2\n", "g.yaml: expected a mapping of flag names to values, got list"),
+    # a file's values become argparse defaults, which argparse never checks against a flag's choices: checked here
+    # (else an unknown scheduler trained a cosine, an unknown objective SFT, and --save-dtype fp16 failed at export)
+    ("h.yaml", "lr-scheduler: cosin\n", "h.yaml: 'lr-scheduler' must be one of constant, linear, cosine, got 'cosin'"),
+    ("i.toml", 'objective = "DPO"\n', "i.toml: 'objective' must be one of "),
+    ("j.yaml", "save-dtype: fp16\n", "j.yaml: 'save-dtype' must be one of bfloat16, float16, float32, got 'fp16'"),
+    ("k.yaml", "max-tokens-per-gpu: lots\n", "k.yaml: 'max-tokens-per-gpu' cannot be 'lots'; see --help"),
+    ("l.yaml", b"# r\xe9glages\nmax-steps: 2\n", "l.yaml:1: not UTF-8 text (byte 0xe9); save the file as UTF-8"),
 ])
 def test_a_bad_config_file_is_one_line_naming_the_file_and_the_fix(tmp_path, capsys, name, text, message):
     recipe = tmp_path / name
-    recipe.write_text(text)
+    recipe.write_bytes(text) if isinstance(text, bytes) else recipe.write_text(text)
     assert train.main(["--config", str(recipe), *REQUIRED]) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"train.py: error: {tmp_path}/") and message in err and len(err.splitlines()) == 1, err
@@ -66,3 +73,44 @@ def test_the_example_recipes_are_valid_configs(recipe):
 
     config = train.parse_args(["--config", str(Path(__file__).parent.parent / "examples" / recipe)])
     assert config.batch_size > 0 and config.max_tokens_per_gpu > 0 and not config.model_name_or_path.startswith("~")
+
+
+def test_a_config_file_takes_what_the_command_line_takes(tmp_path):
+    """`max-tokens-per-gpu: auto` (the flag's own type reads it), and YAML's 1e-5, which YAML 1.1 reads as text."""
+    recipe = tmp_path / "run.yaml"
+    recipe.write_text("max-tokens-per-gpu: auto\nlearning-rate: 1e-5\nweight-decay: 2.5E+1\n")
+    config = train.parse_args(["--config", str(recipe), *REQUIRED[:-2]])
+    assert config.max_tokens_per_gpu == "auto" and config.learning_rate == 1e-5 and config.weight_decay == 25.0
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--conf", "F"], "--conf: spell the flag out as --config (an abbreviated --config is not read)"),
+    (["--config", "F", "--config=F"], "--config is given 2 times; give one file"),
+    (["--weight-decay", "nan", "--max-grad-norm", "inf"], "--weight-decay nan, --max-grad-norm inf: must be a finite "
+                                                          "number"),
+])
+def test_a_config_file_that_would_be_ignored_and_numbers_that_are_not_are_one_line(tmp_path, capsys, flags, message):
+    """argparse takes --conf for --config and keeps the last of two; the file read would have been the first, or none
+    (the run then trained silently without it). nan passes every check written as x < 0."""
+    recipe = tmp_path / "run.yaml"
+    recipe.write_text("max-steps: 2\n")
+    argv = [str(recipe) if arg == "F" else arg.replace("=F", f"={recipe}") for arg in flags]
+    assert train.main([*argv, *REQUIRED]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"train.py: error: {message}") and len(err.splitlines()) == 1, err
+
+
+def test_process_data_reads_its_config_file_as_train_py_does(tmp_path, capsys):
+    """The same reader: an abbreviated or second --config, and a file that is not UTF-8, are one line."""
+    import process_data
+
+    recipe = tmp_path / "p.yaml"
+    recipe.write_bytes(b"# r\xe9glages\nnum-workers: 1\n")
+    for argv, message in (([f"--conf={recipe}"], "--conf: spell the flag out as --config"),
+                          (["--config", str(recipe), "--config", str(recipe)], "--config is given 2 times"),
+                          (["--config", str(recipe)], f"{recipe}:1: not UTF-8 text (byte 0xe9); save the file as UTF-8")):
+        with pytest.raises(SystemExit) as e:
+            process_data.parse_args([*argv, "--input-file", "in.jsonl", "--output-file", "out.jsonl",
+                                     "--model-name-or-path", "m"])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and err.startswith(f"process_data.py: error: {message}") and err.count("\n") == 1, err

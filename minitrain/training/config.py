@@ -4,6 +4,7 @@ whole before anything expensive runs (validate). docs/flags.md is generated from
 
 import argparse
 import importlib.util
+import math
 import os
 import sys
 import types
@@ -12,7 +13,7 @@ from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 
 from minitrain import flag_table
-from minitrain.config_file import Parser, config_path_from_argv, read_config_file
+from minitrain.config_file import CommandLineError, Parser, config_path_from_argv, read_config_file
 from minitrain.training import attention, checkpoint, lora
 from minitrain.training.data import DataError
 from minitrain.training.mixture import parse_sources
@@ -234,7 +235,9 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
     argv = sys.argv[1:] if argv is None else argv
     hints = {name: value_type(hint) for name, hint in typing.get_type_hints(TrainConfig).items()}
     path = config_path_from_argv(argv)
-    from_file = read_config_file(path, hints) if path else {}
+    metadata = {f.name: f.metadata for f in fields(TrainConfig)}
+    from_file = read_config_file(path, hints, {name: m["choices"] for name, m in metadata.items() if "choices" in m},
+                                 {name: m["type"] for name, m in metadata.items() if "type" in m}) if path else {}
     estimating = "--estimate-memory" in argv  # needs neither data nor an output folder
     p = Parser(prog="train.py", description=DESCRIPTION)
     p.add_argument("--config", help=CONFIG_HELP)
@@ -257,6 +260,11 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
         p.add_argument(*names, **kwargs)
     args = vars(p.parse_args(argv))
     del args["config"]  # its values are in the others
+    # nan passes every check written as x < 0 and inf overflows later: no flag means anything by either
+    odd = [f"--{name.replace('_', '-')} {value}" for name, value in args.items()
+           if isinstance(value, float) and not math.isfinite(value)]
+    if odd:
+        raise CommandLineError(f"{', '.join(odd)}: must be a finite number")
     return TrainConfig(**args)
 
 
@@ -293,7 +301,7 @@ def validate(config: TrainConfig, world_size: int, local_world_size: int, cuda: 
         if not Path(source.path).is_file():
             problems.append(f"--data-path {source.path}: no such file; pass the JSONL written by process_data.py")
     model_problems = model_path_problems(config.model_name_or_path)
-    problems += model_problems
+    problems += model_problems + output_dir_problems(config.output_dir, config.model_name_or_path)
     sp = config.sequence_parallel_size
     groups = world_size // sp if sp >= 1 and world_size % sp == 0 else world_size
     problems += sequence_parallel_problems(config, world_size)
@@ -498,6 +506,22 @@ def validation_problems(config: TrainConfig) -> list[str]:
                         "pip install rouge-score")
     tracker = tracker_problem(config.tracker)
     return problems + ([tracker] if tracker else [])
+
+
+def output_dir_problems(output_dir: str, model: str) -> list[str]:
+    """--output-dir must be a folder that can be made (not a file, nor under one) and not the model's own folder,
+    whose files the run's checkpoints, exports and training_config.json would write over."""
+    out = Path(output_dir)
+    blocking = next((p for p in (out, *out.parents) if p.exists() and not p.is_dir()), None)
+    if blocking == out:
+        return [f"--output-dir {output_dir}: is a file, not a folder; name a folder (a new one is made)"]
+    if blocking is not None:
+        return [f"--output-dir {output_dir}: {blocking} is a file, so no folder can be made under it; name a folder "
+                f"elsewhere"]
+    if out.is_dir() and Path(model).is_dir() and out.resolve() == Path(model).resolve():
+        return [f"--output-dir {output_dir}: is the model's folder (--model-name-or-path), whose files the run would "
+                f"write over; name another folder"]
+    return []
 
 
 def model_path_problems(name: str, flag: str = "--model-name-or-path") -> list[str]:
