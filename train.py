@@ -279,7 +279,7 @@ def setup(config: TrainConfig, world: World) -> Run:
         restore(resume, model, optimizer, scheduler, validator, state, world)
     checkpointer = Checkpointer(config, world, model, optimizer, scheduler, tokenizer, validator, state)
     log = RunLog(config, world, tokenizer, total_steps, state.step)
-    names = None if mixture is None else [Path(s.path).name for s in sources]
+    names = None if mixture is None or len(sources) == 1 else [Path(s.path).name for s in sources]  # per-file metrics
     if names is not None and state.source_samples is None:
         state.source_samples = [0] * len(names)
     return Run(config, world, objective, cache, planner, data.train_indices, total_steps, model, optimizer, scheduler,
@@ -364,7 +364,9 @@ def load_datasets(config: TrainConfig, world: World, hf_config, tokenizer, objec
         costs, trained = costs[train_indices], trained[train_indices]
     mixture = None
     if len(sources) > 1 or sources[0] != Source(sources[0].path):  # a mixture: the planner's samples per file
-        of_sample = cache.sources if train_indices is None else cache.sources[train_indices]
+        # one file with a weight or epochs (data.jsonl:2x) has no `sources`: every sample is file 0's
+        of_file = cache.sources if cache.sources is not None else np.zeros(len(cache.trained), dtype=np.int64)
+        of_sample = of_file if train_indices is None else of_file[train_indices]
         mixture = Mixture(sources, [np.flatnonzero(of_sample == k) for k in range(len(sources))], config.seed)
         print0(f"mixture: {mixture.describe()}")
     return Datasets(sources, cache, validation_cache, train_indices, held_out, costs, trained, mixture)

@@ -22,6 +22,31 @@ def test_specs_parse_into_weights_or_epochs_and_bad_mixtures_are_one_line():
         parse_sources(["a.jsonl:0", "b.jsonl:1"])
     with pytest.raises(DataError, match="names a file twice"):
         parse_sources(["a.jsonl:1x", "a.jsonl:2x"])
+    with pytest.raises(DataError, match="names a file twice"):  # the same file, spelled another way
+        parse_sources(["a.jsonl", "./a.jsonl"])
+    for specs in (["a.jsonl:1e400"], ["a.jsonl:0.5", "b.jsonl:1e400"], ["a.jsonl:1e400x"]):  # inf: a traceback later
+        with pytest.raises(DataError, match="weights and epochs must be positive finite numbers"):
+            parse_sources(specs)
+    with pytest.raises(DataError, match=r"a.jsonl:1e\+12x: an epoch of the mixture would hold 4,000,000,000,000 "
+                                        r"samples, more than 2,147,483,648; lower the epochs"):
+        Mixture(parse_sources(["a.jsonl:1e12x"]), members(4), seed=0)
+
+
+def test_one_file_with_epochs_draws_them(tmp_path, capsys, tiny_model_dir):
+    """--data-path data.jsonl:2x alone: each epoch holds every sample twice (it stopped with "the mixture draws no
+    sample per epoch": a single file's cache says no file per sample)."""
+    import train
+
+    data = write_data(tmp_path / "a.jsonl", 6, vocab=700, seed=1)
+    out = tmp_path / "out"
+    capsys.readouterr()
+    code = train.main(["--data-path", f"{data}:2x", "--model-name-or-path", str(tiny_model_dir("llama")),
+                       "--output-dir", str(out), "--batch-size", "4", "--max-tokens-per-gpu", "256",
+                       "--max-steps", "3", "--save-dtype", "float32"])
+    assert code == 0, capsys.readouterr().err
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    lines = [line for r in records for line in r["sample_lines"]]
+    assert len(lines) == 12 and sorted(lines) == sorted(list(range(1, 7)) * 2)  # the 12-sample epoch: each twice
 
 
 def members(*sizes):

@@ -12,6 +12,8 @@ epoch), the same on every rank and for any world size, and a resumed run draws w
 """
 
 import hashlib
+import math
+import os
 import re
 from dataclasses import dataclass
 
@@ -27,6 +29,9 @@ class Source:
     path: str
     weight: float | None = None  # share of each epoch's samples
     epochs: float = 1.0  # passes over the file per epoch (when no weights are given)
+
+
+MAX_EPOCH_SAMPLES = 2**31  # an epoch's plan holds an int64 per sample: 16 GiB at this many
 
 
 def parse_sources(specs: list[str]) -> list[Source]:
@@ -46,9 +51,10 @@ def parse_sources(specs: list[str]) -> list[Source]:
         raise DataError(f"--data-path: {', '.join(bare)} have no weight while others do; give every file a weight "
                         f"(path:0.3) or use epochs for all (path:2x; no suffix = 1x)")
     for s in sources:
-        if (s.weight is not None and not s.weight > 0) or not s.epochs > 0:
-            raise DataError(f"--data-path {s.path}: weights and epochs must be positive; raise it or drop the file")
-    if len({s.path for s in sources}) != len(sources):
+        if (s.weight is not None and not 0 < s.weight < math.inf) or not 0 < s.epochs < math.inf:
+            raise DataError(f"--data-path {s.path}: weights and epochs must be positive finite numbers; give it one "
+                            f"(path:0.3 or path:2x) or drop the file")
+    if len({os.path.realpath(s.path) for s in sources}) != len(sources):  # ./a.jsonl, a link to it: the same file
         raise DataError("--data-path names a file twice; give it one weight or one number of epochs instead")
     return sources
 
@@ -100,7 +106,12 @@ class Mixture:
             weights = np.array([s.weight for s in sources])
             self.counts = np.rint(weights / weights.sum() * sizes.sum()).astype(np.int64)
         else:
-            self.counts = np.rint(np.array([s.epochs for s in sources]) * sizes).astype(np.int64)
+            counts = np.rint(np.array([s.epochs for s in sources]) * sizes)
+            if counts.sum() > MAX_EPOCH_SAMPLES:
+                k = int(np.argmax(counts))
+                raise DataError(f"--data-path {sources[k].path}:{sources[k].epochs:g}x: an epoch of the mixture would "
+                                f"hold {counts.sum():,.0f} samples, more than {MAX_EPOCH_SAMPLES:,}; lower the epochs")
+            self.counts = counts.astype(np.int64)
         empty = [s.path for s, n, c in zip(sources, sizes, self.counts) if c > 0 and n == 0]
         if empty:
             raise DataError(f"--data-path {empty[0]}: no training sample left in it; drop it from the mixture")
