@@ -581,6 +581,32 @@ def test_output_equal_to_input_is_refused_before_reading(capsys, tmp_path, token
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl", "link.jsonl"]
 
 
+def test_no_file_of_the_model_folder_is_overwritten_by_the_rows_or_their_template(capsys, tmp_path, tokenizer_dir):
+    """--output-file naming a file of the model's folder (its tokenizer.json, say) would break the model; a new file
+    there is fine."""
+    import shutil
+
+    data = write_lines(tmp_path / "in.jsonl", [{"messages": CONVERSATIONS["single"]}])
+    model = tmp_path / "model"
+    shutil.copytree(tokenizer_dir("chatml"), model)
+    (model / "rows.jsonl.chat_template.jinja").write_text("kept")  # where rows.jsonl's template would be saved
+    before = {p.name: p.read_bytes() for p in model.iterdir()}
+    for out, name in ((model / "tokenizer.json", "tokenizer.json"),
+                      (model / "rows.jsonl", "rows.jsonl.chat_template.jinja")):
+        argv = ["--input-file", str(data), "--output-file", str(out), "--model-name-or-path", str(model)]
+        with pytest.raises(SystemExit) as e:
+            process_data.main([*argv, "--max-sample-num-tokens", "4096", "--num-workers", "1"])
+        stderr = capsys.readouterr().err
+        assert e.value.code == 2 and stderr == (f"process_data.py: error: {out}: --output-file would overwrite {name} "
+                                                f"in the model's folder (--model-name-or-path); write the rows to "
+                                                f"another folder\n")
+    assert {p.name: p.read_bytes() for p in model.iterdir()} == before
+    (model / "rows.jsonl.chat_template.jinja").unlink()
+    process_data.main(["--input-file", str(data), "--output-file", str(model / "rows.jsonl"), "--model-name-or-path",
+                       str(model), "--max-sample-num-tokens", "4096", "--num-workers", "1"])
+    assert (model / "rows.jsonl").exists() and (model / "tokenizer.json").read_bytes() == before["tokenizer.json"]
+
+
 def test_no_file_read_is_overwritten_by_the_rows_or_the_report(capsys, tmp_path, tokenizer_dir):
     from transformers import AutoTokenizer
 

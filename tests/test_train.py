@@ -483,6 +483,30 @@ def test_loss_reduction_sequences_from_the_command_line_is_the_mean_of_each_samp
     assert first["loss"] != pytest.approx(sum(sums) / sum(counts), rel=1e-3)  # not the token mean
 
 
+def test_an_output_dir_that_is_a_file_under_a_file_or_the_model_folder_is_one_line(tmp_path, capsys, tiny_model_dir):
+    """Before anything loads: a file (the data file too) or a path under one (a traceback from mkdir before), and the
+    model's own folder, whose config and training_config.json the run would write over."""
+    import shutil
+
+    data = write_data(tmp_path / "data.jsonl", 4, vocab=700)
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir("llama"), model)
+    (tmp_path / "notes.txt").write_text("mine")
+    before = {p.name: p.read_bytes() for p in [data, tmp_path / "notes.txt", *model.iterdir()]}
+    for out, message in (
+        (tmp_path / "notes.txt", f"--output-dir {tmp_path / 'notes.txt'}: is a file, not a folder; name a folder"),
+        (data, f"--output-dir {data}: is a file, not a folder"),
+        (tmp_path / "notes.txt" / "run", f"--output-dir {tmp_path / 'notes.txt' / 'run'}: {tmp_path / 'notes.txt'} is "
+                                         f"a file, so no folder can be made under it; name a folder elsewhere"),
+        (model / ".", f"--output-dir {model / '.'}: is the model's folder (--model-name-or-path), whose files the run "
+                      f"would write over; name another folder"),
+    ):
+        args = base_args(tmp_path, model, data)
+        code, err = run_main([*args, "--output-dir", str(out)], capsys)  # the last --output-dir wins
+        assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+    assert {p.name: p.read_bytes() for p in [data, tmp_path / "notes.txt", *model.iterdir()]} == before
+
+
 def test_model_folder_without_tokenizer_is_a_clear_error(tmp_path, capsys, tiny_model_dir):
     model_dir = tmp_path / "no-tokenizer"
     model_dir.mkdir()

@@ -277,6 +277,11 @@ def check_paths(cfg: Config) -> None:
         if path is not None and same_file(out, path):
             raise RunError(f"{out}: --output-file is the {flag} file, which would be overwritten; write the rows to "
                            f"another file")
+    model = Path(cfg.model_name_or_path)
+    for written in (out, template_sidecar(out)):  # the rows, and the chat template saved beside them
+        if model.is_dir() and written.exists() and same_file(written.parent, model):
+            raise RunError(f"{out}: --output-file would overwrite {written.name} in the model's folder "
+                           f"(--model-name-or-path); write the rows to another folder")
     if cfg.report is not None:
         written = {"--input-file": cfg.input_file, "--output-file": out, **read, "the saved chat template":
                    template_sidecar(out)}
