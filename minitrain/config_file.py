@@ -5,7 +5,9 @@ axolotl and torchtune recipes (YAML) and training-wizard configs (TOML) have the
     fsdp_sharding_strategy: FULL_SHARD               use-liger-kernels = true
 
 Flags given on the command line override the file. An unknown key is a one-line error naming the file, the key and
-the closest valid one; so is a value of the wrong type. The command line's own errors are one line too (`Parser`).
+the closest valid one; so is a value of the wrong type or not among the flag's choices, a file that is not UTF-8, and
+a --config given twice or abbreviated (argparse would take `--conf F` and the file would go unread). The command
+line's own errors are one line too (`Parser`).
 """
 
 import argparse

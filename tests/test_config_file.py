@@ -108,7 +108,8 @@ def test_process_data_reads_its_config_file_as_train_py_does(tmp_path, capsys):
     recipe.write_bytes(b"# r\xe9glages\nnum-workers: 1\n")
     for argv, message in (([f"--conf={recipe}"], "--conf: spell the flag out as --config"),
                           (["--config", str(recipe), "--config", str(recipe)], "--config is given 2 times"),
-                          (["--config", str(recipe)], f"{recipe}:1: not UTF-8 text (byte 0xe9); save the file as UTF-8")):
+                          (["--config", str(recipe)], f"{recipe}:1: not UTF-8 text (byte 0xe9); save the file as "
+                                                      f"UTF-8")):
         with pytest.raises(SystemExit) as e:
             process_data.parse_args([*argv, "--input-file", "in.jsonl", "--output-file", "out.jsonl",
                                      "--model-name-or-path", "m"])
