@@ -403,6 +403,27 @@ def test_every_flag_problem_is_reported_together(tmp_path, capsys, monkeypatch):
     assert not (tmp_path / "out").exists()  # nothing happened before validation
 
 
+def test_an_objectives_own_flags_given_for_another_objective_are_one_line(tmp_path, capsys):
+    """--dpo-beta with the default --objective sft (the user forgot --objective dpo) would train SFT and ignore it:
+    every such flag is named in one line, before anything loads."""
+    args = ["--data-path", str(tmp_path / "d.jsonl"), "--model-name-or-path", str(tmp_path / "m"),
+            "--output-dir", str(tmp_path / "out"), "--batch-size", "4", "--max-tokens-per-gpu", "64"]
+    for flags, named in (
+        (["--dpo-beta", "0.5", "--simpo-gamma", "2", "--kto-beta", "0.3", "--distill-top-k", "4"],
+         "--dpo-beta, --simpo-gamma, --kto-beta, --distill-top-k would be ignored by --objective sft: drop them or "
+         "pass the objective they are for"),
+        (["--objective", "dpo", "--dpo-beta", "0.5", "--orpo-lambda", "0.2", "--reward-center-coefficient", "0.01"],
+         "--orpo-lambda, --reward-center-coefficient would be ignored by --objective dpo"),
+        (["--objective", "kto", "--kto-desirable-weight", "2", "--preference-sft-weight", "0.1"],
+         "--preference-sft-weight would be ignored by --objective kto"),
+    ):
+        code, err = run_main([*args, *flags], capsys)
+        assert code == 2 and named in err and len(err.strip().splitlines()) == 1, err
+    code, err = run_main([*args, "--objective", "simpo", "--simpo-beta", "2.5", "--simpo-gamma", "1",
+                          "--preference-sft-weight", "0.1"], capsys)
+    assert "would be ignored" not in err, err  # SimPO's own flags (the run stops on the missing files)
+
+
 def test_what_argparse_refuses_is_one_line_too_on_every_rank(tmp_path, capsys, monkeypatch):
     """An unknown flag, a value not among the choices or of the wrong type, a required flag missing: one line naming
     it and --help, exit code 2 (argparse alone prints the whole usage first: 66 lines), with the rank under torchrun."""

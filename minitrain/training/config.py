@@ -403,9 +403,23 @@ def sequence_parallel_problems(config, world_size: int) -> list[str]:
     return problems
 
 
+# Each objective's own flags: given (set to other than their default) for another objective, they would be ignored
+OBJECTIVE_FLAGS = {
+    "dpo_beta": ("dpo",), "dpo_loss_type": ("dpo",), "dpo_label_smoothing": ("dpo",), "simpo_beta": ("simpo",),
+    "simpo_gamma": ("simpo",), "preference_sft_weight": ("dpo", "simpo", "orpo"), "orpo_lambda": ("orpo",),
+    "reward_center_coefficient": ("reward",), "kto_beta": ("kto",), "kto_desirable_weight": ("kto",),
+    "kto_undesirable_weight": ("kto",), "distill_top_k": ("distill",), "distill_alpha": ("distill",),
+    "distill_temperature": ("distill",),
+}
+
+
 def objective_problems(config: TrainConfig) -> list[str]:
     """The objective's own flags (DPO, SimPO, ORPO, reward models, distillation)."""
-    problems = []
+    defaults = {f.name: f.default for f in fields(TrainConfig)}
+    ignored = [name for name, objectives in OBJECTIVE_FLAGS.items()
+               if config.objective not in objectives and getattr(config, name) != defaults[name]]
+    problems = [f"--{', --'.join(n.replace('_', '-') for n in ignored)} would be ignored by --objective "
+                f"{config.objective}: drop them or pass the objective they are for"] if ignored else []
     for name in ("dpo_beta", "simpo_beta", "kto_beta"):
         if not getattr(config, name) > 0:
             problems.append(f"--{name.replace('_', '-')} must be positive, got {getattr(config, name)}")
