@@ -355,6 +355,29 @@ def test_forced_format(capsys, tmp_path, tokenizer_dir):
     assert f"{data}:2: no `text` field" in stderr
 
 
+def test_pair_flags_on_rows_that_are_not_pairs_are_one_line(capsys, tmp_path, tokenizer_dir):
+    """--train-source, --pair-rendering and --separator change pair rows only: on messages or text rows they would
+    write the same rows as without them, so they are refused, as is --separator without raw rendering."""
+    messages = write_lines(tmp_path / "m.jsonl", [{"messages": [{"role": "user", "content": "q"},
+                                                                {"role": "assistant", "content": "a"}]}])
+    text = write_lines(tmp_path / "t.jsonl", [{"text": "Just the text."}])
+    pairs = write_lines(tmp_path / "p.jsonl", [{"source": "q", "target": "a"}])
+    for data, flags, message in (
+        (messages, ("--train-source", "--pair-rendering", "raw", "--separator", "ZZ"),
+         f"{messages}:1: --pair-rendering, --separator, --train-source apply to pair rows and this file's rows are "
+         f"messages; drop them"),
+        (text, ("--train-source",), f"{text}:1: --train-source applies to pair rows and this file's rows are text; "
+                                    f"drop it"),
+        (pairs, ("--separator", "ZZ"), "--separator goes between source and target of raw pairs; add "
+                                       "--pair-rendering raw or drop --separator"),
+    ):
+        stderr = error_of(capsys, tmp_path, tokenizer_dir, data, *flags)
+        assert stderr == f"process_data.py: error: {message}\n", stderr
+    code, _, stderr, _ = run_main(capsys, tmp_path, tokenizer_dir("chatml"), pairs, "--pair-rendering", "raw",
+                                  "--separator", "ZZ", "--train-source")
+    assert code == 0, stderr
+
+
 def test_named_columns(capsys, tmp_path, tokenizer_dir):
     data = write_lines(tmp_path / "in.jsonl", [{"question": "Capital of France?", "answer": "Paris.", "text": "x"}])
     flags = ("--source-column", "question", "--target-column", "answer", "--pair-rendering", "raw")

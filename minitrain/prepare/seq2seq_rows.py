@@ -66,6 +66,16 @@ def flag_problem(cfg, spec: InputSpec, model_type: str | None) -> str | None:
         for flag, value in seq2seq_only:
             if value:
                 return f"{flag} is for encoder-decoder models and {cfg.model_name_or_path} is a causal LM; drop it"
+        pair_flags = {"--pair-rendering": cfg.pair_rendering is not None, "--separator": cfg.separator is not None,
+                      "--train-source": cfg.train_source}
+        ignored = [flag for flag, given in pair_flags.items() if given]
+        if ignored and spec.first_line and spec.fmt.kind != "pairs":  # they would change no row: said, not ignored
+            many = len(ignored) > 1
+            return (f"{cfg.input_file}:{spec.first_line}: {', '.join(ignored)} appl{'y' if many else 'ies'} to pair "
+                    f"rows and this file's rows are {spec.fmt.kind}; drop {'them' if many else 'it'}")
+        if cfg.separator is not None and cfg.pair_rendering != "raw":
+            return ("--separator goes between source and target of raw pairs; add --pair-rendering raw or drop "
+                    "--separator")
         if cfg.max_sample_num_tokens is None:
             return "a causal LM needs --max-sample-num-tokens (the longest sample kept); pass e.g. 4096"
         return None
