@@ -413,3 +413,19 @@ def test_a_resumed_auto_run_keeps_its_checkpoints_row_and_plans_nothing(tmp_path
     with pytest.raises(ConfigError, match="--max-tokens-per-gpu auto: "):
         memory.decide_for_run(train.parse_args([*argv, "--fresh"]), cpu, hf_config)
     assert calls  # the fresh start planned
+
+
+def test_a_verdict_from_one_simulated_row_names_no_longest_row():
+    """Auto checkpointing's check simulates the asked row alone (memory.plan): its printed verdict says whether the
+    row fits, and no "longest row that fits: none", which no search found (a run printed that beside "fits")."""
+    from minitrain.training import memory
+
+    one_row = memory.Estimate(peak_gib=0.02, parts=dict.fromkeys(memory.PARTS, 0.0), world_size=1,
+                              max_tokens_per_gpu=512, longest_row_that_fits=None, gpu_memory_gib=22.8309,
+                              gib_per_token=0.0, strategy="FULL_SHARD", activation_checkpointing=False,
+                              adapter="full", objective="sft")
+    assert one_row.describe().splitlines()[-1] == "fits in 22.8 GiB"
+    searched = memory.Estimate(**{**vars(one_row), "longest_row_that_fits": 4096, "gib_per_token": 1 / 1024,
+                                  "longest_row_checked": True})
+    assert searched.describe().splitlines()[-1] == ("fits in 22.8 GiB; longest row that fits: 4096 tokens per GPU "
+                                                    "(1.000 GiB per 1k tokens per GPU)")

@@ -81,6 +81,7 @@ class Estimate:
     activation_offload: bool = False  # the checkpointed blocks' inputs in host memory (CUDA)
     # distillation: the peak of the teacher's top-k pass, which runs before the student is built (never with it)
     teacher_pass_gib: float | None = None
+    longest_row_checked: bool = False  # longest_row_that_fits was searched for (a row's peak alone does not say)
 
     @property
     def step_fits(self) -> bool:
@@ -121,11 +122,13 @@ class Estimate:
                          f"GPU at its peak")
         if self.gpu_memory_gib is not None:
             verdict = "fits" if self.fits else "does NOT fit" + (" (the teacher's pass)" if self.step_fits else "")
-            longest = self.longest_row_that_fits
-            row = "longest row whose step fits" if self.step_fits and not self.fits else "longest row that fits"
-            lines.append(f"{verdict} in {self.gpu_memory_gib:g} GiB; {row}: "
-                         f"{self.rows(longest) if longest is not None else 'none'} "
+            line = f"{verdict} in {round(self.gpu_memory_gib, 1):g} GiB"
+            if self.longest_row_checked:  # else unknown: one row was simulated (auto checkpointing's check)
+                longest = self.longest_row_that_fits
+                row = "longest row whose step fits" if self.step_fits and not self.fits else "longest row that fits"
+                line += (f"; {row}: {self.rows(longest) if longest is not None else 'none'} "
                          f"({self.gib_per_token * 1024:.3f} GiB per 1k tokens per GPU)")
+            lines.append(line)
         return "\n".join(lines)
 
     def json_line(self) -> str:
@@ -544,6 +547,7 @@ def estimate(config, world_size: int, gpu_memory_gib: float | None, cuda: bool, 
     if gpu_memory_gib is not None and rest:
         result.longest_row_that_fits = checked_longest_row(result, config, (t2, second["peak"] / GIB), world_size,
                                                            cuda, make_optimizer, shard_group_size, local_world_size)
+        result.longest_row_checked = True
     return result
 
 
