@@ -233,6 +233,9 @@ def setup(config: TrainConfig, world: World) -> Run:
     units = "pairs" if cache.pairs else "samples"
     print0(f"{len(costs)} {units}, {int(costs.sum())} tokens, {planner.steps_per_epoch} steps per epoch, "
            f"{total_steps if total_steps is not None else 'unlimited'} steps")
+    if config.batch_size > planner.epoch_size:
+        print0(f"note: --batch-size {config.batch_size} is more than an epoch's {planner.epoch_size} {units}: each "
+               f"step trains on the whole epoch")
     validator = build_validator(config, objective, world, data.validation_cache, data.held_out,
                                 eos_token_ids(hf_config, tokenizer), tokenizer)
 
@@ -389,6 +392,9 @@ def restore(resume: Path, model, optimizer, scheduler, validator, state: RunStat
 def loop(run: Run, stop: StopSignals) -> None:
     config, world, state, cache, validator = run.config, run.world, run.state, run.cache, run.validator
     started = time.perf_counter()
+    if run.total_steps is not None and state.step >= run.total_steps:  # a finished run launched again, say
+        print0(f"nothing to train: the run is at step {state.step} and its stop condition (--max-steps, --max-epochs "
+               f"or --max-samples) is step {run.total_steps}; raise it to train on")
     for plan in run.planner.iter_steps(state.step):
         if run.total_steps is not None and plan.step >= run.total_steps:
             break

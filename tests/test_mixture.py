@@ -47,6 +47,15 @@ def test_one_file_with_epochs_draws_them(tmp_path, capsys, tiny_model_dir):
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     lines = [line for r in records for line in r["sample_lines"]]
     assert len(lines) == 12 and sorted(lines) == sorted(list(range(1, 7)) * 2)  # the 12-sample epoch: each twice
+    # a batch larger than the epoch: each step is the whole epoch, and the run says so
+    code = train.main(["--data-path", f"{data}:2x", "--model-name-or-path", str(tiny_model_dir("llama")),
+                       "--output-dir", str(tmp_path / "big"), "--batch-size", "16", "--max-tokens-per-gpu", "256",
+                       "--max-steps", "1", "--save-dtype", "float32"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    assert "note: --batch-size 16 is more than an epoch's 12 samples: each step trains on the whole epoch" in out
+    (record,) = [json.loads(line) for line in (tmp_path / "big" / "metrics.jsonl").read_text().splitlines()]
+    assert sorted(record["sample_lines"]) == sorted(list(range(1, 7)) * 2)
 
 
 def members(*sizes):

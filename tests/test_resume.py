@@ -258,6 +258,13 @@ def test_changed_flags_are_refused_before_any_weights_load(setup, reference, cap
     assert f"resumed from {newest}: step 6, 24 samples seen; saved with world size 2" in out
     assert [r["step"] for r in metrics(tmp_path / "out")] == [7]
 
+    # The finished run launched again (its own command, from its last checkpoint): nothing to train, said so
+    code, out, err = run_main([*train_args(data, model_dir, tmp_path / "again"), "--resume-from", newest], capsys)
+    assert code == 0, err
+    assert ("nothing to train: the run is at step 6 and its stop condition (--max-steps, --max-epochs or "
+            "--max-samples) is step 6; raise it to train on") in out
+    assert not (tmp_path / "again" / "metrics.jsonl").exists() or not metrics(tmp_path / "again")
+
 
 def test_resume_flags_are_checked_with_the_other_flags(setup, capsys, tmp_path):
     root, data, model_dir = setup
