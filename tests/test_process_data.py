@@ -488,6 +488,7 @@ BAD_LINES = {
     "content_wrong_type": ({"messages": [{"role": "user", "content": 3}]}, "`content` must be a string"),
     "unknown_role": ({"messages": [{"role": "bot", "content": "x"}]}, "unknown role 'bot'"),
     "invalid_utf8": (b'{"messages": [{"role": "user", "content": "\xff"}]}', "invalid UTF-8"),
+    "null": (b"null", "the row is null, not a JSON object"),  # it was counted as a blank line
 }
 
 
@@ -502,6 +503,21 @@ def test_bad_input_stops_the_run_naming_file_and_line(capsys, tmp_path, tokenize
     assert stderr.count("\n") == 1
     assert out.read_text() == "previous run\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl", "out.jsonl"]
+
+
+@pytest.mark.parametrize("first, message", [
+    (b"[1, 2]", "the row is a JSON array, not an object"), (b'"text"', "the row is a JSON string, not an object"),
+    (b"null", "the row is null, not a JSON object"),
+])
+def test_a_first_row_that_is_not_an_object_is_named_as_what_it_is(capsys, tmp_path, tokenizer_dir, first, message):
+    """The format is detected from the first row: one that is no object said "the first row has keys []"."""
+    data = tmp_path / "in.jsonl"
+    data.write_bytes(b"\n" + first + b"\n")
+    code, _, stderr, out = run_main(capsys, tmp_path, tokenizer_dir("chatml"), data)
+    assert code == 2 and stderr.startswith(f"process_data.py: error: {data}:2: {message}") and stderr.count("\n") == 1
+    code, _, stderr, out = run_main(capsys, tmp_path, tokenizer_dir("chatml"), tmp_path)
+    assert code == 2 and stderr == f"process_data.py: error: {tmp_path}: --input-file is a directory; name the " \
+                                   f"data file in it\n"
 
 
 def test_empty_file_and_bad_model_paths(capsys, tmp_path, tokenizer_dir):

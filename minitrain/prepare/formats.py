@@ -126,17 +126,30 @@ def load_row(raw: bytes, where: str) -> object | None:
         return None
     if _LONG_NUMBER.search(raw):  # orjson makes an integer beyond 64 bits a float; Python's json keeps it exact
         try:
-            return json.loads(raw, parse_constant=_refuse)  # NaN and Infinity are not JSON (orjson refuses them)
+            return not_null(json.loads(raw, parse_constant=_refuse), where)  # NaN, Infinity: not JSON (orjson's view)
         except (ValueError, RecursionError):
             pass  # orjson's own message below says what is wrong
     try:
-        return orjson.loads(raw)  # it refuses invalid UTF-8 too: the decode below then says where, as before
+        return not_null(orjson.loads(raw), where)  # orjson refuses invalid UTF-8 too: the decode below says where
     except orjson.JSONDecodeError as e:
         try:
             raw.decode("utf-8")
         except UnicodeDecodeError as u:
             raise RunError(f"{where}: invalid UTF-8 at byte {u.start}; re-encode the file as UTF-8") from None
         raise RunError(f"{where}: malformed JSON ({e}); each line must be one JSON object") from None
+
+
+def not_null(row: object, where: str) -> object:
+    """A row that is JSON's null is no blank line (None means one): it stops the run as other non-objects do."""
+    if row is None:
+        raise RunError(f"{where}: the row is null, not a JSON object; each line must be one JSON object (or blank)")
+    return row
+
+
+def json_kind(value: object) -> str:
+    """What a JSON value is, in JSON's words."""
+    kinds = ((bool, "true/false"), (dict, "object"), (list, "array"), (str, "string"), ((int, float), "number"))
+    return next(name for kind, name in kinds if isinstance(value, kind))
 
 
 def check_format(row: object, where: str, spec: "InputSpec") -> None:
@@ -195,8 +208,11 @@ def first_keys(path: Path, kind: str) -> tuple[int, list[str]] | None:
         return next(((n, r) for n, r in _csv_records(path, _NoProgress()) if r), None)
     for lineno, raw in jsonl_rows(path, _NoProgress()):
         row = load_row(raw, f"{path}:{lineno}")
+        if row is not None and not isinstance(row, dict):
+            raise RunError(f"{path}:{lineno}: the row is a JSON {json_kind(row)}, not an object; each line must be "
+                           f"one JSON object")
         if row is not None:
-            return lineno, list(row) if isinstance(row, dict) else []
+            return lineno, list(row)
     return None
 
 

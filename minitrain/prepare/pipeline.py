@@ -267,6 +267,8 @@ def same_file(a: Path, b: Path) -> bool:
 
 def check_paths(cfg: Config) -> None:
     """Refuse, before reading anything, paths that would lose data or fail late."""
+    if cfg.input_file.is_dir():
+        raise RunError(f"{cfg.input_file}: --input-file is a directory; name the data file in it")
     if not cfg.input_file.is_file():
         raise RunError(f"{cfg.input_file}: no such file; check --input-file")
     out = cfg.output_file
