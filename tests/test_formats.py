@@ -296,8 +296,8 @@ def test_text_csv_and_parquet_equal_jsonl_and_print_masks(capsys, tmp_path, toke
 def test_a_run_without_a_chat_template_removes_an_earlier_runs_template_beside_the_rows(capsys, tmp_path,
                                                                                        tokenizer_dir):
     """docs/data.md: the chat template a run used is saved beside its rows for train.py to put into every export; a
-    later run to the same output that uses none (text rows, a tokenizer without a template: a base model's) removes
-    it, so the old template never goes with rows made without it."""
+    later run to the same output that uses none (text rows or raw pairs, whatever the tokenizer; a tokenizer without
+    a template: a base model's) removes it, so the old template never goes with rows made without it."""
     from minitrain.prepare.pipeline import template_sidecar
 
     chats = write_lines(tmp_path / "chats.jsonl", [{"messages": [{"role": "user", "content": "Hi"},
@@ -312,6 +312,13 @@ def test_a_run_without_a_chat_template_removes_an_earlier_runs_template_beside_t
     code, _, stderr, out = run_main(capsys, tmp_path, tmp_path / "base-model", text)
     assert code == 0 and not template_sidecar(out).exists(), stderr
     assert "labels" in orjson.loads(out.read_bytes().splitlines()[0])  # the text run's rows are there
+    # Rows tokenized as plain text use no template even where the tokenizer has one: text rows and raw pairs save
+    # none (their exports keep the model's own), pairs through the chat template save it.
+    pairs = write_lines(tmp_path / "pairs.jsonl", [{"source": "Hi", "target": "Hello."}])
+    for data, flags, saved in ((chats, (), True), (text, (), False), (pairs, ("--pair-rendering", "raw"), False),
+                               (pairs, (), True)):
+        code, _, stderr, out = run_main(capsys, tmp_path, tokenizer_dir("chatml"), data, *flags)
+        assert code == 0 and template_sidecar(out).exists() == saved, (data, flags, stderr)
 
 
 def test_printed_raw_pair_shows_its_mask(capsys, tmp_path, tokenizer_dir):

@@ -350,7 +350,9 @@ def run(cfg: Config) -> Summary:
             why = f"e.g. line {first[0]}: {first[1]}: {first[2]}" if first else "only blank lines" if summary.blank \
                 else "no rows after the header" if formats.input_type(cfg.input_file) == "csv" else "no rows"
             raise RunError(f"{cfg.input_file}: no sample can be written ({why}); fix the data or the model path")
-        place_rows(tmp, cfg, info.template, summary)
+        # text rows and raw pairs are tokenized as plain text: no template was used, so none is saved (docs/data.md)
+        renders = spec.fmt.kind != "text" and not (spec.fmt.kind == "pairs" and spec.rendering == "raw")
+        place_rows(tmp, cfg, info.template if renders else None, summary)
         parts = show_samples(cfg, summary, pool, encoder)
         if cfg.report is not None:
             write_report(cfg, summary, parts, pool, encoder, kind, spec)
