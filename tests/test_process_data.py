@@ -616,6 +616,13 @@ def test_no_file_of_the_model_folder_is_overwritten_by_the_rows_or_their_templat
         assert e.value.code == 2 and stderr == (f"process_data.py: error: {out}: --output-file would overwrite {name} "
                                                 f"in the model's folder (--model-name-or-path); write the rows to "
                                                 f"another folder\n")
+    with pytest.raises(SystemExit) as e:  # nor the mask report (it replaced a config.json with HTML)
+        process_data.main(["--input-file", str(data), "--output-file", str(tmp_path / "rows.jsonl"),
+                           "--model-name-or-path", str(model), "--max-sample-num-tokens", "4096",
+                           "--num-workers", "1", "--report", str(model / "tokenizer_config.json")])
+    assert e.value.code == 2 and capsys.readouterr().err == (
+        f"process_data.py: error: {model / 'tokenizer_config.json'}: --report would overwrite tokenizer_config.json "
+        f"in the model's folder (--model-name-or-path); write the report to another folder, e.g. masks.html\n")
     assert {p.name: p.read_bytes() for p in model.iterdir()} == before
     (model / "rows.jsonl.chat_template.jinja").unlink()
     process_data.main(["--input-file", str(data), "--output-file", str(model / "rows.jsonl"), "--model-name-or-path",

@@ -360,6 +360,14 @@ def test_every_evaluation_flag_problem_is_reported_together(tmp_path, capsys):
     assert code == 2 and "--eval-every-samples and --early-stopping-patience need a validation set; pass " \
                          "--validation-data-path or --validation-split" in err
     assert not (tmp_path / "out").exists()
+    # the evaluation's other flags too: without a validation set they would be ignored, not refused
+    code = train.main(["--data-path", str(data), "--model-name-or-path", str(tmp_path), "--output-dir",
+                       str(tmp_path / "out"), "--batch-size", "4", "--max-tokens-per-gpu", "64",
+                       "--num-eval-generations", "5", "--eval-num-beams", "4", "--eval-max-new-tokens", "7",
+                       "--early-stopping-min-delta", "0.5"])
+    err = capsys.readouterr().err
+    assert code == 2 and ("--num-eval-generations and --eval-max-new-tokens and --eval-num-beams and "
+                          "--early-stopping-min-delta need a validation set") in err, err
 
 
 # ---------------------------------------------------------------------------------------------------------------

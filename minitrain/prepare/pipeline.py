@@ -291,6 +291,9 @@ def check_paths(cfg: Config) -> None:
             if path is not None and same_file(cfg.report, path):
                 raise RunError(f"{cfg.report}: --report is {flag}, which would be overwritten; write the report to "
                                f"another file, e.g. masks.html")
+        if model.is_dir() and cfg.report.exists() and same_file(cfg.report.parent, model):
+            raise RunError(f"{cfg.report}: --report would overwrite {cfg.report.name} in the model's folder "
+                           f"(--model-name-or-path); write the report to another folder, e.g. masks.html")
         if cfg.report.is_dir():
             raise RunError(f"{cfg.report}: --report is a directory; name a file, e.g. {cfg.report / 'masks.html'}")
         if not cfg.report.parent.is_dir():

@@ -494,8 +494,10 @@ def validation_problems(config: TrainConfig) -> list[str]:
         problems.append(f"--validation-data-path {path}: no such file; pass a JSONL written by process_data.py")
     if split is not None and not 0 < split < 1:
         problems.append(f"--validation-split is the fraction of samples held out, in (0, 1); got {split}")
-    needs_set = [f"--{k.replace('_', '-')}" for k in ("eval_every_samples", "early_stopping_patience", "eval_metric")
-                 if getattr(config, k) is not None]
+    defaults = {f.name: f.default for f in fields(TrainConfig)}
+    evaluation = ("eval_every_samples", "early_stopping_patience", "eval_metric", "num_eval_generations",
+                  "eval_max_new_tokens", "eval_num_beams", "early_stopping_metric", "early_stopping_min_delta")
+    needs_set = [f"--{k.replace('_', '-')}" for k in evaluation if getattr(config, k) != defaults[k]]  # else unused
     if needs_set and path is None and split is None:
         problems.append(f"{' and '.join(needs_set)} need a validation set; pass --validation-data-path or "
                         f"--validation-split")
