@@ -280,10 +280,14 @@ def check_paths(cfg: Config) -> None:
             raise RunError(f"{out}: --output-file is the {flag} file, which would be overwritten; write the rows to "
                            f"another file")
     model = Path(cfg.model_name_or_path)
-    for written in (out, template_sidecar(out)):  # the rows, and the chat template saved beside them
-        if model.is_dir() and written.exists() and same_file(written.parent, model):
-            raise RunError(f"{out}: --output-file would overwrite {written.name} in the model's folder "
-                           f"(--model-name-or-path); write the rows to another folder")
+    # the rows, the chat template saved beside them and the report: none may replace a file of the model's folder
+    for flag, given, written in (("--output-file", out, out), ("--output-file", out, template_sidecar(out)),
+                                 ("--report", cfg.report, cfg.report)):
+        if written is not None and model.is_dir() and written.exists() and same_file(written.parent, model):
+            what = "rows" if flag == "--output-file" else "report"
+            raise RunError(f"{given}: {flag} would overwrite {written.name} in the model's folder "
+                           f"(--model-name-or-path); write the {what} to another folder"
+                           + (", e.g. masks.html" if flag == "--report" else ""))
     if cfg.report is not None:
         written = {"--input-file": cfg.input_file, "--output-file": out, **read, "the saved chat template":
                    template_sidecar(out)}
@@ -291,9 +295,6 @@ def check_paths(cfg: Config) -> None:
             if path is not None and same_file(cfg.report, path):
                 raise RunError(f"{cfg.report}: --report is {flag}, which would be overwritten; write the report to "
                                f"another file, e.g. masks.html")
-        if model.is_dir() and cfg.report.exists() and same_file(cfg.report.parent, model):
-            raise RunError(f"{cfg.report}: --report would overwrite {cfg.report.name} in the model's folder "
-                           f"(--model-name-or-path); write the report to another folder, e.g. masks.html")
         if cfg.report.is_dir():
             raise RunError(f"{cfg.report}: --report is a directory; name a file, e.g. {cfg.report / 'masks.html'}")
         if not cfg.report.parent.is_dir():

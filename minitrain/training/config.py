@@ -413,11 +413,15 @@ OBJECTIVE_FLAGS = {
 }
 
 
+def changed(config: TrainConfig, names) -> list[str]:
+    """Those of `names` whose value is not TrainConfig's default: the flags given (a default given is no change)."""
+    defaults = {f.name: f.default for f in fields(TrainConfig)}
+    return [name for name in names if getattr(config, name) != defaults[name]]
+
+
 def objective_problems(config: TrainConfig) -> list[str]:
     """The objective's own flags (DPO, SimPO, ORPO, reward models, distillation)."""
-    defaults = {f.name: f.default for f in fields(TrainConfig)}
-    ignored = [name for name, objectives in OBJECTIVE_FLAGS.items()
-               if config.objective not in objectives and getattr(config, name) != defaults[name]]
+    ignored = [name for name in changed(config, OBJECTIVE_FLAGS) if config.objective not in OBJECTIVE_FLAGS[name]]
     problems = [f"--{', --'.join(n.replace('_', '-') for n in ignored)} would be ignored by --objective "
                 f"{config.objective}: drop them or pass the objective they are for"] if ignored else []
     for name in ("dpo_beta", "simpo_beta", "kto_beta"):
@@ -494,10 +498,9 @@ def validation_problems(config: TrainConfig) -> list[str]:
         problems.append(f"--validation-data-path {path}: no such file; pass a JSONL written by process_data.py")
     if split is not None and not 0 < split < 1:
         problems.append(f"--validation-split is the fraction of samples held out, in (0, 1); got {split}")
-    defaults = {f.name: f.default for f in fields(TrainConfig)}
     evaluation = ("eval_every_samples", "early_stopping_patience", "eval_metric", "num_eval_generations",
                   "eval_max_new_tokens", "eval_num_beams", "early_stopping_metric", "early_stopping_min_delta")
-    needs_set = [f"--{k.replace('_', '-')}" for k in evaluation if getattr(config, k) != defaults[k]]  # else unused
+    needs_set = [f"--{k.replace('_', '-')}" for k in changed(config, evaluation)]  # without a set: unused
     if needs_set and path is None and split is None:
         problems.append(f"{' and '.join(needs_set)} need a validation set; pass --validation-data-path or "
                         f"--validation-split")
