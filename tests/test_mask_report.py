@@ -5,15 +5,15 @@ import os
 import re
 
 from minitrain.prepare import pipeline
-from tests.test_process_data import CONVERSATIONS, cli, turns, write_lines
+from tests.test_process_data import CONVERSATIONS, run_main, turns, write_lines
 
 
-def test_the_report_shows_trained_tokens_drops_with_lines_and_lengths(tmp_path, tokenizer_dir):
+def test_the_report_shows_trained_tokens_drops_with_lines_and_lengths(capsys, tmp_path, tokenizer_dir):
     lines = [{"messages": CONVERSATIONS["single"]}, {"messages": turns(("y", "z"))[:1]},  # no reply: dropped
              {"messages": CONVERSATIONS["multi_with_system"]}]
     data = write_lines(tmp_path / "in.jsonl", lines)
     report = tmp_path / "masks.html"
-    code, stdout, stderr, out = cli(tmp_path, tokenizer_dir("chatml"), data, "--report", str(report))
+    code, stdout, stderr, out = run_main(capsys, tmp_path, tokenizer_dir("chatml"), data, "--report", str(report))
     assert code == 0, stderr
     page = report.read_text()
     assert f"mask report: {report}" in stdout
@@ -30,20 +30,20 @@ def test_the_report_shows_trained_tokens_drops_with_lines_and_lengths(tmp_path, 
     assert set(roles) == {"system", "user", "assistant"} and int(roles["assistant"]) > 0  # the 2 shown samples
 
 
-def test_a_config_file_gives_the_flags_and_the_command_line_wins(tmp_path, tokenizer_dir):
+def test_a_config_file_gives_the_flags_and_the_command_line_wins(capsys, tmp_path, tokenizer_dir):
     data = write_lines(tmp_path / "in.jsonl", [{"messages": CONVERSATIONS["single"]}])
     config = tmp_path / "stage1.yaml"
     config.write_text(f"input-file: {data}\noutput_file: {tmp_path / 'from_file.jsonl'}\n"
                       f"model-name-or-path: {tokenizer_dir('chatml')}\nmax_sample_num_tokens: 4096\n"
                       f"num-workers: 1\n")
-    code, stdout, stderr, out = cli(tmp_path, tokenizer_dir("chatml"), data, "--config", str(config))
-    assert code == 0, stderr  # cli's own --output-file (given after the file's) wins
+    code, stdout, stderr, out = run_main(capsys, tmp_path, tokenizer_dir("chatml"), data, "--config", str(config))
+    assert code == 0, stderr  # run_main's own --output-file (given after the file's) wins
     assert out.exists() and not (tmp_path / "from_file.jsonl").exists()
     umask = os.umask(0)
     os.umask(umask)
     assert out.stat().st_mode & 0o777 == 0o666 & ~umask  # an ordinary file, not a private temporary one
     config.write_text("max_sample_num_token: 10\n")
-    code, stdout, stderr, out = cli(tmp_path, tokenizer_dir("chatml"), data, "--config", str(config))
+    code, stdout, stderr, out = run_main(capsys, tmp_path, tokenizer_dir("chatml"), data, "--config", str(config))
     assert code == 2 and stderr.strip().endswith("unknown key 'max_sample_num_token'; did you mean "
                                                  "'max-sample-num-tokens'?") and len(stderr.splitlines()) == 1
 

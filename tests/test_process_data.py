@@ -449,9 +449,9 @@ def test_cli_end_to_end_prints_summary_and_masked_samples(tmp_path, tokenizer_di
     assert len(rows) == 2 and set(rows[0]) == {"input_ids", "labels", "len", "num_loss_counted_tokens"}
 
 
-def test_cli_bad_json_is_one_line_error_without_traceback(tmp_path, tokenizer_dir):
+def test_bad_json_is_one_line_error_without_traceback(capsys, tmp_path, tokenizer_dir):
     data = write_lines(tmp_path / "in.jsonl", [{"messages": CONVERSATIONS["single"]}, b'{"messages": ['])
-    code, _, stderr, out = cli(tmp_path, tokenizer_dir("chatml"), data)
+    code, _, stderr, out = run_main(capsys, tmp_path, tokenizer_dir("chatml"), data)
     assert code == 2
     assert stderr.strip().count("\n") == 0 and "Traceback" not in stderr
     assert stderr.startswith(f"process_data.py: error: {data}:2: malformed JSON")
