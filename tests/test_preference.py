@@ -613,8 +613,11 @@ def test_a_reward_model_trains_and_its_export_scores_pairs_as_the_live_model(tmp
         "--max-steps", "6", "--learning-rate", "5e-3", "--validation-data-path", str(tmp_path / "held.jsonl"),
         "--eval-every-samples", "24", "--save-dtype", "float32",
     ]
-    code, _ = run_main(args, capsys)
+    from tests.test_resume import run_main as run_with_output
+
+    code, stdout, _ = run_with_output(args, capsys)
     assert code == 0
+    assert "validation: 3 pairs, 1 micro-steps and 0 generations per evaluation" in stdout  # pairs said once
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     first, last = records[0], records[-1]
     assert {"accuracy", "margin", "mean_reward"} <= set(first) and first["pairs"] == 4

@@ -568,9 +568,9 @@ def build_validator(config, objective, world: World, cache: TokenCache | None, h
         stopper = EarlyStopping(config.early_stopping_patience, config.early_stopping_min_delta,
                                 config.early_stopping_metric)
     units = "pairs" if cache.pairs else "samples"
-    print0(f"validation: {len(indices)} {units}, {objective.step_units(cache, indices)} {objective.unit}, "
-           f"{len(validation_set.packs)} micro-steps and {len(validation_set.prompts)} generations per evaluation"
-           f"{scored}")
+    counted = "" if objective.unit == units else f"{objective.step_units(cache, indices)} {objective.unit}, "  # DPO: pairs
+    print0(f"validation: {len(indices)} {units}, {counted}{len(validation_set.packs)} micro-steps and "
+           f"{len(validation_set.prompts)} generations per evaluation{scored}")
     return Validator(validation_set, config.eval_every_samples, stopper, config.early_stopping_metric)
 
 
