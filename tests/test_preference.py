@@ -732,6 +732,9 @@ def test_objective_and_data_must_match(tmp_path, capsys, tiny_model_dir):
     code, err = run_main([*base_args(tmp_path, model_dir, pairs), "--objective", "simpo", "--simpo-beta", "0"],
                          capsys)
     assert code == 2 and "--simpo-beta must be positive" in err, err
+    code, err = run_main([*base_args(tmp_path, model_dir, pairs), "--objective", "simpo", "--simpo-gamma", "-0.5"],
+                         capsys)
+    assert code == 2 and "--simpo-gamma must be >= 0 (the target margin), got -0.5" in err, err
     code, err = run_main([*base_args(tmp_path, model_dir, pairs), "--objective", "dpo", "--dpo-loss-type", "hinge",
                           "--dpo-label-smoothing", "0.1"], capsys)
     assert code == 2 and "--dpo-label-smoothing applies to --dpo-loss-type sigmoid and robust, not hinge" in err, err

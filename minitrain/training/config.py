@@ -427,6 +427,8 @@ def objective_problems(config: TrainConfig) -> list[str]:
     for name in ("dpo_beta", "simpo_beta", "kto_beta"):
         if not getattr(config, name) > 0:
             problems.append(f"--{name.replace('_', '-')} must be positive, got {getattr(config, name)}")
+    if config.simpo_gamma < 0:
+        problems.append(f"--simpo-gamma must be >= 0 (the target margin), got {config.simpo_gamma}")
     if config.preference_sft_weight < 0:
         problems.append(f"--preference-sft-weight must be >= 0, got {config.preference_sft_weight}")
     if config.objective == "orpo" and config.preference_sft_weight:
