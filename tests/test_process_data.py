@@ -449,6 +449,21 @@ def test_cli_end_to_end_prints_summary_and_masked_samples(tmp_path, tokenizer_di
     assert len(rows) == 2 and set(rows[0]) == {"input_ids", "labels", "len", "num_loss_counted_tokens"}
 
 
+def test_more_workers_than_cores_run_on_the_cores_and_say_so(capsys, monkeypatch, tmp_path, tokenizer_dir):
+    """--num-workers 64 on a 2-core machine started 64 interpreters (70 s for 4 rows): the workers are capped at the
+    cores this process may use, in a line, and the rows are the same."""
+    from minitrain.prepare import pipeline
+
+    data = write_lines(tmp_path / "in.jsonl", [{"messages": CONVERSATIONS["single"]}])
+    code, _, _, out = run_main(capsys, tmp_path, tokenizer_dir("chatml"), data)
+    expected = out.read_bytes()
+    monkeypatch.setattr(pipeline, "usable_cores", lambda: 1)  # one worker: encoded in this process, no pool
+    code, stdout, stderr, out = run_main(capsys, tmp_path, tokenizer_dir("chatml"), data, "--num-workers", "4")
+    assert code == 0, stderr
+    assert "--num-workers 4: this process may run on 1 cores; using 1 workers" in stdout
+    assert stdout.rstrip().endswith("1 workers") and out.read_bytes() == expected
+
+
 def test_bad_json_is_one_line_error_without_traceback(capsys, tmp_path, tokenizer_dir):
     data = write_lines(tmp_path / "in.jsonl", [{"messages": CONVERSATIONS["single"]}, b'{"messages": ['])
     code, _, stderr, out = run_main(capsys, tmp_path, tokenizer_dir("chatml"), data)

@@ -12,7 +12,7 @@ import tempfile
 import threading
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import orjson
@@ -30,13 +30,18 @@ REPORT_LINES = 20  # line numbers listed per drop reason in --report
 
 
 
+def usable_cores() -> int:
+    """The cores this process may run on (a job's CPU set, where the scheduler gives it one), else all of them."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 @dataclass(frozen=True)
 class Config:
     input_file: Path
     output_file: Path
     model_name_or_path: str
     max_sample_num_tokens: int | None = None  # required for causal LMs
-    num_workers: int = field(default_factory=lambda: os.cpu_count() or 1)
+    num_workers: int = field(default_factory=usable_cores)
     num_printed_samples: int = 3
     mask_marker: str = "[[ ]]"
     chat_template: Path | None = None
@@ -233,6 +238,7 @@ class Summary:
     tokenizer: object = None  # the main process's (single process only)
     views: list[tuple[str, str]] = field(default_factory=list)  # the printed samples: heading, whole text marked
     methods: Counter = field(default_factory=Counter)  # chat samples per masking method
+    workers: int = 1  # the encoding processes the run used
     template_file: Path | None = None  # where the chat template used was saved
     drop_lines: dict[str, list[int]] = field(default_factory=dict)  # the first lines dropped for each reason
     lengths: list[int] = field(default_factory=list)  # every written sample's length (with --report only)
@@ -314,6 +320,9 @@ def run(cfg: Config) -> Summary:
     from tqdm import tqdm
 
     check_paths(cfg)
+    if cfg.num_workers > (cores := usable_cores()):  # each worker is a process start-up; more than the cores is waste
+        print(f"--num-workers {cfg.num_workers}: this process may run on {cores} cores; using {cores} workers")
+        cfg = replace(cfg, num_workers=cores)
     kind = formats.input_type(cfg.input_file)
     spec = input_spec(cfg, kind)
     init_args = (cfg.model_name_or_path, str(cfg.input_file), cfg.max_sample_num_tokens, cfg.on_too_long, spec,
@@ -325,7 +334,7 @@ def run(cfg: Config) -> Summary:
         raise RunError(problem)
 
     summary = Summary(format=describe_input(kind, spec, info, cfg.source_prefix),
-                      tokenizer=encoder.tokenizer if encoder else None)
+                      tokenizer=encoder.tokenizer if encoder else None, workers=cfg.num_workers)
     rng = random.Random(cfg.seed)
     progress = tqdm(total=cfg.input_file.stat().st_size, unit="B", unit_scale=True, disable=None, desc="encoding")
     tmp = tempfile.NamedTemporaryFile(dir=cfg.output_file.parent, prefix=f".{cfg.output_file.name}.", suffix=".tmp", delete=False)
@@ -568,7 +577,7 @@ def report(cfg: Config, summary: Summary, seconds: float, drop_lines: bool = Tru
     share = summary.trained / summary.tokens if summary.tokens else 0.0
     print(f"tokens {summary.tokens}, trained {summary.trained} ({share:.1%})")
     rate = summary.read / seconds if seconds > 0 else 0.0
-    print(f"time {seconds:.1f} s, {rate:,.0f} samples/s, {summary.tokens / max(seconds, 1e-9):,.0f} tokens/s, {cfg.num_workers} workers")
+    print(f"time {seconds:.1f} s, {rate:,.0f} samples/s, {summary.tokens / max(seconds, 1e-9):,.0f} tokens/s, {summary.workers} workers")
 
 
 PLACED: list[Path] = []  # the output files run() has moved into place
