@@ -29,7 +29,8 @@ def parser(description: str = DESCRIPTION) -> Parser:
     p.add_argument("--max-target-tokens", type=int, help="encoder-decoder: the longest target (decoder labels)")
     p.add_argument("--source-prefix", default=defaults.source_prefix,
                    help="encoder-decoder: text put before every source, e.g. 'summarize: '")
-    p.add_argument("--num-workers", type=int, default=defaults.num_workers, help="processes (default and most: the cores this process may use)")
+    p.add_argument("--num-workers", type=int, default=defaults.num_workers,
+                   help="processes (default and most: the cores this process may use)")
     p.add_argument("--num-printed-samples", type=int, default=defaults.num_printed_samples, help="random samples shown with their masks")
     p.add_argument("--mask-marker", default=defaults.mask_marker, help="printed samples without colour: 'OPEN CLOSE' around trained text, or one marker for both sides")
     p.add_argument("--chat-template", type=Path, default=None, help="a Jinja chat template file: for a base model without one, or to override the tokenizer's")
