@@ -951,6 +951,9 @@ def test_bad_pairs_are_dropped_and_counted_with_their_line(capsys, tmp_path, tok
     ({"chosen": "Yes.", "rejected": "No."}, "in.jsonl:2: a text `chosen`/`rejected` needs a `prompt`"),
     ({"prompt": "Hi", "chosen": [{"role": "wizard", "content": "x"}], "rejected": "No."},
      "in.jsonl:2: chosen: messages[1] has unknown role 'wizard'"),
+    ({"chosen": [{"role": "user", "content": "Hi"}], "rejected": []},  # not the messages rows' hint (it was)
+     'in.jsonl:2: rejected: no messages; each side must be a non-empty list of {"role": ..., "content": ...} '
+     'messages, or a string with a `prompt`'),
     ({"prompt": "Hi", "chosen": "Yes.", "rejected": "No.", "margin": "a lot"},
      "in.jsonl:2: `margin` must be a finite number, got 'a lot'"),
 ])

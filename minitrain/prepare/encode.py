@@ -27,11 +27,14 @@ DROP_CROSSING = "a token crosses the edge of the trained text"
 
 
 
-def check_messages(sample: object, where: str) -> dict:
-    """The messages sample on this line. Raises RunError for a row that is not a valid messages sample."""
-    fix = 'each line must be {"messages": [{"role": ..., "content": ...}, ...]}'
+MESSAGES_FIX = 'each line must be {"messages": [{"role": ..., "content": ...}, ...]}'
+
+
+def check_messages(sample: object, where: str, fix: str = MESSAGES_FIX) -> dict:
+    """The messages sample on this line. Raises RunError for a row that is not a valid messages sample, naming `fix`
+    (a preference pair's side or an unpaired row say how their rows are written)."""
     if not isinstance(sample, dict) or not isinstance(sample.get("messages"), list) or not sample["messages"]:
-        raise RunError(f"{where}: no non-empty `messages` list; {fix}")
+        raise RunError(f"{where}: {'no non-empty `messages` list' if fix is MESSAGES_FIX else 'no messages'}; {fix}")
     messages = sample["messages"]
     for n, message in enumerate(messages):
         at = f"{where}: messages[{n}]"

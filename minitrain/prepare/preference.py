@@ -48,6 +48,10 @@ DROP_IDENTICAL = "chosen is identical to rejected"
 DROP_NO_FINAL_REPLY = "a side's last message is not an assistant turn"
 
 
+SIDE_FIX = ('each side must be a non-empty list of {"role": ..., "content": ...} messages, or a string with a '
+            '`prompt`')
+
+
 def conversations(row: object, where: str) -> tuple[list, list] | tuple[str, str]:
     """(chosen messages, rejected messages) of a preference row, or (why the pair is dropped, a detail) as two
     strings. RunError for a row that is not a preference row."""
@@ -73,7 +77,7 @@ def conversations(row: object, where: str) -> tuple[list, list] | tuple[str, str
     chosen, rejected = sides
 
     for side, messages in zip(SIDES, sides):
-        check_messages({"messages": messages}, f"{where}: {side}")  # a malformed conversation stops the run
+        check_messages({"messages": messages}, f"{where}: {side}", SIDE_FIX)  # a malformed conversation stops the run
     for side, messages in zip(SIDES, sides):
         if messages[-1]["role"] != "assistant":
             return DROP_NO_FINAL_REPLY, f"{side} ends with a {messages[-1]['role']} message"

@@ -74,7 +74,7 @@ def conversation(row: object, where: str) -> list | tuple[str, str]:
         prefix = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
         messages = prefix + ([{"role": "assistant", "content": completion}] if isinstance(completion, str)
                              else completion)
-    check_messages({"messages": messages}, where)  # a malformed conversation stops the run
+    check_messages({"messages": messages}, where, FIX)  # a malformed conversation stops the run
     last = messages[-1]
     if last["role"] != "assistant":
         return DROP_NO_FINAL_REPLY, f"it ends with a {last['role']} message"
