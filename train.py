@@ -201,6 +201,10 @@ class Run:
     source_names: list[str] | None  # a mixture's files, as named in metrics.jsonl
 
 
+class NothingToTrain(Exception):
+    """The run to resume is at its stop condition already: said in a line, exit code 0, the output folder as it was."""
+
+
 def setup(config: TrainConfig, world: World) -> Run:
     hf_config, tokenizer = start(config, world)
     split_problem = sequence_parallel.model_problem(hf_config, config.sequence_parallel_size, world.world_size)
@@ -255,7 +259,14 @@ def setup(config: TrainConfig, world: World) -> Run:
             error = e
     raise_if_any_rank_failed(error, CheckpointError)
     resume, resumed_samples, holds_weights = all_gather((resume, resumed_samples, holds_weights))[0]
+    resumed_step = 0 if resume is None else checkpoint.checkpoint_step(Path(resume))
+    if total_steps is not None and resumed_step >= total_steps:  # a finished run launched again, say: before the
+        # folder is tidied (an older --resume-from would abandon the later checkpoints) and before any weights load
+        raise NothingToTrain(f"nothing to train: the run is at step {resumed_step} and its stop condition "
+                             f"(--max-steps, --max-epochs or --max-samples) is step {total_steps}; raise it to train "
+                             f"on (nothing in {config.output_dir} was changed)")
     if world.is_main:
+        atomic.write_json(Path(config.output_dir) / "training_config.json", asdict(config))  # the flags, resolved
         checkpoint.tidy_output_dir(config.output_dir, config.fresh, resume, resumed_samples)
 
     # Distillation: the teacher's top-k log-probs, computed by the teacher (loaded, run and freed before the student
@@ -319,8 +330,6 @@ def start(config: TrainConfig, world: World):
     if world.device.type == "cuda" and config.attn_implementation == "sdpa":
         print0("warning: sdpa on CUDA isolates packed samples with a dense (T x T) mask per layer: slower and "
                "larger than the default variable-length kernel (--attn-implementation auto)")
-    if world.is_main:
-        atomic.write_json(out / "training_config.json", asdict(config))
     torch.manual_seed(config.seed)
     return hf_config, tokenizer
 
@@ -392,9 +401,6 @@ def restore(resume: Path, model, optimizer, scheduler, validator, state: RunStat
 def loop(run: Run, stop: StopSignals) -> None:
     config, world, state, cache, validator = run.config, run.world, run.state, run.cache, run.validator
     started = time.perf_counter()
-    if run.total_steps is not None and state.step >= run.total_steps:  # a finished run launched again, say
-        print0(f"nothing to train: the run is at step {state.step} and its stop condition (--max-steps, --max-epochs "
-               f"or --max-samples) is step {run.total_steps}; raise it to train on")
     for plan in run.planner.iter_steps(state.step):
         if run.total_steps is not None and plan.step >= run.total_steps:
             break
@@ -546,7 +552,11 @@ def main(argv: list[str] | None = None) -> int:
         validate(config, world_size, local_world_size, torch.cuda.is_available())
         stop.install()
         world = init_distributed(config.distributed_backend, config.distributed_timeout_minutes)
-        run = setup(config, world)
+        try:
+            run = setup(config, world)
+        except NothingToTrain as e:
+            print0(str(e))
+            return 0
         try:
             loop(run, stop)
         except BaseException:

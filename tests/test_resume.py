@@ -321,6 +321,15 @@ def test_resuming_an_older_checkpoint_abandons_the_later_ones_and_a_fresh_start_
     assert run_main(args, capsys)[0] == 0  # 6 steps, a checkpoint at each, exports at 8, 16 and 24 samples
     first = metrics(out)
 
+    # Back to step 2 with nothing to train there (--max-steps 2): said in a line before the folder is tidied, so
+    # nothing in it changes (the later checkpoints and exports stayed removed and moved aside when this came last).
+    files = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    code, text, err = run_main([*args, "--resume-from", str(saves / "step_2"), "--max-steps", "2"], capsys)
+    assert code == 0, err
+    assert (f"nothing to train: the run is at step 2 and its stop condition (--max-steps, --max-epochs or "
+            f"--max-samples) is step 2; raise it to train on (nothing in {out} was changed)") in text
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == files
+
     # Back to step 2 (8 samples), pruning both kinds: the later steps are another trajectory now.
     rewind = [*args, "--resume-from", str(saves / "step_2"), "--max-steps", "4", "--keep-last-n-checkpoints", "2",
               "--keep-last-n-exports", "1"]
@@ -571,7 +580,8 @@ def test_running_a_finished_run_again_rewrites_nothing(setup, tmp_path, capsys):
     before = {p.name: (p / checkpoint.COMPLETE).stat().st_mtime_ns for p in saves.iterdir()}
     code, out, err = run_main(args, capsys)
     assert code == 0, err
-    assert "resumed from" in out and "saved" not in out  # nothing left to train, so nothing to save
+    assert "nothing to train: the run is at step 2" in out and "saved" not in out  # so nothing to save
+    assert "parameters train" not in out  # stopped before the model was built, its weights read
     assert {p.name: (p / checkpoint.COMPLETE).stat().st_mtime_ns for p in saves.iterdir()} == before
 
 
