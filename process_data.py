@@ -72,7 +72,9 @@ def parse_args(argv: list[str] | None = None) -> Config:
     try:
         path = config_path_from_argv(argv)
         if path is not None:
-            argv = config_as_flags(read_config_file(path, config_types())) + argv  # later flags win
+            nullable = frozenset(name for name, hint in typing.get_type_hints(Config).items()
+                                 if type(None) in typing.get_args(hint))
+            argv = config_as_flags(read_config_file(path, config_types(), nullable=nullable)) + argv  # later flags win
         args = flags.parser(description=__doc__.split("\n\n")[0]).parse_args(argv)
         problems = flag_problems(args)
         if problems:

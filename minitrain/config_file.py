@@ -62,11 +62,12 @@ def config_path_from_argv(argv: list[str]) -> str | None:
 
 
 def read_config_file(path: str, types: dict[str, type], choices: dict[str, tuple] | None = None,
-                     converters: dict | None = None) -> dict:
+                     converters: dict | None = None, nullable: frozenset = frozenset()) -> dict:
     """{field name: value} from the file, checked against `types` ({field name: the flag's value type}), `choices`
     ({field name: the values the flag takes}, as argparse checks them on the command line; a file's values become
-    defaults, which argparse never checks) and `converters` ({field name: the flag's own type function}, for a flag
-    whose text takes more than its type: `auto` for an int)."""
+    defaults, which argparse never checks), `converters` ({field name: the flag's own type function}, for a flag
+    whose text takes more than its type: `auto` for an int) and `nullable` (the fields whose value may be none: a
+    YAML `key:` with no value, or `null`, is refused for any other)."""
     file = Path(path)
     try:
         text = file.read_text(encoding="utf-8")
@@ -99,6 +100,8 @@ def read_config_file(path: str, types: dict[str, type], choices: dict[str, tuple
             close = difflib.get_close_matches(name, list(types), n=1)
             hint = f"; did you mean {close[0].replace('_', '-')!r}?" if close else "; see --help for the flags"
             raise ConfigFileError(f"{path}: unknown key {key!r}{hint}")
+        if value is None and name not in nullable:  # it became the default: a crash at the export, or a traceback
+            raise ConfigFileError(f"{path}: {key!r} has no value; give it one or remove the line")
         convert = (converters or {}).get(name)
         if convert is not None and isinstance(value, str):
             try:

@@ -52,6 +52,11 @@ def test_toml_config_equals_the_same_flags_on_the_command_line(tmp_path):
     ("j.yaml", "save-dtype: fp16\n", "j.yaml: 'save-dtype' must be one of bfloat16, float16, float32, got 'fp16'"),
     ("k.yaml", "max-tokens-per-gpu: lots\n", "k.yaml: 'max-tokens-per-gpu' cannot be 'lots'; see --help"),
     ("l.yaml", b"# r\xe9glages\nmax-steps: 2\n", "l.yaml:1: not UTF-8 text (byte 0xe9); save the file as UTF-8"),
+    # a key with no value (YAML's null) became the flag's default: --save-dtype None trained the whole run and crashed
+    # at the export, learning-rate a traceback, objective null trained SFT
+    ("m.yaml", "save-dtype:\n", "m.yaml: 'save-dtype' has no value; give it one or remove the line"),
+    ("n.yaml", "learning-rate: null\n", "n.yaml: 'learning-rate' has no value"),
+    ("o.yaml", "objective: ~\n", "o.yaml: 'objective' has no value"),
 ])
 def test_a_bad_config_file_is_one_line_naming_the_file_and_the_fix(tmp_path, capsys, name, text, message):
     recipe = tmp_path / name
@@ -76,11 +81,14 @@ def test_the_example_recipes_are_valid_configs(recipe):
 
 
 def test_a_config_file_takes_what_the_command_line_takes(tmp_path):
-    """`max-tokens-per-gpu: auto` (the flag's own type reads it), and YAML's 1e-5, which YAML 1.1 reads as text."""
+    """`max-tokens-per-gpu: auto` (the flag's own type reads it), YAML's 1e-5, which YAML 1.1 reads as text, and
+    null for a flag whose default is none (activation checkpointing's auto, no --max-steps)."""
     recipe = tmp_path / "run.yaml"
-    recipe.write_text("max-tokens-per-gpu: auto\nlearning-rate: 1e-5\nweight-decay: 2.5E+1\n")
+    recipe.write_text("max-tokens-per-gpu: auto\nlearning-rate: 1e-5\nweight-decay: 2.5E+1\n"
+                      "activation-checkpointing: null\nmax-steps:\n")
     config = train.parse_args(["--config", str(recipe), *REQUIRED[:-2]])
     assert config.max_tokens_per_gpu == "auto" and config.learning_rate == 1e-5 and config.weight_decay == 25.0
+    assert config.activation_checkpointing is None and config.max_steps is None
 
 
 @pytest.mark.parametrize("flags, message", [
@@ -104,6 +112,14 @@ def test_process_data_reads_its_config_file_as_train_py_does(tmp_path, capsys):
     """The same reader: an abbreviated or second --config, and a file that is not UTF-8, are one line."""
     import process_data
 
+    null = tmp_path / "null.yaml"
+    null.write_text("seed:\n")  # process_data used its default seed
+    with pytest.raises(SystemExit) as e:
+        process_data.parse_args(["--config", str(null), "--input-file", "in.jsonl", "--output-file", "out.jsonl",
+                                 "--model-name-or-path", "m"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.strip() == f"process_data.py: error: {null}: 'seed' has no value; give it one " \
+        "or remove the line", err
     recipe = tmp_path / "p.yaml"
     recipe.write_bytes(b"# r\xe9glages\nnum-workers: 1\n")
     for argv, message in (([f"--conf={recipe}"], "--conf: spell the flag out as --config"),

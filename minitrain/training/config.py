@@ -233,11 +233,14 @@ def value_type(hint) -> type:
 def parse_args(argv: list[str] | None = None) -> TrainConfig:
     """The flags, over the values of --config FILE (config_file.py), over the dataclass defaults."""
     argv = sys.argv[1:] if argv is None else argv
-    hints = {name: value_type(hint) for name, hint in typing.get_type_hints(TrainConfig).items()}
+    declared = typing.get_type_hints(TrainConfig)
+    hints = {name: value_type(hint) for name, hint in declared.items()}
     path = config_path_from_argv(argv)
     metadata = {f.name: f.metadata for f in fields(TrainConfig)}
+    nullable = frozenset(name for name, hint in declared.items() if type(None) in typing.get_args(hint))
     from_file = read_config_file(path, hints, {name: m["choices"] for name, m in metadata.items() if "choices" in m},
-                                 {name: m["type"] for name, m in metadata.items() if "type" in m}) if path else {}
+                                 {name: m["type"] for name, m in metadata.items() if "type" in m},
+                                 nullable) if path else {}
     estimating = "--estimate-memory" in argv  # needs neither data nor an output folder
     p = Parser(prog="train.py", description=DESCRIPTION)
     p.add_argument("--config", help=CONFIG_HELP)
