@@ -259,6 +259,16 @@ def test_bad_lora_flags_are_one_line_before_any_weights_load(tmp_path, capsys, t
     code, err = run_main([*base_args(tmp_path, tiny_model_dir("llama"), data), "--lora", "--lora-modules-to-save",
                           "lm_head"], capsys)
     assert code == 2 and "--lora-modules-to-save lm_head: its weight is tied" in err, err
+    # Adapters on the tied embedding: merged, the change reached the tied head too (the export's logits were not the
+    # live model's); all-linear beside a name: peft adapted the name alone; the head: the loss reads its weight
+    code, err = run_main([*base_args(tmp_path, tiny_model_dir("llama"), data), "--lora", "--lora-target-modules",
+                          "embed_tokens", "q_proj"], capsys)
+    assert code == 2 and "--lora-target-modules embed_tokens: its weight is tied to the LM head's" in err, err
+    code, err = run_main([*args, "--lora", "--lora-target-modules", "all-linear", "q_proj"], capsys)
+    assert code == 2 and "--lora-target-modules all-linear q_proj: all-linear stands alone" in err, err
+    code, err = run_main([*args, "--lora", "--lora-target-modules", "lm_head"], capsys)
+    assert code == 2 and ("--lora-target-modules lm_head: the LM head is not adapted (the loss reads its weight "
+                          "directly); train it in full with --lora-modules-to-save lm_head") in err, err
     assert not (tmp_path / "out").exists()  # nothing happened before validation
 
 

@@ -450,7 +450,21 @@ def module_problems(config) -> list[str]:
             f"--lora-target-modules {' '.join(unknown)}: no module of {lm.config.model_type} is named so; "
             f"its decoder blocks' linear layers are {' '.join(linear)} (or pass {ALL_LINEAR})"
         )
+    targets = listed(config.lora_target_modules)
+    if ALL_LINEAR in targets and len(targets) > 1:  # peft took the other names alone and all-linear as a name
+        problems.append(f"--lora-target-modules {' '.join(targets)}: {ALL_LINEAR} stands alone (it is every linear "
+                        f"layer of the blocks); pass {ALL_LINEAR}, or the names without it")
     modules = dict(lm.named_modules())
+    head = lm.get_output_embeddings()
+    on_head = [t for t in targets if t != ALL_LINEAR and any(modules[n] is head for n in matches(t))]
+    if on_head:  # the loss takes the head's own weight (chunked or fused cross-entropy), never an adapted forward
+        problems.append(f"--lora-target-modules {' '.join(on_head)}: the LM head is not adapted (the loss reads its "
+                        f"weight directly); train it in full with --lora-modules-to-save {' '.join(on_head)}")
+    tied = tied_modules(lm)
+    tied_targets = [t for t in targets if t not in on_head and any(n in tied for n in matches(t))]
+    if tied_targets:  # merged, the adapter's change would reach the tied LM head too: not the live model
+        problems.append(f"--lora-target-modules {' '.join(tied_targets)}: its weight is tied to the LM head's "
+                        f"(tie_word_embeddings), and the merged export would change both; drop it")
     adaptable = (nn.Linear, nn.Embedding, nn.Conv1d, nn.Conv2d)
     not_layers = [t for t in listed(config.lora_target_modules) if t != ALL_LINEAR and matches(t)
                   and not any(isinstance(modules[n], adaptable) for n in matches(t))]
@@ -473,7 +487,6 @@ def module_problems(config) -> list[str]:
         if four_bit:
             problems.append(f"--lora-modules-to-save {' '.join(dict.fromkeys(four_bit))}: --qlora stores its linear "
                             f"layers in 4-bit, which cannot train in full; drop it, or drop --qlora")
-    tied = tied_modules(lm)
     tied_saved = [m for m in listed(config.lora_modules_to_save) if any(n in tied for n in matches(m))]
     if tied_saved:
         problems.append(f"--lora-modules-to-save {' '.join(tied_saved)}: its weight is tied to another module's "
