@@ -399,11 +399,26 @@ def test_data_with_the_same_lengths_but_other_tokens_is_refused_on_resume(setup,
 def test_every_config_field_says_how_it_behaves_on_resume():
     from train import TrainConfig
 
-    groups = (checkpoint.FIXED_ON_RESUME, checkpoint.CHANGE_THE_RUN, checkpoint.STOP_CONDITIONS,
-              checkpoint.FREE_ON_RESUME)
+    groups = (checkpoint.FIXED_ON_RESUME, checkpoint.SHAPE_THE_PARAMETERS, checkpoint.CHANGE_THE_RUN,
+              checkpoint.STOP_CONDITIONS, checkpoint.FREE_ON_RESUME)
     classified = [name for group in groups for name in group]
     assert len(classified) == len(set(classified))  # each field in one group
     assert sorted(classified) == sorted(f.name for f in fields(TrainConfig))
+
+
+def test_what_trains_cannot_change_on_resume_even_when_changes_are_allowed():
+    """--allow-config-change resumed into a crash (a missing or mis-shaped key) where the set of trained parameters
+    changed: LoRA on or off, its rank, targets or saved modules, a reward model's score head."""
+    from train import TrainConfig
+
+    base = vars(TrainConfig("d", "m", "o", batch_size=4, max_tokens_per_gpu=64, lora=True))
+    for change in ({"lora": False}, {"lora_r": 8}, {"lora_target_modules": ["q_proj"]},
+                   {"lora_modules_to_save": ["lm_head"]}, {"objective": "reward"}):
+        problems = checkpoint.config_problems(base, {**base, **change}, "x", "x", allow_change=True)
+        assert len(problems) == 1 and "cannot change on resume (the checkpoint holds another set of trained " \
+                                      "parameters, even with --allow-config-change)" in problems[0], (change, problems)
+    for change in ({"lora_alpha": 8.0}, {"objective": "dpo"}):  # the same parameters: allowed when asked for
+        assert checkpoint.config_problems(base, {**base, **change}, "x", "x", allow_change=True) == []
 
 
 def test_stop_conditions_may_grow_only_under_a_constant_schedule():

@@ -79,8 +79,11 @@ CHANGE_THE_RUN = (
     "kto_beta", "kto_desirable_weight", "kto_undesirable_weight",
     # Which evaluation early stopping and the best export follow: the saved best is of the saved metric.
     "early_stopping_metric",
-    "lora", "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules", "lora_modules_to_save", "lora_init", "qlora",
+    "lora_alpha", "lora_dropout", "lora_init", "qlora",
 )
+# Which parameters train (and so what the checkpoint's model and optimizer state hold): refused even with
+# --allow-config-change, as is a change of objective to or from a reward model (a classifier's score head).
+SHAPE_THE_PARAMETERS = ("lora", "lora_r", "lora_target_modules", "lora_modules_to_save")
 # Decide when the run ends; with a decaying schedule they also set the length of the decay.
 STOP_CONDITIONS = ("max_epochs", "max_steps", "max_samples")
 # Where and how often to write, how to compute (same math): free to change.
@@ -196,7 +199,7 @@ def read_saved_run(path: Path) -> tuple[dict, dict]:
             f"cannot resume from {path}: {' '.join(str(e).split())}; pass another checkpoint or --fresh"
         ) from None
     config = {**ADDED_LATER, **config}
-    groups = (FIXED_ON_RESUME, CHANGE_THE_RUN, STOP_CONDITIONS, ("data_path",))
+    groups = (FIXED_ON_RESUME, SHAPE_THE_PARAMETERS, CHANGE_THE_RUN, STOP_CONDITIONS, ("data_path",))
     missing = [k for group in groups for k in group if k not in config]
     missing += [f"trainer_state.json {k!r}" for k in TRAINER_STATE if k not in state]
     if missing:
@@ -216,6 +219,14 @@ def config_problems(saved: dict, current: dict, saved_data: str, current_data: s
         problems.append(
             f"{', '.join(fixed)} cannot change on resume (the optimizer state holds it); "
             f"start a new run with --fresh, e.g. from an exported hf_format folder"
+        )
+    shaped = [f"{flag(k)} {saved[k]} -> {current[k]}" for k in SHAPE_THE_PARAMETERS if saved[k] != current[k]]
+    if saved["objective"] != current["objective"] and "reward" in (saved["objective"], current["objective"]):
+        shaped.append(f"--objective {saved['objective']} -> {current['objective']}")
+    if shaped:
+        problems.append(
+            f"{', '.join(shaped)} cannot change on resume (the checkpoint holds another set of trained parameters, "
+            f"even with --allow-config-change); start a new run with --fresh, e.g. from an exported hf_format folder"
         )
     changed = [f"{flag(k)} {saved[k]} -> {current[k]}" for k in CHANGE_THE_RUN if saved[k] != current[k]]
     if current["lr_scheduler"] != "constant" or saved["lr_scheduler"] != "constant":
