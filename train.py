@@ -294,7 +294,10 @@ def setup(config: TrainConfig, world: World) -> Run:
     checkpointer = Checkpointer(config, world, model, optimizer, scheduler, tokenizer, validator, state)
     log = RunLog(config, world, tokenizer, total_steps, state.step)
     names = None if mixture is None or len(sources) == 1 else [Path(s.path).name for s in sources]  # per-file metrics
-    if names is not None and state.source_samples is None:
+    if names is not None and (state.source_samples is None or len(state.source_samples) != len(names)):
+        if state.source_samples is not None:  # resumed with other files (--allow-config-change): counts restart
+            print0(f"per-file samples seen count from 0: the checkpoint's {len(state.source_samples)} data files are "
+                   f"{len(names)} now")
         state.source_samples = [0] * len(names)
     return Run(config, world, objective, cache, planner, data.train_indices, total_steps, model, optimizer, scheduler,
                state, validator, checkpointer, log, names)

@@ -142,6 +142,14 @@ def test_resuming_with_other_weights_is_refused_since_the_fingerprint_covers_the
     assert train.main(["--data-path", f"{a}:0.75", f"{b}:0.25", *args, "--max-steps", "3"]) == 2
     err = capsys.readouterr().err
     assert "cannot resume from" in err and "mixture 6/8, 6/4" in err and "mixture 9/8, 3/4" in err, err
+    # With a third file, allowed: the per-file counts start over (they indexed past the checkpoint's two: a crash
+    # after the first resumed step)
+    c = write_data(tmp_path / "c.jsonl", 4, vocab=700, seed=3)
+    assert train.main(["--data-path", str(a), str(b), str(c), *args, "--max-steps", "3", "--lr-scheduler", "constant",
+                       "--allow-config-change"]) == 0, capsys.readouterr().err
+    assert "per-file samples seen count from 0: the checkpoint's 2 data files are 3 now" in capsys.readouterr().out
+    last = json.loads((tmp_path / "out" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert last["step"] == 3 and sum(last[f"samples_seen/{n}.jsonl"] for n in "abc") == 4  # step 3's alone
 
 
 def test_a_mixture_resumed_mid_run_trains_what_the_uninterrupted_run_does(tmp_path, capsys, tiny_model_dir):
