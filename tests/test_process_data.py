@@ -464,6 +464,30 @@ def test_more_workers_than_cores_run_on_the_cores_and_say_so(capsys, monkeypatch
     assert stdout.rstrip().endswith("1 workers") and out.read_bytes() == expected
 
 
+def test_a_device_pipe_or_link_is_never_replaced_and_long_names_are_one_line(capsys, tmp_path, tokenizer_dir):
+    """The rows, the report and the saved template are renamed into place: --output-file /dev/null (as root) replaced
+    the device with a file, a FIFO or a symbolic link likewise. A name too long for the file system, given or made
+    (the template's name beside the rows, the report's temporary file), was a traceback."""
+    import os
+
+    data = write_lines(tmp_path / "in.jsonl", [{"messages": CONVERSATIONS["single"]}])
+    fifo, link = tmp_path / "fifo", tmp_path / "link.jsonl"
+    os.mkfifo(fifo)
+    link.symlink_to(tmp_path / "elsewhere.jsonl")
+    for flags, message in ((["--output-file", str(fifo)], f"{fifo}: --output-file is not a regular file (a device, "
+                                                          f"pipe or socket), which the written file would replace"),
+                           (["--output-file", str(link)], f"{link}: --output-file is a symbolic link"),
+                           (["--report", str(fifo)], f"{fifo}: --report is not a regular file"),
+                           (["--output-file", str(tmp_path / ("r" * 250))], "File name too long; pass another path")):
+        code, _, stderr, _ = run_main(capsys, tmp_path, tokenizer_dir("chatml"), data, *flags)
+        assert code == 2 and stderr.count("\n") == 1 and message in stderr, stderr
+    assert fifo.exists() and not fifo.is_file() and link.is_symlink()
+    report = tmp_path / ("m" * 250 + ".html")  # a valid name; its temporary file's is not
+    code, _, stderr, out = run_main(capsys, tmp_path, tokenizer_dir("chatml"), data, "--report", str(report))
+    assert code == 2 and stderr.count("\n") == 1 and f"{report}: --report cannot be written (File name too long)" \
+        in stderr and out.exists(), stderr
+
+
 def test_bad_json_is_one_line_error_without_traceback(capsys, tmp_path, tokenizer_dir):
     data = write_lines(tmp_path / "in.jsonl", [{"messages": CONVERSATIONS["single"]}, b'{"messages": ['])
     code, _, stderr, out = run_main(capsys, tmp_path, tokenizer_dir("chatml"), data)

@@ -273,6 +273,13 @@ def same_file(a: Path, b: Path) -> bool:
 
 def check_paths(cfg: Config) -> None:
     """Refuse, before reading anything, paths that would lose data or fail late."""
+    try:
+        check_path_kinds(cfg)
+    except OSError as e:  # a name too long for the file system, say
+        raise RunError(f"{e.filename}: {e.strerror}; pass another path") from None
+
+
+def check_path_kinds(cfg: Config) -> None:
     if cfg.input_file.is_dir():
         raise RunError(f"{cfg.input_file}: --input-file is a directory; name the data file in it")
     if not cfg.input_file.is_file():
@@ -312,6 +319,12 @@ def check_paths(cfg: Config) -> None:
     sidecar = template_sidecar(out)
     if sidecar.is_dir():
         raise RunError(f"{sidecar}: a directory where the chat template is saved; remove it or choose another --output-file")
+    # Each is written to a temporary file renamed into place: a device, pipe or link there would be replaced by a
+    # file (--output-file /dev/null, run as root, replaced the device)
+    for flag, path in (("--output-file", out), ("--report", cfg.report), ("the saved chat template", sidecar)):
+        if path is not None and (path.is_symlink() or (path.exists() and not path.is_file())):
+            kind = "a symbolic link" if path.is_symlink() else "not a regular file (a device, pipe or socket)"
+            raise RunError(f"{path}: {flag} is {kind}, which the written file would replace; name a regular file")
     if cfg.input_file.stat().st_size == 0:
         raise RunError(f"{cfg.input_file}:1: the file is empty; pass a file with at least one row")
 
@@ -527,7 +540,11 @@ def write_report(cfg: Config, summary: Summary, parts: list[list[tuple]], pool, 
     page = mask_report.render(str(cfg.input_file), samples, summary.tokens, summary.trained, summary.drops,
                               summary.drop_lines, summary.lengths, summary.written, summary.read, summary.format,
                               roles, seq2seq_rows.truncation_line(cfg, summary.truncated))
-    atomic.write_text(cfg.report, page)
+    try:
+        atomic.write_text(cfg.report, page)
+    except OSError as e:
+        raise RunError(f"{cfg.report}: --report cannot be written ({e.strerror}); the rows were written to "
+                       f"{cfg.output_file}, and a --report path you can write gives the page") from None
     summary.report_file = cfg.report
 
 
