@@ -843,6 +843,25 @@ def preference_cli(capsys, tmp_path, tokenizer, input_file, *flags):
     return process_main(capsys, tmp_path, tokenizer, input_file, *flags)
 
 
+def test_an_id_beyond_64_bits_beside_the_conversation_encodes_like_any_other_field(capsys, tmp_path, tokenizer_dir):
+    """The reader keeps such a number exact (orjson cannot write it): a pair and a KTO row stopped with a traceback,
+    and a messages row was dropped as 'chat template rejected the conversation'. Each now gives the same rows as
+    without the field."""
+    from tests.test_process_data import CONVERSATIONS, write_lines
+
+    big = 123456789012345678901234567890
+    rows = [ROW_FORMS["trl_text"], {"prompt": "Hi", "completion": "Hello.", "label": True},
+            {"messages": CONVERSATIONS["single"]}]
+    for row in rows:
+        outputs = []
+        for extra in ({}, {"id": big}):
+            data = write_lines(tmp_path / "in.jsonl", [{**row, **extra}])
+            code, _, err, out = preference_cli(capsys, tmp_path, tokenizer_dir("chatml"), data)
+            assert code == 0, err
+            outputs.append(out.read_text())
+        assert outputs[0] == outputs[1] and outputs[0].count("\n") == 1, row
+
+
 @pytest.mark.parametrize("family", ["chatml", "llama3"])
 @pytest.mark.parametrize("form", sorted(ROW_FORMS))
 def test_each_row_form_gives_both_sides_with_only_the_final_reply_trained(capsys, tmp_path, tokenizer_dir, family,

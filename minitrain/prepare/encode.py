@@ -262,7 +262,7 @@ class Encoder:
         renders, cached: the header (Qwen3 with enable_thinking false: the empty think block is part of it) and
         what the template writes after the last turn (Command-R7B: its opener, with `<|START_THINKING|>
         <|END_THINKING|>` unless enable_thinking is true) depend on them."""
-        key = orjson.dumps(extra, option=orjson.OPT_SORT_KEYS)
+        key = formats.dump_row(extra, sort_keys=True)
         if key not in self.headers:
             if len(self.headers) >= 1024:
                 self.headers.clear()
@@ -289,7 +289,7 @@ class Encoder:
     ) -> chat_masks.SentinelPlan:
         """The sentinel render's plan for this skeleton (the sentinel-replaced sample), cached: samples that differ
         only in their contents share one sentinel render. A plan that failed fails again, with its reason."""
-        key = orjson.dumps([marked_messages, extra], option=orjson.OPT_SORT_KEYS)
+        key = formats.dump_row([marked_messages, extra], sort_keys=True)
         plan = self.plans.get(key)
         if plan is None:
             try:

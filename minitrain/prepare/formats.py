@@ -118,6 +118,15 @@ def _refuse(constant: str):
     raise ValueError(constant)
 
 
+def dump_row(value, sort_keys: bool = False) -> bytes:
+    """orjson's JSON bytes of a row's value; one with a whole number beyond 64 bits (load_row keeps it exact, an id
+    say, which orjson cannot write) through Python's json."""
+    try:
+        return orjson.dumps(value, option=orjson.OPT_SORT_KEYS if sort_keys else None)
+    except TypeError:
+        return json.dumps(value, sort_keys=sort_keys, ensure_ascii=False).encode()
+
+
 def load_row(raw: bytes, where: str) -> object | None:
     """The JSON value on this line, None for a blank line."""
     if raw.startswith(b"\xef\xbb\xbf"):  # a UTF-8 byte order mark (Excel, Notepad) is no part of the JSON

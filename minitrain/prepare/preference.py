@@ -140,7 +140,7 @@ class PreferenceEncoder:
                 margins[lineno] = margin
             extra = {k: v for k, v in row.items() if k not in ("prompt", "margin", *SIDES)}  # e.g. tools
             for side, messages in zip(SIDES, found):
-                batches[side].append((lineno, orjson.dumps({**extra, "messages": messages})))
+                batches[side].append((lineno, formats.dump_row({**extra, "messages": messages})))
         encoded = {}
         for side in SIDES:
             result = self.encoder.encode_chunk(batches[side])

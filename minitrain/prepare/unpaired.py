@@ -104,7 +104,7 @@ class UnpairedEncoder:
                 chunk.drops.append((lineno, *found))
                 continue
             extra = {k: v for k, v in row.items() if k not in KEYS}  # e.g. tools
-            batch.append((lineno, orjson.dumps({**extra, "messages": found})))
+            batch.append((lineno, formats.dump_row({**extra, "messages": found})))
             labels[lineno] = label
         encoded = self.encoder.encode_chunk(batch)
         if encoded.error:
