@@ -364,7 +364,8 @@ def test_forced_format(capsys, tmp_path, tokenizer_dir):
 
 def test_pair_flags_on_rows_that_are_not_pairs_are_one_line(capsys, tmp_path, tokenizer_dir):
     """--train-source, --pair-rendering and --separator change pair rows only: on messages or text rows they would
-    write the same rows as without them, so they are refused, as is --separator without raw rendering."""
+    write the same rows as without them, so they are refused, as is --separator without raw rendering; so are the
+    column flags on rows they do not name, and the chat-template flags where no template renders."""
     messages = write_lines(tmp_path / "m.jsonl", [{"messages": [{"role": "user", "content": "q"},
                                                                 {"role": "assistant", "content": "a"}]}])
     text = write_lines(tmp_path / "t.jsonl", [{"text": "Just the text."}])
@@ -377,6 +378,15 @@ def test_pair_flags_on_rows_that_are_not_pairs_are_one_line(capsys, tmp_path, to
                                     f"drop it"),
         (pairs, ("--separator", "ZZ"), "--separator goes between source and target of raw pairs; add "
                                        "--pair-rendering raw or drop --separator"),
+        # the column flags name columns of pair and text rows; a chat template renders neither text nor raw pairs
+        (messages, ("--source-column", "q", "--target-column", "a"), f"{messages}:1: --source-column, "
+         f"--target-column apply to pair rows and this file's rows are messages; drop them"),
+        (messages, ("--text-column", "body"), f"{messages}:1: --text-column applies to text rows and this file's "
+                                              f"rows are messages; drop it"),
+        (text, ("--chat-template-name", "tool_use"), f"{text}:1: --chat-template-name applies to chat-rendered rows "
+                                                     f"and this file's rows are text; drop it"),
+        (pairs, ("--pair-rendering", "raw", "--chat-template-name", "x"), f"{pairs}:1: --chat-template-name applies "
+         f"to chat-rendered rows and this file's rows are pairs, rendered raw; drop it"),
     ):
         stderr = error_of(capsys, tmp_path, tokenizer_dir, data, *flags)
         assert stderr == f"process_data.py: error: {message}\n", stderr

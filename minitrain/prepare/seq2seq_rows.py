@@ -66,13 +66,23 @@ def flag_problem(cfg, spec: InputSpec, model_type: str | None) -> str | None:
         for flag, value in seq2seq_only:
             if value:
                 return f"{flag} is for encoder-decoder models and {cfg.model_name_or_path} is a causal LM; drop it"
-        pair_flags = {"--pair-rendering": cfg.pair_rendering is not None, "--separator": cfg.separator is not None,
-                      "--train-source": cfg.train_source}
-        ignored = [flag for flag, given in pair_flags.items() if given]
-        if ignored and spec.first_line and spec.fmt.kind != "pairs":  # they would change no row: said, not ignored
-            many = len(ignored) > 1
-            return (f"{cfg.input_file}:{spec.first_line}: {', '.join(ignored)} appl{'y' if many else 'ies'} to pair "
-                    f"rows and this file's rows are {spec.fmt.kind}; drop {'them' if many else 'it'}")
+        kind = spec.fmt.kind
+        chat = kind != "text" and not (kind == "pairs" and cfg.pair_rendering == "raw")  # a chat template renders
+        # flag: (the rows it applies to, whether it was given, whether it applies to this file's rows)
+        flags_for = {"--pair-rendering": ("pair", cfg.pair_rendering is not None, kind == "pairs"),
+                     "--separator": ("pair", cfg.separator is not None, kind == "pairs"),
+                     "--train-source": ("pair", cfg.train_source, kind == "pairs"),
+                     "--source-column": ("pair", cfg.source_column is not None, kind == "pairs"),
+                     "--target-column": ("pair", cfg.target_column is not None, kind == "pairs"),
+                     "--text-column": ("text", cfg.text_column != "text", kind == "text"),
+                     "--chat-template": ("chat-rendered", cfg.chat_template is not None, chat),
+                     "--chat-template-name": ("chat-rendered", cfg.chat_template_name is not None, chat)}
+        ignored = [flag for flag, (_, given, applies) in flags_for.items() if given and not applies]
+        if ignored and spec.first_line:  # they would change no row: said, not ignored
+            many, rows = len(ignored) > 1, " and ".join(dict.fromkeys(flags_for[f][0] for f in ignored))
+            shown = f"{kind}, rendered raw" if kind == "pairs" else kind
+            return (f"{cfg.input_file}:{spec.first_line}: {', '.join(ignored)} appl{'y' if many else 'ies'} to "
+                    f"{rows} rows and this file's rows are {shown}; drop {'them' if many else 'it'}")
         if cfg.separator is not None and cfg.pair_rendering != "raw":
             return ("--separator goes between source and target of raw pairs; add --pair-rendering raw or drop "
                     "--separator")
