@@ -95,6 +95,8 @@ def flag_problems(args) -> list[str]:
             problems.append(f"--{flag.replace('_', '-')} must be at least 1")
     if args.num_workers < 1:
         problems.append("--num-workers must be at least 1")
+    if not args.mask_marker.strip():  # the printed samples would show no trained part
+        problems.append("--mask-marker must be visible text, e.g. '[[ ]]' or '@@'")
     if args.num_printed_samples < 0:
         problems.append("--num-printed-samples must be 0 or more")
     if (args.source_column is None) != (args.target_column is None):

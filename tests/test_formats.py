@@ -424,6 +424,12 @@ def test_parquet_null_names_its_row_and_missing_pyarrow_is_one_line(capsys, tmp_
     data = write_parquet(tmp_path / "in.parquet", [{"prompt": "q", "completion": "a"}, {"prompt": "q", "completion": None}])
     stderr = error_of(capsys, tmp_path, tokenizer_dir, data)
     assert f"{data}:2: `completion` must be a string, got null" in stderr
+    # A NaN or infinite margin (JSON has no form for it) was written as no margin; in JSONL or CSV it stops the run
+    for bad in (float("nan"), float("inf")):
+        pairs = write_parquet(tmp_path / "pairs.parquet", [{"prompt": "p", "chosen": "a", "rejected": "b",
+                                                             "margin": bad}])
+        stderr = error_of(capsys, tmp_path, tokenizer_dir, pairs)
+        assert f"{pairs}:1: `margin` must be a finite number, got '{bad}'" in stderr, stderr
     monkeypatch.setitem(__import__("sys").modules, "pyarrow.parquet", None)  # as if pyarrow were not installed
     stderr = error_of(capsys, tmp_path, tokenizer_dir, data)
     assert f"{data}: reading Parquet needs pyarrow; pip install pyarrow" in stderr

@@ -507,6 +507,7 @@ def test_what_argparse_refuses_and_the_flag_checks_are_one_line(capsys, tmp_path
         (["--seed", "one"], "argument --seed: invalid int value: 'one'; see process_data.py --help"),
         (["--num-printed-samples", "-1", "--source-column", "q"],
          "--num-printed-samples must be 0 or more; --source-column and --target-column go together"),
+        (["--mask-marker", " "], "--mask-marker must be visible text, e.g. '[[ ]]' or '@@'"),  # no trained part shown
     ]
     for flags, message in cases:
         code, _, stderr, out = run_main(capsys, tmp_path, tokenizer_dir("chatml"), data, *flags)

@@ -21,6 +21,7 @@ JSONL and CSV (the line where a CSV record starts) and 1-based row indices for P
 import csv
 import itertools
 import json
+import math
 import re
 import sys
 from collections.abc import Iterable, Iterator
@@ -302,6 +303,9 @@ def parquet_rows(path: Path, progress, columns: list[str] | None, batch_rows: in
         progress.update(batch.num_rows * bytes_per_row)
         for row in batch.to_pylist():
             number += 1
+            for key, value in row.items():  # JSON has no NaN or infinity (orjson writes null: a margin was lost);
+                if isinstance(value, float) and not math.isfinite(value):  # as text, a field that needs a number
+                    row[key] = str(value)  # says so, as the same value in JSONL or CSV does
             try:
                 yield number, orjson.dumps(row)
             except orjson.JSONEncodeError as e:
