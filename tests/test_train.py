@@ -416,6 +416,10 @@ def test_an_objectives_own_flags_given_for_another_objective_are_one_line(tmp_pa
          "--orpo-lambda, --reward-center-coefficient would be ignored by --objective dpo"),
         (["--objective", "kto", "--kto-desirable-weight", "2", "--preference-sft-weight", "0.1"],
          "--preference-sft-weight would be ignored by --objective kto"),
+        (["--objective", "orpo", "--loss-reduction", "sequences"],  # a pair's loss: no token mean to reweigh
+         "--loss-reduction would be ignored by --objective orpo"),
+        (["--objective", "reward", "--num-eval-generations", "1"],  # it printed 0 generations per evaluation
+         "--num-eval-generations 1: a reward model does not generate"),
     ):
         code, err = run_main([*args, *flags], capsys)
         assert code == 2 and named in err and len(err.strip().splitlines()) == 1, err

@@ -413,6 +413,7 @@ OBJECTIVE_FLAGS = {
     "reward_center_coefficient": ("reward",), "kto_beta": ("kto",), "kto_desirable_weight": ("kto",),
     "kto_undesirable_weight": ("kto",), "distill_top_k": ("distill",), "distill_alpha": ("distill",),
     "distill_temperature": ("distill",),
+    "loss_reduction": ("sft", "distill"),  # the preference objectives' losses are per pair or sample (distill: refused)
 }
 
 
@@ -443,6 +444,9 @@ def objective_problems(config: TrainConfig) -> list[str]:
         if config.eval_metric is not None:
             problems.append(f"--eval-metric {config.eval_metric} scores generated text; a reward model does not "
                             f"generate (its validation reports loss, accuracy and margin)")
+        if changed(config, ["num_eval_generations"]) and config.num_eval_generations > 0:
+            problems.append(f"--num-eval-generations {config.num_eval_generations}: a reward model does not generate "
+                            f"(its validation reports loss, accuracy and margin); drop it")
     problems += kto_problems(config)
     if config.orpo_lambda < 0:
         problems.append(f"--orpo-lambda must be >= 0, got {config.orpo_lambda}")
