@@ -456,6 +456,22 @@ def test_bad_labelled_rows_stop_stage_1_naming_file_and_line(capsys, tmp_path, t
     assert not out.exists()
 
 
+def test_a_label_beside_pair_or_text_columns_is_refused_not_trained_as_a_pair(capsys, tmp_path, tokenizer_dir):
+    """{"source", "target", "label": false} was read as a pair: its undesirable reply trained as SFT data, the label
+    dropped without a word; so with text and with named columns."""
+    from tests.test_process_data import write_lines
+
+    for row, flags, seen in (({"source": "Hi", "target": "bad", "label": False}, (), "pairs (source/target)"),
+                             ({"text": "bad text", "label": False}, (), "text (text)"),
+                             ({"q": "Hi", "a": "bad", "label": False}, ("--source-column", "q", "--target-column", "a"),
+                              "pairs (q/a)")):
+        data = write_lines(tmp_path / "in.jsonl", [row])
+        code, _, err, out = stage1(capsys, tmp_path, tokenizer_dir("chatml"), data, *flags)
+        assert code == 2 and len(err.strip().splitlines()) == 1, err
+        assert f"in.jsonl:1: a `label` beside {seen}: labelled (KTO) rows are `prompt`/`completion` or `messages` " \
+               "with a `label`" in err and not out.exists(), err
+
+
 def test_empty_completions_are_dropped_and_counted_with_their_line(capsys, tmp_path, tokenizer_dir):
     from tests.test_process_data import write_lines
 

@@ -180,6 +180,12 @@ def input_spec(cfg: Config, kind: str) -> InputSpec:
                 f"{cfg.input_file}:{lineno}: the first row has keys {keys}, which fit no format; give it "
                 f"{formats.expected_keys(columns)}, or name the columns with --source-column/--target-column or --text-column"
             )
+        if "label" in keys and fmt.kind in ("pairs", "text"):  # else every row trains, its undesirable replies too
+            raise RunError(
+                f"{cfg.input_file}:{lineno}: a `label` beside {fmt.describe()}: labelled (KTO) rows are "
+                f"`prompt`/`completion` or `messages` with a `label`; rename the columns to those, or drop `label` to "
+                f"train every row as a pair or text"
+            )
     if kind == "csv" and fmt.kind == "messages":
         raise RunError(f"{cfg.input_file}:{lineno}: a CSV cell cannot hold a messages list; convert the file to JSONL or Parquet")
     return InputSpec(
