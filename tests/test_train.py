@@ -509,8 +509,8 @@ def test_loss_reduction_sequences_from_the_command_line_is_the_mean_of_each_samp
 
 
 def test_an_output_dir_that_is_a_file_under_a_file_or_the_model_folder_is_one_line(tmp_path, capsys, tiny_model_dir):
-    """Before anything loads: a file (the data file too) or a path under one (a traceback from mkdir before), and the
-    model's own folder, whose config and training_config.json the run would write over."""
+    """Before anything loads: a file (the data file too) or a path under one (a traceback from mkdir before), the
+    model's own folder, whose config and training_config.json the run would write over, and an empty path."""
     import shutil
 
     data = write_data(tmp_path / "data.jsonl", 4, vocab=700)
@@ -525,9 +525,11 @@ def test_an_output_dir_that_is_a_file_under_a_file_or_the_model_folder_is_one_li
                                          f"a file, so no folder can be made under it; name a folder elsewhere"),
         (model / ".", f"--output-dir {model / '.'}: is the model's folder (--model-name-or-path), whose files the run "
                       f"would write over; name another folder"),
+        ("", "--output-dir is empty; name a folder"),  # an unset variable: it trained into the current folder
     ):
         args = base_args(tmp_path, model, data)
-        code, err = run_main([*args, "--output-dir", str(out)], capsys)  # the last --output-dir wins
+        code, err = run_main([*args, "--output-dir", str(out), "--seed", str(2**64)], capsys)  # the last one wins
+        assert "--seed must be in [0, 2^63), got 18446744073709551616" in err, err  # torch.manual_seed's traceback
         assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
     assert {p.name: p.read_bytes() for p in [data, tmp_path / "notes.txt", *model.iterdir()]} == before
 

@@ -314,6 +314,8 @@ def validate(config: TrainConfig, world_size: int, local_world_size: int, cuda: 
             f"--batch-size {config.batch_size} is smaller than the {ranks}; every rank needs at least "
             f"one sample per step, so use --batch-size >= {groups}"
         )
+    if not 0 <= config.seed < 2**63:  # torch.manual_seed's range (a traceback beyond it), numpy's from 0
+        problems.append(f"--seed must be in [0, 2^63), got {config.seed}")
     if config.max_tokens_per_gpu != "auto" and config.max_tokens_per_gpu < 1:
         problems.append(f"--max-tokens-per-gpu must be positive (or auto), got {config.max_tokens_per_gpu}")
     if config.fsdp_sharding_strategy not in SHARDING_STRATEGIES:
@@ -539,6 +541,8 @@ def validation_problems(config: TrainConfig) -> list[str]:
 def output_dir_problems(output_dir: str, model: str) -> list[str]:
     """--output-dir must be a folder that can be made (not a file, nor under one) and not the model's own folder,
     whose files the run's checkpoints, exports and training_config.json would write over."""
+    if not str(output_dir).strip():  # an unset shell variable, say: Path("") is the current folder
+        return ["--output-dir is empty; name a folder (a new one is made)"]
     out = Path(output_dir)
     blocking = next((p for p in (out, *out.parents) if p.exists() and not p.is_dir()), None)
     if blocking == out:
