@@ -315,8 +315,9 @@ def test_a_run_without_a_chat_template_removes_an_earlier_runs_template_beside_t
     # Rows tokenized as plain text use no template even where the tokenizer has one: text rows and raw pairs save
     # none (their exports keep the model's own), pairs through the chat template save it.
     pairs = write_lines(tmp_path / "pairs.jsonl", [{"source": "Hi", "target": "Hello."}])
+    pretrain = write_lines(tmp_path / "pretrain.jsonl", [{"messages": [{"role": "pretrain", "content": "A page."}]}])
     for data, flags, saved in ((chats, (), True), (text, (), False), (pairs, ("--pair-rendering", "raw"), False),
-                               (pairs, (), True)):
+                               (pairs, (), True), (pretrain, (), False)):  # a messages file of pretrain rows only
         code, _, stderr, out = run_main(capsys, tmp_path, tokenizer_dir("chatml"), data, *flags)
         assert code == 0 and template_sidecar(out).exists() == saved, (data, flags, stderr)
 

@@ -384,6 +384,7 @@ def run(cfg: Config) -> Summary:
             raise RunError(f"{cfg.input_file}: no sample can be written ({why}); fix the data or the model path")
         # text rows and raw pairs are tokenized as plain text: no template was used, so none is saved (docs/data.md)
         renders = spec.fmt.kind != "text" and not (spec.fmt.kind == "pairs" and spec.rendering == "raw")
+        renders = renders and bool(summary.methods)  # a messages file of pretrain rows renders none
         place_rows(tmp, cfg, info.template if renders else None, summary)
         parts = show_samples(cfg, summary, pool, encoder)
         if cfg.report is not None:
