@@ -387,6 +387,10 @@ def test_validation_split_is_exact_disjoint_fixed_and_stable_when_samples_are_ap
     for fraction in (0.0, 0.0004, 0.9996, 1.0):
         with pytest.raises(ValidationError, match=f"--validation-split {fraction} of 1000 samples"):
             split_validation(1000, fraction)
+    with pytest.raises(ValidationError) as e:  # it said "choose a fraction between 1 and 0"
+        split_validation(1, 0.5)
+    assert str(e.value) == ("--validation-split 0.5: the data has 1 sample, and training and validation each need "
+                            "one; pass --validation-data-path or more data")
 
 
 def test_early_stopping_stops_after_patience_evaluations_without_a_real_improvement():

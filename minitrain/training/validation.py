@@ -66,6 +66,9 @@ def split_validation(num_samples: int, fraction: float) -> tuple[np.ndarray, np.
     the file moves at most a few samples at the margin.
     """
     count = round(fraction * num_samples)
+    if num_samples < 2:
+        raise ValidationError(f"--validation-split {fraction}: the data has {num_samples} sample, and training and "
+                              f"validation each need one; pass --validation-data-path or more data")
     if not 0 < count < num_samples:
         raise ValidationError(
             f"--validation-split {fraction} of {num_samples} samples leaves {count} for validation and "
