@@ -481,6 +481,8 @@ def test_a_device_pipe_or_link_is_never_replaced_and_long_names_are_one_line(cap
                            (["--output-file", str(tmp_path / ("r" * 250))], "File name too long; pass another path")):
         code, _, stderr, _ = run_main(capsys, tmp_path, tokenizer_dir("chatml"), data, *flags)
         assert code == 2 and stderr.count("\n") == 1 and message in stderr, stderr
+    code, _, stderr, _ = run_main(capsys, tmp_path, tokenizer_dir("chatml"), fifo)  # as <(cat data) gives
+    assert code == 2 and f"{fifo}: --input-file is not a regular file (a pipe or device)" in stderr, stderr
     assert fifo.exists() and not fifo.is_file() and link.is_symlink()
     report = tmp_path / ("m" * 250 + ".html")  # a valid name; its temporary file's is not
     code, _, stderr, out = run_main(capsys, tmp_path, tokenizer_dir("chatml"), data, "--report", str(report))

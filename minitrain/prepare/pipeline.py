@@ -288,6 +288,9 @@ def check_paths(cfg: Config) -> None:
 def check_path_kinds(cfg: Config) -> None:
     if cfg.input_file.is_dir():
         raise RunError(f"{cfg.input_file}: --input-file is a directory; name the data file in it")
+    if cfg.input_file.exists() and not cfg.input_file.is_file():  # <(cat f), say: read more than once here
+        raise RunError(f"{cfg.input_file}: --input-file is not a regular file (a pipe or device); write the data to "
+                       f"a file and pass that")
     if not cfg.input_file.is_file():
         raise RunError(f"{cfg.input_file}: no such file; check --input-file")
     out = cfg.output_file
