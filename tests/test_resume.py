@@ -275,6 +275,24 @@ def test_resume_flags_are_checked_with_the_other_flags(setup, capsys, tmp_path):
     assert f"--resume-from {tmp_path}: not a complete checkpoint" in err
 
 
+def test_another_runs_checkpoint_resumes_into_a_new_folder_not_over_a_run(setup, reference, capsys, tmp_path):
+    """--resume-from a checkpoint of another output folder into one that holds a run of its own deleted that run's
+    later checkpoints and kept its earlier ones and log lines: one folder, two runs. Refused; a new folder branches."""
+    root, data, model_dir = setup
+    theirs = reference / "checkpoints" / "step_4"
+    mine = tmp_path / "mine"
+    assert run_main(train_args(data, model_dir, mine) + ["--max-steps", "2"], capsys)[0] == 0
+    files = {p: p.read_bytes() for p in mine.rglob("*") if p.is_file()}
+    code, _, err = run_main([*train_args(data, model_dir, mine), "--resume-from", str(theirs)], capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert f"--resume-from {theirs} is another run's checkpoint and --output-dir {mine} holds a run of its own; " \
+           "branch into a new --output-dir" in err
+    assert {p: p.read_bytes() for p in mine.rglob("*") if p.is_file()} == files
+    code, out, err = run_main([*train_args(data, model_dir, tmp_path / "branch"), "--resume-from", str(theirs)],
+                              capsys)
+    assert code == 0 and f"resumed from {theirs}: step 4" in out, err
+
+
 def test_sigint_stops_after_the_step_with_a_checkpoint_and_the_same_command_resumes(setup, capsys, tmp_path,
                                                                                      monkeypatch):
     """Ctrl-C (SIGINT, delivered here to this process after step 1) stops at the step boundary with a full-state

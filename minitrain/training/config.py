@@ -370,6 +370,14 @@ def validate(config: TrainConfig, world_size: int, local_world_size: int, cuda: 
             f"--resume-from {config.resume_from}: not a complete checkpoint; pass a "
             f"<output-dir>/checkpoints/step_<N> folder that holds a {checkpoint.COMPLETE} file"
         )
+    elif config.resume_from is not None and str(config.output_dir).strip():
+        own = checkpoint.checkpoint_root(config.output_dir)
+        elsewhere = Path(config.resume_from).resolve().parent != own.resolve()
+        if elsewhere and (checkpoint.complete_checkpoints(own) or (Path(config.output_dir) / "metrics.jsonl").exists()):
+            problems.append(  # its own checkpoints after that step would go, the earlier ones and its log stay: mixed
+                f"--resume-from {config.resume_from} is another run's checkpoint and --output-dir {config.output_dir} "
+                f"holds a run of its own; branch into a new --output-dir, or resume from one of its own checkpoints"
+            )
     if config.distributed_backend == "nccl" and not cuda:
         problems.append("--distributed-backend nccl needs CUDA GPUs and none is visible; use gloo (or auto) on CPU")
     if config.use_liger_kernels and config.loss_reduction == "sequences":
