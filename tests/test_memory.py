@@ -109,8 +109,9 @@ def estimate_memory(args: list[str], capsys) -> tuple[dict, str]:
 def adamw_state_bytes(model_dir, world_size: int, classifier: bool = False) -> int:
     """AdamW's state on rank 0 of a FULL_SHARD run of the model in `model_dir` (the causal LM, or with `classifier`
     the 1-label sequence classifier a reward model is), counted here from the model built on the meta device: two fp32
-    tensors the size of each parameter's rank-0 shard (FSDP2 gives rank 0 the first ceil(rows / world_size) rows)
-    and a 4-byte step per parameter."""
+    tensors the size of each parameter's rank-0 shard and a 4-byte step per parameter. FSDP2 gives rank 0 the first
+    ceil(rows / world_size) rows; a tensor with fewer rows than ranks is split along its longest dimension instead
+    (a fused MoE expert tensor, a reward model's score head: model.placement)."""
     import math
 
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
@@ -118,8 +119,13 @@ def adamw_state_bytes(model_dir, world_size: int, classifier: bool = False) -> i
     config = AutoConfig.from_pretrained(model_dir, **({"num_labels": 1} if classifier else {}))
     with torch.device("meta"):
         model = (AutoModelForSequenceClassification if classifier else AutoModelForCausalLM).from_config(config)
-    params = list(model.parameters())
-    return sum(8 * math.ceil(p.shape[0] / world_size) * (p.numel() // p.shape[0]) + 4 for p in params)
+    total = 0
+    for p in model.parameters():
+        split = 0
+        if p.dim() > 1 and p.shape[0] < world_size and max(p.shape) > p.shape[0]:
+            split = max(range(p.dim()), key=lambda d: p.shape[d])
+        total += 8 * math.ceil(p.shape[split] / world_size) * (p.numel() // p.shape[split]) + 4
+    return total
 
 
 def simulated_parts(monkeypatch) -> list:
@@ -154,6 +160,30 @@ def test_estimate_is_the_live_memory_of_a_real_two_rank_cpu_run_or_at_most_5_per
           f"{text}")
     for peak in measured:  # never under the live memory (auto would take rows that do not fit), at most 5% over
         assert peak <= estimate["peak_gib"] <= 1.05 * peak, (estimate, measured)
+
+
+MIXTRAL_SMALL = {"architectures": ["MixtralForCausalLM"], "model_type": "mixtral", "hidden_size": 256,
+                 "intermediate_size": 512, "num_hidden_layers": 2, "num_attention_heads": 8, "num_key_value_heads": 2,
+                 "vocab_size": 1000, "num_local_experts": 4, "num_experts_per_tok": 2, "max_position_embeddings": 2048,
+                 "rms_norm_eps": 1e-5, "tie_word_embeddings": False, "bos_token_id": 1, "eos_token_id": 2}
+
+
+def test_fused_expert_tensors_are_split_over_more_ranks_than_experts(tmp_path, monkeypatch, capsys):
+    """A Mixtral's experts are one (experts, out, in) tensor per layer. FSDP2 splits dim 0, so with more ranks than
+    experts rank 0 held a whole expert and the last ranks none: Mixtral-8x7B needed more memory per GPU on 64 GPUs
+    than on 8 (the optimizer's state barely moved). Rank 0's AdamW state on 8 ranks is now its even share."""
+    model_dir = write_config(tmp_path / "mixtral", MIXTRAL_SMALL)
+    seen = simulated_parts(monkeypatch)
+    estimate_memory(["--model-name-or-path", str(model_dir), "--world-size", "8", "--max-tokens-per-gpu", "64",
+                     "--no-activation-checkpointing"], capsys)
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    with torch.device("meta"):
+        params = sum(p.numel() for p in AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_dir))
+                     .parameters())
+    state = seen[-1]["optimizer_state"]
+    assert state == adamw_state_bytes(model_dir, 8)
+    assert state < 1.05 * 8 * params / 8  # an eighth of the two fp32 moments, up to the rounding up of each split
 
 
 def test_estimate_memory_needs_only_a_config_json_and_names_the_parts(tmp_path, capsys):

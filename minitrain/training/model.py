@@ -18,6 +18,7 @@ start-up probe build_model runs: the trainer's loss must be the model's own, or 
 """
 
 import socket
+from functools import partial
 
 import torch
 import torch.distributed as dist
@@ -171,10 +172,26 @@ def shard_model(model: PackedCausalLM, strategy: str, world: World, mesh=None, c
         mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
     reshard = strategy in ("FULL_SHARD", "HYBRID_SHARD")
     whole = model.adapter.unsharded_parameters(model.lm) or None  # QLoRA's 4-bit weights
+    place = partial(placement, shards=mesh.size(mesh.ndim - 1))
     for block in decoder_blocks(model.lm):
-        fully_shard(block, mesh=mesh, reshard_after_forward=reshard, mp_policy=mp, ignored_params=whole)
-    fully_shard(model, mesh=mesh, reshard_after_forward=reshard, mp_policy=mp, ignored_params=whole)
+        fully_shard(block, mesh=mesh, reshard_after_forward=reshard, mp_policy=mp, ignored_params=whole,
+                    shard_placement_fn=place)
+    fully_shard(model, mesh=mesh, reshard_after_forward=reshard, mp_policy=mp, ignored_params=whole,
+                shard_placement_fn=place)
     model.reshards_after_forward = reshard  # distributed.gathered_once turns it off for a no-grad stretch
+
+
+def placement(param: torch.nn.Parameter, shards: int):
+    """Where FSDP2 splits a parameter over `shards` ranks: its first dimension (FSDP2's own choice), unless that has
+    fewer rows than ranks and another has more: a fused MoE expert tensor (experts, out, in) split by expert left each
+    of 8 experts whole on 8 of 64 ranks (Mixtral-8x7B needed as much memory per GPU on 64 GPUs as on 8), and a
+    reward model's (1, hidden) score head whole on rank 0. Then its longest dimension."""
+    from torch.distributed.tensor import Shard
+
+    if param.dim() < 2 or param.shape[0] >= shards:
+        return None
+    longest = max(range(param.dim()), key=lambda d: param.shape[d])
+    return Shard(longest) if param.shape[longest] > param.shape[0] else None
 
 
 # Activations kept for the backward per layer and token, per hidden unit, without checkpointing (fp32; measured on
