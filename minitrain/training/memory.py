@@ -614,8 +614,11 @@ def fixes(config, estimate_now: Estimate, cuda: bool, make_optimizer, shard_grou
     tried.append((f"{2 * N} GPUs", config, 2 * N))
     found = []
     for label, changed, world_size in tried:
-        found.append((label, estimate(changed, world_size, G, cuda, make_optimizer, shard_group_size,
-                                      local_world_size, slope=False)))
+        try:
+            found.append((label, estimate(changed, world_size, G, cuda, make_optimizer, shard_group_size,
+                                          local_world_size, slope=False)))
+        except Exception:  # noqa: BLE001 (a fix this model cannot take, e.g. peft's LoRA on fused MoE experts with
+            continue  # dropout: not offered; the estimate of the run as asked stands)
     longest = estimate_now.longest_row_that_fits
     if longest:
         shorter = replace(estimate_now, max_tokens_per_gpu=longest,
