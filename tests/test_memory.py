@@ -168,7 +168,8 @@ MIXTRAL_SMALL = {"architectures": ["MixtralForCausalLM"], "model_type": "mixtral
                  "rms_norm_eps": 1e-5, "tie_word_embeddings": False, "bos_token_id": 1, "eos_token_id": 2}
 
 
-def test_fused_experts_split_over_more_ranks_than_experts_and_a_fix_they_cannot_take_is_left_out(tmp_path, monkeypatch, capsys):
+def test_fused_experts_split_over_more_ranks_than_experts_and_a_fix_they_cannot_take_is_left_out(tmp_path, monkeypatch,
+                                                                                                 capsys):
     """A Mixtral's experts are one (experts, out, in) tensor per layer. FSDP2 splits dim 0, so with more ranks than
     experts rank 0 held a whole expert and the last ranks none: Mixtral-8x7B needed more memory per GPU on 64 GPUs
     than on 8 (the optimizer's state barely moved). Rank 0's AdamW state on 8 ranks is now its even share."""
