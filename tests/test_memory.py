@@ -195,6 +195,30 @@ def test_fused_experts_split_over_more_ranks_than_experts_and_a_fix_they_cannot_
     assert "--lora" not in fixes and estimate["world_size"] == 2
 
 
+def test_the_estimates_own_flags_and_a_group_size_without_hybrid_shard_are_one_line(tmp_path, capsys,
+                                                                                      tiny_model_dir):
+    """--world-size 0 became 1, -2 and --max-tokens-per-gpu 0 were 'cannot simulate', --gpu-memory-gib -5 printed
+    'does NOT fit in -5 GiB'; --fsdp-shard-group-size without HYBRID_SHARD changed nothing, in a run or an estimate.
+    peft's refusal of LoRA with dropout on a Mixtral's fused experts names the fix."""
+    import train
+    from tests.test_train import base_args, run_main, write_data
+
+    model_dir = write_config(tmp_path / "mixtral", MIXTRAL_SMALL)
+    for flags, message in ((["--world-size", "0", "--gpu-memory-gib", "-5", "--max-tokens-per-gpu", "0"],
+                            "--world-size must be at least 1, got 0; --gpu-memory-gib must be positive, got -5.0; "
+                            "--max-tokens-per-gpu must be positive (or auto), got 0"),
+                           (["--world-size", "8", "--fsdp-shard-group-size", "4", "--max-tokens-per-gpu", "64"],
+                            "--fsdp-shard-group-size 4 is for HYBRID_SHARD (this run's strategy is FULL_SHARD); drop "
+                            "it or pass --fsdp-sharding-strategy HYBRID_SHARD"),
+                           (["--lora", "--max-tokens-per-gpu", "64"], "lora_dropout != 0.; pass --lora-dropout 0")):
+        assert train.main(["--estimate-memory", "--model-name-or-path", str(model_dir), *flags]) == 2
+        err = capsys.readouterr().err
+        assert message in err and len(err.splitlines()) == 1, err
+    data = write_data(tmp_path / "data.jsonl", 4, vocab=700)
+    code, err = run_main([*base_args(tmp_path, tiny_model_dir("llama"), data), "--fsdp-shard-group-size", "1"], capsys)
+    assert code == 2 and "--fsdp-shard-group-size 1 is for HYBRID_SHARD" in err, err
+
+
 def test_estimate_memory_needs_only_a_config_json_and_names_the_parts(tmp_path, capsys):
     # the 156M Llama's shapes with 2 of its 8 blocks: a simulation's cost is per operation, the output's form the same
     model_dir = write_config(tmp_path / "llama-2-blocks", {**LLAMA_156M, "num_hidden_layers": 2})

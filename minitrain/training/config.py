@@ -324,7 +324,10 @@ def validate(config: TrainConfig, world_size: int, local_world_size: int, cuda: 
             f"use one of {', '.join(SHARDING_STRATEGIES)}"
         )
     group = config.fsdp_shard_group_size
-    if group is not None and (group < 1 or world_size % group):
+    if group is not None and config.fsdp_sharding_strategy != "HYBRID_SHARD":
+        problems.append(f"--fsdp-shard-group-size {group} is for HYBRID_SHARD (this run's strategy is "
+                        f"{config.fsdp_sharding_strategy}); drop it or pass --fsdp-sharding-strategy HYBRID_SHARD")
+    elif group is not None and (group < 1 or world_size % group):
         problems.append(f"--fsdp-shard-group-size {group} must divide the {world_size} ranks (HYBRID_SHARD shards "
                         f"within groups of that many ranks)")
     elif config.fsdp_sharding_strategy == "HYBRID_SHARD" and group is None and world_size % local_world_size:

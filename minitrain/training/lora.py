@@ -495,7 +495,9 @@ def module_problems(config) -> list[str]:
         try:
             inject(lm, lora_config(config), config.seed)
         except (ValueError, TypeError, NotImplementedError) as e:
-            problems.append(f"peft cannot apply LoRA with these --lora flags: {' '.join(str(e).split())[:300]}")
+            reason = " ".join(str(e).split())[:300]
+            fix = "; pass --lora-dropout 0" if "lora_dropout" in reason else ""  # fused MoE experts (Mixtral)
+            problems.append(f"peft cannot apply LoRA with these --lora flags: {reason}{fix}")
     return problems
 
 

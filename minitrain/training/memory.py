@@ -876,7 +876,13 @@ def estimate_main(config) -> int:
 
     problems = model_path_problems(config.model_name_or_path)
     cuda = config.estimate_device == "cuda"
-    world_size = config.world_size or world_from_env()[2]
+    if config.world_size is not None and config.world_size < 1:
+        problems.append(f"--world-size must be at least 1, got {config.world_size}")
+    if config.gpu_memory_gib is not None and not config.gpu_memory_gib > 0:
+        problems.append(f"--gpu-memory-gib must be positive, got {config.gpu_memory_gib}")
+    if isinstance(config.max_tokens_per_gpu, int) and config.max_tokens_per_gpu < 1:
+        problems.append(f"--max-tokens-per-gpu must be positive (or auto), got {config.max_tokens_per_gpu}")
+    world_size = max(config.world_size or world_from_env()[2], 1)
     gib = config.gpu_memory_gib
     if gib is None and cuda and torch.cuda.is_available():
         gib = torch.cuda.get_device_properties(0).total_memory / GIB
@@ -886,11 +892,18 @@ def estimate_main(config) -> int:
         problems.append(f"--fsdp-sharding-strategy {config.fsdp_sharding_strategy!r} is unknown; use one of "
                         f"{', '.join(SHARDING_STRATEGIES)}")
     group = config.fsdp_shard_group_size
-    if group is not None and (group < 1 or world_size % group):
+    if group is not None and config.fsdp_sharding_strategy != "HYBRID_SHARD":
+        problems.append(f"--fsdp-shard-group-size {group} is for HYBRID_SHARD (this run's strategy is "
+                        f"{config.fsdp_sharding_strategy}); drop it or pass --fsdp-sharding-strategy HYBRID_SHARD")
+    elif group is not None and (group < 1 or world_size % group):
         problems.append(f"--fsdp-shard-group-size {group} must divide --world-size {world_size}")
     problems += sequence_parallel_problems(config, world_size) + objective_problems(config)
     if config.max_tokens_per_gpu is None:
         problems.append("--max-tokens-per-gpu: give the row length to estimate (or auto)")
+    if config.lora and not problems:  # what peft refuses, with its fix, before a simulation fails on it
+        from minitrain.training import lora
+
+        problems += lora.module_problems(config)
     if problems:
         raise ConfigError("; ".join(problems))
     started = time.perf_counter()
