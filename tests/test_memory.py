@@ -210,7 +210,11 @@ def test_the_estimates_own_flags_and_a_group_size_without_hybrid_shard_are_one_l
                            (["--world-size", "8", "--fsdp-shard-group-size", "4", "--max-tokens-per-gpu", "64"],
                             "--fsdp-shard-group-size 4 is for HYBRID_SHARD (this run's strategy is FULL_SHARD); drop "
                             "it or pass --fsdp-sharding-strategy HYBRID_SHARD"),
-                           (["--lora", "--max-tokens-per-gpu", "64"], "lora_dropout != 0.; pass --lora-dropout 0")):
+                           (["--lora", "--max-tokens-per-gpu", "64"], "lora_dropout != 0.; pass --lora-dropout 0"),
+                           # a (1, 8) mesh over 12 ranks was simulated: half the optimizer state of 3 nodes of 4
+                           (["--world-size", "12", "--fsdp-sharding-strategy", "HYBRID_SHARD", "--max-tokens-per-gpu",
+                             "64"], "HYBRID_SHARD on --world-size 12: nodes of 8 GPUs are assumed, which do not "
+                                    "divide it; pass --fsdp-shard-group-size (the GPUs per node)")):
         assert train.main(["--estimate-memory", "--model-name-or-path", str(model_dir), *flags]) == 2
         err = capsys.readouterr().err
         assert message in err and len(err.splitlines()) == 1, err

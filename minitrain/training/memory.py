@@ -897,6 +897,9 @@ def estimate_main(config) -> int:
                         f"{config.fsdp_sharding_strategy}); drop it or pass --fsdp-sharding-strategy HYBRID_SHARD")
     elif group is not None and (group < 1 or world_size % group):
         problems.append(f"--fsdp-shard-group-size {group} must divide --world-size {world_size}")
+    elif config.fsdp_sharding_strategy == "HYBRID_SHARD" and group is None and world_size % min(world_size, 8):
+        problems.append(f"HYBRID_SHARD on --world-size {world_size}: nodes of 8 GPUs are assumed, which do not divide "
+                        f"it; pass --fsdp-shard-group-size (the GPUs per node)")
     problems += sequence_parallel_problems(config, world_size) + objective_problems(config)
     if config.max_tokens_per_gpu is None:
         problems.append("--max-tokens-per-gpu: give the row length to estimate (or auto)")
