@@ -217,3 +217,12 @@ def test_activation_checkpointing_is_on_only_when_a_rows_activations_would_not_f
     assert not on and why == "activations ~1.0 GiB per rank, 8.0 GiB free"
     on, why = model_module.checkpointing_needed(big, 16384, world)
     assert on and why.startswith("activations ~120.0 GiB per rank")
+
+
+def test_attention_dropout_the_varlen_kernel_cannot_apply_names_the_config_key_and_the_other_kernel():
+    """It said 'set the model's attention_dropout to 0', a key GPT-2's config does not have (attn_pdrop)."""
+    q = torch.zeros(1, 2, 3, 4)
+    with pytest.raises(ValueError) as e:
+        attention.varlen_attention(torch.nn.Module(), q, q, q, None, dropout=0.1, cu_seq_lens_q=torch.tensor([0, 3]))
+    assert str(e.value) == (f"{attention.VARLEN} has no attention dropout (0.1); set it to 0 in the model's config.json "
+                            "(attention_dropout, or attn_pdrop for GPT-2) or pass --attn-implementation sdpa")

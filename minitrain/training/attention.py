@@ -48,7 +48,8 @@ def varlen_attention(module, query, key, value, attention_mask, dropout: float =
     if attention_mask is not None or query.shape[0] != 1:
         raise ValueError(f"{VARLEN} runs on one packed row without an attention mask")
     if dropout:
-        raise ValueError(f"{VARLEN} has no attention dropout; set the model's attention_dropout to 0")
+        raise ValueError(f"{VARLEN} has no attention dropout ({dropout}); set it to 0 in the model's config.json "
+                         f"(attention_dropout, or attn_pdrop for GPT-2) or pass --attn-implementation sdpa")
     if kwargs.get("softcap") is not None:
         raise ValueError(f"{VARLEN} has no logit softcapping; use --attn-implementation eager for this model")
     sliding = getattr(module, "sliding_window", None)
