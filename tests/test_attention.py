@@ -224,5 +224,6 @@ def test_attention_dropout_the_varlen_kernel_cannot_apply_names_the_config_key_a
     q = torch.zeros(1, 2, 3, 4)
     with pytest.raises(ValueError) as e:
         attention.varlen_attention(torch.nn.Module(), q, q, q, None, dropout=0.1, cu_seq_lens_q=torch.tensor([0, 3]))
-    assert str(e.value) == (f"{attention.VARLEN} has no attention dropout (0.1); set it to 0 in the model's config.json "
-                            "(attention_dropout, or attn_pdrop for GPT-2) or pass --attn-implementation sdpa")
+    assert str(e.value) == (f"{attention.VARLEN} has no attention dropout (0.1); set it to 0 in the model's "
+                            "config.json (attention_dropout, or attn_pdrop for GPT-2) or pass --attn-implementation "
+                            "sdpa")
