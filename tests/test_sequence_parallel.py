@@ -524,7 +524,17 @@ def test_flags_and_models_that_cannot_be_split_are_refused_in_one_line(tmp_path,
     code, err = run_main([*base_args(tmp_path, tiny_model_dir("llama"), data), "--sequence-parallel-size", "3",
                           "--batch-size", "1"], capsys)
     assert code == 2 and len(err.strip().splitlines()) == 1
-    assert "--sequence-parallel-size 3 must divide the 4 ranks; use one of 1, 2, 4" in err
+    assert "--sequence-parallel-size 3 must divide the 4 ranks and the model's 4 attention heads; use one of 1, 2, " \
+           "4" in err
+    # the sizes offered divide the heads too (with 9 heads, 2 and 4 were offered, and refused once taken)
+    nine = tmp_path / "nine-heads"
+    nine.mkdir()
+    (nine / "config.json").write_text(json.dumps({
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 576, "intermediate_size": 1536,
+        "num_hidden_layers": 2, "num_attention_heads": 9, "num_key_value_heads": 3, "vocab_size": 1000}))
+    code, err = run_main(["--estimate-memory", "--model-name-or-path", str(nine), "--world-size", "4",
+                          "--sequence-parallel-size", "3", "--max-tokens-per-gpu", "64"], capsys)
+    assert code == 2 and "must divide the 4 ranks and the model's 9 attention heads; use one of 1" in err, err
     code, err = run_main([*base_args(tmp_path, tiny_model_dir("llama"), data), "--sequence-parallel-size", "2",
                           "--batch-size", "1"], capsys)
     assert "--batch-size 1 is smaller than the 2 data-parallel groups" in err

@@ -401,6 +401,18 @@ def validate(config: TrainConfig, world_size: int, local_world_size: int, cuda: 
         raise ConfigError("; ".join(problems))
 
 
+def attention_heads(model_name_or_path: str) -> int | None:
+    """The model's number of attention heads from its config.json, None where it cannot be read (checked apart)."""
+    from minitrain.training.sequence_parallel import head_counts
+
+    try:
+        from transformers import AutoConfig
+
+        return head_counts(AutoConfig.from_pretrained(model_name_or_path))[0]
+    except Exception:  # noqa: BLE001 (a bad model path is model_path_problems' to name)
+        return None
+
+
 def sequence_parallel_problems(config, world_size: int) -> list[str]:
     """--sequence-parallel-size S: S divides the ranks; --compile is not supported with S > 1 (its compiled blocks
     have never run the all-to-all attention; untested, so refused), nor reward models (their forward runs whole
@@ -408,7 +420,10 @@ def sequence_parallel_problems(config, world_size: int) -> list[str]:
     sp, problems = config.sequence_parallel_size, []
     if sp < 1 or world_size % sp:
         working = [s for s in range(1, world_size + 1) if world_size % s == 0]
-        problems.append(f"--sequence-parallel-size {sp} must divide the {world_size} ranks; use one of "
+        heads = attention_heads(config.model_name_or_path)  # each rank attends over heads / S: S divides them too
+        working = [s for s in working if heads is None or heads % s == 0]
+        also = "" if heads is None else f" and the model's {heads} attention heads"
+        problems.append(f"--sequence-parallel-size {sp} must divide the {world_size} ranks{also}; use one of "
                         f"{', '.join(map(str, working))}")
     if sp > 1 and config.compile:
         problems.append(f"--compile is not supported with --sequence-parallel-size {sp} (untested: the compiled "
