@@ -30,6 +30,10 @@ def test_specs_parse_into_weights_or_epochs_and_bad_mixtures_are_one_line():
     with pytest.raises(DataError, match=r"a.jsonl:1e\+12x: an epoch of the mixture would hold 4,000,000,000,000 "
                                         r"samples, more than 2,147,483,648; lower the epochs"):
         Mixture(parse_sources(["a.jsonl:1e12x"]), members(4), seed=0)
+    for sources in ([Source("a", 0.5), Source("b", 0.5)], [Source("a"), Source("b", epochs=2.0)]):
+        # every sample of b held out for validation: in passes it trained "0 per epoch (of 0)" without a word
+        with pytest.raises(DataError, match="--data-path b: no training sample left in it; drop it from the mixture"):
+            Mixture(sources, [np.arange(4), np.zeros(0, np.int64)], seed=0)
 
 
 def test_one_file_with_epochs_draws_them(tmp_path, capsys, tiny_model_dir):

@@ -112,7 +112,7 @@ class Mixture:
                 raise DataError(f"--data-path {sources[k].path}:{sources[k].epochs:g}x: an epoch of the mixture would "
                                 f"hold {counts.sum():,.0f} samples, more than {MAX_EPOCH_SAMPLES:,}; lower the epochs")
             self.counts = counts.astype(np.int64)
-        empty = [s.path for s, n, c in zip(sources, sizes, self.counts) if c > 0 and n == 0]
+        empty = [s.path for s, n in zip(sources, sizes) if n == 0]  # weighted or in passes: it would add nothing
         if empty:
             raise DataError(f"--data-path {empty[0]}: no training sample left in it; drop it from the mixture")
         self.epoch_size = int(self.counts.sum())
