@@ -471,7 +471,7 @@ def test_liger_fused_ce_takes_the_models_softcap_and_scaling(zoo_dir):
 # ---------------------------------------------------------------------------------------------------------------
 # 2 processes (FSDP2) == 1 process, one model of each block layout, one torchrun job
 
-GRAD_MODELS = ("llama", "gpt2", "gpt_neox", "opt", "mixtral")
+GRAD_MODELS = ("llama", "gpt2", "gpt_neox", "opt", "mixtral", "qwen2_moe")  # qwen2_moe: (1, hidden) gates
 SKEWED = {0: [[0, 1, 2], [3], [4]], 1: [[5], [], []]}  # rank 1 runs two dummy packs
 SINGLES = {0: [[0], [3], [4]], 1: [[5], [1], [2]]}  # OPT cannot pack: one sample per micro-step
 
@@ -527,6 +527,9 @@ def grad_worker(out_dir: str, data_path: str, *model_dirs: str) -> None:
                 "aux": None if aux is None else aux.item(), "reference_aux": None if ref_aux is None else ref_aux.item(),
                 "max_rel": max(rel.values()), "names": sorted(grads) == sorted(ref_grads),
                 "blocks_sharded": all(type(b).__name__.startswith("FSDP") for b in families.decoder_blocks(model.lm)),
+                # fewer rows than ranks: split along another dimension (model.placement)
+                "split_elsewhere": sorted(n for n, p in model.lm.named_parameters()
+                                          if any(getattr(pl, "dim", 0) != 0 for pl in p.placements)),
             }
     families.check_loss_is_the_models_own = check
     if world.is_main:
@@ -544,10 +547,15 @@ def test_two_ranks_give_the_single_process_gradient_for_every_block_layout(zoo_d
         assert r["names"] and r["blocks_sharded"], arch
         assert r["loss"] == pytest.approx(r["reference_loss"], rel=1e-6), arch
         assert r["max_rel"] < 1e-5, (arch, r["max_rel"])
-        if arch == "mixtral":
+        if arch in ("mixtral", "qwen2_moe"):
             assert r["aux"] == pytest.approx(r["reference_aux"], rel=1e-6) and r["aux"] > 0
         else:
             assert r["aux"] is None
+        # qwen2_moe's shared-expert gates are (1, hidden): split by column, and their gradients still the one
+        # process's (max_rel above)
+        assert bool(r["split_elsewhere"]) == (arch == "qwen2_moe"), (arch, r["split_elsewhere"])
+        if arch == "qwen2_moe":
+            assert all("shared_expert_gate" in n for n in r["split_elsewhere"]), r["split_elsewhere"]
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ from minitrain.training.mixture import parse_sources
 from minitrain.training.model import SHARDING_STRATEGIES
 from minitrain.training.objectives import DPO_LOSS_TYPES, LOSS_REDUCTIONS, OBJECTIVES
 from minitrain.training.run_log import TRACKERS, tracker_problem
+from minitrain.training.sequence_parallel import head_counts, split_sizes
 from minitrain.training.validation import EVAL_METRICS, LOSS, STOPPING_METRICS
 
 DESCRIPTION = ("Stage 2: fine-tune a Hugging Face causal LM (or an encoder-decoder: T5, BART, ...) on process_data.py's "
@@ -323,18 +324,7 @@ def validate(config: TrainConfig, world_size: int, local_world_size: int, cuda: 
             f"--fsdp-sharding-strategy {config.fsdp_sharding_strategy!r} is unknown; "
             f"use one of {', '.join(SHARDING_STRATEGIES)}"
         )
-    group = config.fsdp_shard_group_size
-    if group is not None and config.fsdp_sharding_strategy != "HYBRID_SHARD":
-        problems.append(f"--fsdp-shard-group-size {group} is for HYBRID_SHARD (this run's strategy is "
-                        f"{config.fsdp_sharding_strategy}); drop it or pass --fsdp-sharding-strategy HYBRID_SHARD")
-    elif group is not None and (group < 1 or world_size % group):
-        problems.append(f"--fsdp-shard-group-size {group} must divide the {world_size} ranks (HYBRID_SHARD shards "
-                        f"within groups of that many ranks)")
-    elif config.fsdp_sharding_strategy == "HYBRID_SHARD" and group is None and world_size % local_world_size:
-        problems.append(
-            f"HYBRID_SHARD needs the same number of ranks on every node "
-            f"({world_size} ranks, {local_world_size} per node), or --fsdp-shard-group-size"
-        )
+    problems += shard_group_problems(config, world_size, local_world_size)
     problems += objective_problems(config)
     if not config.learning_rate > 0:
         problems.append(f"--learning-rate must be positive, got {config.learning_rate}")
@@ -401,13 +391,30 @@ def validate(config: TrainConfig, world_size: int, local_world_size: int, cuda: 
         raise ConfigError("; ".join(problems))
 
 
+def shard_group_problems(config, world_size: int, local_world_size: int, nodes_assumed: bool = False) -> list[str]:
+    """--fsdp-shard-group-size: for HYBRID_SHARD only, and dividing the ranks; without it, HYBRID_SHARD's groups are
+    the nodes, whose ranks must divide the world (`nodes_assumed`: the estimate's 8 GPUs per node, not a real count)."""
+    group, strategy = config.fsdp_shard_group_size, config.fsdp_sharding_strategy
+    if group is not None and strategy != "HYBRID_SHARD":
+        return [f"--fsdp-shard-group-size {group} is for HYBRID_SHARD (this run's strategy is {strategy}); drop it "
+                f"or pass --fsdp-sharding-strategy HYBRID_SHARD"]
+    if group is not None and (group < 1 or world_size % group):
+        return [f"--fsdp-shard-group-size {group} must divide the {world_size} ranks (HYBRID_SHARD shards within "
+                f"groups of that many ranks)"]
+    if strategy == "HYBRID_SHARD" and group is None and world_size % local_world_size:
+        if nodes_assumed:
+            return [f"HYBRID_SHARD on --world-size {world_size}: nodes of {local_world_size} GPUs are assumed, which "
+                    f"do not divide it; pass --fsdp-shard-group-size (the GPUs per node)"]
+        return [f"HYBRID_SHARD needs the same number of ranks on every node ({world_size} ranks, {local_world_size} "
+                f"per node), or --fsdp-shard-group-size"]
+    return []
+
+
 def attention_heads(model_name_or_path: str) -> int | None:
     """The model's number of attention heads from its config.json, None where it cannot be read (checked apart)."""
-    from minitrain.training.sequence_parallel import head_counts
+    from transformers import AutoConfig
 
     try:
-        from transformers import AutoConfig
-
         return head_counts(AutoConfig.from_pretrained(model_name_or_path))[0]
     except Exception:  # noqa: BLE001 (a bad model path is model_path_problems' to name)
         return None
@@ -419,9 +426,8 @@ def sequence_parallel_problems(config, world_size: int) -> list[str]:
     rows)."""
     sp, problems = config.sequence_parallel_size, []
     if sp < 1 or world_size % sp:
-        working = [s for s in range(1, world_size + 1) if world_size % s == 0]
-        heads = attention_heads(config.model_name_or_path)  # each rank attends over heads / S: S divides them too
-        working = [s for s in working if heads is None or heads % s == 0]
+        heads = attention_heads(config.model_name_or_path)
+        working = split_sizes(world_size, heads)
         also = "" if heads is None else f" and the model's {heads} attention heads"
         problems.append(f"--sequence-parallel-size {sp} must divide the {world_size} ranks{also}; use one of "
                         f"{', '.join(map(str, working))}")

@@ -870,6 +870,7 @@ def estimate_main(config) -> int:
         model_path_problems,
         objective_problems,
         sequence_parallel_problems,
+        shard_group_problems,
     )
     from minitrain.training.distributed import world_from_env
     from minitrain.training.model import SHARDING_STRATEGIES
@@ -891,15 +892,7 @@ def estimate_main(config) -> int:
     if config.fsdp_sharding_strategy not in SHARDING_STRATEGIES:
         problems.append(f"--fsdp-sharding-strategy {config.fsdp_sharding_strategy!r} is unknown; use one of "
                         f"{', '.join(SHARDING_STRATEGIES)}")
-    group = config.fsdp_shard_group_size
-    if group is not None and config.fsdp_sharding_strategy != "HYBRID_SHARD":
-        problems.append(f"--fsdp-shard-group-size {group} is for HYBRID_SHARD (this run's strategy is "
-                        f"{config.fsdp_sharding_strategy}); drop it or pass --fsdp-sharding-strategy HYBRID_SHARD")
-    elif group is not None and (group < 1 or world_size % group):
-        problems.append(f"--fsdp-shard-group-size {group} must divide --world-size {world_size}")
-    elif config.fsdp_sharding_strategy == "HYBRID_SHARD" and group is None and world_size % min(world_size, 8):
-        problems.append(f"HYBRID_SHARD on --world-size {world_size}: nodes of 8 GPUs are assumed, which do not divide "
-                        f"it; pass --fsdp-shard-group-size (the GPUs per node)")
+    problems += shard_group_problems(config, world_size, min(world_size, 8), nodes_assumed=True)
     problems += sequence_parallel_problems(config, world_size) + objective_problems(config)
     if config.max_tokens_per_gpu is None:
         problems.append("--max-tokens-per-gpu: give the row length to estimate (or auto)")
@@ -910,7 +903,7 @@ def estimate_main(config) -> int:
     if problems:
         raise ConfigError("; ".join(problems))
     started = time.perf_counter()
-    local = min(world_size, 8)
+    group, local = config.fsdp_shard_group_size, min(world_size, 8)
     try:
         if gib is None:  # no verdict: the estimate at the asked row, and the cost of a token
             run = replace(config, activation_checkpointing=bool(config.activation_checkpointing))

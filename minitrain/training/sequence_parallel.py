@@ -117,6 +117,12 @@ def head_counts(hf_config) -> tuple[int | None, int | None]:
     return heads, kv or heads
 
 
+def split_sizes(world_size: int, heads: int | None) -> list[int]:
+    """The sequence-parallel sizes that divide the ranks and (where known) the attention heads, each rank attending
+    over heads / S of them."""
+    return [s for s in range(1, world_size + 1) if world_size % s == 0 and (heads is None or heads % s == 0)]
+
+
 def model_problem(hf_config, size: int, world_size: int) -> str | None:
     """Why --sequence-parallel-size `size` cannot split this model's attention, in one line, or None."""
     if size <= 1:
@@ -137,7 +143,7 @@ def model_problem(hf_config, size: int, world_size: int) -> str | None:
     if heads is None:
         return f"{flag}: cannot find {family}'s number of attention heads; use --sequence-parallel-size 1"
     if heads % size:
-        working = [s for s in range(1, world_size + 1) if world_size % s == 0 and heads % s == 0]
+        working = split_sizes(world_size, heads)
         return (f"{flag}: {family} has {heads} attention heads, not divisible by {size}; each rank attends over "
                 f"heads / S of them: use --sequence-parallel-size {' or '.join(map(str, working))}")
     return None
