@@ -124,7 +124,10 @@ class TwoRanks:
                                      start_new_session=True)
         self.count = 0
 
-    def run(self, module: str, worker: str, args: list[str], timeout: float = 480, retry: bool = True):
+    def run(self, module: str, worker: str, args: list[str], timeout: float = 480, retry: bool = True,
+            while_running=None):
+        """`while_running(job)`, if given, is called once the request is made, while the ranks run it: a test's way
+        to act on them (a signal to one rank: job.worker_pid(rank)); if it raises, the job is stopped."""
         import json
         import subprocess
         import time
@@ -135,6 +138,12 @@ class TwoRanks:
         (self.requests / f"request_{n}.json.tmp").write_text(json.dumps({"module": module, "worker": worker,
                                                                          "args": [str(a) for a in args]}))
         (self.requests / f"request_{n}.json.tmp").rename(self.requests / f"request_{n}.json")
+        if while_running is not None:
+            try:
+                while_running(self)
+            except BaseException:
+                self.stop(kill=True)
+                raise
         statuses = [self.requests / f"status_{n}.{rank}" for rank in range(self.nproc)]
         deadline = time.monotonic() + timeout
         while not all(s.exists() for s in statuses):
@@ -149,20 +158,22 @@ class TwoRanks:
         if retry and all(t == "no status" for t in texts):  # the shared job died or hung before this worker
             # reported (seen once in a full run, not reproduced alone): the worker once more, in a fresh job; a
             # worker's own error (on any rank) is final
-            return self.run(module, worker, args, timeout, retry=False)
+            return self.run(module, worker, args, timeout, retry=False, while_running=while_running)
         return subprocess.CompletedProcess(worker, 1, "", log[-6000:] + "\nstatuses: " + " | ".join(texts))
 
-    def train(self, argv: list, out_dir: Path, timeout: float = 480):
+    def train(self, argv: list, out_dir: Path, timeout: float = 480, worker=("tests.two_rank_server", "train_main"),
+              leading: tuple = (), while_running=None):
         """train.py's main(argv) on every rank of the job, as `torchrun --nproc-per-node 2 train.py ARGV` runs it
         less the launch (tests/two_rank_server.py's train_main): CompletedProcess-like with the first non-zero exit
         code of the ranks (else 0) and their stdout and stderr, rank 0's first. A failed worker (an exception out of
-        main) is returned as `run` returns it."""
+        main) is returned as `run` returns it. `worker`: (module, function) called as function(*leading, prefix,
+        *argv), a train_main with a test's hook around it; `while_running`: as for `run`."""
         import json
         import subprocess
 
         prefix = Path(out_dir) / "train_main"
         Path(out_dir).mkdir(parents=True, exist_ok=True)
-        run = self.run("tests.two_rank_server", "train_main", [prefix, *argv], timeout)
+        run = self.run(*worker, [*leading, prefix, *argv], timeout, while_running=while_running)
         if run.returncode != 0:
             return run
         ranks = [json.loads(Path(f"{prefix}.{rank}.json").read_text()) for rank in range(self.nproc)]
@@ -170,13 +181,21 @@ class TwoRanks:
         return subprocess.CompletedProcess(["train.py", *argv], code, "".join(r["stdout"] for r in ranks),
                                            "".join(r["stderr"] for r in ranks))
 
-    def stop(self) -> None:
+    def worker_pid(self, rank: int) -> int:
+        from tests.test_train import torchrun_workers
+
+        pid = torchrun_workers(self.proc.pid).get(rank)
+        assert pid is not None, f"the shared job has no worker with RANK={rank}"
+        return pid
+
+    def stop(self, kill: bool = False) -> None:
+        """End the job: when its ranks are done with their requests, or at once with `kill`."""
         from tests.test_train import kill_torchrun
 
         if self.proc is not None and self.proc.poll() is None:
             (self.requests / "request_stop").touch()
             try:
-                self.proc.wait(30)
+                self.proc.wait(0 if kill else 30)
             except Exception:  # noqa: BLE001
                 kill_torchrun(self.proc.pid)
                 self.proc.wait()

@@ -2,12 +2,13 @@
 and transformers with the live model's logits, exact resume, and bad flags refused before any weights load.
 
 The 2-process checks run under `torchrun --nproc-per-node 2` (gloo): the gradient check runs `lora_worker` in
-the session's 2-rank job (tests/two_rank_server.py, like test_train's grad_worker) through train.py's own functions; the kill/resume
-check runs train.py itself.
+the session's 2-rank job (tests/two_rank_server.py, like test_train's grad_worker) through train.py's own functions;
+the stop/resume check runs train.py's main there, stopped by a signal, and resumes it in this process.
 """
 
-import os
 import json
+import os
+import signal
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -16,7 +17,7 @@ import numpy as np
 import pytest
 
 from tests.test_preference import read_pairs, reward_model_dir, reward_pair_loss, write_pairs
-from tests.test_resume import Job, metrics
+from tests.test_resume import metrics, train_signalled
 from tests.test_resume import run_main as run_main_with_output
 from tests.test_train import base_args, run_main, write_data
 
@@ -467,7 +468,8 @@ def test_a_checkpoint_from_before_lora_resumes_as_full_fine_tuning(tmp_path):
 # Kill and resume on another world size, through train.py under torchrun
 
 
-def test_killed_two_rank_run_resumes_on_one_process_to_the_same_losses(tmp_path, tiny_model_dir, capsys):
+def test_a_two_rank_run_stopped_by_a_signal_resumes_on_one_process_to_the_same_losses(tmp_path, tiny_model_dir,
+                                                                                      capsys, two_ranks):
     from safetensors.torch import load_file
     from torch.distributed.checkpoint import FileSystemReader
 
@@ -486,13 +488,10 @@ def test_killed_two_rank_run_resumes_on_one_process_to_the_same_losses(tmp_path,
     assert run_main(args(tmp_path / "reference"), capsys)[0] == 0  # uninterrupted, one process
     out = tmp_path / "interrupted"
     saves = out / "checkpoints"
-    job = Job(args(out), tmp_path / "run1.log", nproc=2, env={"HANG_IN_SAVE_STEP": "4"},
-              script="tests/train_hanging_in_save.py")
-    try:
-        job.wait_until(lambda: {"rng_rank0.pt", "rng_rank1.pt"} <= {p.name for p in saves.glob(".step_4.tmp/*")})
-    finally:
-        job.kill()
-    assert checkpoint.latest_checkpoint(saves) == saves / "step_2"
+    # 2 ranks (the shared job), SIGTERM to rank 1 after step 2: both stop there (killed runs: test_resume.py)
+    stopped = train_signalled(two_ranks, args(out), tmp_path / "run1", signal.SIGTERM, after_steps=2)
+    assert stopped.returncode == 0 and "stopped by SIGTERM after step 2" in stopped.stdout, stopped.stderr[-3000:]
+    assert checkpoint.latest_checkpoint(saves) == saves / "step_2" and [r["step"] for r in metrics(out)] == [1, 2]
     # The full state holds what trains: adapters and their optimizer state, no frozen base weight.
     saved = FileSystemReader(saves / "step_2").read_metadata().state_dict_metadata
     assert any("lora_A" in k for k in saved) and not any("base_layer" in k or "embed_tokens" in k for k in saved)

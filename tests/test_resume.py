@@ -4,9 +4,10 @@ One uninterrupted reference run (train.py's main on the 2 ranks of the session's
 same configuration that is interrupted three ways and resumed each time by re-running the same command (only the
 number of processes changes):
 
-    1. 2 processes, killed (SIGKILL) in the middle of the save of step 4    -> step_3 is the newest complete one
-    2. 1 process (the test's) resumes from step_3 (2 -> 1), SIGTERM after step 4: stops there with a checkpoint, exit 0
-    3. 2 processes resume (1 -> 2), SIGUSR1 sent to rank 1 only after step 5: both ranks stop there, exit 0
+    1. 2 processes (torchrun), killed (SIGKILL) in the middle of the save of step 4 -> step_2 is the newest whole one
+    2. 1 process (the test's) resumes from step_2 (2 -> 1), SIGTERM after step 3: stops there with a checkpoint, exit 0
+    3. 2 processes (the shared job's) resume (1 -> 2), SIGUSR1 sent to rank 1's process alone after step 4: both
+       ranks stop there, exit 0
     4. 1 process (the test's) resumes and finishes
 
 The interrupted run must log the same steps, the same sample lines per step and the same losses as the reference,
@@ -26,7 +27,7 @@ from pathlib import Path
 import pytest
 
 from minitrain.training import checkpoint
-from tests.test_train import kill_torchrun, torchrun_workers, write_data
+from tests.test_train import kill_torchrun, write_data
 
 ROOT = Path(__file__).resolve().parent.parent
 STEPS = 6
@@ -68,21 +69,10 @@ class Job:
             assert time.monotonic() < deadline, f"timed out:\n{self.text()[-3000:]}"
             time.sleep(0.05)
 
-    def finish(self, timeout: float = 180) -> int:
-        try:
-            return self.proc.wait(timeout)
-        finally:
-            self.kill()
-
     def kill(self) -> None:
         if self.proc.poll() is None:
             kill_torchrun(self.proc.pid)
             self.proc.wait()
-
-    def worker_pid(self, rank: int) -> int:
-        pid = torchrun_workers(self.proc.pid).get(rank)
-        assert pid is not None, f"no worker with RANK={rank}"
-        return pid
 
 
 def metrics(out: Path) -> list[dict]:
@@ -151,7 +141,49 @@ def stopped_in_process(args: list[str], signum: int, capsys, monkeypatch) -> str
     return stdout
 
 
-def test_killed_and_signalled_run_resumes_to_the_reference_exactly(setup, reference, capsys, monkeypatch):
+def train_waiting_for_a_signal(after_steps: str, flag: str, out_prefix: str, *argv: str) -> None:
+    """On the shared 2-rank job: tests/two_rank_server.py's train_main (train.py's main), except that after the
+    AFTER_STEPS-th step this run takes, rank 1 creates FLAG and waits until a stop signal has reached it, so that a
+    test's signal lands after a known step whatever the machine's speed (rank 0 waits for it in the step boundary's
+    agreement). Test-only: production code has no such hook."""
+    from tests.two_rank_server import train_main
+
+    agreed, steps = checkpoint.StopSignals.agreed, []
+
+    def agreed_after_a_signal(self, device):
+        steps.append(1)
+        if len(steps) == int(after_steps) and os.environ["RANK"] == "1":
+            Path(flag).touch()
+            while not self.received:
+                time.sleep(0.02)
+        return agreed(self, device)
+
+    checkpoint.StopSignals.agreed = agreed_after_a_signal
+    try:
+        train_main(out_prefix, *argv)
+    finally:
+        checkpoint.StopSignals.agreed = agreed
+
+
+def train_signalled(two_ranks, args: list[str], out: Path, signum: int, after_steps: int):
+    """train.py ARGS on the shared 2-rank job, `signum` sent by this process to rank 1 alone after the run's
+    `after_steps`-th step (while rank 1 waits for it): as TwoRanks.train returns it."""
+    flag = out / "rank_1_waits"
+
+    def signal_rank_1(job) -> None:
+        deadline = time.monotonic() + 180
+        while not flag.exists():
+            assert job.proc.poll() is None, "the shared job ended before rank 1 waited for the signal"
+            assert time.monotonic() < deadline, "rank 1 never waited for the signal"
+            time.sleep(0.05)
+        os.kill(job.worker_pid(1), signum)
+
+    out.mkdir(parents=True, exist_ok=True)
+    return two_ranks.train(args, out, worker=(__name__, "train_waiting_for_a_signal"), leading=(after_steps, flag),
+                           while_running=signal_rank_1)
+
+
+def test_killed_and_signalled_run_resumes_to_the_reference_exactly(setup, reference, capsys, monkeypatch, two_ranks):
     import shutil
 
     root, data, model_dir = setup
@@ -183,17 +215,11 @@ def test_killed_and_signalled_run_resumes_to_the_reference_exactly(setup, refere
     assert "stopped by SIGTERM after step 3" in log
     assert metrics(out)[-1]["step"] == 3 and checkpoint.latest_checkpoint(saves) == saves / "step_3"
 
-    # 3. Two processes again; only rank 1 gets SIGUSR1 (after step 4, while it waits for it), yet both ranks stop
-    #    after step 4 and exit 0.
-    job = Job(args, root / "run3.log", nproc=2, env={"WAIT_FOR_SIGNAL_RANK": "1"},
-              script="tests/train_waiting_for_signal.py")
-    try:
-        job.wait_until(lambda: "waiting for a stop signal" in job.text())
-        os.kill(job.worker_pid(rank=1), signal.SIGUSR1)
-        assert job.finish() == 0, job.text()[-3000:]
-    finally:
-        job.kill()
-    log = job.text()
+    # 3. Two processes again (the session's shared 2-rank job); only rank 1 gets SIGUSR1 (after step 4, while it
+    #    waits for it), yet both ranks stop after step 4 and exit 0.
+    run = train_signalled(two_ranks, args, root / "run3", signal.SIGUSR1, after_steps=1)
+    assert run.returncode == 0, run.stderr[-3000:]
+    log = run.stdout
     assert f"weights: the checkpoint's; none is read from {model_dir}" in log  # into 2 ranks' shards
     assert f"resumed from {saves / 'step_3'}: step 3" in log
     assert "stopped by SIGUSR1 after step 4" in log
