@@ -184,11 +184,23 @@ def test_the_kernel_is_chosen_by_device_and_flags_that_cannot_work_are_one_line(
     assert "is unknown" in attention.problem("xformers", cuda=True)
 
 
-def test_compiled_blocks_train_with_the_eager_losses(tmp_path, capsys, tiny_model_dir):
+def test_compiled_blocks_train_with_the_eager_losses(tmp_path, capsys, tiny_model_dir, monkeypatch):
+    """--compile's blocks give the eager losses. The start-up probe's truth, the model's own forward, runs eager:
+    through the compiled blocks it cost a compile of every block for inputs training never gives them, and it checked
+    the trainer against compiled code."""
     import json
+
+    from torch._dynamo import lookup_backend
 
     import train
 
+    graphs, inductor, compile_module = [], lookup_backend("inductor"), torch.nn.Module.compile
+
+    def recorded(gm, example_inputs):  # each graph the blocks compile: its inputs' names, then inductor as before
+        graphs.append([node.name for node in gm.graph.nodes if node.op == "placeholder"])
+        return inductor(gm, example_inputs)
+
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kw: compile_module(self, backend=recorded, **kw))
     data = write_data(tmp_path / "data.jsonl", 8, vocab=700, seed=5)
     losses = {}
     for name, extra in (("eager", []), ("compiled", ["--compile"])):
@@ -200,6 +212,9 @@ def test_compiled_blocks_train_with_the_eager_losses(tmp_path, capsys, tiny_mode
         assert code == 0, capsys.readouterr().err
         losses[name] = [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert losses["compiled"] == pytest.approx(losses["eager"], rel=1e-5)
+    # Every graph is the trainer's: its sdpa gets the packed row's block-diagonal mask, while the model's own forward
+    # of a sample alone gets none (causal). Before, one graph of 5 had no mask: the probe's own forward, compiled.
+    assert graphs and all("l_kwargs_attention_mask_" in graph for graph in graphs), graphs
 
 
 def test_activation_checkpointing_is_on_only_when_a_rows_activations_would_not_fit(monkeypatch):

@@ -229,6 +229,15 @@ def root_unsharded(model: torch.nn.Module):
 
 
 @contextmanager
+def models_own_forward(model: torch.nn.Module):
+    """Around a start-up probe's truth, the Hugging Face model's own forward: root_unsharded, and eager. --compile
+    compiles the trainer's blocks, which must not stand in for the forward they are checked against (and compiling its
+    masked forwards cost a compile of every block, once more per shape)."""
+    with root_unsharded(model), torch.compiler.set_stance("force_eager"):
+        yield
+
+
+@contextmanager
 def gathered_once(model: torch.nn.Module):
     """For a no-grad stretch that runs the model many times (the start-up probe's forwards, DPO's and KTO's reference
     pass, distillation's teacher pass, an evaluation: its validation batches and generate's one forward per token):

@@ -263,7 +263,7 @@ def probe_row(vocab_size: int, device: torch.device):
 @torch.no_grad()
 def probe(model: nn.Module, device: torch.device) -> ProbeResult:
     """Run the probe on `model` (a PackedCausalLM, FSDP-sharded or not; collective under FSDP: every rank runs it)."""
-    from minitrain.training.distributed import compute_autocast, gathered_once, root_unsharded
+    from minitrain.training.distributed import compute_autocast, gathered_once, models_own_forward
     from minitrain.training.sequence_parallel import plain_attention, sum_over_row
 
     lm = model.lm
@@ -277,7 +277,7 @@ def probe(model: nn.Module, device: torch.device) -> ProbeResult:
             trainer_sum = model(ids, pos, positions, targets).float()
             # sequence parallelism: each rank of the group summed its slice of the row
             trainer_sum = sum_over_row(trainer_sum, getattr(model, "sequence_parallel", None))
-            with root_unsharded(model), plain_attention(lm):  # the model's own forward: no row split
+            with models_own_forward(model), plain_attention(lm):  # the model's own forward: no row split
                 packed = lm(input_ids=ids, position_ids=pos, use_cache=False)
                 packed_ce = F.cross_entropy(packed.logits[0, positions].float(), targets, reduction="none")
                 alone_ce = []

@@ -111,14 +111,14 @@ def check_score_is_the_models_own(model: PackedRewardModel, device: torch.device
     scoring = torch.from_numpy(scoring_positions(row, sizes, pad_token_id)).to(device)
     positions = torch.cat([torch.arange(n) for n in sizes])[None].to(device)
     cu = torch.tensor(np.cumsum([0, *sizes]), dtype=torch.int32, device=device)
-    from minitrain.training.distributed import compute_autocast, gathered_once, root_unsharded
+    from minitrain.training.distributed import compute_autocast, gathered_once, models_own_forward
 
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad(), compute_autocast(model, device), gathered_once(model):
             packed = model(ids[None].to(device), positions, scoring, cu, max(sizes))  # the root's forward first
-            with root_unsharded(model):
+            with models_own_forward(model):
                 own = torch.cat([model.lm(input_ids=seq[None].to(device), use_cache=False).logits.reshape(-1).float()
                                  for seq in ids.split(sizes)])
     finally:

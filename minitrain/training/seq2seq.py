@@ -95,7 +95,7 @@ PROBE_SHAPES = ((7, 5), (12, 9), (4, 3))  # (source, target) tokens of the probe
 def probe(model: Seq2SeqLM, device: torch.device) -> ProbeResult:
     """Collective under FSDP (every rank runs it): the trainer's mean CE on a padded probe batch, and the model's own
     `loss` (its forward with `labels`, plain CE) of each sample alone, token-weighted."""
-    from minitrain.training.distributed import compute_autocast, gathered_once, root_unsharded
+    from minitrain.training.distributed import compute_autocast, gathered_once, models_own_forward
 
     lm = model.lm
     config = lm.config
@@ -118,7 +118,7 @@ def probe(model: Seq2SeqLM, device: torch.device) -> ProbeResult:
     try:
         with compute_autocast(model, device), gathered_once(model):
             trainer_sum = model(*tensors).float()  # the root's own forward first (FSDP2's lazy init)
-            with root_unsharded(model):
+            with models_own_forward(model):
                 # the model's own loss (its mean CE over the sample's target tokens), one sample at a time
                 own = sum(lm(input_ids=source[None].to(device), labels=target[None].to(device), use_cache=False)
                           .loss.float().item() * len(target) for source, target in samples)
