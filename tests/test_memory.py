@@ -245,7 +245,7 @@ if __name__ == "__main__":
 def estimate_on_70_gib(monkeypatch, peak) -> tuple:
     """memory.estimate of a 4096-token row on 8 GPUs of 70 GiB (the longest-row search included), every simulated
     row's peak `peak(tokens)` GiB instead of a simulation: (the estimate, the rows simulated, in order)."""
-    from types import SimpleNamespace
+    from dataclasses import make_dataclass
 
     from minitrain.training import memory
 
@@ -256,8 +256,9 @@ def estimate_on_70_gib(monkeypatch, peak) -> tuple:
         return [(t, {"peak": peak(t) * memory.GIB, **{k: 0.0 for k in memory.PARTS}}) for t in rows]
 
     monkeypatch.setattr(memory, "simulate", simulate)
-    config = SimpleNamespace(max_tokens_per_gpu=4096, fsdp_sharding_strategy="FULL_SHARD", activation_checkpointing=True,
-                             lora=False, qlora=False, objective="sft")
+    fields = dict(max_tokens_per_gpu=4096, fsdp_sharding_strategy="FULL_SHARD", activation_checkpointing=True,
+                  lora=False, qlora=False, objective="sft")
+    config = make_dataclass("Run", fields)(**fields)  # the fields the estimate reads (a dataclass, as a run's config)
     return memory.estimate(config, 8, 70.0, True, None), simulated
 
 
@@ -287,9 +288,11 @@ def test_a_candidate_just_over_the_budget_does_not_end_the_search_at_a_short_row
     assert longest >= 0.95 * truth, (longest, simulated)
 
 
-def test_max_tokens_per_gpu_auto_is_a_simulated_row_that_fits_and_close_to_the_longest(tiny_model_dir):
+def test_max_tokens_per_gpu_auto_is_a_simulated_row_that_fits_and_close_to_the_longest(tiny_model_dir, monkeypatch):
     """--max-tokens-per-gpu auto on a device of G GiB: the row chosen was simulated to fit (1 - MARGIN) x G, and a row
-    a tenth longer does not fit."""
+    a tenth longer does not fit. The plan simulates 5 rows at most: the probe row and its double, and 3 searched (it
+    simulated 10: the estimate of the probe row searched against G first, and the row found was estimated again with
+    its double, the longest of all, and a search from there)."""
     from dataclasses import replace
 
     import train
@@ -304,9 +307,12 @@ def test_max_tokens_per_gpu_auto_is_a_simulated_row_that_fits_and_close_to_the_l
 
     base, longer = peak(1024), peak(8192)
     gib = (base + (longer - base) * (20_000 - 1024) / (8192 - 1024)) / (1 - memory.MARGIN)  # ~20k tokens fit
+    seen = simulated_parts(monkeypatch)
     plan = memory.plan(config, 2, gib, False, memory.run_optimizer(config), with_fixes=False)
     tokens = plan.max_tokens_per_gpu
     assert isinstance(tokens, int) and tokens > 8192
+    assert len(seen) <= 5 and plan.estimate.longest_row_that_fits == tokens, (len(seen), plan.estimate)
+    assert plan.estimate.peak_gib == pytest.approx(peak(tokens))  # the estimate printed is the row's own
     assert peak(tokens) <= gib * (1 - memory.MARGIN)
     assert peak(int(tokens * 1.1)) > gib * (1 - memory.MARGIN)
 

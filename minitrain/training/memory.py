@@ -589,8 +589,9 @@ def checked_longest_row(result: Estimate, config, measured: tuple[int, float], w
             candidate = (failed - max(ROW_MULTIPLE, failed // 50)) // ROW_MULTIPLE * ROW_MULTIPLE
         if candidate is None or candidate < 1 or near(candidate):
             break
-        (tokens, stats), = simulate(config, [candidate], world_size, cuda, make_optimizer, shard_group_size,
-                                    local_world_size)
+        # the run at that row (its --max-tokens-per-gpu too: KTO's step reads it), as plan() then estimates it
+        (tokens, stats), = simulate(replace(config, max_tokens_per_gpu=candidate), [candidate], world_size, cuda,
+                                    make_optimizer, shard_group_size, local_world_size)
         known = sorted([*known, (tokens, stats["peak"] / GIB)])
     fitting = [t for t, peak in known if peak <= budget]
     return fitting[-1] if fitting else None
@@ -689,7 +690,10 @@ def plan(config, world_size: int, gpu_memory_gib: float, cuda: bool, make_optimi
 
     def at(tokens: int, checkpointing: bool, slope: bool = True) -> Estimate:
         changed = replace(config, max_tokens_per_gpu=tokens, activation_checkpointing=checkpointing)
-        return estimate(changed, world_size, G, cuda, make_optimizer, shard_group_size, local_world_size, slope)
+        # auto tokens: the longest row is searched below, against the budget; estimate's own search (against the
+        # whole memory, up to 3 simulations of the longest rows) would be thrown away
+        return replace(estimate(changed, world_size, None if auto_tokens else G, cuda, make_optimizer,
+                                shard_group_size, local_world_size, slope), gpu_memory_gib=G)
 
     checkpointing, why = config.activation_checkpointing, "asked for"
     if checkpointing is None:
@@ -717,8 +721,12 @@ def plan(config, world_size: int, gpu_memory_gib: float, cuda: bool, make_optimi
                                 + fixes_line(fixes(replace(config, max_tokens_per_gpu=row,
                                                            activation_checkpointing=checkpointing), result, cuda,
                                                    make_optimizer, shard_group_size, local_world_size)))
-        tokens = longest
-        result = at(tokens, checkpointing)
+        # the estimate at the row found, which the search simulated; the search stands as its longest row, the cost
+        # of a token as measured from the probe row (searching again from the row found, with a row twice as long,
+        # cost up to 5 more simulations, the longest rows of all)
+        tokens, per_token = longest, result.gib_per_token
+        result = replace(at(tokens, checkpointing, slope=False), gib_per_token=per_token,
+                         longest_row_that_fits=tokens, longest_row_checked=True)
         tokens_why = (f"auto: the longest row whose estimate fits {1 - MARGIN:.0%} of {G:.1f} GiB "
                       f"({MARGIN:.0%} kept free for what the estimate does not see)")
     found = []
