@@ -127,7 +127,9 @@ class TwoRanks:
     def run(self, module: str, worker: str, args: list[str], timeout: float = 480, retry: bool = True,
             while_running=None):
         """`while_running(job)`, if given, is called once the request is made, while the ranks run it: a test's way
-        to act on them (a signal to one rank: job.worker_pid(rank)); if it raises, the job is stopped."""
+        to act on them (a signal to one rank, by its pid: job.proc is torchrun's); it returns at the latest when
+        job.request_ended() (a rank reported, or the job ended), then this waits as without it; if it raises, the job
+        is stopped."""
         import json
         import subprocess
         import time
@@ -138,6 +140,7 @@ class TwoRanks:
         (self.requests / f"request_{n}.json.tmp").write_text(json.dumps({"module": module, "worker": worker,
                                                                          "args": [str(a) for a in args]}))
         (self.requests / f"request_{n}.json.tmp").rename(self.requests / f"request_{n}.json")
+        self.current = n
         if while_running is not None:
             try:
                 while_running(self)
@@ -181,12 +184,9 @@ class TwoRanks:
         return subprocess.CompletedProcess(["train.py", *argv], code, "".join(r["stdout"] for r in ranks),
                                            "".join(r["stderr"] for r in ranks))
 
-    def worker_pid(self, rank: int) -> int:
-        from tests.test_train import torchrun_workers
-
-        pid = torchrun_workers(self.proc.pid).get(rank)
-        assert pid is not None, f"the shared job has no worker with RANK={rank}"
-        return pid
+    def request_ended(self) -> bool:
+        """Whether the request being run has ended: a rank reported on it, or the job ended."""
+        return self.proc.poll() is not None or any(self.requests.glob(f"status_{self.current}.*"))
 
     def stop(self, kill: bool = False) -> None:
         """End the job: when its ranks are done with their requests, or at once with `kill`."""

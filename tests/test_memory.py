@@ -292,7 +292,8 @@ def test_max_tokens_per_gpu_auto_is_a_simulated_row_that_fits_and_close_to_the_l
     """--max-tokens-per-gpu auto on a device of G GiB: the row chosen was simulated to fit (1 - MARGIN) x G, and a row
     a tenth longer does not fit. The plan simulates 5 rows at most: the probe row and its double, and 3 searched (it
     simulated 10: the estimate of the probe row searched against G first, and the row found was estimated again with
-    its double, the longest of all, and a search from there)."""
+    its double, the longest of all, and a search from there). --estimate-memory's report still searches the longest
+    row against G."""
     from dataclasses import replace
 
     import train
@@ -311,7 +312,7 @@ def test_max_tokens_per_gpu_auto_is_a_simulated_row_that_fits_and_close_to_the_l
     plan = memory.plan(config, 2, gib, False, memory.run_optimizer(config), with_fixes=False)
     tokens = plan.max_tokens_per_gpu
     assert isinstance(tokens, int) and tokens > 8192
-    assert len(seen) <= 5 and plan.estimate.longest_row_that_fits == tokens, (len(seen), plan.estimate)
+    assert len(seen) <= 5, len(seen)
     assert plan.estimate.peak_gib == pytest.approx(peak(tokens))  # the estimate printed is the row's own
     assert peak(tokens) <= gib * (1 - memory.MARGIN)
     assert peak(int(tokens * 1.1)) > gib * (1 - memory.MARGIN)

@@ -26,8 +26,9 @@ from pathlib import Path
 
 import pytest
 
+from minitrain import atomic
 from minitrain.training import checkpoint
-from tests.test_train import kill_torchrun, write_data
+from tests.test_train import kill_torchrun, torchrun_workers, write_data
 
 ROOT = Path(__file__).resolve().parent.parent
 STEPS = 6
@@ -143,9 +144,9 @@ def stopped_in_process(args: list[str], signum: int, capsys, monkeypatch) -> str
 
 def train_waiting_for_a_signal(after_steps: str, flag: str, out_prefix: str, *argv: str) -> None:
     """On the shared 2-rank job: tests/two_rank_server.py's train_main (train.py's main), except that after the
-    AFTER_STEPS-th step this run takes, rank 1 creates FLAG and waits until a stop signal has reached it, so that a
-    test's signal lands after a known step whatever the machine's speed (rank 0 waits for it in the step boundary's
-    agreement). Test-only: production code has no such hook."""
+    AFTER_STEPS-th step this run takes, rank 1 writes its pid to FLAG and waits until a stop signal has reached it, so
+    that a test's signal lands after a known step whatever the machine's speed (rank 0 waits for it in the step
+    boundary's agreement). Test-only: production code has no such hook."""
     from tests.two_rank_server import train_main
 
     agreed, steps = checkpoint.StopSignals.agreed, []
@@ -153,7 +154,7 @@ def train_waiting_for_a_signal(after_steps: str, flag: str, out_prefix: str, *ar
     def agreed_after_a_signal(self, device):
         steps.append(1)
         if len(steps) == int(after_steps) and os.environ["RANK"] == "1":
-            Path(flag).touch()
+            atomic.write_text(Path(flag), str(os.getpid()))
             while not self.received:
                 time.sleep(0.02)
         return agreed(self, device)
@@ -171,12 +172,15 @@ def train_signalled(two_ranks, args: list[str], out: Path, signum: int, after_st
     flag = out / "rank_1_waits"
 
     def signal_rank_1(job) -> None:
+        # rank 1 of this job waits (a flag left by an earlier try names another process); a run that ended first, or
+        # a job that died, is reported by TwoRanks as it would be without the signal (the run's own error, a retry)
         deadline = time.monotonic() + 180
-        while not flag.exists():
-            assert job.proc.poll() is None, "the shared job ended before rank 1 waited for the signal"
+        while not (flag.exists() and flag.read_text() == str(torchrun_workers(job.proc.pid).get(1))):
+            if job.request_ended():
+                return
             assert time.monotonic() < deadline, "rank 1 never waited for the signal"
             time.sleep(0.05)
-        os.kill(job.worker_pid(1), signum)
+        os.kill(int(flag.read_text()), signum)
 
     out.mkdir(parents=True, exist_ok=True)
     return two_ranks.train(args, out, worker=(__name__, "train_waiting_for_a_signal"), leading=(after_steps, flag),

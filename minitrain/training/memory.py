@@ -721,12 +721,11 @@ def plan(config, world_size: int, gpu_memory_gib: float, cuda: bool, make_optimi
                                 + fixes_line(fixes(replace(config, max_tokens_per_gpu=row,
                                                            activation_checkpointing=checkpointing), result, cuda,
                                                    make_optimizer, shard_group_size, local_world_size)))
-        # the estimate at the row found, which the search simulated; the search stands as its longest row, the cost
-        # of a token as measured from the probe row (searching again from the row found, with a row twice as long,
-        # cost up to 5 more simulations, the longest rows of all)
-        tokens, per_token = longest, result.gib_per_token
-        result = replace(at(tokens, checkpointing, slope=False), gib_per_token=per_token,
-                         longest_row_that_fits=tokens, longest_row_checked=True)
+        # the estimate at the row found, which the search simulated (read back). Not searched again for the longest
+        # row against the whole memory (a row twice as long, the longest simulation of all, and up to 3 more):
+        # --estimate-memory does that for its report, a run does not need it
+        tokens = longest
+        result = at(tokens, checkpointing, slope=False)
         tokens_why = (f"auto: the longest row whose estimate fits {1 - MARGIN:.0%} of {G:.1f} GiB "
                       f"({MARGIN:.0%} kept free for what the estimate does not see)")
     found = []
