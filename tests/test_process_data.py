@@ -778,6 +778,32 @@ def test_chat_template_file_for_a_tokenizer_without_one(capsys, tmp_path, tokeni
     assert code == 2 and stderr.startswith(f"process_data.py: error: {tmp_path / 'missing.jinja'}: cannot read the chat template")
 
 
+def test_a_template_with_generation_blocks_is_saved_and_masks_count_the_rows_written(capsys, tmp_path, tokenizer_dir):
+    """The masks line counted a sample when its masks were made, before a row too long was dropped; a template that
+    marks its replies with {% generation %} blocks counted none, nor did preference pairs, so no sidecar was saved:
+    train.py exported the tokenizer's template, not the one the rows were rendered with (a --chat-template lost)."""
+    long = [{"role": "user", "content": "word " * 300}, {"role": "assistant", "content": "Sure."}]
+    data = write_lines(tmp_path / "in.jsonl", [{"messages": CONVERSATIONS["single"]}, {"messages": long}])
+    for name, method in (("chatml", "sentinel render"), ("chatml_gen", "template's {% generation %} blocks")):
+        template = tmp_path / f"{name}.jinja"
+        template.write_text(AutoTokenizer.from_pretrained(tokenizer_dir(name)).chat_template)
+        code, stdout, stderr, out = run_main(capsys, tmp_path, tokenizer_dir("chatml"), data, "--chat-template",
+                                             str(template), "--max-sample-num-tokens", "100", "--on-too-long", "drop")
+        assert code == 0, stderr
+        assert "wrote 1 samples" in stdout and f"\nmasks: 1 from the {method}\n" in stdout, stdout
+        assert pipeline.template_sidecar(out).read_text() == template.read_text(), name
+    # preference pairs (and KTO's rows) counted none either: their template was never saved
+    pair = {"prompt": [{"role": "user", "content": "Hi"}], "chosen": [{"role": "assistant", "content": "Hello."}],
+            "rejected": [{"role": "assistant", "content": "Go away."}]}
+    kto = {"prompt": pair["prompt"], "completion": pair["chosen"], "label": True}
+    for rows in ([pair], [kto, {**kto, "label": False}]):
+        data = write_lines(tmp_path / "rows.jsonl", rows)
+        code, stdout, stderr, out = run_main(capsys, tmp_path, tokenizer_dir("chatml"), data, "--chat-template",
+                                             str(template))
+        assert code == 0 and f"\nmasks: {len(rows)} from the {method}\n" in stdout, stderr + stdout
+        assert pipeline.template_sidecar(out).read_text() == template.read_text(), rows
+
+
 def test_chat_template_name_picks_one_of_several(capsys, tmp_path, tokenizer_dir):
     tools = [{"type": "function", "function": {"name": "get_weather", "description": "Weather", "parameters": {"type": "object"}}}]
     sample = {"messages": [{"role": "user", "content": "Weather?"}, {"role": "assistant", "content": "Sunny."}], "tools": tools}

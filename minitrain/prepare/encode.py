@@ -20,6 +20,7 @@ ROLES = ("system", "user", "assistant", "tool")
 DROP_TOO_LONG = "longer than --max-sample-num-tokens"
 DROP_NO_TRAINED = "no trained token"
 DROP_TEMPLATE = "chat template rejected the conversation"
+GENERATION_BLOCKS = "template's {% generation %} blocks"  # the masking method of a template that marks its replies
 DROP_MASK = "assistant masks could not be derived"
 DROP_EMPTY_TARGET = "empty target"
 DROP_EMPTY_TEXT = "empty text"
@@ -159,7 +160,8 @@ def choose_template(tokenizer, spec: InputSpec) -> tuple[str | None, str | None]
 @dataclass
 class Chunk:
     rows: list[tuple[int, bytes]] = field(default_factory=list)  # (line number, output line)
-    methods: Counter = field(default_factory=Counter)  # chat samples per masking method
+    methods: Counter = field(default_factory=Counter)  # chat samples written, per masking method
+    masked_by: dict[int, str] = field(default_factory=dict)  # line number -> the masking method of its row written
     drops: list[tuple[int, str, str]] = field(default_factory=list)  # (line number, reason, detail)
     blank: int = 0
     tokens: int = 0
@@ -235,7 +237,6 @@ class Encoder:
         self.plans: dict[bytes, object] = {}  # sentinel plans (or their MaskError) per sample skeleton
         shape_markers = {self.shape.header, *self.shape.openers} if self.shape else set()
         self.markers = chat_masks.markers_pattern([m for m in set(self.specials.tokens) | shape_markers if m])
-        self.methods: Counter = Counter()  # which method derived each chat sample's masks
         chat = self.template_problem is None
         if problem := tokenization_mismatch(self.tokenizer, self.backend, self.full, self.renderer if chat else None):
             raise RunError(f"{model}: {problem}; the tokenizer has a setting we do not reproduce; please report it")
@@ -308,9 +309,11 @@ class Encoder:
             raise plan
         return plan
 
-    def assistant_spans(self, raw: bytes, messages: list[dict], real: str, extra: dict) -> list[tuple[int, int]]:
+    def assistant_spans(self, raw: bytes, messages: list[dict], real: str,
+                        extra: dict) -> tuple[list[tuple[int, int]], str]:
         """Trained character spans of `real` by the rule (chat_masks): from the sentinel render, else from prefix
-        renders; each checked against the real render. MaskError with both reasons when neither can."""
+        renders; each checked against the real render. (spans, the method that gave them); MaskError with both
+        reasons when neither can."""
         shape, header = self.turn_shape(extra)
         reasons = []
         try:
@@ -319,15 +322,13 @@ class Encoder:
             plan = self.sentinel_plan(marked_messages, pieces, extra, shape, header)
             spans = chat_masks.apply_plan(plan, real, pieces)
             chat_masks.check_spans(real, spans, self.specials)
-            self.methods["sentinel render"] += 1
-            return spans
+            return spans, "sentinel render"
         except MaskError as e:
             reasons.append(f"sentinel render: {e}")
         try:
             spans = chat_masks.prefix_spans(self.renderer, shape, header, self.specials, real, messages, extra)
             chat_masks.check_spans(real, spans, self.specials)
-            self.methods["prefix renders"] += 1
-            return spans
+            return spans, "prefix renders"
         except MaskError as e:
             reasons.append(f"prefix renders: {e}")
         except Exception as e:  # the template rejects a prefix of the conversation (it must end on a user turn, ...)
@@ -338,7 +339,6 @@ class Encoder:
         return encode_lines(self._encode, lines)
 
     def _encode(self, lines: list[tuple[int, bytes]], chunk: Chunk) -> None:
-        self.methods = chunk.methods  # the masking methods count into this chunk
         texts, pending = [], []  # chat renders to batch-tokenize, and what to do with each
         raw_pairs = []  # (line number, raw pair text, its trained character spans)
         fmt = self.spec.fmt
@@ -377,10 +377,10 @@ class Encoder:
                 if self.generation_tags:
                     chat_masks.check_placeholders(raw)
                     real, generated = chat_masks.generation_spans(self.marking(messages, extra))
-                    spans = list(generated)
+                    spans, method = list(generated), GENERATION_BLOCKS
                 else:
                     real = self.renderer(messages, extra)
-                    spans = self.assistant_spans(raw, messages, real, extra)
+                    spans, method = self.assistant_spans(raw, messages, real, extra)
                 if train_source:
                     chat_masks.check_placeholders(raw)
                     marked_messages, pieces = chat_masks.with_sentinels(messages)
@@ -392,12 +392,12 @@ class Encoder:
                 chunk.drops.append((lineno, DROP_TEMPLATE, f"{type(e).__name__}: {e}"))
                 continue
             texts.append(real)
-            pending.append((lineno, spans, generated))
+            pending.append((lineno, spans, generated, method))
         # The Rust tokenizer's batch encode is much faster than one call per row; one call for the chunk's chat
         # renders and raw pairs (a file holds one format, so one of the two is empty).
         batch = texts + [text for _, text, _ in raw_pairs]
         encodings = self.backend.encode_batch(batch, add_special_tokens=False) if batch else []
-        for (lineno, spans, generated), encoding in zip(pending, encodings):
+        for (lineno, spans, generated, method), encoding in zip(pending, encodings):
             if generated and not chat_masks.covers_every_span(encoding.offsets, generated):
                 chunk.drops.append((lineno, DROP_MASK, "a {% generation %} block covers no token"))
                 continue
@@ -408,7 +408,9 @@ class Encoder:
             labels = [IGNORE] * len(ids)
             for i, j in chat_masks.token_ranges(encoding, spans, ids, self.added_ids):
                 labels[i:j] = ids[i:j]
-            self._finish(lineno, ids, None, chunk, labels)
+            if self._finish(lineno, ids, None, chunk, labels):
+                chunk.methods[method] += 1  # the samples written, by the method that masked them
+                chunk.masked_by[lineno] = method
         for (lineno, text, spans), encoding in zip(raw_pairs, encodings[len(texts):]):
             self._finish_raw_pair(lineno, text, spans, encoding, chunk)
         chunk.rows.sort()  # pretrain rows were finished before the batch: restore the input order
@@ -447,8 +449,8 @@ class Encoder:
         mask[0] = False  # the first token is never a prediction target (nothing precedes it)
         self._finish(lineno, full.ids, mask, chunk)
 
-    def _finish(self, lineno: int, ids: list[int], mask, chunk: Chunk, labels: list[int] | None = None) -> None:
-        """Write the row, from the mask of trained tokens or from its labels already made; or drop it."""
+    def _finish(self, lineno: int, ids: list[int], mask, chunk: Chunk, labels: list[int] | None = None) -> bool:
+        """Write the row, from the mask of trained tokens or from its labels already made (True); or drop it."""
         if len(ids) > self.max_tokens:
             if self.on_too_long == "error":
                 raise RunError(
@@ -456,14 +458,15 @@ class Encoder:
                     f"{self.max_tokens}; raise the limit, or pass --on-too-long drop"
                 )
             chunk.drops.append((lineno, DROP_TOO_LONG, f"{len(ids)} > {self.max_tokens} tokens"))
-            return
+            return False
         if labels is None:
             labels = [i if m else IGNORE for i, m in zip(ids, mask)]
         trained = len(ids) - labels.count(IGNORE)
         if trained == 0:
             chunk.drops.append((lineno, DROP_NO_TRAINED, "no assistant turn (or only empty ones)"))
-            return
+            return False
         row = {"input_ids": ids, "labels": labels, "len": len(ids), "num_loss_counted_tokens": trained}
         chunk.rows.append((lineno, orjson.dumps(row) + b"\n"))
         chunk.tokens += len(ids)
         chunk.trained += trained
+        return True

@@ -147,7 +147,7 @@ class PreferenceEncoder:
             if result.error:
                 raise RunError(result.error)
             encoded[side] = ({n: orjson.loads(line) for n, line in result.rows},
-                             {n: (reason, detail) for n, reason, detail in result.drops})
+                             {n: (reason, detail) for n, reason, detail in result.drops}, result.masked_by)
         for lineno, _ in batches["chosen"]:
             drop = None  # the first side the messages encoder dropped, and why
             for side in SIDES:
@@ -193,4 +193,5 @@ class PreferenceEncoder:
             chunk.rows.append((lineno, orjson.dumps(out) + b"\n"))
             chunk.tokens += total
             chunk.trained += sum(trained.values())
+            chunk.methods[encoded["chosen"][2][lineno]] += 1  # a pair written, by its chosen side's masking method
         chunk.drops.sort()

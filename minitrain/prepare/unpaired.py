@@ -110,7 +110,6 @@ class UnpairedEncoder:
         if encoded.error:
             raise RunError(encoded.error)
         chunk.drops += encoded.drops
-        chunk.methods.update(encoded.methods)
         for lineno, line in encoded.rows:
             row = orjson.loads(line)
             kept = final_turn_only(row["labels"])
@@ -122,4 +121,5 @@ class UnpairedEncoder:
             chunk.rows.append((lineno, orjson.dumps(out) + b"\n"))
             chunk.tokens += len(kept)
             chunk.trained += trained
+            chunk.methods[encoded.masked_by[lineno]] += 1  # the rows written, by the method that masked them
         chunk.drops.sort()
