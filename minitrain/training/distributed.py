@@ -13,7 +13,7 @@ single-process answer) outside torchrun, so `python train.py` runs the same code
 import os
 import secrets
 import socket
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -230,10 +230,12 @@ def root_unsharded(model: torch.nn.Module):
 
 @contextmanager
 def models_own_forward(model: torch.nn.Module):
-    """Around a start-up probe's truth, the Hugging Face model's own forward: root_unsharded, and eager. --compile
-    compiles the trainer's blocks, which must not stand in for the forward they are checked against (and compiling its
-    masked forwards cost a compile of every block, once more per shape)."""
-    with root_unsharded(model), torch.compiler.set_stance("force_eager"):
+    """Around a start-up probe's truth, the Hugging Face model's own forward: root_unsharded, and with --compile eager
+    (model.compiled_blocks): the trainer's compiled blocks must not stand in for the forward they are checked against
+    (and compiling its masked forwards cost a compile of every block, once more per shape). Without --compile nothing
+    changes (flex attention stays compiled, as transformers compiles it)."""
+    eager = torch.compiler.set_stance("force_eager") if getattr(model, "compiled_blocks", False) else nullcontext()
+    with root_unsharded(model), eager:
         yield
 
 

@@ -352,10 +352,13 @@ def assemble(lm: nn.Module, config, adapter: FullFineTuning, hf_config, offload:
         for block in blocks:
             block.compile(dynamic=True)  # each block's forward (dynamic: packs change length every micro-step)
     if hf_config.is_encoder_decoder:
-        return Seq2SeqLM(lm, adapter)
-    if getattr(config, "objective", "sft") == "reward":
-        return reward.PackedRewardModel(lm, adapter)
-    return PackedCausalLM(lm, adapter, config.use_liger_kernels)
+        model = Seq2SeqLM(lm, adapter)
+    elif getattr(config, "objective", "sft") == "reward":
+        model = reward.PackedRewardModel(lm, adapter)
+    else:
+        model = PackedCausalLM(lm, adapter, config.use_liger_kernels)
+    model.compiled_blocks = bool(getattr(config, "compile", False))  # the probe's truth runs them eager
+    return model
 
 
 def every_weight_trains(lm, model_name_or_path: str) -> bool:
