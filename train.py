@@ -353,9 +353,9 @@ def load_datasets(config: TrainConfig, world: World, hf_config, tokenizer, objec
     """The token caches of the training and validation data, checked by the objective; with --validation-split the
     planner sees only the training samples, numbered 0..n-1."""
     sources = parse_sources(config.data_path)
-    template = chat_template_of(sources)
+    template = chat_template_of([s.path for s in sources], config.validation_data_path)
     if template is not None:  # the template the data was rendered with goes into every export's tokenizer
-        tokenizer.chat_template = template
+        tokenizer.chat_template = exported_templates(tokenizer.chat_template, template)
     writer = cache_writer(config, world)  # one builder per copy of the cache folder
     caches = [load_data(config, world, hf_config.vocab_size, path=s.path, writer=writer) for s in sources]
     for source, source_cache in zip(sources, caches):
@@ -492,18 +492,33 @@ def loop(run: Run, stop: StopSignals) -> None:
         print0(f"validation: {validator.summary()}")
 
 
-def chat_template_of(sources) -> str | None:
+def chat_template_of(paths: list[str], validation_path: str | None = None) -> str | None:
     """The chat template process_data.py saved beside the data (<file>.chat_template.jinja), so that the fine-tuned
-    model renders conversations as it was trained on them; the files of a mixture must agree."""
+    model renders conversations as it was trained on them; the files of a mixture must agree, and so must the
+    validation file (its loss would measure another format, and pick the best checkpoint by it)."""
     templates = {}
-    for source in sources:
-        sidecar = Path(source.path + ".chat_template.jinja")
+    for path in [*paths, *([validation_path] if validation_path else [])]:
+        sidecar = Path(path + ".chat_template.jinja")
         if sidecar.is_file():
-            templates[source.path] = sidecar.read_text()
+            try:  # process_data.py writes it as UTF-8, whatever the locale
+                templates[path] = sidecar.read_text(encoding="utf-8")
+            except (OSError, UnicodeDecodeError) as e:
+                raise ConfigError(f"{sidecar}: cannot read the chat template process_data.py saved with the rows "
+                                  f"({type(e).__name__}: {e}); re-run process_data.py") from None
     if len(set(templates.values())) > 1:
-        raise ConfigError(f"--data-path: {', '.join(templates)} were rendered with different chat templates; an "
+        flags = "--data-path and --validation-data-path" if validation_path in templates else "--data-path"
+        raise ConfigError(f"{flags}: {', '.join(templates)} were rendered with different chat templates; an "
                           f"export can carry one: re-run process_data.py with the same --chat-template")
     return next(iter(templates.values()), None)
+
+
+def exported_templates(own, used: str):
+    """The tokenizer's chat template(s) for the exports: the one the data was rendered with. A tokenizer with several
+    named ones (Hermes' default and tool_use, which transformers picks when given tools) keeps them all: unchanged
+    when `used` is one of them, else with `used` as its default."""
+    if isinstance(own, dict):
+        return own if used in own.values() else {**own, "default": used}
+    return used
 
 
 def sample_lines(cache: TokenCache, indices: np.ndarray) -> list:

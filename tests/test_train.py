@@ -608,6 +608,33 @@ def test_the_chat_template_saved_beside_the_data_goes_into_every_export(tmp_path
     assert AutoTokenizer.from_pretrained(tiny_model_dir("llama")).chat_template != template  # not the model's own
 
 
+def test_the_saved_template_is_read_as_utf8_checked_against_the_validation_file_and_keeps_named_ones(tmp_path):
+    """Found by a hunt: the sidecar (written as UTF-8) was read in the locale's encoding; a validation file rendered
+    with another template was evaluated without a word (its loss measures another format and picks the best
+    checkpoint); a tokenizer with several named templates (Hermes' default and tool_use, which transformers picks
+    when given tools) was exported with one, whatever the data used."""
+    import train
+    from minitrain.training.config import ConfigError
+
+    template = "{% for m in messages %}Réponds — {{ m['content'] }}{% endfor %}"
+    data, valid = tmp_path / "data.jsonl", tmp_path / "valid.jsonl"
+    (tmp_path / "data.jsonl.chat_template.jinja").write_bytes(template.encode())  # process_data.py writes UTF-8
+    original = Path.read_text
+    with pytest.MonkeyPatch.context() as patch:  # a locale that is not UTF-8: the default encoding is ASCII
+        patch.setattr(Path, "read_text", lambda self, encoding="ascii", errors=None: original(self, encoding, errors))
+        assert train.chat_template_of([str(data)], None) == template
+    (tmp_path / "valid.jsonl.chat_template.jinja").write_text("{{ messages }}")
+    with pytest.raises(ConfigError, match=r"^--data-path and --validation-data-path: .* were rendered with different "
+                                          r"chat templates"):
+        train.chat_template_of([str(data)], str(valid))
+    (tmp_path / "valid.jsonl.chat_template.jinja").write_bytes(template.encode())
+    assert train.chat_template_of([str(data)], str(valid)) == template
+    named = {"default": "{{ 'd' }}", "tool_use": "{{ 't' }}"}
+    assert train.exported_templates(named, named["default"]) == named  # the data used one of them: all kept
+    assert train.exported_templates(named, template) == {"default": template, "tool_use": named["tool_use"]}
+    assert train.exported_templates("{{ 'own' }}", template) == template
+
+
 def test_two_optimizer_steps_are_adamw_on_matrices_only_with_clipping_computed_here(tmp_path, capsys, tiny_model_dir):
     """The update the README promises, against torch.optim.AdamW on parameter groups built here (weight decay on
     matrices only), the gradient of each step computed here (each sample alone, plain cross-entropy, mean over the
