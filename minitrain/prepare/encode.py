@@ -160,7 +160,6 @@ def choose_template(tokenizer, spec: InputSpec) -> tuple[str | None, str | None]
 @dataclass
 class Chunk:
     rows: list[tuple[int, bytes]] = field(default_factory=list)  # (line number, output line)
-    methods: Counter = field(default_factory=Counter)  # chat samples written, per masking method
     masked_by: dict[int, str] = field(default_factory=dict)  # line number -> the masking method of its row written
     drops: list[tuple[int, str, str]] = field(default_factory=list)  # (line number, reason, detail)
     blank: int = 0
@@ -168,6 +167,11 @@ class Chunk:
     trained: int = 0
     truncated: Counter = field(default_factory=Counter)  # seq2seq: "sources" and "targets" cut to their limit
     error: str | None = None  # a RunError message: the run stops
+
+    @property
+    def methods(self) -> Counter:
+        """The chat samples written, per masking method."""
+        return Counter(self.masked_by.values())
 
 
 def encode_lines(encode, lines: list[tuple[int, bytes]]) -> Chunk:
@@ -409,7 +413,6 @@ class Encoder:
             for i, j in chat_masks.token_ranges(encoding, spans, ids, self.added_ids):
                 labels[i:j] = ids[i:j]
             if self._finish(lineno, ids, None, chunk, labels):
-                chunk.methods[method] += 1  # the samples written, by the method that masked them
                 chunk.masked_by[lineno] = method
         for (lineno, text, spans), encoding in zip(raw_pairs, encodings[len(texts):]):
             self._finish_raw_pair(lineno, text, spans, encoding, chunk)

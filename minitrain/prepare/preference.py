@@ -193,5 +193,5 @@ class PreferenceEncoder:
             chunk.rows.append((lineno, orjson.dumps(out) + b"\n"))
             chunk.tokens += total
             chunk.trained += sum(trained.values())
-            chunk.methods[encoded["chosen"][2][lineno]] += 1  # a pair written, by its chosen side's masking method
+            chunk.masked_by[lineno] = encoded["chosen"][2][lineno]  # a pair: its chosen side's masking method
         chunk.drops.sort()

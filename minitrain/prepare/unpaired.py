@@ -121,5 +121,5 @@ class UnpairedEncoder:
             chunk.rows.append((lineno, orjson.dumps(out) + b"\n"))
             chunk.tokens += len(kept)
             chunk.trained += trained
-            chunk.methods[encoded.masked_by[lineno]] += 1  # the rows written, by the method that masked them
+            chunk.masked_by[lineno] = encoded.masked_by[lineno]
         chunk.drops.sort()
