@@ -15,8 +15,6 @@ Only `chatml_gen` has `{% generation %}` tags; the official templates of the oth
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-from transformers import PreTrainedTokenizerFast
 
 VOCAB_SIZE = 1024
 TEMPLATES = Path(__file__).resolve().parent / "templates"
@@ -167,8 +165,12 @@ CL100K_SPLIT = (
 )
 
 
-def train_vocab(spec: Family) -> Tokenizer:
+def train_vocab(spec: Family) -> "Tokenizer":  # noqa: F821
     """A byte-level BPE (every string encodes, decode(encode(s)) == s) with the family's special tokens."""
+    # imported here, as in build_tokenizer: tests/conftest.py imports this module in pytest-xdist's controller too,
+    # which runs no test
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
     tokenizer = Tokenizer(models.BPE())
     if spec.pretokenizer == "cl100k":
         split = pre_tokenizers.Split(Regex(CL100K_SPLIT), behavior="isolated")
@@ -195,6 +197,8 @@ def train_vocab(spec: Family) -> Tokenizer:
 
 def build_tokenizer(family: str, out_dir: Path) -> Path:
     """Save the family's tokenizer (vocab, special tokens, chat template) to out_dir/family and return that path."""
+    from transformers import PreTrainedTokenizerFast
+
     spec = SPECS[family]
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=train_vocab(spec),

@@ -19,6 +19,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # the cores are shared (torchrun jobs beside the test process, other jobs on a CI machine) OpenMP threads waiting on
 # each other cost many times the work: the T5 ROUGE test took 150 s with the default threads, 40 s with one (load 5).
 os.environ.setdefault("OMP_NUM_THREADS", "1")  # before torch is imported; subprocesses inherit it
+# Inductor (--compile) compiles in the process itself rather than in a pool of compile workers it would start: a
+# process fewer to import torch (~3 CPU-s of test_attention's compile test on this 2-core machine)
+os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
 
 
 # ---- chat-template tokenizers (builders in tests/chat_templates.py) ----
@@ -75,12 +78,6 @@ def smollm2_model_dir() -> Path:
 
 # ---- tiny random models (builder in tests/tiny_models.py) ----
 
-from tests.tiny_models import build_tiny_model  # noqa: E402
-
-import torch  # noqa: E402 (tests/tiny_models.py imported it; set again in case a plugin imported torch first)
-
-torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
-
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory, tokenizer_dir):
@@ -89,6 +86,8 @@ def tiny_model_dir(tmp_path_factory, tokenizer_dir):
     built: dict[str, Path] = {}
 
     def get(arch: str) -> Path:
+        from tests.tiny_models import build_tiny_model
+
         if arch not in built:
             built[arch] = build_tiny_model(arch, root, tokenizer_dir("chatml"))
         return built[arch]
@@ -228,6 +227,12 @@ def pytest_configure(config):
         import threading
 
         threading.Thread(target=compile_sampler, daemon=True).start()
+    if hasattr(config, "workerinput") or not getattr(config.option, "numprocesses", None):  # this process runs tests
+        # (pytest-xdist's controller runs none, and imports neither torch nor transformers: ~4 CPU-s while the
+        # workers start). One intra-op thread, set again in case a plugin imported torch before OMP_NUM_THREADS
+        import torch
+
+        torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 
 def compile_sampler() -> None:
