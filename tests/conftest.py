@@ -95,7 +95,7 @@ def tiny_model_dir(tmp_path_factory, tokenizer_dir):
     return get
 
 
-# ---- 2-rank workers in one torchrun job for the whole session (tests/two_rank_server.py) ----
+# ---- 2-rank workers in one job for the whole session (tests/two_rank_server.py forks its ranks) ----
 
 
 class TwoRanks:
@@ -110,15 +110,13 @@ class TwoRanks:
     def _start(self) -> None:
         import subprocess
 
-        from tests.test_train import TORCHRUN
-
         self.jobs += 1
         self.requests = self.root / f"job_{self.jobs}"
         self.requests.mkdir()
         self.log = open(self.root / f"job_{self.jobs}.log", "w")
         env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
-        launcher = [*TORCHRUN[:-1], str(self.nproc)]  # TORCHRUN ends with --nproc-per-node 2
-        self.proc = subprocess.Popen([*launcher, str(ROOT / "tests" / "two_rank_server.py"), str(self.requests)],
+        launcher = [sys.executable, str(ROOT / "tests" / "two_rank_server.py"), "--nproc", str(self.nproc)]
+        self.proc = subprocess.Popen([*launcher, str(self.requests)],
                                      cwd=ROOT, env=env, stdout=self.log, stderr=subprocess.STDOUT,
                                      start_new_session=True)
         self.count = 0
@@ -126,7 +124,7 @@ class TwoRanks:
     def run(self, module: str, worker: str, args: list[str], timeout: float = 480, retry: bool = True,
             while_running=None):
         """`while_running(job)`, if given, is called once the request is made, while the ranks run it: a test's way
-        to act on them (a signal to one rank, by its pid: job.proc is torchrun's); it returns at the latest when
+        to act on them (a signal to one rank: job.rank_pids()); it returns at the latest when
         job.request_ended() (a rank reported, or the job ended), then this waits as without it; if it raises, the job
         is stopped."""
         import json
@@ -182,6 +180,13 @@ class TwoRanks:
         code = next((r["code"] for r in ranks if r["code"]), 0)
         return subprocess.CompletedProcess(["train.py", *argv], code, "".join(r["stdout"] for r in ranks),
                                            "".join(r["stderr"] for r in ranks))
+
+    def rank_pids(self) -> dict[int, int]:
+        """{rank: pid} of the running job's ranks ({} until its launcher has forked them)."""
+        import json
+
+        pids = self.requests / "pids.json"
+        return {int(rank): pid for rank, pid in json.loads(pids.read_text()).items()} if pids.exists() else {}
 
     def request_ended(self) -> bool:
         """Whether the request being run has ended: a rank reported on it, or the job ended."""

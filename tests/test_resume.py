@@ -28,7 +28,7 @@ import pytest
 
 from minitrain import atomic
 from minitrain.training import checkpoint
-from tests.test_train import kill_torchrun, torchrun_workers, write_data
+from tests.test_train import kill_torchrun, write_data
 
 ROOT = Path(__file__).resolve().parent.parent
 STEPS = 6
@@ -175,7 +175,7 @@ def train_signalled(two_ranks, args: list[str], out: Path, signum: int, after_st
         # rank 1 of this job waits (a flag left by an earlier try names another process); a run that ended first, or
         # a job that died, is reported by TwoRanks as it would be without the signal (the run's own error, a retry)
         deadline = time.monotonic() + 180
-        while not (flag.exists() and flag.read_text() == str(torchrun_workers(job.proc.pid).get(1))):
+        while not (flag.exists() and flag.read_text() == str(job.rank_pids().get(1))):
             if job.request_ended():
                 return
             assert time.monotonic() < deadline, "rank 1 never waited for the signal"

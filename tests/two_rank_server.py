@@ -1,12 +1,19 @@
-"""One 2-rank torchrun job that runs the tests' 2-rank workers one after another, so that each check pays for its own
-work and not for two more interpreters importing torch and transformers and joining a process group.
+"""One job of 2 (or N) ranks that runs the tests' multi-rank workers one after another, so that each check pays for its
+own work and not for more interpreters importing torch and transformers and joining a process group.
 
-    torchrun --nproc-per-node 2 tests/two_rank_server.py REQUEST_DIR
+    python tests/two_rank_server.py --nproc 2 REQUEST_DIR
 
-Both ranks watch REQUEST_DIR for request_<n>.json ({"module", "worker", "args"}), run `module.worker(*args)` on the
-one process group made here (the workers' init_distributed returns it and their cleanup_distributed is a barrier),
-then write status_<n>.<rank> ("ok" or the traceback). A worker that fails leaves the job in an unknown state: the
-job ends and the next request starts a fresh one (tests/conftest.py's `two_ranks` fixture). request_stop ends it.
+This process (the launcher) imports torch, transformers and train.py once, then forks the ranks, each with the
+environment torchrun gives its workers (RANK, LOCAL_RANK, WORLD_SIZE, LOCAL_WORLD_SIZE, GROUP_RANK, MASTER_ADDR,
+MASTER_PORT: all that minitrain and torch's env:// rendezvous read), so they start with those imports made: a torchrun
+job imported them once per rank, ~4 CPU-s each, and its agent another 1. As torchrun does, the launcher waits for the
+ranks and ends the others when one fails. It writes {rank: pid} to REQUEST_DIR/pids.json. The tests that are about
+the launch itself (the quickstart, two nodes, live memory, the process group's timeout) use torchrun.
+
+Every rank watches REQUEST_DIR for request_<n>.json ({"module", "worker", "args"}), runs `module.worker(*args)` on
+the one process group made here (the workers' init_distributed returns it and their cleanup_distributed is a
+barrier), then writes status_<n>.<rank> ("ok" or the traceback). A worker that fails leaves the job in an unknown
+state: the job ends and the next request starts a fresh one (tests/conftest.py's TwoRanks). request_stop ends it.
 """
 
 import importlib
@@ -28,6 +35,9 @@ def serve(requests: Path) -> None:
     world = distributed.init_distributed("auto")
     distributed.init_distributed = lambda backend="auto", timeout_minutes=60: world
     distributed.cleanup_distributed = dist.barrier
+    train = sys.modules.get("train")  # imported by the launcher, with the names it took from distributed
+    if train is not None:
+        train.init_distributed, train.cleanup_distributed = distributed.init_distributed, dist.barrier
     n = 0
     while not (requests / "request_stop").exists():
         request = requests / f"request_{n}.json"
@@ -48,8 +58,56 @@ def serve(requests: Path) -> None:
     dist.destroy_process_group()
 
 
+def launch(nproc: int, requests: Path) -> int:
+    """Fork `nproc` ranks that serve REQUESTS; wait for them; if one fails, kill the others. The exit code: 0 when
+    every rank ended well."""
+    import os
+    import signal
+    import socket
+
+    import train  # noqa: F401 (imported once here, for every rank: torch, transformers, minitrain)
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    pids = {}
+    for rank in range(nproc):
+        pid = os.fork()
+        if pid == 0:  # a rank: serve, then leave without returning into this loop
+            os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(nproc),
+                              LOCAL_WORLD_SIZE=str(nproc), GROUP_RANK="0", MASTER_ADDR="127.0.0.1",
+                              MASTER_PORT=str(port))
+            code = 1
+            try:
+                serve(requests)
+                code = 0
+            except SystemExit as e:
+                code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+            except BaseException:  # noqa: BLE001 (the log shows it, as a torchrun worker's would)
+                traceback.print_exc()
+            finally:
+                import atexit
+
+                atexit._run_exitfuncs()
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os._exit(code)
+        pids[rank] = pid
+    atomic.write_text(requests / "pids.json", json.dumps(pids))
+    failed = False
+    while pids:
+        pid, status = os.wait()
+        pids = {r: p for r, p in pids.items() if p != pid}
+        if os.waitstatus_to_exitcode(status) != 0 and not failed:
+            failed = True
+            for other in pids.values():
+                os.kill(other, signal.SIGKILL)
+    return 1 if failed else 0
+
+
 if __name__ == "__main__":
-    serve(Path(sys.argv[1]))
+    assert sys.argv[1] == "--nproc", __doc__
+    sys.exit(launch(int(sys.argv[2]), Path(sys.argv[3])))
 
 
 def train_main(out_prefix: str, *argv: str) -> None:
@@ -57,7 +115,7 @@ def train_main(out_prefix: str, *argv: str) -> None:
     interpreters importing torch and transformers, a rendezvous): its exit code, stdout and stderr go to
     OUT_PREFIX.<rank>.json (conftest's TwoRanks.train). An exception main lets out fails the worker at once, as it
     would end the process: main's cleanup is not the barrier the other workers' is (that rank would wait there while
-    the others wait in a collective of the run), so this rank exits and torchrun stops the job."""
+    the others wait in a collective of the run), so this rank exits and the launcher stops the job."""
     import contextlib
     import io
     import os
