@@ -257,9 +257,9 @@ def compile_sampler() -> None:
 # The files that take longest (measured: CPU seconds of a whole run), first. `make test` gives whole files to its
 # workers (pytest-xdist --dist loadfile, so that a module fixture is set up once) in this order: the long files start
 # at once and the short ones fill in at the end, instead of a long file starting last on one worker.
-LONGEST_FIRST = ("test_quickstart.py", "test_memory.py", "test_resume.py", "test_sequence_parallel.py",
-                 "test_preference.py", "test_loading.py", "test_multinode.py", "test_lora.py", "test_distributed.py",
-                 "test_seq2seq.py", "test_attention.py", "test_families.py")
+LONGEST_FIRST = ("test_quickstart.py", "test_memory.py", "test_sequence_parallel.py", "test_multinode.py",
+                 "test_preference.py", "test_seq2seq.py", "test_loading.py", "test_lora.py", "test_families.py",
+                 "test_distributed.py", "test_resume.py", "test_process_data.py", "test_distill.py")
 
 
 def pytest_collection_modifyitems(config, items):
