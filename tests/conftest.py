@@ -114,7 +114,8 @@ class TwoRanks:
         self.requests = self.root / f"job_{self.jobs}"
         self.requests.mkdir()
         self.log = open(self.root / f"job_{self.jobs}.log", "w")
-        env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+        env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1",
+                   PYTHONUNBUFFERED="1")  # as torchrun's `python -u` workers: a killed rank's lines are in the log
         launcher = [sys.executable, str(ROOT / "tests" / "two_rank_server.py"), "--nproc", str(self.nproc)]
         self.proc = subprocess.Popen([*launcher, str(self.requests)],
                                      cwd=ROOT, env=env, stdout=self.log, stderr=subprocess.STDOUT,
@@ -194,6 +195,8 @@ class TwoRanks:
 
     def stop(self, kill: bool = False) -> None:
         """End the job: when its ranks are done with their requests, or at once with `kill`."""
+        import signal
+
         from tests.test_train import kill_torchrun
 
         if self.proc is not None and self.proc.poll() is None:
@@ -203,6 +206,11 @@ class TwoRanks:
             except Exception:  # noqa: BLE001
                 kill_torchrun(self.proc.pid)
                 self.proc.wait()
+        if self.proc is not None:  # and whatever is left in its process group (the launcher's ranks die with it)
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
         self.proc = None
 
 

@@ -6,9 +6,11 @@ own work and not for more interpreters importing torch and transformers and join
 This process (the launcher) imports torch, transformers and train.py once, then forks the ranks, each with the
 environment torchrun gives its workers (RANK, LOCAL_RANK, WORLD_SIZE, LOCAL_WORLD_SIZE, GROUP_RANK, MASTER_ADDR,
 MASTER_PORT: all that minitrain and torch's env:// rendezvous read), so they start with those imports made: a torchrun
-job imported them once per rank, ~4 CPU-s each, and its agent another 1. As torchrun does, the launcher waits for the
-ranks and ends the others when one fails. It writes {rank: pid} to REQUEST_DIR/pids.json. The tests that are about
-the launch itself (the quickstart, two nodes, live memory, the process group's timeout) use torchrun.
+job imported them once per rank, ~4 CPU-s each, and its agent another 1. As torchrun does, the launcher hosts the
+rendezvous store, waits for the ranks and ends the others when one fails; a rank dies with it. It writes {rank: pid}
+to REQUEST_DIR/pids.json. Unlike fresh interpreters, the ranks share the launcher's hash seed (str hashes and set
+order); numpy's global generator is reseeded in each. The tests that are about the launch itself (the quickstart,
+two nodes, live memory, the process group's timeout) use torchrun.
 
 Every rank watches REQUEST_DIR for request_<n>.json ({"module", "worker", "args"}), runs `module.worker(*args)` on
 the one process group made here (the workers' init_distributed returns it and their cleanup_distributed is a
@@ -59,50 +61,83 @@ def serve(requests: Path) -> None:
 
 
 def launch(nproc: int, requests: Path) -> int:
-    """Fork `nproc` ranks that serve REQUESTS; wait for them; if one fails, kill the others. The exit code: 0 when
-    every rank ended well."""
+    """Fork `nproc` ranks that serve REQUESTS; wait for them; if one fails (or this process fails), kill the others.
+    The exit code: 0 when every rank ended well."""
     import os
     import signal
-    import socket
 
     import train  # noqa: F401 (imported once here, for every rank: torch, transformers, minitrain)
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    pids = {}
-    for rank in range(nproc):
-        pid = os.fork()
-        if pid == 0:  # a rank: serve, then leave without returning into this loop
-            os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(nproc),
-                              LOCAL_WORLD_SIZE=str(nproc), GROUP_RANK="0", MASTER_ADDR="127.0.0.1",
-                              MASTER_PORT=str(port))
-            code = 1
+    launcher, pids, ports = os.getpid(), {}, {}
+    try:
+        for rank in range(nproc):
+            read_port, ports[rank] = os.pipe()
+            pid = os.fork()
+            if pid == 0:  # a rank: it never returns into this loop
+                code = 1
+                try:
+                    code = rank_main(rank, nproc, read_port, launcher, requests)
+                finally:
+                    os._exit(code)
+            os.close(read_port)
+            pids[rank] = pid
+        # The rendezvous store, hosted here as torchrun's agent hosts it: bound before any rank needs it (a port
+        # picked free and bound later by rank 0 could be taken meanwhile)
+        store = dist.TCPStore("127.0.0.1", 0, world_size=nproc, is_master=True, wait_for_workers=False)
+        for rank, pipe in ports.items():
+            os.write(pipe, f"{store.port}\n".encode())
+            os.close(pipe)
+        atomic.write_text(requests / "pids.json", json.dumps(pids))
+        failed = False
+        while pids:
+            pid, status = os.wait()
+            pids = {r: p for r, p in pids.items() if p != pid}
+            if os.waitstatus_to_exitcode(status) != 0 and not failed:
+                failed = True
+                for other in pids.values():
+                    os.kill(other, signal.SIGKILL)
+        return 1 if failed else 0
+    finally:
+        for pid in pids.values():  # left only if this process fails
             try:
-                serve(requests)
-                code = 0
-            except SystemExit as e:
-                code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
-            except BaseException:  # noqa: BLE001 (the log shows it, as a torchrun worker's would)
-                traceback.print_exc()
-            finally:
-                import atexit
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
 
-                atexit._run_exitfuncs()
-                sys.stdout.flush()
-                sys.stderr.flush()
-                os._exit(code)
-        pids[rank] = pid
-    atomic.write_text(requests / "pids.json", json.dumps(pids))
-    failed = False
-    while pids:
-        pid, status = os.wait()
-        pids = {r: p for r, p in pids.items() if p != pid}
-        if os.waitstatus_to_exitcode(status) != 0 and not failed:
-            failed = True
-            for other in pids.values():
-                os.kill(other, signal.SIGKILL)
-    return 1 if failed else 0
+
+def rank_main(rank: int, nproc: int, read_port: int, launcher: int, requests: Path) -> int:
+    """A forked rank: torchrun's environment for it (the store's port read from the launcher), then serve. Its exit
+    code."""
+    import ctypes
+    import os
+    import signal
+
+    import numpy as np
+
+    code = 1
+    try:
+        ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG: killed with the launcher, never orphaned
+        if os.getppid() != launcher:
+            return 1
+        np.random.seed()  # numpy's global generator, fresh per rank as in a new interpreter (Python's random is)
+        with os.fdopen(read_port) as pipe:
+            port = pipe.readline().strip()  # a line: later ranks hold copies of the earlier ranks' write ends
+        os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(nproc), LOCAL_WORLD_SIZE=str(nproc),
+                          GROUP_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=port,
+                          TORCHELASTIC_USE_AGENT_STORE="True")
+        serve(requests)
+        code = 0
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    except BaseException:  # noqa: BLE001 (the log shows it, as a torchrun worker's would)
+        traceback.print_exc()
+    finally:
+        import atexit
+
+        atexit._run_exitfuncs()
+        sys.stdout.flush()
+        sys.stderr.flush()
+    return code
 
 
 if __name__ == "__main__":
