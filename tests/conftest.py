@@ -196,21 +196,21 @@ class TwoRanks:
     def stop(self, kill: bool = False) -> None:
         """End the job: when its ranks are done with their requests, or at once with `kill`."""
         import signal
+        import subprocess
 
-        from tests.test_train import kill_torchrun
-
-        if self.proc is not None and self.proc.poll() is None:
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
             (self.requests / "request_stop").touch()
             try:
                 self.proc.wait(0 if kill else 30)
-            except Exception:  # noqa: BLE001
-                kill_torchrun(self.proc.pid)
-                self.proc.wait()
-        if self.proc is not None:  # and whatever is left in its process group (the launcher's ranks die with it)
-            try:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
+            except subprocess.TimeoutExpired:
                 pass
+        try:  # the launcher and its ranks, whatever is left of them: their own process group
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.proc.wait()
         self.proc = None
 
 
